@@ -1,0 +1,18 @@
+"""ds4's inference engine: DeepSeek V3 / V3.2 checkpoints in torch, behind the `LLM` facade."""
+
+from ds4.engine.config import EngineConfig, ModelConfig
+from ds4.engine.errors import CheckpointError, ConfigError, EngineError, RequestError
+from ds4.engine.llm import LLM, RequestOutput
+from ds4.engine.sampler import SamplingParams
+
+__all__ = [
+    "LLM",
+    "CheckpointError",
+    "ConfigError",
+    "EngineConfig",
+    "EngineError",
+    "ModelConfig",
+    "RequestError",
+    "RequestOutput",
+    "SamplingParams",
+]

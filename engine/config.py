@@ -1,0 +1,246 @@
+"""Model and engine configuration.
+
+`ModelConfig.from_hf` is the only place that knows Hugging Face config.json key names and their
+defaults; everything else reads DeepSeek's own vocabulary from the frozen dataclass.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ds4.engine.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v32")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters; `kind` is "default" or "yarn"."""
+
+    theta: float = 10000.0
+    kind: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    n_group: int
+    topk_group: int
+    routed_scaling_factor: float
+    norm_topk_prob: bool
+    scoring_func: str
+    gate_bias: bool
+    mlp_layer_types: tuple[str, ...]
+    rope: RopeConfig
+    rope_interleave: bool = True
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_ids: tuple[int, ...] = (1,)
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
+    fp8_block_size: tuple[int, int] | None = None
+    torch_dtype: str = "float32"
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def has_indexer(self) -> bool:
+        return self.model_type == "deepseek_v32"
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return self.mlp_layer_types[layer_id] == "sparse"
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelConfig:
+        config_path = Path(path) / "config.json"
+        if not config_path.is_file():
+            raise ConfigError(f"{path}: no config.json; point --model at a Hugging Face-style checkpoint folder")
+        try:
+            raw = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{config_path}: not valid JSON ({e})") from e
+        return cls.from_hf(raw, source=str(config_path))
+
+    @classmethod
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> ModelConfig:
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is not supported; "
+                f"ds4 runs {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+
+        def need(key):
+            if cfg.get(key) is None:
+                raise ConfigError(f"{source}: {model_type} needs {key!r}, which is missing")
+            return cfg[key]
+
+        num_layers = int(need("num_hidden_layers"))
+        heads = int(need("num_attention_heads"))
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        if kv_heads != heads:
+            raise ConfigError(f"{source}: MLA needs num_key_value_heads == num_attention_heads, got {kv_heads}")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: hidden_act {act!r} is not supported (DeepSeek uses 'silu')")
+
+        n_routed = int(cfg.get("n_routed_experts") or 0)
+        n_group = int(cfg.get("n_group") or 1)
+        if n_routed and n_routed % n_group:
+            raise ConfigError(f"{source}: n_routed_experts {n_routed} is not divisible by n_group {n_group}")
+        scoring = cfg.get("scoring_func", "sigmoid")
+        if scoring not in ("sigmoid", "softmax"):
+            raise ConfigError(f"{source}: scoring_func {scoring!r} is not supported (sigmoid or softmax)")
+
+        q_lora_rank = cfg.get("q_lora_rank")
+        if model_type == "deepseek_v32" and q_lora_rank is None:
+            raise ConfigError(f"{source}: deepseek_v32's indexer reads the query latent; q_lora_rank is needed")
+
+        eos = cfg.get("eos_token_id", 1)
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        quant = cfg.get("quantization_config") or {}
+        fp8_block = None
+        if quant:
+            if quant.get("quant_method") != "fp8":
+                raise ConfigError(f"{source}: quantization {quant.get('quant_method')!r} is not supported (fp8)")
+            fp8_block = tuple(quant.get("weight_block_size") or (128, 128))
+
+        indexer = {}
+        if model_type == "deepseek_v32":
+            indexer = dict(
+                index_n_heads=int(need("index_n_heads")),
+                index_head_dim=int(need("index_head_dim")),
+                index_topk=int(need("index_topk")),
+            )
+            if indexer["index_head_dim"] < int(need("qk_rope_head_dim")):
+                raise ConfigError(f"{source}: index_head_dim must be at least qk_rope_head_dim")
+
+        max_pos = int(cfg.get("max_position_embeddings", 4096))
+        return cls(
+            model_type=model_type,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=int(need("hidden_size")),
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            q_lora_rank=None if q_lora_rank is None else int(q_lora_rank),
+            kv_lora_rank=int(need("kv_lora_rank")),
+            qk_nope_head_dim=int(need("qk_nope_head_dim")),
+            qk_rope_head_dim=int(need("qk_rope_head_dim")),
+            v_head_dim=int(need("v_head_dim")),
+            intermediate_size=int(need("intermediate_size")),
+            moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
+            n_routed_experts=n_routed,
+            n_shared_experts=int(cfg.get("n_shared_experts") or 0),
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
+            n_group=n_group,
+            topk_group=int(cfg.get("topk_group") or 1),
+            routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+            scoring_func=scoring,
+            gate_bias=cfg.get("topk_method", "noaux_tc") == "noaux_tc",
+            mlp_layer_types=_mlp_layer_types(cfg, num_layers, n_routed, source),
+            rope=_rope_config(cfg, max_pos),
+            rope_interleave=bool(cfg.get("rope_interleave", True)) or model_type == "deepseek_v32",
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=max_pos,
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=cfg.get("bos_token_id", 0),
+            eos_token_ids=eos_ids,
+            fp8_block_size=fp8_block,
+            torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+            extra={k: v for k, v in cfg.items() if k.startswith("ds4_")},
+            **indexer,
+        )
+
+
+def _mlp_layer_types(cfg: dict, num_layers: int, n_routed: int, source: str) -> tuple[str, ...]:
+    """"dense" or "sparse" (MoE) per layer, from `mlp_layer_types` or `first_k_dense_replace`."""
+    if cfg.get("mlp_layer_types") is not None:
+        kinds = tuple(cfg["mlp_layer_types"])
+        if len(kinds) != num_layers or not set(kinds) <= {"dense", "sparse"}:
+            raise ConfigError(f"{source}: mlp_layer_types must list 'dense'/'sparse' for each of {num_layers} layers")
+    else:
+        first_dense = int(cfg.get("first_k_dense_replace", 3))
+        freq = int(cfg.get("moe_layer_freq", 1))
+        kinds = tuple(
+            "sparse" if i >= first_dense and i % freq == 0 else "dense" for i in range(num_layers)
+        )
+    if "sparse" in kinds and not n_routed:
+        raise ConfigError(f"{source}: MoE layers need n_routed_experts")
+    return kinds
+
+
+def _rope_config(cfg: dict, max_pos: int) -> RopeConfig:
+    """Reads `rope_parameters` (transformers 5) or the legacy `rope_theta` + `rope_scaling`."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "yarn"):
+        raise ConfigError(f"rope type {kind!r} is not supported (default or yarn)")
+    if kind == "default":
+        return RopeConfig(theta=theta)
+    orig = int(params.get("original_max_position_embeddings", max_pos))
+    factor = params.get("factor")
+    return RopeConfig(
+        theta=theta,
+        kind="yarn",
+        factor=float(factor) if factor is not None else max_pos / orig,
+        original_max_position_embeddings=orig,
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Runtime knobs, checked on construction."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    mla_mode: str = "auto"  # "auto": naive for prefill, absorbed for decode; or force one of them
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    max_num_seqs: int = 16
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.mla_mode not in ("auto", "naive", "absorbed"):
+            raise ValueError(f"mla_mode must be auto, naive or absorbed, got {self.mla_mode!r}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")

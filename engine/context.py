@@ -1,0 +1,51 @@
+"""The per-step ForwardContext: which sequences the flat token batch holds and where their cache lives.
+
+The runner enters it around one forward pass; attention layers read it. Models never see scheduler state.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SeqSlice:
+    """One sequence's share of a step: tokens [offset, offset + num_tokens) of the flat batch."""
+
+    slot: int  # cache row of the sequence
+    start: int  # tokens already cached before this step = position of the first new token
+    num_tokens: int
+    offset: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+
+@dataclass
+class ForwardContext:
+    seqs: list[SeqSlice]
+    positions: torch.Tensor  # [T] int64
+    cache: object  # a cache with write/read per layer (ds4.engine.cache)
+    mla_mode: str  # "naive" (per-head K/V materialized) or "absorbed" (attention in the latent space)
+
+
+_CONTEXT: ForwardContext | None = None
+
+
+def get_forward_context() -> ForwardContext:
+    assert _CONTEXT is not None, "attention ran outside a forward_context(...) block"
+    return _CONTEXT
+
+
+@contextmanager
+def forward_context(ctx: ForwardContext):
+    global _CONTEXT
+    _CONTEXT = ctx
+    try:
+        yield ctx
+    finally:
+        _CONTEXT = None

@@ -1,0 +1,57 @@
+"""DeepSeek-V3.2's lightning indexer: picks the top-k cached tokens each query attends to.
+
+Legend: T queries, S keys, Hi index heads, Di index head dim, R rope dim.
+score[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s] / sqrt(Di)); causal; top-`index_topk` per query.
+Its rope is half-split (not interleaved like MLA's). Selection is deterministic: the k highest scores,
+ties to the lower token index, -0.0 equal to +0.0, in every path (prefill, chunked, decode).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ds4.engine.config import ModelConfig
+from ds4.engine.layers.rope import apply_rope
+
+
+def stable_topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores along the last dim; ties go to the lower index."""
+    order = torch.sort(scores + 0.0, dim=-1, descending=True, stable=True).indices  # + 0.0 turns -0.0 into +0.0
+    return order[..., :k]
+
+
+class Indexer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.index_n_heads
+        self.head_dim = config.index_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.topk = config.index_topk
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)  # kept in float32
+
+    def _rope(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x_pe, x_rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat([apply_rope(x_pe, *rope, interleaved=False), x_rest], dim=-1)
+
+    def keys(self, x: torch.Tensor, rope) -> torch.Tensor:
+        """The indexer key of each new token, to be cached: [T, Di]."""
+        return self._rope(self.k_norm(self.wk(x)), rope)
+
+    @torch.no_grad()
+    def select(self, x, q_latent, rope, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Boolean [T, S]: the keys each query attends to (a subset of `allowed`)."""
+        T, S = allowed.shape
+        if S <= self.topk:  # every causal key fits in the budget
+            return allowed
+        q = self._rope(self.wq_b(q_latent).view(T, self.n_heads, self.head_dim), rope)  # [T, Hi, Di]
+        scores = torch.matmul(q.float(), keys.float().T) * self.head_dim**-0.5  # [T, Hi, S]
+        scores = torch.relu(scores)
+        weights = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5  # [T, Hi]
+        index_scores = torch.matmul(weights[:, None, :], scores).squeeze(1)  # [T, S]
+        index_scores = index_scores.masked_fill(~allowed, float("-inf"))
+        chosen = stable_topk_indices(index_scores, self.topk)  # [T, K]
+        return torch.zeros_like(allowed).scatter_(1, chosen, True)

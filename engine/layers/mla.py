@@ -1,0 +1,127 @@
+"""Multi-head latent attention (DeepSeek-V2/V3), with V3.2's sparse variant over indexer-selected tokens.
+
+Legend: T new tokens, S cached tokens (keys), H heads, C kv latent rank, R rope dim, N nope dim, V value dim.
+
+Two paths, same function:
+- naive: per-head K/V materialized from the latent by W_UKV (cheap for long query chunks: prefill);
+- absorbed: W_UK folded into the query and W_UV applied after attention, so attention runs in the
+  latent space and reads only the cached [C + R] rows (decode).
+Only the normalized latent and the roped key are cached.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ds4.engine.config import ModelConfig
+from ds4.engine.context import get_forward_context
+from ds4.engine.layers.indexer import Indexer
+from ds4.engine.layers.norm import RMSNorm
+from ds4.engine.layers.rope import apply_rope, softmax_scale
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.rope_interleave = config.rope_interleave
+        dim, heads, bias = config.hidden_size, config.num_attention_heads, config.attention_bias
+        if self.q_lora_rank is None:
+            self.wq = nn.Linear(dim, heads * config.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(dim, self.q_lora_rank, bias=bias)
+            self.q_norm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.wq_b = nn.Linear(self.q_lora_rank, heads * config.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.wo = nn.Linear(heads * self.v_head_dim, dim, bias=bias)
+        self.indexer = Indexer(config) if config.has_indexer else None
+        self.scale = softmax_scale(config.rope, config.qk_head_dim)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ctx = get_forward_context()
+        cos, sin = rope
+        T = x.shape[0]
+        N, R, C = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+
+        if self.q_lora_rank is None:
+            q_latent = None
+            q = self.wq(x)
+        else:
+            q_latent = self.q_norm(self.wq_a(x))  # [T, q_lora_rank]
+            q = self.wq_b(q_latent)
+        q = q.view(T, self.n_heads, N + R)  # [T, H, N + R]
+        q_nope, q_pe = q.split([N, R], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)  # [T, H, R]
+
+        latent, k_pe = self.wkv_a(x).split([C, R], dim=-1)
+        latent = self.kv_norm(latent)  # [T, C]
+        k_pe = apply_rope(k_pe, cos, sin, self.rope_interleave)  # [T, R]
+        kv_rows = torch.cat([latent, k_pe], dim=-1)  # [T, C + R]: what the cache holds
+        index_rows = self.indexer.keys(x, rope) if self.indexer is not None else None  # [T, Di]
+
+        outs = []
+        for seq in ctx.seqs:
+            new = slice(seq.offset, seq.offset + seq.num_tokens)
+            ctx.cache.write(self.layer_id, seq.slot, seq.start, kv_rows[new],
+                            None if index_rows is None else index_rows[new])
+            cached = ctx.cache.read(self.layer_id, seq.slot, seq.end)  # [S, C + R]
+            allowed = _causal_mask(seq.start, seq.num_tokens, seq.end, x.device)  # [T, S]
+            if self.indexer is not None:
+                index_keys = ctx.cache.read_index(self.layer_id, seq.slot, seq.end)
+                allowed = allowed & self.indexer.select(x[new], q_latent[new], rope_slice(rope, new),
+                                                        index_keys, allowed)
+            if ctx.mla_mode == "absorbed":
+                outs.append(self._absorbed(q_nope[new], q_pe[new], cached, allowed))
+            else:
+                outs.append(self._naive(q_nope[new], q_pe[new], cached, allowed))
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]  # [T, H, V]
+        return self.wo(out.flatten(1))
+
+    def _naive(self, q_nope, q_pe, cached, allowed):
+        N, R, C = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        latent, k_pe = cached.split([C, R], dim=-1)
+        S = latent.shape[0]
+        kv = self.wkv_b(latent).view(S, self.n_heads, N + self.v_head_dim)  # [S, H, N + V]
+        k_nope, v = kv.split([N, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(S, self.n_heads, R)], dim=-1)  # [S, H, N + R]
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [T, H, N + R]
+        scores = torch.einsum("thd,shd->ths", q, k) * self.scale  # [T, H, S]
+        probs = _masked_softmax(scores, allowed)
+        return torch.einsum("ths,shd->thd", probs, v)  # [T, H, V]
+
+    def _absorbed(self, q_nope, q_pe, cached, allowed):
+        N, R, C = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        latent, k_pe = cached.split([C, R], dim=-1)
+        w_ukv = self.wkv_b.weight.view(self.n_heads, N + self.v_head_dim, C)
+        w_uk, w_uv = w_ukv.split([N, self.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
+        q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # [T, H, C]
+        scores = (torch.einsum("thc,sc->ths", q_latent, latent)
+                  + torch.einsum("thr,sr->ths", q_pe, k_pe)) * self.scale  # [T, H, S]
+        probs = _masked_softmax(scores, allowed)
+        out_latent = torch.einsum("ths,sc->thc", probs, latent)  # [T, H, C]
+        return torch.einsum("thc,hvc->thv", out_latent, w_uv)  # [T, H, V]
+
+
+def rope_slice(rope, rows: slice):
+    return rope[0][rows], rope[1][rows]
+
+
+def _causal_mask(start: int, num_tokens: int, end: int, device) -> torch.Tensor:
+    """allowed[t, s] = key s is at or before query t's position (start + t)."""
+    q_pos = torch.arange(start, start + num_tokens, device=device)
+    return torch.arange(end, device=device)[None, :] <= q_pos[:, None]  # [T, S]
+
+
+def _masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    return F.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)

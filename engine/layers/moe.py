@@ -1,0 +1,110 @@
+"""Feed-forward layers: the SwiGLU MLP (dense layers, shared experts) and DeepSeek's routed MoE.
+
+Legend: T tokens, D hidden, I expert intermediate, E routed experts, K experts per token, G groups.
+Gate: sigmoid (V3) or softmax scores; the correction bias steers the choice only; group-limited top-k
+masks the non-selected groups to -inf; weights optionally normalized, times routed_scaling_factor.
+Dispatch is batched: (token, expert) pairs are sorted by expert and each active expert runs one GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ds4.engine.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Router; its weight and bias stay in float32 whatever the model dtype."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.topk = config.num_experts_per_tok
+        self.n_groups = config.n_group
+        self.topk_groups = config.topk_group
+        self.score_func = config.scoring_func
+        self.norm_topk_prob = config.norm_topk_prob
+        self.route_scale = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(config.n_routed_experts)) if config.gate_bias else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        if self.score_func == "softmax":
+            scores = logits.softmax(dim=-1, dtype=torch.float32)
+        else:
+            scores = logits.sigmoid()
+        choice = scores if self.bias is None else scores + self.bias
+        if self.n_groups > 1:
+            grouped = choice.view(x.shape[0], self.n_groups, -1)  # [T, G, E/G]
+            if self.bias is None:
+                group_scores = grouped.amax(dim=-1)
+            else:
+                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
+            keep = group_scores.topk(self.topk_groups, dim=-1, sorted=False)[1]
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
+        expert_ids = choice.topk(self.topk, dim=-1, sorted=False)[1]  # [T, K]
+        weights = scores.gather(1, expert_ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, expert_ids
+
+
+class Experts(nn.Module):
+    """Routed experts stored stacked: w13 = [gate; up] per expert, w2 = down."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.w13 = nn.Parameter(torch.empty(E, 2 * I, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        T, K = expert_ids.shape
+        flat_ids = expert_ids.flatten()  # [T*K]
+        order = flat_ids.argsort(stable=True)
+        token_ids = order // K  # token of each (token, expert) pair, grouped by expert
+        counts = torch.bincount(flat_ids, minlength=self.w13.shape[0]).tolist()
+        xs = x[token_ids]  # [T*K, D]
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            gate, up = F.linear(xs[rows], self.w13[e]).chunk(2, dim=-1)  # [n, I] each
+            ys[rows] = F.linear(F.silu(gate) * up, self.w2[e])  # [n, D]
+            start += n
+        ys = (ys.float() * weights.flatten()[order, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_ids, ys)  # [T, D]
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = Experts(config)
+        shared = config.moe_intermediate_size * config.n_shared_experts
+        self.shared_experts = MLP(config.hidden_size, shared) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, expert_ids = self.gate(x)
+        y = self.experts(x, weights, expert_ids)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y

@@ -1,0 +1,9 @@
+"""One file per model family; `build_model` picks the class from `ModelConfig.model_type`."""
+
+from ds4.engine.config import ModelConfig
+
+
+def build_model(config: ModelConfig):
+    from ds4.engine.models.deepseek_v3 import DeepseekV3ForCausalLM
+
+    return DeepseekV3ForCausalLM(config)

@@ -1,0 +1,47 @@
+"""The model runner: loads a checkpoint onto a device and runs one forward step over a flat token batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ds4.engine.cache import LatentCache
+from ds4.engine.config import EngineConfig, ModelConfig
+from ds4.engine.context import ForwardContext, SeqSlice, forward_context
+from ds4.engine.loader import load_weights, materialize
+from ds4.engine.models import build_model
+
+
+class ModelRunner:
+    def __init__(self, path: str | Path, engine_config: EngineConfig):
+        self.engine_config = engine_config
+        self.config = ModelConfig.from_dir(path)
+        self.device = torch.device(engine_config.device)
+        self.dtype = getattr(torch, engine_config.dtype)
+        with torch.device("meta"):
+            self.model = build_model(self.config)
+        materialize(self.model, self.dtype, self.device)
+        load_weights(self.model, path, self.config)
+        self.model.eval()
+
+    def new_cache(self, num_slots: int, max_len: int) -> LatentCache:
+        return LatentCache(self.config, num_slots, max_len, self.dtype, self.device)
+
+    def mla_mode(self, seqs: list[SeqSlice]) -> str:
+        if self.engine_config.mla_mode != "auto":
+            return self.engine_config.mla_mode
+        return "absorbed" if all(s.num_tokens == 1 for s in seqs) else "naive"  # decode / prefill
+
+    @torch.inference_mode()
+    def step(self, token_ids: list[int], seqs: list[SeqSlice], cache: LatentCache, all_logits=False):
+        """Runs the new tokens of `seqs` (concatenated in `token_ids`); returns float32 logits:
+        [T, V] for every token when `all_logits`, else [len(seqs), V] for each sequence's last token."""
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(s.start, s.end) for s in seqs]).to(self.device)
+        ctx = ForwardContext(seqs=seqs, positions=positions, cache=cache, mla_mode=self.mla_mode(seqs))
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)  # [T, D]
+        if not all_logits:
+            hidden = hidden[[s.offset + s.num_tokens - 1 for s in seqs]]
+        return self.model.logits(hidden)
