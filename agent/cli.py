@@ -1,1 +1,111 @@
-def main(): print("ok")
+"""The `ds4-agent` command line. Parsing stays import-light: torch loads only for commands that run a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_model_commands(sub) -> None:
+    model = sub.add_parser("model", help="create and inspect checkpoints")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    init = model_sub.add_parser("init", help="write a random-weight checkpoint (HF format) for tests and benchmarks")
+    init.add_argument("--family", required=True, choices=["deepseek_v3", "deepseek_v32"])
+    init.add_argument("--preset", required=True, choices=["tiny", "small"])
+    init.add_argument("--out", required=True, help="output folder")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--fp8", action="store_true", help="store linear weights as FP8 e4m3 with 128x128 scales")
+    init.add_argument("--shard-mb", type=int, default=2048, help="largest safetensors shard, in MB")
+    init.set_defaults(func=_cmd_model_init)
+
+
+def _add_generate(sub) -> None:
+    gen = sub.add_parser("generate", help="generate text from a checkpoint")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", required=True, help="checkpoint folder")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--no-stream", action="store_true", help="print the completion at the end only")
+    gen.set_defaults(func=_cmd_generate)
+
+
+def _add_bench(sub) -> None:
+    bench = sub.add_parser("bench", help="measure ds4 side by side with a peer")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    engine = bench_sub.add_parser("engine", help="prefill and decode tokens/s: ds4 vs transformers")
+    engine.add_argument("--model", required=True, help="checkpoint folder")
+    engine.add_argument("--prompt-tokens", type=int, default=256)
+    engine.add_argument("--decode-tokens", type=int, default=32)
+    engine.add_argument("--runs", type=int, default=5)
+    engine.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    engine.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    engine.add_argument("--json", action="store_true")
+    engine.set_defaults(func=_cmd_bench_engine)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ds4-agent",
+        description="ds4: a local coding-agent backend on DeepSeek-family models run by its own engine.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_model_commands(sub)
+    _add_generate(sub)
+    _add_bench(sub)
+    return parser
+
+
+def _cmd_model_init(args) -> int:
+    from ds4.engine.presets import init_checkpoint
+
+    out = init_checkpoint(args.family, args.preset, args.out, seed=args.seed, fp8=args.fp8,
+                          max_shard_bytes=args.shard_mb << 20)
+    print(f"wrote {args.family} ({args.preset}) checkpoint to {out}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from ds4.engine import LLM, SamplingParams
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed)
+    if args.no_stream:
+        print(llm.generate(args.prompt, params)[0].text)
+        return 0
+    for delta in llm.stream(args.prompt, params):
+        print(delta, end="", flush=True)
+    print()
+    return 0
+
+
+def _cmd_bench_engine(args) -> int:
+    from ds4.engine.bench import bench_engine, format_report
+
+    report = bench_engine(args.model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                          runs=args.runs, dtype=args.dtype, threads=args.threads)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as e:  # the CLI boundary: typed, user-facing errors become one line and an exit code
+        from ds4.engine.errors import EngineError
+
+        if isinstance(e, EngineError | ValueError | FileNotFoundError):
+            print(f"ds4-agent: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
