@@ -1,4 +1,7 @@
-"""The `ds4-agent` command line. Parsing stays import-light: torch loads only for commands that run a model."""
+"""The `ds4-agent` command line.
+
+Parsing stays import-light: torch loads only for the commands that run a model.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,16 @@ import sys
 def _add_model_commands(sub) -> None:
     model = sub.add_parser("model", help="create and inspect checkpoints")
     model_sub = model.add_subparsers(dest="model_command", required=True)
-    init = model_sub.add_parser("init", help="write a random-weight checkpoint (HF format) for tests and benchmarks")
+    init = model_sub.add_parser(
+        "init", help="write a random-weight checkpoint (HF format) for tests and benchmarks"
+    )
     init.add_argument("--family", required=True, choices=["deepseek_v3", "deepseek_v32"])
     init.add_argument("--preset", required=True, choices=["tiny", "small"])
     init.add_argument("--out", required=True, help="output folder")
     init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--fp8", action="store_true", help="store linear weights as FP8 e4m3 with 128x128 scales")
+    init.add_argument(
+        "--fp8", action="store_true", help="store linear weights as FP8 e4m3 with 128x128 scales"
+    )
     init.add_argument("--shard-mb", type=int, default=2048, help="largest safetensors shard, in MB")
     init.set_defaults(func=_cmd_model_init)
 
@@ -64,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_model_init(args) -> int:
     from ds4.engine.presets import init_checkpoint
 
-    out = init_checkpoint(args.family, args.preset, args.out, seed=args.seed, fp8=args.fp8,
-                          max_shard_bytes=args.shard_mb << 20)
+    out = init_checkpoint(
+        args.family, args.preset, args.out, seed=args.seed, fp8=args.fp8, max_shard_bytes=args.shard_mb << 20
+    )
     print(f"wrote {args.family} ({args.preset}) checkpoint to {out}")
     return 0
 
@@ -74,8 +82,13 @@ def _cmd_generate(args) -> int:
     from ds4.engine import LLM, SamplingParams
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.seed)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
     if args.no_stream:
         print(llm.generate(args.prompt, params)[0].text)
         return 0
@@ -88,8 +101,14 @@ def _cmd_generate(args) -> int:
 def _cmd_bench_engine(args) -> int:
     from ds4.engine.bench import bench_engine, format_report
 
-    report = bench_engine(args.model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                          runs=args.runs, dtype=args.dtype, threads=args.threads)
+    report = bench_engine(
+        args.model,
+        prompt_tokens=args.prompt_tokens,
+        decode_tokens=args.decode_tokens,
+        runs=args.runs,
+        dtype=args.dtype,
+        threads=args.threads,
+    )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

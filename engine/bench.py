@@ -91,8 +91,14 @@ def active_bytes_per_token(llm: LLM) -> int:
     return total
 
 
-def bench_engine(model_dir: str, prompt_tokens: int = 256, decode_tokens: int = 32, runs: int = 5,
-                 dtype: str = "float32", threads: int | None = None) -> dict:
+def bench_engine(
+    model_dir: str,
+    prompt_tokens: int = 256,
+    decode_tokens: int = 32,
+    runs: int = 5,
+    dtype: str = "float32",
+    threads: int | None = None,
+) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from transformers import AutoModelForCausalLM
@@ -106,37 +112,57 @@ def bench_engine(model_dir: str, prompt_tokens: int = 256, decode_tokens: int = 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
 
     results = {}
-    for name, (prefill, decode) in (("ds4", _ds4_runs(llm, prompt, decode_tokens)),
-                                    ("transformers", _hf_runs(hf, prompt, decode_tokens))):
+    for name, (prefill, decode) in (
+        ("ds4", _ds4_runs(llm, prompt, decode_tokens)),
+        ("transformers", _hf_runs(hf, prompt, decode_tokens)),
+    ):
         prefill_s = _median_time(prefill, runs)
         decode_s = _median_decode(decode, runs)
-        results[name] = {"prefill_tokens_per_s": prompt_tokens / prefill_s,
-                         "decode_tokens_per_s": decode_tokens / decode_s}
+        results[name] = {
+            "prefill_tokens_per_s": prompt_tokens / prefill_s,
+            "decode_tokens_per_s": decode_tokens / decode_s,
+        }
     bandwidth = copy_bandwidth()
     active = active_bytes_per_token(llm)
     floor = bandwidth / active
     return {
-        "model": str(model_dir), "dtype": dtype, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
-        "runs": runs, "threads": torch.get_num_threads(),
+        "model": str(model_dir),
+        "dtype": dtype,
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": decode_tokens,
+        "runs": runs,
+        "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
         "torch": torch.__version__,
         **results,
         "ratio": {k: results["ds4"][k] / results["transformers"][k] for k in results["ds4"]},
-        "floor": {"active_bytes_per_token": active, "copy_bandwidth_gb_s": bandwidth / 1e9,
-                  "decode_tokens_per_s": floor,
-                  "ds4_fraction_of_floor": results["ds4"]["decode_tokens_per_s"] / floor},
+        "floor": {
+            "active_bytes_per_token": active,
+            "copy_bandwidth_gb_s": bandwidth / 1e9,
+            "decode_tokens_per_s": floor,
+            "ds4_fraction_of_floor": results["ds4"]["decode_tokens_per_s"] / floor,
+        },
     }
 
 
 def format_report(r: dict) -> str:
-    lines = [f"model {r['model']}  dtype {r['dtype']}  prompt {r['prompt_tokens']}  decode {r['decode_tokens']}  "
-             f"runs {r['runs']} (medians)  threads {r['threads']}  {r['machine']}  torch {r['torch']}",
-             f"{'':14}{'prefill tok/s':>16}{'decode tok/s':>16}"]
+    lines = [
+        f"model {r['model']}  dtype {r['dtype']}  prompt {r['prompt_tokens']}  decode {r['decode_tokens']}  "
+        f"runs {r['runs']} (medians)  threads {r['threads']}  {r['machine']}  torch {r['torch']}",
+        f"{'':14}{'prefill tok/s':>16}{'decode tok/s':>16}",
+    ]
     for name in ("ds4", "transformers"):
-        lines.append(f"{name:14}{r[name]['prefill_tokens_per_s']:16.1f}{r[name]['decode_tokens_per_s']:16.1f}")
-    lines.append(f"{'ds4 / peer':14}{r['ratio']['prefill_tokens_per_s']:16.2f}x{r['ratio']['decode_tokens_per_s']:15.2f}x")
+        lines.append(
+            f"{name:14}{r[name]['prefill_tokens_per_s']:16.1f}{r[name]['decode_tokens_per_s']:16.1f}"
+        )
+    lines.append(
+        f"{'ds4 / peer':14}{r['ratio']['prefill_tokens_per_s']:16.2f}x"
+        f"{r['ratio']['decode_tokens_per_s']:15.2f}x"
+    )
     f = r["floor"]
-    lines.append(f"decode floor: {f['active_bytes_per_token'] / 1e6:.1f} MB active weights/token at "
-                 f"{f['copy_bandwidth_gb_s']:.1f} GB/s = {f['decode_tokens_per_s']:.0f} tok/s; "
-                 f"ds4 reaches {100 * f['ds4_fraction_of_floor']:.0f}% of it")
+    lines.append(
+        f"decode floor: {f['active_bytes_per_token'] / 1e6:.1f} MB active weights/token at "
+        f"{f['copy_bandwidth_gb_s']:.1f} GB/s = {f['decode_tokens_per_s']:.0f} tok/s; "
+        f"ds4 reaches {100 * f['ds4_fraction_of_floor']:.0f}% of it"
+    )
     return "\n".join(lines)

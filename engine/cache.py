@@ -16,11 +16,16 @@ class LatentCache:
         self.max_len = max_len
         width = config.kv_lora_rank + config.qk_rope_head_dim
         shape = (num_slots, max_len)
-        self.kv = [torch.zeros(*shape, width, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.kv = [
+            torch.zeros(*shape, width, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
+        ]
         self.index_k = (
-            [torch.zeros(*shape, config.index_head_dim, dtype=dtype, device=device)
-             for _ in range(config.num_hidden_layers)]
-            if config.has_indexer else None
+            [
+                torch.zeros(*shape, config.index_head_dim, dtype=dtype, device=device)
+                for _ in range(config.num_hidden_layers)
+            ]
+            if config.has_indexer
+            else None
         )
 
     def write(self, layer: int, slot: int, start: int, kv_rows: torch.Tensor, index_rows=None) -> None:

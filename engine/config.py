@@ -85,7 +85,9 @@ class ModelConfig:
     def from_dir(cls, path: str | Path) -> ModelConfig:
         config_path = Path(path) / "config.json"
         if not config_path.is_file():
-            raise ConfigError(f"{path}: no config.json; point --model at a Hugging Face-style checkpoint folder")
+            raise ConfigError(
+                f"{path}: no config.json; point --model at a Hugging Face-style checkpoint folder"
+            )
         try:
             raw = json.loads(config_path.read_text())
         except json.JSONDecodeError as e:
@@ -110,7 +112,9 @@ class ModelConfig:
         heads = int(need("num_attention_heads"))
         kv_heads = cfg.get("num_key_value_heads") or heads
         if kv_heads != heads:
-            raise ConfigError(f"{source}: MLA needs num_key_value_heads == num_attention_heads, got {kv_heads}")
+            raise ConfigError(
+                f"{source}: MLA needs num_key_value_heads == num_attention_heads, got {kv_heads}"
+            )
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{source}: hidden_act {act!r} is not supported (DeepSeek uses 'silu')")
@@ -125,7 +129,9 @@ class ModelConfig:
 
         q_lora_rank = cfg.get("q_lora_rank")
         if model_type == "deepseek_v32" and q_lora_rank is None:
-            raise ConfigError(f"{source}: deepseek_v32's indexer reads the query latent; q_lora_rank is needed")
+            raise ConfigError(
+                f"{source}: deepseek_v32's indexer reads the query latent; q_lora_rank is needed"
+            )
 
         eos = cfg.get("eos_token_id", 1)
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
@@ -133,7 +139,9 @@ class ModelConfig:
         fp8_block = None
         if quant:
             if quant.get("quant_method") != "fp8":
-                raise ConfigError(f"{source}: quantization {quant.get('quant_method')!r} is not supported (fp8)")
+                raise ConfigError(
+                    f"{source}: quantization {quant.get('quant_method')!r} is not supported (fp8)"
+                )
             fp8_block = tuple(quant.get("weight_block_size") or (128, 128))
 
         indexer = {}
@@ -186,17 +194,17 @@ class ModelConfig:
 
 
 def _mlp_layer_types(cfg: dict, num_layers: int, n_routed: int, source: str) -> tuple[str, ...]:
-    """"dense" or "sparse" (MoE) per layer, from `mlp_layer_types` or `first_k_dense_replace`."""
+    """ "dense" or "sparse" (MoE) per layer, from `mlp_layer_types` or `first_k_dense_replace`."""
     if cfg.get("mlp_layer_types") is not None:
         kinds = tuple(cfg["mlp_layer_types"])
         if len(kinds) != num_layers or not set(kinds) <= {"dense", "sparse"}:
-            raise ConfigError(f"{source}: mlp_layer_types must list 'dense'/'sparse' for each of {num_layers} layers")
+            raise ConfigError(
+                f"{source}: mlp_layer_types must list 'dense'/'sparse' for each of {num_layers} layers"
+            )
     else:
         first_dense = int(cfg.get("first_k_dense_replace", 3))
         freq = int(cfg.get("moe_layer_freq", 1))
-        kinds = tuple(
-            "sparse" if i >= first_dense and i % freq == 0 else "dense" for i in range(num_layers)
-        )
+        kinds = tuple("sparse" if i >= first_dense and i % freq == 0 else "dense" for i in range(num_layers))
     if "sparse" in kinds and not n_routed:
         raise ConfigError(f"{source}: MoE layers need n_routed_experts")
     return kinds

@@ -10,7 +10,7 @@ class ConfigError(EngineError):
 
 
 class CheckpointError(EngineError):
-    """A checkpoint's tensors do not match its config: missing, unexpected, misshaped, unsupported, truncated."""
+    """Tensors that do not fit the config: missing, unexpected, misshaped, unsupported, truncated."""
 
 
 class RequestError(EngineError):

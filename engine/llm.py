@@ -45,12 +45,15 @@ class LLM:
         """Teacher-forced float32 logits [T, vocab] for every position of `token_ids`."""
         ids = self._prompt_ids(token_ids, max_new=0)
         cache = self.runner.new_cache(1, len(ids))
-        logits = self.runner.step(ids, [SeqSlice(slot=0, start=0, num_tokens=len(ids), offset=0)],
-                                  cache, all_logits=True)
+        logits = self.runner.step(
+            ids, [SeqSlice(slot=0, start=0, num_tokens=len(ids), offset=0)], cache, all_logits=True
+        )
         self._stats["tokens_prefilled"] += len(ids)
         return logits
 
-    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
+    def generate(
+        self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
         params = params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -59,7 +62,7 @@ class LLM:
         step = self.engine_config.max_num_seqs
         for first in range(0, len(prompt_ids), step):
             batch = list(range(first, min(first + step, len(prompt_ids))))
-            for i, _ in self._run([prompt_ids[i] for i in batch], [outputs[i] for i in batch], params):
+            for _ in self._run([prompt_ids[i] for i in batch], [outputs[i] for i in batch], params):
                 pass
         return outputs
 
@@ -100,7 +103,8 @@ class LLM:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
         if len(ids) + max_new > self.max_model_len:
             raise RequestError(
-                f"prompt of {len(ids)} tokens + {max_new} new exceeds the model's {self.max_model_len}-token limit"
+                f"prompt of {len(ids)} tokens + {max_new} new exceeds the "
+                f"{self.max_model_len}-token limit (max_model_len)"
             )
         return ids
 
@@ -122,12 +126,18 @@ class LLM:
                 self._append(outs[i], token, params)
                 next_tokens.append(token)
                 yield i, token
-            still = [(i, t) for i, t in zip(active, next_tokens, strict=True) if outs[i].finish_reason is None]
+            still = [
+                (i, t) for i, t in zip(active, next_tokens, strict=True) if outs[i].finish_reason is None
+            ]
             if not still:
                 break
             active = [i for i, _ in still]
-            seqs = [SeqSlice(slot=i, start=len(prompt_ids[i]) + len(outs[i].token_ids) - 1, num_tokens=1,
-                             offset=row) for row, i in enumerate(active)]
+            seqs = [
+                SeqSlice(
+                    slot=i, start=len(prompt_ids[i]) + len(outs[i].token_ids) - 1, num_tokens=1, offset=row
+                )
+                for row, i in enumerate(active)
+            ]
             logits = self.runner.step([t for _, t in still], seqs, cache)
             self._stats["tokens_decoded"] += len(active)
 

@@ -118,7 +118,9 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
     for file in files:
         for name in _open(file).keys():
             if name in name_to_file:
-                raise CheckpointError(f"tensor {name} appears in both {name_to_file[name].name} and {file.name}")
+                raise CheckpointError(
+                    f"tensor {name} appears in both {name_to_file[name].name} and {file.name}"
+                )
             name_to_file[name] = file
     return name_to_file
 
@@ -134,7 +136,8 @@ def _read(handle, name: str, file: Path) -> torch.Tensor:
     dtype = handle.get_slice(name).get_dtype()
     if dtype not in FLOAT_DTYPES and dtype not in FP8_DTYPES:
         raise CheckpointError(
-            f"tensor {name} in {file.name} has dtype {dtype}; ds4 loads F32, BF16, F16 and F8_E4M3 (with scales)"
+            f"tensor {name} in {file.name} has dtype {dtype}; "
+            "ds4 loads F32, BF16, F16 and F8_E4M3 (with scales)"
         )
     try:
         return handle.get_tensor(name)
@@ -169,7 +172,8 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig) 
                 target = hf_to_ds4(name, config.num_hidden_layers)
             except KeyError:
                 raise CheckpointError(
-                    f"unexpected tensor {name} in {file.name}: {config.model_type} with this config.json has no such weight"
+                    f"unexpected tensor {name} in {file.name}: "
+                    f"{config.model_type} with this config.json has no such weight"
                 ) from None
             if target is None:
                 continue
@@ -189,14 +193,17 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig) 
     missing = [p for p in params if not _complete(p, params[p], filled.get(p, set()))]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise CheckpointError(f"checkpoint {path} lacks tensors for: {shown} (HF names per ds4.engine.loader)")
+        raise CheckpointError(
+            f"checkpoint {path} lacks tensors for: {shown} (HF names per ds4.engine.loader)"
+        )
 
 
 def _dequantize(name, weight, name_to_file, block) -> torch.Tensor:
     scale_name = name + FP8_SCALE_SUFFIX
     if scale_name not in name_to_file:
         raise CheckpointError(
-            f"FP8 tensor {name} in {name_to_file[name].name} has no {scale_name}: cannot dequantize without scales"
+            f"FP8 tensor {name} in {name_to_file[name].name} has no {scale_name}: "
+            "cannot dequantize without scales"
         )
     scale_file = name_to_file[scale_name]
     scale = _read(_open(scale_file), scale_name, scale_file)
@@ -208,7 +215,9 @@ def _dequantize(name, weight, name_to_file, block) -> torch.Tensor:
     return dequantize_fp8_blocks(weight, scale, block)
 
 
-def _copy_into(param: torch.nn.Parameter, target: Target, tensor: torch.Tensor, name: str, file: Path) -> None:
+def _copy_into(
+    param: torch.nn.Parameter, target: Target, tensor: torch.Tensor, name: str, file: Path
+) -> None:
     dest = param.data
     if target.expert is not None:
         dest = dest[target.expert]

@@ -24,23 +24,71 @@ ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "Deepse
 PRESETS = {
     # Runs in seconds on a CPU: tests.
     "tiny": dict(
-        vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32,
-        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=128,
-        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
-        topk_group=1, first_k_dense_replace=1, max_position_embeddings=2048,
-        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=512, beta_fast=32,
-                          beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
-        index_n_heads=4, index_head_dim=16, index_topk=16, dtype="float32",
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        max_position_embeddings=2048,
+        rope_scaling=dict(
+            type="yarn",
+            factor=4.0,
+            original_max_position_embeddings=512,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+        ),
+        index_n_heads=4,
+        index_head_dim=16,
+        index_topk=16,
+        dtype="float32",
     ),
     # About 100M parameters (27M active per token): benchmarks.
     "small": dict(
-        vocab_size=8192, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, q_lora_rank=256,
-        kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, intermediate_size=1536,
-        moe_intermediate_size=256, n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4,
-        topk_group=2, first_k_dense_replace=1, max_position_embeddings=16384,
-        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=4096, beta_fast=32,
-                          beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
-        index_n_heads=8, index_head_dim=64, index_topk=256, dtype="bfloat16",
+        vocab_size=8192,
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        q_lora_rank=256,
+        kv_lora_rank=128,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        intermediate_size=1536,
+        moe_intermediate_size=256,
+        n_routed_experts=32,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        max_position_embeddings=16384,
+        rope_scaling=dict(
+            type="yarn",
+            factor=4.0,
+            original_max_position_embeddings=4096,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+        ),
+        index_n_heads=8,
+        index_head_dim=64,
+        index_topk=256,
+        dtype="bfloat16",
     ),
 }
 INDEXER_KEYS = ("index_n_heads", "index_head_dim", "index_topk")
@@ -58,10 +106,22 @@ def preset_config(family: str, preset: str) -> dict:
         for key in INDEXER_KEYS:
             cfg.pop(key)
     cfg.update(
-        model_type=family, architectures=[ARCHITECTURES[family]], num_key_value_heads=cfg["num_attention_heads"],
-        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0, routed_scaling_factor=2.5,
-        norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc", bos_token_id=0, eos_token_id=1,
-        tie_word_embeddings=False, attention_bias=False, initializer_range=0.02, num_nextn_predict_layers=0,
+        model_type=family,
+        architectures=[ARCHITECTURES[family]],
+        num_key_value_heads=cfg["num_attention_heads"],
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        initializer_range=0.02,
+        num_nextn_predict_layers=0,
     )
     return cfg
 
@@ -77,7 +137,9 @@ def hf_names(param: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, .
         which = rest.rsplit(".", 1)[1]
         parts = [(hf, half) for hf, (p, half) in EXPERT_PARTS.items() if p == which]
         per_expert = shape[1:] if which == "w2" else (shape[1] // 2, shape[2])
-        return [(f"{prefix}mlp.experts.{e}.{hf}.weight", per_expert) for e in range(shape[0]) for hf, _ in parts]
+        return [
+            (f"{prefix}mlp.experts.{e}.{hf}.weight", per_expert) for e in range(shape[0]) for hf, _ in parts
+        ]
     module, suffix = rest.rsplit(".", 1)
     hf_module = {v: k for k, v in LAYER_NAMES.items()}[module]
     if hf_module == "mlp.gate" and suffix == "bias":
@@ -98,13 +160,20 @@ def _is_fp8_candidate(name: str, shape) -> bool:
     return len(shape) == 2 and name.endswith(".weight") and not any(x in name for x in excluded)
 
 
-def init_checkpoint(family: str, preset: str, out: str | Path, seed: int = 0, fp8: bool = False,
-                    max_shard_bytes: int = 2 << 30) -> Path:
+def init_checkpoint(
+    family: str,
+    preset: str,
+    out: str | Path,
+    seed: int = 0,
+    fp8: bool = False,
+    max_shard_bytes: int = 2 << 30,
+) -> Path:
     """Writes a random checkpoint of `family` at `preset` size into `out`; returns the folder."""
     cfg = preset_config(family, preset)
     if fp8:
-        cfg["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
-                                          weight_block_size=list(FP8_BLOCK))
+        cfg["quantization_config"] = dict(
+            quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=list(FP8_BLOCK)
+        )
     config = ModelConfig.from_hf(cfg, source=f"preset {preset}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +188,9 @@ def init_checkpoint(family: str, preset: str, out: str | Path, seed: int = 0, fp
             if fp8 and _is_fp8_candidate(name, shape):
                 tensors[name], tensors[name + "_scale_inv"] = quantize_fp8_blocks(t, FP8_BLOCK)
             else:
-                tensors[name] = t.to(torch.float32 if "mlp.gate." in name or "weights_proj" in name else dtype)
+                tensors[name] = t.to(
+                    torch.float32 if "mlp.gate." in name or "weights_proj" in name else dtype
+                )
     _save_shards(tensors, out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     _write_tokenizer(out, cfg["vocab_size"])
@@ -152,7 +223,17 @@ def _save_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
 
 def _write_tokenizer(out: Path, vocab_size: int) -> None:
     train_bpe(vocab_size).save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1],
-        "add_bos_token": True, "add_eos_token": False, "model_max_length": 1 << 20,
-    }, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": SPECIAL_TOKENS[0],
+                "eos_token": SPECIAL_TOKENS[1],
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "model_max_length": 1 << 20,
+            },
+            indent=2,
+        )
+        + "\n"
+    )

@@ -16,7 +16,9 @@ def scale_shape(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, in
 def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block=(128, 128)) -> torch.Tensor:
     """float32 [out, in] = fp8 weight * its block's scale."""
     out_dim, in_dim = weight.shape
-    scale = scale_inv.float().repeat_interleave(block[0], 0)[:out_dim].repeat_interleave(block[1], 1)[:, :in_dim]
+    scale = (
+        scale_inv.float().repeat_interleave(block[0], 0)[:out_dim].repeat_interleave(block[1], 1)[:, :in_dim]
+    )
     return weight.float() * scale
 
 

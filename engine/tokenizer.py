@@ -13,7 +13,9 @@ class Tokenizer:
     def __init__(self, path: str | Path, bos_token_id: int | None):
         file = Path(path) / "tokenizer.json"
         if not file.is_file():
-            raise ConfigError(f"{path}: no tokenizer.json; pass token ids instead of text, or add the tokenizer")
+            raise ConfigError(
+                f"{path}: no tokenizer.json; pass token ids instead of text, or add the tokenizer"
+            )
         self._tok = HFTokenizer.from_file(str(file))
         self.bos_token_id = bos_token_id
 
@@ -35,15 +37,29 @@ class Tokenizer:
 # DeepSeek's special tokens; BOS and EOS take ids 0 and 1 as in DeepSeek's configs.
 SPECIAL_TOKENS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>")
 # Text every CPython install carries: the corpus for tokenizers of test checkpoints (no download).
-CORPUS_MODULES = ("argparse.py", "textwrap.py", "dataclasses.py", "functools.py", "pathlib.py", "difflib.py",
-                  "shutil.py", "subprocess.py", "json/decoder.py", "json/encoder.py", "tokenize.py", "ast.py")
+CORPUS_MODULES = (
+    "argparse.py",
+    "textwrap.py",
+    "dataclasses.py",
+    "functools.py",
+    "pathlib.py",
+    "difflib.py",
+    "shutil.py",
+    "subprocess.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "tokenize.py",
+    "ast.py",
+)
 
 
 def corpus_texts() -> list[str]:
     import sysconfig
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return [(stdlib / name).read_text(encoding="utf-8") for name in CORPUS_MODULES if (stdlib / name).is_file()]
+    return [
+        (stdlib / name).read_text(encoding="utf-8") for name in CORPUS_MODULES if (stdlib / name).is_file()
+    ]
 
 
 def train_bpe(vocab_size: int, texts: list[str] | None = None) -> HFTokenizer:

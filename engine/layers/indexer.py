@@ -17,7 +17,9 @@ from ds4.engine.layers.rope import apply_rope
 
 def stable_topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores along the last dim; ties go to the lower index."""
-    order = torch.sort(scores + 0.0, dim=-1, descending=True, stable=True).indices  # + 0.0 turns -0.0 into +0.0
+    order = torch.sort(
+        scores + 0.0, dim=-1, descending=True, stable=True
+    ).indices  # + 0.0 turns -0.0 into +0.0
     return order[..., :k]
 
 
@@ -50,7 +52,9 @@ class Indexer(nn.Module):
         q = self._rope(self.wq_b(q_latent).view(T, self.n_heads, self.head_dim), rope)  # [T, Hi, Di]
         scores = torch.matmul(q.float(), keys.float().T) * self.head_dim**-0.5  # [T, Hi, S]
         scores = torch.relu(scores)
-        weights = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5  # [T, Hi]
+        weights = (
+            self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5
+        )  # [T, Hi]
         index_scores = torch.matmul(weights[:, None, :], scores).squeeze(1)  # [T, S]
         index_scores = index_scores.masked_fill(~allowed, float("-inf"))
         chosen = stable_topk_indices(index_scores, self.topk)  # [T, K]

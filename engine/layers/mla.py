@@ -42,7 +42,9 @@ class MLA(nn.Module):
             self.wq_b = nn.Linear(self.q_lora_rank, heads * config.qk_head_dim, bias=False)
         self.wkv_a = nn.Linear(dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
         self.kv_norm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
-        self.wkv_b = nn.Linear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.wkv_b = nn.Linear(
+            self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
         self.wo = nn.Linear(heads * self.v_head_dim, dim, bias=bias)
         self.indexer = Indexer(config) if config.has_indexer else None
         self.scale = softmax_scale(config.rope, config.qk_head_dim)
@@ -72,14 +74,20 @@ class MLA(nn.Module):
         outs = []
         for seq in ctx.seqs:
             new = slice(seq.offset, seq.offset + seq.num_tokens)
-            ctx.cache.write(self.layer_id, seq.slot, seq.start, kv_rows[new],
-                            None if index_rows is None else index_rows[new])
+            ctx.cache.write(
+                self.layer_id,
+                seq.slot,
+                seq.start,
+                kv_rows[new],
+                None if index_rows is None else index_rows[new],
+            )
             cached = ctx.cache.read(self.layer_id, seq.slot, seq.end)  # [S, C + R]
             allowed = _causal_mask(seq.start, seq.num_tokens, seq.end, x.device)  # [T, S]
             if self.indexer is not None:
                 index_keys = ctx.cache.read_index(self.layer_id, seq.slot, seq.end)
-                allowed = allowed & self.indexer.select(x[new], q_latent[new], rope_slice(rope, new),
-                                                        index_keys, allowed)
+                allowed = allowed & self.indexer.select(
+                    x[new], q_latent[new], rope_slice(rope, new), index_keys, allowed
+                )
             if ctx.mla_mode == "absorbed":
                 outs.append(self._absorbed(q_nope[new], q_pe[new], cached, allowed))
             else:
@@ -105,8 +113,9 @@ class MLA(nn.Module):
         w_ukv = self.wkv_b.weight.view(self.n_heads, N + self.v_head_dim, C)
         w_uk, w_uv = w_ukv.split([N, self.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # [T, H, C]
-        scores = (torch.einsum("thc,sc->ths", q_latent, latent)
-                  + torch.einsum("thr,sr->ths", q_pe, k_pe)) * self.scale  # [T, H, S]
+        scores = (
+            torch.einsum("thc,sc->ths", q_latent, latent) + torch.einsum("thr,sr->ths", q_pe, k_pe)
+        ) * self.scale  # [T, H, S]
         probs = _masked_softmax(scores, allowed)
         out_latent = torch.einsum("ths,sc->thc", probs, latent)  # [T, H, C]
         return torch.einsum("thc,hvc->thv", out_latent, w_uv)  # [T, H, V]

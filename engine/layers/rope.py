@@ -35,7 +35,9 @@ def inv_freq_and_attention_factor(rope: RopeConfig, dim: int) -> tuple[torch.Ten
     attention_factor = rope.attention_factor
     if attention_factor is None:
         if rope.mscale and rope.mscale_all_dim:
-            attention_factor = float(yarn_mscale(factor, rope.mscale) / yarn_mscale(factor, rope.mscale_all_dim))
+            attention_factor = float(
+                yarn_mscale(factor, rope.mscale) / yarn_mscale(factor, rope.mscale_all_dim)
+            )
         else:
             attention_factor = yarn_mscale(factor)
 

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny random checkpoints written by transformers' save_pretrained or by ds4 itself,
+and the oracle's deterministic top-k rule for the V3.2 indexer (STACK-NOTES: ties to the lower index)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Small geometry shared by the transformers-written test checkpoints; tests override pieces of it.
+BASE_GEOMETRY = dict(
+    vocab_size=96,
+    hidden_size=48,
+    intermediate_size=80,
+    moe_intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    kv_lora_rank=24,
+    q_lora_rank=32,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=12,
+    v_head_dim=12,
+    first_k_dense_replace=1,
+    max_position_embeddings=512,
+    initializer_range=0.1,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+INDEXER_GEOMETRY = dict(index_n_heads=4, index_head_dim=16, index_topk=8)
+
+
+def _stable_topk(self, k, dim=-1, largest=True, sorted=True):
+    assert largest and dim in (-1, self.dim() - 1), "the indexer asks for the largest scores on the last dim"
+    values, indices = torch.sort(self + 0.0, dim=-1, descending=True, stable=True)
+    return torch.return_types.topk((values[..., :k], indices[..., :k]))
+
+
+@contextlib.contextmanager
+def stable_indexer_topk():
+    """While transformers' V3.2 indexer runs (and only then), Tensor.topk keeps ties at the lower index."""
+    from transformers.models.deepseek_v32 import modeling_deepseek_v32 as m32
+
+    original_forward, original_topk = m32.DeepseekV32Indexer.forward, torch.Tensor.topk
+
+    def forward(self, *args, **kwargs):
+        torch.Tensor.topk = _stable_topk
+        try:
+            return original_forward(self, *args, **kwargs)
+        finally:
+            torch.Tensor.topk = original_topk
+
+    m32.DeepseekV32Indexer.forward = forward
+    try:
+        yield
+    finally:
+        m32.DeepseekV32Indexer.forward = original_forward
+
+
+def save_hf_checkpoint(path, family: str, seed: int = 0, **overrides):
+    """Writes a random transformers model of `family` with save_pretrained; returns (path, model)."""
+    from transformers import (
+        DeepseekV3Config,
+        DeepseekV3ForCausalLM,
+        DeepseekV32Config,
+        DeepseekV32ForCausalLM,
+    )
+
+    geometry = dict(BASE_GEOMETRY, **(INDEXER_GEOMETRY if family == "deepseek_v32" else {}))
+    geometry.update(overrides)
+    config_cls, model_cls = {
+        "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
+        "deepseek_v32": (DeepseekV32Config, DeepseekV32ForCausalLM),
+    }[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**geometry)).eval()
+    with torch.no_grad():  # transformers zero-inits the router bias; a random one exercises selection
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0.0, 0.05)
+    model.save_pretrained(path, safe_serialization=True)
+    model = model_cls.from_pretrained(path, attn_implementation="eager").eval()
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def tiny_v3(tmp_path_factory):
+    """A tiny deepseek_v3 checkpoint written by `ds4-agent model init` (with tokenizer.json)."""
+    from ds4.engine.presets import init_checkpoint
+
+    return init_checkpoint("deepseek_v3", "tiny", tmp_path_factory.mktemp("tiny-v3"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_v32(tmp_path_factory):
+    from ds4.engine.presets import init_checkpoint
+
+    return init_checkpoint("deepseek_v32", "tiny", tmp_path_factory.mktemp("tiny-v32"), seed=0)
