@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from ds4.engine.config import ModelConfig
-from ds4.engine.loader import EXPERT_PARTS, LAYER_NAMES, TOP_NAMES
+from ds4.engine.loader import ds4_to_hf
 from ds4.engine.models import build_model
 from ds4.engine.quant import quantize_fp8_blocks
 from ds4.engine.tokenizer import SPECIAL_TOKENS, train_bpe
@@ -126,27 +126,6 @@ def preset_config(family: str, preset: str) -> dict:
     return cfg
 
 
-def hf_names(param: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
-    """The HF checkpoint tensors that make up one ds4 parameter (the inverse of the loader's table)."""
-    top = {v: k for k, v in TOP_NAMES.items()}
-    if param in top:
-        return [(top[param], shape)]
-    _, layer, rest = param.split(".", 2)
-    prefix = f"model.layers.{layer}."
-    if rest.startswith("ffn.experts."):
-        which = rest.rsplit(".", 1)[1]
-        parts = [(hf, half) for hf, (p, half) in EXPERT_PARTS.items() if p == which]
-        per_expert = shape[1:] if which == "w2" else (shape[1] // 2, shape[2])
-        return [
-            (f"{prefix}mlp.experts.{e}.{hf}.weight", per_expert) for e in range(shape[0]) for hf, _ in parts
-        ]
-    module, suffix = rest.rsplit(".", 1)
-    hf_module = {v: k for k, v in LAYER_NAMES.items()}[module]
-    if hf_module == "mlp.gate" and suffix == "bias":
-        suffix = "e_score_correction_bias"
-    return [(f"{prefix}{hf_module}.{suffix}", shape)]
-
-
 def _random_tensor(name: str, shape, gen: torch.Generator, std: float) -> torch.Tensor:
     if name.endswith(("layernorm.weight", "norm.weight")):
         return torch.ones(shape)
@@ -183,7 +162,7 @@ def init_checkpoint(
         model = build_model(config)
     tensors: dict[str, torch.Tensor] = {}
     for param, p in model.named_parameters():
-        for name, shape in hf_names(param, tuple(p.shape)):
+        for name, shape in ds4_to_hf(param, tuple(p.shape)):
             t = _random_tensor(name, shape, gen, cfg["initializer_range"])
             if fp8 and _is_fp8_candidate(name, shape):
                 tensors[name], tensors[name + "_scale_inv"] = quantize_fp8_blocks(t, FP8_BLOCK)

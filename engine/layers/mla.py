@@ -110,7 +110,7 @@ class MLA(nn.Module):
     def _absorbed(self, q_nope, q_pe, cached, allowed):
         N, R, C = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         latent, k_pe = cached.split([C, R], dim=-1)
-        w_ukv = self.wkv_b.weight.view(self.n_heads, N + self.v_head_dim, C)
+        w_ukv = self.wkv_b.weight.unflatten(0, (self.n_heads, N + self.v_head_dim))
         w_uk, w_uv = w_ukv.split([N, self.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # [T, H, C]
         scores = (

@@ -1,0 +1,226 @@
+"""Checkpoint loading: broken checkpoints raise one CheckpointError naming the tensor and file; sharded,
+MTP-carrying, FP8 and tied-embedding checkpoints load to the same logits as their plain equivalents."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ds4.engine import LLM
+from ds4.engine.errors import CheckpointError, ConfigError
+from ds4.engine.presets import init_checkpoint
+from ds4.engine.quant import dequantize_fp8_blocks
+
+IDS = list(range(2, 22))  # 20 tokens: more than the V3.2 index_topk of 16
+SHARD_BYTES = 100_000
+SCALE = "_scale_inv"
+
+
+def _init(tmp_path: Path, name: str = "ckpt", family: str = "deepseek_v3", **kwargs) -> Path:
+    return init_checkpoint(family, "tiny", tmp_path / name, seed=0, **kwargs)
+
+
+def _edit_tensors(path: Path, edit) -> None:
+    """Applies `edit(state_dict)` to the single-file checkpoint at `path`."""
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def _edit_config(path: Path, **changes) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _load_error(path: Path, error: type[Exception] = CheckpointError) -> str:
+    with pytest.raises(error) as info:
+        LLM(path)
+    return str(info.value)
+
+
+# -- broken checkpoints ----------------------------------------------------------------------------
+
+
+def test_missing_tensor_names_param_and_checkpoint(tmp_path):
+    path = _init(tmp_path)
+    _edit_tensors(path, lambda sd: sd.pop("model.layers.1.self_attn.kv_b_proj.weight"))
+    msg = _load_error(path)
+    assert "layers.1.attn.wkv_b.weight" in msg
+    assert str(path) in msg
+    assert "layers.0.attn.wkv_b.weight" not in msg
+
+
+def test_missing_expert_slice_names_expert_tensor(tmp_path):
+    path = _init(tmp_path)
+    _edit_tensors(path, lambda sd: sd.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
+    msg = _load_error(path)
+    assert "layers.1.ffn.experts.w13" in msg
+    assert "model.layers.1.mlp.experts.3.up_proj.weight" in msg
+
+
+def test_wrong_shape_names_tensor_file_and_shapes(tmp_path):
+    path = _init(tmp_path)
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    _edit_tensors(path, lambda sd: sd.update({name: sd[name].t().contiguous()}))
+    msg = _load_error(path)
+    assert name in msg
+    assert "model.safetensors" in msg
+    assert "(32, 128)" in msg and "(128, 32)" in msg
+
+
+def test_unexpected_tensor_names_tensor_and_file(tmp_path):
+    path = _init(tmp_path)
+    name = "model.layers.0.self_attn.bogus.weight"
+    _edit_tensors(path, lambda sd: sd.update({name: torch.zeros(4, 4)}))
+    msg = _load_error(path)
+    assert name in msg
+    assert "model.safetensors" in msg
+
+
+def test_unsupported_dtype_names_tensor_file_and_dtype(tmp_path):
+    path = _init(tmp_path)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    _edit_tensors(path, lambda sd: sd.update({name: sd[name].to(torch.int32)}))
+    msg = _load_error(path)
+    assert name in msg
+    assert "model.safetensors" in msg
+    assert "I32" in msg
+
+
+@pytest.mark.parametrize("max_shard_bytes", [2 << 30, SHARD_BYTES], ids=["single", "sharded"])
+def test_truncated_file_names_file(tmp_path, max_shard_bytes):
+    path = _init(tmp_path, max_shard_bytes=max_shard_bytes)
+    files = sorted(path.glob("*.safetensors"))
+    victim = files[len(files) // 2]
+    os.truncate(victim, victim.stat().st_size // 2)
+    msg = _load_error(path)
+    assert victim.name in msg
+    assert "truncated" in msg
+
+
+def test_index_listing_missing_shard_names_shard(tmp_path):
+    path = _init(tmp_path, max_shard_bytes=SHARD_BYTES)
+    victim = sorted(path.glob("*.safetensors"))[1]
+    victim.unlink()
+    msg = _load_error(path)
+    assert victim.name in msg
+    assert "model.safetensors.index.json" in msg
+
+
+def test_index_pointing_to_wrong_shard_names_tensor_and_shard(tmp_path):
+    path = _init(tmp_path, max_shard_bytes=SHARD_BYTES)
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    name = "model.embed_tokens.weight"
+    wrong = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][name])
+    index["weight_map"][name] = wrong
+    index_file.write_text(json.dumps(index))
+    msg = _load_error(path)
+    assert name in msg
+    assert wrong in msg
+
+
+def test_unknown_model_type_is_config_error(tmp_path):
+    path = _init(tmp_path)
+    _edit_config(path, model_type="llama")
+    msg = _load_error(path, ConfigError)
+    assert "'llama'" in msg
+    assert "deepseek_v3" in msg and "deepseek_v32" in msg
+    assert "config.json" in msg
+
+
+def test_fp8_weight_without_scale_names_both(tmp_path):
+    path = _init(tmp_path, fp8=True)
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    _edit_tensors(path, lambda sd: sd.pop(name + SCALE))
+    msg = _load_error(path)
+    assert name + SCALE in msg
+    assert f"FP8 tensor {name} in model.safetensors" in msg
+
+
+def test_fp8_scale_with_wrong_shape_names_scale_and_shapes(tmp_path):
+    path = _init(tmp_path, fp8=True)
+    name = "model.layers.1.self_attn.kv_b_proj.weight" + SCALE
+    _edit_tensors(path, lambda sd: sd.update({name: torch.ones(2, 2)}))
+    msg = _load_error(path)
+    assert name in msg
+    assert "model.safetensors" in msg
+    assert "(2, 2)" in msg and "(1, 1)" in msg
+
+
+def test_scale_without_weight_is_unexpected(tmp_path):
+    path = _init(tmp_path, fp8=True)
+    name = "model.layers.0.self_attn.bogus.weight" + SCALE
+    _edit_tensors(path, lambda sd: sd.update({name: torch.ones(1, 1)}))
+    msg = _load_error(path)
+    assert name in msg
+    assert "model.safetensors" in msg
+
+
+# -- checkpoints that load -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v32"])
+def test_sharded_checkpoint_scores_like_single_file(tmp_path, family):
+    single = _init(tmp_path, "single", family)
+    sharded = _init(tmp_path, "sharded", family, max_shard_bytes=SHARD_BYTES)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    assert torch.equal(LLM(sharded).score(IDS), LLM(single).score(IDS))
+
+
+def test_mtp_layer_tensors_are_skipped(tmp_path):
+    path = _init(tmp_path)
+    expected = LLM(path).score(IDS)
+    mtp = {
+        "model.layers.3.self_attn.kv_b_proj.weight": torch.randn(7, 5),  # shape irrelevant: never read
+        "model.layers.3.eh_proj.weight": torch.randn(64, 128),
+        "model.layers.3.enorm.weight": torch.ones(64),
+        "model.layers.3.shared_head.head.weight": torch.randn(512, 64),
+    }
+    _edit_tensors(path, lambda sd: sd.update(mtp))
+    _edit_config(path, num_nextn_predict_layers=1)
+    assert torch.equal(LLM(path).score(IDS), expected)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v32"])
+def test_fp8_checkpoint_scores_like_dequantized_float(tmp_path, family):
+    fp8 = _init(tmp_path, "fp8", family, fp8=True)
+    ref = tmp_path / "ref"
+    shutil.copytree(fp8, ref)
+    tensors = load_file(ref / "model.safetensors")
+    scale_names = [n for n in tensors if n.endswith(SCALE)]
+    assert len(scale_names) > 10
+    for scale_name in scale_names:
+        name = scale_name.removesuffix(SCALE)
+        assert tensors[name].dtype == torch.float8_e4m3fn
+        tensors[name] = dequantize_fp8_blocks(tensors[name], tensors.pop(scale_name), (128, 128))
+    save_file(tensors, str(ref / "model.safetensors"), metadata={"format": "pt"})
+    _edit_config(ref, quantization_config=None)
+    got, want = LLM(fp8).score(IDS), LLM(ref).score(IDS)
+    assert (got - want).abs().max().item() == 0.0
+    assert torch.equal(got, want)
+
+
+def test_tied_embeddings_without_lm_head(tmp_path):
+    path = _init(tmp_path)
+    embed = load_file(path / "model.safetensors")["model.embed_tokens.weight"]
+    _edit_tensors(path, lambda sd: sd.pop("lm_head.weight"))
+    _edit_config(path, tie_word_embeddings=True)
+    llm = LLM(path)
+    model = llm.runner.model
+    assert torch.equal(model.embed.weight, embed)
+    assert torch.equal(model.head.weight, embed)
+    assert llm.score(IDS).isfinite().all()

@@ -1,0 +1,107 @@
+"""Block-scaled FP8: dequantization at shapes that are not multiples of the block, and the quantize ->
+dequantize round trip within e4m3's precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds4.engine.quant import FP8_MAX, dequantize_fp8_blocks, quantize_fp8_blocks, scale_shape
+
+# (weight shape, block): edge blocks partial in one or both dimensions, and a block smaller than 128.
+SHAPES = [((200, 300), (128, 128)), ((129, 17), (128, 128)), ((13, 22), (3, 5)), ((128, 256), (128, 128))]
+
+
+def _fp8_weight(shape, block, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(shape, generator=gen) * 100).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    scale_inv = torch.rand(scale_shape(shape, block), generator=gen) * 0.01 + 1e-4
+    return weight, scale_inv
+
+
+def _dequantize_loop(weight, scale_inv, block):
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    for bi in range(scale_inv.shape[0]):
+        for bj in range(scale_inv.shape[1]):
+            rows = slice(bi * block[0], (bi + 1) * block[0])
+            cols = slice(bj * block[1], (bj + 1) * block[1])
+            out[rows, cols] = weight[rows, cols].float() * scale_inv[bi, bj].item()
+    return out
+
+
+def test_scale_shape_ceil_divides():
+    assert scale_shape((200, 300), (128, 128)) == (2, 3)
+    assert scale_shape((129, 17), (128, 128)) == (2, 1)
+    assert scale_shape((128, 256), (128, 128)) == (1, 2)
+    assert scale_shape((13, 22), (3, 5)) == (5, 5)
+
+
+@pytest.mark.parametrize(("shape", "block"), SHAPES)
+def test_dequantize_matches_per_block_loop(shape, block):
+    weight, scale_inv = _fp8_weight(shape, block)
+    got = dequantize_fp8_blocks(weight, scale_inv, block)
+    assert got.dtype == torch.float32
+    assert got.shape == shape
+    assert torch.equal(got, _dequantize_loop(weight, scale_inv, block))
+
+
+@pytest.mark.parametrize(("shape", "block"), SHAPES)
+def test_quantize_shapes_and_block_amax(shape, block):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.05
+    q, scale_inv = quantize_fp8_blocks(x, block)
+    assert q.dtype == torch.float8_e4m3fn
+    assert q.shape == shape
+    assert scale_inv.dtype == torch.float32
+    assert tuple(scale_inv.shape) == scale_shape(shape, block)
+    for bi in range(scale_inv.shape[0]):
+        for bj in range(scale_inv.shape[1]):
+            rows = slice(bi * block[0], (bi + 1) * block[0])
+            cols = slice(bj * block[1], (bj + 1) * block[1])
+            amax = x[rows, cols].abs().max()
+            assert scale_inv[bi, bj] == amax / FP8_MAX
+            # the block's largest magnitude lands on the largest finite e4m3 value
+            assert q[rows, cols].float().abs().max().item() == FP8_MAX
+
+
+@pytest.mark.parametrize(("shape", "block"), SHAPES)
+def test_quantize_round_trip_within_e4m3_precision(shape, block):
+    # e4m3 keeps 3 mantissa bits: round-to-nearest errs by at most 2**-4 relative for normal values and
+    # by half the subnormal spacing (2**-10) in scaled units below 2**-6; slack covers float32 rounding.
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 0.05
+    x[0, 0] = 1e-7  # far below the block's amax: lands among the subnormals
+    q, scale_inv = quantize_fp8_blocks(x, block)
+    back = dequantize_fp8_blocks(q, scale_inv, block)
+    scale = dequantize_fp8_blocks(torch.ones(shape, dtype=torch.float8_e4m3fn), scale_inv, block)
+    bound = x.abs() * (2**-4 + 1e-6) + scale * 2**-10 * (1 + 1e-6)
+    assert ((back - x).abs() <= bound).all()
+    assert (back - x).abs().max() > 0  # not vacuous: e4m3 is lossy on random data
+
+
+def test_quantize_is_exact_when_block_amax_is_fp8_max():
+    # amax == FP8_MAX gives scale_inv == 1, so e4m3-representable values come back bit for bit.
+    block = (3, 5)
+    weight, _ = _fp8_weight((13, 22), block, seed=3)
+    x = weight.float()
+    x[::3, ::5] = FP8_MAX
+    q, scale_inv = quantize_fp8_blocks(x, block)
+    assert torch.equal(scale_inv, torch.ones(5, 5))
+    assert torch.equal(q.view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))
+    assert torch.equal(dequantize_fp8_blocks(q, scale_inv, block), x)
+
+
+def test_quantize_zero_block_gives_zeros():
+    x = torch.zeros(129, 17)
+    x[128:, :] = 3.0
+    q, scale_inv = quantize_fp8_blocks(x, (128, 128))
+    assert torch.equal(q[:128].view(torch.uint8), torch.zeros(128, 17, dtype=torch.uint8))
+    assert torch.equal(dequantize_fp8_blocks(q, scale_inv, (128, 128)), x)
+
+
+def test_quantize_matches_direct_cast_bytes():
+    # Each element is its block-scaled value rounded by torch's e4m3 cast: compare raw bytes.
+    block = (128, 128)
+    x = torch.randn(200, 300, generator=torch.Generator().manual_seed(4))
+    q, scale_inv = quantize_fp8_blocks(x, block)
+    scale = dequantize_fp8_blocks(torch.ones(200, 300, dtype=torch.float8_e4m3fn), scale_inv, block)
+    want = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
