@@ -57,6 +57,8 @@ class LLM:
         params = params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if not prompts:
+            raise RequestError("no prompts: give at least one string or token-id list")
         prompt_ids = [self._prompt_ids(p, params.max_tokens) for p in prompts]
         outputs = [RequestOutput(prompt_token_ids=ids) for ids in prompt_ids]
         step = self.engine_config.max_num_seqs

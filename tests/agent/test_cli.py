@@ -1,0 +1,112 @@
+"""The `ds4-agent` command line through real subprocesses: help, model init, generate, bench and the
+one-line errors of the CLI boundary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ds4.engine import LLM, SamplingParams
+
+DS4_AGENT = Path(sys.executable).parent / "ds4-agent"
+ENV = dict(os.environ, PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(DS4_AGENT), *map(str, args)], capture_output=True, text=True, encoding="utf-8",
+                          env=ENV, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "v32"
+    result = run_cli("model", "init", "--family", "deepseek_v32", "--preset", "tiny", "--out", out,
+                     "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_help():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("model", "generate", "bench"):
+        assert command in result.stdout
+
+
+def test_parser_does_not_import_torch():
+    code = "import sys, ds4.agent.cli as c; c.build_parser(); assert 'torch' not in sys.modules, 'torch'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0, result.stderr
+
+
+def test_model_init_writes_checkpoint(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v32"
+    assert (model_dir / "tokenizer.json").is_file()
+    assert (model_dir / "model.safetensors").stat().st_size > 0
+
+
+def test_model_init_is_deterministic(model_dir, tmp_path):
+    args = ("model", "init", "--family", "deepseek_v32", "--preset", "tiny", "--seed", "3", "--out")
+    assert run_cli(*args, tmp_path / "again").returncode == 0
+    assert run_cli(*args[:-2], "4", "--out", tmp_path / "other").returncode == 0
+    weights = (model_dir / "model.safetensors").read_bytes()
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == weights
+    assert (tmp_path / "other" / "model.safetensors").read_bytes() != weights
+
+
+@pytest.fixture(scope="module")
+def expected_text(model_dir):
+    return LLM(model_dir).generate("def f(x):", SamplingParams(temperature=0.0, max_tokens=8))[0].text
+
+
+def test_generate_streams_the_completion(model_dir, expected_text):
+    result = run_cli("generate", "--model", model_dir, "--max-tokens", "8", "def f(x):")
+    assert result.returncode == 0, result.stderr
+    assert expected_text
+    assert result.stdout == expected_text + "\n"
+
+
+def test_generate_no_stream_prints_the_same(model_dir, expected_text):
+    result = run_cli("generate", "--model", model_dir, "--max-tokens", "8", "--no-stream", "def f(x):")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_text + "\n"
+
+
+def test_missing_model_is_one_line_error():
+    result = run_cli("generate", "--model", "/nonexistent", "--max-tokens", "4", "hi")
+    assert result.returncode == 2
+    assert result.stderr.startswith("ds4-agent: error:")
+    assert "/nonexistent" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_sampling_option_is_one_line_error(model_dir):
+    result = run_cli("generate", "--model", model_dir, "--temperature", "-1", "hi")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["ds4-agent: error: temperature must be >= 0, got -1.0"]
+
+
+def test_bad_family_is_usage_error(tmp_path):
+    result = run_cli("model", "init", "--family", "llama", "--preset", "tiny", "--out", tmp_path / "x")
+    assert result.returncode == 2
+    assert "invalid choice: 'llama'" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_bench_engine_json(model_dir):
+    result = run_cli("bench", "engine", "--model", model_dir, "--prompt-tokens", "16", "--decode-tokens", "4",
+                     "--runs", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ds4"]["decode_tokens_per_s"] > 0
+    assert report["transformers"]["decode_tokens_per_s"] > 0
+    assert all(v > 0 for v in report["ratio"].values())
+    assert set(report["ratio"]) == {"prefill_tokens_per_s", "decode_tokens_per_s"}
