@@ -76,6 +76,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         T, K = expert_ids.shape
+        if T == 1:  # decode of one sequence: K matrix-vector products, no sorting
+            return self._single_token(x, weights[0], expert_ids[0].tolist())
         flat_ids = expert_ids.flatten()  # [T*K]
         order = flat_ids.argsort(stable=True)
         token_ids = order // K  # token of each (token, expert) pair, grouped by expert
@@ -92,6 +94,16 @@ class Experts(nn.Module):
             start += n
         ys = (ys.float() * weights.flatten()[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_ids, ys)  # [T, D]
+
+
+    def _single_token(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: list[int]) -> torch.Tensor:
+        ys = []
+        for e in sorted(expert_ids):  # ascending, the order the batched path sums in
+            gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)  # [1, I] each
+            ys.append(F.linear(F.silu(gate) * up, self.w2[e]))  # [1, D]
+        order = sorted(range(len(expert_ids)), key=expert_ids.__getitem__)
+        scaled = torch.cat(ys).float() * weights[order, None]  # [K, D]
+        return scaled.sum(0, keepdim=True).to(x.dtype)
 
 
 class MoE(nn.Module):

@@ -80,16 +80,17 @@ def test_bias_steers_choice_but_not_weights():
     torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True) * config.routed_scaling_factor)
 
 
-def test_batched_dispatch_equals_per_token_loop():
+@pytest.mark.parametrize("num_tokens", [29, 1])  # the batched path and the single-token decode path
+def test_dispatch_equals_per_token_loop(num_tokens):
     config = dataclasses.replace(make_config(), moe_intermediate_size=20)
     experts = Experts(config)
     random_(experts, seed=5)
     gen = torch.Generator().manual_seed(6)
-    x = torch.randn(29, config.hidden_size, generator=gen)
-    ids = torch.randint(0, config.n_routed_experts, (29, 3), generator=gen)
-    weights = torch.rand(29, 3, generator=gen)
+    x = torch.randn(num_tokens, config.hidden_size, generator=gen)
+    ids = torch.stack([torch.randperm(config.n_routed_experts, generator=gen)[:3] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, 3, generator=gen)
     ref = torch.zeros_like(x)
-    for t in range(29):
+    for t in range(num_tokens):
         for k in range(3):
             e = int(ids[t, k])
             gate_up = experts.w13[e] @ x[t]
