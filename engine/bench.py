@@ -1,6 +1,6 @@
 """`ds4-agent bench engine`: prefill and greedy-decode throughput of ds4 and of the transformers library
 on the same checkpoint, machine and thread count, as medians over several runs, with their ratio and
-the memory-bandwidth floor of decode (bytes of active weights per token / measured copy bandwidth).
+the memory-bandwidth floor of decode (bytes of active weights per token / measured read bandwidth).
 """
 
 from __future__ import annotations
@@ -70,12 +70,13 @@ def _median_decode(decode, runs: int) -> float:
     return statistics.median(decode() for _ in range(runs))
 
 
-def copy_bandwidth(nbytes: int = 256 << 20, runs: int = 5) -> float:
-    """Measured bytes/s of a large tensor copy (read + write), the CPU's practical memory bandwidth."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
-    dst = torch.empty_like(src)
-    seconds = _median_time(lambda: dst.copy_(src), runs)
-    return 2 * nbytes / seconds
+def read_bandwidth(nbytes: int = 256 << 20, runs: int = 5) -> float:
+    """Measured bytes/s of streaming a tensor far larger than the caches (a sum): what decode's weight
+    reads can reach at best on this machine."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    src.sum()
+    best = min(_median_time(src.sum, 1) for _ in range(runs))  # a bound: the best run
+    return nbytes / best
 
 
 def active_bytes_per_token(llm: LLM) -> int:
@@ -122,7 +123,7 @@ def bench_engine(
             "prefill_tokens_per_s": prompt_tokens / prefill_s,
             "decode_tokens_per_s": decode_tokens / decode_s,
         }
-    bandwidth = copy_bandwidth()
+    bandwidth = read_bandwidth()
     active = active_bytes_per_token(llm)
     floor = bandwidth / active
     return {
@@ -138,7 +139,7 @@ def bench_engine(
         "ratio": {k: results["ds4"][k] / results["transformers"][k] for k in results["ds4"]},
         "floor": {
             "active_bytes_per_token": active,
-            "copy_bandwidth_gb_s": bandwidth / 1e9,
+            "read_bandwidth_gb_s": bandwidth / 1e9,
             "decode_tokens_per_s": floor,
             "ds4_fraction_of_floor": results["ds4"]["decode_tokens_per_s"] / floor,
         },
@@ -162,7 +163,7 @@ def format_report(r: dict) -> str:
     f = r["floor"]
     lines.append(
         f"decode floor: {f['active_bytes_per_token'] / 1e6:.1f} MB active weights/token at "
-        f"{f['copy_bandwidth_gb_s']:.1f} GB/s = {f['decode_tokens_per_s']:.0f} tok/s; "
+        f"{f['read_bandwidth_gb_s']:.1f} GB/s = {f['decode_tokens_per_s']:.0f} tok/s; "
         f"ds4 reaches {100 * f['ds4_fraction_of_floor']:.0f}% of it"
     )
     return "\n".join(lines)

@@ -103,9 +103,11 @@ class MLA(nn.Module):
         k_nope, v = kv.split([N, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None, :].expand(S, self.n_heads, R)], dim=-1)  # [S, H, N + R]
         q = torch.cat([q_nope, q_pe], dim=-1)  # [T, H, N + R]
-        scores = torch.einsum("thd,shd->ths", q, k) * self.scale  # [T, H, S]
-        probs = _masked_softmax(scores, allowed)
-        return torch.einsum("ths,shd->thd", probs, v)  # [T, H, V]
+        # softmax(q k^T * scale, masked) v, per head: [H, T, S] scores, [H, T, V] out
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed, scale=self.scale
+        )
+        return out.transpose(0, 1)  # [T, H, V]
 
     def _absorbed(self, q_nope, q_pe, cached, allowed):
         N, R, C = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
@@ -113,12 +115,12 @@ class MLA(nn.Module):
         w_ukv = self.wkv_b.weight.unflatten(0, (self.n_heads, N + self.v_head_dim))
         w_uk, w_uv = w_ukv.split([N, self.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # [T, H, C]
-        scores = (
-            torch.einsum("thc,sc->ths", q_latent, latent) + torch.einsum("thr,sr->ths", q_pe, k_pe)
-        ) * self.scale  # [T, H, S]
-        probs = _masked_softmax(scores, allowed)
-        out_latent = torch.einsum("ths,sc->thc", probs, latent)  # [T, H, C]
-        return torch.einsum("thc,hvc->thv", out_latent, w_uv)  # [T, H, V]
+        # one shared key/value head in the latent space: scores = q_latent . latent + q_pe . k_pe
+        q = torch.cat([q_latent, q_pe], dim=-1).transpose(0, 1)  # [H, T, C + R]
+        out_latent = F.scaled_dot_product_attention(
+            q, cached[None], latent[None], attn_mask=allowed, scale=self.scale
+        )  # [H, T, C]
+        return torch.einsum("htc,hvc->thv", out_latent, w_uv)  # [T, H, V]
 
 
 def rope_slice(rope, rows: slice):
@@ -129,8 +131,3 @@ def _causal_mask(start: int, num_tokens: int, end: int, device) -> torch.Tensor:
     """allowed[t, s] = key s is at or before query t's position (start + t)."""
     q_pos = torch.arange(start, start + num_tokens, device=device)
     return torch.arange(end, device=device)[None, :] <= q_pos[:, None]  # [T, S]
-
-
-def _masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
-    return F.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)

@@ -125,22 +125,19 @@ def test_chunked_prefill_equals_full_scoring(case):
     assert max_rel_err(torch.cat(rows), full) < 1e-5
 
 
-def test_bfloat16_stays_within_bf16_tolerance(case):
+def test_bfloat16_is_as_accurate_as_transformers_bfloat16(case):
     # bf16 rounding flips some discrete choices (MoE routing, V3.2's top-k) at a few positions, in
-    # transformers too: most positions must agree with transformers' bf16 run and stay close to fp32.
+    # transformers too, so the yardstick is transformers' own bf16 error against the fp32 logits.
     path, hf, ids, ref = case
     hf_bf16 = type(hf).from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager").eval()
     with torch.no_grad(), stable_indexer_topk():
         ref_bf16 = hf_bf16(ids[None]).logits[0].float()
     got = LLM(path, dtype="bfloat16").score(ids.tolist())
     assert got.dtype == torch.float32
-    vs_bf16 = (got - ref_bf16).abs().amax(-1) / ref_bf16.abs().amax(-1)  # per position
-    # Past index_topk, V3.2's selection itself moves with rounding; compare with fp32 before that.
-    dense_len = getattr(hf.config, "index_topk", SEQ_LEN)
-    vs_fp32 = ((got - ref).abs().amax(-1) / ref.abs().amax(-1))[:dense_len]
-    assert float((vs_bf16 < 3e-2).float().mean()) >= 0.8
-    assert float(vs_bf16.median()) < 1.5e-2
-    assert float(vs_fp32.median()) < 3e-2
+    ours = (got - ref).abs().amax(-1) / ref.abs().amax(-1)  # per position, against fp32
+    theirs = (ref_bf16 - ref).abs().amax(-1) / ref.abs().amax(-1)
+    assert float(ours.median()) < 2 * float(theirs.median())
+    assert float(ours.mean()) < 1.5 * float(theirs.mean())
 
 
 def test_ds4_written_checkpoint_loads_in_transformers(tiny_v32):
