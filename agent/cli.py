@@ -11,7 +11,7 @@ import sys
 
 
 def _add_model_commands(sub) -> None:
-    model = sub.add_parser("model", help="create and inspect checkpoints")
+    model = sub.add_parser("model", help="create checkpoints (random weights, for tests and benchmarks)")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     init = model_sub.add_parser(
         "init", help="write a random-weight checkpoint (HF format) for tests and benchmarks"
