@@ -110,8 +110,8 @@ class MLA(nn.Module):
         return out.transpose(0, 1)  # [T, H, V]
 
     def _absorbed(self, q_nope, q_pe, cached, allowed):
-        N, R, C = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
-        latent, k_pe = cached.split([C, R], dim=-1)
+        N, C = self.qk_nope_head_dim, self.kv_lora_rank
+        latent = cached[:, :C]  # [S, C]; the rope part of `cached` is the key's tail
         w_ukv = self.wkv_b.weight.unflatten(0, (self.n_heads, N + self.v_head_dim))
         w_uk, w_uv = w_ukv.split([N, self.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # [T, H, C]

@@ -95,7 +95,6 @@ class Experts(nn.Module):
         ys = (ys.float() * weights.flatten()[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_ids, ys)  # [T, D]
 
-
     def _single_token(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: list[int]) -> torch.Tensor:
         ys = []
         for e in sorted(expert_ids):  # ascending, the order the batched path sums in

@@ -224,3 +224,25 @@ def test_tied_embeddings_without_lm_head(tmp_path):
     assert torch.equal(model.embed.weight, embed)
     assert torch.equal(model.head.weight, embed)
     assert llm.score(IDS).isfinite().all()
+
+
+def test_fused_expert_tensors_load_like_per_expert_ones(tmp_path):
+    """transformers' in-memory layout ([E, 2I, D] gate_up_proj, [E, D, I] down_proj) is accepted too."""
+    per_expert = _init(tmp_path, "per-expert")
+    fused = _init(tmp_path, "fused")
+
+    def fuse(sd):
+        for layer in (1, 2):
+            prefix = f"model.layers.{layer}.mlp.experts."
+            num_experts = 8
+            gate_up = [
+                torch.cat([sd.pop(f"{prefix}{e}.gate_proj.weight"), sd.pop(f"{prefix}{e}.up_proj.weight")])
+                for e in range(num_experts)
+            ]
+            down = [sd.pop(f"{prefix}{e}.down_proj.weight") for e in range(num_experts)]
+            sd[prefix + "gate_up_proj"] = torch.stack(gate_up)
+            sd[prefix + "down_proj"] = torch.stack(down)
+
+    _edit_tensors(fused, fuse)
+    ids = list(range(2, 30))
+    assert torch.equal(LLM(fused).score(ids), LLM(per_expert).score(ids))
