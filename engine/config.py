@@ -12,7 +12,12 @@ from pathlib import Path
 
 from ds4.engine.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v32")
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "deepseek_v4")
+V4_ATTENTION_KINDS = {
+    "sliding_attention": 0,
+    "compressed_sparse_attention": 4,
+    "heavily_compressed_attention": 128,
+}
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,19 @@ class ModelConfig:
     index_topk: int = 0
     fp8_block_size: tuple[int, int] | None = None
     torch_dtype: str = "float32"
+    # DeepSeek-V4 only (zero/empty elsewhere): one K=V head of head_dim, a sliding window, per-layer
+    # compression (0 = window only), grouped output projection, mHC streams, clamped SwiGLU.
+    head_dim: int = 0
+    sliding_window: int = 0
+    layer_types: tuple[str, ...] = ()
+    compress_ratios: tuple[int, ...] = ()
+    compress_rope: RopeConfig | None = None
+    o_groups: int = 0
+    o_lora_rank: int = 0
+    hc_mult: int = 0
+    hc_sinkhorn_iters: int = 0
+    hc_eps: float = 1e-6
+    swiglu_limit: float | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -78,8 +96,12 @@ class ModelConfig:
     def has_indexer(self) -> bool:
         return self.model_type == "deepseek_v32"
 
+    @property
+    def is_v4(self) -> bool:
+        return self.model_type == "deepseek_v4"
+
     def is_moe_layer(self, layer_id: int) -> bool:
-        return self.mlp_layer_types[layer_id] == "sparse"
+        return self.mlp_layer_types[layer_id] != "dense"
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -102,6 +124,8 @@ class ModelConfig:
                 f"{source}: model_type {model_type!r} is not supported; "
                 f"ds4 runs {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        if model_type == "deepseek_v4":
+            return _v4_from_hf(cls, cfg, source)
 
         def need(key):
             if cfg.get(key) is None:
@@ -232,6 +256,157 @@ def _rope_config(cfg: dict, max_pos: int) -> RopeConfig:
         mscale_all_dim=params.get("mscale_all_dim"),
         attention_factor=params.get("attention_factor"),
         truncate=bool(params.get("truncate", True)),
+    )
+
+
+# Fields of a V4 config.json that would change the computation in ways ds4 does not implement yet.
+V4_UNSUPPORTED = {
+    "attention_bias": lambda v: bool(v),
+    "mlp_bias": lambda v: bool(v),
+    "hidden_act": lambda v: v != "silu",
+    "num_key_value_heads": lambda v: v not in (None, 1),
+    "n_shared_experts": lambda v: v not in (None, 1),
+    "engram_layers": lambda v: bool(v),
+    "expert_dtype": lambda v: v not in (None, "bf16", "bfloat16", "fp8"),
+}
+
+
+def _v4_from_hf(cls, cfg: dict, source: str) -> ModelConfig:
+    """DeepSeek-V4: one shared K=V head, windowed + compressed attention, mHC, hash-routed MoE."""
+    for key, unsupported in V4_UNSUPPORTED.items():
+        if key in cfg and unsupported(cfg[key]):
+            raise ConfigError(f"{source}: deepseek_v4 with {key}={cfg[key]!r} is not supported by ds4 yet")
+
+    def need(key):
+        if cfg.get(key) is None:
+            raise ConfigError(f"{source}: deepseek_v4 needs {key!r}, which is missing")
+        return cfg[key]
+
+    num_layers = int(need("num_hidden_layers"))
+    head_dim = int(need("head_dim"))
+    factor = cfg.get("partial_rotary_factor")
+    rope_dim = (
+        int(cfg["qk_rope_head_dim"]) if cfg.get("qk_rope_head_dim") else int(head_dim * (factor or 0.125))
+    )
+    if rope_dim % 2 or not 0 < rope_dim <= head_dim:
+        raise ConfigError(
+            f"{source}: the rope slice ({rope_dim} of head_dim {head_dim}) must be even and fit"
+        )
+    layer_types = _v4_layer_types(cfg, num_layers, source)
+    rates = dict(cfg.get("compress_rates") or {})
+    for kind, legacy in (
+        ("compressed_sparse_attention", "compress_rate_csa"),
+        ("heavily_compressed_attention", "compress_rate_hca"),
+    ):
+        rates.setdefault(kind, cfg.get(legacy) or V4_ATTENTION_KINDS[kind])
+    rates["sliding_attention"] = 0
+    mlp_types = cfg.get("mlp_layer_types")
+    if mlp_types is None:
+        n_hash = int(cfg.get("num_hash_layers", 3))
+        mlp_types = ["hash_moe"] * min(num_layers, n_hash) + ["moe"] * max(0, num_layers - n_hash)
+    mlp_types = tuple(mlp_types)
+    if len(mlp_types) != num_layers or not set(mlp_types) <= {"hash_moe", "moe"}:
+        raise ConfigError(
+            f"{source}: mlp_layer_types must list 'hash_moe'/'moe' for each of {num_layers} layers"
+        )
+    scoring = cfg.get("scoring_func", "sqrtsoftplus")
+    if scoring not in ("sqrtsoftplus", "sigmoid", "softmax"):
+        raise ConfigError(
+            f"{source}: scoring_func {scoring!r} is not supported (sqrtsoftplus, sigmoid, softmax)"
+        )
+    main_rope, compress_rope = _v4_ropes(cfg)
+    eos = cfg.get("eos_token_id", 1)
+    quant = cfg.get("quantization_config") or {}
+    if quant and quant.get("quant_method") != "fp8":
+        raise ConfigError(f"{source}: quantization {quant.get('quant_method')!r} is not supported (fp8)")
+    return cls(
+        model_type="deepseek_v4",
+        vocab_size=int(need("vocab_size")),
+        hidden_size=int(need("hidden_size")),
+        num_hidden_layers=num_layers,
+        num_attention_heads=int(need("num_attention_heads")),
+        q_lora_rank=int(need("q_lora_rank")),
+        kv_lora_rank=0,
+        qk_nope_head_dim=head_dim - rope_dim,
+        qk_rope_head_dim=rope_dim,
+        v_head_dim=head_dim,
+        intermediate_size=0,
+        moe_intermediate_size=int(need("moe_intermediate_size")),
+        n_routed_experts=int(need("n_routed_experts")),
+        n_shared_experts=1,
+        num_experts_per_tok=int(need("num_experts_per_tok")),
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.5)),
+        norm_topk_prob=True,
+        scoring_func=scoring,
+        gate_bias=True,
+        mlp_layer_types=mlp_types,
+        rope=main_rope,
+        rope_interleave=True,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 1 << 20)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        bos_token_id=cfg.get("bos_token_id", 0),
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
+        index_n_heads=int(need("index_n_heads")),
+        index_head_dim=int(need("index_head_dim")),
+        index_topk=int(need("index_topk")),
+        fp8_block_size=tuple(quant.get("weight_block_size") or (128, 128)) if quant else None,
+        torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+        head_dim=head_dim,
+        sliding_window=int(need("sliding_window")),
+        layer_types=layer_types,
+        compress_ratios=tuple(int(rates[kind]) for kind in layer_types),
+        compress_rope=compress_rope,
+        o_groups=int(need("o_groups")),
+        o_lora_rank=int(need("o_lora_rank")),
+        hc_mult=int(cfg.get("hc_mult", 4)),
+        hc_sinkhorn_iters=int(cfg.get("hc_sinkhorn_iters", 20)),
+        hc_eps=float(cfg.get("hc_eps", 1e-6)),
+        swiglu_limit=float(cfg.get("swiglu_limit", 10.0)),
+    )
+
+
+def _v4_layer_types(cfg: dict, num_layers: int, source: str) -> tuple[str, ...]:
+    kinds = cfg.get("layer_types")
+    if kinds is None and cfg.get("compress_ratios") is not None:
+        by_ratio = {
+            0: "sliding_attention",
+            4: "compressed_sparse_attention",
+            128: "heavily_compressed_attention",
+        }
+        kinds = [by_ratio[int(r)] for r in cfg["compress_ratios"][:num_layers]]
+    if kinds is None:  # V4-Pro's schedule: two heavily compressed layers, then CSA/HCA alternating
+        interleave = [
+            "compressed_sparse_attention" if i % 2 else "heavily_compressed_attention"
+            for i in range(max(num_layers - 2, 0))
+        ]
+        kinds = ["heavily_compressed_attention"] * min(num_layers, 2) + interleave
+    kinds = tuple(kinds[:num_layers])
+    bad = sorted(set(kinds) - set(V4_ATTENTION_KINDS))
+    if len(kinds) != num_layers or bad:
+        raise ConfigError(
+            f"{source}: layer_types must name one of {sorted(V4_ATTENTION_KINDS)} per layer; got {bad}"
+        )
+    return kinds
+
+
+def _v4_ropes(cfg: dict) -> tuple[RopeConfig, RopeConfig]:
+    """V4 rotates with plain rope (rope_theta) in window-only layers and with `compress_rope_theta`
+    (YaRN when configured, with cos/sin left unscaled) wherever a compressor is involved."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    main = params.get("main") or {"rope_theta": cfg.get("rope_theta", 10000.0)}
+    compress = params.get("compress") or {
+        **{k: v for k, v in params.items() if k not in ("main", "compress")},
+        "rope_theta": cfg.get("compress_rope_theta", 160000.0),
+    }
+    max_pos = int(cfg.get("max_position_embeddings", 1 << 20))
+    compress = dict(compress)
+    if compress.get("rope_type", compress.get("type", "default")) == "yarn":
+        compress.setdefault("attention_factor", 1.0)
+    return _rope_config({"rope_parameters": main}, max_pos), _rope_config(
+        {"rope_parameters": compress}, max_pos
     )
 
 

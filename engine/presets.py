@@ -162,7 +162,7 @@ def init_checkpoint(
         model = build_model(config)
     tensors: dict[str, torch.Tensor] = {}
     for param, p in model.named_parameters():
-        for name, shape in ds4_to_hf(param, tuple(p.shape)):
+        for name, shape in ds4_to_hf(param, tuple(p.shape), config):
             t = _random_tensor(name, shape, gen, cfg["initializer_range"])
             if fp8 and _is_fp8_candidate(name, shape):
                 tensors[name], tensors[name + "_scale_inv"] = quantize_fp8_blocks(t, FP8_BLOCK)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ds4.engine.cache import LatentCache
+from ds4.engine.cache import LatentCache, WindowCache
 from ds4.engine.config import EngineConfig, ModelConfig
 from ds4.engine.context import ForwardContext, SeqSlice, forward_context
 from ds4.engine.loader import load_weights, materialize
@@ -21,12 +21,13 @@ class ModelRunner:
         self.dtype = getattr(torch, engine_config.dtype)
         with torch.device("meta"):
             self.model = build_model(self.config)
-        materialize(self.model, self.dtype, self.device)
+        materialize(self.model, self.config, self.dtype, self.device)
         load_weights(self.model, path, self.config)
         self.model.eval()
 
-    def new_cache(self, num_slots: int, max_len: int) -> LatentCache:
-        return LatentCache(self.config, num_slots, max_len, self.dtype, self.device)
+    def new_cache(self, num_slots: int, max_len: int) -> LatentCache | WindowCache:
+        kind = WindowCache if self.config.is_v4 else LatentCache
+        return kind(self.config, num_slots, max_len, self.dtype, self.device)
 
     def mla_mode(self, seqs: list[SeqSlice]) -> str:
         if self.engine_config.mla_mode != "auto":

@@ -50,23 +50,30 @@ def _stable_topk(self, k, dim=-1, largest=True, sorted=True):
 
 @contextlib.contextmanager
 def stable_indexer_topk():
-    """While transformers' V3.2 indexer runs (and only then), Tensor.topk keeps ties at the lower index."""
+    """While transformers' V3.2 or V4 indexer runs (only then), Tensor.topk breaks ties to the lower index."""
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as m4
     from transformers.models.deepseek_v32 import modeling_deepseek_v32 as m32
 
-    original_forward, original_topk = m32.DeepseekV32Indexer.forward, torch.Tensor.topk
+    indexers = (m32.DeepseekV32Indexer, m4.DeepseekV4Indexer)
+    originals, original_topk = [cls.forward for cls in indexers], torch.Tensor.topk
 
-    def forward(self, *args, **kwargs):
-        torch.Tensor.topk = _stable_topk
-        try:
-            return original_forward(self, *args, **kwargs)
-        finally:
-            torch.Tensor.topk = original_topk
+    def patched(original_forward):
+        def forward(self, *args, **kwargs):
+            torch.Tensor.topk = _stable_topk
+            try:
+                return original_forward(self, *args, **kwargs)
+            finally:
+                torch.Tensor.topk = original_topk
 
-    m32.DeepseekV32Indexer.forward = forward
+        return forward
+
+    for cls, original in zip(indexers, originals, strict=True):
+        cls.forward = patched(original)
     try:
         yield
     finally:
-        m32.DeepseekV32Indexer.forward = original_forward
+        for cls, original in zip(indexers, originals, strict=True):
+            cls.forward = original
 
 
 def save_hf_checkpoint(path, family: str, seed: int = 0, **overrides):

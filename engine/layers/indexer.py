@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ds4.engine.config import ModelConfig
-from ds4.engine.layers.rope import apply_rope
+from ds4.engine.layers.compressor import Compressor
+from ds4.engine.layers.rope import apply_rope, apply_rope_tail
 
 
 def stable_topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -59,3 +60,45 @@ class Indexer(nn.Module):
         index_scores = index_scores.masked_fill(~allowed, float("-inf"))
         chosen = stable_topk_indices(index_scores, self.topk)  # [T, K]
         return torch.zeros_like(allowed).scatter_(1, chosen, True)
+
+
+class CompressedIndexer(nn.Module):
+    """DeepSeek-V4's indexer for compressed sparse attention: picks, per query, the top-k compressed rows.
+
+    Its keys come from its own overlapping compressor (width index_head_dim); a compressed row i is
+    visible to a query at position p once its window is complete: i < (p + 1) // ratio. Picks past the
+    visible rows come back as -1.
+    """
+
+    def __init__(self, config: ModelConfig, ratio: int):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk, self.ratio = (
+            config.index_n_heads,
+            config.index_head_dim,
+            config.index_topk,
+            ratio,
+        )
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)  # kept in float32
+        self.compressor = Compressor(
+            config.hidden_size,
+            self.head_dim,
+            ratio,
+            True,
+            config.rms_norm_eps,
+            config.compress_rope,
+            config.qk_rope_head_dim,
+        )
+
+    @torch.no_grad()
+    def select(self, x, q_latent, q_rope, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Indices [T, k] into `keys` [N, Di] (-1 = none) for queries at `positions` [T]."""
+        T, N = x.shape[0], keys.shape[0]
+        q = apply_rope_tail(self.wq_b(q_latent).view(T, self.n_heads, self.head_dim), *q_rope)  # [T, Hi, Di]
+        scores = torch.relu(torch.matmul(q.float(), keys.float().T)) * self.head_dim**-0.5  # [T, Hi, N]
+        weights = self.weights_proj(x.float()).float() * self.n_heads**-0.5  # [T, Hi]
+        index_scores = (scores * weights.unsqueeze(-1)).sum(dim=1)  # [T, N]
+        visible = (positions + 1) // self.ratio  # [T]
+        future = torch.arange(N, device=x.device)[None, :] >= visible[:, None]
+        chosen = stable_topk_indices(index_scores.masked_fill(future, float("-inf")), min(self.topk, N))
+        return chosen.masked_fill(chosen >= visible[:, None], -1)

@@ -15,23 +15,31 @@ from torch import nn
 from ds4.engine.config import ModelConfig
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """silu(gate) * up; V4 clamps both pre-activations to `limit` (the gate from above only)."""
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, dim: int, inter_dim: int):
+    def __init__(self, dim: int, inter_dim: int, limit: float | None = None):
         super().__init__()
+        self.limit = limit
         self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
         self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
 
 
 class Gate(nn.Module):
     """Router; its weight and bias stay in float32 whatever the model dtype."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, hash_routed: bool = False):
         super().__init__()
         self.topk = config.num_experts_per_tok
         self.n_groups = config.n_group
@@ -40,14 +48,23 @@ class Gate(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.route_scale = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
-        self.bias = nn.Parameter(torch.zeros(config.n_routed_experts)) if config.gate_bias else None
+        has_bias = config.gate_bias and not hash_routed
+        self.bias = nn.Parameter(torch.zeros(config.n_routed_experts)) if has_bias else None
+        # V4's first layers route by token id through a fixed table; the gate still weighs the experts.
+        self.tid2eid = nn.Parameter(torch.empty(config.vocab_size, self.topk)) if hash_routed else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, input_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
         if self.score_func == "softmax":
             scores = logits.softmax(dim=-1, dtype=torch.float32)
+        elif self.score_func == "sqrtsoftplus":
+            scores = F.softplus(logits).sqrt()
         else:
             scores = logits.sigmoid()
+        if self.tid2eid is not None:
+            return self._weigh(scores, self.tid2eid[input_ids].long())
         choice = scores if self.bias is None else scores + self.bias
         if self.n_groups > 1:
             grouped = choice.view(x.shape[0], self.n_groups, -1)  # [T, G, E/G]
@@ -58,8 +75,10 @@ class Gate(nn.Module):
             keep = group_scores.topk(self.topk_groups, dim=-1, sorted=False)[1]
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             choice = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
-        expert_ids = choice.topk(self.topk, dim=-1, sorted=False)[1]  # [T, K]
-        weights = scores.gather(1, expert_ids)
+        return self._weigh(scores, choice.topk(self.topk, dim=-1, sorted=False)[1])
+
+    def _weigh(self, scores: torch.Tensor, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = scores.gather(1, expert_ids)  # [T, K]
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.route_scale, expert_ids
@@ -73,6 +92,7 @@ class Experts(nn.Module):
         E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.w13 = nn.Parameter(torch.empty(E, 2 * I, D))
         self.w2 = nn.Parameter(torch.empty(E, D, I))
+        self.limit = config.swiglu_limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         T, K = expert_ids.shape
@@ -90,7 +110,7 @@ class Experts(nn.Module):
                 continue
             rows = slice(start, start + n)
             gate, up = F.linear(xs[rows], self.w13[e]).chunk(2, dim=-1)  # [n, I] each
-            ys[rows] = F.linear(F.silu(gate) * up, self.w2[e])  # [n, D]
+            ys[rows] = F.linear(swiglu(gate, up, self.limit), self.w2[e])  # [n, D]
             start += n
         ys = (ys.float() * weights.flatten()[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_ids, ys)  # [T, D]
@@ -99,22 +119,22 @@ class Experts(nn.Module):
         ys = []
         for e in sorted(expert_ids):  # ascending, the order the batched path sums in
             gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)  # [1, I] each
-            ys.append(F.linear(F.silu(gate) * up, self.w2[e]))  # [1, D]
+            ys.append(F.linear(swiglu(gate, up, self.limit), self.w2[e]))  # [1, D]
         order = sorted(range(len(expert_ids)), key=expert_ids.__getitem__)
         scaled = torch.cat(ys).float() * weights[order, None]  # [K, D]
         return scaled.sum(0, keepdim=True).to(x.dtype)
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, hash_routed: bool = False):
         super().__init__()
-        self.gate = Gate(config)
+        self.gate = Gate(config, hash_routed)
         self.experts = Experts(config)
         shared = config.moe_intermediate_size * config.n_shared_experts
-        self.shared_experts = MLP(config.hidden_size, shared) if shared else None
+        self.shared_experts = MLP(config.hidden_size, shared, config.swiglu_limit) if shared else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, expert_ids = self.gate(x)
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        weights, expert_ids = self.gate(x, input_ids)
         y = self.experts(x, weights, expert_ids)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -1,16 +1,23 @@
-"""RMSNorm, computed in float32 and cast back before the weight (as DeepSeek and transformers do)."""
+"""RMSNorm, computed in float32 (as DeepSeek and transformers do).
+
+V3 casts back to the input dtype before the weight; V4 keeps its norm weights in float32 and casts
+after (`cast_after_weight`). The two agree exactly in float32.
+"""
 
 import torch
 
 
 class RMSNorm(torch.nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, cast_after_weight: bool = False):
         super().__init__()
         self.eps = eps
+        self.cast_after_weight = cast_after_weight
         self.weight = torch.nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.cast_after_weight:
+            return (self.weight * x).to(dtype)
         return self.weight * x.to(dtype)

@@ -88,3 +88,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
     cos, sin = cos.view(shape), sin.view(shape)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def apply_rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V4's rope: the trailing R dims of x [T, ..., D] rotated as interleaved pairs, kept in place.
+
+    V4 uses the rotated vector as the value too and de-rotates the output (pass -sin), so the layout must
+    stay the checkpoint's own: pair (x_2i, x_2i+1) in positions 2i, 2i+1. Computed in float32.
+    """
+    rope_dim = 2 * cos.shape[-1]
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    cos, sin = cos.view(shape).float(), sin.view(shape).float()
+    nope, rope = x[..., :-rope_dim], x[..., -rope_dim:].float()
+    x1, x2 = rope[..., 0::2], rope[..., 1::2]
+    rotated = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([nope, rotated.to(x.dtype)], dim=-1)

@@ -4,6 +4,10 @@ from ds4.engine.config import ModelConfig
 
 
 def build_model(config: ModelConfig):
+    if config.is_v4:
+        from ds4.engine.models.deepseek_v4 import DeepseekV4ForCausalLM
+
+        return DeepseekV4ForCausalLM(config)
     from ds4.engine.models.deepseek_v3 import DeepseekV3ForCausalLM
 
     return DeepseekV3ForCausalLM(config)

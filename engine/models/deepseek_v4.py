@@ -1,0 +1,74 @@
+"""DeepSeek-V4 causal LM (V4-Flash / V4-Pro geometry).
+
+Legend: T tokens in the step, N mHC streams (hc_mult), D hidden size, V vocabulary.
+Notable features:
+- attention per layer kind: sliding window only, + compressed sparse (ratio 4, indexer top-k), or
+  + heavily compressed (ratio 128, all rows); one shared 512-d K=V head with a sink;
+- mHC: the residual is N streams, collapsed before and re-expanded after every block;
+- MoE everywhere: the first layers hash-routed by token id (`tid2eid`), sqrt(softplus) scores,
+  SwiGLU clamped at `swiglu_limit`, one shared expert; no dense layers.
+Parameter names are DeepSeek's reference names (attn.wkv, ffn.gate.tid2eid, hc_attn.fn, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ds4.engine.config import ModelConfig
+from ds4.engine.layers.compressed_attention import CompressedAttention
+from ds4.engine.layers.hyper import HyperConnection, HyperHead, hyper_update
+from ds4.engine.layers.moe import MoE
+from ds4.engine.layers.norm import RMSNorm
+from ds4.engine.layers.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.attn_norm = RMSNorm(D, eps, cast_after_weight=True)
+        self.attn = CompressedAttention(config, layer_id)
+        self.ffn_norm = RMSNorm(D, eps, cast_after_weight=True)
+        self.ffn = MoE(config, hash_routed=config.mlp_layer_types[layer_id] == "hash_moe")
+        hc = (D, config.hc_mult, config.hc_sinkhorn_iters, config.hc_eps, eps)
+        self.hc_attn = HyperConnection(*hc)
+        self.hc_ffn = HyperConnection(*hc)
+
+    def forward(self, streams: torch.Tensor, ropes, input_ids: torch.Tensor) -> torch.Tensor:
+        post, comb, x = self.hc_attn(streams)  # streams [T, N, D] -> block input x [T, D]
+        streams = hyper_update(streams, self.attn(self.attn_norm(x), ropes), post, comb)
+        post, comb, x = self.hc_ffn(streams)
+        return hyper_update(streams, self.ffn(self.ffn_norm(x), input_ids), post, comb)
+
+
+class DeepseekV4ForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.embed = nn.Embedding(config.vocab_size, D)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.hc_head = HyperHead(D, config.hc_mult, config.hc_eps, config.rms_norm_eps)
+        self.norm = RMSNorm(D, config.rms_norm_eps, cast_after_weight=True)
+        self.head = nn.Linear(D, config.vocab_size, bias=False)
+        self.rotary = nn.ModuleDict(
+            {
+                "main": RotaryEmbedding(config.rope, config.qk_rope_head_dim),  # window-only layers
+                "compress": RotaryEmbedding(
+                    config.compress_rope, config.qk_rope_head_dim
+                ),  # compressed layers
+            }
+        )
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [T, D] of a flat token batch (sequences described by the context)."""
+        x = self.embed(input_ids)  # [T, D]
+        ropes = {kind: rotary(positions, x.dtype) for kind, rotary in self.rotary.items()}
+        streams = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()  # [T, N, D]
+        for layer in self.layers:
+            streams = layer(streams, ropes, input_ids)
+        return self.norm(self.hc_head(streams))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden).float()  # [T, V]
