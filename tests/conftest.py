@@ -40,6 +40,50 @@ BASE_GEOMETRY = dict(
     eos_token_id=1,
 )
 INDEXER_GEOMETRY = dict(index_n_heads=4, index_head_dim=16, index_topk=8)
+V4_GEOMETRY = dict(
+    vocab_size=96,
+    hidden_size=48,
+    moe_intermediate_size=24,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    head_dim=32,
+    q_lora_rank=32,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    o_groups=2,
+    o_lora_rank=16,
+    sliding_window=8,
+    index_n_heads=2,
+    index_head_dim=16,
+    index_topk=4,
+    hc_mult=2,
+    partial_rotary_factor=0.25,
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+    layer_types=[
+        "sliding_attention",
+        "compressed_sparse_attention",
+        "heavily_compressed_attention",
+        "compressed_sparse_attention",
+    ],
+    mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+    rope_parameters=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32, beta_slow=1
+    ),
+    max_position_embeddings=1024,
+    initializer_range=0.1,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+
+
+def until_eos(token_ids: list[int], eos: int) -> list[int]:
+    """transformers' generated ids up to (not including) the first EOS, as ds4 reports them."""
+    return token_ids[: token_ids.index(eos)] if eos in token_ids else token_ids
+
+
+def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest, over positions, of max |got - ref| / max |ref| (per row of logits)."""
+    return float(((got - ref).abs().amax(-1) / ref.abs().amax(-1)).max())
 
 
 def _stable_topk(self, k, dim=-1, largest=True, sorted=True):
@@ -81,25 +125,44 @@ def save_hf_checkpoint(path, family: str, seed: int = 0, **overrides):
     from transformers import (
         DeepseekV3Config,
         DeepseekV3ForCausalLM,
+        DeepseekV4Config,
+        DeepseekV4ForCausalLM,
         DeepseekV32Config,
         DeepseekV32ForCausalLM,
     )
 
-    geometry = dict(BASE_GEOMETRY, **(INDEXER_GEOMETRY if family == "deepseek_v32" else {}))
+    if family == "deepseek_v4":
+        geometry = dict(V4_GEOMETRY)
+    else:
+        geometry = dict(BASE_GEOMETRY, **(INDEXER_GEOMETRY if family == "deepseek_v32" else {}))
     geometry.update(overrides)
     config_cls, model_cls = {
         "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
         "deepseek_v32": (DeepseekV32Config, DeepseekV32ForCausalLM),
+        "deepseek_v4": (DeepseekV4Config, DeepseekV4ForCausalLM),
     }[family]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**geometry)).eval()
-    with torch.no_grad():  # transformers zero-inits the router bias; a random one exercises selection
-        for name, buf in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.normal_(0.0, 0.05)
+    _randomize_zero_initialized(model)
     model.save_pretrained(path, safe_serialization=True)
     model = model_cls.from_pretrained(path, attn_implementation="eager").eval()
     return path, model
+
+
+def _randomize_zero_initialized(model) -> None:
+    """transformers zero-inits router biases, V4's sinks, gate position terms and mHC biases, and fills
+    tid2eid with zeros (every token to expert 0, twice): random values exercise what they steer."""
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith(("e_score_correction_bias", "position_bias")):
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.05)
+            elif name.endswith(("sinks", "attn_hc.base", "ffn_hc.base", "hc_head.hc_base")):
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.3)
+            elif name.endswith("tid2eid"):
+                experts = model.config.n_routed_experts
+                rows = [torch.randperm(experts, generator=gen)[: t.shape[1]] for _ in range(t.shape[0])]
+                t.copy_(torch.stack(rows))
 
 
 @pytest.fixture(scope="session")

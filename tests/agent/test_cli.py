@@ -18,15 +18,22 @@ ENV = dict(os.environ, PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", TOKENIZERS_
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(DS4_AGENT), *map(str, args)], capture_output=True, text=True, encoding="utf-8",
-                          env=ENV, timeout=300)
+    return subprocess.run(
+        [str(DS4_AGENT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=ENV,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "v32"
-    result = run_cli("model", "init", "--family", "deepseek_v32", "--preset", "tiny", "--out", out,
-                     "--seed", "3")
+    result = run_cli(
+        "model", "init", "--family", "deepseek_v32", "--preset", "tiny", "--out", out, "--seed", "3"
+    )
     assert result.returncode == 0, result.stderr
     return out
 
@@ -102,8 +109,19 @@ def test_bad_family_is_usage_error(tmp_path):
 
 @pytest.mark.slow
 def test_bench_engine_json(model_dir):
-    result = run_cli("bench", "engine", "--model", model_dir, "--prompt-tokens", "16", "--decode-tokens", "4",
-                     "--runs", "1", "--json")
+    result = run_cli(
+        "bench",
+        "engine",
+        "--model",
+        model_dir,
+        "--prompt-tokens",
+        "16",
+        "--decode-tokens",
+        "4",
+        "--runs",
+        "1",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["ds4"]["decode_tokens_per_s"] > 0

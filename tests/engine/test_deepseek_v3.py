@@ -8,7 +8,7 @@ import torch
 
 from ds4.engine import LLM, SamplingParams
 from ds4.engine.context import SeqSlice
-from tests.conftest import save_hf_checkpoint, stable_indexer_topk
+from tests.conftest import max_rel_err, save_hf_checkpoint, stable_indexer_topk, until_eos
 
 SEQ_LEN = 72
 YARN = dict(
@@ -56,11 +56,6 @@ CASES = {
 }
 
 
-def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest, over positions, of max |got - ref| / max |ref| (per row of logits)."""
-    return float(((got - ref).abs().amax(-1) / ref.abs().amax(-1)).max())
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
     family, overrides = CASES[request.param]
@@ -92,11 +87,9 @@ def test_greedy_generate_matches_transformers(case):
     path, hf, ids, _ = case
     prompt = ids[:12]
     with torch.no_grad(), stable_indexer_topk():
-        ref = hf.generate(prompt[None], max_new_tokens=24, min_new_tokens=24, do_sample=False)[
-            0, 12:
-        ].tolist()
-    out = LLM(path).generate(prompt.tolist(), SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
-    assert out[0].token_ids == ref
+        ref = hf.generate(prompt[None], max_new_tokens=24, do_sample=False)[0, 12:].tolist()
+    out = LLM(path).generate(prompt.tolist(), SamplingParams(temperature=0.0, max_tokens=24))
+    assert out[0].token_ids == until_eos(ref, hf.config.eos_token_id)
 
 
 def test_step_by_step_decode_equals_full_scoring(case):
@@ -137,7 +130,8 @@ def test_bfloat16_is_as_accurate_as_transformers_bfloat16(case):
     ours = (got - ref).abs().amax(-1) / ref.abs().amax(-1)  # per position, against fp32
     theirs = (ref_bf16 - ref).abs().amax(-1) / ref.abs().amax(-1)
     assert float(ours.median()) < 2 * float(theirs.median())
-    assert float(ours.mean()) < 1.5 * float(theirs.mean())
+    # a flipped choice moves a position's logits by >10%; those must stay about as rare as transformers'
+    assert int((ours > 0.1).sum()) <= 2 * int((theirs > 0.1).sum()) + 3
 
 
 def test_ds4_written_checkpoint_loads_in_transformers(tiny_v32):

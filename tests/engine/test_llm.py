@@ -123,7 +123,7 @@ def test_eos_stops_mid_generation(tiny_v3, llm, tmp_path):
 
 def test_stop_string(llm):
     full = llm.generate("class A:", GREEDY)[0].text
-    stop = full[len(full) // 2: len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     out = llm.generate("class A:", SamplingParams(temperature=0.0, max_tokens=12, stop=(stop,)))[0]
     assert out.text == full[: full.index(stop)]
     assert out.finish_reason == "stop"
@@ -153,8 +153,9 @@ def test_stream_with_stop_string(family, llm, llm32):
 
 def test_seed_reproducible(llm):
     def sample(seed):
-        params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=seed, max_tokens=16,
-                                ignore_eos=True)
+        params = SamplingParams(
+            temperature=0.8, top_p=0.9, top_k=20, seed=seed, max_tokens=16, ignore_eos=True
+        )
         return llm.generate("def f(x):", params)[0].token_ids
 
     assert sample(0) == sample(0)
@@ -200,8 +201,9 @@ def test_text_prompt_without_tokenizer(tiny_v3, tmp_path):
     assert out.text == ""
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5),
-                                    dict(top_k=-1), dict(max_tokens=0)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(max_tokens=0)]
+)
 def test_sampling_params_validation(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)

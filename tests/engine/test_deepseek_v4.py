@@ -1,0 +1,105 @@
+"""ds4's DeepSeek-V4 against transformers' DeepseekV4ForCausalLM on random tiny checkpoints: logits at every
+position across many windows, step-by-step decode, chunked prefill and greedy generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds4.engine import LLM, SamplingParams
+from ds4.engine.context import SeqSlice
+from tests.conftest import max_rel_err, save_hf_checkpoint, stable_indexer_topk, until_eos
+
+SEQ_LEN = 160  # with window 8 and ratios 4 / 8: 20 sliding windows, 40 CSA rows, 20 HCA rows
+ALL_KINDS = [
+    "sliding_attention",
+    "compressed_sparse_attention",
+    "heavily_compressed_attention",
+    "compressed_sparse_attention",
+]
+CASES = {
+    # every attention kind, hash + learned routing, 2 streams, index_topk 4 of up to 40 rows
+    "mixed-hc2": dict(),
+    # 4 streams, ratio-2 CSA with top-3, a wider window, one hash layer, sigmoid-free default rope on "main"
+    "hc4-csa2": dict(
+        hc_mult=4,
+        sliding_window=12,
+        index_topk=3,
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+        compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 16},
+    ),
+    # heavily compressed layers first (V4-Pro's schedule), plain rope on the compressed branch too
+    "hca-first": dict(
+        layer_types=[
+            "heavily_compressed_attention",
+            "heavily_compressed_attention",
+            "compressed_sparse_attention",
+            "sliding_attention",
+        ],
+        rope_parameters=None,
+        num_experts_per_tok=3,
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    path, hf = save_hf_checkpoint(
+        tmp_path_factory.mktemp(request.param), "deepseek_v4", seed=3, **CASES[request.param]
+    )
+    ids = torch.randint(2, hf.config.vocab_size, (SEQ_LEN,), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad(), stable_indexer_topk():
+        ref = hf(ids[None]).logits[0].float()
+    return path, hf, ids, ref
+
+
+def test_score_matches_transformers_at_every_position(case):
+    path, _, ids, ref = case
+    got = LLM(path).score(ids.tolist())
+    assert got.shape == ref.shape
+    assert max_rel_err(got, ref) < 1e-4
+
+
+def test_step_by_step_decode_equals_full_scoring(case):
+    path, _, ids, _ = case
+    llm = LLM(path)
+    full = llm.score(ids.tolist())
+    runner, prefix = llm.runner, 3
+    cache = runner.new_cache(1, SEQ_LEN)
+    rows = [runner.step(ids[:prefix].tolist(), [SeqSlice(0, 0, prefix, 0)], cache, all_logits=True)]
+    for pos in range(prefix, SEQ_LEN):
+        rows.append(runner.step([int(ids[pos])], [SeqSlice(0, pos, 1, 0)], cache))
+    assert max_rel_err(torch.cat(rows), full) < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [5, 16, 37])  # chunks that straddle windows and compression blocks
+def test_chunked_prefill_equals_full_scoring(case, chunk):
+    path, _, ids, _ = case
+    llm = LLM(path)
+    full = llm.score(ids.tolist())
+    cache = llm.runner.new_cache(1, SEQ_LEN)
+    rows = [
+        llm.runner.step(
+            ids[a : a + chunk].tolist(), [SeqSlice(0, a, min(chunk, SEQ_LEN - a), 0)], cache, all_logits=True
+        )
+        for a in range(0, SEQ_LEN, chunk)
+    ]
+    assert max_rel_err(torch.cat(rows), full) < 1e-5
+
+
+def test_greedy_generate_matches_transformers(case):
+    path, hf, ids, _ = case
+    prompt = ids[:21]
+    with torch.no_grad(), stable_indexer_topk():
+        ref = hf.generate(prompt[None], max_new_tokens=40, do_sample=False)[0, 21:].tolist()
+    out = LLM(path).generate(prompt.tolist(), SamplingParams(temperature=0.0, max_tokens=40))
+    assert out[0].token_ids == until_eos(ref, hf.config.eos_token_id)
+
+
+def test_batched_generation_equals_one_at_a_time(case):
+    path, _, ids, _ = case
+    llm = LLM(path)
+    prompts = [ids[:9].tolist(), ids[30:47].tolist(), ids[60:61].tolist()]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    together = [o.token_ids for o in llm.generate(prompts, params)]
+    assert together == [llm.generate(p, params)[0].token_ids for p in prompts]
