@@ -16,7 +16,7 @@ def _add_model_commands(sub) -> None:
     init = model_sub.add_parser(
         "init", help="write a random-weight checkpoint (HF format) for tests and benchmarks"
     )
-    init.add_argument("--family", required=True, choices=["deepseek_v3", "deepseek_v32"])
+    init.add_argument("--family", required=True, choices=["deepseek_v3", "deepseek_v32", "deepseek_v4"])
     init.add_argument("--preset", required=True, choices=["tiny", "small"])
     init.add_argument("--out", required=True, help="output folder")
     init.add_argument("--seed", type=int, default=0)
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_model_init(args) -> int:
-    from ds4.engine.presets import init_checkpoint
+    from ds4.engine.random_checkpoint import init_checkpoint
 
     out = init_checkpoint(
         args.family, args.preset, args.out, seed=args.seed, fp8=args.fp8, max_shard_bytes=args.shard_mb << 20

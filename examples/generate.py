@@ -6,7 +6,7 @@ Run: .venv/bin/python examples/generate.py
 import tempfile
 
 from ds4.engine import LLM, SamplingParams
-from ds4.engine.presets import init_checkpoint
+from ds4.engine.random_checkpoint import init_checkpoint
 
 with tempfile.TemporaryDirectory() as tmp:
     path = init_checkpoint("deepseek_v32", "tiny", tmp, seed=0)

@@ -168,13 +168,13 @@ def _randomize_zero_initialized(model) -> None:
 @pytest.fixture(scope="session")
 def tiny_v3(tmp_path_factory):
     """A tiny deepseek_v3 checkpoint written by `ds4-agent model init` (with tokenizer.json)."""
-    from ds4.engine.presets import init_checkpoint
+    from ds4.engine.random_checkpoint import init_checkpoint
 
     return init_checkpoint("deepseek_v3", "tiny", tmp_path_factory.mktemp("tiny-v3"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_v32(tmp_path_factory):
-    from ds4.engine.presets import init_checkpoint
+    from ds4.engine.random_checkpoint import init_checkpoint
 
     return init_checkpoint("deepseek_v32", "tiny", tmp_path_factory.mktemp("tiny-v32"), seed=0)

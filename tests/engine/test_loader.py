@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from ds4.engine import LLM
 from ds4.engine.errors import CheckpointError, ConfigError
-from ds4.engine.presets import init_checkpoint
 from ds4.engine.quant import dequantize_fp8_blocks
+from ds4.engine.random_checkpoint import init_checkpoint
 
 IDS = list(range(2, 22))  # 20 tokens: more than the V3.2 index_topk of 16
 SHARD_BYTES = 100_000
