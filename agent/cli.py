@@ -11,7 +11,7 @@ import sys
 
 
 def _add_model_commands(sub) -> None:
-    model = sub.add_parser("model", help="create checkpoints (random weights, for tests and benchmarks)")
+    model = sub.add_parser("model", help="create random checkpoints; size up presets and checkpoints")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     init = model_sub.add_parser(
         "init", help="write a random-weight checkpoint (HF format) for tests and benchmarks"
@@ -25,6 +25,10 @@ def _add_model_commands(sub) -> None:
     )
     init.add_argument("--shard-mb", type=int, default=2048, help="largest safetensors shard, in MB")
     init.set_defaults(func=_cmd_model_init)
+    info = model_sub.add_parser("info", help="parameters, weight and cache bytes of a preset or checkpoint")
+    info.add_argument("model", help="a preset name (deepseek-v4-flash, ...) or a checkpoint folder")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_cmd_model_info)
 
 
 def _add_generate(sub) -> None:
@@ -75,6 +79,22 @@ def _cmd_model_init(args) -> int:
         args.family, args.preset, args.out, seed=args.seed, fp8=args.fp8, max_shard_bytes=args.shard_mb << 20
     )
     print(f"wrote {args.family} ({args.preset}) checkpoint to {out}")
+    return 0
+
+
+def _cmd_model_info(args) -> int:
+    from pathlib import Path
+
+    from ds4.engine.config import ModelConfig
+    from ds4.engine.presets import load_preset
+    from ds4.engine.sizing import format_info, model_info
+
+    if Path(args.model).is_dir():
+        config = ModelConfig.from_dir(args.model)
+    else:
+        config = ModelConfig.from_hf(load_preset(args.model), source=f"preset {args.model}")
+    info = model_info(config)
+    print(json.dumps(info, indent=2) if args.json else format_info(args.model, info))
     return 0
 
 

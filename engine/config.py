@@ -267,7 +267,7 @@ V4_UNSUPPORTED = {
     "num_key_value_heads": lambda v: v not in (None, 1),
     "n_shared_experts": lambda v: v not in (None, 1),
     "engram_layers": lambda v: bool(v),
-    "expert_dtype": lambda v: v not in (None, "bf16", "bfloat16", "fp8"),
+    "expert_dtype": lambda v: v not in (None, "bf16", "bfloat16", "fp8", "fp4"),
 }
 
 

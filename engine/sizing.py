@@ -1,0 +1,122 @@
+"""What a model costs before it is loaded: parameters (total and active per token), weight bytes per
+storage format, and cache bytes per token and at a given context. Read from the meta-device model, so
+counts are exact for any config, a 1.6T one included, in well under a second.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ds4.engine.config import ModelConfig
+from ds4.engine.models import build_model
+
+CONTEXTS = {"4K": 4096, "128K": 131072, "1M": 1048576}
+FP8_BLOCK = 128
+FP4_GROUP = 32
+# Matrices DeepSeek keeps in high precision: embeddings, head, routers, mHC mixers, compressors, tables.
+_HIGH_PRECISION = (
+    "embed.", "head.", "ffn.gate.", "hc_", "compressor.", "weights_proj", "tid2eid", "attn_sink",
+)
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = build_model(config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def param_counts(config: ModelConfig) -> dict[str, int]:
+    """Total parameters, and those one token computes with: all but the routed experts it does not pick
+    and the embedding rows it does not look up (DeepSeek's convention for "activated" parameters)."""
+    shapes = parameter_shapes(config)
+    total = sum(math.prod(s) for s in shapes.values())
+    routed = sum(math.prod(s) for n, s in shapes.items() if ".ffn.experts." in n)
+    experts = max(config.n_routed_experts, 1)
+    unused = routed * (experts - config.num_experts_per_tok) // experts
+    unused += (config.vocab_size - 1) * config.hidden_size
+    return {"params_total": total, "params_active": total - unused, "params_routed_experts": routed}
+
+
+def _matrix_bytes(shape: tuple[int, ...], fmt: str) -> float:
+    *stack, out_dim, in_dim = shape
+    n = math.prod(stack) if stack else 1
+    if fmt == "fp4":  # e2m1 pairs per byte, one e8m0 scale per 32 inputs
+        return n * (out_dim * in_dim / 2 + out_dim * math.ceil(in_dim / FP4_GROUP))
+    # fp8: one float32 scale per block
+    blocks = math.ceil(out_dim / FP8_BLOCK) * math.ceil(in_dim / FP8_BLOCK)
+    return n * (out_dim * in_dim + 4 * blocks)
+
+
+def weight_bytes(config: ModelConfig) -> dict[str, int]:
+    """Bytes of the weights stored as bf16; as fp8 (128x128 blocks); as fp8 with fp4 routed experts."""
+    out = {"bf16": 0.0, "fp8": 0.0, "fp8+fp4-experts": 0.0}
+    for name, shape in parameter_shapes(config).items():
+        numel = math.prod(shape)
+        high = len(shape) < 2 or any(x in name for x in _HIGH_PRECISION)
+        out["bf16"] += 2 * numel
+        out["fp8"] += 2 * numel if high else _matrix_bytes(shape, "fp8")
+        expert = ".ffn.experts." in name
+        out["fp8+fp4-experts"] += _matrix_bytes(shape, "fp4") if expert else (
+            2 * numel if high else _matrix_bytes(shape, "fp8"))
+    return {k: int(v) for k, v in out.items()}
+
+
+def _row_bytes(width: int, rope: int, fmt: str) -> int:
+    """One cached row: bf16 throughout, or fp8 (its non-rope part with a float32 scale per 128, the
+    rope part kept in bf16, as FlashMLA's 656-byte rows for V3)."""
+    if fmt == "bf16":
+        return 2 * width
+    nope = width - rope
+    return nope + 4 * math.ceil(nope / FP8_BLOCK) + 2 * rope
+
+
+def _index_row_bytes(width: int, fmt: str) -> int:
+    return 2 * width if fmt == "bf16" else width + 4  # fp8 keys with one float32 scale
+
+
+def cache_bytes(config: ModelConfig, context: int, fmt: str = "fp8") -> int:
+    """Decode-cache bytes for one sequence of `context` tokens."""
+    assert fmt in ("bf16", "fp8"), fmt
+    layers = config.num_hidden_layers
+    if not config.is_v4:
+        row = _row_bytes(config.kv_lora_rank + config.qk_rope_head_dim, config.qk_rope_head_dim, fmt)
+        index = _index_row_bytes(config.index_head_dim, fmt) if config.has_indexer else 0
+        return layers * context * (row + index)
+    row = _row_bytes(config.head_dim, config.qk_rope_head_dim, fmt)
+    index_row = _index_row_bytes(config.index_head_dim, fmt)
+    total = 0
+    for kind, ratio in zip(config.layer_types, config.compress_ratios, strict=True):
+        total += min(context, config.sliding_window) * row
+        if ratio:
+            total += context // ratio * row
+            if kind == "compressed_sparse_attention":
+                total += context // ratio * index_row
+    return total
+
+
+def model_info(config: ModelConfig) -> dict:
+    info = dict(param_counts(config), model_type=config.model_type, weight_bytes=weight_bytes(config))
+    info["cache_bytes"] = {
+        fmt: {label: cache_bytes(config, n, fmt) for label, n in CONTEXTS.items()} for fmt in ("bf16", "fp8")
+    }
+    info["cache_bytes_per_token"] = {
+        fmt: info["cache_bytes"][fmt]["1M"] / CONTEXTS["1M"] for fmt in ("bf16", "fp8")
+    }
+    return info
+
+
+def format_info(name: str, info: dict) -> str:
+    gb = 1e9
+    lines = [
+        f"{name} ({info['model_type']})",
+        f"  parameters   {info['params_total'] / 1e9:,.1f}B total, "
+        f"{info['params_active'] / 1e9:,.1f}B active per token "
+        f"({info['params_routed_experts'] / 1e9:,.1f}B in routed experts)",
+        "  weights      " + ", ".join(f"{fmt} {b / gb:,.1f} GB" for fmt, b in info["weight_bytes"].items()),
+    ]
+    for fmt in ("bf16", "fp8"):
+        per_ctx = ", ".join(f"{label} {b / gb:,.2f} GB" for label, b in info["cache_bytes"][fmt].items())
+        lines.append(f"  cache {fmt:5}  {info['cache_bytes_per_token'][fmt]:,.0f} B/token at 1M; {per_ctx}")
+    return "\n".join(lines)
