@@ -23,6 +23,9 @@ def _add_model_commands(sub) -> None:
     init.add_argument(
         "--fp8", action="store_true", help="store linear weights as FP8 e4m3 with 128x128 scales"
     )
+    init.add_argument(
+        "--fp4-experts", action="store_true", help="store routed experts as FP4 e2m1 (V4's format)"
+    )
     init.add_argument("--shard-mb", type=int, default=2048, help="largest safetensors shard, in MB")
     init.set_defaults(func=_cmd_model_init)
     info = model_sub.add_parser("info", help="parameters, weight and cache bytes of a preset or checkpoint")
@@ -76,7 +79,13 @@ def _cmd_model_init(args) -> int:
     from ds4.engine.random_checkpoint import init_checkpoint
 
     out = init_checkpoint(
-        args.family, args.preset, args.out, seed=args.seed, fp8=args.fp8, max_shard_bytes=args.shard_mb << 20
+        args.family,
+        args.preset,
+        args.out,
+        seed=args.seed,
+        fp8=args.fp8,
+        fp4_experts=args.fp4_experts,
+        max_shard_bytes=args.shard_mb << 20,
     )
     print(f"wrote {args.family} ({args.preset}) checkpoint to {out}")
     return 0

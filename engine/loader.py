@@ -20,12 +20,15 @@ from safetensors import SafetensorError, safe_open
 from ds4.engine.config import ModelConfig
 from ds4.engine.errors import CheckpointError
 from ds4.engine.names import LAYER_PATTERN, Target, ds4_to_hf, hf_to_ds4
-from ds4.engine.quant import dequantize_fp8_blocks, scale_shape
+from ds4.engine.quant import FP4_GROUP, dequantize_fp4, dequantize_fp8_blocks, scale_shape
 
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn}
+PACKED_FP4_DTYPES = {"I8": torch.int8, "U8": torch.uint8}  # two e2m1 codes per byte
+SCALE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F8_E8M0": torch.float8_e8m0fnu}
 INT_DTYPES = {"I64": torch.int64, "I32": torch.int32}
-FP8_SCALE_SUFFIX = "_scale_inv"
+# A quantized `X.weight` is scaled by `X.weight_scale_inv` (Hugging Face) or `X.scale` (DeepSeek's V4).
+SCALE_SUFFIXES = ("_scale_inv", ".scale")
 
 # Parameters kept in float32 whatever the model dtype: routers and the indexer's head weights; in V4
 # also its norms, sinks, mHC mixers and compressors (as DeepSeek runs them).
@@ -75,14 +78,21 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: unreadable safetensors file, truncated or corrupt ({e})") from e
 
 
-def _read(handle, name: str, file: Path, integer: bool = False) -> torch.Tensor:
+WEIGHT_DTYPES = {**FLOAT_DTYPES, **FP8_DTYPES, **PACKED_FP4_DTYPES}
+
+
+def _read(handle, name: str, file: Path, allowed: dict = WEIGHT_DTYPES) -> torch.Tensor:
     try:
         dtype = handle.get_slice(name).get_dtype()
-        if (dtype in INT_DTYPES) if integer else (dtype in FLOAT_DTYPES or dtype in FP8_DTYPES):
+        if dtype in allowed:
             return handle.get_tensor(name)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"tensor {name} in {file.name} could not be read ({e})") from e
-    expected = "I64 or I32" if integer else "F32, BF16, F16 and F8_E4M3 (with scales)"
+    expected = (
+        "F32, BF16, F16, F8_E4M3 or packed FP4 (I8/U8), quantized ones with scales"
+        if allowed is WEIGHT_DTYPES
+        else " or ".join(allowed)
+    )
     raise CheckpointError(f"tensor {name} in {file.name} has dtype {dtype}; ds4 loads {expected}")
 
 
@@ -122,8 +132,8 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig) 
     loaded: set[tuple] = set()  # (param, expert, half) filled; (param, None, None) = all of it
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name, file in name_to_file.items():
-        if name.endswith(FP8_SCALE_SUFFIX):
-            _check_scale(name, name_to_file, config)
+        if (weight := _scaled_weight(name, name_to_file)) is not None:
+            _check_scale(name, weight, name_to_file, config)
         else:
             by_file[file].append(name)
     block = config.fp8_block_size or (128, 128)
@@ -144,8 +154,9 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig) 
                 raise CheckpointError(
                     f"unexpected tensor {name} in {file.name}: this config.json builds no {target.param}"
                 )
-            tensor = _read(handle, name, file, integer=not params[target.param].is_floating_point())
-            if tensor.dtype == torch.float8_e4m3fn:
+            integer = not params[target.param].is_floating_point()
+            tensor = _read(handle, name, file, INT_DTYPES if integer else WEIGHT_DTYPES)
+            if tensor.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8) and not integer:
                 tensor = _dequantize(name, tensor, name_to_file, block)
             _copy_into(params[target.param], target, tensor, name, file)
             loaded.add(_key(target))
@@ -169,39 +180,62 @@ def _key(target: Target) -> tuple:
     return (target.param, target.expert, target.half)
 
 
-def _check_scale(name: str, name_to_file: dict[str, Path], config: ModelConfig) -> None:
-    """A `*_scale_inv` must sit beside an FP8 weight (scales of skipped MTP layers excepted)."""
-    weight = name[: -len(FP8_SCALE_SUFFIX)]
+def _scaled_weight(name: str, name_to_file: dict[str, Path]) -> str | None:
+    """The weight that tensor `name` scales, when it is a quantization scale."""
+    if name.endswith("_scale_inv"):
+        return name.removesuffix("_scale_inv")
+    if name.endswith(".scale") and name.removesuffix(".scale") + ".weight" in name_to_file:
+        return name.removesuffix(".scale") + ".weight"
+    return None
+
+
+def _scale_of(weight: str, name_to_file: dict[str, Path]) -> str | None:
+    for name in (weight + "_scale_inv", weight.removesuffix(".weight") + ".scale"):
+        if name in name_to_file:
+            return name
+    return None
+
+
+def _check_scale(name: str, weight: str, name_to_file: dict[str, Path], config: ModelConfig) -> None:
+    """A scale must sit beside an FP8 or packed-FP4 weight (scales of skipped MTP layers excepted)."""
     file = name_to_file[name]
     if weight not in name_to_file:
-        layer = LAYER_PATTERN.match(name)
+        layer = LAYER_PATTERN.match(name) or re.match(r"^layers\.(\d+)\.", name)
         if layer and int(layer.group(1)) >= config.num_hidden_layers:
             return
         raise CheckpointError(f"unexpected tensor {name} in {file.name}: no weight {weight} to scale")
     weight_file = name_to_file[weight]
     dtype = _open(weight_file).get_slice(weight).get_dtype()
-    if dtype not in FP8_DTYPES:
+    if dtype not in FP8_DTYPES and dtype not in PACKED_FP4_DTYPES:
         raise CheckpointError(
             f"{name} in {file.name} scales {weight}, stored as {dtype} in {weight_file.name}: "
-            "scales belong to FP8 weights (was the checkpoint converted without applying them?)"
+            "scales belong to FP8 or FP4 weights (was the checkpoint converted without applying them?)"
         )
 
 
-def _dequantize(name, weight, name_to_file, block) -> torch.Tensor:
-    scale_name = name + FP8_SCALE_SUFFIX
-    if scale_name not in name_to_file:
+def _dequantize(name: str, weight: torch.Tensor, name_to_file, block) -> torch.Tensor:
+    """float32 weights from FP8 (128x128 block scales) or packed FP4 (one e8m0 scale per 32 inputs)."""
+    kind = "FP8" if weight.dtype == torch.float8_e4m3fn else "FP4"
+    scale_name = _scale_of(name, name_to_file)
+    if scale_name is None:
         raise CheckpointError(
-            f"FP8 tensor {name} in {name_to_file[name].name} has no {scale_name}: "
+            f"{kind} tensor {name} in {name_to_file[name].name} has no {name}_scale_inv or .scale: "
             "cannot dequantize without scales"
         )
     scale_file = name_to_file[scale_name]
-    scale = _read(_open(scale_file), scale_name, scale_file)
-    if weight.dim() != 2 or tuple(scale.shape) != scale_shape(tuple(weight.shape), block):
+    scale = _read(_open(scale_file), scale_name, scale_file, SCALE_DTYPES)
+    if kind == "FP8":
+        need = scale_shape(tuple(weight.shape), block) if weight.dim() == 2 else None
+        how = f"with {block[0]}x{block[1]} blocks"
+    else:
+        need = (weight.shape[0], weight.shape[1] * 2 // FP4_GROUP) if weight.dim() == 2 else None
+        how = f"(2 values per byte) with one scale per {FP4_GROUP} inputs"
+    if need is None or tuple(scale.shape) != tuple(need):
         raise CheckpointError(
-            f"{scale_name} in {scale_file.name} has shape {tuple(scale.shape)}; weight {tuple(weight.shape)} "
-            f"with {block[0]}x{block[1]} blocks needs {scale_shape(tuple(weight.shape), block)}"
+            f"{scale_name} in {scale_file.name} has shape {tuple(scale.shape)}; {kind} weight "
+            f"{tuple(weight.shape)} {how} needs {need}"
         )
-    return dequantize_fp8_blocks(weight, scale, block)
+    return dequantize_fp8_blocks(weight, scale, block) if kind == "FP8" else dequantize_fp4(weight, scale)
 
 
 def _copy_into(

@@ -34,3 +34,33 @@ def quantize_fp8_blocks(weight: torch.Tensor, block=(128, 128)) -> tuple[torch.T
     q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
     q = q.view(rows * block[0], cols * block[1])[:out_dim, :in_dim].to(torch.float8_e4m3fn)
     return q.contiguous(), scale_inv
+
+
+# FP4 e2m1 codes 0..15 (sign bit 3): the values DeepSeek-V4's routed experts are stored in.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+FP4_GROUP = 32  # one e8m0 (power-of-two) scale per 32 inputs of a row
+
+
+def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, group: int = FP4_GROUP) -> torch.Tensor:
+    """float32 [out, in] from two e2m1 codes per byte [out, in/2] (even element in the low nibble) and one
+    scale per `group` inputs [out, in/group] (float8_e8m0fnu or float32)."""
+    codes = packed.view(torch.uint8).long()
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)
+    values = torch.stack([table[codes & 0xF], table[codes >> 4]], dim=-1).flatten(-2)  # [out, in]
+    return values * scale.float().repeat_interleave(group, dim=-1)[..., : values.shape[-1]]
+
+
+def quantize_fp4(weight: torch.Tensor, group: int = FP4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed int8 [out, in/2], float8_e8m0fnu scales [out, in/group]): each group's scale is the power
+    of two that brings its largest magnitude to at most 6, values rounded to the nearest e2m1 code."""
+    out_dim, in_dim = weight.shape
+    assert in_dim % group == 0 and in_dim % 2 == 0, f"in_dim {in_dim} must be a multiple of {group}"
+    w = weight.float().view(out_dim, in_dim // group, group)
+    amax = w.abs().amax(dim=-1, keepdim=True).clamp(min=2.0**-126)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / 6.0)))  # [out, in/group, 1]
+    table = torch.tensor(E2M1_VALUES[:8], dtype=torch.float32)
+    magnitude = (w / scale).abs().clamp(max=6.0)
+    codes = (magnitude[..., None] - table).abs().argmin(dim=-1)  # nearest code (ties to the smaller)
+    codes = (codes + 8 * (w < 0)).view(out_dim, in_dim).to(torch.uint8)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(torch.int8)
+    return packed, scale.squeeze(-1).to(torch.float8_e8m0fnu)

@@ -16,7 +16,7 @@ from ds4.engine.config import ModelConfig
 from ds4.engine.models import build_model
 from ds4.engine.names import ds4_to_hf
 from ds4.engine.presets import init_preset
-from ds4.engine.quant import quantize_fp8_blocks
+from ds4.engine.quant import quantize_fp4, quantize_fp8_blocks
 from ds4.engine.tokenizer import SPECIAL_TOKENS, train_bpe
 
 FP8_BLOCK = (128, 128)
@@ -44,6 +44,10 @@ def _keeps_float32(name: str) -> bool:
     )
 
 
+def _scale_name(weight: str, config: ModelConfig) -> str:
+    return weight.removesuffix(".weight") + ".scale" if config.is_v4 else weight + "_scale_inv"
+
+
 def _is_fp8_candidate(name: str, shape) -> bool:
     excluded = (
         "embed",
@@ -66,9 +70,17 @@ def init_checkpoint(
     seed: int = 0,
     fp8: bool = False,
     max_shard_bytes: int = 2 << 30,
+    fp4_experts: bool = False,
 ) -> Path:
-    """Writes a random checkpoint of `family` at `preset` size into `out`; returns the folder."""
+    """Writes a random checkpoint of `family` at `preset` size into `out`; returns the folder.
+
+    `fp8`: linear weights as e4m3 with 128x128 block scales; `fp4_experts`: routed experts as packed
+    e2m1 with one e8m0 scale per 32 inputs (V4's release format). Scales are named `X.scale` in V4
+    checkpoints and `X.weight_scale_inv` in V3 ones, as each family ships them.
+    """
     cfg = init_preset(family, preset)
+    if fp4_experts:
+        cfg["expert_dtype"] = "fp4"
     if fp8:
         cfg["quantization_config"] = dict(
             quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=list(FP8_BLOCK)
@@ -84,8 +96,10 @@ def init_checkpoint(
     for param, p in model.named_parameters():
         for name, shape in ds4_to_hf(param, tuple(p.shape), config):
             t = _random_tensor(name, shape, gen, config, cfg.get("initializer_range", 0.02))
-            if fp8 and _is_fp8_candidate(name, shape):
-                tensors[name], tensors[name + "_scale_inv"] = quantize_fp8_blocks(t, FP8_BLOCK)
+            if fp4_experts and ".experts." in name:
+                tensors[name], tensors[_scale_name(name, config)] = quantize_fp4(t)
+            elif fp8 and _is_fp8_candidate(name, shape):
+                tensors[name], tensors[_scale_name(name, config)] = quantize_fp8_blocks(t, FP8_BLOCK)
             elif t.is_floating_point():
                 tensors[name] = t.to(torch.float32 if _keeps_float32(name) else dtype)
             else:

@@ -17,7 +17,14 @@ FP8_BLOCK = 128
 FP4_GROUP = 32
 # Matrices DeepSeek keeps in high precision: embeddings, head, routers, mHC mixers, compressors, tables.
 _HIGH_PRECISION = (
-    "embed.", "head.", "ffn.gate.", "hc_", "compressor.", "weights_proj", "tid2eid", "attn_sink",
+    "embed.",
+    "head.",
+    "ffn.gate.",
+    "hc_",
+    "compressor.",
+    "weights_proj",
+    "tid2eid",
+    "attn_sink",
 )
 
 
@@ -58,8 +65,9 @@ def weight_bytes(config: ModelConfig) -> dict[str, int]:
         out["bf16"] += 2 * numel
         out["fp8"] += 2 * numel if high else _matrix_bytes(shape, "fp8")
         expert = ".ffn.experts." in name
-        out["fp8+fp4-experts"] += _matrix_bytes(shape, "fp4") if expert else (
-            2 * numel if high else _matrix_bytes(shape, "fp8"))
+        out["fp8+fp4-experts"] += (
+            _matrix_bytes(shape, "fp4") if expert else (2 * numel if high else _matrix_bytes(shape, "fp8"))
+        )
     return {k: int(v) for k, v in out.items()}
 
 

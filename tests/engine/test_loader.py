@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from ds4.engine import LLM
 from ds4.engine.errors import CheckpointError, ConfigError
-from ds4.engine.quant import dequantize_fp8_blocks
+from ds4.engine.quant import dequantize_fp4, dequantize_fp8_blocks
 from ds4.engine.random_checkpoint import init_checkpoint
 
 IDS = list(range(2, 22))  # 20 tokens: more than the V3.2 index_topk of 16
@@ -246,3 +246,56 @@ def test_fused_expert_tensors_load_like_per_expert_ones(tmp_path):
     _edit_tensors(fused, fuse)
     ids = list(range(2, 30))
     assert torch.equal(LLM(fused).score(ids), LLM(per_expert).score(ids))
+
+
+# -- DeepSeek-V4 checkpoints: reference names, `.scale` companions, FP4 routed experts -----------------
+
+
+def _dequantized_reference(quantized: Path, ref: Path) -> int:
+    """Copies `quantized` to `ref` with every scaled weight replaced by its float32 dequantization."""
+    shutil.copytree(quantized, ref)
+    tensors = load_file(ref / "model.safetensors")
+    scales = [n for n in tensors if n.endswith(".scale") and n.removesuffix(".scale") + ".weight" in tensors]
+    for scale_name in scales:
+        name = scale_name.removesuffix(".scale") + ".weight"
+        scale = tensors.pop(scale_name)
+        if tensors[name].dtype == torch.float8_e4m3fn:
+            tensors[name] = dequantize_fp8_blocks(tensors[name], scale, (128, 128))
+        else:
+            tensors[name] = dequantize_fp4(tensors[name], scale)
+    save_file(tensors, str(ref / "model.safetensors"), metadata={"format": "pt"})
+    _edit_config(ref, quantization_config=None, expert_dtype=None)
+    return len(scales)
+
+
+def test_v4_fp4_experts_and_fp8_weights_score_like_their_dequantized_values(tmp_path):
+    quantized = _init(tmp_path, "q", "deepseek_v4", fp8=True, fp4_experts=True)
+    tensors = load_file(quantized / "model.safetensors")
+    assert tensors["layers.1.ffn.experts.0.w1.weight"].dtype == torch.int8
+    assert tensors["layers.1.ffn.experts.0.w1.scale"].dtype == torch.float8_e8m0fnu
+    assert tensors["layers.1.attn.wq_a.weight"].dtype == torch.float8_e4m3fn
+    assert _dequantized_reference(quantized, tmp_path / "ref") > 20
+    ids = list(range(2, 60))  # crosses several windows and compression blocks
+    assert torch.equal(LLM(quantized).score(ids), LLM(tmp_path / "ref").score(ids))
+
+
+def test_v4_fp4_expert_without_scale_names_it(tmp_path):
+    path = _init(tmp_path, "q", "deepseek_v4", fp4_experts=True)
+    _edit_tensors(path, lambda sd: sd.pop("layers.2.ffn.experts.5.w2.scale"))
+    msg = _load_error(path)
+    assert "FP4 tensor layers.2.ffn.experts.5.w2.weight" in msg and "scale" in msg
+
+
+def test_v4_fp4_scale_of_wrong_shape_names_both_shapes(tmp_path):
+    path = _init(tmp_path, "q", "deepseek_v4", fp4_experts=True)
+    name = "layers.1.ffn.experts.0.w3.scale"
+    _edit_tensors(path, lambda sd: sd.__setitem__(name, sd[name][:, :1].contiguous()))
+    msg = _load_error(path)
+    assert name in msg and "one scale per 32 inputs" in msg
+
+
+def test_v4_unsupported_config_field_is_named(tmp_path):
+    path = _init(tmp_path, "v4", "deepseek_v4")
+    _edit_config(path, engram_layers=[1])
+    msg = _load_error(path, ConfigError)
+    assert "engram_layers" in msg

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds4.engine.quant import FP8_MAX, dequantize_fp8_blocks, quantize_fp8_blocks, scale_shape
+from ds4.engine.quant import (
+    E2M1_VALUES,
+    FP8_MAX,
+    dequantize_fp4,
+    dequantize_fp8_blocks,
+    quantize_fp4,
+    quantize_fp8_blocks,
+    scale_shape,
+)
 
 # (weight shape, block): edge blocks partial in one or both dimensions, and a block smaller than 128.
 SHAPES = [((200, 300), (128, 128)), ((129, 17), (128, 128)), ((13, 22), (3, 5)), ((128, 256), (128, 128))]
@@ -105,3 +113,35 @@ def test_quantize_matches_direct_cast_bytes():
     scale = dequantize_fp8_blocks(torch.ones(200, 300, dtype=torch.float8_e4m3fn), scale_inv, block)
     want = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+
+
+# -- FP4 e2m1 (V4's routed experts) ------------------------------------------------------------------
+
+
+def test_fp4_round_trips_representable_tensors_exactly():
+    """e2m1 codes times a power of two per 32-group survive quantize -> dequantize bit for bit."""
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16, (7, 96), generator=gen)
+    scales = torch.exp2(torch.randint(-6, 6, (7, 3), generator=gen).float())
+    weight = torch.tensor(E2M1_VALUES)[codes] * scales.repeat_interleave(32, dim=1)
+    weight[:, ::32] = 6.0 * scales  # each group reaches the top code, so its scale is exactly `scales`
+    packed, scale = quantize_fp4(weight)
+    assert packed.dtype == torch.int8 and tuple(packed.shape) == (7, 48)
+    assert scale.dtype == torch.float8_e8m0fnu and tuple(scale.shape) == (7, 3)
+    assert torch.equal(dequantize_fp4(packed, scale), weight)
+
+
+def test_fp4_packs_the_even_element_in_the_low_nibble():
+    # bytes 0x21, 0xF7: codes 1, 2 then 7, 15
+    packed = torch.tensor([[0x21, 0xF7] + [0] * 14], dtype=torch.uint8).view(torch.int8)
+    scale = torch.ones(1, 1).to(torch.float8_e8m0fnu)
+    assert dequantize_fp4(packed, scale)[0, :4].tolist() == [0.5, 1.0, 6.0, -6.0]
+
+
+def test_fp4_rounds_to_the_nearest_code_within_half_a_step():
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(16, 64, generator=gen)
+    packed, scale = quantize_fp4(weight)
+    error = (dequantize_fp4(packed, scale) - weight).abs()
+    # the widest e2m1 step is 2 (between 4 and 6): error <= 1 x the group's scale
+    assert bool((error <= scale.float().repeat_interleave(32, dim=1) + 1e-7).all())
