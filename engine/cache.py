@@ -11,6 +11,7 @@ import torch
 
 from ds4.engine.config import ModelConfig
 from ds4.engine.layers.compressor import CompressorState
+from ds4.engine.layers.engram import EngramState
 
 
 class LatentCache:
@@ -62,6 +63,7 @@ class WindowCache:
             torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
         ]
         self.states: dict[tuple[int, int, str], CompressorState] = {}
+        self.engram_states: dict[tuple[int, int], EngramState] = {}
 
     def read_window(self, layer: int, slot: int, start: int) -> torch.Tensor:
         """Rows of the (up to size - 1) positions before `start`, oldest first: [P, head_dim]."""
@@ -79,6 +81,9 @@ class WindowCache:
 
     def compressor_state(self, layer: int, slot: int, name: str) -> CompressorState:
         return self.states.setdefault((layer, slot, name), CompressorState())
+
+    def engram_state(self, layer: int, slot: int) -> EngramState:
+        return self.engram_states.setdefault((layer, slot), EngramState())
 
     def nbytes(self) -> int:
         tensors = list(self.window) + [

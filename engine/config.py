@@ -37,6 +37,22 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class EngramConfig:
+    """Engram's hashed n-gram memory (deepseek-ai/Engram); the fields of its published EngramConfig."""
+
+    layer_ids: tuple[int, ...]
+    vocab_sizes: tuple[int, ...]  # table size per n-gram order (2, 3, ...), before rounding up to primes
+    max_ngram: int = 3
+    n_embed_per_ngram: int = 512
+    n_head_per_ngram: int = 8
+    kernel_size: int = 4
+    pad_id: int = 2
+    seed: int = 0
+    norm_eps: float | None = None  # None: the dtype's machine epsilon (torch.nn.RMSNorm's default)
+    conv_norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -86,6 +102,7 @@ class ModelConfig:
     hc_sinkhorn_iters: int = 0
     hc_eps: float = 1e-6
     swiglu_limit: float | None = None
+    engram: EngramConfig | None = None  # hashed n-gram memory, off unless config.json enables it
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -266,7 +283,6 @@ V4_UNSUPPORTED = {
     "hidden_act": lambda v: v != "silu",
     "num_key_value_heads": lambda v: v not in (None, 1),
     "n_shared_experts": lambda v: v not in (None, 1),
-    "engram_layers": lambda v: bool(v),
     "expert_dtype": lambda v: v not in (None, "bf16", "bfloat16", "fp8", "fp4"),
 }
 
@@ -365,7 +381,35 @@ def _v4_from_hf(cls, cfg: dict, source: str) -> ModelConfig:
         hc_sinkhorn_iters=int(cfg.get("hc_sinkhorn_iters", 20)),
         hc_eps=float(cfg.get("hc_eps", 1e-6)),
         swiglu_limit=float(cfg.get("swiglu_limit", 10.0)),
+        engram=_engram_config(cfg, num_layers, source),
     )
+
+
+def _engram_config(cfg: dict, num_layers: int, source: str) -> EngramConfig | None:
+    layers = cfg.get("engram_layers")
+    if not layers:
+        return None
+    max_ngram = int(cfg.get("engram_max_ngram_size", 3))
+    sizes = cfg.get("engram_vocab_size") or [5 * int(cfg["vocab_size"])] * (max_ngram - 1)
+    engram = EngramConfig(
+        layer_ids=tuple(int(i) for i in layers),
+        vocab_sizes=tuple(int(v) for v in sizes),
+        max_ngram=max_ngram,
+        n_embed_per_ngram=int(cfg.get("engram_n_embed_per_ngram", 512)),
+        n_head_per_ngram=int(cfg.get("engram_n_head_per_ngram", 8)),
+        kernel_size=int(cfg.get("engram_kernel_size", 4)),
+        pad_id=int(cfg.get("engram_pad_id", 2)),
+        seed=int(cfg.get("engram_seed", 0)),
+    )
+    if len(engram.vocab_sizes) != max_ngram - 1 or max_ngram < 2:
+        raise ConfigError(f"{source}: engram_vocab_size needs one table size per n-gram order 2..{max_ngram}")
+    if engram.n_embed_per_ngram % engram.n_head_per_ngram:
+        raise ConfigError(f"{source}: engram_n_embed_per_ngram must divide by engram_n_head_per_ngram")
+    if not all(0 <= i < num_layers for i in engram.layer_ids):
+        raise ConfigError(
+            f"{source}: engram_layers {list(engram.layer_ids)} must name layers 0..{num_layers - 1}"
+        )
+    return engram
 
 
 def _v4_layer_types(cfg: dict, num_layers: int, source: str) -> tuple[str, ...]:

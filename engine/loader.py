@@ -117,7 +117,10 @@ def materialize(model: torch.nn.Module, config: ModelConfig, dtype: torch.dtype,
                 else dtype
             )
             shape = tuple(param.shape)
-            if device.type == "cpu" and len(shape) >= 2 and want.is_floating_point and name != "embed.weight":
+            is_matrix = (
+                len(shape) == 2 and not name.endswith("embed.weight") or name.endswith((".w13", ".w2"))
+            )
+            if device.type == "cpu" and is_matrix and want.is_floating_point:
                 swapped = shape[:-2] + (shape[-1], shape[-2])
                 data = torch.empty(swapped, dtype=want, device=device).transpose(-1, -2)
             else:

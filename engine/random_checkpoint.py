@@ -24,7 +24,12 @@ FP8_BLOCK = (128, 128)
 
 def _random_tensor(name: str, shape, gen: torch.Generator, config: ModelConfig, std: float) -> torch.Tensor:
     """Random weights with the structure real ones have: unit norms, small biases, valid routing tables."""
-    if name.endswith(("layernorm.weight", "norm.weight")):
+    if (
+        name.endswith(("layernorm.weight", "norm.weight"))
+        or ".norm1." in name
+        or ".norm2." in name
+        or ".norms." in name
+    ):
         return torch.ones(shape)
     if name.endswith("tid2eid"):  # distinct experts per token
         rows = [torch.randperm(config.n_routed_experts, generator=gen)[: shape[1]] for _ in range(shape[0])]
@@ -71,6 +76,7 @@ def init_checkpoint(
     fp8: bool = False,
     max_shard_bytes: int = 2 << 30,
     fp4_experts: bool = False,
+    config_overrides: dict | None = None,
 ) -> Path:
     """Writes a random checkpoint of `family` at `preset` size into `out`; returns the folder.
 
@@ -78,7 +84,7 @@ def init_checkpoint(
     e2m1 with one e8m0 scale per 32 inputs (V4's release format). Scales are named `X.scale` in V4
     checkpoints and `X.weight_scale_inv` in V3 ones, as each family ships them.
     """
-    cfg = init_preset(family, preset)
+    cfg = dict(init_preset(family, preset), **(config_overrides or {}))
     if fp4_experts:
         cfg["expert_dtype"] = "fp4"
     if fp8:

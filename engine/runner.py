@@ -9,6 +9,7 @@ import torch
 from ds4.engine.cache import LatentCache, WindowCache
 from ds4.engine.config import EngineConfig, ModelConfig
 from ds4.engine.context import ForwardContext, SeqSlice, forward_context
+from ds4.engine.layers.engram import normalized_token_map
 from ds4.engine.loader import load_weights, materialize
 from ds4.engine.models import build_model
 
@@ -19,8 +20,14 @@ class ModelRunner:
         self.config = ModelConfig.from_dir(path)
         self.device = torch.device(engine_config.device)
         self.dtype = getattr(torch, engine_config.dtype)
+        engram_tokens = None
+        if self.config.engram is not None:
+            tokenizer = Path(path) / "tokenizer.json"
+            engram_tokens = normalized_token_map(
+                tokenizer if tokenizer.is_file() else None, self.config.vocab_size, self.config.engram.pad_id
+            )
         with torch.device("meta"):
-            self.model = build_model(self.config)
+            self.model = build_model(self.config, engram_tokens)
         materialize(self.model, self.config, self.dtype, self.device)
         load_weights(self.model, path, self.config)
         self.model.eval()

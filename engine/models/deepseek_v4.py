@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from ds4.engine.config import ModelConfig
+from ds4.engine.context import get_forward_context
 from ds4.engine.layers.compressed_attention import CompressedAttention
+from ds4.engine.layers.engram import Engram
 from ds4.engine.layers.hyper import HyperConnection, HyperHead, hyper_update
 from ds4.engine.layers.moe import MoE
 from ds4.engine.layers.norm import RMSNorm
@@ -24,8 +26,9 @@ from ds4.engine.layers.rope import RotaryEmbedding
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int):
+    def __init__(self, config: ModelConfig, layer_id: int, engram_vocab: tuple[int, int] | None = None):
         super().__init__()
+        self.layer_id = layer_id
         D, eps = config.hidden_size, config.rms_norm_eps
         self.attn_norm = RMSNorm(D, eps, cast_after_weight=True)
         self.attn = CompressedAttention(config, layer_id)
@@ -34,21 +37,46 @@ class Block(nn.Module):
         hc = (D, config.hc_mult, config.hc_sinkhorn_iters, config.hc_eps, eps)
         self.hc_attn = HyperConnection(*hc)
         self.hc_ffn = HyperConnection(*hc)
+        self.engram = None
+        if config.engram is not None and layer_id in config.engram.layer_ids:
+            self.engram = Engram(config.engram, layer_id, D, config.hc_mult, *engram_vocab)
 
-    def forward(self, streams: torch.Tensor, ropes, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, streams: torch.Tensor, ropes, input_ids: torch.Tensor, engram_ids) -> torch.Tensor:
+        if self.engram is not None:  # n-gram memory joins the residual streams before attention
+            streams = streams + self._engram(streams, engram_ids)
         post, comb, x = self.hc_attn(streams)  # streams [T, N, D] -> block input x [T, D]
         streams = hyper_update(streams, self.attn(self.attn_norm(x), ropes), post, comb)
         post, comb, x = self.hc_ffn(streams)
         return hyper_update(streams, self.ffn(self.ffn_norm(x), input_ids), post, comb)
 
+    def _engram(self, streams: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        outs = []
+        for seq in ctx.seqs:
+            new = slice(seq.offset, seq.offset + seq.num_tokens)
+            outs.append(
+                self.engram.step(streams[new], ids[new], ctx.cache.engram_state(self.layer_id, seq.slot))
+            )
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
 
 class DeepseekV4ForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, engram_tokens: tuple[torch.Tensor, int, int] | None = None):
+        """`engram_tokens`: (token id -> normalized id, number of normalized ids, normalized pad id)."""
         super().__init__()
         self.config = config
         D = config.hidden_size
+        self.engram_token_map = None
+        engram_vocab = None
+        if config.engram is not None:
+            self.engram_token_map, n_normalized, pad = engram_tokens or (
+                torch.arange(config.vocab_size, device="cpu"),
+                config.vocab_size,
+                config.engram.pad_id,
+            )
+            engram_vocab = (n_normalized, pad)
         self.embed = nn.Embedding(config.vocab_size, D)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, i, engram_vocab) for i in range(config.num_hidden_layers))
         self.hc_head = HyperHead(D, config.hc_mult, config.hc_eps, config.rms_norm_eps)
         self.norm = RMSNorm(D, config.rms_norm_eps, cast_after_weight=True)
         self.head = nn.Linear(D, config.vocab_size, bias=False)
@@ -66,8 +94,12 @@ class DeepseekV4ForCausalLM(nn.Module):
         x = self.embed(input_ids)  # [T, D]
         ropes = {kind: rotary(positions, x.dtype) for kind, rotary in self.rotary.items()}
         streams = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()  # [T, N, D]
+        engram_ids = None
+        if self.engram_token_map is not None:
+            self.engram_token_map = self.engram_token_map.to(input_ids.device)
+            engram_ids = self.engram_token_map[input_ids]
         for layer in self.layers:
-            streams = layer(streams, ropes, input_ids)
+            streams = layer(streams, ropes, input_ids, engram_ids)
         return self.norm(self.hc_head(streams))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -296,6 +296,6 @@ def test_v4_fp4_scale_of_wrong_shape_names_both_shapes(tmp_path):
 
 def test_v4_unsupported_config_field_is_named(tmp_path):
     path = _init(tmp_path, "v4", "deepseek_v4")
-    _edit_config(path, engram_layers=[1])
+    _edit_config(path, attention_bias=True)
     msg = _load_error(path, ConfigError)
-    assert "engram_layers" in msg
+    assert "attention_bias" in msg
