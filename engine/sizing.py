@@ -115,16 +115,29 @@ def model_info(config: ModelConfig) -> dict:
     return info
 
 
+def _count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
+        if n >= size:
+            return f"{n / size:,.1f}{unit}"
+    return f"{n:,.0f}"
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
 def format_info(name: str, info: dict) -> str:
-    gb = 1e9
     lines = [
         f"{name} ({info['model_type']})",
-        f"  parameters   {info['params_total'] / 1e9:,.1f}B total, "
-        f"{info['params_active'] / 1e9:,.1f}B active per token "
-        f"({info['params_routed_experts'] / 1e9:,.1f}B in routed experts)",
-        "  weights      " + ", ".join(f"{fmt} {b / gb:,.1f} GB" for fmt, b in info["weight_bytes"].items()),
+        f"  parameters   {_count(info['params_total'])} total, "
+        f"{_count(info['params_active'])} active per token "
+        f"({_count(info['params_routed_experts'])} in routed experts)",
+        "  weights      " + ", ".join(f"{fmt} {_bytes(b)}" for fmt, b in info["weight_bytes"].items()),
     ]
     for fmt in ("bf16", "fp8"):
-        per_ctx = ", ".join(f"{label} {b / gb:,.2f} GB" for label, b in info["cache_bytes"][fmt].items())
+        per_ctx = ", ".join(f"{label} {_bytes(b)}" for label, b in info["cache_bytes"][fmt].items())
         lines.append(f"  cache {fmt:5}  {info['cache_bytes_per_token'][fmt]:,.0f} B/token at 1M; {per_ctx}")
     return "\n".join(lines)

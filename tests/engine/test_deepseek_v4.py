@@ -103,3 +103,17 @@ def test_batched_generation_equals_one_at_a_time(case):
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     together = [o.token_ids for o in llm.generate(prompts, params)]
     assert together == [llm.generate(p, params)[0].token_ids for p in prompts]
+
+
+def test_ds4_written_v4_checkpoint_loads_in_transformers(tmp_path):
+    """`model init --family deepseek_v4` writes DeepSeek's reference names; transformers reads them."""
+    from transformers import AutoModelForCausalLM
+
+    from ds4.engine.random_checkpoint import init_checkpoint
+
+    path = init_checkpoint("deepseek_v4", "tiny", tmp_path / "v4", seed=2)
+    hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    ids = torch.randint(2, 512, (90,), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), stable_indexer_topk():
+        ref = hf(ids[None]).logits[0]
+    assert max_rel_err(LLM(path).score(ids.tolist()), ref) < 1e-4
