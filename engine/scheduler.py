@@ -1,0 +1,132 @@
+"""The scheduler: which sequences run in the next step, and how many of their tokens.
+
+Plain Python over integers (`num_computed_tokens`, `num_tokens`), no tensors. Continuous batching under
+a per-step token budget: running sequences first (decodes and unfinished chunked prefills), then
+waiting ones in arrival order, admitted when their blocks fit (a prefix-cache hit needs none for the
+reused part). Under memory pressure the most recently admitted running sequence is preempted: its
+blocks are released (named ones stay cached) and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ds4.engine.blocks import BlockManager, BlockTable
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    token_ids: list[int]  # prompt, then generated tokens
+    num_prompt_tokens: int
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # tokens reused from the prefix cache, over all admissions
+    table: BlockTable = field(default_factory=BlockTable)
+    status: str = "waiting"  # waiting | running | finished
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class ScheduledBatch:
+    """One step: each sequence with the number of its tokens to compute now (from num_computed_tokens)."""
+
+    entries: list[tuple[Sequence, int]]
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.entries)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        assert max_num_seqs > 0 and max_num_batched_tokens > 0, (max_num_seqs, max_num_batched_tokens)
+        self.blocks = blocks
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        budget, entries, preempted = self.max_num_batched_tokens, [], []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status != "running":  # preempted while making room for an earlier one
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while (
+                self.blocks.blocks_needed(seq.table, seq.num_computed_tokens + n)
+                > self.blocks.num_free_blocks
+            ):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status != "running":
+                continue
+            self.blocks.allocate(seq.table, seq.num_computed_tokens + n)
+            entries.append((seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            n = self._admit(seq, budget)
+            if n == 0:
+                break  # first come, first served: later requests wait behind it
+            self.waiting.popleft()
+            self.running.append(seq)
+            entries.append((seq, n))
+            budget -= n
+        return ScheduledBatch(entries, preempted)
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Reserves blocks for as much of `seq` as fits (prefix hits first); 0 when nothing fits."""
+        hits = self.blocks.match_prefix(seq.token_ids, max_tokens=seq.num_tokens - 1)  # >= 1 token to run
+        computed = len(hits) * self.blocks.block_size
+        n = min(seq.num_tokens - computed, budget)
+        reused_free = sum(self.blocks.blocks[b].ref_count == 0 for b in hits)  # hits sitting in the LRU pool
+        needed = -(-(computed + n) // self.blocks.block_size) - len(hits)
+        if needed + reused_free > self.blocks.num_free_blocks:
+            return 0
+        self.blocks.take_cached(seq.table, hits)
+        self.blocks.allocate(seq.table, computed + n)
+        seq.num_computed_tokens, seq.status = computed, "running"
+        seq.num_cached_tokens += computed
+        return n
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq.table)
+        self.running.remove(seq)
+        seq.num_computed_tokens, seq.status = 0, "waiting"
+        self.waiting.appendleft(seq)
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """Counts a step's tokens as computed and names the blocks they completed."""
+        for seq, n in batch.entries:
+            seq.num_computed_tokens += n
+            self.blocks.register_full_blocks(seq.table, seq.token_ids, seq.num_computed_tokens)
+
+    def finish(self, seq: Sequence) -> None:
+        """A finished or cancelled sequence gives back its blocks (named ones stay cached)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.table)
+        seq.status = "finished"
+
+    def check_integrity(self) -> None:
+        self.blocks.check_integrity([s.table for s in self.running])
+        assert all(not s.table.block_ids for s in self.waiting), "a waiting sequence holds blocks"
+        assert len(self.running) <= self.max_num_seqs
