@@ -6,7 +6,7 @@ The runner enters it around one forward pass; attention layers read it. Models n
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,10 +15,12 @@ import torch
 class SeqSlice:
     """One sequence's share of a step: tokens [offset, offset + num_tokens) of the flat batch."""
 
-    slot: int  # cache row of the sequence
+    slot: int  # the sequence's id in per-sequence state (V4) and its fixed blocks when `block_ids` is None
     start: int  # tokens already cached before this step = position of the first new token
     num_tokens: int
     offset: int
+    block_ids: tuple[int, ...] | None = None  # the sequence's cache blocks, in order
+    rows: torch.Tensor | None = field(default=None, compare=False)  # cache rows of positions [0, end)
 
     @property
     def end(self) -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ds4.engine.cache import LatentCache, WindowCache
+from ds4.engine.cache import PagedLatentCache, WindowCache
 from ds4.engine.config import EngineConfig, ModelConfig
 from ds4.engine.context import ForwardContext, SeqSlice, forward_context
 from ds4.engine.layers.engram import normalized_token_map
@@ -32,9 +32,23 @@ class ModelRunner:
         load_weights(self.model, path, self.config)
         self.model.eval()
 
-    def new_cache(self, num_slots: int, max_len: int) -> LatentCache | WindowCache:
-        kind = WindowCache if self.config.is_v4 else LatentCache
-        return kind(self.config, num_slots, max_len, self.dtype, self.device)
+    def new_cache(
+        self, num_slots: int, max_len: int, block_size: int = 256
+    ) -> PagedLatentCache | WindowCache:
+        """A cache for callers that manage no blocks: slot s owns positions [0, max_len) of its own."""
+        if self.config.is_v4:
+            return WindowCache(self.config, max_len, self.dtype, self.device)
+        per_slot = -(-max_len // block_size)
+        return PagedLatentCache(
+            self.config, num_slots * per_slot, block_size, self.dtype, self.device, per_slot
+        )
+
+    def new_paged_cache(
+        self, num_blocks: int, block_size: int, max_len: int
+    ) -> PagedLatentCache | WindowCache:
+        if self.config.is_v4:
+            return WindowCache(self.config, max_len, self.dtype, self.device)
+        return PagedLatentCache(self.config, num_blocks, block_size, self.dtype, self.device)
 
     def mla_mode(self, seqs: list[SeqSlice]) -> str:
         if self.engine_config.mla_mode != "auto":
@@ -42,9 +56,10 @@ class ModelRunner:
         return "absorbed" if all(s.num_tokens == 1 for s in seqs) else "naive"  # decode / prefill
 
     @torch.inference_mode()
-    def step(self, token_ids: list[int], seqs: list[SeqSlice], cache: LatentCache, all_logits=False):
+    def step(self, token_ids: list[int], seqs: list[SeqSlice], cache, all_logits=False):
         """Runs the new tokens of `seqs` (concatenated in `token_ids`); returns float32 logits:
         [T, V] for every token when `all_logits`, else [len(seqs), V] for each sequence's last token."""
+        seqs = [cache.prepare(s) for s in seqs]
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(s.start, s.end) for s in seqs]).to(self.device)
         ctx = ForwardContext(seqs=seqs, positions=positions, cache=cache, mla_mode=self.mla_mode(seqs))

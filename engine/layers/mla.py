@@ -74,17 +74,11 @@ class MLA(nn.Module):
         outs = []
         for seq in ctx.seqs:
             new = slice(seq.offset, seq.offset + seq.num_tokens)
-            ctx.cache.write(
-                self.layer_id,
-                seq.slot,
-                seq.start,
-                kv_rows[new],
-                None if index_rows is None else index_rows[new],
-            )
-            cached = ctx.cache.read(self.layer_id, seq.slot, seq.end)  # [S, C + R]
+            ctx.cache.write(self.layer_id, seq, kv_rows[new], None if index_rows is None else index_rows[new])
+            cached = ctx.cache.read(self.layer_id, seq)  # [S, C + R]
             allowed = _causal_mask(seq.start, seq.num_tokens, seq.end, x.device)  # [T, S]
             if self.indexer is not None:
-                index_keys = ctx.cache.read_index(self.layer_id, seq.slot, seq.end)
+                index_keys = ctx.cache.read_index(self.layer_id, seq)
                 allowed = allowed & self.indexer.select(
                     x[new], q_latent[new], rope_slice(rope, new), index_keys, allowed
                 )
