@@ -1,12 +1,14 @@
 """ds4's inference engine: DeepSeek V3 / V3.2 checkpoints in torch, behind the `LLM` facade."""
 
 from ds4.engine.config import EngineConfig, ModelConfig
+from ds4.engine.engine import LLMEngine, RequestOutput
 from ds4.engine.errors import CheckpointError, ConfigError, EngineError, RequestError
-from ds4.engine.llm import LLM, RequestOutput
+from ds4.engine.llm import LLM
 from ds4.engine.sampler import SamplingParams
 
 __all__ = [
     "LLM",
+    "LLMEngine",
     "CheckpointError",
     "ConfigError",
     "EngineConfig",

@@ -462,12 +462,21 @@ class EngineConfig:
     dtype: str = "float32"
     mla_mode: str = "auto"  # "auto": naive for prefill, absorbed for decode; or force one of them
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
-    max_num_seqs: int = 16
+    max_num_seqs: int = 16  # sequences decoded together
+    max_num_batched_tokens: int = 2048  # tokens per step; longer prompts are prefilled in chunks
+    block_size: int = 256  # tokens per cache block (a multiple of every V4 compression ratio)
+    num_cache_blocks: int | None = None  # default: max_num_seqs full-length sequences, within cache_memory_gb
+    cache_memory_gb: float = 1.0
+    enable_prefix_caching: bool = True
+    prefix_cache_dir: str | None = None  # disk tier: full prefix blocks persist across processes
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.mla_mode not in ("auto", "naive", "absorbed"):
             raise ValueError(f"mla_mode must be auto, naive or absorbed, got {self.mla_mode!r}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_cache_blocks is not None and self.num_cache_blocks < 1:
+            raise ValueError(f"num_cache_blocks must be positive, got {self.num_cache_blocks}")

@@ -9,6 +9,7 @@ does not fit (missing, unexpected or misshaped tensor, unsupported dtype, trunca
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import defaultdict
@@ -256,3 +257,22 @@ def _copy_into(
         )
     with torch.no_grad():
         dest.copy_(tensor)
+
+
+CACHE_FORMAT_VERSION = 1  # bump when cached rows change meaning
+
+
+def model_fingerprint(path: str | Path, dtype: torch.dtype) -> bytes:
+    """What cached rows depend on: config.json, the dtype, the cache format, and each weight file's
+    name, size, header and first and last 64 KB (cheap even for a terabyte, and differs between seeds)."""
+    path = Path(path)
+    digest = hashlib.sha256(f"ds4-cache-v{CACHE_FORMAT_VERSION}:{dtype}".encode())
+    digest.update((path / "config.json").read_bytes())
+    for file in sorted(set(checkpoint_files(path).values())):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as f:
+            digest.update(f.read(1 << 16))
+            f.seek(max(0, size - (1 << 16)))
+            digest.update(f.read(1 << 16))
+    return digest.digest()

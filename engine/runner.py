@@ -10,7 +10,7 @@ from ds4.engine.cache import PagedLatentCache, WindowCache
 from ds4.engine.config import EngineConfig, ModelConfig
 from ds4.engine.context import ForwardContext, SeqSlice, forward_context
 from ds4.engine.layers.engram import normalized_token_map
-from ds4.engine.loader import load_weights, materialize
+from ds4.engine.loader import load_weights, materialize, model_fingerprint
 from ds4.engine.models import build_model
 
 
@@ -31,6 +31,7 @@ class ModelRunner:
         materialize(self.model, self.config, self.dtype, self.device)
         load_weights(self.model, path, self.config)
         self.model.eval()
+        self.fingerprint = model_fingerprint(path, self.dtype)
 
     def new_cache(
         self, num_slots: int, max_len: int, block_size: int = 256

@@ -49,6 +49,7 @@ class Scheduler:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_reused_tokens = 0  # served from the prefix cache, over all admissions
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -103,6 +104,7 @@ class Scheduler:
         self.blocks.allocate(seq.table, computed + n)
         seq.num_computed_tokens, seq.status = computed, "running"
         seq.num_cached_tokens += computed
+        self.num_reused_tokens += computed
         return n
 
     def _preempt(self, seq: Sequence) -> None:

@@ -1,0 +1,165 @@
+"""The engine loop: requests in, one scheduled step at a time through the model, tokens out.
+
+Owns the block manager, the scheduler, the paged cache and each request's sampling state. `step()` runs
+one batch (chunked prefills and decodes together) and reports the tokens it produced; the LLM facade and
+servers drive it. Single-threaded by design: one engine per process, callers submit between steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from ds4.engine.blocks import BlockManager
+from ds4.engine.config import EngineConfig
+from ds4.engine.context import SeqSlice
+from ds4.engine.errors import RequestError
+from ds4.engine.runner import ModelRunner
+from ds4.engine.sampler import SamplingParams, make_generator, sample
+from ds4.engine.scheduler import Scheduler, Sequence
+from ds4.engine.tokenizer import Tokenizer
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (eos, stop token or stop string), "length" or "cancelled"
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class Request:
+    seq: Sequence
+    params: SamplingParams
+    generator: torch.Generator | None
+    output: RequestOutput
+
+
+class LLMEngine:
+    def __init__(
+        self, runner: ModelRunner, tokenizer: Tokenizer | None, config: EngineConfig, max_model_len: int
+    ):
+        self.runner, self.tokenizer, self.config = runner, tokenizer, config
+        self.max_model_len = max_model_len
+        bs = config.block_size
+        self.num_blocks = config.num_cache_blocks or self._default_num_blocks()
+        # V4's state is per sequence, not paged yet: it cannot be shared between requests.
+        caching = config.enable_prefix_caching and not runner.config.is_v4
+        self.blocks = BlockManager(self.num_blocks, bs, runner.fingerprint, enable_prefix_caching=caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.cache = runner.new_paged_cache(self.num_blocks, bs, max_model_len)
+        self.requests: dict[int, Request] = {}
+        self._ids = itertools.count()
+        self.counters = {"tokens_prefilled": 0, "tokens_decoded": 0}
+
+    def _default_num_blocks(self) -> int:
+        """Enough for max_num_seqs sequences of max_model_len tokens, within the configured memory."""
+        bs, cfg = self.config.block_size, self.runner.config
+        wanted = self.config.max_num_seqs * -(-self.max_model_len // bs)
+        row = (cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if cfg.has_indexer else 0)) or 1
+        per_block = bs * row * cfg.num_hidden_layers * self.runner.dtype.itemsize
+        return max(1, min(wanted, int(self.config.cache_memory_gb * (1 << 30)) // per_block))
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        needed = -(-(len(prompt_ids) + params.max_tokens) // self.config.block_size)
+        if needed > self.num_blocks:
+            raise RequestError(
+                f"prompt of {len(prompt_ids)} tokens + {params.max_tokens} new needs {needed} cache blocks; "
+                f"the cache has {self.num_blocks} (raise num_cache_blocks or cache_memory_gb)"
+            )
+        seq = Sequence(next(self._ids), list(prompt_ids), len(prompt_ids))
+        self.requests[seq.seq_id] = Request(
+            seq, params, make_generator(params, "cpu"), RequestOutput(list(prompt_ids))
+        )
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def cancel(self, request_id: int) -> None:
+        req = self.requests.get(request_id)
+        if req is not None and req.output.finish_reason is None:
+            req.output.finish_reason = "cancelled"
+            self._retire(req)
+
+    def output(self, request_id: int) -> RequestOutput:
+        return self.requests[request_id].output
+
+    def release(self, request_id: int) -> RequestOutput:
+        """Forgets a finished request, returning its output."""
+        req = self.requests.pop(request_id)
+        assert req.output.finish_reason is not None, f"request {request_id} is still running"
+        return req.output
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[int, int]]:
+        """Runs one scheduled batch; returns (request id, token) for every token sampled."""
+        batch = self.scheduler.schedule()
+        for seq in batch.preempted:
+            self.cache.free_slot(seq.seq_id)
+        assert batch.entries or not self.scheduler.has_unfinished, "nothing schedulable: a request is too big"
+        if not batch.entries:
+            return []
+        tokens, slices = [], []
+        for seq, n in batch.entries:
+            start = seq.num_computed_tokens
+            slices.append(SeqSlice(seq.seq_id, start, n, len(tokens), tuple(seq.table.block_ids)))
+            tokens += seq.token_ids[start : start + n]
+        logits = self.runner.step(tokens, slices, self.cache)
+        self.scheduler.advance(batch)
+        produced = []
+        for row, (seq, n) in enumerate(batch.entries):
+            decode = n == 1 and len(seq.token_ids) > seq.num_prompt_tokens
+            self.counters["tokens_decoded" if decode else "tokens_prefilled"] += n
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # a chunk of a longer prefill: no token yet
+            req = self.requests[seq.seq_id]
+            token = sample(logits[row].cpu(), req.params, req.generator)
+            seq.token_ids.append(token)
+            produced.append((seq.seq_id, token))
+            if self._append(req, token):
+                self._retire(req)
+        return produced
+
+    def _retire(self, req: Request) -> None:
+        req.output.num_cached_tokens = req.seq.num_cached_tokens
+        self.scheduler.finish(req.seq)
+        self.cache.free_slot(req.seq.seq_id)
+
+    def _append(self, req: Request, token: int) -> bool:
+        """Adds a sampled token to the output; True when the request is done."""
+        out, params = req.output, req.params
+        eos = self.runner.config.eos_token_ids
+        stop_token = (token in eos and not params.ignore_eos) or token in params.stop_token_ids
+        if not stop_token:
+            out.token_ids.append(token)
+        if self.tokenizer is not None:
+            out.text = self.tokenizer.decode(out.token_ids)
+            for stop in params.stop:
+                if stop in out.text:
+                    out.text, out.finish_reason = out.text[: out.text.index(stop)], "stop"
+                    return True
+        if stop_token:
+            out.finish_reason = "stop"
+        elif len(out.token_ids) >= params.max_tokens:
+            out.finish_reason = "length"
+        return out.finish_reason is not None
+
+    def stats(self) -> dict:
+        s = dict(self.counters, tokens_reused=self.scheduler.num_reused_tokens)
+        total = s["tokens_prefilled"] + s["tokens_reused"]
+        s["prefix_hit_rate"] = s["tokens_reused"] / total if total else 0.0
+        s["free_blocks"], s["cached_blocks"] = self.blocks.num_free_blocks, len(self.blocks.cached)
+        return s
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
