@@ -159,6 +159,7 @@ class LLMEngine:
         total = s["tokens_prefilled"] + s["tokens_reused"]
         s["prefix_hit_rate"] = s["tokens_reused"] / total if total else 0.0
         s["free_blocks"], s["cached_blocks"] = self.blocks.num_free_blocks, len(self.blocks.cached)
+        s["preemptions"] = self.scheduler.num_preemptions
         return s
 
     def check_integrity(self) -> None:

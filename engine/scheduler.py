@@ -50,6 +50,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_reused_tokens = 0  # served from the prefix cache, over all admissions
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -108,6 +109,7 @@ class Scheduler:
         return n
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.blocks.free(seq.table)
         self.running.remove(seq)
         seq.num_computed_tokens, seq.status = 0, "waiting"
