@@ -25,6 +25,7 @@ class Block:
     block_id: int
     ref_count: int = 0
     hash: bytes | None = None  # set once the block is full and registered
+    parent: bytes = b""  # the previous block's hash in the chain
     token_ids: tuple[int, ...] = ()
 
 
@@ -103,7 +104,7 @@ class BlockManager:
         block_id, _ = self.cached.popitem(last=False)  # evict the least recently used
         block = self.blocks[block_id]
         del self.hash_to_block[block.hash]
-        block.hash, block.token_ids = None, ()
+        block.hash, block.parent, block.token_ids = None, b"", ()
         return block_id
 
     def register_full_blocks(self, table: BlockTable, token_ids: list[int], num_computed: int) -> list[int]:
@@ -117,6 +118,7 @@ class BlockManager:
             block = self.blocks[table.block_ids[i]]
             if self.enable_prefix_caching and block.hash is None and h not in self.hash_to_block:
                 block.hash, block.token_ids = h, tokens
+                block.parent = table.hashes[-2] if len(table.hashes) > 1 else b""
                 self.hash_to_block[h] = block.block_id
                 named.append(block.block_id)
         return named
@@ -135,16 +137,16 @@ class BlockManager:
         table.block_ids.clear()
         table.hashes.clear()
 
-    def adopt(self, block_id: int, h: bytes, token_ids: tuple[int, ...]) -> bool:
-        """Names a free block as holding `token_ids` under hash `h` (loaded from the disk tier)."""
-        if h in self.hash_to_block or not self.free_ids:
-            return False
-        self.free_ids.remove(block_id)
-        block = self.blocks[block_id]
-        block.hash, block.token_ids = h, token_ids
-        self.hash_to_block[h] = block_id
-        self.cached[block_id] = None
-        return True
+    def adopt(self, h: bytes, parent: bytes, token_ids: tuple[int, ...]) -> int | None:
+        """Names a never-used free block as cached under `h` (its rows come from the disk tier);
+        None when no free block is left (cached blocks are not evicted for it)."""
+        if h in self.hash_to_block or not self.free_ids or not self.enable_prefix_caching:
+            return None
+        block = self.blocks[self.free_ids.popleft()]
+        block.hash, block.parent, block.token_ids = h, parent, token_ids
+        self.hash_to_block[h] = block.block_id
+        self.cached[block.block_id] = None
+        return block.block_id
 
     # -- checks ---------------------------------------------------------------------------------
 

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ds4.engine.blocks import BlockManager
+from ds4.engine.blocks import BlockManager, block_hash
 from ds4.engine.config import EngineConfig
 from ds4.engine.context import SeqSlice
+from ds4.engine.disk_tier import DiskTier
 from ds4.engine.errors import RequestError
 from ds4.engine.runner import ModelRunner
 from ds4.engine.sampler import SamplingParams, make_generator, sample
@@ -52,9 +53,14 @@ class LLMEngine:
         self.blocks = BlockManager(self.num_blocks, bs, runner.fingerprint, enable_prefix_caching=caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.cache = runner.new_paged_cache(self.num_blocks, bs, max_model_len)
+        self.disk = (
+            DiskTier(config.prefix_cache_dir, runner.fingerprint)
+            if config.prefix_cache_dir and caching
+            else None
+        )
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
-        self.counters = {"tokens_prefilled": 0, "tokens_decoded": 0}
+        self.counters = {"tokens_prefilled": 0, "tokens_decoded": 0, "tokens_loaded_from_disk": 0}
 
     def _default_num_blocks(self) -> int:
         """Enough for max_num_seqs sequences of max_model_len tokens, within the configured memory."""
@@ -73,12 +79,30 @@ class LLMEngine:
                 f"prompt of {len(prompt_ids)} tokens + {params.max_tokens} new needs {needed} cache blocks; "
                 f"the cache has {self.num_blocks} (raise num_cache_blocks or cache_memory_gb)"
             )
+        if self.disk is not None:
+            self._load_from_disk(prompt_ids)
         seq = Sequence(next(self._ids), list(prompt_ids), len(prompt_ids))
         self.requests[seq.seq_id] = Request(
             seq, params, make_generator(params, "cpu"), RequestOutput(list(prompt_ids))
         )
         self.scheduler.add(seq)
         return seq.seq_id
+
+    def _load_from_disk(self, token_ids: list[int]) -> None:
+        """Brings the prompt's prefix blocks that only the disk tier has into free cache blocks."""
+        bs, parent = self.config.block_size, b""
+        for i in range((len(token_ids) - 1) // bs):
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            h = block_hash(parent, tokens, self.blocks.fingerprint)
+            if h not in self.blocks.hash_to_block:
+                if not self.disk.has(h) or not self.blocks.free_ids:
+                    return
+                tensors = self.disk.load(h, parent, tokens, self.cache.block_tensors(self.blocks.free_ids[0]))
+                if tensors is None:
+                    return
+                self.cache.load_block(self.blocks.adopt(h, parent, tokens), tensors)
+                self.counters["tokens_loaded_from_disk"] += bs
+            parent = h
 
     def cancel(self, request_id: int) -> None:
         req = self.requests.get(request_id)
@@ -115,7 +139,10 @@ class LLMEngine:
             slices.append(SeqSlice(seq.seq_id, start, n, len(tokens), tuple(seq.table.block_ids)))
             tokens += seq.token_ids[start : start + n]
         logits = self.runner.step(tokens, slices, self.cache)
-        self.scheduler.advance(batch)
+        for block_id in self.scheduler.advance(batch):
+            if self.disk is not None:
+                block = self.blocks.blocks[block_id]
+                self.disk.save(block.hash, block.parent, block.token_ids, self.cache.block_tensors(block_id))
         produced = []
         for row, (seq, n) in enumerate(batch.entries):
             decode = n == 1 and len(seq.token_ids) > seq.num_prompt_tokens

@@ -115,11 +115,13 @@ class Scheduler:
         seq.num_computed_tokens, seq.status = 0, "waiting"
         self.waiting.appendleft(seq)
 
-    def advance(self, batch: ScheduledBatch) -> None:
-        """Counts a step's tokens as computed and names the blocks they completed."""
+    def advance(self, batch: ScheduledBatch) -> list[int]:
+        """Counts a step's tokens as computed and names the blocks they completed; returns those blocks."""
+        named = []
         for seq, n in batch.entries:
             seq.num_computed_tokens += n
-            self.blocks.register_full_blocks(seq.table, seq.token_ids, seq.num_computed_tokens)
+            named += self.blocks.register_full_blocks(seq.table, seq.token_ids, seq.num_computed_tokens)
+        return named
 
     def finish(self, seq: Sequence) -> None:
         """A finished or cancelled sequence gives back its blocks (named ones stay cached)."""
