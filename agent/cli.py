@@ -61,6 +61,15 @@ def _add_bench(sub) -> None:
     engine.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     engine.add_argument("--json", action="store_true")
     engine.set_defaults(func=_cmd_bench_engine)
+    prefix = bench_sub.add_parser("prefix", help="time to first token: cold, warm prefix cache, disk tier")
+    prefix.add_argument("--model", required=True, help="checkpoint folder")
+    prefix.add_argument("--prompt-tokens", type=int, default=8192, help="the shared prefix")
+    prefix.add_argument("--suffix-tokens", type=int, default=16)
+    prefix.add_argument("--runs", type=int, default=3)
+    prefix.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    prefix.add_argument("--threads", type=int, default=None)
+    prefix.add_argument("--json", action="store_true")
+    prefix.set_defaults(func=_cmd_bench_prefix)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +148,21 @@ def _cmd_bench_engine(args) -> int:
         threads=args.threads,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _cmd_bench_prefix(args) -> int:
+    from ds4.engine.bench import bench_prefix, format_prefix_report
+
+    report = bench_prefix(
+        args.model,
+        prompt_tokens=args.prompt_tokens,
+        suffix_tokens=args.suffix_tokens,
+        runs=args.runs,
+        dtype=args.dtype,
+        threads=args.threads,
+    )
+    print(json.dumps(report, indent=2) if args.json else format_prefix_report(report))
     return 0
 
 
