@@ -20,7 +20,7 @@ from ds4.engine.errors import RequestError
 from ds4.engine.runner import ModelRunner
 from ds4.engine.sampler import SamplingParams, make_generator, sample
 from ds4.engine.scheduler import Scheduler, Sequence
-from ds4.engine.tokenizer import Tokenizer
+from ds4.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 @dataclass
@@ -30,6 +30,7 @@ class RequestOutput:
     text: str = ""
     finish_reason: str | None = None  # "stop" (eos, stop token or stop string), "length" or "cancelled"
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    logprobs: list[dict] | None = None  # per token: its log-probability and the top alternatives
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Request:
     params: SamplingParams
     generator: torch.Generator | None
     output: RequestOutput
+    detokenizer: IncrementalDetokenizer | None = None
+    searched: int = 0  # text already searched for stop strings
 
 
 class LLMEngine:
@@ -82,9 +85,9 @@ class LLMEngine:
         if self.disk is not None:
             self._load_from_disk(prompt_ids)
         seq = Sequence(next(self._ids), list(prompt_ids), len(prompt_ids))
-        self.requests[seq.seq_id] = Request(
-            seq, params, make_generator(params, "cpu"), RequestOutput(list(prompt_ids))
-        )
+        output = RequestOutput(list(prompt_ids), logprobs=[] if params.logprobs is not None else None)
+        detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        self.requests[seq.seq_id] = Request(seq, params, make_generator(params, "cpu"), output, detokenizer)
         self.scheduler.add(seq)
         return seq.seq_id
 
@@ -150,7 +153,10 @@ class LLMEngine:
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a chunk of a longer prefill: no token yet
             req = self.requests[seq.seq_id]
-            token = sample(logits[row].cpu(), req.params, req.generator)
+            row_logits = logits[row].cpu()
+            token = sample(row_logits, req.params, req.generator)
+            if req.params.logprobs is not None:
+                req.output.logprobs.append(_logprobs(row_logits, token, req.params.logprobs))
             seq.token_ids.append(token)
             produced.append((seq.seq_id, token))
             if self._append(req, token):
@@ -165,21 +171,33 @@ class LLMEngine:
     def _append(self, req: Request, token: int) -> bool:
         """Adds a sampled token to the output; True when the request is done."""
         out, params = req.output, req.params
-        eos = self.runner.config.eos_token_ids
-        stop_token = (token in eos and not params.ignore_eos) or token in params.stop_token_ids
+        stop_token = (token in self.runner.config.eos_token_ids and not params.ignore_eos) or (
+            token in params.stop_token_ids
+        )
         if not stop_token:
             out.token_ids.append(token)
-        if self.tokenizer is not None:
-            out.text = self.tokenizer.decode(out.token_ids)
-            for stop in params.stop:
-                if stop in out.text:
-                    out.text, out.finish_reason = out.text[: out.text.index(stop)], "stop"
+            if req.detokenizer is not None:
+                req.detokenizer.add(token)
+                out.text = req.detokenizer.text
+                if self._hit_stop_string(req):
                     return True
         if stop_token:
             out.finish_reason = "stop"
         elif len(out.token_ids) >= params.max_tokens:
             out.finish_reason = "length"
+        if out.finish_reason is not None and req.detokenizer is not None:
+            out.text = self.tokenizer.decode(out.token_ids)  # whatever the detokenizer still held back
         return out.finish_reason is not None
+
+    def _hit_stop_string(self, req: Request) -> bool:
+        text = req.output.text
+        for stop in req.params.stop:
+            at = text.find(stop, max(0, req.searched - len(stop) + 1))
+            if at >= 0:
+                req.output.text, req.output.finish_reason = text[:at], "stop"
+                return True
+        req.searched = len(text)
+        return False
 
     def stats(self) -> dict:
         s = dict(self.counters, tokens_reused=self.scheduler.num_reused_tokens)
@@ -191,3 +209,13 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+
+
+def _logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logprobs.topk(top)
+    return {
+        "token": token,
+        "logprob": float(logprobs[token]),
+        "top": [(int(i), float(v)) for i, v in zip(ids, values, strict=True)],
+    }

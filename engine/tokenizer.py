@@ -1,4 +1,5 @@
-"""A checkpoint's tokenizer.json (byte-level BPE) through the `tokenizers` library."""
+"""A checkpoint's tokenizer.json (byte-level BPE) through the `tokenizers` library, DeepSeek's chat
+template, and incremental detokenization that never emits half a UTF-8 character."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from ds4.engine.errors import ConfigError
+from ds4.engine.errors import ConfigError, RequestError
+
+BOS, EOS, USER, ASSISTANT = (
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+)
+ROLES = ("system", "user", "assistant")
 
 
 class Tokenizer:
@@ -32,6 +41,57 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """DeepSeek's template: BOS, the system text, then <｜User｜>{user} and
+        <｜Assistant｜>{reply}<｜end▁of▁sentence｜> turns, ending with <｜Assistant｜> to prompt a reply."""
+        text = [BOS]
+        for i, message in enumerate(messages):
+            role, content = message.get("role") if isinstance(message, dict) else None, None
+            if isinstance(message, dict):
+                content = message.get("content")
+            if role not in ROLES or not isinstance(content, str):
+                raise RequestError(
+                    f"messages[{i}] must be {{'role': one of {', '.join(ROLES)}, 'content': a string}}, "
+                    f"got {message!r}"
+                )
+            if role == "system":
+                text.append(content)
+            elif role == "user":
+                text.append(USER + content)
+            else:
+                text.append(ASSISTANT + content + EOS)
+        if add_generation_prompt:
+            text.append(ASSISTANT)
+        return "".join(text)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of the chat prompt (the template carries its own BOS)."""
+        return self.encode(self.apply_chat_template(messages), add_bos=False)
+
+
+class IncrementalDetokenizer:
+    """Text of a growing token list, extended step by step: only a short window is decoded each time,
+    and text ending in an incomplete UTF-8 sequence is held back until its next token arrives."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self.prefix_offset = 0  # the window decoded for context starts here
+        self.read_offset = 0  # tokens up to here are already in `text`
+
+    def add(self, token_id: int) -> str:
+        """Appends a token; returns the newly stable text (possibly empty)."""
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if after.endswith("\ufffd") or len(after) <= len(before) and after == before:
+            return ""
+        delta = after[len(before) :]
+        self.text += delta
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return delta
 
 
 # DeepSeek's special tokens; BOS and EOS take ids 0 and 1 as in DeepSeek's configs.

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from tokenizers import Tokenizer
 
 from ds4.engine import LLM, RequestError, SamplingParams
@@ -228,3 +229,44 @@ def test_empty_prompt_list_is_an_error(tiny_v3):
 def test_empty_stop_string_is_rejected():
     with pytest.raises(ValueError, match="non-empty"):
         SamplingParams(stop=("",))
+
+
+def test_logprobs_report_the_chosen_token_and_alternatives(tiny_v3):
+    llm = LLM(tiny_v3)
+    out = llm.generate([0, 5, 6], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=4))[
+        0
+    ]
+    assert len(out.logprobs) == 3
+    first = out.logprobs[0]
+    assert first["token"] == out.token_ids[0] and len(first["top"]) == 4
+    assert first["top"][0][0] == first["token"]  # greedy picks the most likely
+    expected = torch.log_softmax(llm.score([0, 5, 6])[-1], -1)[first["token"]]
+    assert abs(first["logprob"] - float(expected)) < 1e-5
+
+
+def test_stop_token_ids_end_generation(tiny_v3):
+    llm = LLM(tiny_v3)
+    free = llm.generate([0, 5, 6], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
+    stop = free.token_ids[2]
+    out = llm.generate(
+        [0, 5, 6], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, stop_token_ids=(stop,))
+    )[0]
+    first = free.token_ids.index(stop)
+    assert out.token_ids == free.token_ids[:first] and out.finish_reason == "stop"
+
+
+def test_min_p_keeps_only_likely_tokens(tiny_v3):
+    from ds4.engine.sampler import sample
+
+    logits = torch.tensor([2.0, 1.9, -3.0, -5.0])
+    params = SamplingParams(temperature=1.0, min_p=0.5, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    picks = {sample(logits, params, gen) for _ in range(200)}
+    assert picks == {0, 1}
+
+
+def test_chat_prompt_generates(tiny_v3):
+    llm = LLM(tiny_v3)
+    ids = llm.tokenizer.encode_chat([{"role": "user", "content": "write a function"}])
+    out = llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4 and out.prompt_token_ids == ids

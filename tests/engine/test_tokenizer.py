@@ -1,0 +1,48 @@
+"""The tokenizer side: DeepSeek's chat template and incremental detokenization."""
+
+import pytest
+
+from ds4.engine import RequestError
+from ds4.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_v3):
+    return Tokenizer(tiny_v3, bos_token_id=0)
+
+
+def test_chat_template_lays_out_deepseek_turns(tokenizer):
+    text = tokenizer.apply_chat_template(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "bye"},
+        ]
+    )
+    assert text == (
+        "<｜begin▁of▁sentence｜>Be brief.<｜User｜>hi<｜Assistant｜>hello<｜end▁of▁sentence｜>"
+        "<｜User｜>bye<｜Assistant｜>"
+    )
+
+
+def test_chat_special_tokens_encode_to_their_ids(tokenizer):
+    ids = tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+    assert ids[0] == 0 and ids[1] == 2 and ids[-1] == 3  # BOS, <｜User｜> ... <｜Assistant｜>
+    assert ids.count(0) == 1  # the template's BOS only
+
+
+@pytest.mark.parametrize("bad", [[{"role": "robot", "content": "x"}], [{"role": "user"}], ["hi"]])
+def test_malformed_messages_are_a_request_error(tokenizer, bad):
+    with pytest.raises(RequestError, match=r"messages\[0\]"):
+        tokenizer.apply_chat_template(bad)
+
+
+def test_incremental_detokenization_matches_full_decode_and_never_splits_utf8(tokenizer):
+    text = "naïve café — ∑ 你好世界 🙂 done\n\tdef f(): return 1"
+    ids = tokenizer.encode(text, add_bos=False)
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.add(i) for i in ids]
+    assert "".join(deltas) == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert sum(1 for d in deltas if d == "") > 0  # multi-byte characters were held back at least once
