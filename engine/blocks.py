@@ -48,6 +48,7 @@ class BlockManager:
         self.free_ids: deque[int] = deque(range(num_blocks))  # never named, or evicted
         self.cached: OrderedDict[int, None] = OrderedDict()  # named, unreferenced: LRU first
         self.hash_to_block: dict[bytes, int] = {}
+        self.on_evict = None  # called with a block id whose cached contents are dropped
 
     # -- capacity -------------------------------------------------------------------------------
 
@@ -105,6 +106,8 @@ class BlockManager:
         block = self.blocks[block_id]
         del self.hash_to_block[block.hash]
         block.hash, block.parent, block.token_ids = None, b"", ()
+        if self.on_evict is not None:
+            self.on_evict(block_id)
         return block_id
 
     def register_full_blocks(self, table: BlockTable, token_ids: list[int], num_computed: int) -> list[int]:

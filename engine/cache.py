@@ -13,6 +13,7 @@ import torch
 
 from ds4.engine.config import ModelConfig
 from ds4.engine.context import SeqSlice
+from ds4.engine.errors import ConfigError
 from ds4.engine.layers.compressor import CompressorState
 from ds4.engine.layers.engram import EngramState
 
@@ -69,6 +70,18 @@ class PagedLatentCache:
     def free_slot(self, slot: int) -> None:
         """Nothing to drop: a sequence's rows are in its blocks, which the block manager owns."""
 
+    def has_state(self, slot: int) -> bool:
+        return True  # rows live in blocks: a prefix hit needs no restoring
+
+    def store_block(self, block_id: int, slot: int, end: int) -> None:
+        """Nothing to snapshot: the block's rows are already in place."""
+
+    def drop_block(self, block_id: int) -> None:
+        """Nothing to drop: an evicted block's rows are simply overwritten later."""
+
+    def block_template(self) -> dict[str, torch.Tensor]:
+        return self.block_tensors(0)
+
     def block_tensors(self, block_id: int) -> dict[str, torch.Tensor]:
         rows = slice(block_id * self.block_size, (block_id + 1) * self.block_size)
         out = {f"kv.{i}": t[rows] for i, t in enumerate(self.kv)}
@@ -86,15 +99,33 @@ class PagedLatentCache:
 
 class WindowCache:
     """DeepSeek-V4's decode state per sequence (keyed by slot) and layer: a ring of the last
-    `sliding_window` K=V rows, and each compressor's state (its emitted rows and the unfinished window).
-    Not paged yet: V4 sequences keep their own state, dropped when they finish or are preempted."""
+    `sliding_window` K=V rows, each compressor's state (its emitted rows, the unfinished window, the
+    overlap), and Engram's recent ids and values.
 
-    def __init__(self, config: ModelConfig, max_len: int, dtype: torch.dtype, device):
-        self.max_len, self.size = max_len, config.sliding_window
+    Prefix blocks: at a block boundary (a multiple of every compression ratio, so no window is half
+    done) the state a block contributes is snapshotted: its compressed rows, and the window tail,
+    overlaps and Engram context as they stand at its end. A sequence that hits cached blocks is
+    restored from their snapshots and resumes exactly where a full computation would be.
+    """
+
+    def __init__(self, config: ModelConfig, max_len: int, dtype: torch.dtype, device, block_size: int = 256):
+        ratios = [r for r in config.compress_ratios if r]
+        if any(block_size % r for r in ratios) or block_size < config.sliding_window:
+            raise ConfigError(
+                f"block_size {block_size} must be a multiple of the compression ratios {sorted(set(ratios))} "
+                f"and cover the {config.sliding_window}-token window"
+            )
+        self.config, self.max_len, self.size, self.block_size = (
+            config,
+            max_len,
+            config.sliding_window,
+            block_size,
+        )
         self.row_shape, self.dtype, self.device = (config.sliding_window, config.head_dim), dtype, device
         self.windows: dict[tuple[int, int], torch.Tensor] = {}
         self.states: dict[tuple[int, int, str], CompressorState] = {}
         self.engram_states: dict[tuple[int, int], EngramState] = {}
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}  # block id -> its contribution
 
     def prepare(self, seq: SeqSlice) -> SeqSlice:
         return seq
@@ -125,16 +156,107 @@ class WindowCache:
     def engram_state(self, layer: int, slot: int) -> EngramState:
         return self.engram_states.setdefault((layer, slot), EngramState())
 
+    def has_state(self, slot: int) -> bool:
+        return (0, slot) in self.windows
+
     def free_slot(self, slot: int) -> None:
         for states in (self.windows, self.states, self.engram_states):
             for key in [k for k in states if k[1] == slot]:
                 del states[key]
 
+    # -- prefix blocks ------------------------------------------------------------------------
+
+    def store_block(self, block_id: int, slot: int, end: int) -> None:
+        """Snapshots what the block ending at position `end` contributes to sequence `slot`'s state."""
+        assert end % self.block_size == 0, f"snapshots are taken at block boundaries, not at {end}"
+        snap = {}
+        for layer in range(self.config.num_hidden_layers):
+            snap[f"window.{layer}"] = self.read_window(layer, slot, end).clone()
+            ratio = self.config.compress_ratios[layer]
+            for name in ("attn", "index") if ratio else ():
+                state = self.states.get((layer, slot, name))
+                if state is None:
+                    continue
+                assert not state.buffer_kv.shape[0], "a block boundary leaves no window unfinished"
+                per_block = self.block_size // ratio
+                snap[f"{name}_rows.{layer}"] = state.entries[end // ratio - per_block : end // ratio].clone()
+                if state.overlap_kv is not None:
+                    snap[f"{name}_overlap_kv.{layer}"] = state.overlap_kv.clone()
+                    snap[f"{name}_overlap_gate.{layer}"] = state.overlap_gate.clone()
+            engram = self.engram_states.get((layer, slot))
+            if engram is not None:
+                snap[f"engram_ids.{layer}"], snap[f"engram_values.{layer}"] = (
+                    engram.ids.clone(),
+                    engram.values.clone(),
+                )
+        self.snapshots[block_id] = snap
+
+    def restore(self, slot: int, block_ids: list[int]) -> None:
+        """Rebuilds sequence `slot`'s state as it stands after the given cached blocks."""
+        self.free_slot(slot)
+        snaps = [self.snapshots[b] for b in block_ids]
+        end = len(block_ids) * self.block_size
+        last = snaps[-1]
+        for layer in range(self.config.num_hidden_layers):
+            self.write_window(layer, slot, end - last[f"window.{layer}"].shape[0], last[f"window.{layer}"])
+            for name in ("attn", "index"):
+                if f"{name}_rows.{layer}" not in last:
+                    continue
+                state = self.compressor_state(layer, slot, name)
+                state.entries = torch.cat([s[f"{name}_rows.{layer}"] for s in snaps])
+                state.buffer_kv = state.buffer_gate = None
+                if f"{name}_overlap_kv.{layer}" in last:
+                    state.overlap_kv = last[f"{name}_overlap_kv.{layer}"].clone()
+                    state.overlap_gate = last[f"{name}_overlap_gate.{layer}"].clone()
+            if f"engram_ids.{layer}" in last:
+                engram = self.engram_state(layer, slot)
+                engram.ids, engram.values = (
+                    last[f"engram_ids.{layer}"].clone(),
+                    last[f"engram_values.{layer}"].clone(),
+                )
+
+    def drop_block(self, block_id: int) -> None:
+        self.snapshots.pop(block_id, None)
+
+    def block_tensors(self, block_id: int) -> dict[str, torch.Tensor]:
+        return self.snapshots[block_id]
+
+    def load_block(self, block_id: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.snapshots[block_id] = {k: v.to(self.device) for k, v in tensors.items()}
+
+    def block_template(self) -> dict[str, torch.Tensor]:
+        """Empty tensors with the names, shapes and dtypes of every snapshot, to check disk files against.
+        Compressors run in float32; windows and Engram values in the model's dtype."""
+        cfg, bs, f32 = self.config, self.block_size, torch.float32
+        out = {}
+        for layer, (kind, ratio) in enumerate(zip(cfg.layer_types, cfg.compress_ratios, strict=True)):
+            out[f"window.{layer}"] = torch.empty(self.size - 1, cfg.head_dim, dtype=self.dtype)
+            compressors = {"attn": cfg.head_dim, "index": cfg.index_head_dim} if ratio else {}
+            if kind != "compressed_sparse_attention":
+                compressors.pop("index", None)
+            for name, dim in compressors.items():
+                out[f"{name}_rows.{layer}"] = torch.empty(bs // ratio, dim, dtype=f32)
+                if kind == "compressed_sparse_attention":  # overlapping windows carry the last Ca half
+                    out[f"{name}_overlap_kv.{layer}"] = torch.empty(ratio, dim, dtype=f32)
+                    out[f"{name}_overlap_gate.{layer}"] = torch.empty(ratio, dim, dtype=f32)
+            engram = cfg.engram
+            if engram is not None and layer in engram.layer_ids:
+                context = (engram.kernel_size - 1) * engram.max_ngram
+                out[f"engram_ids.{layer}"] = torch.empty(engram.max_ngram - 1, dtype=torch.int64)
+                out[f"engram_values.{layer}"] = torch.empty(
+                    context, cfg.hc_mult, cfg.hidden_size, dtype=self.dtype
+                )
+        return out
+
     def nbytes(self) -> int:
-        tensors = list(self.windows.values()) + [
-            t
-            for s in self.states.values()
-            for t in (s.entries, s.buffer_kv, s.buffer_gate, s.overlap_kv, s.overlap_gate)
-            if t is not None
-        ]
+        tensors = (
+            list(self.windows.values())
+            + [
+                t
+                for s in self.states.values()
+                for t in (s.entries, s.buffer_kv, s.buffer_gate, s.overlap_kv, s.overlap_gate)
+                if t is not None
+            ]
+            + [t for snap in self.snapshots.values() for t in snap.values()]
+        )
         return sum(t.numel() * t.element_size() for t in tensors)

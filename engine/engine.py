@@ -51,11 +51,14 @@ class LLMEngine:
         self.max_model_len = max_model_len
         bs = config.block_size
         self.num_blocks = config.num_cache_blocks or self._default_num_blocks()
-        # V4's state is per sequence, not paged yet: it cannot be shared between requests.
-        caching = config.enable_prefix_caching and not runner.config.is_v4
+        caching = config.enable_prefix_caching
         self.blocks = BlockManager(self.num_blocks, bs, runner.fingerprint, enable_prefix_caching=caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        # V4 keeps per-sequence state that is snapshotted at block boundaries: chunks must end there
+        self.scheduler = Scheduler(
+            self.blocks, config.max_num_seqs, config.max_num_batched_tokens, align_chunks=runner.config.is_v4
+        )
         self.cache = runner.new_paged_cache(self.num_blocks, bs, max_model_len)
+        self.blocks.on_evict = self.cache.drop_block
         self.disk = (
             DiskTier(config.prefix_cache_dir, runner.fingerprint)
             if config.prefix_cache_dir and caching
@@ -100,7 +103,7 @@ class LLMEngine:
             if h not in self.blocks.hash_to_block:
                 if not self.disk.has(h) or not self.blocks.free_ids:
                     return
-                tensors = self.disk.load(h, parent, tokens, self.cache.block_tensors(self.blocks.free_ids[0]))
+                tensors = self.disk.load(h, parent, tokens, self.cache.block_template())
                 if tensors is None:
                     return
                 self.cache.load_block(self.blocks.adopt(h, parent, tokens), tensors)
@@ -139,10 +142,13 @@ class LLMEngine:
         tokens, slices = [], []
         for seq, n in batch.entries:
             start = seq.num_computed_tokens
+            if start and not self.cache.has_state(seq.seq_id):  # a prefix hit on state kept per sequence
+                self.cache.restore(seq.seq_id, seq.table.block_ids[: start // self.config.block_size])
             slices.append(SeqSlice(seq.seq_id, start, n, len(tokens), tuple(seq.table.block_ids)))
             tokens += seq.token_ids[start : start + n]
         logits = self.runner.step(tokens, slices, self.cache)
-        for block_id in self.scheduler.advance(batch):
+        for seq, block_id in self.scheduler.advance(batch):
+            self.cache.store_block(block_id, seq.seq_id, seq.num_computed_tokens)
             if self.disk is not None:
                 block = self.blocks.blocks[block_id]
                 self.disk.save(block.hash, block.parent, block.token_ids, self.cache.block_tensors(block_id))

@@ -48,7 +48,7 @@ class ModelRunner:
         self, num_blocks: int, block_size: int, max_len: int
     ) -> PagedLatentCache | WindowCache:
         if self.config.is_v4:
-            return WindowCache(self.config, max_len, self.dtype, self.device)
+            return WindowCache(self.config, max_len, self.dtype, self.device, block_size)
         return PagedLatentCache(self.config, num_blocks, block_size, self.dtype, self.device)
 
     def mla_mode(self, seqs: list[SeqSlice]) -> str:

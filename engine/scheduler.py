@@ -43,9 +43,13 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, align_chunks: bool = False
+    ):
+        """`align_chunks`: prefill chunks end at block boundaries, where state that is not per token (V4's)
+        is snapshotted for the prefix cache."""
         assert max_num_seqs > 0 and max_num_batched_tokens > 0, (max_num_seqs, max_num_batched_tokens)
-        self.blocks = blocks
+        self.blocks, self.align_chunks = blocks, align_chunks
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -66,7 +70,7 @@ class Scheduler:
                 break
             if seq.status != "running":  # preempted while making room for an earlier one
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, seq.num_computed_tokens, budget)
             while (
                 self.blocks.blocks_needed(seq.table, seq.num_computed_tokens + n)
                 > self.blocks.num_free_blocks
@@ -96,7 +100,7 @@ class Scheduler:
         """Reserves blocks for as much of `seq` as fits (prefix hits first); 0 when nothing fits."""
         hits = self.blocks.match_prefix(seq.token_ids, max_tokens=seq.num_tokens - 1)  # >= 1 token to run
         computed = len(hits) * self.blocks.block_size
-        n = min(seq.num_tokens - computed, budget)
+        n = self._chunk(seq, computed, budget)
         reused_free = sum(self.blocks.blocks[b].ref_count == 0 for b in hits)  # hits sitting in the LRU pool
         needed = -(-(computed + n) // self.blocks.block_size) - len(hits)
         if needed + reused_free > self.blocks.num_free_blocks:
@@ -108,6 +112,12 @@ class Scheduler:
         self.num_reused_tokens += computed
         return n
 
+    def _chunk(self, seq: Sequence, computed: int, budget: int) -> int:
+        n = min(seq.num_tokens - computed, budget)
+        if self.align_chunks:
+            n = min(n, self.blocks.block_size - computed % self.blocks.block_size)
+        return n
+
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
         self.blocks.free(seq.table)
@@ -115,12 +125,16 @@ class Scheduler:
         seq.num_computed_tokens, seq.status = 0, "waiting"
         self.waiting.appendleft(seq)
 
-    def advance(self, batch: ScheduledBatch) -> list[int]:
-        """Counts a step's tokens as computed and names the blocks they completed; returns those blocks."""
+    def advance(self, batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
+        """Counts a step's tokens as computed and names the blocks they completed; returns
+        (sequence, block id) for each block named."""
         named = []
         for seq, n in batch.entries:
             seq.num_computed_tokens += n
-            named += self.blocks.register_full_blocks(seq.table, seq.token_ids, seq.num_computed_tokens)
+            named += [
+                (seq, b)
+                for b in self.blocks.register_full_blocks(seq.table, seq.token_ids, seq.num_computed_tokens)
+            ]
         return named
 
     def finish(self, seq: Sequence) -> None:

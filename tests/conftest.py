@@ -178,3 +178,10 @@ def tiny_v32(tmp_path_factory):
     from ds4.engine.random_checkpoint import init_checkpoint
 
     return init_checkpoint("deepseek_v32", "tiny", tmp_path_factory.mktemp("tiny-v32"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_v4(tmp_path_factory):
+    from ds4.engine.random_checkpoint import init_checkpoint
+
+    return init_checkpoint("deepseek_v4", "tiny", tmp_path_factory.mktemp("tiny-v4"), seed=0)

@@ -24,7 +24,7 @@ def prompt(vocab: int, tail: int) -> list[int]:
     return shared + list(range(2, 2 + tail))
 
 
-@pytest.fixture(scope="module", params=["tiny_v3", "tiny_v32"])
+@pytest.fixture(scope="module", params=["tiny_v3", "tiny_v32", "tiny_v4"])
 def checkpoint(request):
     return request.getfixturevalue(request.param)
 

@@ -21,7 +21,7 @@ def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     return [shared + t for t in tails] + [other]
 
 
-@pytest.fixture(scope="module", params=["tiny_v3", "tiny_v32"])
+@pytest.fixture(scope="module", params=["tiny_v3", "tiny_v32", "tiny_v4"])
 def checkpoint(request):
     return request.getfixturevalue(request.param)
 

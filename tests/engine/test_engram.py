@@ -205,3 +205,17 @@ def test_engram_only_adds_to_the_residual(engram_checkpoint, tmp_path):
     base = LLM(without).score(ids)
     assert max_rel_err(LLM(silent).score(ids), base) < 1e-6
     assert max_rel_err(LLM(engram_checkpoint).score(ids), base) > 1e-3
+
+
+def test_prefix_cache_restores_engram_state(engram_checkpoint):
+    from ds4.engine import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    gen = torch.Generator().manual_seed(9)
+    shared = torch.randint(2, 512, (300,), generator=gen).tolist()
+    prompt = shared + [5, 6, 7]
+    cold = LLM(engram_checkpoint, enable_prefix_caching=False).generate(prompt, params)[0]
+    llm = LLM(engram_checkpoint)
+    llm.generate(shared + [9], params)
+    warm = llm.generate(prompt, params)[0]
+    assert warm.num_cached_tokens == 256 and warm.token_ids == cold.token_ids
