@@ -78,13 +78,32 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+    def check_prompt(self, prompt_ids: list[int], max_new: int) -> None:
+        """RequestError unless the prompt is non-empty, in the vocabulary and within max_model_len."""
+        if not prompt_ids:
+            raise RequestError("empty prompt: give at least one token")
+        vocab = self.runner.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) + max_new > self.max_model_len:
+            raise RequestError(
+                f"prompt of {len(prompt_ids)} tokens + {max_new} new exceeds the "
+                f"{self.max_model_len}-token limit (max_model_len)"
+            )
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Everything add_request checks, without touching engine state (safe from any thread)."""
+        self.check_prompt(prompt_ids, params.max_tokens)
         needed = -(-(len(prompt_ids) + params.max_tokens) // self.config.block_size)
         if needed > self.num_blocks:
             raise RequestError(
                 f"prompt of {len(prompt_ids)} tokens + {params.max_tokens} new needs {needed} cache blocks; "
                 f"the cache has {self.num_blocks} (raise num_cache_blocks or cache_memory_gb)"
             )
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        self.check_request(prompt_ids, params)
         if self.disk is not None:
             self._load_from_disk(prompt_ids)
         seq = Sequence(next(self._ids), list(prompt_ids), len(prompt_ids))

@@ -15,6 +15,7 @@ import torch
 from ds4.engine.config import EngineConfig
 from ds4.engine.context import SeqSlice
 from ds4.engine.engine import LLMEngine, RequestOutput
+from ds4.engine.engine_loop import EngineLoop, stable_text
 from ds4.engine.errors import RequestError
 from ds4.engine.runner import ModelRunner
 from ds4.engine.sampler import SamplingParams
@@ -67,20 +68,22 @@ class LLM:
         params = params or SamplingParams()
         request_id = self.engine.add_request(self._prompt_ids(prompt, params.max_tokens), params)
         out = self.engine.output(request_id)
-        hold = max((len(s) for s in params.stop), default=1) - 1
         sent = 0
         try:
             while out.finish_reason is None:
                 self.engine.step()
-                stable = out.text if out.finish_reason else out.text[: max(len(out.text) - hold, 0)]
-                if stable.endswith("\ufffd") and not out.finish_reason:
-                    continue  # an incomplete UTF-8 sequence: wait for its next byte
+                stable = stable_text(out, params)
                 if len(stable) > sent:
                     yield stable[sent:]
                     sent = len(stable)
         finally:
             self.engine.cancel(request_id)  # a consumer that stops early frees the request's blocks
             self.engine.release(request_id)
+
+    def serve(self) -> EngineLoop:
+        """Starts an engine thread over this LLM's engine, for servers with concurrent callers; drive
+        the engine only through it from then on."""
+        return EngineLoop(self.engine)
 
     def stats(self) -> dict:
         """Tokens prefilled (scoring included), reused from the prefix cache, decoded; the hit rate."""
@@ -99,14 +102,5 @@ class LLM:
             ids = self.tokenizer.encode(prompt)
         else:
             ids = [int(t) for t in prompt]
-        if not ids:
-            raise RequestError("empty prompt: give at least one token")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
-        if len(ids) + max_new > self.max_model_len:
-            raise RequestError(
-                f"prompt of {len(ids)} tokens + {max_new} new exceeds the "
-                f"{self.max_model_len}-token limit (max_model_len)"
-            )
+        self.engine.check_prompt(ids, max_new)
         return ids

@@ -1,0 +1,150 @@
+"""One engine thread shared by many callers: a server submits from any thread and reads each request's
+own stream of events; the thread owns the engine and runs its steps, so batches mix everyone's work.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ds4.engine.engine import LLMEngine, RequestOutput
+from ds4.engine.sampler import SamplingParams
+
+log = logging.getLogger("ds4.engine.loop")
+
+
+@dataclass
+class StreamEvent:
+    """What a request gained in one step: new token ids and newly stable text; `output` when finished."""
+
+    token_ids: list[int]
+    text: str
+    output: RequestOutput | None = None
+    error: BaseException | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.output is not None or self.error is not None
+
+
+def stable_text(out: RequestOutput, params: SamplingParams) -> str:
+    """The part of the output text no later token can change: all of it once finished; before that, a
+    possible stop-string prefix and an incomplete UTF-8 tail are held back."""
+    if out.finish_reason is not None:
+        return out.text
+    hold = max((len(s) for s in params.stop), default=1) - 1
+    text = out.text[: max(len(out.text) - hold, 0)]
+    return text[:-1] if text.endswith("\ufffd") else text
+
+
+class RequestHandle:
+    def __init__(self, loop: EngineLoop, params: SamplingParams):
+        self.loop, self.params = loop, params
+        self.request_id: int | None = None
+        self.events: queue.Queue[StreamEvent] = queue.Queue()
+        self._sent_tokens = 0
+        self._sent_text = 0
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        while True:
+            event = self.events.get()
+            yield event
+            if event.finished:
+                return
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        """Blocks until the request finishes; raises what the engine raised for it."""
+        while True:
+            event = self.events.get(timeout=timeout)
+            if event.error is not None:
+                raise event.error
+            if event.output is not None:
+                return event.output
+
+    def cancel(self) -> None:
+        self.loop.cancel(self)
+
+    def _publish(self, out: RequestOutput, finished: bool) -> None:
+        tokens = out.token_ids[self._sent_tokens :]
+        text = stable_text(out, self.params)[self._sent_text :]
+        self._sent_tokens += len(tokens)
+        self._sent_text += len(text)
+        if tokens or text or finished:
+            self.events.put(StreamEvent(tokens, text, out if finished else None))
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, idle_wait: float = 0.05):
+        self.engine, self.idle_wait = engine, idle_wait
+        self._inbox: queue.Queue = queue.Queue()
+        self._handles: dict[int, RequestHandle] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ds4-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+        """Queues a request (checked here, in the caller's thread) and returns its handle at once."""
+        self.engine.check_request(prompt_ids, params)
+        handle = RequestHandle(self, params)
+        self._inbox.put(("add", handle, list(prompt_ids)))
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        self._inbox.put(("cancel", handle, None))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None, None))
+        self._thread.join(timeout)
+
+    # -- the engine thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox(block=not self.engine.has_unfinished)
+            if not self.engine.has_unfinished:
+                continue
+            try:
+                produced = self.engine.step()
+            except Exception as error:  # the loop outlives a failed step: its requests fail, others go on
+                log.exception("engine step failed")
+                self._fail_all(error)
+                continue
+            for request_id in {r for r, _ in produced}:
+                self._publish(request_id)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=self.idle_wait) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, handle, payload = item
+            if kind == "add":
+                handle.request_id = self.engine.add_request(payload, handle.params)
+                self._handles[handle.request_id] = handle
+            elif kind == "cancel" and handle.request_id in self._handles:
+                self.engine.cancel(handle.request_id)
+                self._publish(handle.request_id)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _publish(self, request_id: int) -> None:
+        out = self.engine.output(request_id)
+        finished = out.finish_reason is not None
+        self._handles[request_id]._publish(out, finished)
+        if finished:
+            del self._handles[request_id]
+            self.engine.release(request_id)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, handle in list(self._handles.items()):
+            self.engine.cancel(request_id)
+            self.engine.release(request_id)
+            handle.events.put(StreamEvent([], "", error=error))
+        self._handles.clear()
