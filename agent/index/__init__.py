@@ -1,0 +1,1 @@
+"""The repository index: file catalog, tree-sitter tags, SQLite storage, incremental and live updates."""
