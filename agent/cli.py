@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -72,6 +73,29 @@ def _add_bench(sub) -> None:
     prefix.set_defaults(func=_cmd_bench_prefix)
 
 
+def _add_index_commands(sub) -> None:
+    index = sub.add_parser("index", help="index a repository (incremental): files, symbols, references")
+    index.add_argument("--repo", default=".", help="repository folder (default: the current one)")
+    index.add_argument("--db", default=None, help="index database (default: REPO/.ds4/index.db)")
+    index.add_argument("--max-file-mb", type=float, default=1.0, help="skip files larger than this")
+    index.add_argument("--json", action="store_true")
+    index.set_defaults(func=_cmd_index)
+    search = sub.add_parser("search", help="search the index for symbols")
+    search.add_argument("query")
+    search.add_argument("--repo", default=".")
+    search.add_argument("--db", default=None)
+    search.add_argument("--kind", default=None, help="function, method, class, interface, struct, ...")
+    search.add_argument("--limit", type=int, default=20)
+    search.add_argument("--json", action="store_true")
+    search.set_defaults(func=_cmd_search)
+    symbols = sub.add_parser("symbols", help="definitions of a file, or of the whole repository")
+    symbols.add_argument("path", nargs="?", default=None, help="a file, relative to the repository")
+    symbols.add_argument("--repo", default=".")
+    symbols.add_argument("--db", default=None)
+    symbols.add_argument("--json", action="store_true")
+    symbols.set_defaults(func=_cmd_symbols)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ds4-agent",
@@ -80,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_model_commands(sub)
     _add_generate(sub)
+    _add_index_commands(sub)
     _add_bench(sub)
     return parser
 
@@ -166,14 +191,78 @@ def _cmd_bench_prefix(args) -> int:
     return 0
 
 
+def _progress(done: int, total: int) -> None:
+    if sys.stderr.isatty():
+        print(f"\rindexing {done}/{total} changed files", end="" if done < total else "\n", file=sys.stderr)
+
+
+def _cmd_index(args) -> int:
+    from ds4.agent.index.indexer import index_repo
+
+    _require_dir(args.repo)
+    report = index_repo(args.repo, args.db, max_bytes=int(args.max_file_mb * (1 << 20)), progress=_progress)
+    if args.json:
+        print(json.dumps(report.__dict__, indent=2))
+        return 0
+    langs = ", ".join(f"{name} {n}" for name, n in list(report.languages.items())[:8])
+    skipped = ", ".join(f"{reason}: {n}" for reason, n in report.skipped.items()) or "none"
+    print(
+        f"{report.files} files ({report.parsed} parsed, {report.unchanged} unchanged, "
+        f"{report.removed} removed) in {report.seconds:.2f}s\nlanguages: {langs}\n"
+        f"{report.definitions} definitions, {report.references} references\nskipped: {skipped}"
+    )
+    return 0
+
+
+def _open_existing_index(args):
+    from ds4.agent.index.indexer import default_db_path
+    from ds4.agent.index.store import open_index
+
+    _require_dir(args.repo)
+    path = args.db or default_db_path(args.repo)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no index at {path}: run `ds4-agent index --repo {args.repo}` first")
+    return open_index(path)
+
+
+def _cmd_search(args) -> int:
+    from ds4.agent.index.query import search
+
+    rows = search(_open_existing_index(args), args.query, args.kind, args.limit)
+    _print_rows(rows, args.json)
+    return 0
+
+
+def _cmd_symbols(args) -> int:
+    from ds4.agent.index.query import symbols
+
+    rows = symbols(_open_existing_index(args), args.path)
+    _print_rows(rows, args.json)
+    return 0
+
+
+def _print_rows(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        print(f"{r['path']}:{r['line']}: {r['kind']} {r['name']}  {r['signature']}")
+
+
+def _require_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except Exception as e:  # the CLI boundary: typed, user-facing errors become one line and an exit code
+        from ds4.agent.index.store import IndexDatabaseError
         from ds4.engine.errors import EngineError
 
-        if isinstance(e, EngineError | ValueError | FileNotFoundError):
+        if isinstance(e, EngineError | ValueError | FileNotFoundError | IndexDatabaseError):
             print(f"ds4-agent: error: {e}", file=sys.stderr)
             return 2
         raise

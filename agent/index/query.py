@@ -1,0 +1,43 @@
+"""Reading the index: ranked symbol search (FTS5 BM25 over names, signatures and docs; exact names
+first) and the definitions of a file or the whole repository."""
+
+from __future__ import annotations
+
+import re
+
+import sqlite_utils
+
+COLUMNS = ("path", "name", "kind", "line", "end_line", "signature", "doc")
+_SELECT = (
+    "SELECT f.path, d.name, d.kind, d.line, d.end_line, d.signature, d.doc "
+    "FROM definitions d JOIN files f ON f.id = d.file_id"
+)
+
+
+def _fts_query(text: str) -> str:
+    """User text as an FTS5 query: each word a quoted prefix term (no syntax errors from user input)."""
+    words = re.findall(r"[\w$]+", text)
+    return " ".join(f'"{w}"*' for w in words)
+
+
+def search(db: sqlite_utils.Database, text: str, kind: str | None = None, limit: int = 20) -> list[dict]:
+    match = _fts_query(text)
+    if not match:
+        return []
+    where, params = "", [match]
+    if kind:
+        where, params = " AND d.kind = ?", [match, kind]
+    rows = db.execute(
+        f"{_SELECT} JOIN definitions_fts ON definitions_fts.rowid = d.id "
+        f"WHERE definitions_fts MATCH ?{where} "
+        "ORDER BY (d.name = ?) DESC, (lower(d.name) = lower(?)) DESC, bm25(definitions_fts), f.path, d.line "
+        "LIMIT ?",
+        params + [text.strip(), text.strip(), limit],
+    ).fetchall()
+    return [dict(zip(COLUMNS, row, strict=True)) for row in rows]
+
+
+def symbols(db: sqlite_utils.Database, path: str | None = None) -> list[dict]:
+    where, params = ("WHERE f.path = ?", [path]) if path else ("", [])
+    rows = db.execute(f"{_SELECT} {where} ORDER BY f.path, d.line, d.id", params).fetchall()
+    return [dict(zip(COLUMNS, row, strict=True)) for row in rows]
