@@ -222,7 +222,7 @@ def _open_existing_index(args):
     path = args.db or default_db_path(args.repo)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no index at {path}: run `ds4-agent index --repo {args.repo}` first")
-    return open_index(path)
+    return open_index(path, write=False)
 
 
 def _cmd_search(args) -> int:

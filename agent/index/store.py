@@ -65,9 +65,12 @@ class IndexDatabaseError(Exception):
     """The index database cannot be opened or written (permissions, disk full)."""
 
 
-def open_index(path: str | Path) -> sqlite_utils.Database:
-    """Opens (creating or rebuilding as needed) the index database at `path`."""
+def open_index(path: str | Path, write: bool = True) -> sqlite_utils.Database:
+    """Opens the index database at `path`: for writing (creating or rebuilding it as needed), or for
+    reading only, which never waits on a writer and never changes the file."""
     path = Path(path)
+    if not write:
+        return _open_reader(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         db = _open(path)
@@ -81,6 +84,18 @@ def open_index(path: str | Path) -> sqlite_utils.Database:
         return db
     except sqlite3.DatabaseError as e:
         raise IndexDatabaseError(f"cannot use the index database {path}: {e}") from e
+
+
+def _open_reader(path: Path) -> sqlite_utils.Database:
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+        db = sqlite_utils.Database(conn)
+        problem = _version_problem(db) or (None if db.table_names() else "is empty")
+    except sqlite3.DatabaseError as e:
+        raise IndexDatabaseError(f"cannot read the index database {path}: {e}") from e
+    if problem:
+        raise IndexDatabaseError(f"the index database {path} {problem}: run `ds4-agent index` to rebuild it")
+    return db
 
 
 def _open(path: Path) -> sqlite_utils.Database:
