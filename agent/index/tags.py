@@ -32,7 +32,9 @@ KINDS = (
 )
 CLASS_LIKE = {"class", "interface", "struct", "trait", "enum"}
 REFERENCE_TYPES = ("identifier", "constant", "name")  # leaf node types ending so count as references
-COMMENT_PREFIXES = ("///", "//!", "//", "/**", "/*", "*/", "*", "#", "--", ";;", "%")
+COMMENT_PREFIXES = ("///", "//!", "//", "/**", "/*", "*/", "*", "--", ";;", "%")
+HASH_COMMENTS = {"python", "ruby", "bash", "perl", "r", "elixir", "julia", "nim", "toml", "yaml", "make"}
+ATTRIBUTE_PREFIXES = ("@", "#[", "#![")  # decorators, annotations, Rust attributes: skipped to reach the doc
 
 
 @dataclass
@@ -95,9 +97,9 @@ def extract(language: str, source: bytes) -> tuple[list[Definition], list[Refere
                     name=name.text.decode("utf-8", "replace"),
                     kind=kind_capture.removeprefix("definition."),
                     line=line + 1,
-                    end_line=node.end_point[0] + 1,
+                    end_line=max(line + 1, node.end_point[0] + (1 if node.end_point[1] else 0)),
                     signature=lines[line].decode("utf-8", "replace").strip()[:300],
-                    doc=_doc_head(node, lines),
+                    doc=_doc_head(node, lines, language),
                     start_byte=node.start_byte,
                     end_byte=node.end_byte,
                 )
@@ -136,7 +138,7 @@ def _leaves(node: Node):
             stack.extend(reversed(n.children))
 
 
-def _doc_head(node: Node, lines: list[bytes]) -> str:
+def _doc_head(node: Node, lines: list[bytes], language: str) -> str:
     """The first line of a Python-style docstring, or of the comments right above the definition."""
     body = node.child_by_field_name("body")
     if body is not None and body.named_child_count:
@@ -146,16 +148,21 @@ def _doc_head(node: Node, lines: list[bytes]) -> str:
         if first.type == "string":
             text = first.text.decode("utf-8", "replace").strip("\"' \n\r\tbrfuBRFU").strip()
             return text.splitlines()[0][:200] if text else ""
+    prefixes = COMMENT_PREFIXES + (("#",) if language in HASH_COMMENTS else ())
     row, comment = node.start_point[0] - 1, []
     while row >= 0:
         text = lines[row].decode("utf-8", "replace").strip()
-        if not text.startswith(COMMENT_PREFIXES):
+        if text.startswith(ATTRIBUTE_PREFIXES) and not comment:
+            row -= 1
+            continue
+        if not text.startswith(prefixes):
             break
         comment.insert(0, text)
         row -= 1
     for text in comment:
-        for prefix in COMMENT_PREFIXES:
+        for prefix in prefixes:
             text = text.removeprefix(prefix)
-        if text.strip():
-            return text.strip()[:200]
+        text = text.removesuffix("*/").strip()
+        if text:
+            return text[:200]
     return ""

@@ -7,7 +7,8 @@
 (interface_declaration name: (identifier) @name) @definition.interface
 (struct_declaration name: (identifier) @name) @definition.struct
 (enum_declaration name: (identifier) @name) @definition.enum
-(record_declaration "struct" name: (identifier) @name) @definition.struct
+((record_declaration "struct" name: (identifier) @name) @definition.struct
+  (#match? @definition.struct "^(\\s*\\[[^\\]]*\\])*\\s*(\\w+\\s+)*record\\s+struct\\b"))
 ((record_declaration name: (identifier) @name) @definition.class
   (#not-match? @definition.class "^(\\s*\\[[^\\]]*\\])*\\s*(\\w+\\s+)*record\\s+struct\\b"))
 
