@@ -78,6 +78,8 @@ def _add_index_commands(sub) -> None:
     index.add_argument("--repo", default=".", help="repository folder (default: the current one)")
     index.add_argument("--db", default=None, help="index database (default: REPO/.ds4/index.db)")
     index.add_argument("--max-file-mb", type=float, default=1.0, help="skip files larger than this")
+    index.add_argument("--watch", action="store_true", help="then keep the index fresh until interrupted")
+    index.add_argument("--poll", action="store_true", help="with --watch: poll instead of file events")
     index.add_argument("--json", action="store_true")
     index.set_defaults(func=_cmd_index)
     search = sub.add_parser("search", help="search the index for symbols")
@@ -202,8 +204,37 @@ def _cmd_index(args) -> int:
     _require_dir(args.repo)
     report = index_repo(args.repo, args.db, max_bytes=int(args.max_file_mb * (1 << 20)), progress=_progress)
     if args.json:
-        print(json.dumps(report.__dict__, indent=2))
-        return 0
+        print(json.dumps(report.__dict__, indent=2), flush=True)
+    else:
+        _print_index_report(report)
+    if args.watch:
+        _watch(args)
+    return 0
+
+
+def _watch(args) -> None:
+    import time
+
+    from ds4.agent.index.watcher import RepoWatcher
+
+    def show(report) -> None:
+        changed = ", ".join(report.parsed_paths[:5]) + (" ..." if len(report.parsed_paths) > 5 else "")
+        print(
+            f"updated: {report.parsed} parsed ({changed}), {report.removed} removed in {report.seconds:.2f}s",
+            flush=True,
+        )
+
+    watcher = RepoWatcher(args.repo, args.db, on_update=show, polling=args.poll)
+    watcher.start()
+    print(f"watching {os.path.abspath(args.repo)} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        watcher.stop()
+
+
+def _print_index_report(report) -> None:
     langs = ", ".join(f"{name} {n}" for name, n in list(report.languages.items())[:8])
     skipped = ", ".join(f"{reason}: {n}" for reason, n in report.skipped.items()) or "none"
     print(
@@ -211,7 +242,6 @@ def _cmd_index(args) -> int:
         f"{report.removed} removed) in {report.seconds:.2f}s\nlanguages: {langs}\n"
         f"{report.definitions} definitions, {report.references} references\nskipped: {skipped}"
     )
-    return 0
 
 
 def _open_existing_index(args):
