@@ -71,6 +71,11 @@ def _add_bench(sub) -> None:
     prefix.add_argument("--threads", type=int, default=None)
     prefix.add_argument("--json", action="store_true")
     prefix.set_defaults(func=_cmd_bench_prefix)
+    index = bench_sub.add_parser("index", help="full and one-file index times, next to universal-ctags")
+    index.add_argument("--repo", default=".")
+    index.add_argument("--runs", type=int, default=3)
+    index.add_argument("--json", action="store_true")
+    index.set_defaults(func=_cmd_bench_index)
 
 
 def _add_index_commands(sub) -> None:
@@ -175,6 +180,15 @@ def _cmd_bench_engine(args) -> int:
         threads=args.threads,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _cmd_bench_index(args) -> int:
+    from ds4.agent.index.bench import bench_index, format_index_report
+
+    _require_dir(args.repo)
+    report = bench_index(args.repo, runs=args.runs)
+    print(json.dumps(report, indent=2) if args.json else format_index_report(report))
     return 0
 
 

@@ -8,10 +8,15 @@ run leaves a consistent database and the next run picks up where it stopped.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ds4.agent.index.catalog import DEFAULT_MAX_BYTES, Entry, list_files
@@ -20,6 +25,7 @@ from ds4.agent.index.store import open_index
 from ds4.agent.index.tags import extract, has_tags
 
 BATCH = 200  # files per transaction
+PARALLEL_MIN_FILES = 64  # fewer changed files than this are analyzed in-process
 MAX_LINE = 2000  # a line this long means minified or generated
 MAX_AVERAGE_LINE = 300
 
@@ -76,12 +82,15 @@ def index_repo(
     with db.conn:
         for path, reason in catalog.skipped.items():
             _replace_file(db, path, Entry(path, 0, 0), known.get(path), None, reason)
-    for first in range(0, len(todo), BATCH):
-        with db.conn:
-            for entry in todo[first : first + BATCH]:
-                _index_file(db, catalog.root, entry, known.get(entry.path), report)
-        if progress is not None:
-            progress(min(first + BATCH, len(todo)), len(todo))
+    with _analyzer(len(todo)) as analyze:
+        for first in range(0, len(todo), BATCH):
+            batch = todo[first : first + BATCH]
+            analyses = analyze(partial(analyze_file, catalog.root), batch)
+            with db.conn:
+                for entry, analysis in zip(batch, analyses, strict=True):
+                    _write(db, entry, known.get(entry.path), analysis, report)
+            if progress is not None:
+                progress(min(first + BATCH, len(todo)), len(todo))
     _summarize(db, report)
     report.seconds = time.perf_counter() - start
     db.conn.close()
@@ -92,25 +101,94 @@ def _changed(entry: Entry, row) -> bool:
     return row is None or row[1] != entry.size or row[2] != entry.mtime_ns
 
 
-def _index_file(db, root: Path, entry: Entry, row, report: IndexReport) -> None:
+@dataclass
+class Analysis:
+    """What one file contributes, computed without the database (in a worker process for big runs)."""
+
+    digest: str | None = None
+    skipped: str | None = None
+    text: str | None = None
+    definitions: list = field(default_factory=list)
+    references: dict[str, str] = field(default_factory=dict)  # name -> "line,line,..."
+    syntax_errors: bool = False
+
+
+def analyze_file(root: Path, entry: Entry) -> Analysis:
     try:
         data = (root / entry.path).read_bytes()
     except OSError as e:
-        _replace_file(db, entry.path, entry, row, None, f"unreadable ({e.strerror})")
+        return Analysis(skipped=f"unreadable ({e.strerror})")
+    out = Analysis(
+        digest=hashlib.blake2b(data, digest_size=16).hexdigest(), skipped=content_skip_reason(data)
+    )
+    if out.skipped is not None:
+        return out
+    out.text = data.decode("utf-8", "replace")
+    language = language_of(entry.path)
+    if language is not None and has_tags(language):
+        out.definitions, references, out.syntax_errors = extract(language, data)
+        lines: dict[str, list[int]] = {}
+        for r in references:
+            seen = lines.setdefault(r.name, [])
+            if not seen or seen[-1] != r.line:
+                seen.append(r.line)
+        out.references = {name: ",".join(map(str, ls)) for name, ls in lines.items()}
+    return out
+
+
+@contextmanager
+def _analyzer(num_files: int):
+    """map() over files: in worker processes for big runs (parsing is CPU-bound), else in-process."""
+    workers = min(os.cpu_count() or 1, 8)
+    if num_files < PARALLEL_MIN_FILES or workers < 2:
+        yield lambda fn, items: [fn(item) for item in items]
         return
-    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-    if row is not None and row[3] == digest and row[4] is None:  # touched, not changed
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield lambda fn, items: list(pool.map(fn, items, chunksize=8))
+
+
+def _write(db, entry: Entry, row, analysis: Analysis, report: IndexReport) -> None:
+    if row is not None and analysis.digest is not None and row[3] == analysis.digest and row[4] is None:
         db.execute(
             "UPDATE files SET size = ?, mtime_ns = ? WHERE id = ?", [entry.size, entry.mtime_ns, row[0]]
         )
-        report.unchanged += 1
+        report.unchanged += 1  # touched, not changed
         return
-    reason = content_skip_reason(data)
-    file_id = _replace_file(db, entry.path, entry, row, digest, reason)
+    file_id = _replace_file(db, entry.path, entry, row, analysis.digest, analysis.skipped)
+    if analysis.digest is None:
+        return  # unreadable: listed with its reason
     report.parsed += 1
     report.parsed_paths.append(entry.path)
-    if reason is None:
-        _store_contents(db, file_id, entry.path, data)
+    if analysis.text is None:
+        return
+    db.execute("INSERT INTO contents (file_id, text) VALUES (?, ?)", [file_id, analysis.text])
+    base = db.execute("SELECT COALESCE(MAX(id), 0) FROM definitions").fetchone()[0] + 1
+    db.conn.executemany(
+        "INSERT INTO definitions (id, file_id, name, kind, line, end_line, signature, doc, parent_id) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                base + i,
+                file_id,
+                d.name,
+                d.kind,
+                d.line,
+                d.end_line,
+                d.signature,
+                d.doc,
+                None if d.parent is None else base + d.parent,
+            )
+            for i, d in enumerate(analysis.definitions)
+        ],
+    )
+    db.conn.executemany(
+        "INSERT INTO refs (file_id, name, lines) VALUES (?, ?, ?)",
+        [(file_id, name, lines) for name, lines in analysis.references.items()],
+    )
+    db.execute(
+        "UPDATE files SET lines = ?, syntax_errors = ? WHERE id = ?",
+        [analysis.text.count("\n") + 1, int(analysis.syntax_errors), file_id],
+    )
 
 
 def _replace_file(db, path: str, entry: Entry, row, digest: str | None, reason: str | None) -> int:
@@ -121,42 +199,6 @@ def _replace_file(db, path: str, entry: Entry, row, digest: str | None, reason: 
         [path, language_of(path), entry.size, entry.mtime_ns, digest or "", reason],
     )
     return cursor.lastrowid
-
-
-def _store_contents(db, file_id: int, path: str, data: bytes) -> None:
-    text = data.decode("utf-8", "replace")
-    db.execute("INSERT INTO contents (file_id, text) VALUES (?, ?)", [file_id, text])
-    language = language_of(path)
-    errors = False
-    if language is not None and has_tags(language):
-        definitions, references, errors = extract(language, data)
-        base = db.execute("SELECT COALESCE(MAX(id), 0) FROM definitions").fetchone()[0] + 1
-        db.conn.executemany(
-            "INSERT INTO definitions (id, file_id, name, kind, line, end_line, signature, doc, parent_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    base + i,
-                    file_id,
-                    d.name,
-                    d.kind,
-                    d.line,
-                    d.end_line,
-                    d.signature,
-                    d.doc,
-                    None if d.parent is None else base + d.parent,
-                )
-                for i, d in enumerate(definitions)
-            ],
-        )
-        db.conn.executemany(
-            "INSERT INTO refs (file_id, name, line) VALUES (?, ?, ?)",
-            [(file_id, r.name, r.line) for r in references],
-        )
-    db.execute(
-        "UPDATE files SET lines = ?, syntax_errors = ? WHERE id = ?",
-        [text.count("\n") + 1, int(errors), file_id],
-    )
 
 
 def _summarize(db, report: IndexReport) -> None:

@@ -13,7 +13,7 @@ import sqlite_utils
 
 log = logging.getLogger("ds4.agent.index")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (
@@ -50,7 +50,7 @@ CREATE INDEX IF NOT EXISTS definitions_name ON definitions(name);
 CREATE TABLE IF NOT EXISTS refs (
     file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
     name TEXT NOT NULL,
-    line INTEGER NOT NULL
+    lines TEXT NOT NULL                 -- the lines it is used on, comma-separated, ascending
 );
 CREATE INDEX IF NOT EXISTS refs_name ON refs(name);
 CREATE INDEX IF NOT EXISTS refs_file ON refs(file_id);

@@ -32,7 +32,7 @@ KINDS = (
 )
 CLASS_LIKE = {"class", "interface", "struct", "trait", "enum"}
 REFERENCE_TYPES = ("identifier", "constant", "name")  # leaf node types ending so count as references
-COMMENT_PREFIXES = ("///", "//!", "//", "/**", "/*", "*/", "*", "--", ";;", "%")
+COMMENT_PREFIXES = ("///", "//!", "//", "/**", "/*", "*/", "*", "---", "--", ";;", "%")
 HASH_COMMENTS = {"python", "ruby", "bash", "perl", "r", "elixir", "julia", "nim", "toml", "yaml", "make"}
 ATTRIBUTE_PREFIXES = ("@", "#[", "#![")  # decorators, annotations, Rust attributes: skipped to reach the doc
 
@@ -63,6 +63,22 @@ def has_tags(language: str) -> bool:
 @cache
 def _query(language: str) -> Query:
     return Query(get_language(language), (QUERIES / f"{language}-tags.scm").read_text())
+
+
+@cache
+def _reference_query(language: str) -> Query | None:
+    """Every named leaf kind of the grammar that names something (identifier, constant, name...)."""
+    lang = get_language(language)
+    kinds = sorted(
+        {
+            lang.node_kind_for_id(i)
+            for i in range(lang.node_kind_count)
+            if lang.node_kind_is_named(i)
+            and lang.node_kind_is_visible(i)
+            and lang.node_kind_for_id(i).endswith(REFERENCE_TYPES)
+        }
+    )
+    return Query(lang, "[" + " ".join(f"({k})" for k in kinds) + "] @ref") if kinds else None
 
 
 @cache
@@ -106,12 +122,19 @@ def extract(language: str, source: bytes) -> tuple[list[Definition], list[Refere
             )
     definitions.sort(key=lambda d: (d.start_byte, -d.end_byte))
     _link_parents(definitions)
-    references = [
-        Reference(n.text.decode("utf-8", "replace"), n.start_point[0] + 1)
-        for n in _leaves(tree.root_node)
-        if n.type.endswith(REFERENCE_TYPES) and (n.start_byte, n.end_byte) not in name_nodes
+    return definitions, _references(language, tree, source, name_nodes), tree.root_node.has_error
+
+
+def _references(language: str, tree, source: bytes, name_nodes: set) -> list[Reference]:
+    query = _reference_query(language)
+    if query is None:
+        return []
+    nodes = QueryCursor(query).captures(tree.root_node).get("ref", [])
+    return [
+        Reference(source[n.start_byte : n.end_byte].decode("utf-8", "replace"), n.start_point[0] + 1)
+        for n in nodes
+        if n.child_count == 0 and (n.start_byte, n.end_byte) not in name_nodes
     ]
-    return definitions, references, tree.root_node.has_error
 
 
 def _link_parents(definitions: list[Definition]) -> None:
@@ -125,17 +148,6 @@ def _link_parents(definitions: list[Definition]) -> None:
         if d.kind == "function" and d.parent is not None and definitions[d.parent].kind in CLASS_LIKE:
             d.kind = "method"
         stack.append(i)
-
-
-def _leaves(node: Node):
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n.child_count == 0:
-            if n.is_named:
-                yield n
-        else:
-            stack.extend(reversed(n.children))
 
 
 def _doc_head(node: Node, lines: list[bytes], language: str) -> str:
