@@ -15,9 +15,10 @@ _SELECT = (
 
 
 def _fts_query(text: str) -> str:
-    """User text as an FTS5 query: each word a quoted prefix term (no syntax errors from user input)."""
+    """User text as an FTS5 query: any of its words as a quoted prefix term (BM25 ranks symbols matching
+    more words higher); quoting means user input never raises an FTS syntax error."""
     words = re.findall(r"[\w$]+", text)
-    return " ".join(f'"{w}"*' for w in words)
+    return " OR ".join(f'"{w}"*' for w in words)
 
 
 def search(db: sqlite_utils.Database, text: str, kind: str | None = None, limit: int = 20) -> list[dict]:

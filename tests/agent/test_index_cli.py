@@ -1,0 +1,46 @@
+"""`ds4-agent index`, `search` and `symbols` through the real console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.agent.test_indexer import BASE, make_repo
+
+EXE = Path(sys.executable).parent / "ds4-agent"
+
+
+def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(EXE), *args], capture_output=True, text=True)
+    if ok:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_index_summary_then_symbols_and_search_as_json(tmp_path):
+    repo = make_repo(tmp_path / "repo", BASE)
+    summary = json.loads(run("index", "--repo", str(repo), "--json").stdout)
+    assert summary["files"] == 4 and summary["definitions"] == 4 and summary["languages"]["python"] == 2
+    rows = json.loads(run("symbols", "app/models.py", "--repo", str(repo), "--json").stdout)
+    assert [(r["path"], r["name"], r["kind"], r["line"], r["end_line"]) for r in rows] == [
+        ("app/models.py", "User", "class", 1, 3),
+        ("app/models.py", "name", "method", 2, 3),
+    ]
+    hits = json.loads(run("search", "User", "--repo", str(repo), "--kind", "class", "--json").stdout)
+    assert hits[0]["name"] == "User" and hits[0]["path"] == "app/models.py"
+    assert json.loads(run("search", "nothing_like_this", "--repo", str(repo), "--json").stdout) == []
+
+
+def test_search_tolerates_fts_syntax_in_queries(tmp_path):
+    repo = make_repo(tmp_path / "repo", BASE)
+    run("index", "--repo", str(repo))
+    hits = json.loads(run("search", 'help" OR (', "--repo", str(repo), "--json").stdout)
+    assert [h["name"] for h in hits] == ["helper"]
+
+
+def test_search_without_an_index_says_what_to_do(tmp_path):
+    repo = make_repo(tmp_path / "repo", BASE)
+    done = run("search", "x", "--repo", str(repo), ok=False)
+    assert done.returncode == 2 and "run `ds4-agent index" in done.stderr and "Traceback" not in done.stderr
