@@ -18,6 +18,7 @@ import re
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 import sqlite_utils
@@ -444,8 +445,23 @@ def render(packed: Packed, fmt: str) -> str:
         return json.dumps(
             {"prompt": packed.prompt, "parts": packed.parts, "manifest": packed.manifest()}, indent=2
         )
-    if fmt == "xml":
-        return packed.prompt  # the model format already wraps each file in <file path="..."> tags
+    if fmt == "xml":  # a well-formed document: contents escaped, modes and token counts as attributes
+        modes = {f.path: f for f in packed.files}
+        out = [
+            '<?xml version="1.0" encoding="UTF-8"?>',
+            f'<repository budget="{packed.budget}" '
+            f'total_tokens="{packed.total_tokens}" repo_prefix_tokens="{packed.repo_prefix_tokens}">',
+            f"<tree>{escape(packed.parts['tree'])}</tree>",
+        ]
+        for match in re.finditer(r'<file path="([^"]+)">\n(.*?)</file>\n', packed.parts["files"], re.S):
+            entry = modes[match.group(1)]
+            out.append(
+                f'<file path={quoteattr(entry.path)} mode="{entry.mode}" tokens="{entry.tokens}">'
+                f"{escape(match.group(2))}</file>"
+            )
+        issue = packed.parts["issue"].strip().removeprefix("<issue>").removesuffix("</issue>").strip()
+        out += [f"<issue>{escape(issue)}</issue>", "</repository>"]
+        return "\n".join(out) + "\n"
     if fmt == "markdown":
         out = ["# Repository", "", packed.parts["tree"], ""]
         for match in re.finditer(r'<file path="([^"]+)">\n(.*?)</file>\n', packed.parts["files"], re.S):
