@@ -76,6 +76,15 @@ def _add_bench(sub) -> None:
     index.add_argument("--runs", type=int, default=3)
     index.add_argument("--json", action="store_true")
     index.set_defaults(func=_cmd_bench_index)
+    packing = bench_sub.add_parser("pack", help="pack time at 100K and 1M budgets; prefix kept after edits")
+    packing.add_argument("--repo", default=".")
+    which = packing.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="checkpoint folder (its tokenizer.json counts tokens)")
+    which.add_argument("--tokenizer", help="a tokenizer.json")
+    packing.add_argument("--issue", default="", help="issue text used for ranking")
+    packing.add_argument("--runs", type=int, default=3)
+    packing.add_argument("--json", action="store_true")
+    packing.set_defaults(func=_cmd_bench_pack)
 
 
 def _add_index_commands(sub) -> None:
@@ -207,6 +216,16 @@ def _cmd_bench_index(args) -> int:
     _require_dir(args.repo)
     report = bench_index(args.repo, runs=args.runs)
     print(json.dumps(report, indent=2) if args.json else format_index_report(report))
+    return 0
+
+
+def _cmd_bench_pack(args) -> int:
+    from ds4.agent.pack_bench import bench_pack, format_pack_report
+
+    _require_dir(args.repo)
+    tokenizer = args.tokenizer or os.path.join(args.model, "tokenizer.json")
+    report = bench_pack(args.repo, tokenizer, runs=args.runs, issue=_read_issue(args.issue))
+    print(json.dumps(report, indent=2) if args.json else format_pack_report(report))
     return 0
 
 

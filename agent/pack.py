@@ -314,7 +314,8 @@ def _elision(lines: list[str], first: int, n: int) -> str:
 
 
 def tree_listing(paths: list[str]) -> str:
-    return "Repository files:\n" + "".join(f"  {p}\n" for p in paths)
+    """Every file, by path: it changes only when files are added, removed or renamed, never on edits."""
+    return "Repository files:\n" + "".join(f"  {p}\n" for p in sorted(paths))
 
 
 def pack(
