@@ -325,7 +325,11 @@ def pack(
     budget: int,
     counter: TokenCounter,
     feedback: str = "",
+    previous: dict | None = None,
 ) -> Packed:
+    """`previous`: an earlier pack's manifest for the same repository and issue. Its selection is kept
+    while it fits, so that an edit changes only the edited file's block (the rest of the prefix, which
+    the engine has cached, stays byte-identical); over budget, the lowest-ranked files give way."""
     repo = Path(repo).resolve()
     files = _indexed_files(db)
     text_of = {path: text for _, path, _, text in files}
@@ -340,6 +344,10 @@ def pack(
     if fixed + sum(whole.values()) <= budget:  # everything fits: no ranking needed
         modes = {p: "whole" for p in order}
         scores = {p: (0.0, []) for p in order}
+    elif previous is not None:  # keep the earlier selection; new files start listed
+        scores = rank(db, issue, order)
+        kept = {f["path"]: f["mode"] for f in previous.get("files", [])}
+        modes = {p: kept.get(p, "listed") for p in order}
     else:
         scores = rank(db, issue, order)
         modes = _allocate(db, order, scores, whole, budget - fixed, text_of, counter)
@@ -359,9 +367,11 @@ def pack(
     )
     packed = _assemble(*args)
     while packed.total_tokens > budget:  # boundary merges can differ from per-file counts: trim, recount
-        victim = min(
-            (p for p in order if modes[p] != "listed"), key=lambda p: (scores[p][0], p), default=None
-        )
+        placed = [p for p in order if modes[p] != "listed"]
+        if previous is not None:  # keeping a selection: give way at the end, where the prefix is not hurt
+            victim = placed[-1] if placed else None
+        else:
+            victim = min(placed, key=lambda p: (scores[p][0], p), default=None)
         if victim is None:
             raise ValueError(f"budget {budget} is below the {packed.total_tokens} tokens of the fixed parts")
         modes[victim] = "skeleton" if modes[victim] == "whole" else "listed"

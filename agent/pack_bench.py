@@ -20,8 +20,9 @@ def _repo_part(packed) -> str:
     return packed.parts["system"] + "\n" + packed.parts["tree"] + packed.parts["files"]
 
 
-def _stability(repo: Path, counter: TokenCounter, budget: int, issue: str, which: str) -> float:
-    """Share of repository-part tokens identical from the front after appending a line to one file."""
+def _stability(repo: Path, counter: TokenCounter, budget: int, issue: str, which: str, sticky: bool) -> float:
+    """Share of repository-part tokens identical from the front after appending a line to one file;
+    `sticky`: the second pack keeps the first one's selection (as the fix loop packs later rounds)."""
     db_path = default_db_path(repo)
     before = pack(open_index(db_path), repo, issue, budget, counter)
     placed = [f.path for f in before.files if f.mode != "listed"]
@@ -30,7 +31,9 @@ def _stability(repo: Path, counter: TokenCounter, budget: int, issue: str, which
     try:
         target.write_bytes(original + b"\n# ds4 bench edit\n")
         index_repo(repo)
-        after = pack(open_index(db_path), repo, issue, budget, counter)
+        after = pack(
+            open_index(db_path), repo, issue, budget, counter, previous=before.manifest() if sticky else None
+        )
     finally:
         target.write_bytes(original)
         os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -67,8 +70,11 @@ def bench_pack(repo: str | Path, tokenizer_file: str | Path, runs: int = 3, issu
         "issue": issue,
         "pack": timings,
         "prefix_kept_after_edit": {
-            "newest_file": _stability(repo, counter, budget, issue, "newest"),
-            "oldest_file": _stability(repo, counter, budget, issue, "oldest"),
+            f"{which}_file{'_sticky' if sticky else ''}": _stability(
+                repo, counter, budget, issue, which, sticky
+            )
+            for which in ("newest", "oldest")
+            for sticky in (False, True)
         },
     }
 
@@ -84,6 +90,7 @@ def format_pack_report(r: dict) -> str:
     kept = r["prefix_kept_after_edit"]
     lines.append(
         f"repository prefix kept after an edit: newest file {kept['newest_file']:.1%}, "
-        f"oldest file {kept['oldest_file']:.1%}"
+        f"oldest file {kept['oldest_file']:.1%}; keeping the previous selection: newest "
+        f"{kept['newest_file_sticky']:.1%}, oldest {kept['oldest_file_sticky']:.1%}"
     )
     return "\n".join(lines)

@@ -209,3 +209,21 @@ def test_pack_cli_writes_prompt_and_manifest(repo, tokenizer_file, tmp_path):
     manifest = json.loads((tmp_path / "m.json").read_text())
     assert manifest["total_tokens"] <= 3000 and "whole" in done.stdout
     assert (tmp_path / "p.txt").read_text().startswith("You are ds4")
+
+
+def test_keeping_the_previous_selection_keeps_the_prefix_over_budget(repo, tokenizer_file):
+    counter = TokenCounter(tokenizer_file)
+    issue = "compute_13 is wrong"
+    before = packed(repo, issue, 3000, tokenizer_file)
+    placed = [f.path for f in before.files if f.mode != "listed"]
+    time.sleep(0.01)
+    (repo / placed[-1]).write_text((repo / placed[-1]).read_text() + "\n# a small edit\n")
+    index_repo(repo)
+    after = pack(
+        open_index(repo / ".ds4" / "index.db"), repo, issue, 3000, counter, previous=before.manifest()
+    )
+    assert after.total_tokens <= 3000
+    assert [f.mode for f in after.files] == [f.mode for f in before.files]
+    repo_part = before.parts["system"] + "\n" + before.parts["tree"] + before.parts["files"]
+    repo_after = after.parts["system"] + "\n" + after.parts["tree"] + after.parts["files"]
+    assert _common_prefix_share(repo_part, repo_after, counter, before.repo_prefix_tokens) >= 0.8
