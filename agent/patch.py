@@ -1,0 +1,459 @@
+"""Edits from a model's answer: parsed (SEARCH/REPLACE blocks or unified diffs, with the usual noise),
+matched against the real files by a ladder of pure matchers, checked by a lint gate, and written all
+or nothing. A refusal says which block failed, shows the closest real lines and which blocks applied.
+
+Ladder, strictest first: exact; trailing whitespace ignored; uniform re-indent; blank lines trimmed;
+`...` elision. A match must be unique; a diff hunk's line number only breaks ties between equal matches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SEARCH, DIVIDER, REPLACE = (
+    re.compile(r"^<{5,9} ?SEARCH\s*$"),
+    re.compile(r"^={5,9}\s*$"),
+    re.compile(r"^>{5,9} ?REPLACE\s*$"),
+)
+FENCE = re.compile(r"^\s*(```|~~~)")
+ELLIPSIS = re.compile(r"^\s*(\.\.\.|#\s*\.\.\.|//\s*\.\.\.|/\*\s*\.\.\.\s*\*/)\s*$")
+HUNK = re.compile(r"^@@ -(\d+)(?:,\d+)? \+(\d+)(?:,\d+)? @@")
+
+
+class PatchError(Exception):
+    """The answer cannot be applied; the message is feedback for the model (and the user)."""
+
+
+@dataclass
+class Edit:
+    path: str
+    search: str  # "" creates the file (or fills an empty one)
+    replace: str
+    index: int  # 1-based block number in the answer
+    line_hint: int | None = None  # a diff hunk's old start line, for ties only
+    delete: bool = False
+    new_path: str | None = None  # rename (diff headers)
+
+
+@dataclass
+class Result:
+    files: dict[str, str | None] = field(default_factory=dict)  # path -> new text (None: deleted)
+    applied: list[int] = field(default_factory=list)
+    how: dict[int, str] = field(default_factory=dict)  # block -> the matcher that placed it
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+
+
+def parse(answer: str) -> list[Edit]:
+    """Every edit in an answer, SEARCH/REPLACE blocks and unified diffs alike, in answer order."""
+    text = answer.replace("\r\n", "\n").replace("\r", "\n")
+    edits = _parse_search_replace(text) if any(SEARCH.match(line) for line in text.split("\n")) else []
+    if not edits:
+        edits = _parse_diff(text)
+    if not edits:
+        raise PatchError(
+            "no edits found: answer with SEARCH/REPLACE blocks (a path line, then <<<<<<< SEARCH, "
+            "the current lines, =======, the new lines, >>>>>>> REPLACE) or a unified diff"
+        )
+    return edits
+
+
+def _clean_path(line: str) -> str:
+    line = line.strip().strip("`*").strip()
+    return re.sub(r"^(#+\s*|file:\s*|path:\s*)", "", line, flags=re.I).strip().rstrip(":").strip("`'\"")
+
+
+def _parse_search_replace(text: str) -> list[Edit]:
+    lines, edits, path, i = text.split("\n"), [], None, 0
+    while i < len(lines):
+        if not SEARCH.match(lines[i]):
+            i += 1
+            continue
+        path = _path_before(lines, i) or path
+        if path is None:
+            raise PatchError(
+                f"block {len(edits) + 1} has no file path: put the path on the line before <<<<<<< SEARCH"
+            )
+        search, i = _collect(lines, i + 1, DIVIDER, len(edits) + 1, "=======")
+        replace, i = _collect(lines, i + 1, REPLACE, len(edits) + 1, ">>>>>>> REPLACE")
+        edits.append(Edit(path, search, replace, len(edits) + 1))
+        i += 1
+    return edits
+
+
+def _path_before(lines: list[str], i: int) -> str | None:
+    j = i - 1
+    while j >= 0 and (not lines[j].strip() or FENCE.match(lines[j])):
+        j -= 1
+    if j < 0 or REPLACE.match(lines[j]):
+        return None  # another block in the same file follows right after the previous one
+    candidate = _clean_path(lines[j])
+    return (
+        candidate if candidate and " " not in candidate and ("/" in candidate or "." in candidate) else None
+    )
+
+
+def _collect(lines: list[str], i: int, end: re.Pattern, block: int, marker: str) -> tuple[str, int]:
+    start = i
+    while i < len(lines) and not end.match(lines[i]):
+        i += 1
+    if i == len(lines):
+        raise PatchError(f"block {block} is not closed: expected a {marker} line")
+    body = lines[start:i]
+    return ("\n".join(body) + "\n") if body else "", i
+
+
+def _parse_diff(text: str) -> list[Edit]:
+    lines, edits, i = text.split("\n"), [], 0
+    old = new = None
+    rename_from = rename_to = None
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("diff --git"):
+            old = new = rename_from = rename_to = None
+        elif line.startswith("rename from "):
+            rename_from = line[len("rename from ") :].strip()
+        elif line.startswith("rename to "):
+            rename_to = line[len("rename to ") :].strip()
+            edits.append(Edit(rename_from, "", "", len(edits) + 1, new_path=rename_to))
+        elif line.startswith("--- "):
+            old = _diff_path(line[4:])
+        elif line.startswith("+++ "):
+            new = _diff_path(line[4:])
+            if new is None and old is not None:
+                edits.append(Edit(old, "", "", len(edits) + 1, delete=True))
+        elif HUNK.match(line) and (new or old):
+            body, i = _hunk_body(lines, i + 1)
+            search = "".join(l[1:] + "\n" for l in body if l[:1] in (" ", "-"))
+            replace = "".join(l[1:] + "\n" for l in body if l[:1] in (" ", "+"))
+            target = new or old
+            if rename_to and target == rename_to and rename_from:
+                target = rename_to
+            edits.append(
+                Edit(
+                    target,
+                    "" if old is None else search,
+                    replace,
+                    len(edits) + 1,
+                    line_hint=int(HUNK.match(line).group(1)),
+                )
+            )
+            continue
+        i += 1
+    return [e for e in edits if not (e.delete and any(x.path == e.path and not x.delete for x in edits))]
+
+
+def _diff_path(raw: str) -> str | None:
+    raw = raw.split("\t")[0].strip()
+    if raw == "/dev/null":
+        return None
+    return raw[2:] if raw[:2] in ("a/", "b/") else raw
+
+
+def _hunk_body(lines: list[str], i: int) -> tuple[list[str], int]:
+    body = []
+    while i < len(lines) and not HUNK.match(lines[i]) and not lines[i].startswith(("--- ", "diff --git")):
+        line = lines[i]
+        if FENCE.match(line):
+            break
+        if line == "" and (i + 1 == len(lines) or lines[i + 1][:1] not in (" ", "-", "+", "")):
+            break
+        body.append(line if line[:1] in (" ", "-", "+", "\\") else " " + line)  # a bare blank context line
+        i += 1
+    return [b for b in body if not b.startswith("\\")], i
+
+
+# -- matching ---------------------------------------------------------------------------------------
+
+
+def _spans(hay: list[str], needle: list[str], key) -> list[int]:
+    keyed_hay, keyed = [key(x) for x in hay], [key(x) for x in needle]
+    n = len(keyed)
+    return [s for s in range(len(hay) - n + 1) if keyed_hay[s : s + n] == keyed]
+
+
+def _choose(starts: list[int], hint: int | None, edit: Edit, what: str) -> int | None:
+    if len(starts) == 1:
+        return starts[0]
+    if len(starts) > 1 and hint is not None:
+        best = sorted(starts, key=lambda s: abs(s + 1 - hint))
+        if abs(best[0] + 1 - hint) < abs(best[1] + 1 - hint):
+            return best[0]
+    if len(starts) > 1:
+        lines = ", ".join(str(s + 1) for s in starts[:6])
+        raise PatchError(
+            f"block {edit.index} ({edit.path}): the SEARCH text {what} matches {len(starts)} places "
+            f"(lines {lines}); include more surrounding lines so it matches exactly one"
+        )
+    return None
+
+
+def _lines(text: str) -> list[str]:
+    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+
+
+def place(content: str, edit: Edit) -> tuple[str, str]:
+    """The file's new text after one edit, and the name of the matcher that placed it."""
+    if "\r\n" in content:  # match on LF, give the file back its CRLF endings
+        text, how = place(content.replace("\r\n", "\n"), edit)
+        return text.replace("\n", "\r\n"), how
+    if edit.search == "":
+        if content.strip():
+            raise PatchError(
+                f"block {edit.index} ({edit.path}): an empty SEARCH creates a file, but the file "
+                "already has content; quote the lines to change"
+            )
+        return edit.replace, "create"
+    hay, old, new = _lines(content), _lines(edit.search), _lines(edit.replace)
+    tail = "\n" if content.endswith("\n") or not content else ""
+    for name, matcher in MATCHERS:
+        result = matcher(hay, old, new, edit)
+        if result is not None:
+            return "\n".join(result) + (tail if result else ""), name
+    raise PatchError(_no_match(content, edit))
+
+
+def _exact(hay, old, new, edit):
+    start = _choose(_spans(hay, old, lambda x: x), edit.line_hint, edit, "")
+    return None if start is None else hay[:start] + new + hay[start + len(old) :]
+
+
+def _trailing_space(hay, old, new, edit):
+    start = _choose(_spans(hay, old, str.rstrip), edit.line_hint, edit, "(ignoring trailing spaces)")
+    return None if start is None else hay[:start] + new + hay[start + len(old) :]
+
+
+def _indent(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
+def _reindent(hay, old, new, edit):
+    """The SEARCH lines indented uniformly more or less than the file: shift the REPLACE lines alike."""
+    first = next((l for l in old if l.strip()), None)
+    if first is None:
+        return None
+    starts = _spans(hay, old, str.strip)
+    fits = []
+    for s in starts:
+        real = next(h for h, o in zip(hay[s:], old, strict=False) if o.strip())
+        delta = len(_indent(real)) - len(_indent(first))
+        if all(not o.strip() or _shift(o, delta) == h.rstrip() for o, h in zip(old, hay[s:], strict=False)):
+            fits.append((s, delta))
+    start = _choose([s for s, _ in fits], edit.line_hint, edit, "(re-indented)")
+    if start is None:
+        return None
+    delta = dict(fits)[start]
+    return hay[:start] + [_shift(l, delta) if l.strip() else l for l in new] + hay[start + len(old) :]
+
+
+def _shift(line: str, delta: int) -> str:
+    line = line.rstrip()
+    if delta >= 0:
+        return " " * delta + line
+    return line[min(-delta, len(_indent(line))) :]
+
+
+def _trimmed(hay, old, new, edit):
+    def trim(lines):
+        while lines and not lines[0].strip():
+            lines = lines[1:]
+        while lines and not lines[-1].strip():
+            lines = lines[:-1]
+        return lines
+
+    t_old, t_new = trim(old), trim(new)
+    if not t_old or t_old == old:
+        return None
+    for matcher in (_exact, _trailing_space, _reindent):
+        result = matcher(hay, t_old, t_new, edit)
+        if result is not None:
+            return result
+    return None
+
+
+def _elided(hay, old, new, edit):
+    """`...` lines in SEARCH stand for lines kept as they are; REPLACE must elide at the same places."""
+    if not any(ELLIPSIS.match(l) for l in old):
+        return None
+    old_parts, new_parts = _split(old), _split(new)
+    if len(old_parts) != len(new_parts):
+        raise PatchError(
+            f"block {edit.index} ({edit.path}): SEARCH and REPLACE must use `...` the same number of times"
+        )
+    out, pos = [], 0
+    starts = []
+    for part in old_parts:
+        found = [s for s in _spans(hay, part, str.rstrip) if s >= pos]
+        if not found:
+            return None
+        starts.append(found[0])
+        pos = found[0] + len(part)
+    pos = 0
+    for part, repl, start in zip(old_parts, new_parts, starts, strict=True):
+        out += hay[pos:start] + repl
+        pos = start + len(part)
+    return out + hay[pos:]
+
+
+def _split(lines: list[str]) -> list[list[str]]:
+    parts, cur = [], []
+    for l in lines:
+        if ELLIPSIS.match(l):
+            parts.append(cur)
+            cur = []
+        else:
+            cur.append(l)
+    return [p for p in parts + [cur]]
+
+
+MATCHERS = [
+    ("exact", _exact),
+    ("trailing whitespace", _trailing_space),
+    ("re-indent", _reindent),
+    ("blank lines trimmed", _trimmed),
+    ("... elision", _elided),
+]
+
+
+def _no_match(content: str, edit: Edit) -> str:
+    hay, old = _lines(content), _lines(edit.search)
+    size = max(len(old), 1)
+    best, best_start = 0.0, 0
+    target = "\n".join(l.strip() for l in old)
+    for s in range(0, max(len(hay) - size + 1, 1)):
+        ratio = difflib.SequenceMatcher(None, target, "\n".join(l.strip() for l in hay[s : s + size])).ratio()
+        if ratio > best:
+            best, best_start = ratio, s
+    shown = "\n".join(
+        f"{best_start + k + 1:>5} | {l}" for k, l in enumerate(hay[best_start : best_start + size])
+    )
+    return (
+        f"block {edit.index} ({edit.path}): the SEARCH lines are not in the file. "
+        f"The closest lines ({best:.0%} similar) are:\n{shown}"
+    )
+
+
+# -- applying ---------------------------------------------------------------------------------------
+
+
+def apply(answer: str | list[Edit], root: str | Path, write: bool = True, lint: bool = True) -> Result:
+    """Applies every edit or none: PatchError (nothing written) unless all place, and lint when asked."""
+    root = Path(root).resolve()
+    edits = parse(answer) if isinstance(answer, str) else answer
+    result, state = Result(), {}
+    for edit in edits:
+        edit.path = _existing(root, edit.path)
+        path = _inside(root, edit.path, edit)
+        if edit.path not in state:
+            state[edit.path] = path.read_text(errors="surrogateescape") if path.is_file() else None
+        try:
+            _apply_one(state, edit, result, root)
+        except PatchError as e:
+            done = ", ".join(map(str, result.applied)) or "none"
+            raise PatchError(f"{e}\n(blocks applied before it: {done}; nothing was written)") from None
+    changed = {p: t for p, t in state.items() if t is not None or (root / p).exists()}
+    if lint:
+        _lint_gate(root, changed)
+    result.files = changed
+    if write:
+        _write(root, changed)
+    return result
+
+
+def _existing(root: Path, rel: str) -> str:
+    """The path as given, or without a stray diff prefix (a/, b/) or leading ./ when only that exists."""
+    rel = rel.strip().removeprefix("./")
+    if not (root / rel).exists():
+        for prefix in ("a/", "b/"):
+            if rel.startswith(prefix) and (root / rel[2:]).exists():
+                return rel[2:]
+    return rel
+
+
+def _inside(root: Path, rel: str, edit: Edit) -> Path:
+    path = (root / rel).resolve()
+    if root != path and root not in path.parents:
+        raise PatchError(f"block {edit.index}: {rel} is outside the repository")
+    return path
+
+
+def _apply_one(state: dict, edit: Edit, result: Result, root: Path) -> None:
+    if edit.new_path is not None:  # rename
+        _inside(root, edit.new_path, edit)
+        if state.get(edit.path) is None:
+            raise PatchError(f"block {edit.index}: cannot rename {edit.path}, it does not exist")
+        state[edit.new_path], state[edit.path] = state[edit.path], None
+        how = "rename"
+    elif edit.delete:
+        if state.get(edit.path) is None:
+            raise PatchError(f"block {edit.index}: cannot delete {edit.path}, it does not exist")
+        state[edit.path], how = None, "delete"
+    else:
+        current = state.get(edit.path)
+        if current is None and edit.search:
+            raise PatchError(
+                f"block {edit.index}: {edit.path} does not exist; to create it, leave SEARCH empty"
+            )
+        state[edit.path], how = place(current or "", edit)
+    result.applied.append(edit.index)
+    result.how[edit.index] = how
+
+
+def _lint_gate(root: Path, files: dict[str, str | None]) -> None:
+    from ds4.agent.index.languages import language_of
+    from ds4.agent.index.tags import has_tags
+    from ds4.agent.index.tags import parse as ts_parse
+
+    for rel, text in files.items():
+        if text is None:
+            continue
+        if rel.endswith(".py"):
+            try:
+                compile(text, rel, "exec", dont_inherit=True)
+            except SyntaxError as e:
+                raise PatchError(
+                    f"{rel}: the edit leaves a syntax error at line {e.lineno}: {e.msg}; nothing was written"
+                ) from None
+            continue
+        language = language_of(rel)
+        if language is None or not has_tags(language):
+            continue
+        before = (root / rel).read_bytes() if (root / rel).is_file() else b""
+        if ts_parse(language, text.encode()).root_node.has_error and not (
+            before and ts_parse(language, before).root_node.has_error
+        ):
+            raise PatchError(
+                f"{rel}: the edit leaves code that does not parse as {language}; nothing was written"
+            )
+
+
+def _write(root: Path, files: dict[str, str | None]) -> None:
+    """Every new file is written to a temporary name first, then all are moved in place."""
+    staged = []
+    try:
+        for rel, text in files.items():
+            if text is None:
+                continue
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.ds4-")
+            with os.fdopen(fd, "w", errors="surrogateescape", newline="") as f:
+                f.write(text)
+            if path.exists():
+                os.chmod(tmp, path.stat().st_mode)
+            staged.append((tmp, path))
+    except OSError:
+        for tmp, _ in staged:
+            os.unlink(tmp)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    for rel, text in files.items():
+        if text is None and (root / rel).exists():
+            (root / rel).unlink()
