@@ -129,6 +129,17 @@ def _add_pack(sub) -> None:
     pack.set_defaults(func=_cmd_pack)
 
 
+def _add_apply(sub) -> None:
+    apply = sub.add_parser(
+        "apply", help="apply a model's edits (SEARCH/REPLACE or unified diff): all or nothing"
+    )
+    apply.add_argument("edits", help="a file with the model's answer, or - for standard input")
+    apply.add_argument("--repo", default=".")
+    apply.add_argument("--check", action="store_true", help="only check that every edit applies and lints")
+    apply.add_argument("--no-lint", action="store_true", help="skip the syntax check of edited files")
+    apply.set_defaults(func=_cmd_apply)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ds4-agent",
@@ -139,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_index_commands(sub)
     _add_pack(sub)
+    _add_apply(sub)
     _add_bench(sub)
     return parser
 
@@ -354,6 +366,26 @@ def _print_pack_summary(packed, to) -> None:
         print(f"  top: {f.path} ({f.mode}, score {f.score}): {'; '.join(f.why[:3])}", file=to)
     for s in packed.secrets:
         print(f"  warning: possible {s['kind']} in {s['path']}:{s['line']}", file=to)
+
+
+def _cmd_apply(args) -> int:
+    from ds4.agent.patch import PatchError, apply
+
+    _require_dir(args.repo)
+    answer = (
+        sys.stdin.read() if args.edits == "-" else open(args.edits, encoding="utf-8", errors="replace").read()
+    )
+    try:
+        result = apply(answer, args.repo, write=not args.check, lint=not args.no_lint)
+    except PatchError as e:
+        print(f"refused: {e}")
+        return 1
+    verb = "would apply" if args.check else "applied"
+    print(
+        f"{verb} {len(result.applied)} edit(s) to {len(result.files)} file(s): "
+        + ", ".join(f"{p}{' (deleted)' if t is None else ''}" for p, t in sorted(result.files.items()))
+    )
+    return 0
 
 
 def _cmd_search(args) -> int:

@@ -130,6 +130,8 @@ def _parse_diff(text: str) -> list[Edit]:
                 edits.append(Edit(old, "", "", len(edits) + 1, delete=True))
         elif HUNK.match(line) and (new or old):
             body, i = _hunk_body(lines, i + 1)
+            if new is None:  # the hunk of a deleted file: the deletion says it all
+                continue
             search = "".join(l[1:] + "\n" for l in body if l[:1] in (" ", "-"))
             replace = "".join(l[1:] + "\n" for l in body if l[:1] in (" ", "+"))
             target = new or old
@@ -146,7 +148,9 @@ def _parse_diff(text: str) -> list[Edit]:
             )
             continue
         i += 1
-    return [e for e in edits if not (e.delete and any(x.path == e.path and not x.delete for x in edits))]
+    for number, edit in enumerate(edits, start=1):
+        edit.index = number
+    return edits
 
 
 def _diff_path(raw: str) -> str | None:
@@ -160,7 +164,7 @@ def _hunk_body(lines: list[str], i: int) -> tuple[list[str], int]:
     body = []
     while i < len(lines) and not HUNK.match(lines[i]) and not lines[i].startswith(("--- ", "diff --git")):
         line = lines[i]
-        if FENCE.match(line):
+        if line.startswith(("```", "~~~")):  # the end of a fenced diff (a context line would start with " ")
             break
         if line == "" and (i + 1 == len(lines) or lines[i + 1][:1] not in (" ", "-", "+", "")):
             break
@@ -350,8 +354,10 @@ def apply(answer: str | list[Edit], root: str | Path, write: bool = True, lint: 
     for edit in edits:
         edit.path = _existing(root, edit.path)
         path = _inside(root, edit.path, edit)
-        if edit.path not in state:
-            state[edit.path] = path.read_text(errors="surrogateescape") if path.is_file() else None
+        if edit.path not in state:  # bytes, not text mode: CRLF endings must survive
+            state[edit.path] = (
+                path.read_bytes().decode("utf-8", "surrogateescape") if path.is_file() else None
+            )
         try:
             _apply_one(state, edit, result, root)
         except PatchError as e:
