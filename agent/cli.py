@@ -140,6 +140,32 @@ def _add_apply(sub) -> None:
     apply.set_defaults(func=_cmd_apply)
 
 
+def _add_fix(sub) -> None:
+    fix = sub.add_parser(
+        "fix", help="turn an issue into a tested patch (in git worktrees; your tree is untouched)"
+    )
+    fix.add_argument("issue", help="the issue: text, a file, or - for standard input")
+    fix.add_argument("--repo", default=".")
+    where = fix.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", help="a checkpoint folder: the engine runs in this process")
+    where.add_argument("--endpoint", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8484")
+    fix.add_argument("--model-name", default="default", help="with --endpoint: the model to ask for")
+    fix.add_argument("--tokenizer", default=None, help="with --endpoint: a tokenizer.json for exact budgets")
+    fix.add_argument(
+        "--test-cmd", default=None, help="default: detected (pytest, npm test, go test, cargo test)"
+    )
+    fix.add_argument("--rounds", type=int, default=3)
+    fix.add_argument("--samples", type=int, default=1)
+    fix.add_argument("--budget", type=int, default=32_000, help="prompt tokens for the repository and issue")
+    fix.add_argument("--max-tokens", type=int, default=2048, help="tokens per answer")
+    fix.add_argument("--test-timeout", type=float, default=600.0, help="seconds per test run")
+    fix.add_argument(
+        "--apply", action="store_true", help="write the selected patch to your tree if it applies"
+    )
+    fix.add_argument("--json", action="store_true")
+    fix.set_defaults(func=_cmd_fix)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ds4-agent",
@@ -151,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_commands(sub)
     _add_pack(sub)
     _add_apply(sub)
+    _add_fix(sub)
     _add_bench(sub)
     return parser
 
@@ -366,6 +393,58 @@ def _print_pack_summary(packed, to) -> None:
         print(f"  top: {f.path} ({f.mode}, score {f.score}): {'; '.join(f.why[:3])}", file=to)
     for s in packed.secrets:
         print(f"  warning: possible {s['kind']} in {s['path']}:{s['line']}", file=to)
+
+
+def _cmd_fix(args) -> int:
+    from pathlib import Path
+
+    from ds4.agent.backends import GenerationParams, LocalBackend, OpenAIBackend
+    from ds4.agent.loop import FixConfig, fix
+
+    _require_dir(args.repo)
+    issue = _read_issue(args.issue)
+    if not issue.strip():
+        raise ValueError("the issue is empty: give its text, a file, or - for standard input")
+    if args.model:
+        backend = LocalBackend(args.model)
+    else:
+        backend = OpenAIBackend(args.endpoint, args.model_name, tokenizer_file=args.tokenizer)
+    config = FixConfig(
+        Path(args.repo),
+        issue,
+        args.test_cmd,
+        args.rounds,
+        args.samples,
+        args.budget,
+        args.test_timeout,
+        args.apply,
+        GenerationParams(max_tokens=args.max_tokens),
+    )
+
+    def progress(event: dict) -> None:
+        if args.json:
+            return
+        details = {k: v for k, v in event.items() if k not in ("event", "t")}
+        print(
+            f"[{event['event']}] " + " ".join(f"{k}={v}" for k, v in details.items()),
+            file=sys.stderr,
+            flush=True,
+        )
+
+    result = fix(config, backend, progress)
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+    else:
+        if result.diff:
+            print(result.diff)
+        verdict = {
+            "resolved": "resolved: the tests pass",
+            "unresolved": "unresolved: no candidate passed the tests",
+            "error": f"error: {result.message}",
+        }[result.status]
+        applied = f"; {result.message}" if result.status == "resolved" and result.message else ""
+        print(f"{verdict} ({result.rounds} round(s); run folder {result.run_dir}){applied}")
+    return 0 if result.status == "resolved" else 1
 
 
 def _cmd_apply(args) -> int:

@@ -1,0 +1,183 @@
+"""Where answers come from: the engine in-process, or any OpenAI-compatible chat endpoint.
+
+The loop knows a backend only through `Backend.complete(messages, params)`. `LocalBackend` runs ds4's
+engine (its prefix cache makes every later round pay only for its new suffix); `OpenAIBackend` speaks
+/v1/chat/completions with streaming, timeouts and retries with backoff (ds4's own server, vLLM or
+SGLang serving DeepSeek, or a hosted API), its key from DS4_API_KEY or OPENAI_API_KEY.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+class BackendError(Exception):
+    """The model could not be reached or answered with an error."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 2048
+    temperature: float = 0.0
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from a prefix cache
+    seconds: float = 0.0
+
+
+class Backend(Protocol):
+    name: str
+    tokenizer_file: Path | None  # for exact token budgets; None: estimate
+
+    def complete(
+        self, messages: list[dict], params: GenerationParams, on_text: Callable[[str], None] | None = None
+    ) -> Completion: ...
+
+
+class LocalBackend:
+    """The engine in this process (torch is imported here, not before)."""
+
+    def __init__(self, model_dir: str | Path, **engine_kwargs):
+        from ds4.engine import LLM
+
+        self.llm = LLM(model_dir, **engine_kwargs)
+        if self.llm.tokenizer is None:
+            raise BackendError(
+                f"{model_dir} has no tokenizer.json: the fix loop needs one to talk to the model"
+            )
+        self.name = f"ds4:{Path(model_dir).name}"
+        self.tokenizer_file = Path(model_dir) / "tokenizer.json"
+        self.max_model_len = self.llm.max_model_len
+
+    def complete(self, messages, params, on_text=None) -> Completion:
+        from ds4.engine import SamplingParams
+
+        start = time.perf_counter()
+        ids = self.llm.tokenizer.encode_chat(messages)
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise BackendError(f"the prompt has {len(ids)} tokens; the model's limit is {self.max_model_len}")
+        sampling = SamplingParams(
+            temperature=params.temperature, max_tokens=min(params.max_tokens, room), seed=params.seed
+        )
+        text = ""
+        before = self.llm.stats()["tokens_reused"]
+        for delta in self.llm.stream(ids, sampling):
+            text += delta
+            if on_text is not None:
+                on_text(delta)
+        stats = self.llm.stats()
+        return Completion(
+            text,
+            len(ids),
+            len(self.llm.tokenizer.encode(text, add_bos=False)),
+            stats["tokens_reused"] - before,
+            time.perf_counter() - start,
+        )
+
+
+class OpenAIBackend:
+    def __init__(
+        self,
+        endpoint: str,
+        model: str = "default",
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        retries: int = 3,
+        tokenizer_file: str | Path | None = None,
+    ):
+        self.url = endpoint.rstrip("/")
+        if not self.url.endswith("/chat/completions"):
+            self.url += "/chat/completions" if self.url.endswith("/v1") else "/v1/chat/completions"
+        self.model, self.timeout, self.retries = model, timeout, retries
+        self.api_key = api_key or os.environ.get("DS4_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        self.name = f"openai:{model}@{endpoint}"
+        self.tokenizer_file = Path(tokenizer_file) if tokenizer_file else None
+
+    def complete(self, messages, params, on_text=None) -> Completion:
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if params.seed is not None:
+            body["seed"] = params.seed
+        delay = 1.0
+        for attempt in range(self.retries + 1):
+            try:
+                return self._stream(body, on_text)
+            except BackendError as e:
+                retryable = getattr(e, "retryable", False)
+                if not retryable or attempt == self.retries:
+                    raise
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _stream(self, body: dict, on_text) -> Completion:
+        start = time.perf_counter()
+        request = urllib.request.Request(
+            self.url,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={
+                "Content-Type": "application/json",
+                "Accept": "text/event-stream",
+                **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),
+            },
+        )
+        try:
+            response = urllib.request.urlopen(request, timeout=self.timeout)
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")[:500]
+            error = BackendError(f"{self.url} answered {e.code}: {detail}")
+            error.retryable = e.code == 429 or e.code >= 500
+            raise error from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            error = BackendError(f"cannot reach {self.url}: {getattr(e, 'reason', e)}")
+            error.retryable = True
+            raise error from None
+        text, usage = "", {}
+        with response:
+            for raw in response:
+                line = raw.decode("utf-8", "replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("error"):
+                    raise BackendError(f"{self.url}: {chunk['error']}")
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices", []):
+                    delta = (choice.get("delta") or {}).get("content") or ""
+                    if delta:
+                        text += delta
+                        if on_text is not None:
+                            on_text(delta)
+        cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
+        return Completion(
+            text,
+            usage.get("prompt_tokens", 0),
+            usage.get("completion_tokens", 0),
+            cached,
+            time.perf_counter() - start,
+        )

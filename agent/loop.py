@@ -1,0 +1,311 @@
+"""The fix loop: an issue in, a tested patch out.
+
+Each candidate works in its own git worktree (the user's tree is read, never written, unless asked):
+pack the repository and the issue, ask the model for edits, apply them (all or nothing, lint-gated),
+run the tests, and feed failures or refusals back for another round. After `samples` candidates the
+one to keep is chosen: tests pass, then the fewest failing tests beyond the baseline's, then the
+patch most candidates agree on. Everything goes into a run folder: prompts, answers, patches, test
+logs, timings, token and cache counts. Control flow uses exceptions; the trajectory is saved in
+`finally`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ds4.agent.backends import Backend, BackendError, GenerationParams
+from ds4.agent.index.indexer import default_db_path, index_repo
+from ds4.agent.index.store import open_index
+from ds4.agent.pack import TokenCounter, pack
+from ds4.agent.patch import PatchError, apply
+from ds4.agent.testrun import TestResult, detect_test_command, run_tests
+
+PROMPTS = Path(__file__).resolve().parent / "prompts"
+
+
+class FixError(Exception):
+    """The loop cannot run at all (not a git repository, no test command, the model unreachable)."""
+
+
+@dataclass
+class FixConfig:
+    repo: Path
+    issue: str
+    test_cmd: str | None = None
+    rounds: int = 3
+    samples: int = 1
+    budget: int = 32_000
+    test_timeout: float = 600.0
+    apply: bool = False
+    generation: GenerationParams = field(default_factory=GenerationParams)
+
+
+@dataclass
+class Candidate:
+    sample: int
+    rounds: int = 0
+    diff: str = ""
+    tests: dict | None = None
+    failed: list[str] = field(default_factory=list)
+    passed: bool = False
+    error: str | None = None
+
+
+@dataclass
+class FixResult:
+    status: str  # resolved | unresolved | error
+    diff: str
+    rounds: int
+    tests: dict | None
+    run_dir: str
+    candidates: list[Candidate]
+    applied: bool = False
+    message: str = ""
+
+    def as_json(self) -> dict:
+        return {**asdict(self), "candidates": [asdict(c) for c in self.candidates]}
+
+
+class ApproxCounter:
+    """Token estimate for endpoints without a local tokenizer: 1 token per 3.5 characters, rounded up."""
+
+    fingerprint = "approx-3.5"
+
+    def count(self, text: str) -> int:
+        return -(-len(text) * 2 // 7)
+
+    def count_batch(self, texts: list[str]) -> list[int]:
+        return [self.count(t) for t in texts]
+
+
+def git(repo: Path, *args: str, check: bool = True) -> str:
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise FixError(f"git {' '.join(args)} failed in {repo}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | None = None) -> FixResult:
+    emit = on_event or (lambda event: None)
+    repo = config.repo.resolve()
+    if not git(repo, "rev-parse", "--is-inside-work-tree", check=False).strip() == "true":
+        raise FixError(f"{repo} is not a git repository: ds4 works in git worktrees")
+    run_dir = repo / ".ds4" / "runs" / (time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
+    run_dir.mkdir(parents=True)
+    trajectory: dict = {"issue": config.issue, "backend": backend.name, "events": []}
+
+    def event(kind: str, **data) -> None:
+        record = {"event": kind, "t": round(time.time(), 3), **data}
+        trajectory["events"].append(record)
+        emit(record)
+
+    worktrees: list[Path] = []
+    try:
+        command = config.test_cmd or detect_test_command(repo)
+        if command is None:
+            raise FixError("no test command found (pytest, npm test, go test, cargo test): pass --test-cmd")
+        user_changes = git(repo, "diff", "HEAD", "--binary")
+        event("index")
+        index_repo(repo)
+        counter = TokenCounter(backend.tokenizer_file) if backend.tokenizer_file else ApproxCounter()
+        db = open_index(default_db_path(repo))
+        packed = pack(db, repo, config.issue, config.budget, counter)
+        (run_dir / "prompt.txt").write_text(packed.prompt)
+        (run_dir / "manifest.json").write_text(json.dumps(packed.manifest(), indent=2))
+        if packed.secrets:
+            event("secrets", found=packed.secrets)
+
+        baseline_tree = _worktree(repo, run_dir / "baseline", user_changes, worktrees)
+        event("baseline", command=command)
+        baseline = run_tests(command, baseline_tree, config.test_timeout)
+        (run_dir / "baseline-tests.log").write_text(baseline.output)
+        event("baseline_done", exit_code=baseline.exit_code, failed=baseline.failed)
+
+        candidates = []
+        for sample in range(1, config.samples + 1):
+            tree = _worktree(repo, run_dir / f"sample-{sample}", user_changes, worktrees)
+            candidates.append(
+                _attempt(config, backend, packed.prompt, tree, command, baseline, sample, run_dir, event)
+            )
+        best = select(candidates, baseline)
+        result = FixResult(
+            "resolved" if best and best.passed else "unresolved",
+            best.diff if best else "",
+            best.rounds if best else 0,
+            best.tests if best else None,
+            str(run_dir),
+            candidates,
+        )
+        if config.apply and best and best.passed:
+            result.applied, result.message = _apply_to_user_tree(repo, best.diff)
+        (run_dir / "result.json").write_text(json.dumps(result.as_json(), indent=2))
+        event("done", status=result.status)
+        return result
+    except (FixError, BackendError) as e:
+        event("error", message=str(e))
+        return FixResult("error", "", 0, None, str(run_dir), [], message=str(e))
+    finally:
+        (run_dir / "trajectory.json").write_text(json.dumps(trajectory, indent=2, default=str))
+        for tree in worktrees:
+            git(repo, "worktree", "remove", "--force", str(tree), check=False)
+            shutil.rmtree(tree, ignore_errors=True)
+
+
+def _worktree(repo: Path, path: Path, user_changes: str, made: list[Path]) -> Path:
+    """A detached worktree at HEAD plus the user's uncommitted changes: the state the user sees."""
+    git(repo, "worktree", "add", "--detach", "--quiet", str(path), "HEAD")
+    made.append(path)
+    if user_changes.strip():
+        subprocess.run(
+            ["git", "-C", str(path), "apply", "--whitespace=nowarn"],
+            input=user_changes,
+            text=True,
+            check=True,
+            capture_output=True,
+        )
+        git(path, "add", "-A")
+        git(
+            path,
+            "-c",
+            "user.email=ds4@localhost",
+            "-c",
+            "user.name=ds4",
+            "commit",
+            "-q",
+            "-m",
+            "user changes",
+        )
+    return path
+
+
+def _attempt(
+    config: FixConfig,
+    backend: Backend,
+    prompt: str,
+    tree: Path,
+    command: str,
+    baseline: TestResult,
+    sample: int,
+    run_dir: Path,
+    event,
+) -> Candidate:
+    candidate = Candidate(sample)
+    instructions = (PROMPTS / "fix.md").read_text()
+    messages = [{"role": "system", "content": instructions}, {"role": "user", "content": prompt}]
+    params = (
+        config.generation
+        if sample == 1
+        else GenerationParams(
+            config.generation.max_tokens,
+            max(config.generation.temperature, 0.7),
+            (config.generation.seed or 0) + sample,
+        )
+    )
+    for round_ in range(1, config.rounds + 1):
+        candidate.rounds = round_
+        tag = f"sample-{sample}-round-{round_}"
+        event("ask", sample=sample, round=round_)
+        completion = backend.complete(messages, params)
+        (run_dir / f"{tag}-answer.md").write_text(completion.text)
+        event(
+            "answer",
+            sample=sample,
+            round=round_,
+            tokens=completion.completion_tokens,
+            prompt_tokens=completion.prompt_tokens,
+            cached_tokens=completion.cached_tokens,
+            seconds=round(completion.seconds, 2),
+        )
+        messages.append({"role": "assistant", "content": completion.text})
+        try:
+            applied = apply(completion.text, tree)
+        except PatchError as e:
+            event("refused", sample=sample, round=round_, reason=str(e).splitlines()[0])
+            candidate.error = str(e)
+            messages.append({"role": "user", "content": _feedback("refused", str(e))})
+            continue
+        candidate.diff = git(tree, "diff", "HEAD")
+        (run_dir / f"{tag}.diff").write_text(candidate.diff)
+        event("applied", sample=sample, round=round_, blocks=applied.applied)
+        tests = run_tests(command, tree, config.test_timeout)
+        (run_dir / f"{tag}-tests.log").write_text(tests.output)
+        candidate.tests = {
+            "command": tests.command,
+            "exit_code": tests.exit_code,
+            "seconds": round(tests.seconds, 2),
+            "failed": tests.failed,
+            "timed_out": tests.timed_out,
+        }
+        candidate.failed, candidate.passed, candidate.error = tests.failed, tests.passed, None
+        event(
+            "tested",
+            sample=sample,
+            round=round_,
+            passed=tests.passed,
+            failed=tests.failed[:20],
+            timed_out=tests.timed_out,
+        )
+        if tests.passed:
+            break
+        messages.append({"role": "user", "content": _feedback("tests", tests.feedback())})
+    return candidate
+
+
+def _feedback(kind: str, detail: str) -> str:
+    if kind == "refused":
+        return (
+            "Your edits were not applied (nothing was changed):\n\n"
+            + detail
+            + "\n\nAnswer again with corrected SEARCH/REPLACE blocks that quote the current file exactly."
+        )
+    return (
+        "Your edits were applied, but the tests fail:\n\n"
+        + detail
+        + "\n\nAnswer with further SEARCH/REPLACE blocks against the files as they are now."
+    )
+
+
+def normalized(diff: str) -> str:
+    """A patch without its line numbers and index lines, for comparing candidates."""
+    keep = [
+        line.rstrip()
+        for line in diff.splitlines()
+        if line[:1] in "+- " and not line.startswith(("+++", "---"))
+    ]
+    return "\n".join(keep)
+
+
+def select(candidates: list[Candidate], baseline: TestResult) -> Candidate | None:
+    """Tests pass, then the fewest failing tests the baseline did not have, then the most agreed-on patch."""
+    usable = [c for c in candidates if c.diff]
+    if not usable:
+        return candidates[0] if candidates else None
+    agreement = Counter(normalized(c.diff) for c in usable)
+    already = set(baseline.failed)
+
+    def key(c: Candidate):
+        regressions = len(set(c.failed) - already) if c.tests else 10**6
+        return (not c.passed, regressions, -agreement[normalized(c.diff)], c.sample)
+
+    return min(usable, key=key)
+
+
+def _apply_to_user_tree(repo: Path, diff: str) -> tuple[bool, str]:
+    """Writes the patch into the user's tree only if it applies cleanly there."""
+    check = subprocess.run(
+        ["git", "-C", str(repo), "apply", "--check", "-"], input=diff, text=True, capture_output=True
+    )
+    if check.returncode != 0:
+        return False, f"not applied: the patch does not apply cleanly to your tree ({check.stderr.strip()})"
+    subprocess.run(
+        ["git", "-C", str(repo), "apply", "-"], input=diff, text=True, check=True, capture_output=True
+    )
+    return True, "applied to your working tree"

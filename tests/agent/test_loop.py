@@ -1,0 +1,237 @@
+"""The fix loop with a scripted backend (a test double that plays back answers) and with a scripted
+OpenAI-compatible server on loopback: rounds, feedback, timeouts, selection, and the user's tree."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from ds4.agent.backends import Completion, GenerationParams, OpenAIBackend
+from ds4.agent.loop import FixConfig, fix
+from tests.agent.test_indexer import make_repo
+
+BUGGY = {
+    "calc.py": "def add(a, b):\n    return a - b\n\n\ndef mul(a, b):\n    return a * b\n",
+    "tests/test_calc.py": (
+        "from calc import add, mul\n\n\ndef test_add():\n    assert add(2, 3) == 5\n\n\n"
+        "def test_mul():\n    assert mul(2, 3) == 6\n"
+    ),
+    "pytest.ini": "[pytest]\npythonpath = .\n",
+}
+ISSUE = "add(2, 3) returns -1 instead of 5"
+
+
+def edit(old: str, new: str) -> str:
+    block = f"<<<<<<< SEARCH\n{old}\n=======\n{new}\n>>>>>>> REPLACE\n"
+    return f"The bug is in calc.py.\n\ncalc.py\n```python\n{block}```\n"
+
+
+WRONG = edit("    return a - b", "    return a - b + 0")
+RIGHT = edit("    return a - b", "    return a + b")
+RIGHT_AFTER_WRONG = edit("    return a - b + 0", "    return a + b")  # round 2 sees round 1's edit
+
+
+class ScriptedBackend:
+    """Test double: plays back scripted answers in order and records what it was asked."""
+
+    name = "scripted"
+    tokenizer_file = None
+
+    def __init__(self, answers: list[str]):
+        self.answers, self.asked = list(answers), []
+
+    def complete(self, messages, params, on_text=None) -> Completion:
+        self.asked.append([dict(m) for m in messages])
+        return Completion(self.answers.pop(0) if self.answers else "I have nothing more to add.")
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    return make_repo(tmp_path / "repo", BUGGY)
+
+
+def config(repo: Path, **kw) -> FixConfig:
+    return FixConfig(repo, ISSUE, test_cmd=kw.pop("test_cmd", "python -m pytest -q -rf"), budget=4000, **kw)
+
+
+def test_a_correct_patch_in_round_two_resolves(repo):
+    backend = ScriptedBackend([WRONG, RIGHT_AFTER_WRONG])
+    result = fix(config(repo), backend)
+    assert result.status == "resolved" and result.rounds == 2
+    assert "-    return a - b\n+    return a + b" in result.diff  # the whole patch, against HEAD
+    round_two = backend.asked[1][-1]["content"]
+    assert "the tests fail" in round_two and "test_add" in round_two  # the failure was fed back
+    assert (repo / "calc.py").read_text() == BUGGY["calc.py"]  # the user's tree is untouched
+    assert not subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def test_malformed_answers_become_feedback(repo):
+    backend = ScriptedBackend(["I would change the subtraction.", edit("return a * b * 2", "x"), RIGHT])
+    result = fix(config(repo), backend)
+    assert result.status == "resolved" and result.rounds == 3
+    assert "no edits found" in backend.asked[1][-1]["content"]
+    assert (
+        "not in the file" in backend.asked[2][-1]["content"]
+        and "closest lines" in backend.asked[2][-1]["content"]
+    )
+
+
+def test_a_hanging_test_command_times_out_and_is_reported(repo):
+    result = fix(config(repo, test_cmd="sleep 30", test_timeout=1.0, rounds=1), ScriptedBackend([RIGHT]))
+    assert result.status == "unresolved" and result.tests["timed_out"] is True
+
+
+def test_apply_writes_the_selected_patch_to_the_user_tree(repo):
+    result = fix(config(repo, apply=True), ScriptedBackend([RIGHT]))
+    assert result.status == "resolved" and result.applied
+    assert "return a + b" in (repo / "calc.py").read_text()
+
+
+def test_the_passing_sample_is_selected(repo):
+    backend = ScriptedBackend([WRONG, RIGHT])
+    result = fix(config(repo, rounds=1, samples=2), backend)
+    assert result.status == "resolved" and [c.passed for c in result.candidates] == [False, True]
+    assert "return a + b" in result.diff
+
+
+def test_the_run_folder_keeps_the_trajectory(repo):
+    result = fix(config(repo), ScriptedBackend([WRONG, RIGHT_AFTER_WRONG]))
+    run = Path(result.run_dir)
+    names = {p.name for p in run.iterdir()}
+    assert {
+        "prompt.txt",
+        "manifest.json",
+        "baseline-tests.log",
+        "trajectory.json",
+        "result.json",
+        "sample-1-round-1-answer.md",
+        "sample-1-round-2.diff",
+        "sample-1-round-2-tests.log",
+    } <= names
+    events = [e["event"] for e in json.loads((run / "trajectory.json").read_text())["events"]]
+    assert events[:3] == ["index", "baseline", "baseline_done"] and events[-1] == "done"
+    assert not list((repo / ".ds4" / "runs").glob("*/sample-1/*"))  # worktrees are removed
+
+
+def test_uncommitted_user_changes_are_part_of_the_starting_point(repo):
+    (repo / "calc.py").write_text(BUGGY["calc.py"].replace("a * b", "b * a"))
+    result = fix(config(repo), ScriptedBackend([RIGHT]))
+    assert result.status == "resolved" and "b * a" not in result.diff
+    assert (repo / "calc.py").read_text().count("b * a") == 1  # still the user's, unmodified
+
+
+class ScriptedChatServer(BaseHTTPRequestHandler):
+    """Test double: an OpenAI-compatible /v1/chat/completions on loopback that streams scripted answers."""
+
+    answers: list[str] = []
+    bodies: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).bodies.append(body)
+        answer = type(self).answers.pop(0)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for piece in (answer[: len(answer) // 2], answer[len(answer) // 2 :]):
+            chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        usage = {
+            "choices": [],
+            "usage": {
+                "prompt_tokens": 900,
+                "completion_tokens": 40,
+                "prompt_tokens_details": {"cached_tokens": 512},
+            },
+        }
+        self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_against_an_openai_compatible_endpoint_on_loopback(repo):
+    ScriptedChatServer.answers, ScriptedChatServer.bodies = [WRONG, RIGHT_AFTER_WRONG], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedChatServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        backend = OpenAIBackend(f"http://127.0.0.1:{server.server_port}", "deepseek", api_key="k")
+        result = fix(config(repo), backend)
+    finally:
+        server.shutdown()
+    assert result.status == "resolved" and result.rounds == 2
+    first = ScriptedChatServer.bodies[0]
+    assert (
+        first["stream"] is True and first["model"] == "deepseek" and first["messages"][0]["role"] == "system"
+    )
+    trajectory = json.loads((Path(result.run_dir) / "trajectory.json").read_text())
+    answers = [e for e in trajectory["events"] if e["event"] == "answer"]
+    assert answers[0]["cached_tokens"] == 512
+
+
+def test_unreachable_endpoint_is_an_error_not_a_crash(repo):
+    backend = OpenAIBackend("http://127.0.0.1:9", retries=0, timeout=2)
+    result = fix(config(repo), backend)
+    assert result.status == "error" and "cannot reach" in result.message
+
+
+def test_fix_cli_json(repo):
+    import sys
+
+    exe = Path(sys.executable).parent / "ds4-agent"
+    ScriptedChatServer.answers, ScriptedChatServer.bodies = [RIGHT], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedChatServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = subprocess.run(
+            [
+                str(exe),
+                "fix",
+                ISSUE,
+                "--repo",
+                str(repo),
+                "--endpoint",
+                f"http://127.0.0.1:{server.server_port}",
+                "--budget",
+                "4000",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        server.shutdown()
+    out = json.loads(done.stdout)
+    assert done.returncode == 0 and out["status"] == "resolved"
+    assert {"status", "diff", "rounds", "tests", "run_dir"} <= out.keys()
+
+
+@pytest.mark.slow
+def test_local_engine_end_to_end_on_a_tiny_checkpoint(repo, tiny_v3):
+    from ds4.agent.backends import LocalBackend
+
+    backend = LocalBackend(tiny_v3)
+    result = fix(
+        FixConfig(
+            repo,
+            ISSUE,
+            test_cmd="python -m pytest -q -rf",
+            budget=1200,
+            rounds=1,
+            generation=GenerationParams(max_tokens=48),
+        ),
+        backend,
+    )
+    assert result.status == "unresolved"  # a tiny random model cannot be expected to fix anything
+    trajectory = json.loads((Path(result.run_dir) / "trajectory.json").read_text())
+    assert any(e["event"] == "answer" and e["prompt_tokens"] > 500 for e in trajectory["events"])
