@@ -22,10 +22,21 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check engine kernels agent lsp tests
 
-# For now the main job writes a tiny checkpoint and generates from it; the fix-loop issue makes it `fix`.
+# The main job: `ds4-agent fix` on an example repository with the embedded defaults (the engine in this
+# process on a tiny random checkpoint written on first use, the SQLite index). A tiny random model
+# cannot fix the bug; the run shows the whole pipeline and where to point ds4 for real results.
+EXAMPLE ?= pricing-py
 run: $(VENV)/.installed
-	$(VENV)/bin/ds4-agent model init --family deepseek_v3 --preset tiny --out $(RUN_DIR)/tiny-v3 --seed 0
-	$(VENV)/bin/ds4-agent generate --model $(RUN_DIR)/tiny-v3 --max-tokens 24 "def fibonacci(n):"
+	test -f $(RUN_DIR)/tiny-v3/config.json || $(VENV)/bin/ds4-agent model init --family deepseek_v3 --preset tiny --out $(RUN_DIR)/tiny-v3 --seed 0
+	rm -rf $(RUN_DIR)/$(EXAMPLE) && cp -r examples/$(EXAMPLE) $(RUN_DIR)/$(EXAMPLE)
+	cd $(RUN_DIR)/$(EXAMPLE) && git init -q && git add -A && git -c user.email=ds4@localhost -c user.name=ds4 commit -qm "$(EXAMPLE) as shipped"
+	$(VENV)/bin/ds4-agent fix $(RUN_DIR)/$(EXAMPLE)/ISSUE.md --repo $(RUN_DIR)/$(EXAMPLE) --model $(RUN_DIR)/tiny-v3 \
+		--rounds 2 --budget 1200 --max-tokens 96; status=$$?; \
+	echo; \
+	echo "The model here is a tiny random checkpoint: it cannot be expected to fix the bug."; \
+	echo "For real fixes: --model DIR with DeepSeek weights (see README), or --endpoint URL of an"; \
+	echo "OpenAI-compatible server (ds4's own, vLLM or SGLang serving DeepSeek, or a hosted API)."; \
+	test $$status -le 1
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR)

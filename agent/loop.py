@@ -213,7 +213,14 @@ def _attempt(
         candidate.rounds = round_
         tag = f"sample-{sample}-round-{round_}"
         event("ask", sample=sample, round=round_)
-        completion = backend.complete(messages, params)
+        try:
+            completion = backend.complete(messages, params)
+        except BackendError as e:
+            if round_ == 1 and sample == 1:
+                raise  # the model cannot be used at all
+            event("backend_error", sample=sample, round=round_, message=str(e))  # e.g. the context is full
+            candidate.error = str(e)
+            break
         (run_dir / f"{tag}-answer.md").write_text(completion.text)
         event(
             "answer",

@@ -235,3 +235,17 @@ def test_local_engine_end_to_end_on_a_tiny_checkpoint(repo, tiny_v3):
     assert result.status == "unresolved"  # a tiny random model cannot be expected to fix anything
     trajectory = json.loads((Path(result.run_dir) / "trajectory.json").read_text())
     assert any(e["event"] == "answer" and e["prompt_tokens"] > 500 for e in trajectory["events"])
+
+
+def test_a_backend_failure_in_a_later_round_ends_that_candidate_only(repo):
+    class FailsLater(ScriptedBackend):
+        def complete(self, messages, params, on_text=None):
+            if len(self.asked) == 1:
+                from ds4.agent.backends import BackendError
+
+                self.asked.append(messages)
+                raise BackendError("the prompt has 2104 tokens; the model's limit is 2048")
+            return super().complete(messages, params, on_text)
+
+    result = fix(config(repo), FailsLater([WRONG]))
+    assert result.status == "unresolved" and "limit" in result.candidates[0].error
