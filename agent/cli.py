@@ -166,6 +166,34 @@ def _add_fix(sub) -> None:
     fix.set_defaults(func=_cmd_fix)
 
 
+def _add_swebench(sub) -> None:
+    swe = sub.add_parser("swebench", help="SWE-bench predictions and a local evaluation")
+    swe_sub = swe.add_subparsers(dest="swebench_command", required=True)
+    predict = swe_sub.add_parser(
+        "predict", help="run the fix loop on each instance; write predictions (JSONL)"
+    )
+    predict.add_argument("instances")
+    predict.add_argument("--repos-dir", required=True)
+    predict.add_argument("--out", required=True)
+    where = predict.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model")
+    where.add_argument("--endpoint")
+    predict.add_argument("--model-name", default="default")
+    predict.add_argument("--rounds", type=int, default=3)
+    predict.add_argument("--budget", type=int, default=32_000)
+    predict.add_argument("--test-cmd", default=None)
+    predict.set_defaults(func=_cmd_swebench_predict)
+    evaluate = swe_sub.add_parser(
+        "evaluate", help="apply test_patch and each prediction; run FAIL/PASS_TO_PASS"
+    )
+    evaluate.add_argument("instances")
+    evaluate.add_argument("predictions")
+    evaluate.add_argument("--repos-dir", required=True)
+    evaluate.add_argument("--test-cmd", default=None)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=_cmd_swebench_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ds4-agent",
@@ -178,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pack(sub)
     _add_apply(sub)
     _add_fix(sub)
+    _add_swebench(sub)
     _add_bench(sub)
     return parser
 
@@ -447,6 +476,45 @@ def _cmd_fix(args) -> int:
     return 0 if result.status == "resolved" else 1
 
 
+def _cmd_swebench_predict(args) -> int:
+    from ds4.agent.backends import LocalBackend, OpenAIBackend
+    from ds4.agent.loop import FixConfig
+    from ds4.agent.swebench import load_jsonl, predict
+
+    backend = LocalBackend(args.model) if args.model else OpenAIBackend(args.endpoint, args.model_name)
+    instances = load_jsonl(args.instances)
+    preds = predict(
+        instances,
+        args.repos_dir,
+        backend,
+        args.out,
+        lambda repo, issue: FixConfig(repo, issue, args.test_cmd, args.rounds, budget=args.budget),
+    )
+    print(
+        f"{len(preds)} predictions written to {args.out} "
+        f"({sum(bool(p['model_patch']) for p in preds)} with a patch)"
+    )
+    return 0
+
+
+def _cmd_swebench_evaluate(args) -> int:
+    from dataclasses import asdict
+
+    from ds4.agent.swebench import evaluate, load_jsonl
+
+    results = evaluate(
+        load_jsonl(args.instances), load_jsonl(args.predictions), args.repos_dir, args.test_cmd
+    )
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        for r in results:
+            print(f"{r.instance_id}: {r.status}" + (f" ({r.reason})" if r.reason else ""))
+        counts = {s: sum(r.status == s for r in results) for s in ("resolved", "partial", "failed")}
+        print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 0
+
+
 def _cmd_apply(args) -> int:
     from ds4.agent.patch import PatchError, apply
 
@@ -502,9 +570,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except Exception as e:  # the CLI boundary: typed, user-facing errors become one line and an exit code
         from ds4.agent.index.store import IndexDatabaseError
+        from ds4.agent.swebench import SweBenchError
         from ds4.engine.errors import EngineError
 
-        if isinstance(e, EngineError | ValueError | FileNotFoundError | IndexDatabaseError):
+        if isinstance(e, EngineError | ValueError | FileNotFoundError | IndexDatabaseError | SweBenchError):
             print(f"ds4-agent: error: {e}", file=sys.stderr)
             return 2
         raise
