@@ -140,25 +140,48 @@ def _add_apply(sub) -> None:
     apply.set_defaults(func=_cmd_apply)
 
 
-def _add_fix(sub) -> None:
-    fix = sub.add_parser(
-        "fix", help="turn an issue into a tested patch (in git worktrees; your tree is untouched)"
-    )
-    fix.add_argument("issue", help="the issue: text, a file, or - for standard input")
-    fix.add_argument("--repo", default=".")
-    where = fix.add_mutually_exclusive_group(required=True)
+FIX_DEFAULTS = {
+    "model_name": "default",
+    "rounds": 3,
+    "samples": 1,
+    "budget": 32_000,
+    "max_tokens": 2048,
+    "test_timeout": 600.0,
+}
+SETTINGS_HELP = (
+    "Unset flags come from REPO/.ds4.toml, then ~/.config/ds4/config.toml (same names, e.g. endpoint)."
+)
+
+
+def _add_backend_flags(parser) -> None:
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--model", help="a checkpoint folder: the engine runs in this process")
     where.add_argument("--endpoint", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8484")
-    fix.add_argument("--model-name", default="default", help="with --endpoint: the model to ask for")
+    parser.add_argument("--model-name", default=None, help="with --endpoint: the model to ask for")
+
+
+def _add_fix(sub) -> None:
+    fix = sub.add_parser(
+        "fix",
+        help="turn an issue into a tested patch (in git worktrees; your tree is untouched)",
+        epilog=SETTINGS_HELP,
+    )
+    fix.add_argument("issue", help="the issue: text, a file, - for standard input, or a GitHub issue URL")
+    fix.add_argument("--repo", default=".")
+    _add_backend_flags(fix)
     fix.add_argument("--tokenizer", default=None, help="with --endpoint: a tokenizer.json for exact budgets")
     fix.add_argument(
         "--test-cmd", default=None, help="default: detected (pytest, npm test, go test, cargo test)"
     )
-    fix.add_argument("--rounds", type=int, default=3)
-    fix.add_argument("--samples", type=int, default=1)
-    fix.add_argument("--budget", type=int, default=32_000, help="prompt tokens for the repository and issue")
-    fix.add_argument("--max-tokens", type=int, default=2048, help="tokens per answer")
-    fix.add_argument("--test-timeout", type=float, default=600.0, help="seconds per test run")
+    fix.add_argument(
+        "--rounds", type=int, default=None, help=f"feedback rounds (default {FIX_DEFAULTS['rounds']})"
+    )
+    fix.add_argument("--samples", type=int, default=None, help="candidates (default 1)")
+    fix.add_argument(
+        "--budget", type=int, default=None, help="prompt tokens for the repository and issue (default 32000)"
+    )
+    fix.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default 2048)")
+    fix.add_argument("--test-timeout", type=float, default=None, help="seconds per test run (default 600)")
     fix.add_argument(
         "--apply", action="store_true", help="write the selected patch to your tree if it applies"
     )
@@ -170,17 +193,18 @@ def _add_swebench(sub) -> None:
     swe = sub.add_parser("swebench", help="SWE-bench predictions and a local evaluation")
     swe_sub = swe.add_subparsers(dest="swebench_command", required=True)
     predict = swe_sub.add_parser(
-        "predict", help="run the fix loop on each instance; write predictions (JSONL)"
+        "predict", help="run the fix loop on each instance; write predictions (JSONL)", epilog=SETTINGS_HELP
     )
     predict.add_argument("instances")
     predict.add_argument("--repos-dir", required=True)
     predict.add_argument("--out", required=True)
-    where = predict.add_mutually_exclusive_group(required=True)
-    where.add_argument("--model")
-    where.add_argument("--endpoint")
-    predict.add_argument("--model-name", default="default")
-    predict.add_argument("--rounds", type=int, default=3)
-    predict.add_argument("--budget", type=int, default=32_000)
+    _add_backend_flags(predict)
+    predict.add_argument("--tokenizer", default=None)
+    predict.add_argument("--rounds", type=int, default=None)
+    predict.add_argument("--samples", type=int, default=None)
+    predict.add_argument("--budget", type=int, default=None)
+    predict.add_argument("--max-tokens", type=int, default=None)
+    predict.add_argument("--test-timeout", type=float, default=None)
     predict.add_argument("--test-cmd", default=None)
     predict.set_defaults(func=_cmd_swebench_predict)
     evaluate = swe_sub.add_parser(
@@ -375,6 +399,10 @@ def _open_existing_index(args):
 
 
 def _read_issue(value: str) -> str:
+    from ds4.agent.github import fetch_issue, is_issue_url
+
+    if is_issue_url(value):
+        return fetch_issue(value)
     if value == "-":
         return sys.stdin.read()
     if value and os.path.isfile(value):
@@ -427,17 +455,18 @@ def _print_pack_summary(packed, to) -> None:
 def _cmd_fix(args) -> int:
     from pathlib import Path
 
-    from ds4.agent.backends import GenerationParams, LocalBackend, OpenAIBackend
+    from ds4.agent.backends import GenerationParams
+    from ds4.agent.config import merge_args
     from ds4.agent.loop import FixConfig, fix
+    from ds4.agent.progress import ProgressView
 
     _require_dir(args.repo)
+    merge_args(args, args.repo, FIX_DEFAULTS)
     issue = _read_issue(args.issue)
     if not issue.strip():
-        raise ValueError("the issue is empty: give its text, a file, or - for standard input")
-    if args.model:
-        backend = LocalBackend(args.model)
-    else:
-        backend = OpenAIBackend(args.endpoint, args.model_name, tokenizer_file=args.tokenizer)
+        raise ValueError(
+            "the issue is empty: give its text, a file, - for standard input, or a GitHub issue URL"
+        )
     config = FixConfig(
         Path(args.repo),
         issue,
@@ -449,18 +478,8 @@ def _cmd_fix(args) -> int:
         args.apply,
         GenerationParams(max_tokens=args.max_tokens),
     )
-
-    def progress(event: dict) -> None:
-        if args.json:
-            return
-        details = {k: v for k, v in event.items() if k not in ("event", "t")}
-        print(
-            f"[{event['event']}] " + " ".join(f"{k}={v}" for k, v in details.items()),
-            file=sys.stderr,
-            flush=True,
-        )
-
-    result = fix(config, backend, progress)
+    progress = None if args.json else ProgressView(sys.stderr)
+    result = fix(config, _backend(args), progress)
     if args.json:
         print(json.dumps(result.as_json(), indent=2))
     else:
@@ -476,20 +495,36 @@ def _cmd_fix(args) -> int:
     return 0 if result.status == "resolved" else 1
 
 
-def _cmd_swebench_predict(args) -> int:
+def _backend(args):
     from ds4.agent.backends import LocalBackend, OpenAIBackend
+
+    if args.model:
+        return LocalBackend(args.model)
+    return OpenAIBackend(args.endpoint, args.model_name, tokenizer_file=args.tokenizer)
+
+
+def _cmd_swebench_predict(args) -> int:
+    from ds4.agent.backends import GenerationParams
+    from ds4.agent.config import merge_args
     from ds4.agent.loop import FixConfig
     from ds4.agent.swebench import load_jsonl, predict
 
-    backend = LocalBackend(args.model) if args.model else OpenAIBackend(args.endpoint, args.model_name)
+    merge_args(args, None, FIX_DEFAULTS)
     instances = load_jsonl(args.instances)
-    preds = predict(
-        instances,
-        args.repos_dir,
-        backend,
-        args.out,
-        lambda repo, issue: FixConfig(repo, issue, args.test_cmd, args.rounds, budget=args.budget),
-    )
+
+    def make_config(repo, issue):
+        return FixConfig(
+            repo,
+            issue,
+            args.test_cmd,
+            args.rounds,
+            args.samples,
+            args.budget,
+            args.test_timeout,
+            generation=GenerationParams(max_tokens=args.max_tokens),
+        )
+
+    preds = predict(instances, args.repos_dir, _backend(args), args.out, make_config)
     print(
         f"{len(preds)} predictions written to {args.out} "
         f"({sum(bool(p['model_patch']) for p in preds)} with a patch)"
@@ -569,11 +604,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as e:  # the CLI boundary: typed, user-facing errors become one line and an exit code
+        from ds4.agent.github import GitHubError
         from ds4.agent.index.store import IndexDatabaseError
         from ds4.agent.swebench import SweBenchError
         from ds4.engine.errors import EngineError
 
-        if isinstance(e, EngineError | ValueError | FileNotFoundError | IndexDatabaseError | SweBenchError):
+        known = (
+            EngineError,
+            ValueError,
+            FileNotFoundError,
+            IndexDatabaseError,
+            SweBenchError,
+            GitHubError,
+        )
+        if isinstance(e, known):
             print(f"ds4-agent: error: {e}", file=sys.stderr)
             return 2
         raise
