@@ -74,19 +74,14 @@ class LocalBackend:
         sampling = SamplingParams(
             temperature=params.temperature, max_tokens=min(params.max_tokens, room), seed=params.seed
         )
-        text = ""
-        before = self.llm.stats()["tokens_reused"]
-        for delta in self.llm.stream(ids, sampling):
+        text, finished = "", []
+        for delta in self.llm.stream(ids, sampling, on_finish=finished.append):
             text += delta
             if on_text is not None:
                 on_text(delta)
-        stats = self.llm.stats()
+        out = finished[0]
         return Completion(
-            text,
-            len(ids),
-            len(self.llm.tokenizer.encode(text, add_bos=False)),
-            stats["tokens_reused"] - before,
-            time.perf_counter() - start,
+            text, len(ids), len(out.token_ids), out.num_cached_tokens, time.perf_counter() - start
         )
 
 

@@ -7,7 +7,7 @@ teacher-forced pass of its own that leaves the cache alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -63,8 +63,14 @@ class LLM:
             self.engine.step()
         return [self.engine.release(r) for r in request_ids]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Text deltas of one completion as they are decoded (never broken UTF-8; stop strings never leak)."""
+    def stream(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        on_finish: Callable[[RequestOutput], None] | None = None,
+    ) -> Iterator[str]:
+        """Text deltas of one completion as they are decoded (never broken UTF-8; stop strings never leak).
+        `on_finish` receives the request's output (token ids, cached prompt tokens) when it ends."""
         params = params or SamplingParams()
         request_id = self.engine.add_request(self._prompt_ids(prompt, params.max_tokens), params)
         out = self.engine.output(request_id)
@@ -79,6 +85,8 @@ class LLM:
         finally:
             self.engine.cancel(request_id)  # a consumer that stops early frees the request's blocks
             self.engine.release(request_id)
+            if on_finish is not None:
+                on_finish(out)
 
     def serve(self) -> EngineLoop:
         """Starts an engine thread over this LLM's engine, for servers with concurrent callers; drive
