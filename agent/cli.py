@@ -218,6 +218,28 @@ def _add_swebench(sub) -> None:
     evaluate.set_defaults(func=_cmd_swebench_evaluate)
 
 
+def _add_serve(sub) -> None:
+    serve = sub.add_parser(
+        "serve", help="the HTTP service: OpenAI-compatible /v1/chat/completions, /v1/completions, /v1/models"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8484)
+    serve.add_argument("--model", required=True, help="a checkpoint folder: the engine runs in this process")
+    serve.add_argument(
+        "--served-name", default=None, help="the model's id in /v1/models (default: folder name)"
+    )
+    serve.add_argument(
+        "--api-key", action="append", default=[], help="a bearer token (repeatable; also DS4_API_KEYS=k1,k2)"
+    )
+    serve.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (default 32)")
+    serve.add_argument(
+        "--rate-limit", type=int, default=0, help="requests a minute per API key (default 0: no limit)"
+    )
+    serve.add_argument("--num-cache-blocks", type=int, default=None)
+    serve.add_argument("--prefix-cache-dir", default=None, help="keep prefix-cache blocks on disk here")
+    serve.set_defaults(func=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ds4-agent",
@@ -231,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_apply(sub)
     _add_fix(sub)
     _add_swebench(sub)
+    _add_serve(sub)
     _add_bench(sub)
     return parser
 
@@ -547,6 +570,28 @@ def _cmd_swebench_evaluate(args) -> int:
             print(f"{r.instance_id}: {r.status}" + (f" ({r.reason})" if r.reason else ""))
         counts = {s: sum(r.status == s for r in results) for s in ("resolved", "partial", "failed")}
         print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from ds4.agent.api.app import ServerConfig, check_bind, keys_from_env
+
+    keys = keys_from_env(args.api_key)
+    check_bind(args.host, keys)  # before loading anything: a refused bind costs nothing
+    import uvicorn
+
+    from ds4.agent.api.app import create_app
+    from ds4.agent.api.served import ServedModel
+
+    engine_kwargs = {}
+    if args.num_cache_blocks is not None:
+        engine_kwargs["num_cache_blocks"] = args.num_cache_blocks
+    if args.prefix_cache_dir is not None:
+        engine_kwargs["prefix_cache_dir"] = args.prefix_cache_dir
+    model = ServedModel(args.model, args.served_name, **engine_kwargs)
+    app = create_app(model, ServerConfig(keys, int(args.max_body_mb * 1024 * 1024), args.rate_limit))
+    print(f"ds4 serving {model.name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -95,6 +95,11 @@ class EngineLoop:
     def cancel(self, handle: RequestHandle) -> None:
         self._inbox.put(("cancel", handle, None))
 
+    @property
+    def num_in_flight(self) -> int:
+        """Requests submitted and not yet finished (queued in the inbox or in the engine)."""
+        return len(self._handles) + self._inbox.qsize()
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._inbox.put(("wake", None, None))

@@ -39,6 +39,10 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a (special) token, or None when this tokenizer does not have it."""
+        return self._tok.token_to_id(token)
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
@@ -94,8 +98,17 @@ class IncrementalDetokenizer:
         return delta
 
 
-# DeepSeek's special tokens; BOS and EOS take ids 0 and 1 as in DeepSeek's configs.
-SPECIAL_TOKENS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>")
+# DeepSeek's special tokens; BOS and EOS take ids 0 and 1 as in DeepSeek's configs; then the chat roles
+# and the fill-in-the-middle markers (DeepSeek's FIM prompt: begin PREFIX hole SUFFIX end).
+SPECIAL_TOKENS = (
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<｜fim▁begin｜>",
+    "<｜fim▁hole｜>",
+    "<｜fim▁end｜>",
+)
 # Text every CPython install carries: the corpus for tokenizers of test checkpoints (no download).
 CORPUS_MODULES = (
     "argparse.py",

@@ -1,0 +1,131 @@
+"""The Litestar application: routes, OpenAI-shaped errors, bearer tokens, the body limit, health."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+from dataclasses import dataclass, field
+
+from litestar import Litestar, MediaType, Request, get
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+
+from ds4.agent.api.errors import HANDLERS, APIError
+from ds4.agent.api.metrics import Metrics, RateLimiter
+from ds4.agent.api.openai_api import ROUTES as OPENAI_ROUTES
+
+OPEN_PATHS = ("/health", "/schema", "/metrics")  # reachable without a token
+
+
+@dataclass
+class ServerConfig:
+    api_keys: list[str] = field(default_factory=list)
+    max_body_bytes: int = 32 * 1024 * 1024  # real diffs and packed prompts fit
+    rate_limit: int = 0  # requests a minute per API key (per client address without keys); 0 = off
+
+
+def keys_from_env(flags: list[str] | None) -> list[str]:
+    keys = list(flags or [])
+    keys += [k.strip() for k in os.environ.get("DS4_API_KEYS", "").split(",") if k.strip()]
+    return keys
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, keys: list[str]) -> None:
+    """Anything but loopback needs bearer tokens: the server runs models and, later, tests."""
+    if not is_loopback(host) and not keys:
+        raise ValueError(
+            f"refusing to listen on {host} without API keys: pass --api-key KEY (or DS4_API_KEYS=k1,k2), "
+            "or bind 127.0.0.1"
+        )
+
+
+def _authorize(request: Request) -> None:
+    config: ServerConfig = request.app.state.config
+    if request.url.path.startswith(OPEN_PATHS):
+        return
+    who = request.client.host if request.client else "unknown"
+    if config.api_keys:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k) for k in config.api_keys):
+            raise APIError(
+                401, "a valid API key is required: send Authorization: Bearer KEY", None, "invalid_api_key"
+            )
+        who = token
+    limiter: RateLimiter | None = request.app.state.limiter
+    if limiter is not None:
+        wait = limiter.allow(who)
+        if wait > 0:
+            raise APIError(
+                429,
+                f"rate limit of {config.rate_limit} requests a minute: retry in {wait:.1f}s",
+                None,
+                "rate_limit_exceeded",
+                {"Retry-After": str(max(1, round(wait)))},
+            )
+
+
+def _count(app):
+    """ASGI middleware: every HTTP response's status, by route, for /metrics (errors included)."""
+
+    async def middleware(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        status = 500
+
+        async def capture(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, capture)
+        finally:
+            scope["app"].state.metrics.count_request(scope["path"], status)
+
+    return middleware
+
+
+@get("/metrics", summary="Prometheus metrics", media_type=MediaType.TEXT)
+async def metrics(request: Request) -> str:
+    served = request.app.state.model
+    return request.app.state.metrics.render(served.stats(), served.loop.num_in_flight)
+
+
+@get("/health", summary="Liveness and the served model")
+async def health(request: Request) -> dict:
+    served = request.app.state.model
+    return {"status": "ok", "model": served.name}
+
+
+def create_app(model, config: ServerConfig | None = None) -> Litestar:
+    config = config or ServerConfig()
+    return Litestar(
+        route_handlers=[health, metrics, *OPENAI_ROUTES],
+        state=State(
+            {
+                "model": model,
+                "config": config,
+                "metrics": Metrics(),
+                "limiter": RateLimiter(config.rate_limit) if config.rate_limit > 0 else None,
+            }
+        ),
+        middleware=[_count],
+        exception_handlers=HANDLERS,
+        before_request=_authorize,
+        request_max_body_size=config.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="ds4", version="0.1.0", path="/schema"),
+        on_shutdown=[model.shutdown] if hasattr(model, "shutdown") else [],
+        debug=False,
+    )

@@ -1,0 +1,103 @@
+"""Every 4xx and 5xx leaves the server shaped as OpenAI's clients expect:
+`{"error": {"message", "type", "param", "code"}}`; an unexpected failure is logged, never leaked."""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import ResponseSpec
+
+log = logging.getLogger("ds4.api")
+
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class ErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(msgspec.Struct):
+    error: ErrorDetail
+
+
+def responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI declarations of the error responses a route can give."""
+    words = {
+        400: "malformed request",
+        401: "missing or wrong API key",
+        404: "no such model or route",
+        413: "request body too large",
+        429: "rate limit",
+        500: "server error",
+    }
+    return {s: ResponseSpec(data_container=ErrorBody, description=words[s]) for s in statuses}
+
+
+class APIError(Exception):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, headers=None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _response(status: int, message: str, param=None, code=None, headers=None) -> Response:
+    return Response(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def handle_api_error(_: Request, e: APIError) -> Response:
+    return _response(e.status, e.message, e.param, e.code, e.headers)
+
+
+def handle_validation(_: Request, e: ValidationException) -> Response:
+    extra = e.extra if isinstance(e.extra, list) else []
+    first = extra[0] if extra and isinstance(extra[0], dict) else {}
+    key = first.get("key")
+    message = first.get("message") or str(e.detail)
+    param = key if isinstance(key, str) and key else None
+    detail = f"{param}: {message}" if param else f"{e.detail}: {message}" if message != e.detail else e.detail
+    return _response(400, detail, param, "invalid_value")
+
+
+def handle_http(_: Request, e: HTTPException) -> Response:
+    status = e.status_code
+    message = {
+        404: "no such route: see /schema/openapi.json",
+        405: "method not allowed on this route",
+        413: "request body too large",
+    }.get(status, str(e.detail))
+    return _response(status, message, headers=getattr(e, "headers", None))
+
+
+def handle_unexpected(request: Request, e: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return _response(500, "internal server error (details are in the server's log)")
+
+
+HANDLERS = {
+    APIError: handle_api_error,
+    ValidationException: handle_validation,
+    HTTPException: handle_http,
+    Exception: handle_unexpected,
+}

@@ -1,0 +1,300 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions (with `suffix` for
+fill-in-the-middle), streamed as SSE `data:` chunks ending in `data: [DONE]`."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+import msgspec
+from litestar import Request, get, post
+from litestar.response import ServerSentEvent
+
+from ds4.agent.api.errors import APIError, responses
+from ds4.agent.api.served import ServedModel
+from ds4.engine.errors import RequestError
+from ds4.engine.sampler import SamplingParams
+
+
+class ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class _Sampling(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    prompt: str | list[int]
+    suffix: str | None = None
+    echo: bool = False
+
+
+ROLES = ("system", "user", "assistant")
+FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+def _model(request: Request) -> ServedModel:
+    return request.app.state.model
+
+
+def _check_model(served: ServedModel, asked: str | None) -> None:
+    if asked is not None and asked != served.name:
+        raise APIError(
+            404,
+            f"the model {asked!r} does not exist; this server serves {served.name!r}",
+            "model",
+            "model_not_found",
+        )
+
+
+def _sampling(
+    body: _Sampling, max_tokens: int | None, prompt_len: int, served: ServedModel
+) -> SamplingParams:
+    if body.n != 1:
+        raise APIError(400, "n must be 1: ask several times for several samples", "n", "unsupported_value")
+    room = served.max_model_len - prompt_len
+    if room < 1:
+        raise APIError(
+            400,
+            f"the prompt has {prompt_len} tokens; this model's context is {served.max_model_len}",
+            "messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            "context_length_exceeded",
+        )
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    try:
+        return SamplingParams(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            max_tokens=min(max_tokens, room) if max_tokens is not None else min(room, 4096),
+            seed=body.seed,
+            stop=stop,
+        )
+    except ValueError as e:
+        param = str(e).split(" ", 1)[0]
+        raise APIError(
+            400, str(e), param if param in msgspec.structs.asdict(body) else None, "invalid_value"
+        ) from None
+
+
+def _submit(served: ServedModel, ids: list[int], params: SamplingParams):
+    try:
+        return served.loop.submit(ids, params)
+    except RequestError as e:
+        raise APIError(400, str(e), None, "context_length_exceeded") from None
+
+
+def _usage(request: Request, out, prompt_len: int) -> dict:
+    completion = len(out.token_ids)
+    usage = {
+        "prompt_tokens": prompt_len,
+        "completion_tokens": completion,
+        "total_tokens": prompt_len + completion,
+        "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},
+    }
+    request.app.state.metrics.count_usage(usage)
+    return usage
+
+
+async def _events(handle) -> AsyncIterator:
+    """The handle's stream events, waited for off the event loop; the request is cancelled if the
+    client goes away first."""
+    finished = False
+    try:
+        while not finished:
+            event = await anyio.to_thread.run_sync(handle.events.get)
+            finished = event.finished
+            if event.error is not None:
+                raise event.error
+            yield event
+    finally:
+        if not finished:
+            handle.cancel()
+
+
+async def _result(handle):
+    async for event in _events(handle):
+        if event.output is not None:
+            return event.output
+    raise RuntimeError("the engine ended a request without an output")
+
+
+@get("/v1/models", summary="The served model", responses=responses(401, 429, 500))
+async def list_models(request: Request) -> dict:
+    served = _model(request)
+    return {"object": "list", "data": [_model_card(served)]}
+
+
+@get("/v1/models/{model_id:str}", summary="One model", responses=responses(401, 404, 429, 500))
+async def get_model(request: Request, model_id: str) -> dict:
+    served = _model(request)
+    _check_model(served, model_id)
+    return _model_card(served)
+
+
+def _model_card(served: ServedModel) -> dict:
+    return {
+        "id": served.name,
+        "object": "model",
+        "created": served.created,
+        "owned_by": "ds4",
+        "max_model_len": served.max_model_len,
+    }
+
+
+def _chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    if not messages:
+        raise APIError(400, "messages must not be empty", "messages", "invalid_value")
+    out = []
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise APIError(
+                400,
+                f"messages[{i}].role must be one of {', '.join(ROLES)}, not {m.role!r}",
+                f"messages[{i}].role",
+            )
+        if isinstance(m.content, list):
+            text = "".join(p.text or "" for p in m.content if p.type == "text")
+            if any(p.type != "text" for p in m.content):
+                raise APIError(
+                    400, f"messages[{i}]: only text content parts are supported", f"messages[{i}].content"
+                )
+        else:
+            text = m.content or ""
+        out.append({"role": m.role, "content": text})
+    return out
+
+
+@post(
+    "/v1/chat/completions",
+    summary="Chat completion (streams with stream=true)",
+    status_code=200,
+    responses=responses(400, 401, 404, 413, 429, 500),
+)
+async def chat_completions(request: Request, data: ChatCompletionRequest) -> object:
+    served = _model(request)
+    _check_model(served, data.model)
+    ids = served.tokenizer.encode_chat(_chat_messages(data.messages))
+    params = _sampling(data, data.max_completion_tokens or data.max_tokens, len(ids), served)
+    handle = _submit(served, ids, params)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    base = {"id": rid, "created": created, "model": served.name}
+    if not data.stream:
+        out = await _result(handle)
+        return {
+            **base,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": out.text},
+                    "logprobs": None,
+                    "finish_reason": FINISH[out.finish_reason],
+                }
+            ],
+            "usage": _usage(request, out, len(ids)),
+        }
+    include_usage = bool(data.stream_options and data.stream_options.include_usage)
+
+    def chunk(delta: dict, finish: str | None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return json.dumps({**base, "object": "chat.completion.chunk", "choices": [choice]})
+
+    async def stream() -> AsyncIterator[str]:
+        yield chunk({"role": "assistant", "content": ""}, None)
+        async for event in _events(handle):
+            if event.text:
+                yield chunk({"content": event.text}, None)
+            if event.output is not None:
+                yield chunk({}, FINISH[event.output.finish_reason])
+                usage = _usage(request, event.output, len(ids))
+                if include_usage:
+                    yield json.dumps(
+                        {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+                    )
+        yield "[DONE]"
+
+    return ServerSentEvent(stream())
+
+
+@post(
+    "/v1/completions",
+    summary="Text completion; `suffix` asks for fill-in-the-middle",
+    status_code=200,
+    responses=responses(400, 401, 404, 413, 429, 500),
+)
+async def completions(request: Request, data: CompletionRequest) -> object:
+    served = _model(request)
+    _check_model(served, data.model)
+    if data.echo:
+        raise APIError(400, "echo is not supported", "echo", "unsupported_value")
+    if data.suffix is not None:
+        if not isinstance(data.prompt, str):
+            raise APIError(400, "with suffix, prompt must be text", "prompt")
+        ids = served.fim_prompt(data.prompt, data.suffix)
+        if ids is None:
+            raise APIError(
+                400, "this model's tokenizer has no fill-in-the-middle tokens", "suffix", "unsupported_value"
+            )
+    elif isinstance(data.prompt, str):
+        ids = served.tokenizer.encode(data.prompt)
+    else:
+        ids = list(data.prompt)
+        if not ids or any(not 0 <= t < served.tokenizer.vocab_size for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {served.tokenizer.vocab_size})", "prompt")
+    params = _sampling(data, data.max_tokens if data.max_tokens is not None else 16, len(ids), served)
+    handle = _submit(served, ids, params)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    base = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
+    if not data.stream:
+        out = await _result(handle)
+        choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": FINISH[out.finish_reason]}
+        return {**base, "choices": [choice], "usage": _usage(request, out, len(ids))}
+    include_usage = bool(data.stream_options and data.stream_options.include_usage)
+
+    async def stream() -> AsyncIterator[str]:
+        async for event in _events(handle):
+            finish = FINISH[event.output.finish_reason] if event.output is not None else None
+            if event.text or finish:
+                choice = {"index": 0, "text": event.text, "logprobs": None, "finish_reason": finish}
+                yield json.dumps({**base, "choices": [choice]})
+            if event.output is not None:
+                usage = _usage(request, event.output, len(ids))
+                if include_usage:
+                    yield json.dumps({**base, "choices": [], "usage": usage})
+        yield "[DONE]"
+
+    return ServerSentEvent(stream())
+
+
+ROUTES = [list_models, get_model, chat_completions, completions]

@@ -1,0 +1,48 @@
+"""The model behind the server: the engine in this process, one engine thread shared by all requests."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
+
+
+class ServedModel:
+    def __init__(self, model_dir: str, name: str | None = None, **engine_kwargs):
+        from ds4.engine import LLM
+
+        self.llm = LLM(model_dir, **engine_kwargs)
+        if self.llm.tokenizer is None:
+            raise FileNotFoundError(f"{model_dir} has no tokenizer.json: the server needs one")
+        self.name = name or Path(model_dir).resolve().name
+        self.created = int(time.time())
+        self.max_model_len = self.llm.max_model_len
+        self.loop = self.llm.serve()
+        self.fim_ids = [self.llm.tokenizer.token_id(t) for t in FIM_TOKENS]
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    def fim_prompt(self, prefix: str, suffix: str) -> list[int] | None:
+        """DeepSeek's fill-in-the-middle prompt, or None when the tokenizer has no FIM tokens."""
+        if any(i is None for i in self.fim_ids):
+            return None
+        begin, hole, end = self.fim_ids
+        tok = self.tokenizer
+        head = tok.encode("", add_bos=True)  # BOS, when the model has one
+        return [
+            *head,
+            begin,
+            *tok.encode(prefix, add_bos=False),
+            hole,
+            *tok.encode(suffix, add_bos=False),
+            end,
+        ]
+
+    def stats(self) -> dict:
+        return self.llm.engine.stats()
+
+    def shutdown(self) -> None:
+        self.loop.shutdown()
