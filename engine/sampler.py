@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+SAMPLING_EPS = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0
@@ -41,7 +44,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures under 1e-5 are greedy: dividing logits by them overflows to inf (NaN probabilities)."""
+        return self.temperature < SAMPLING_EPS
 
 
 def make_generator(params: SamplingParams, device) -> torch.Generator | None:

@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Annotated, Literal
 
 import anyio
 import msgspec
@@ -25,7 +26,7 @@ class ContentPart(msgspec.Struct):
 
 
 class ChatMessage(msgspec.Struct):
-    role: str
+    role: Literal["system", "user", "assistant"]
     content: str | list[ContentPart] | None = None
 
 
@@ -33,27 +34,33 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
+MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+
+
 class _Sampling(msgspec.Struct, kw_only=True):
+    """The limits the sampler enforces are declared here too, so the schema tells clients the truth."""
+
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
+    max_tokens: MaxTokens | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    min_p: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: NonEmpty | Annotated[list[NonEmpty], msgspec.Meta(max_length=16)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    max_completion_tokens: MaxTokens | None = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):
-    prompt: str | list[int]
+    prompt: str | Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(min_length=1)]
     suffix: str | None = None
     echo: bool = False
 

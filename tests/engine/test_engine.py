@@ -108,3 +108,11 @@ def test_cancel_frees_the_blocks(checkpoint):
     llm.engine.check_integrity()
     assert llm.engine.release(request).finish_reason == "cancelled"
     assert not llm.engine.has_unfinished
+
+
+def test_a_vanishing_temperature_is_greedy_not_nan(tiny_v3):
+    """temperature=3e-120 once made logits / T overflow to inf and failed the whole batch's step."""
+    llm = LLM(tiny_v3)
+    prompt = prompts(llm.config.vocab_size)[3]
+    tiny_t = SamplingParams(temperature=3e-120, max_tokens=12, ignore_eos=True)
+    assert llm.generate(prompt, tiny_t)[0].token_ids == llm.generate(prompt, GREEDY)[0].token_ids
