@@ -1,0 +1,30 @@
+"""Repository paths a client may name: only under the operator's allowed roots, checked on the real
+path (symlinks resolved), with `..` refused outright rather than normalized away."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class PathRefused(ValueError):
+    """A path outside the allowed roots, with `..`, through an escaping symlink, or not a folder."""
+
+
+def confine(path: str, roots: list[str | Path]) -> Path:
+    if not roots:
+        raise PathRefused("this server has no repository roots: start it with --repo-root DIR")
+    if not path or "\x00" in path:
+        raise PathRefused("the path is empty or has a NUL byte")
+    if ".." in Path(path).parts:
+        raise PathRefused(f"{path}: '..' is not allowed in repository paths")
+    if not os.path.isabs(path):
+        raise PathRefused(f"{path}: give an absolute path under one of the repository roots")
+    real = Path(os.path.realpath(path))
+    for root in roots:
+        real_root = Path(os.path.realpath(root))
+        if real == real_root or real_root in real.parents:
+            if not real.is_dir():
+                raise PathRefused(f"{path} is not a folder")
+            return real
+    raise PathRefused(f"{path} is outside the repository roots this server allows")
