@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -m pytest -q  # tests that run `python -m pytest` in example repos get the venv
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check engine kernels agent lsp tests
@@ -30,7 +30,7 @@ run: $(VENV)/.installed
 	test -f $(RUN_DIR)/tiny-v3/config.json || $(VENV)/bin/ds4-agent model init --family deepseek_v3 --preset tiny --out $(RUN_DIR)/tiny-v3 --seed 0
 	rm -rf $(RUN_DIR)/$(EXAMPLE) && cp -r examples/$(EXAMPLE) $(RUN_DIR)/$(EXAMPLE)
 	cd $(RUN_DIR)/$(EXAMPLE) && git init -q && git add -A && git -c user.email=ds4@localhost -c user.name=ds4 commit -qm "$(EXAMPLE) as shipped"
-	$(VENV)/bin/ds4-agent fix $(RUN_DIR)/$(EXAMPLE)/ISSUE.md --repo $(RUN_DIR)/$(EXAMPLE) --model $(RUN_DIR)/tiny-v3 \
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(VENV)/bin/ds4-agent fix $(RUN_DIR)/$(EXAMPLE)/ISSUE.md --repo $(RUN_DIR)/$(EXAMPLE) --model $(RUN_DIR)/tiny-v3 \
 		--rounds 2 --budget 1200 --max-tokens 96; status=$$?; \
 	echo; \
 	echo "The model here is a tiny random checkpoint: it cannot be expected to fix the bug."; \

@@ -235,6 +235,18 @@ def _add_serve(sub) -> None:
     serve.add_argument(
         "--rate-limit", type=int, default=0, help="requests a minute per API key (default 0: no limit)"
     )
+    serve.add_argument(
+        "--repo-root",
+        action="append",
+        default=[],
+        help="repositories under here may be registered (repeatable)",
+    )
+    serve.add_argument("--jobs-db", default=".ds4/server/jobs.db", help="where fix jobs are kept")
+    serve.add_argument("--test-cmd", default=None, help="for fix jobs (else .ds4.toml, else detected)")
+    serve.add_argument(
+        "--allow-request-test-cmd", action="store_true", help="let requests choose the test command"
+    )
+    serve.add_argument("--test-timeout", type=float, default=600.0, help="seconds per test run in fix jobs")
     serve.add_argument("--num-cache-blocks", type=int, default=None)
     serve.add_argument("--prefix-cache-dir", default=None, help="keep prefix-cache blocks on disk here")
     serve.set_defaults(func=_cmd_serve)
@@ -589,7 +601,19 @@ def _cmd_serve(args) -> int:
     if args.prefix_cache_dir is not None:
         engine_kwargs["prefix_cache_dir"] = args.prefix_cache_dir
     model = ServedModel(args.model, args.served_name, **engine_kwargs)
-    app = create_app(model, ServerConfig(keys, int(args.max_body_mb * 1024 * 1024), args.rate_limit))
+    app = create_app(
+        model,
+        ServerConfig(
+            keys,
+            int(args.max_body_mb * 1024 * 1024),
+            args.rate_limit,
+            [os.path.abspath(r) for r in args.repo_root],
+            args.jobs_db,
+            args.test_cmd,
+            args.allow_request_test_cmd,
+            args.test_timeout,
+        ),
+    )
     print(f"ds4 serving {model.name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -11,7 +11,10 @@ from litestar import Litestar, MediaType, Request, get
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 
+from ds4.agent.api.agent_api import ROUTES as AGENT_ROUTES
+from ds4.agent.api.agent_api import JobRunner
 from ds4.agent.api.errors import HANDLERS, APIError
+from ds4.agent.api.jobs import JobStore
 from ds4.agent.api.metrics import Metrics, RateLimiter
 from ds4.agent.api.openai_api import ROUTES as OPENAI_ROUTES
 
@@ -23,6 +26,11 @@ class ServerConfig:
     api_keys: list[str] = field(default_factory=list)
     max_body_bytes: int = 32 * 1024 * 1024  # real diffs and packed prompts fit
     rate_limit: int = 0  # requests a minute per API key (per client address without keys); 0 = off
+    repo_roots: list[str] = field(default_factory=list)  # the agent API is on when there are roots
+    jobs_db: str = ".ds4/server/jobs.db"
+    test_cmd: str | None = None  # for fix jobs; else the repository's .ds4.toml, else detected
+    allow_request_test_cmd: bool = False  # a request's test_cmd runs commands on this machine
+    test_timeout: float = 600.0
 
 
 def keys_from_env(flags: list[str] | None) -> list[str]:
@@ -100,7 +108,10 @@ def _count(app):
 @get("/metrics", summary="Prometheus metrics", media_type=MediaType.TEXT)
 async def metrics(request: Request) -> str:
     served = request.app.state.model
-    return request.app.state.metrics.render(served.stats(), served.loop.num_in_flight)
+    jobs = request.app.state.jobs
+    return request.app.state.metrics.render(
+        served.stats(), served.loop.num_in_flight, jobs.counts() if jobs else None
+    )
 
 
 @get("/health", summary="Liveness and the served model")
@@ -109,16 +120,28 @@ async def health(request: Request) -> dict:
     return {"status": "ok", "model": served.name}
 
 
-def create_app(model, config: ServerConfig | None = None) -> Litestar:
+def create_app(model, config: ServerConfig | None = None, backend=None) -> Litestar:
+    """`backend`: what fix jobs ask; by default the served model through its engine thread."""
     config = config or ServerConfig()
+    store = runner = None
+    if config.repo_roots:
+        from ds4.agent.api.served import LoopBackend
+
+        store = JobStore(config.jobs_db)
+        runner = JobRunner(store, backend or LoopBackend(model), config)
+    shutdown = [runner.shutdown] if runner else []
+    if hasattr(model, "shutdown"):
+        shutdown.append(model.shutdown)
     return Litestar(
-        route_handlers=[health, metrics, *OPENAI_ROUTES],
+        route_handlers=[health, metrics, *OPENAI_ROUTES, *AGENT_ROUTES],
         state=State(
             {
                 "model": model,
                 "config": config,
                 "metrics": Metrics(),
                 "limiter": RateLimiter(config.rate_limit) if config.rate_limit > 0 else None,
+                "jobs": store,
+                "runner": runner,
             }
         ),
         middleware=[_count],
@@ -126,6 +149,6 @@ def create_app(model, config: ServerConfig | None = None) -> Litestar:
         before_request=_authorize,
         request_max_body_size=config.max_body_bytes,
         openapi_config=OpenAPIConfig(title="ds4", version="0.1.0", path="/schema"),
-        on_shutdown=[model.shutdown] if hasattr(model, "shutdown") else [],
+        on_shutdown=shutdown,
         debug=False,
     )

@@ -40,6 +40,8 @@ def responses(*statuses: int) -> dict[int, ResponseSpec]:
     words = {
         400: "malformed request",
         401: "missing or wrong API key",
+        403: "refused: a path outside the roots, or a setting the server does not allow",
+        409: "not ready (e.g. not indexed yet)",
         404: "no such model or route",
         413: "request body too large",
         429: "rate limit",

@@ -16,7 +16,7 @@ CREATE TABLE IF NOT EXISTS repos (
     id TEXT PRIMARY KEY, path TEXT UNIQUE NOT NULL, created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY, repo_id TEXT NOT NULL REFERENCES repos(id), issue TEXT NOT NULL,
+    id TEXT PRIMARY KEY, repo_id TEXT NOT NULL REFERENCES repos(id), issue TEXT NOT NULL, spec TEXT,
     status TEXT NOT NULL, verdict TEXT, diff TEXT, result TEXT, message TEXT,
     created REAL NOT NULL, started REAL, finished REAL
 );
@@ -64,12 +64,14 @@ class JobStore:
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    def create_job(self, repo_id: str, issue: str) -> str:
+    def create_job(self, repo_id: str, issue: str, spec: dict | None = None) -> str:
+        """`spec`: how to run it (rounds, samples, budget, test command), kept with the job."""
         job_id = uuid.uuid4().hex
         with self.lock:
             self.db.execute(
-                "INSERT INTO jobs (id, repo_id, issue, status, created) VALUES (?, ?, ?, 'queued', ?)",
-                (job_id, repo_id, issue, time.time()),
+                "INSERT INTO jobs (id, repo_id, issue, spec, status, created) "
+                "VALUES (?, ?, ?, ?, 'queued', ?)",
+                (job_id, repo_id, issue, json.dumps(spec or {}), time.time()),
             )
         return job_id
 
@@ -119,8 +121,8 @@ class JobStore:
     def job(self, job_id: str) -> dict | None:
         with self.lock:
             row = self.db.execute(
-                "SELECT id, repo_id, status, verdict, diff, result, message, created, started, finished "
-                "FROM jobs WHERE id=?",
+                "SELECT id, repo_id, issue, spec, status, verdict, diff, result, message, created, started, "
+                "finished FROM jobs WHERE id=?",
                 (job_id,),
             ).fetchone()
         if row is None:
@@ -128,6 +130,8 @@ class JobStore:
         keys = (
             "id",
             "repo_id",
+            "issue",
+            "spec",
             "status",
             "verdict",
             "diff",
@@ -139,6 +143,7 @@ class JobStore:
         )
         job = dict(zip(keys, row, strict=True))
         job["result"] = json.loads(job["result"]) if job["result"] else None
+        job["spec"] = json.loads(job["spec"]) if job["spec"] else {}
         return job
 
     def counts(self) -> dict[str, int]:

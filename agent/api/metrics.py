@@ -6,7 +6,17 @@ import threading
 import time
 from collections import Counter
 
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/schema")
+ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/repos",
+    "/v1/fix",
+    "/v1/jobs",
+    "/health",
+    "/metrics",
+    "/schema",
+)
 
 
 def route_label(path: str) -> str:
@@ -29,7 +39,7 @@ class Metrics:
             self.tokens["completion"] += usage["completion_tokens"]
             self.tokens["cached"] += usage["prompt_tokens_details"]["cached_tokens"]
 
-    def render(self, engine_stats: dict, in_flight: int) -> str:
+    def render(self, engine_stats: dict, in_flight: int, jobs: dict[str, int] | None = None) -> str:
         lines = [
             "# HELP ds4_requests_total HTTP requests by route and status.",
             "# TYPE ds4_requests_total counter",
@@ -59,6 +69,9 @@ class Metrics:
             "# TYPE ds4_preemptions_total counter",
             f"ds4_preemptions_total {engine_stats['preemptions']}",
         ]
+        if jobs is not None:
+            lines += ["# HELP ds4_jobs Fix jobs by state.", "# TYPE ds4_jobs gauge"]
+            lines += [f'ds4_jobs{{state="{state}"}} {n}' for state, n in jobs.items()]
         return "\n".join(lines) + "\n"
 
 

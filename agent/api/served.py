@@ -13,6 +13,7 @@ class ServedModel:
         from ds4.engine import LLM
 
         self.llm = LLM(model_dir, **engine_kwargs)
+        self.model_dir = Path(model_dir)
         if self.llm.tokenizer is None:
             raise FileNotFoundError(f"{model_dir} has no tokenizer.json: the server needs one")
         self.name = name or Path(model_dir).resolve().name
@@ -46,3 +47,38 @@ class ServedModel:
 
     def shutdown(self) -> None:
         self.loop.shutdown()
+
+
+class LoopBackend:
+    """The fix loop's backend inside the server: requests go through the shared engine thread, so fix
+    jobs and API clients batch together and share the prefix cache."""
+
+    def __init__(self, served: ServedModel):
+        self.served = served
+        self.name = f"ds4:{served.name}"
+        self.tokenizer_file = served.model_dir / "tokenizer.json"
+
+    def complete(self, messages, params, on_text=None):
+        from ds4.agent.backends import BackendError, Completion
+        from ds4.engine.errors import RequestError
+        from ds4.engine.sampler import SamplingParams
+
+        start = time.perf_counter()
+        ids = self.served.tokenizer.encode_chat(messages)
+        room = self.served.max_model_len - len(ids)
+        if room < 1:
+            raise BackendError(
+                f"the prompt has {len(ids)} tokens; the model's limit is {self.served.max_model_len}"
+            )
+        sampling = SamplingParams(
+            temperature=params.temperature, max_tokens=min(params.max_tokens, room), seed=params.seed
+        )
+        try:
+            out = self.served.loop.submit(ids, sampling).result()
+        except RequestError as e:
+            raise BackendError(str(e)) from None
+        if on_text is not None:
+            on_text(out.text)
+        return Completion(
+            out.text, len(ids), len(out.token_ids), out.num_cached_tokens, time.perf_counter() - start
+        )

@@ -1,0 +1,240 @@
+"""The agent API for CI bots: register a repository under an allowed root, index and search it, start
+fix jobs, follow their events as SSE, read their verdict and diff, cancel them.
+
+Jobs run one at a time on a worker thread (they share the model); their state lives in SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+import anyio
+import msgspec
+from litestar import Request, get, post
+from litestar.response import ServerSentEvent
+
+from ds4.agent.api.errors import APIError, responses
+from ds4.agent.api.jobs import ACTIVE, JobStore
+from ds4.agent.api.paths import PathRefused, confine
+
+
+class RepoRequest(msgspec.Struct):
+    path: str
+
+
+class FixRequest(msgspec.Struct, kw_only=True):
+    repo_id: str
+    issue: str
+    rounds: int = 3
+    samples: int = 1
+    budget: int = 32_000
+    max_tokens: int = 2048
+    test_cmd: str | None = None
+
+
+class Cancelled(Exception):
+    pass
+
+
+class JobRunner:
+    """One worker thread; `backend` is what fix jobs ask (the served model, or an endpoint)."""
+
+    def __init__(self, store: JobStore, backend, config):
+        self.store, self.backend, self.config = store, backend, config
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="ds4-jobs", daemon=True)
+        self.thread.start()
+
+    def submit(self, job_id: str) -> None:
+        self.queue.put(job_id)
+
+    def shutdown(self) -> None:
+        self.queue.put(None)
+
+    def _run(self) -> None:
+        while (job_id := self.queue.get()) is not None:
+            if self.store.start(job_id):
+                self._fix(job_id)
+
+    def _fix(self, job_id: str) -> None:
+        from ds4.agent.backends import GenerationParams
+        from ds4.agent.loop import FixConfig, fix
+
+        job = self.store.job(job_id)
+        spec = job["spec"]
+        repo = self.store.repo(job["repo_id"])
+
+        def on_event(event: dict) -> None:
+            self.store.add_event(job_id, event)
+            if self.store.job(job_id)["status"] == "cancelled":
+                raise Cancelled
+
+        config = FixConfig(
+            Path(repo["path"]),
+            spec["issue"],
+            spec.get("test_cmd"),
+            spec["rounds"],
+            spec["samples"],
+            spec["budget"],
+            self.config.test_timeout,
+            False,  # a service never writes to the registered tree
+            GenerationParams(max_tokens=spec["max_tokens"]),
+        )
+        try:
+            result = fix(config, self.backend, on_event)
+        except Cancelled:
+            self.store.add_event(job_id, {"event": "cancelled"})
+            return
+        except Exception as e:  # the job fails, the server goes on; the reason is kept with the job
+            self.store.add_event(job_id, {"event": "error", "message": str(e)})
+            self.store.finish(job_id, "failed", "error", "", None, f"{type(e).__name__}: {e}")
+            return
+        status = "failed" if result.status == "error" else "finished"
+        self.store.finish(job_id, status, result.status, result.diff, result.as_json(), result.message)
+
+
+def _state(request: Request):
+    store, runner = request.app.state.jobs, request.app.state.runner
+    if store is None:
+        raise APIError(
+            404, "the agent API is off: start the server with --repo-root DIR", None, "agent_api_off"
+        )
+    return store, runner
+
+
+def _repo(store: JobStore, repo_id: str) -> dict:
+    repo = store.repo(repo_id)
+    if repo is None:
+        raise APIError(
+            404, f"no repository {repo_id!r}: register it with POST /v1/repos", "repo_id", "not_found"
+        )
+    return repo
+
+
+@post(
+    "/v1/repos",
+    summary="Register a repository under an allowed root",
+    responses=responses(400, 401, 404, 500),
+)
+async def register_repo(request: Request, data: RepoRequest) -> dict:
+    store, _ = _state(request)
+    try:
+        path = confine(data.path, request.app.state.config.repo_roots)
+    except PathRefused as e:
+        raise APIError(403, str(e), "path", "path_refused") from None
+    return store.add_repo(path)
+
+
+@post(
+    "/v1/repos/{repo_id:str}/index", summary="Index (incrementally) a registered repository", status_code=200
+)
+async def index(request: Request, repo_id: str) -> dict:
+    from ds4.agent.index.indexer import index_repo
+
+    store, _ = _state(request)
+    repo = _repo(store, repo_id)
+    report = await anyio.to_thread.run_sync(index_repo, repo["path"])
+    return {k: v for k, v in asdict(report).items() if k != "parsed_paths"}
+
+
+@get("/v1/repos/{repo_id:str}/search", summary="Search symbols and text in a repository's index")
+async def search(request: Request, repo_id: str, q: str, kind: str | None = None, limit: int = 20) -> dict:
+    from ds4.agent.index.indexer import default_db_path
+    from ds4.agent.index.query import search as search_index
+    from ds4.agent.index.store import open_index
+
+    store, _ = _state(request)
+    repo = _repo(store, repo_id)
+    db_path = default_db_path(repo["path"])
+    if not db_path.exists():
+        raise APIError(
+            409, "the repository is not indexed yet: POST /v1/repos/{id}/index", None, "not_indexed"
+        )
+    if not 1 <= limit <= 500:
+        raise APIError(400, "limit must be between 1 and 500", "limit", "invalid_value")
+    db = open_index(db_path, write=False)
+    return {"results": search_index(db, q, kind, limit)}
+
+
+@post("/v1/fix", summary="Start a fix job", status_code=202, responses=responses(400, 401, 403, 404, 500))
+async def start_fix(request: Request, data: FixRequest) -> dict:
+    store, runner = _state(request)
+    _repo(store, data.repo_id)
+    config = request.app.state.config
+    if data.test_cmd is not None and not config.allow_request_test_cmd:
+        raise APIError(
+            403,
+            "test_cmd from a request is off: it comes from the server (--test-cmd) or the repo's .ds4.toml",
+            "test_cmd",
+            "test_cmd_not_allowed",
+        )
+    if not data.issue.strip():
+        raise APIError(400, "the issue is empty", "issue", "invalid_value")
+    for name in ("rounds", "samples", "budget", "max_tokens"):
+        if getattr(data, name) < 1:
+            raise APIError(400, f"{name} must be at least 1", name, "invalid_value")
+    spec = {
+        "issue": data.issue,
+        "rounds": data.rounds,
+        "samples": data.samples,
+        "budget": data.budget,
+        "max_tokens": data.max_tokens,
+        "test_cmd": data.test_cmd or config.test_cmd or _repo_test_cmd(store.repo(data.repo_id)["path"]),
+    }
+    job_id = store.create_job(data.repo_id, data.issue, spec)
+    runner.submit(job_id)
+    return {"id": job_id, "status": "queued"}
+
+
+def _repo_test_cmd(path: str) -> str | None:
+    from ds4.agent.config import read_config
+
+    return read_config(Path(path) / ".ds4.toml").get("test_cmd")
+
+
+def _job(store: JobStore, job_id: str) -> dict:
+    job = store.job(job_id)
+    if job is None:
+        raise APIError(404, f"no job {job_id!r}", "job_id", "not_found")
+    return job
+
+
+@get("/v1/jobs/{job_id:str}", summary="A job's status, verdict, diff and timings")
+async def get_job(request: Request, job_id: str) -> dict:
+    store, _ = _state(request)
+    return _job(store, job_id)
+
+
+@post("/v1/jobs/{job_id:str}/cancel", summary="Cancel a queued or running job", status_code=200)
+async def cancel_job(request: Request, job_id: str) -> dict:
+    store, _ = _state(request)
+    _job(store, job_id)
+    return {"id": job_id, "status": store.cancel(job_id)}
+
+
+@get("/v1/jobs/{job_id:str}/events", summary="The job's loop events as SSE, until it ends")
+async def job_events(request: Request, job_id: str) -> ServerSentEvent:
+    store, _ = _state(request)
+    _job(store, job_id)
+
+    async def stream():
+        seen = -1
+        while True:
+            events = store.events(job_id, after=seen)
+            for seq, event in events:
+                seen = seq
+                yield json.dumps(event)
+            if not events and store.job(job_id)["status"] not in ACTIVE:
+                yield json.dumps({"event": "end", "status": store.job(job_id)["status"]})
+                return
+            if not events:
+                await asyncio.sleep(0.2)
+
+    return ServerSentEvent(stream())
+
+
+ROUTES = [register_repo, index, search, start_fix, get_job, cancel_job, job_events]
