@@ -64,16 +64,9 @@ class LocalBackend:
         self.max_model_len = self.llm.max_model_len
 
     def complete(self, messages, params, on_text=None) -> Completion:
-        from ds4.engine import SamplingParams
-
         start = time.perf_counter()
         ids = self.llm.tokenizer.encode_chat(messages)
-        room = self.max_model_len - len(ids)
-        if room < 1:
-            raise BackendError(f"the prompt has {len(ids)} tokens; the model's limit is {self.max_model_len}")
-        sampling = SamplingParams(
-            temperature=params.temperature, max_tokens=min(params.max_tokens, room), seed=params.seed
-        )
+        sampling = engine_sampling(params, len(ids), self.max_model_len)
         text, finished = "", []
         for delta in self.llm.stream(ids, sampling, on_finish=finished.append):
             text += delta
@@ -83,6 +76,18 @@ class LocalBackend:
         return Completion(
             text, len(ids), len(out.token_ids), out.num_cached_tokens, time.perf_counter() - start
         )
+
+
+def engine_sampling(params: GenerationParams, prompt_len: int, max_model_len: int):
+    """The engine's sampling parameters for a chat prompt, the answer capped by the room left in context."""
+    from ds4.engine import SamplingParams
+
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise BackendError(f"the prompt has {prompt_len} tokens; the model's limit is {max_model_len}")
+    return SamplingParams(
+        temperature=params.temperature, max_tokens=min(params.max_tokens, room), seed=params.seed
+    )
 
 
 class OpenAIBackend:

@@ -59,20 +59,12 @@ class LoopBackend:
         self.tokenizer_file = served.model_dir / "tokenizer.json"
 
     def complete(self, messages, params, on_text=None):
-        from ds4.agent.backends import BackendError, Completion
+        from ds4.agent.backends import BackendError, Completion, engine_sampling
         from ds4.engine.errors import RequestError
-        from ds4.engine.sampler import SamplingParams
 
         start = time.perf_counter()
         ids = self.served.tokenizer.encode_chat(messages)
-        room = self.served.max_model_len - len(ids)
-        if room < 1:
-            raise BackendError(
-                f"the prompt has {len(ids)} tokens; the model's limit is {self.served.max_model_len}"
-            )
-        sampling = SamplingParams(
-            temperature=params.temperature, max_tokens=min(params.max_tokens, room), seed=params.seed
-        )
+        sampling = engine_sampling(params, len(ids), self.served.max_model_len)
         try:
             out = self.served.loop.submit(ids, sampling).result()
         except RequestError as e:
