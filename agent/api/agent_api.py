@@ -157,7 +157,10 @@ async def search(request: Request, repo_id: str, q: str, kind: str | None = None
     if not 1 <= limit <= 500:
         raise APIError(400, "limit must be between 1 and 500", "limit", "invalid_value")
     db = open_index(db_path, write=False)
-    return {"results": search_index(db, q, kind, limit)}
+    try:
+        return {"results": search_index(db, q, kind, limit)}
+    finally:
+        db.conn.close()
 
 
 @post("/v1/fix", summary="Start a fix job", status_code=202, responses=responses(400, 401, 403, 404, 500))
