@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 import msgspec
 from litestar import Request, get, post
+from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import ServerSentEvent
 
 from ds4.agent.api.errors import APIError, responses
@@ -120,7 +121,7 @@ def _repo(store: JobStore, repo_id: str) -> dict:
     summary="Register a repository under an allowed root",
     responses=responses(400, 401, 404, 500),
 )
-async def register_repo(request: Request, data: RepoRequest) -> dict:
+async def register_repo(request: Request, data: JSONBody[RepoRequest]) -> dict:
     store, _ = _state(request)
     try:
         path = confine(data.path, request.app.state.config.repo_roots)
@@ -132,7 +133,7 @@ async def register_repo(request: Request, data: RepoRequest) -> dict:
 @post(
     "/v1/repos/{repo_id:str}/index", summary="Index (incrementally) a registered repository", status_code=200
 )
-async def index(request: Request, repo_id: str) -> dict:
+async def index(request: Request, repo_id: FromPath[str]) -> dict:
     from ds4.agent.index.indexer import index_repo
 
     store, _ = _state(request)
@@ -142,7 +143,13 @@ async def index(request: Request, repo_id: str) -> dict:
 
 
 @get("/v1/repos/{repo_id:str}/search", summary="Search symbols and text in a repository's index")
-async def search(request: Request, repo_id: str, q: str, kind: str | None = None, limit: int = 20) -> dict:
+async def search(
+    request: Request,
+    repo_id: FromPath[str],
+    q: FromQuery[str],
+    kind: FromQuery[str | None] = None,
+    limit: FromQuery[int] = 20,
+) -> dict:
     from ds4.agent.index.indexer import default_db_path
     from ds4.agent.index.query import search as search_index
     from ds4.agent.index.store import open_index
@@ -164,7 +171,7 @@ async def search(request: Request, repo_id: str, q: str, kind: str | None = None
 
 
 @post("/v1/fix", summary="Start a fix job", status_code=202, responses=responses(400, 401, 403, 404, 500))
-async def start_fix(request: Request, data: FixRequest) -> dict:
+async def start_fix(request: Request, data: JSONBody[FixRequest]) -> dict:
     store, runner = _state(request)
     _repo(store, data.repo_id)
     config = request.app.state.config
@@ -207,20 +214,20 @@ def _job(store: JobStore, job_id: str) -> dict:
 
 
 @get("/v1/jobs/{job_id:str}", summary="A job's status, verdict, diff and timings")
-async def get_job(request: Request, job_id: str) -> dict:
+async def get_job(request: Request, job_id: FromPath[str]) -> dict:
     store, _ = _state(request)
     return _job(store, job_id)
 
 
 @post("/v1/jobs/{job_id:str}/cancel", summary="Cancel a queued or running job", status_code=200)
-async def cancel_job(request: Request, job_id: str) -> dict:
+async def cancel_job(request: Request, job_id: FromPath[str]) -> dict:
     store, _ = _state(request)
     _job(store, job_id)
     return {"id": job_id, "status": store.cancel(job_id)}
 
 
 @get("/v1/jobs/{job_id:str}/events", summary="The job's loop events as SSE, until it ends")
-async def job_events(request: Request, job_id: str) -> ServerSentEvent:
+async def job_events(request: Request, job_id: FromPath[str]) -> ServerSentEvent:
     store, _ = _state(request)
     _job(store, job_id)
 

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import anyio
 import msgspec
 from litestar import Request, get, post
+from litestar.params import FromPath, JSONBody
 from litestar.response import ServerSentEvent
 
 from ds4.agent.api.errors import APIError, responses
@@ -163,7 +164,7 @@ async def list_models(request: Request) -> dict:
 
 
 @get("/v1/models/{model_id:str}", summary="One model", responses=responses(401, 404, 429, 500))
-async def get_model(request: Request, model_id: str) -> dict:
+async def get_model(request: Request, model_id: FromPath[str]) -> dict:
     served = _model(request)
     _check_model(served, model_id)
     return _model_card(served)
@@ -208,7 +209,7 @@ def _chat_messages(messages: list[ChatMessage]) -> list[dict]:
     status_code=200,
     responses=responses(400, 401, 404, 413, 429, 500),
 )
-async def chat_completions(request: Request, data: ChatCompletionRequest) -> object:
+async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest]) -> object:
     served = _model(request)
     _check_model(served, data.model)
     ids = served.tokenizer.encode_chat(_chat_messages(data.messages))
@@ -260,7 +261,7 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> obj
     status_code=200,
     responses=responses(400, 401, 404, 413, 429, 500),
 )
-async def completions(request: Request, data: CompletionRequest) -> object:
+async def completions(request: Request, data: JSONBody[CompletionRequest]) -> object:
     served = _model(request)
     _check_model(served, data.model)
     if data.echo:
