@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -136,6 +137,18 @@ def analyze_file(root: Path, entry: Entry) -> Analysis:
     return out
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: a worker whose indexer was killed (SIGKILL leaves no time to stop the pool)
+    exits within a second instead of waiting on its task queue forever."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 @contextmanager
 def _analyzer(num_files: int):
     """map() over files: in worker processes for big runs (parsing is CPU-bound), else in-process."""
@@ -143,7 +156,12 @@ def _analyzer(num_files: int):
     if num_files < PARALLEL_MIN_FILES or workers < 2:
         yield lambda fn, items: [fn(item) for item in items]
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_exit_with_parent,
+        initargs=(os.getpid(),),
+    ) as pool:
         yield lambda fn, items: list(pool.map(fn, items, chunksize=8))
 
 

@@ -171,11 +171,20 @@ def test_bad_inputs_are_skipped_or_indexed_with_their_reason(tmp_path, monkeypat
     assert {r["name"] for r in symbols(db, "broken.py")} >= {"ok"}
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def test_a_killed_indexer_leaves_a_usable_database(tmp_path):
     files = {f"pkg/m{i}.py": f"def f{i}():\n    return {i}\n" * 40 for i in range(3000)}
     root = make_repo(tmp_path / "many", files)
     proc = subprocess.Popen(
-        [sys.executable, "-c", f"from ds4.agent.index.indexer import index_repo; index_repo({str(root)!r})"]
+        [sys.executable, "-c", f"from ds4.agent.index.indexer import index_repo; index_repo({str(root)!r})"],
+        start_new_session=True,  # its workers share its process group: we can see whether they outlive it
     )
     db_path = root / ".ds4" / "index.db"
     deadline = time.time() + 60
@@ -190,6 +199,10 @@ def test_a_killed_indexer_leaves_a_usable_database(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and _group_alive(proc.pid):
+        time.sleep(0.1)
+    assert not _group_alive(proc.pid), "the killed indexer's workers did not exit"
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         partial = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
