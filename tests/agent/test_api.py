@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -26,26 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_v3, tmp_path_factory):
+@contextmanager
+def serving(checkpoint, log: Path, *flags: str):
+    """`ds4-agent serve` on a free loopback port, its output in `log`; yields the base URL once healthy."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as f:
         process = subprocess.Popen(
-            [
-                EXE,
-                "serve",
-                "--model",
-                str(tiny_v3),
-                "--port",
-                str(port),
-                "--api-key",
-                KEY,
-                "--served-name",
-                MODEL,
-                "--max-body-mb",
-                "1",
-            ],
+            [EXE, "serve", "--model", str(checkpoint), "--port", str(port), *flags],
             stdout=f,
             stderr=subprocess.STDOUT,
         )
@@ -65,6 +53,13 @@ def server(tiny_v3, tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_v3, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with serving(tiny_v3, log, "--api-key", KEY, "--served-name", MODEL, "--max-body-mb", "1") as base:
+        yield base
 
 
 @pytest.fixture()
@@ -245,20 +240,7 @@ def test_the_fix_loops_backend_talks_to_ds4s_own_server(server):
 
 
 def test_rate_limits_answer_429_with_retry_after(tiny_v3, tmp_path):
-    port = free_port()
-    process = subprocess.Popen(
-        [EXE, "serve", "--model", str(tiny_v3), "--port", str(port), "--rate-limit", "2"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(base + "/health", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.25)
+    with serving(tiny_v3, tmp_path / "serve.log", "--rate-limit", "2") as base:
         statuses = [raw(base, "/v1/models", key=None)[0] for _ in range(3)]
         assert statuses == [200, 200, 429]
         request = urllib.request.Request(base + "/v1/models")
@@ -266,9 +248,6 @@ def test_rate_limits_answer_429_with_retry_after(tiny_v3, tmp_path):
             urllib.request.urlopen(request, timeout=10)
         assert e.value.code == 429 and int(e.value.headers["Retry-After"]) >= 1
         assert json.loads(e.value.read())["error"]["code"] == "rate_limit_exceeded"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_the_openapi_schema_declares_the_routes_and_their_errors(server):
