@@ -85,6 +85,23 @@ def _add_bench(sub) -> None:
     packing.add_argument("--runs", type=int, default=3)
     packing.add_argument("--json", action="store_true")
     packing.set_defaults(func=_cmd_bench_pack)
+    serving = bench_sub.add_parser(
+        "serve", help="TTFT p50/p99 and tokens/s of concurrent streaming clients: ds4 serve vs a peer server"
+    )
+    serving.add_argument("--model", required=True, help="checkpoint folder (both servers load it)")
+    serving.add_argument("--clients", type=int, default=8)
+    serving.add_argument("--requests", type=int, default=32, help="per workload")
+    serving.add_argument("--prompt-tokens", type=int, default=256, help="each prompt's own tokens")
+    serving.add_argument("--prefix-tokens", type=int, default=2048, help="the shared prefix's tokens")
+    serving.add_argument("--max-tokens", type=int, default=32)
+    serving.add_argument(
+        "--peer",
+        default="transformers",
+        help="transformers (`transformers serve`, needs transformers[serving]), transformers-cb "
+        "(its continuous batching), a running server's URL, or none",
+    )
+    serving.add_argument("--json", action="store_true")
+    serving.set_defaults(func=_cmd_bench_serve)
 
 
 def _add_index_commands(sub) -> None:
@@ -224,9 +241,19 @@ def _add_serve(sub) -> None:
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8484)
-    serve.add_argument("--model", required=True, help="a checkpoint folder: the engine runs in this process")
+    where = serve.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", help="a checkpoint folder: the engine runs in this process")
+    where.add_argument(
+        "--endpoint", help="or serve in front of an OpenAI-compatible server (vLLM, SGLang, hosted, ds4)"
+    )
     serve.add_argument(
-        "--served-name", default=None, help="the model's id in /v1/models (default: folder name)"
+        "--model-name", default=None, help="with --endpoint: the upstream model (default: its first)"
+    )
+    serve.add_argument(
+        "--endpoint-key", default=None, help="with --endpoint: its API key (default: $OPENAI_API_KEY)"
+    )
+    serve.add_argument(
+        "--served-name", default=None, help="the model's id in /v1/models (default: folder or upstream name)"
     )
     serve.add_argument(
         "--api-key", action="append", default=[], help="a bearer token (repeatable; also DS4_API_KEYS=k1,k2)"
@@ -248,6 +275,9 @@ def _add_serve(sub) -> None:
     )
     serve.add_argument("--test-timeout", type=float, default=600.0, help="seconds per test run in fix jobs")
     serve.add_argument("--num-cache-blocks", type=int, default=None)
+    serve.add_argument(
+        "--max-model-len", type=int, default=None, help="longest prompt + completion (default: the model's)"
+    )
     serve.add_argument("--prefix-cache-dir", default=None, help="keep prefix-cache blocks on disk here")
     serve.set_defaults(func=_cmd_serve)
 
@@ -353,6 +383,23 @@ def _cmd_bench_pack(args) -> int:
     tokenizer = args.tokenizer or os.path.join(args.model, "tokenizer.json")
     report = bench_pack(args.repo, tokenizer, runs=args.runs, issue=_read_issue(args.issue))
     print(json.dumps(report, indent=2) if args.json else format_pack_report(report))
+    return 0
+
+
+def _cmd_bench_serve(args) -> int:
+    from ds4.agent.serve_bench import bench_serve, format_serve_report, to_json
+
+    _require_dir(args.model)
+    config = {
+        k: getattr(args, k)
+        for k in ("clients", "requests", "prompt_tokens", "prefix_tokens", "max_tokens", "peer")
+    }
+    try:
+        results = bench_serve(args.model, **config)
+    except (RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(to_json(results, config) if args.json else format_serve_report(results, config))
     return 0
 
 
@@ -595,12 +642,27 @@ def _cmd_serve(args) -> int:
     from ds4.agent.api.app import create_app
     from ds4.agent.api.served import ServedModel
 
-    engine_kwargs = {}
-    if args.num_cache_blocks is not None:
-        engine_kwargs["num_cache_blocks"] = args.num_cache_blocks
-    if args.prefix_cache_dir is not None:
-        engine_kwargs["prefix_cache_dir"] = args.prefix_cache_dir
-    model = ServedModel(args.model, args.served_name, **engine_kwargs)
+    backend = None
+    if args.endpoint:
+        from ds4.agent.api.proxied import ProxiedModel
+        from ds4.agent.backends import OpenAIBackend
+
+        key = args.endpoint_key or os.environ.get("OPENAI_API_KEY")
+        try:
+            model = ProxiedModel(args.endpoint, args.model_name, key, args.served_name)
+        except ConnectionError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        backend = OpenAIBackend(args.endpoint, model.upstream_model, key)
+    else:
+        engine_kwargs = {}
+        if args.num_cache_blocks is not None:
+            engine_kwargs["num_cache_blocks"] = args.num_cache_blocks
+        if args.prefix_cache_dir is not None:
+            engine_kwargs["prefix_cache_dir"] = args.prefix_cache_dir
+        if args.max_model_len is not None:
+            engine_kwargs["max_model_len"] = args.max_model_len
+        model = ServedModel(args.model, args.served_name, **engine_kwargs)
     app = create_app(
         model,
         ServerConfig(
@@ -613,6 +675,7 @@ def _cmd_serve(args) -> int:
             args.allow_request_test_cmd,
             args.test_timeout,
         ),
+        backend,
     )
     print(f"ds4 serving {model.name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -8,6 +8,7 @@ servers drive it. Single-threaded by design: one engine per process, callers sub
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -16,11 +17,13 @@ from ds4.engine.blocks import BlockManager, block_hash
 from ds4.engine.config import EngineConfig
 from ds4.engine.context import SeqSlice
 from ds4.engine.disk_tier import DiskTier
-from ds4.engine.errors import RequestError
+from ds4.engine.errors import RequestError, StepFailed
 from ds4.engine.runner import ModelRunner
 from ds4.engine.sampler import SamplingParams, make_generator, sample
 from ds4.engine.scheduler import Scheduler, Sequence
 from ds4.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("ds4.engine")
 
 
 @dataclass
@@ -28,7 +31,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "stop" (eos, stop token or stop string), "length" or "cancelled"
+    finish_reason: str | None = None  # "stop" (eos, stop token, stop string), "length", "cancelled", "error"
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list[dict] | None = None  # per token: its log-probability and the top alternatives
 
@@ -158,6 +161,28 @@ class LLMEngine:
         assert batch.entries or not self.scheduler.has_unfinished, "nothing schedulable: a request is too big"
         if not batch.entries:
             return []
+        try:
+            return self._run(batch)
+        except Exception as error:
+            return self._isolate(batch, error)
+
+    def _isolate(self, batch, error: Exception) -> list[tuple[int, int]]:
+        """A failed step: alone, its one request is the culprit and finishes with "error" (StepFailed);
+        together, they all rerun alone (from the prefix cache, recomputing the rest) to find it."""
+        seqs = [seq for seq, _ in batch.entries if seq.status != "finished"]
+        for seq in seqs:
+            self.cache.free_slot(seq.seq_id)
+        if len(batch.entries) == 1:
+            for seq in seqs:
+                req = self.requests[seq.seq_id]
+                req.output.finish_reason = "error"
+                self._retire(req)
+            raise StepFailed([seq.seq_id for seq, _ in batch.entries], error) from error
+        log.warning("a step of %d requests failed (%r): rerunning them one at a time", len(seqs), error)
+        self.scheduler.isolate(seqs)
+        return []
+
+    def _run(self, batch) -> list[tuple[int, int]]:
         tokens, slices = [], []
         for seq, n in batch.entries:
             start = seq.num_computed_tokens
@@ -184,6 +209,7 @@ class LLMEngine:
                 req.output.logprobs.append(_logprobs(row_logits, token, req.params.logprobs))
             seq.token_ids.append(token)
             produced.append((seq.seq_id, token))
+            self.scheduler.cleared(seq)
             if self._append(req, token):
                 self._retire(req)
         return produced

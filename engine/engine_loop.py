@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ds4.engine.engine import LLMEngine, RequestOutput
+from ds4.engine.errors import StepFailed
 from ds4.engine.sampler import SamplingParams
 
 log = logging.getLogger("ds4.engine.loop")
@@ -114,7 +115,11 @@ class EngineLoop:
                 continue
             try:
                 produced = self.engine.step()
-            except Exception as error:  # the loop outlives a failed step: its requests fail, others go on
+            except StepFailed as failed:  # the engine found the requests that fail; the others go on
+                log.error("%s", failed, exc_info=failed.cause)
+                self._fail(failed.request_ids, failed.cause)
+                continue
+            except Exception as error:  # the engine could not recover: every request fails, the loop goes on
                 log.exception("engine step failed")
                 self._fail_all(error)
                 continue
@@ -146,6 +151,13 @@ class EngineLoop:
         if finished:
             del self._handles[request_id]
             self.engine.release(request_id)
+
+    def _fail(self, request_ids: list[int], error: BaseException) -> None:
+        for request_id in request_ids:
+            handle = self._handles.pop(request_id, None)
+            self.engine.release(request_id)
+            if handle is not None:
+                handle.events.put(StreamEvent([], "", error=error))
 
     def _fail_all(self, error: Exception) -> None:
         for request_id, handle in list(self._handles.items()):

@@ -15,3 +15,12 @@ class CheckpointError(EngineError):
 
 class RequestError(EngineError):
     """A generate/score request ds4 cannot serve (empty prompt, token id out of range, too long)."""
+
+
+class StepFailed(EngineError):
+    """A step failed and these requests, run alone, are the ones that fail it: they are finished (reason
+    "error"); every other request goes on."""
+
+    def __init__(self, request_ids: list[int], cause: BaseException):
+        super().__init__(f"requests {request_ids} failed the engine step: {cause!r}")
+        self.request_ids, self.cause = request_ids, cause

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-
 SAMPLING_EPS = 1e-5
 
 
@@ -44,7 +43,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Temperatures under 1e-5 are greedy: dividing logits by them overflows to inf (NaN probabilities)."""
+        """Temperatures under 1e-5 are greedy: dividing by them overflows to inf (NaN probabilities)."""
         return self.temperature < SAMPLING_EPS
 
 
@@ -74,6 +73,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the first token past top_p
+        drop[0] = False  # always the most likely one (a top_p under float32's least value compares as 0)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))

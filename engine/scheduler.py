@@ -55,6 +55,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_reused_tokens = 0  # served from the prefix cache, over all admissions
         self.num_preemptions = 0
+        self.suspects: list[Sequence] = []  # from a failed batch: each runs alone until it samples again
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -64,6 +65,12 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        self.suspects = [s for s in self.suspects if s.status != "finished"]
+        if self.suspects:
+            batch = self._schedule_alone(self.suspects[0])
+            if batch is not None:
+                return batch
+            self.suspects.clear()  # no room to run it alone: back to batching
         budget, entries, preempted = self.max_num_batched_tokens, [], []
         for seq in list(self.running):
             if budget == 0:
@@ -95,6 +102,37 @@ class Scheduler:
             entries.append((seq, n))
             budget -= n
         return ScheduledBatch(entries, preempted)
+
+    def isolate(self, seqs: list[Sequence]) -> None:
+        """After a failed step: its sequences give back their blocks and rerun one at a time (recomputing
+        what they had), so the one that fails the step fails alone."""
+        for seq in reversed(seqs):
+            if seq.status == "running":
+                self._preempt(seq)
+        self.suspects = [s for s in seqs if s.status == "waiting"]
+
+    def cleared(self, seq: Sequence) -> None:
+        """`seq` ran alone through a step that sampled from it: it is no longer a suspect."""
+        if seq in self.suspects:
+            self.suspects.remove(seq)
+
+    def _schedule_alone(self, seq: Sequence) -> ScheduledBatch | None:
+        budget = self.max_num_batched_tokens
+        if seq.status == "waiting":
+            if len(self.running) >= self.max_num_seqs:
+                return None
+            n = self._admit(seq, budget)
+            if n == 0:
+                return None
+            self.waiting.remove(seq)
+            self.running.append(seq)
+        else:
+            n = self._chunk(seq, seq.num_computed_tokens, budget)
+            end = seq.num_computed_tokens + n
+            if self.blocks.blocks_needed(seq.table, end) > self.blocks.num_free_blocks:
+                return None
+            self.blocks.allocate(seq.table, end)
+        return ScheduledBatch([(seq, n)])
 
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Reserves blocks for as much of `seq` as fits (prefix hits first); 0 when nothing fits."""

@@ -11,29 +11,30 @@ import queue
 import threading
 from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated
 
 import anyio
 import msgspec
 from litestar import Request, get, post
-from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent
 
-from ds4.agent.api.errors import APIError, responses
+from ds4.agent.api.errors import APIError, responses, strict_body
 from ds4.agent.api.jobs import ACTIVE, JobStore
 from ds4.agent.api.paths import PathRefused, confine
 
 
 class RepoRequest(msgspec.Struct):
-    path: str
+    path: Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class FixRequest(msgspec.Struct, kw_only=True):
     repo_id: str
-    issue: str
-    rounds: int = 3
-    samples: int = 1
-    budget: int = 32_000
-    max_tokens: int = 2048
+    issue: Annotated[str, msgspec.Meta(pattern=r"\S", description="the issue text; not blank")]
+    rounds: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    samples: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
+    budget: Annotated[int, msgspec.Meta(ge=256, le=1_048_576, description="prompt tokens to pack")] = 32_000
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = 2048
     test_cmd: str | None = None
 
 
@@ -119,9 +120,10 @@ def _repo(store: JobStore, repo_id: str) -> dict:
 @post(
     "/v1/repos",
     summary="Register a repository under an allowed root",
-    responses=responses(400, 401, 404, 500),
+    responses=responses(400, 401, 403, 404, 413, 429, 500),
 )
 async def register_repo(request: Request, data: JSONBody[RepoRequest]) -> dict:
+    data = await strict_body(request, RepoRequest)
     store, _ = _state(request)
     try:
         path = confine(data.path, request.app.state.config.repo_roots)
@@ -131,7 +133,10 @@ async def register_repo(request: Request, data: JSONBody[RepoRequest]) -> dict:
 
 
 @post(
-    "/v1/repos/{repo_id:str}/index", summary="Index (incrementally) a registered repository", status_code=200
+    "/v1/repos/{repo_id:str}/index",
+    summary="Index (incrementally) a registered repository",
+    status_code=200,
+    responses=responses(400, 401, 404, 429, 500),
 )
 async def index(request: Request, repo_id: FromPath[str]) -> dict:
     from ds4.agent.index.indexer import index_repo
@@ -142,13 +147,17 @@ async def index(request: Request, repo_id: FromPath[str]) -> dict:
     return {k: v for k, v in asdict(report).items() if k != "parsed_paths"}
 
 
-@get("/v1/repos/{repo_id:str}/search", summary="Search symbols and text in a repository's index")
+@get(
+    "/v1/repos/{repo_id:str}/search",
+    summary="Search symbols and text in a repository's index",
+    responses=responses(400, 401, 404, 409, 429, 500),
+)
 async def search(
     request: Request,
     repo_id: FromPath[str],
     q: FromQuery[str],
     kind: FromQuery[str | None] = None,
-    limit: FromQuery[int] = 20,
+    limit: Annotated[int, QueryParameter(ge=1, le=500)] = 20,
 ) -> dict:
     from ds4.agent.index.indexer import default_db_path
     from ds4.agent.index.query import search as search_index
@@ -161,8 +170,6 @@ async def search(
         raise APIError(
             409, "the repository is not indexed yet: POST /v1/repos/{id}/index", None, "not_indexed"
         )
-    if not 1 <= limit <= 500:
-        raise APIError(400, "limit must be between 1 and 500", "limit", "invalid_value")
     db = open_index(db_path, write=False)
     try:
         return {"results": search_index(db, q, kind, limit)}
@@ -170,8 +177,14 @@ async def search(
         db.conn.close()
 
 
-@post("/v1/fix", summary="Start a fix job", status_code=202, responses=responses(400, 401, 403, 404, 500))
+@post(
+    "/v1/fix",
+    summary="Start a fix job",
+    status_code=202,
+    responses=responses(400, 401, 403, 404, 413, 429, 500),
+)
 async def start_fix(request: Request, data: JSONBody[FixRequest]) -> dict:
+    data = await strict_body(request, FixRequest)
     store, runner = _state(request)
     _repo(store, data.repo_id)
     config = request.app.state.config
@@ -182,11 +195,6 @@ async def start_fix(request: Request, data: JSONBody[FixRequest]) -> dict:
             "test_cmd",
             "test_cmd_not_allowed",
         )
-    if not data.issue.strip():
-        raise APIError(400, "the issue is empty", "issue", "invalid_value")
-    for name in ("rounds", "samples", "budget", "max_tokens"):
-        if getattr(data, name) < 1:
-            raise APIError(400, f"{name} must be at least 1", name, "invalid_value")
     spec = {
         "issue": data.issue,
         "rounds": data.rounds,
@@ -213,20 +221,33 @@ def _job(store: JobStore, job_id: str) -> dict:
     return job
 
 
-@get("/v1/jobs/{job_id:str}", summary="A job's status, verdict, diff and timings")
+@get(
+    "/v1/jobs/{job_id:str}",
+    summary="A job's status, verdict, diff and timings",
+    responses=responses(400, 401, 404, 429, 500),
+)
 async def get_job(request: Request, job_id: FromPath[str]) -> dict:
     store, _ = _state(request)
     return _job(store, job_id)
 
 
-@post("/v1/jobs/{job_id:str}/cancel", summary="Cancel a queued or running job", status_code=200)
+@post(
+    "/v1/jobs/{job_id:str}/cancel",
+    summary="Cancel a queued or running job",
+    status_code=200,
+    responses=responses(400, 401, 404, 429, 500),
+)
 async def cancel_job(request: Request, job_id: FromPath[str]) -> dict:
     store, _ = _state(request)
     _job(store, job_id)
     return {"id": job_id, "status": store.cancel(job_id)}
 
 
-@get("/v1/jobs/{job_id:str}/events", summary="The job's loop events as SSE, until it ends")
+@get(
+    "/v1/jobs/{job_id:str}/events",
+    summary="The job's loop events as SSE, until it ends",
+    responses=responses(400, 401, 404, 429, 500),
+)
 async def job_events(request: Request, job_id: FromPath[str]) -> ServerSentEvent:
     store, _ = _state(request)
     _job(store, job_id)
@@ -248,3 +269,4 @@ async def job_events(request: Request, job_id: FromPath[str]) -> ServerSentEvent
 
 
 ROUTES = [register_repo, index, search, start_fix, get_job, cancel_job, job_events]
+BODIES = [RepoRequest, FixRequest]

@@ -7,15 +7,19 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
+import msgspec
 from litestar import Litestar, MediaType, Request, get
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 
+from ds4.agent.api.agent_api import BODIES as AGENT_BODIES
 from ds4.agent.api.agent_api import ROUTES as AGENT_ROUTES
 from ds4.agent.api.agent_api import JobRunner
 from ds4.agent.api.errors import HANDLERS, APIError
 from ds4.agent.api.jobs import JobStore
 from ds4.agent.api.metrics import Metrics, RateLimiter
+from ds4.agent.api.openai_api import BODIES as OPENAI_BODIES
 from ds4.agent.api.openai_api import ROUTES as OPENAI_ROUTES
 
 OPEN_PATHS = ("/health", "/schema", "/metrics")  # reachable without a token
@@ -110,7 +114,7 @@ async def metrics(request: Request) -> str:
     served = request.app.state.model
     jobs = request.app.state.jobs
     return request.app.state.metrics.render(
-        served.stats(), served.loop.num_in_flight, jobs.counts() if jobs else None
+        served.stats(), served.num_in_flight, jobs.counts() if jobs else None
     )
 
 
@@ -132,7 +136,7 @@ def create_app(model, config: ServerConfig | None = None, backend=None) -> Lites
     shutdown = [runner.shutdown] if runner else []
     if hasattr(model, "shutdown"):
         shutdown.append(model.shutdown)
-    return Litestar(
+    app = Litestar(
         route_handlers=[health, metrics, *OPENAI_ROUTES, *AGENT_ROUTES],
         state=State(
             {
@@ -152,3 +156,53 @@ def create_app(model, config: ServerConfig | None = None, backend=None) -> Lites
         on_shutdown=shutdown,
         debug=False,
     )
+    _declare_bodies(app, model)
+    _declare_streams(app)
+    return app
+
+
+STREAMS = {  # route -> its 2xx answers: JSON, or SSE when it streams (the completions: with stream=true)
+    "/v1/chat/completions": ("application/json", "text/event-stream"),
+    "/v1/completions": ("application/json", "text/event-stream"),
+    "/v1/jobs/{job_id}/events": ("text/event-stream",),
+}
+
+
+SSE_EVENT = Schema(  # each event: a `data:` line holding one JSON chunk, then "[DONE]"
+    type=OpenAPIType.OBJECT,
+    properties={"data": Schema(type=OpenAPIType.STRING), "event": Schema(type=OpenAPIType.STRING)},
+    required=["data"],
+)
+
+
+def _declare_streams(app: Litestar) -> None:
+    """Litestar declares a streamed answer as JSON; clients and fuzzers must be told it is SSE."""
+    for path, media_types in STREAMS.items():
+        for operation in (
+            op for op in (app.openapi_schema.paths[path].get, app.openapi_schema.paths[path].post) if op
+        ):
+            ok = next(r for status, r in operation.responses.items() if status.startswith("2"))
+            json_schema = ok.content["application/json"]
+            ok.content = {
+                kind: json_schema if kind == "application/json" else OpenAPIMediaType(SSE_EVENT)
+                for kind in media_types
+            }
+
+
+def _declare_bodies(app: Litestar, model) -> None:
+    """The request bodies' schemas as msgspec writes them: litestar drops the constraints inside unions
+    (a token-id prompt's minItems, a stop list's maxItems), and the server enforces every one of them,
+    as well as the served model's vocabulary for token-id prompts."""
+    _, components = msgspec.json.schema_components(
+        [*OPENAI_BODIES, *AGENT_BODIES], ref_template="#/components/schemas/{name}"
+    )
+    vocab = getattr(getattr(model, "tokenizer", None), "vocab_size", None)
+    if isinstance(vocab, int):
+        for member in components["CompletionRequest"]["properties"]["prompt"]["anyOf"]:
+            if member.get("type") == "array":
+                member["items"]["maximum"] = vocab - 1
+    schemas = app.openapi_schema.components.schemas
+    for name, schema in components.items():
+        if name not in schemas:
+            raise RuntimeError(f"litestar did not name the request body {name!r} as msgspec does")
+        schemas[name] = schema

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TypeVar
 
 import msgspec
 from litestar import Request, Response
@@ -11,6 +12,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
 
 log = logging.getLogger("ds4.api")
+T = TypeVar("T")
 
 TYPES = {
     400: "invalid_request_error",
@@ -46,6 +48,8 @@ def responses(*statuses: int) -> dict[int, ResponseSpec]:
         413: "request body too large",
         429: "rate limit",
         500: "server error",
+        502: "the upstream endpoint failed (serve --endpoint)",
+        504: "the upstream endpoint timed out (serve --endpoint)",
     }
     return {s: ResponseSpec(data_container=ErrorBody, description=words[s]) for s in statuses}
 
@@ -57,6 +61,33 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers
+
+
+async def strict_body(request: Request, kind: type[T]) -> T:
+    """The request's JSON body decoded against `kind` with JSON Schema's rules, as published: litestar's
+    own decoding is lax (it takes `"1"` for 1 and `0` for false), msgspec's strict mode is stricter than
+    the schema (it refuses 1.0 as an integer, which JSON Schema allows)."""
+    try:
+        raw = msgspec.json.decode(await request.body())
+        return msgspec.convert(_integral(raw), type=kind, strict=True)
+    except msgspec.ValidationError as e:
+        message = str(e)
+        at = message.rpartition(" - at `$.")
+        param = at[2].rstrip("`") if at[1] else None  # the full path, as in messages[0].content
+        raise APIError(400, message, param or None, "invalid_value") from None
+    except msgspec.DecodeError as e:
+        raise APIError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from None
+
+
+def _integral(value):
+    """JSON numbers with no fractional part as ints (JSON Schema's "integer" includes 1.0)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:

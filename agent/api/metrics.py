@@ -23,6 +23,10 @@ def route_label(path: str) -> str:
     return next((r for r in ROUTES if path == r or path.startswith(r + "/")), "other")
 
 
+def _count(value) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0  # a proxied endpoint's usage may lack some
+
+
 class Metrics:
     def __init__(self):
         self.lock = threading.Lock()
@@ -35,11 +39,11 @@ class Metrics:
 
     def count_usage(self, usage: dict) -> None:
         with self.lock:
-            self.tokens["prompt"] += usage["prompt_tokens"]
-            self.tokens["completion"] += usage["completion_tokens"]
-            self.tokens["cached"] += usage["prompt_tokens_details"]["cached_tokens"]
+            self.tokens["prompt"] += _count(usage.get("prompt_tokens"))
+            self.tokens["completion"] += _count(usage.get("completion_tokens"))
+            self.tokens["cached"] += _count((usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
 
-    def render(self, engine_stats: dict, in_flight: int, jobs: dict[str, int] | None = None) -> str:
+    def render(self, engine_stats: dict | None, in_flight: int, jobs: dict[str, int] | None = None) -> str:
         lines = [
             "# HELP ds4_requests_total HTTP requests by route and status.",
             "# TYPE ds4_requests_total counter",
@@ -55,6 +59,9 @@ class Metrics:
                     for k in ("prompt", "completion", "cached")
                 ),
             ]
+        if engine_stats is None:  # a proxied endpoint: the hit rate its usage reports
+            prompt, cached = self.tokens["prompt"], self.tokens["cached"]
+            engine_stats = {"prefix_hit_rate": cached / prompt if prompt else 0.0}
         lines += [
             "# HELP ds4_prefix_cache_hit_rate Prompt tokens reused from the prefix cache, as a share.",
             "# TYPE ds4_prefix_cache_hit_rate gauge",
@@ -62,13 +69,16 @@ class Metrics:
             "# HELP ds4_requests_in_flight Generation requests queued or running in the engine.",
             "# TYPE ds4_requests_in_flight gauge",
             f"ds4_requests_in_flight {in_flight}",
-            "# HELP ds4_cache_free_blocks Free blocks of the paged KV cache.",
-            "# TYPE ds4_cache_free_blocks gauge",
-            f"ds4_cache_free_blocks {engine_stats['free_blocks']}",
-            "# HELP ds4_preemptions_total Sequences preempted under cache pressure.",
-            "# TYPE ds4_preemptions_total counter",
-            f"ds4_preemptions_total {engine_stats['preemptions']}",
         ]
+        if "free_blocks" in engine_stats:
+            lines += [
+                "# HELP ds4_cache_free_blocks Free blocks of the paged KV cache.",
+                "# TYPE ds4_cache_free_blocks gauge",
+                f"ds4_cache_free_blocks {engine_stats['free_blocks']}",
+                "# HELP ds4_preemptions_total Sequences preempted under cache pressure.",
+                "# TYPE ds4_preemptions_total counter",
+                f"ds4_preemptions_total {engine_stats['preemptions']}",
+            ]
         if jobs is not None:
             lines += ["# HELP ds4_jobs Fix jobs by state.", "# TYPE ds4_jobs gauge"]
             lines += [f'ds4_jobs{{state="{state}"}} {n}' for state, n in jobs.items()]

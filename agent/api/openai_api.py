@@ -15,15 +15,16 @@ from litestar import Request, get, post
 from litestar.params import FromPath, JSONBody
 from litestar.response import ServerSentEvent
 
-from ds4.agent.api.errors import APIError, responses
+from ds4.agent.api.errors import APIError, responses, strict_body
+from ds4.agent.api.proxied import ProxiedModel
 from ds4.agent.api.served import ServedModel
 from ds4.engine.errors import RequestError
 from ds4.engine.sampler import SamplingParams
 
 
 class ContentPart(msgspec.Struct):
-    type: str
-    text: str | None = None
+    type: Literal["text"]  # the only kind a text model reads
+    text: str
 
 
 class ChatMessage(msgspec.Struct):
@@ -66,11 +67,19 @@ class CompletionRequest(_Sampling, kw_only=True):
     echo: bool = False
 
 
+class EventStream(ServerSentEvent):
+    """SSE whatever the route's declared media type: litestar 2 lets a handler's JSON default override
+    a streamed response's own `text/event-stream`, and the completion routes answer both ways."""
+
+    def to_asgi_response(self, *args, media_type=None, **kwargs):
+        return super().to_asgi_response(*args, media_type=None, **kwargs)
+
+
 ROLES = ("system", "user", "assistant")
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
-def _model(request: Request) -> ServedModel:
+def _model(request: Request) -> ServedModel | ProxiedModel:
     return request.app.state.model
 
 
@@ -157,13 +166,36 @@ async def _result(handle):
     raise RuntimeError("the engine ended a request without an output")
 
 
+async def _proxy(request: Request, served: ProxiedModel, route: str, stream: bool) -> object:
+    """The request's own JSON, checked already, answered by the upstream endpoint."""
+    body = msgspec.json.decode(await request.body())
+    metrics = request.app.state.metrics
+    if not stream:
+        answer = await served.forward(route, body)
+        if isinstance(answer.get("usage"), dict):
+            metrics.count_usage(answer["usage"])
+        return answer
+    chunks = await served.open_stream(route, body)
+
+    async def relay() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
+                    metrics.count_usage(chunk["usage"])
+                yield chunk if isinstance(chunk, str) else json.dumps(chunk)
+        finally:
+            await chunks.aclose()
+
+    return EventStream(relay())
+
+
 @get("/v1/models", summary="The served model", responses=responses(401, 429, 500))
 async def list_models(request: Request) -> dict:
     served = _model(request)
     return {"object": "list", "data": [_model_card(served)]}
 
 
-@get("/v1/models/{model_id:str}", summary="One model", responses=responses(401, 404, 429, 500))
+@get("/v1/models/{model_id:str}", summary="One model", responses=responses(400, 401, 404, 429, 500))
 async def get_model(request: Request, model_id: FromPath[str]) -> dict:
     served = _model(request)
     _check_model(served, model_id)
@@ -176,7 +208,7 @@ def _model_card(served: ServedModel) -> dict:
         "object": "model",
         "created": served.created,
         "owned_by": "ds4",
-        "max_model_len": served.max_model_len,
+        **({"max_model_len": served.max_model_len} if served.max_model_len else {}),
     }
 
 
@@ -192,11 +224,7 @@ def _chat_messages(messages: list[ChatMessage]) -> list[dict]:
                 f"messages[{i}].role",
             )
         if isinstance(m.content, list):
-            text = "".join(p.text or "" for p in m.content if p.type == "text")
-            if any(p.type != "text" for p in m.content):
-                raise APIError(
-                    400, f"messages[{i}]: only text content parts are supported", f"messages[{i}].content"
-                )
+            text = "".join(p.text for p in m.content)
         else:
             text = m.content or ""
         out.append({"role": m.role, "content": text})
@@ -207,12 +235,16 @@ def _chat_messages(messages: list[ChatMessage]) -> list[dict]:
     "/v1/chat/completions",
     summary="Chat completion (streams with stream=true)",
     status_code=200,
-    responses=responses(400, 401, 404, 413, 429, 500),
+    responses=responses(400, 401, 404, 413, 429, 500, 502, 504),
 )
 async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest]) -> object:
+    data = await strict_body(request, ChatCompletionRequest)
     served = _model(request)
     _check_model(served, data.model)
-    ids = served.tokenizer.encode_chat(_chat_messages(data.messages))
+    messages = _chat_messages(data.messages)
+    if isinstance(served, ProxiedModel):
+        return await _proxy(request, served, "/chat/completions", data.stream)
+    ids = served.tokenizer.encode_chat(messages)
     params = _sampling(data, data.max_completion_tokens or data.max_tokens, len(ids), served)
     handle = _submit(served, ids, params)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -252,23 +284,24 @@ async def chat_completions(request: Request, data: JSONBody[ChatCompletionReques
                     )
         yield "[DONE]"
 
-    return ServerSentEvent(stream())
+    return EventStream(stream())
 
 
 @post(
     "/v1/completions",
     summary="Text completion; `suffix` asks for fill-in-the-middle",
     status_code=200,
-    responses=responses(400, 401, 404, 413, 429, 500),
+    responses=responses(400, 401, 404, 413, 429, 500, 502, 504),
 )
 async def completions(request: Request, data: JSONBody[CompletionRequest]) -> object:
+    data = await strict_body(request, CompletionRequest)
     served = _model(request)
     _check_model(served, data.model)
-    if data.echo:
-        raise APIError(400, "echo is not supported", "echo", "unsupported_value")
+    if isinstance(served, ProxiedModel):
+        return await _proxy(request, served, "/completions", data.stream)
+    if not isinstance(data.prompt, str) and any(t >= served.tokenizer.vocab_size for t in data.prompt):
+        raise APIError(400, f"prompt token ids must be in [0, {served.tokenizer.vocab_size})", "prompt")
     if data.suffix is not None:
-        if not isinstance(data.prompt, str):
-            raise APIError(400, "with suffix, prompt must be text", "prompt")
         ids = served.fim_prompt(data.prompt, data.suffix)
         if ids is None:
             raise APIError(
@@ -278,19 +311,25 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> ob
         ids = served.tokenizer.encode(data.prompt)
     else:
         ids = list(data.prompt)
-        if not ids or any(not 0 <= t < served.tokenizer.vocab_size for t in ids):
-            raise APIError(400, f"prompt token ids must be in [0, {served.tokenizer.vocab_size})", "prompt")
     params = _sampling(data, data.max_tokens if data.max_tokens is not None else 16, len(ids), served)
+    echo = (
+        "" if not data.echo else data.prompt if isinstance(data.prompt, str) else served.tokenizer.decode(ids)
+    )
     handle = _submit(served, ids, params)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
     if not data.stream:
         out = await _result(handle)
-        choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": FINISH[out.finish_reason]}
+        text = echo + out.text
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": FINISH[out.finish_reason]}
         return {**base, "choices": [choice], "usage": _usage(request, out, len(ids))}
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
 
     async def stream() -> AsyncIterator[str]:
+        if echo:
+            yield json.dumps(
+                {**base, "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]}
+            )
         async for event in _events(handle):
             finish = FINISH[event.output.finish_reason] if event.output is not None else None
             if event.text or finish:
@@ -302,7 +341,8 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> ob
                     yield json.dumps({**base, "choices": [], "usage": usage})
         yield "[DONE]"
 
-    return ServerSentEvent(stream())
+    return EventStream(stream())
 
 
 ROUTES = [list_models, get_model, chat_completions, completions]
+BODIES = [ChatCompletionRequest, CompletionRequest]

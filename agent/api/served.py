@@ -26,8 +26,9 @@ class ServedModel:
     def tokenizer(self):
         return self.llm.tokenizer
 
-    def fim_prompt(self, prefix: str, suffix: str) -> list[int] | None:
-        """DeepSeek's fill-in-the-middle prompt, or None when the tokenizer has no FIM tokens."""
+    def fim_prompt(self, prefix: str | list[int], suffix: str) -> list[int] | None:
+        """DeepSeek's fill-in-the-middle prompt (the prefix as text or token ids), or None when the
+        tokenizer has no FIM tokens."""
         if any(i is None for i in self.fim_ids):
             return None
         begin, hole, end = self.fim_ids
@@ -36,11 +37,15 @@ class ServedModel:
         return [
             *head,
             begin,
-            *tok.encode(prefix, add_bos=False),
+            *(tok.encode(prefix, add_bos=False) if isinstance(prefix, str) else prefix),
             hole,
             *tok.encode(suffix, add_bos=False),
             end,
         ]
+
+    @property
+    def num_in_flight(self) -> int:
+        return self.loop.num_in_flight
 
     def stats(self) -> dict:
         return self.llm.engine.stats()

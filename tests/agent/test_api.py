@@ -29,11 +29,13 @@ def free_port() -> int:
 
 @contextmanager
 def serving(checkpoint, log: Path, *flags: str):
-    """`ds4-agent serve` on a free loopback port, its output in `log`; yields the base URL once healthy."""
+    """`ds4-agent serve` on a free loopback port, its output in `log`; yields the base URL once healthy.
+    `checkpoint` None: the flags say what is served (--endpoint)."""
     port = free_port()
+    model = ["--model", str(checkpoint)] if checkpoint is not None else []
     with open(log, "w") as f:
         process = subprocess.Popen(
-            [EXE, "serve", "--model", str(checkpoint), "--port", str(port), *flags],
+            [EXE, "serve", *model, "--port", str(port), *flags],
             stdout=f,
             stderr=subprocess.STDOUT,
         )
@@ -137,6 +139,14 @@ def test_text_completion_and_fill_in_the_middle(client):
     assert fim.choices[0].finish_reason in ("stop", "length") and fim.usage.prompt_tokens > 10
     streamed = list(client.completions.create(model=MODEL, prompt="import os", max_tokens=4, stream=True))
     assert streamed[-1].choices[0].finish_reason in ("stop", "length")
+    echoed = client.completions.create(
+        model=MODEL, prompt="def quicksort(xs):", max_tokens=5, temperature=0, echo=True
+    )
+    assert echoed.choices[0].text == "def quicksort(xs):" + plain.choices[0].text
+    echo_stream = client.completions.create(
+        model=MODEL, prompt="def quicksort(xs):", max_tokens=5, temperature=0, echo=True, stream=True
+    )
+    assert "".join(c.choices[0].text for c in echo_stream if c.choices) == echoed.choices[0].text
 
 
 def test_client_mistakes_arrive_as_openai_errors(client, server):
@@ -260,3 +270,109 @@ def test_the_openapi_schema_declares_the_routes_and_their_errors(server):
     )
     assert "messages" in schema["components"]["schemas"]["ChatCompletionRequest"]["required"]
     assert {"/v1/models", "/v1/completions", "/health", "/metrics"} <= set(schema["paths"])
+
+
+def test_the_schema_keeps_the_constraints_inside_unions(server, tiny_v3):
+    with urllib.request.urlopen(server + "/schema/openapi.json", timeout=30) as r:
+        schemas = json.loads(r.read())["components"]["schemas"]
+    prompt = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    vocab = json.loads((tiny_v3 / "config.json").read_text())["vocab_size"]
+    ids = {"type": "integer", "minimum": 0, "maximum": vocab - 1}  # the served model's vocabulary
+    assert {"type": "array", "items": ids, "minItems": 1} in prompt
+    assert schemas["FixRequest"]["properties"]["rounds"] == {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 20,
+        "default": 3,
+    }
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "n": 1.0}', 200, None),
+        (b'{"messages": [{"role": "user", "content": "x"}], "stream": 0}', 400, "stream"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "2"}', 400, "max_tokens"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}', 400, "max_tokens"),
+        (
+            b'{"messages": [{"role": "user", "content": [{"type": "image_url", "text": "x"}]}]}',
+            400,
+            "messages[0].content[0].type",
+        ),
+    ],
+)
+def test_bodies_are_read_by_the_published_schemas_rules(server, body, status, param):
+    """JSON Schema counts 1.0 as an integer; it does not count "2" as one, nor 0 as a boolean."""
+    got, answer = raw(server, "/v1/chat/completions", body)
+    assert got == status, answer
+    if status != 200:
+        assert answer["error"]["param"] == param
+
+
+@pytest.fixture(scope="module")
+def proxy(server, tmp_path_factory):
+    """A second ds4 server in front of the first: its own key, the upstream's key for the upstream."""
+    log = tmp_path_factory.mktemp("proxy") / "serve.log"
+    flags = ["--endpoint", server, "--endpoint-key", KEY, "--api-key", "proxy-key", "--served-name", "relay"]
+    with serving(None, log, *flags) as base:
+        yield base
+
+
+def test_serve_endpoint_relays_an_openai_compatible_server(client, proxy):
+    relayed = openai.OpenAI(base_url=proxy + "/v1", api_key="proxy-key", max_retries=0, timeout=60)
+    assert [m.id for m in relayed.models.list().data] == ["relay"]
+    messages = [{"role": "user", "content": "def mul(a, b):"}]
+    direct = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    via = relayed.chat.completions.create(model="relay", messages=messages, max_tokens=8, temperature=0)
+    assert via.choices[0].message.content == direct.choices[0].message.content
+    assert via.usage.completion_tokens == direct.usage.completion_tokens
+    chunks = list(
+        relayed.chat.completions.create(
+            model="relay",
+            messages=messages,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        direct.choices[0].message.content
+    )
+    assert chunks[-1].usage.completion_tokens == direct.usage.completion_tokens
+    text = relayed.completions.create(model="relay", prompt="import os", max_tokens=4, temperature=0)
+    assert (
+        text.choices[0].text
+        == client.completions.create(model=MODEL, prompt="import os", max_tokens=4, temperature=0)
+        .choices[0]
+        .text
+    )
+    with urllib.request.urlopen(proxy + "/metrics", timeout=30) as r:
+        metrics = r.read().decode()
+    assert 'ds4_tokens_total{kind="completion"}' in metrics and "ds4_cache_free_blocks" not in metrics
+
+
+def test_serve_endpoint_keeps_the_errors_of_both_sides(proxy, tmp_path):
+    relayed = openai.OpenAI(base_url=proxy + "/v1", api_key="proxy-key", max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError) as e:  # refused by the relay's own schema
+        relayed.chat.completions.create(model="relay", messages=[], max_tokens=2)
+    assert e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:  # refused upstream, passed on as it was
+        relayed.completions.create(model="relay", prompt=[10**6], max_tokens=2)
+    assert e.value.body["param"] == "prompt"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=proxy + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_serve_endpoint_with_a_wrong_upstream_key_or_url(server, tmp_path):
+    log = tmp_path / "serve.log"
+    with serving(None, log, "--endpoint", server, "--model-name", MODEL, "--endpoint-key", "nope") as base:
+        status, answer = raw(
+            base, "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}]}'
+        )
+    assert (
+        status == 502 and answer["error"]["code"] == "upstream_error" and "401" in answer["error"]["message"]
+    )
+    dead = f"http://127.0.0.1:{free_port()}"
+    run = subprocess.run([EXE, "serve", "--endpoint", dead], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "cannot list models" in run.stderr

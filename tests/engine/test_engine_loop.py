@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ds4.engine import LLM, RequestError, SamplingParams
+from ds4.engine.errors import StepFailed
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
@@ -75,3 +76,60 @@ def test_bad_request_is_refused_in_the_callers_thread(llm):
     with pytest.raises(RequestError, match="outside the vocabulary"):
         loop.submit([10**6], GREEDY)
     loop.shutdown()
+
+
+def poison(llm, bad: set[int]):
+    """The runner fails every step that includes one of the `bad` requests."""
+    step = llm.runner.step
+
+    def failing(tokens, slices, cache, **kwargs):
+        if bad & {s.slot for s in slices}:
+            raise RuntimeError("poisoned request")
+        return step(tokens, slices, cache, **kwargs)
+
+    return failing
+
+
+def test_a_failing_request_fails_alone_and_the_batch_goes_on(tiny_v32, monkeypatch):
+    many = prompts(4)
+    expected = [o.token_ids for o in LLM(tiny_v32, enable_prefix_caching=False).generate(many, GREEDY)]
+    llm = LLM(tiny_v32, max_num_seqs=4, max_num_batched_tokens=512)
+    engine = llm.engine
+    ids = [engine.add_request(p, GREEDY) for p in many]
+    monkeypatch.setattr(llm.runner, "step", poison(llm, {ids[2]}))
+    failures = []
+    while engine.has_unfinished:
+        try:
+            engine.step()
+        except StepFailed as e:
+            failures.append(e)
+    assert [f.request_ids for f in failures] == [[ids[2]]]
+    assert "poisoned request" in str(failures[0].cause)
+    outputs = [engine.release(i) for i in ids]
+    assert [o.finish_reason for o in outputs] == ["length", "length", "error", "length"]
+    assert [o.token_ids for i, o in enumerate(outputs) if i != 2] == [
+        e for i, e in enumerate(expected) if i != 2
+    ]
+    assert engine.scheduler.num_preemptions >= 3  # the batch's requests reran one at a time
+    engine.check_integrity()
+    assert engine.blocks.num_free_blocks == engine.num_blocks
+
+
+def test_the_loop_fails_only_the_culprits_stream(tiny_v32, monkeypatch):
+    many = prompts(3)
+    expected = [o.token_ids for o in LLM(tiny_v32, enable_prefix_caching=False).generate(many, GREEDY)]
+    llm = LLM(tiny_v32, max_num_seqs=4, max_num_batched_tokens=512)
+    monkeypatch.setattr(llm.runner, "step", poison(llm, {1}))  # the engine numbers requests from 0
+    loop = llm.serve()
+    handles = [loop.submit(p, GREEDY) for p in many]
+    results = []
+    for h in handles:
+        try:
+            results.append(h.result(timeout=60).token_ids)
+        except RuntimeError as e:
+            results.append(str(e))
+    later = loop.submit(many[0], GREEDY).result(timeout=60).token_ids
+    loop.shutdown()
+    assert results == [expected[0], "poisoned request", expected[2]]
+    assert later == expected[0]
+    assert loop.num_in_flight == 0

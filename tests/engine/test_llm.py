@@ -210,6 +210,15 @@ def test_sampling_params_validation(kwargs):
         SamplingParams(**kwargs)
 
 
+@pytest.mark.parametrize("top_p", [5e-324, 1e-30, 1e-3])
+def test_a_vanishing_top_p_keeps_the_most_likely_token(top_p):
+    from ds4.engine.sampler import make_generator, sample
+
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=1.0, top_p=top_p, seed=1)
+    assert sample(logits, params, make_generator(params, "cpu")) == int(logits.argmax())
+
+
 def test_stats(tiny_v3):
     fresh = LLM(tiny_v3)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
