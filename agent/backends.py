@@ -47,6 +47,10 @@ class Backend(Protocol):
         self, messages: list[dict], params: GenerationParams, on_text: Callable[[str], None] | None = None
     ) -> Completion: ...
 
+    def infill(self, prefix: str, suffix: str, params: GenerationParams) -> Completion:
+        """Fill-in-the-middle: the text that goes between `prefix` and `suffix`."""
+        ...
+
 
 class LocalBackend:
     """The engine in this process (torch is imported here, not before)."""
@@ -75,6 +79,16 @@ class LocalBackend:
         out = finished[0]
         return Completion(
             text, len(ids), len(out.token_ids), out.num_cached_tokens, time.perf_counter() - start
+        )
+
+    def infill(self, prefix: str, suffix: str, params: GenerationParams) -> Completion:
+        start = time.perf_counter()
+        ids = self.llm.tokenizer.encode_fim(prefix, suffix)
+        if ids is None:
+            raise BackendError(f"{self.name}: the tokenizer has no fill-in-the-middle tokens")
+        out = self.llm.generate([ids], engine_sampling(params, len(ids), self.max_model_len))[0]
+        return Completion(
+            out.text, len(ids), len(out.token_ids), out.num_cached_tokens, time.perf_counter() - start
         )
 
 
@@ -130,6 +144,44 @@ class OpenAIBackend:
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
+
+    def infill(self, prefix: str, suffix: str, params: GenerationParams) -> Completion:
+        """POST /v1/completions with `suffix` (no retries: an editor asks again on the next keystroke)."""
+        start = time.perf_counter()
+        url = self.url.removesuffix("/chat/completions") + "/completions"
+        body = {
+            "model": self.model,
+            "prompt": prefix,
+            "suffix": suffix,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+        }
+        request = urllib.request.Request(
+            url,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={
+                "Content-Type": "application/json",
+                **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                answer = json.load(response)
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")[:500]
+            raise BackendError(f"{url} answered {e.code}: {detail}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as e:
+            raise BackendError(f"cannot complete at {url}: {getattr(e, 'reason', e)}") from None
+        usage = answer.get("usage") or {}
+        choices = answer.get("choices") or [{}]
+        return Completion(
+            choices[0].get("text") or "",
+            usage.get("prompt_tokens", 0),
+            usage.get("completion_tokens", 0),
+            (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
+            time.perf_counter() - start,
+        )
 
     def _stream(self, body: dict, on_text) -> Completion:
         start = time.perf_counter()

@@ -282,6 +282,18 @@ def _add_serve(sub) -> None:
     serve.set_defaults(func=_cmd_serve)
 
 
+def _add_lsp(sub) -> None:
+    lsp = sub.add_parser(
+        "lsp",
+        help="the language server (stdio): workspace symbols, ds4.fix, code actions, inline completion",
+        epilog="Settings come from the client's initializationOptions: model or endpoint, apiKey, budget, "
+        "testCommand (see examples/vscode-ds4 and examples/nvim).",
+    )
+    lsp.add_argument("--tcp", metavar="HOST:PORT", default=None, help="listen on TCP instead of stdio")
+    lsp.add_argument("--log-file", default=None, help="the server's log (default: none; stdout is the protocol)")
+    lsp.set_defaults(func=_cmd_lsp)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ds4-agent",
@@ -296,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fix(sub)
     _add_swebench(sub)
     _add_serve(sub)
+    _add_lsp(sub)
     _add_bench(sub)
     return parser
 
@@ -679,6 +692,25 @@ def _cmd_serve(args) -> int:
     )
     print(f"ds4 serving {model.name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _cmd_lsp(args) -> int:
+    import logging
+
+    if args.log_file:
+        logging.basicConfig(filename=args.log_file, level=logging.INFO)
+    from ds4.lsp.server import create_server
+
+    server = create_server()
+    if args.tcp:
+        host, _, port = args.tcp.rpartition(":")
+        if not host or not port.isdigit():
+            print(f"error: --tcp wants HOST:PORT, got {args.tcp!r}", file=sys.stderr)
+            return 2
+        server.start_tcp(host, int(port))
+    else:
+        server.start_io()
     return 0
 
 

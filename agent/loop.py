@@ -46,6 +46,7 @@ class FixConfig:
     test_timeout: float = 600.0
     apply: bool = False
     generation: GenerationParams = field(default_factory=GenerationParams)
+    overlay: dict[str, str] = field(default_factory=dict)  # unsaved editor buffers, by relative path
 
 
 @dataclass
@@ -117,13 +118,13 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
         index_repo(repo)
         counter = TokenCounter(backend.tokenizer_file) if backend.tokenizer_file else ApproxCounter()
         db = open_index(default_db_path(repo))
-        packed = pack(db, repo, config.issue, config.budget, counter)
+        packed = pack(db, repo, config.issue, config.budget, counter, overlay=config.overlay)
         (run_dir / "prompt.txt").write_text(packed.prompt)
         (run_dir / "manifest.json").write_text(json.dumps(packed.manifest(), indent=2))
         if packed.secrets:
             event("secrets", found=packed.secrets)
 
-        baseline_tree = _worktree(repo, run_dir / "baseline", user_changes, worktrees)
+        baseline_tree = _worktree(repo, run_dir / "baseline", user_changes, worktrees, config.overlay)
         event("baseline", command=command)
         baseline = run_tests(command, baseline_tree, config.test_timeout)
         (run_dir / "baseline-tests.log").write_text(baseline.output)
@@ -131,7 +132,7 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
 
         candidates = []
         for sample in range(1, config.samples + 1):
-            tree = _worktree(repo, run_dir / f"sample-{sample}", user_changes, worktrees)
+            tree = _worktree(repo, run_dir / f"sample-{sample}", user_changes, worktrees, config.overlay)
             candidates.append(
                 _attempt(config, backend, packed.prompt, tree, command, baseline, sample, run_dir, event)
             )
@@ -159,8 +160,11 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
             shutil.rmtree(tree, ignore_errors=True)
 
 
-def _worktree(repo: Path, path: Path, user_changes: str, made: list[Path]) -> Path:
-    """A detached worktree at HEAD plus the user's uncommitted changes: the state the user sees."""
+def _worktree(
+    repo: Path, path: Path, user_changes: str, made: list[Path], overlay: dict[str, str] | None = None
+) -> Path:
+    """A detached worktree at HEAD plus the user's uncommitted changes and unsaved buffers: the state
+    the user sees. Each layer is committed, so a candidate's `git diff HEAD` is its own change only."""
     git(repo, "worktree", "add", "--detach", "--quiet", str(path), "HEAD")
     made.append(path)
     if user_changes.strip():
@@ -171,19 +175,22 @@ def _worktree(repo: Path, path: Path, user_changes: str, made: list[Path]) -> Pa
             check=True,
             capture_output=True,
         )
-        git(path, "add", "-A")
-        git(
-            path,
-            "-c",
-            "user.email=ds4@localhost",
-            "-c",
-            "user.name=ds4",
-            "commit",
-            "-q",
-            "-m",
-            "user changes",
-        )
+        _commit_all(path, "user changes")
+    if overlay:
+        for rel, text in overlay.items():
+            target = (path / rel).resolve()
+            if not target.is_relative_to(path.resolve()):
+                raise FixError(f"an unsaved buffer's path {rel!r} is outside the repository")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(text.encode("utf-8", "surrogateescape"))
+        _commit_all(path, "unsaved buffers")
     return path
+
+
+def _commit_all(tree: Path, message: str) -> None:
+    git(tree, "add", "-A")
+    who = ("-c", "user.email=ds4@localhost", "-c", "user.name=ds4")
+    git(tree, *who, "commit", "-q", "--allow-empty", "-m", message)
 
 
 def _attempt(

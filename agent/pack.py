@@ -97,6 +97,10 @@ class Packed:
 # -- inputs -----------------------------------------------------------------------------------------
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def _indexed_files(db: sqlite_utils.Database) -> list[tuple[int, str, str, str]]:
     """(id, path, hash, text) of every indexed text file."""
     return db.execute(
@@ -326,12 +330,21 @@ def pack(
     counter: TokenCounter,
     feedback: str = "",
     previous: dict | None = None,
+    overlay: dict[str, str] | None = None,
 ) -> Packed:
     """`previous`: an earlier pack's manifest for the same repository and issue. Its selection is kept
     while it fits, so that an edit changes only the edited file's block (the rest of the prefix, which
-    the engine has cached, stays byte-identical); over budget, the lowest-ranked files give way."""
+    the engine has cached, stays byte-identical); over budget, the lowest-ranked files give way.
+    `overlay`: an editor's unsaved buffers (relative path -> text), packed instead of the indexed text;
+    they are what the user is working on, so they rank first, and whole or not at all (the index's
+    skeleton lines would not match them)."""
     repo = Path(repo).resolve()
-    files = _indexed_files(db)
+    overlay = overlay or {}
+    files = [
+        (fid, path, "buffer:" + _digest(overlay[path]), overlay[path]) if path in overlay else row
+        for row in _indexed_files(db)
+        for fid, path, _, _ in [row]
+    ]
     text_of = {path: text for _, path, _, text in files}
     order = stability_order(repo, list(text_of))
     system = (PROMPTS / "system.md").read_text()
@@ -350,7 +363,10 @@ def pack(
         modes = {p: kept.get(p, "listed") for p in order}
     else:
         scores = rank(db, issue, order)
-        modes = _allocate(db, order, scores, whole, budget - fixed, text_of, counter)
+        for path in overlay:
+            if path in scores:
+                scores[path] = (float("inf"), scores[path][1])
+        modes = _allocate(db, order, scores, whole, budget - fixed, text_of, counter, set(overlay))
     args = (
         order,
         modes,
@@ -374,7 +390,7 @@ def pack(
             victim = min(placed, key=lambda p: (scores[p][0], p), default=None)
         if victim is None:
             raise ValueError(f"budget {budget} is below the {packed.total_tokens} tokens of the fixed parts")
-        modes[victim] = "skeleton" if modes[victim] == "whole" else "listed"
+        modes[victim] = "skeleton" if modes[victim] == "whole" and victim not in overlay else "listed"
         packed = _assemble(*args)
     return packed
 
@@ -387,12 +403,16 @@ def _definitions_of(db, path: str) -> list[tuple[str, int, int, str]]:
     ).fetchall()
 
 
-def _allocate(db, order, scores, whole, room: int, text_of, counter) -> dict[str, str]:
+def _allocate(
+    db, order, scores, whole, room: int, text_of, counter, whole_only=frozenset()
+) -> dict[str, str]:
     """Highest score first: whole if it fits the room left, else a skeleton if that fits, else listed."""
     modes = {p: "listed" for p in order}
     for path in sorted(order, key=lambda p: (-scores[p][0], p)):
         if whole[path] <= room:
             modes[path], room = "whole", room - whole[path]
+            continue
+        if path in whole_only:
             continue
         skeleton_text = skeleton(text_of[path], _definitions_of(db, path))
         estimate = whole[path] * len(skeleton_text) / max(len(text_of[path]), 1)

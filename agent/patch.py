@@ -346,14 +346,23 @@ def _no_match(content: str, edit: Edit) -> str:
 # -- applying ---------------------------------------------------------------------------------------
 
 
-def apply(answer: str | list[Edit], root: str | Path, write: bool = True, lint: bool = True) -> Result:
-    """Applies every edit or none: PatchError (nothing written) unless all place, and lint when asked."""
+def apply(
+    answer: str | list[Edit],
+    root: str | Path,
+    write: bool = True,
+    lint: bool = True,
+    base: dict[str, str] | None = None,
+) -> Result:
+    """Applies every edit or none: PatchError (nothing written) unless all place, and lint when asked.
+    `base`: texts to edit instead of the files on disk (an editor's unsaved buffers), by relative path."""
     root = Path(root).resolve()
     edits = parse(answer) if isinstance(answer, str) else answer
     result, state = Result(), {}
     for edit in edits:
         edit.path = _existing(root, edit.path)
         path = _inside(root, edit.path, edit)
+        if base and edit.path in base and edit.path not in state:
+            state[edit.path] = base[edit.path]
         if edit.path not in state:  # bytes, not text mode: CRLF endings must survive
             state[edit.path] = (
                 path.read_bytes().decode("utf-8", "surrogateescape") if path.is_file() else None

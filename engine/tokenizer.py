@@ -46,6 +46,16 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def encode_fim(self, prefix: str | list[int], suffix: str) -> list[int] | None:
+        """DeepSeek's fill-in-the-middle prompt, BOS <｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>
+        (the prefix as text or token ids); None when this tokenizer has no FIM tokens."""
+        begin, hole, end = (self.token_id(t) for t in FIM_TOKENS)
+        if begin is None or hole is None or end is None:
+            return None
+        head = [self.bos_token_id] if self.bos_token_id is not None else []
+        body = self.encode(prefix, add_bos=False) if isinstance(prefix, str) else list(prefix)
+        return [*head, begin, *body, hole, *self.encode(suffix, add_bos=False), end]
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """DeepSeek's template: BOS, the system text, then <｜User｜>{user} and
         <｜Assistant｜>{reply}<｜end▁of▁sentence｜> turns, ending with <｜Assistant｜> to prompt a reply."""
@@ -109,6 +119,7 @@ SPECIAL_TOKENS = (
     "<｜fim▁hole｜>",
     "<｜fim▁end｜>",
 )
+FIM_TOKENS = SPECIAL_TOKENS[4:7]
 # Text every CPython install carries: the corpus for tokenizers of test checkpoints (no download).
 CORPUS_MODULES = (
     "argparse.py",

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
-
 
 class ServedModel:
     def __init__(self, model_dir: str, name: str | None = None, **engine_kwargs):
@@ -20,28 +18,14 @@ class ServedModel:
         self.created = int(time.time())
         self.max_model_len = self.llm.max_model_len
         self.loop = self.llm.serve()
-        self.fim_ids = [self.llm.tokenizer.token_id(t) for t in FIM_TOKENS]
 
     @property
     def tokenizer(self):
         return self.llm.tokenizer
 
     def fim_prompt(self, prefix: str | list[int], suffix: str) -> list[int] | None:
-        """DeepSeek's fill-in-the-middle prompt (the prefix as text or token ids), or None when the
-        tokenizer has no FIM tokens."""
-        if any(i is None for i in self.fim_ids):
-            return None
-        begin, hole, end = self.fim_ids
-        tok = self.tokenizer
-        head = tok.encode("", add_bos=True)  # BOS, when the model has one
-        return [
-            *head,
-            begin,
-            *(tok.encode(prefix, add_bos=False) if isinstance(prefix, str) else prefix),
-            hole,
-            *tok.encode(suffix, add_bos=False),
-            end,
-        ]
+        """DeepSeek's fill-in-the-middle prompt, or None when the tokenizer has no FIM tokens."""
+        return self.tokenizer.encode_fim(prefix, suffix)
 
     @property
     def num_in_flight(self) -> int:

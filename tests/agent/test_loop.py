@@ -250,3 +250,22 @@ def test_a_backend_failure_in_a_later_round_ends_that_candidate_only(repo):
 
     result = fix(config(repo), FailsLater([WRONG]))
     assert result.status == "unresolved" and "limit" in result.candidates[0].error
+
+
+def test_unsaved_buffers_are_what_is_packed_tested_and_diffed(repo):
+    """An editor's unsaved text (here: calc.py with a new function, the bug still in it) is packed,
+    tested and diffed against; the file on disk stays as it was."""
+    buffer = BUGGY["calc.py"] + "\n\ndef unsaved_helper():\n    return 41\n"
+    backend = ScriptedBackend([RIGHT])
+    result = fix(config(repo, overlay={"calc.py": buffer}), backend)
+    assert result.status == "resolved"
+    assert "def unsaved_helper():" in backend.asked[0][-1]["content"]  # the buffer was packed
+    assert "unsaved_helper" not in result.diff  # the diff is against the buffer, not against disk
+    assert "-    return a - b\n+    return a + b" in result.diff
+    assert (repo / "calc.py").read_text() == BUGGY["calc.py"]
+
+
+def test_an_unsaved_buffer_outside_the_repository_is_refused(repo):
+    result = fix(config(repo, overlay={"../escape.py": "x = 1\n"}), ScriptedBackend([RIGHT]))
+    assert result.status == "error" and "outside the repository" in result.message
+    assert not (repo.parent / "escape.py").exists()

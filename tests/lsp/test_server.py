@@ -1,0 +1,279 @@
+"""The language server end to end over stdio, driven by pygls' LanguageClient, with the scripted backend
+(the named test double for the model) in the server process: indexing with progress, symbols from the
+index and from unsaved buffers, ds4.fix applying a workspace edit that makes the tests pass, a code
+action resolved to an edit, inline completion, bad input, and a clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lsprotocol import types
+from pygls.exceptions import JsonRpcException
+from pygls.lsp.client import LanguageClient
+from pygls.uris import from_fs_path, to_fs_path
+
+from tests.agent.test_indexer import make_repo
+from tests.agent.test_loop import BUGGY, RIGHT
+
+ISSUE = "add(2, 3) returns -1 instead of 5"
+NEW = "\n\ndef brand_new_helper():\n    return 41\n"
+
+
+def offset(text: str, position: types.Position) -> int:
+    """A UTF-16 LSP position as an index into `text`."""
+    lines = text.splitlines(keepends=True)
+    if position.line >= len(lines):
+        return len(text)
+    start = sum(len(line) for line in lines[: position.line])
+    units, i, line = 0, 0, lines[position.line]
+    while i < len(line) and units < position.character:
+        units += len(line[i].encode("utf-16-le")) // 2
+        i += 1
+    return start + i
+
+
+def apply_edits(text: str, edits) -> str:
+    for edit in sorted(edits, key=lambda e: (e.range.start.line, e.range.start.character), reverse=True):
+        text = text[: offset(text, edit.range.start)] + edit.new_text + text[offset(text, edit.range.end) :]
+    return text
+
+
+class Editor:
+    """A minimal editor around pygls' client: open documents, progress and messages seen, and
+    workspace/applyEdit carried out on its buffers (which it then saves, as a user would)."""
+
+    def __init__(self, repo: Path, script: dict, tmp: Path):
+        self.repo, self.script_path = repo, tmp / "script.json"
+        self.script_path.write_text(json.dumps(script))
+        self.client = LanguageClient("ds4-test-editor", "1")
+        self.progress: list = []
+        self.messages: list[types.ShowMessageParams] = []
+        self.docs: dict[str, tuple[int, str]] = {}
+        self.applied: list[types.WorkspaceEdit] = []
+        client = self.client
+
+        @client.feature(types.WINDOW_WORK_DONE_PROGRESS_CREATE)
+        def create(params):
+            return None
+
+        @client.feature(types.PROGRESS)
+        def progress(params):  # the value is LSPAny: it arrives as a plain dict
+            value = params.value
+            self.progress.append(
+                value if isinstance(value, dict) else client.protocol._converter.unstructure(value)
+            )
+
+        @client.feature(types.WINDOW_SHOW_MESSAGE)
+        def show(params):
+            self.messages.append(params)
+
+        @client.feature(types.WINDOW_LOG_MESSAGE)
+        def log(params):
+            pass
+
+        @client.feature(types.WORKSPACE_APPLY_EDIT)
+        def apply_edit(params: types.ApplyWorkspaceEditParams):
+            for change in params.edit.document_changes or []:
+                uri = change.text_document.uri
+                version, text = self.docs.get(uri, (None, None))
+                if text is None:
+                    text = Path(to_fs_path(uri)).read_text()
+                elif change.text_document.version != version:
+                    return types.ApplyWorkspaceEditResult(applied=False, failure_reason="stale version")
+                text = apply_edits(text, change.edits)
+                Path(to_fs_path(uri)).write_text(text)  # applied, then saved
+                if uri in self.docs:
+                    self.change(uri, text)
+            self.applied.append(params.edit)
+            return types.ApplyWorkspaceEditResult(applied=True)
+
+    async def start(self, options: dict | None = None) -> types.InitializeResult:
+        await self.client.start_io(sys.executable, "-m", "tests.lsp.scripted_server", str(self.script_path))
+        result = await self.client.initialize_async(
+            types.InitializeParams(
+                capabilities=types.ClientCapabilities(
+                    window=types.WindowClientCapabilities(work_done_progress=True),
+                    workspace=types.WorkspaceClientCapabilities(
+                        apply_edit=True,
+                        workspace_edit=types.WorkspaceEditClientCapabilities(document_changes=True),
+                    ),
+                ),
+                workspace_folders=[types.WorkspaceFolder(uri=from_fs_path(str(self.repo)), name="repo")],
+                initialization_options=options or {"budget": 4000, "testCommand": "python -m pytest -q -rf"},
+            )
+        )
+        self.client.initialized(types.InitializedParams())
+        await self.wait(lambda: any(v.get("kind") == "end" for v in self.progress), "indexing")
+        return result
+
+    async def wait(self, condition, what: str, timeout: float = 60) -> None:
+        for _ in range(int(timeout * 20)):
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def uri(self, rel: str) -> str:
+        return from_fs_path(str(self.repo / rel))
+
+    def open(self, rel: str) -> str:
+        uri, text = self.uri(rel), (self.repo / rel).read_text()
+        self.docs[uri] = (1, text)
+        item = types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)
+        self.client.text_document_did_open(types.DidOpenTextDocumentParams(text_document=item))
+        return uri
+
+    def change(self, uri: str, text: str) -> None:
+        version = self.docs[uri][0] + 1
+        self.docs[uri] = (version, text)
+        self.client.text_document_did_change(
+            types.DidChangeTextDocumentParams(
+                text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+                content_changes=[types.TextDocumentContentChangeWholeDocument(text=text)],
+            )
+        )
+
+    async def symbols(self, query: str) -> list:
+        return await self.client.workspace_symbol_async(types.WorkspaceSymbolParams(query=query)) or []
+
+    async def command(self, name: str, *arguments):
+        params = types.ExecuteCommandParams(command=name, arguments=list(arguments))
+        return await self.client.workspace_execute_command_async(params)
+
+    async def stop(self) -> int:
+        await self.client.shutdown_async(None)
+        self.client.exit(None)
+        await asyncio.wait_for(self.client.stop(), 30)
+        return self.client._server.returncode
+
+
+def asked(editor: Editor) -> list[dict]:
+    path = editor.script_path.with_suffix(".asked.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    return make_repo(tmp_path / "repo", BUGGY)
+
+
+def test_the_main_flow_over_stdio(repo, tmp_path):
+    async def scenario():
+        editor = Editor(repo, {"answers": [RIGHT, RIGHT], "infill": "a + b"}, tmp_path)
+        init = await editor.start()
+        caps = init.capabilities
+        assert caps.inline_completion_provider is not None  # advertised: registered with its options
+        assert set(caps.execute_command_provider.commands) == {
+            "ds4.fix",
+            "ds4.explain",
+            "ds4.ask",
+            "ds4.reindex",
+        }
+        assert caps.code_action_provider.resolve_provider is True
+        begins = [v for v in editor.progress if v["kind"] == "begin"]
+        assert begins and "indexing" in begins[0]["title"]
+
+        found = await editor.symbols("mul")
+        assert [(s.name, Path(to_fs_path(s.location.uri)).name) for s in found][0] == ("mul", "calc.py")
+
+        uri = editor.open("calc.py")
+        editor.change(uri, BUGGY["calc.py"] + NEW)  # unsaved
+        found = await editor.symbols("brand_new")
+        assert [s.name for s in found] == ["brand_new_helper"]
+        assert found[0].location.range.start.line == BUGGY["calc.py"].count("\n") + 2
+        outline = await editor.client.text_document_document_symbol_async(
+            types.DocumentSymbolParams(text_document=types.TextDocumentIdentifier(uri=uri))
+        )
+        assert [s.name for s in outline] == ["add", "mul", "brand_new_helper"]
+
+        actions = await editor.client.text_document_code_action_async(
+            types.CodeActionParams(
+                text_document=types.TextDocumentIdentifier(uri=uri),
+                range=types.Range(types.Position(1, 0), types.Position(1, 16)),
+                context=types.CodeActionContext(
+                    diagnostics=[
+                        types.Diagnostic(
+                            range=types.Range(types.Position(1, 4), types.Position(1, 16)),
+                            message="test_add fails: add(2, 3) == -1",
+                        )
+                    ]
+                ),
+            )
+        )
+        assert len(actions) == 1 and actions[0].title.startswith("Fix with ds4") and actions[0].edit is None
+        resolved = await editor.client.code_action_resolve_async(actions[0])
+        [doc_edit] = resolved.edit.document_changes
+        assert doc_edit.text_document.version == 2  # against the buffer as it is now
+        assert apply_edits(editor.docs[uri][1], doc_edit.edits) == (
+            BUGGY["calc.py"].replace("a - b", "a + b") + NEW
+        )
+
+        answer = await editor.command("ds4.fix", {"issue": ISSUE, "uri": uri})
+        assert answer["status"] == "resolved" and answer["applied"] is True, answer
+        assert "+    return a + b" in answer["diff"] and "brand_new_helper" not in answer["diff"]
+        fix_reports = [v.get("message") for v in editor.progress if v["kind"] == "report"]
+        assert any("tests pass" in (m or "") for m in fix_reports)
+        prompt = asked(editor)[-1]["payload"][-1]["content"]
+        assert "def brand_new_helper" in prompt  # the unsaved buffer was packed
+
+        completion = await editor.client.text_document_inline_completion_async(
+            types.InlineCompletionParams(
+                text_document=types.TextDocumentIdentifier(uri=uri),
+                position=types.Position(1, 11),
+                context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
+            )
+        )
+        assert [i.insert_text for i in completion.items] == ["a + b"]
+        fim = [a for a in asked(editor) if a["kind"] == "infill"][-1]["payload"]
+        assert fim["prefix"].endswith("def add(a, b):\n    return ") and fim["suffix"].startswith("a + b\n")
+        return await editor.stop()
+
+    assert asyncio.run(scenario()) == 0
+    assert (repo / "calc.py").read_text() == BUGGY["calc.py"].replace("a - b", "a + b") + NEW
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q"], cwd=repo, capture_output=True, text=True)
+    assert tests.returncode == 0, tests.stdout
+
+
+def test_bad_input_gets_errors_and_messages_and_the_server_keeps_serving(repo, tmp_path):
+    async def scenario():
+        editor = Editor(repo, {"answers": []}, tmp_path)
+        await editor.start()
+        failures = []
+        for name, args in [
+            ("ds4.nonsense", []),
+            ("ds4.fix", []),
+            ("ds4.fix", ["just a string"]),
+            ("ds4.fix", [{"issue": ""}]),
+            ("ds4.fix", [{"issue": "x", "uri": "file:///elsewhere/x.py"}]),
+            ("ds4.fix", [{"issue": "x", "range": {"start": 3}}]),
+            ("ds4.explain", [{"uri": editor.uri("calc.py")}]),
+            ("ds4.reindex", ["extra"]),
+        ]:
+            with pytest.raises(JsonRpcException) as e:
+                await editor.command(name, *args)
+            failures.append(str(e.value))
+        assert "not defined" in failures[0] and "one argument object" in failures[1]
+        assert "outside the workspace" in failures[4] and "LSP Range" in failures[5]
+
+        editor.client.workspace_did_change_configuration(
+            types.DidChangeConfigurationParams(settings={"ds4": {"budget": "lots", "colour": 1}})
+        )
+        await editor.wait(lambda: len(editor.messages) >= 2, "settings messages")
+        texts = " ".join(m.message for m in editor.messages)
+        assert "'budget' must be an integer" in texts and "unknown ds4 setting 'colour'" in texts
+
+        uri = editor.open("calc.py")
+        (repo / "calc.py").unlink()  # deleted while open: the buffer still answers
+        outline = await editor.client.text_document_document_symbol_async(
+            types.DocumentSymbolParams(text_document=types.TextDocumentIdentifier(uri=uri))
+        )
+        assert [s.name for s in outline] == ["add", "mul"]
+        assert [s.name for s in await editor.symbols("mul")][0] == "mul"  # exact names first
+        return await editor.stop()
+
+    assert asyncio.run(scenario()) == 0
