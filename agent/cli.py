@@ -290,7 +290,7 @@ def _add_lsp(sub) -> None:
         "testCommand (see examples/vscode-ds4 and examples/nvim).",
     )
     lsp.add_argument("--tcp", metavar="HOST:PORT", default=None, help="listen on TCP instead of stdio")
-    lsp.add_argument("--log-file", default=None, help="the server's log (default: none; stdout is the protocol)")
+    lsp.add_argument("--log-file", default=None, help="the server log (stdout is the protocol)")
     lsp.set_defaults(func=_cmd_lsp)
 
 

@@ -36,6 +36,8 @@ class ServeResult:
     output_tokens: int
     output_tokens_per_s: float
     wall_s: float
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server reported served from its prefix cache
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -107,10 +109,11 @@ def running(command: list[str], base: str, log_path: Path, ready_timeout: float 
             process.kill()
 
 
-def _one(client: httpx.Client, url: str, body: dict) -> tuple[float, float, int]:
-    """Streams one completion: (seconds to the first chunk, seconds in all, completion tokens)."""
+def _one(client: httpx.Client, url: str, body: dict) -> tuple[float, float, int, int, int]:
+    """Streams one completion: (seconds to the first chunk, seconds in all, completion tokens, prompt
+    tokens, cached prompt tokens)."""
     start = time.perf_counter()
-    first, tokens, chunks = None, 0, 0
+    first, tokens, chunks, prompt, cached = None, 0, 0, 0, 0
     with client.stream("POST", url, json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -127,8 +130,10 @@ def _one(client: httpx.Client, url: str, body: dict) -> tuple[float, float, int]
             usage = chunk.get("usage")
             if usage:
                 tokens = usage.get("completion_tokens", 0)
+                prompt = usage.get("prompt_tokens", 0)
+                cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     total = time.perf_counter() - start
-    return (first if first is not None else total), total, tokens or chunks
+    return (first if first is not None else total), total, tokens or chunks, prompt, cached
 
 
 def drive(
@@ -138,7 +143,7 @@ def drive(
     url = base + "/v1/completions"
     todo = list(enumerate(prompts))
     lock = threading.Lock()
-    ttfts, latencies, tokens, failures = [], [], [0], [0]
+    ttfts, latencies, tokens, failures, prompt_tokens, cached_tokens = [], [], [0], [0], [0], [0]
 
     def worker():
         with httpx.Client(timeout=600) as client:
@@ -156,7 +161,7 @@ def drive(
                     "stream_options": {"include_usage": True},
                 }
                 try:
-                    ttft, latency, n = _one(client, url, body)
+                    ttft, latency, n, p, c = _one(client, url, body)
                 except (httpx.HTTPError, ValueError):
                     with lock:
                         failures[0] += 1
@@ -165,6 +170,8 @@ def drive(
                     ttfts.append(ttft)
                     latencies.append(latency)
                     tokens[0] += n
+                    prompt_tokens[0] += p
+                    cached_tokens[0] += c
 
     start = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
@@ -186,6 +193,8 @@ def drive(
         tokens[0],
         round(tokens[0] / wall, 2),
         round(wall, 2),
+        prompt_tokens[0],
+        cached_tokens[0],
     )
 
 
@@ -231,7 +240,7 @@ def bench_serve(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(model_dir, None)
-    prompts = make_prompts(tokenizer, requests, prompt_tokens, prefix_tokens)
+    prompts = make_prompts(tokenizer, requests + 2, prompt_tokens, prefix_tokens)  # the last two: warm-ups
     results = []
     for name, command in servers(model_dir, peer):
         if isinstance(command, str):  # already running
@@ -252,8 +261,15 @@ def bench_serve(
 
 
 def _run_workloads(base, model, prompts, clients, max_tokens, name) -> list[ServeResult]:
-    drive(base, model, prompts["distinct"][:2], 2, 4, name, "warm-up")  # first-request costs, not measured
-    return [drive(base, model, prompts[w], clients, max_tokens, name, w) for w in WORKLOADS]
+    """Warm-ups use prompts of their own (the last two of each list), so nothing measured is cached by
+    them except, in shared-prefix, the prefix itself: the repository is packed once, then questions
+    follow."""
+    distinct, shared = prompts["distinct"], prompts["shared-prefix"]
+    drive(base, model, distinct[-2:], 2, 4, name, "warm-up")  # first-request costs, not measured
+    results = [drive(base, model, distinct[:-2], clients, max_tokens, name, "distinct")]
+    drive(base, model, shared[-1:], 1, 1, name, "warm-up")  # puts the shared prefix in the cache
+    results.append(drive(base, model, shared[:-2], clients, max_tokens, name, "shared-prefix"))
+    return results
 
 
 def format_serve_report(results: list[ServeResult], config: dict) -> str:
@@ -263,12 +279,14 @@ def format_serve_report(results: list[ServeResult], config: dict) -> str:
         f"(+{config['prefix_tokens']} shared in shared-prefix), "
         f"{config['max_tokens']} tokens out, greedy",
         f"{'server':<40} {'workload':<14} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>9} "
-        f"{'out tok/s':>10} {'fail':>5}",
+        f"{'out tok/s':>10} {'cached':>7} {'fail':>5}",
     ]
     for r in results:
+        hit = f"{100 * r.cached_tokens / r.prompt_tokens:.0f}%" if r.prompt_tokens else "n/a"
         lines.append(
             f"{r.server:<40} {r.workload:<14} {r.ttft_p50_ms:>7.0f}ms {r.ttft_p99_ms:>7.0f}ms "
-            f"{r.latency_p50_ms:>7.0f}ms {r.output_tokens_per_s:>10.1f} {r.failures:>5}"
+            f"{r.latency_p50_ms:>7.0f}ms {r.output_tokens_per_s:>10.1f} "
+            f"{hit:>7} {r.failures:>5}"
         )
     ds4 = {r.workload: r for r in results if r.server == "ds4"}
     for r in results:

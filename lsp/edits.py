@@ -35,11 +35,17 @@ def line_edits(old: str, new: str) -> list[types.TextEdit]:
 
 
 def workspace_edit(
-    root: Path, diff: str, buffers: dict[str, str], versions: dict[str, int]
+    root: Path,
+    diff: str,
+    buffers: dict[str, str],
+    versions: dict[str, int],
+    document_changes: bool = True,
 ) -> tuple[types.WorkspaceEdit, dict[str, str | None]]:
     """The WorkspaceEdit that turns what the editor shows into the patched files, and those files'
     new texts (None: deleted). `buffers`: unsaved texts by relative path; `versions`: open documents'
-    versions by relative path (edits to them carry it, so a stale edit is refused by the client)."""
+    versions by relative path (edits to them carry it, so a stale edit is refused by the client).
+    `document_changes` False (a client without that capability): plain `changes` when the patch only
+    edits existing files."""
     result = apply(diff, root, write=False, lint=False, base=buffers)
     changes: list = []
     for rel, text in sorted(result.files.items()):
@@ -62,4 +68,7 @@ def workspace_edit(
             )
         else:
             changes.append(types.TextDocumentEdit(text_document=identifier, edits=line_edits(before, text)))
+    plain = all(isinstance(c, types.TextDocumentEdit) for c in changes)
+    if not document_changes and plain:
+        return types.WorkspaceEdit(changes={c.text_document.uri: c.edits for c in changes}), result.files
     return types.WorkspaceEdit(document_changes=changes), result.files

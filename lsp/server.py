@@ -164,6 +164,10 @@ class Ds4Server(LanguageServer):
         self._buffer_symbols[uri] = (doc.version, definitions)
         return definitions
 
+    def supports_document_changes(self) -> bool:
+        workspace = self.client_capabilities.workspace
+        return bool(workspace and workspace.workspace_edit and workspace.workspace_edit.document_changes)
+
     def is_open(self, uri: str) -> bool:
         return uri in self.workspace.text_documents
 
@@ -356,7 +360,9 @@ class Ds4Server(LanguageServer):
         }
         if result.status == "resolved":
             try:
-                answer["edit"], _ = workspace_edit(root, result.diff, unsaved, versions)
+                answer["edit"], _ = workspace_edit(
+                    root, result.diff, unsaved, versions, self.supports_document_changes()
+                )
             except Exception as e:  # the buffers moved under the patch: report, never half-apply
                 answer["status"], answer["message"] = "unresolved", f"the patch no longer applies: {e}"
         progress.end(f"{answer['status']}" + (f": {answer['message']}" if answer["message"] else ""))
