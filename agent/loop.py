@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections import Counter
@@ -47,6 +48,7 @@ class FixConfig:
     apply: bool = False
     generation: GenerationParams = field(default_factory=GenerationParams)
     overlay: dict[str, str] = field(default_factory=dict)  # unsaved editor buffers, by relative path
+    cancel: threading.Event | None = None  # set: a running test command is killed at once
 
 
 @dataclass
@@ -126,7 +128,7 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
 
         baseline_tree = _worktree(repo, run_dir / "baseline", user_changes, worktrees, config.overlay)
         event("baseline", command=command)
-        baseline = run_tests(command, baseline_tree, config.test_timeout)
+        baseline = run_tests(command, baseline_tree, config.test_timeout, config.cancel)
         (run_dir / "baseline-tests.log").write_text(baseline.output)
         event("baseline_done", exit_code=baseline.exit_code, failed=baseline.failed)
 
@@ -249,7 +251,7 @@ def _attempt(
         candidate.diff = git(tree, "diff", "HEAD")
         (run_dir / f"{tag}.diff").write_text(candidate.diff)
         event("applied", sample=sample, round=round_, blocks=applied.applied)
-        tests = run_tests(command, tree, config.test_timeout)
+        tests = run_tests(command, tree, config.test_timeout, config.cancel)
         (run_dir / f"{tag}-tests.log").write_text(tests.output)
         candidate.tests = {
             "command": tests.command,

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,11 @@ def detect_test_command(repo: str | Path) -> str | None:
     return None
 
 
-def run_tests(command: str, cwd: str | Path, timeout: float = 600.0) -> TestResult:
+def run_tests(
+    command: str, cwd: str | Path, timeout: float = 600.0, cancel: threading.Event | None = None
+) -> TestResult:
+    """Runs the test command; killed (with its process group) at `timeout` or as soon as `cancel` is
+    set, and then its exit code is None."""
     start = time.perf_counter()
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", CI="1")
     proc = subprocess.Popen(
@@ -84,13 +89,20 @@ def run_tests(command: str, cwd: str | Path, timeout: float = 600.0) -> TestResu
         start_new_session=True,
         env=env,
     )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        code = proc.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: test runners spawn workers
-        out, _ = proc.communicate()
-        code = None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:  # retrying communicate() after its timeout loses no output
+            wait = min(0.25, max(deadline - time.monotonic(), 0)) if cancel is not None else timeout
+            out, _ = proc.communicate(timeout=wait)
+            code = proc.returncode
+            break
+        except subprocess.TimeoutExpired:
+            if time.monotonic() < deadline and not (cancel is not None and cancel.is_set()):
+                continue
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: test runners spawn workers
+            out, _ = proc.communicate()
+            code = None
+            break
     text = out.decode("utf-8", "replace")
     failed = sorted({m for pattern in FAILED_PATTERNS for m in pattern.findall(text)})
     return TestResult(command, code, time.perf_counter() - start, text, failed)

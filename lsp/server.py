@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 from lsprotocol import types
-from pygls.exceptions import JsonRpcInvalidParams, JsonRpcServerError
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 from pygls.uris import from_fs_path, to_fs_path
 
@@ -60,11 +60,11 @@ ASK = (
 )
 
 
-class RequestFailed(JsonRpcServerError):
+class RequestFailed(JsonRpcException):
     """A request that cannot be served as asked (no model configured, the model failed): LSP's
     RequestFailed code, with a message the editor shows."""
 
-    code = -32803
+    CODE = -32803
 
 
 class Cancelled(Exception):
@@ -337,6 +337,7 @@ class Ds4Server(LanguageServer):
             overlay=unsaved,
         )
         progress = await self.progress(title, cancellable=True)
+        config.cancel = progress.cancelled
 
         def on_event(event: dict) -> None:
             if progress.cancelled.is_set():

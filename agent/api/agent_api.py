@@ -48,6 +48,7 @@ class JobRunner:
     def __init__(self, store: JobStore, backend, config):
         self.store, self.backend, self.config = store, backend, config
         self.queue: queue.Queue[str | None] = queue.Queue()
+        self.running: dict[str, threading.Event] = {}  # job id -> set on cancel: kills its test run
         self.thread = threading.Thread(target=self._run, name="ds4-jobs", daemon=True)
         self.thread.start()
 
@@ -85,6 +86,7 @@ class JobRunner:
             self.config.test_timeout,
             False,  # a service never writes to the registered tree
             GenerationParams(max_tokens=spec["max_tokens"]),
+            cancel=self.running.setdefault(job_id, threading.Event()),
         )
         try:
             result = fix(config, self.backend, on_event)
@@ -95,6 +97,8 @@ class JobRunner:
             self.store.add_event(job_id, {"event": "error", "message": str(e)})
             self.store.finish(job_id, "failed", "error", "", None, f"{type(e).__name__}: {e}")
             return
+        finally:
+            self.running.pop(job_id, None)
         status = "failed" if result.status == "error" else "finished"
         self.store.finish(job_id, status, result.status, result.diff, result.as_json(), result.message)
 
@@ -238,9 +242,13 @@ async def get_job(request: Request, job_id: FromPath[str]) -> dict:
     responses=responses(400, 401, 404, 429, 500),
 )
 async def cancel_job(request: Request, job_id: FromPath[str]) -> dict:
-    store, _ = _state(request)
+    store, runner = _state(request)
     _job(store, job_id)
-    return {"id": job_id, "status": store.cancel(job_id)}
+    status = store.cancel(job_id)
+    running = runner.running.get(job_id)
+    if running is not None:
+        running.set()  # a test run in progress stops now, not when it ends
+    return {"id": job_id, "status": status}
 
 
 @get(

@@ -52,6 +52,7 @@ class Editor:
         self.script_path.write_text(json.dumps(script))
         self.client = LanguageClient("ds4-test-editor", "1")
         self.progress: list = []
+        self.tokens: list = []  # each progress value's token
         self.messages: list[types.ShowMessageParams] = []
         self.docs: dict[str, tuple[int, str]] = {}
         self.applied: list[types.WorkspaceEdit] = []
@@ -64,6 +65,7 @@ class Editor:
         @client.feature(types.PROGRESS)
         def progress(params):  # the value is LSPAny: it arrives as a plain dict
             value = params.value
+            self.tokens.append(params.token)
             self.progress.append(
                 value if isinstance(value, dict) else client.protocol._converter.unstructure(value)
             )
@@ -277,3 +279,47 @@ def test_bad_input_gets_errors_and_messages_and_the_server_keeps_serving(repo, t
         return await editor.stop()
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_ask_and_explain_answer_with_the_repository_in_the_prompt(repo, tmp_path):
+    answers = ["The sum is in calc.py:2 and its test in tests/test_calc.py:5.", "It subtracts: a bug."]
+
+    async def scenario():
+        editor = Editor(repo, {"answers": answers}, tmp_path)
+        await editor.start()
+        answer = await editor.command("ds4.ask", {"question": "where is add tested?"})
+        assert answer["answer"] == answers[0]
+        refs = [(Path(to_fs_path(r["uri"])).name, r["range"]["start"]["line"]) for r in answer["references"]]
+        assert refs == [("calc.py", 1), ("test_calc.py", 4)]
+        uri = editor.open("calc.py")
+        selection = {"start": {"line": 0, "character": 0}, "end": {"line": 2, "character": 0}}
+        explained = await editor.command("ds4.explain", {"uri": uri, "range": selection})
+        assert explained == {"markdown": answers[1]}
+        prompts = [a["payload"][-1]["content"] for a in asked(editor)]
+        assert "where is add tested?" in prompts[0] and "<issue>" in prompts[0]
+        assert "calc.py, lines 1-2" in prompts[1] and "return a - b" in prompts[1]
+        return await editor.stop()
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_a_fix_cancelled_from_its_progress_leaves_everything_as_it_was(repo, tmp_path):
+    async def scenario():
+        # the scripted model answers, but the tests it would run are slow: cancel while they run
+        editor = Editor(repo, {"answers": [RIGHT]}, tmp_path)
+        await editor.start({"budget": 4000, "testCommand": "python -c 'import time; time.sleep(30)'"})
+        task = asyncio.ensure_future(editor.command("ds4.fix", {"issue": ISSUE}))
+        await editor.wait(lambda: any(v.get("title") == "ds4: fix" for v in editor.progress), "fix progress")
+        token = next(
+            t for t, v in zip(editor.tokens, editor.progress, strict=True) if v.get("title") == "ds4: fix"
+        )
+        await asyncio.sleep(1.0)  # the baseline's 30 s test run has started
+        editor.client.window_work_done_progress_cancel(types.WorkDoneProgressCancelParams(token=token))
+        answer = await asyncio.wait_for(task, 20)  # the test run was killed, not waited for
+        assert answer["status"] == "cancelled" and not editor.applied
+        return await editor.stop()
+
+    assert asyncio.run(scenario()) == 0
+    assert (repo / "calc.py").read_text() == BUGGY["calc.py"]
+    trees = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
+    assert trees.count("\n") == 1  # the loop's worktrees are gone
