@@ -323,3 +323,32 @@ def test_a_fix_cancelled_from_its_progress_leaves_everything_as_it_was(repo, tmp
     assert (repo / "calc.py").read_text() == BUGGY["calc.py"]
     trees = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
     assert trees.count("\n") == 1  # the loop's worktrees are gone
+
+
+def test_inline_completion_newest_request_per_document_wins(repo, tmp_path):
+    async def scenario():
+        editor = Editor(repo, {"infill": "a + b"}, tmp_path)
+        await editor.start({"debounceMs": 300})
+        uri = editor.open("calc.py")
+
+        def request(character: int):
+            return editor.client.text_document_inline_completion_async(
+                types.InlineCompletionParams(
+                    text_document=types.TextDocumentIdentifier(uri=uri),
+                    position=types.Position(1, character),
+                    context=types.InlineCompletionContext(
+                        trigger_kind=types.InlineCompletionTriggerKind.Automatic
+                    ),
+                )
+            )
+
+        older = asyncio.ensure_future(request(10))
+        await asyncio.sleep(0.05)  # typing goes on: a newer request for the same document
+        newer = await request(11)
+        assert not (await older).items and [i.insert_text for i in newer.items] == ["a + b"]
+        assert (
+            len([a for a in asked(editor) if a["kind"] == "infill"]) == 1
+        )  # the older never reached the model
+        return await editor.stop()
+
+    assert asyncio.run(scenario()) == 0
