@@ -1,0 +1,117 @@
+"""Torch references for every Triton kernel in this package: the definitions the kernels are tested
+against (and the path the engine runs where Triton does not). Plain, unfused, float32 inside.
+
+Layouts are the runtime's: a paged latent pool per layer [num_blocks * block_size, C + R] (the
+normalized KV latent, then the roped key), block tables [B, max_blocks] of block ids, -1 for unused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rmsnorm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(RMSNorm(x + residual) * weight, x + residual): the pre-norm block's add-then-normalize; with
+    no residual, the second item is None. The sum is kept in x's dtype, as the unfused path keeps it."""
+    if residual is not None:
+        x = (x.float() + residual.float()).to(x.dtype)
+    h = x.float()
+    out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return out.to(x.dtype), (x if residual is not None else None)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x [T, H, R] rotated by per-token angles (cos/sin [T, R/2]); the output is half-split laid out
+    in both modes (ds4.engine.layers.rope.apply_rope)."""
+    xf = x.float()
+    x1, x2 = (xf[..., 0::2], xf[..., 1::2]) if interleaved else xf.chunk(2, dim=-1)
+    c, s = cos.float()[:, None, :], sin.float()[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def gather_rows(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Pool row ids of positions [0, length) of one sequence."""
+    positions = torch.arange(length, device=block_table.device)
+    return block_table[positions // block_size].long() * block_size + positions % block_size
+
+
+def paged_mla_decode(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    pool: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed MLA decode: one query token per sequence, queries already folded with W_UK.
+
+    q_latent [B, H, C], q_rope [B, H, R], pool [rows, C + R]. Scores are q_latent . latent + q_rope .
+    rope over the sequence's cached rows; the output is the softmax-weighted latent [B, H, C] (W_UV is
+    applied after), with the log-sum-exp [B, H] (natural log, of the scaled scores)."""
+    batch, heads, latent = q_latent.shape
+    out = torch.zeros(batch, heads, latent, dtype=torch.float32, device=q_latent.device)
+    lse = torch.full((batch, heads), float("-inf"), dtype=torch.float32, device=q_latent.device)
+    for b in range(batch):
+        n = int(seq_lens[b])
+        if n == 0:
+            continue
+        rows = pool[gather_rows(block_table[b], n, block_size)].float()
+        scores = (q_latent[b].float() @ rows[:, :latent].T + q_rope[b].float() @ rows[:, latent:].T) * scale
+        lse[b] = torch.logsumexp(scores, dim=-1)
+        out[b] = torch.softmax(scores, dim=-1) @ rows[:, :latent]
+    return out, lse
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+    value_dim: int,
+    sink: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query token over the rows its indices name.
+
+    q [T, H, D], kv [rows, D] (one shared head: MLA's latent + rope, or V4's 512-d K = V), indices
+    [T, K] int (row ids, -1 = none). Values are the first `value_dim` columns of each row. `sink` [H]:
+    V4's attention sink, an extra logit per head that takes probability but gives no value.
+    Returns out [T, H, value_dim] (zeros where a token has no valid row and no sink) and lse [T, H]
+    (of the scaled scores, the sink included; -inf where there is nothing)."""
+    tokens, heads, _ = q.shape
+    out = torch.zeros(tokens, heads, value_dim, dtype=torch.float32, device=q.device)
+    lse = torch.full((tokens, heads), float("-inf"), dtype=torch.float32, device=q.device)
+    for t in range(tokens):
+        valid = indices[t][indices[t] >= 0].long()
+        rows = kv[valid].float()
+        scores = q[t].float() @ rows.T * scale  # [H, n]
+        if sink is not None:
+            scores = torch.cat([scores, sink.float()[:, None]], dim=-1)
+        if scores.shape[-1] == 0:
+            continue
+        lse[t] = torch.logsumexp(scores, dim=-1)
+        p = torch.softmax(scores, dim=-1)
+        out[t] = p[:, : len(valid)] @ rows[:, :value_dim]
+    return out, lse
+
+
+def indexer_scores(
+    q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """The lightning indexer: score[t, s] = sum_h weights[t, h] * ReLU(q[t, h] . k[s]) for keys s at or
+    before token t's position, -inf after it. q [T, H, D], weights [T, H], k [S, D], positions [T]."""
+    scores = torch.einsum("thd,sd->ths", q.float(), k.float()).relu()
+    scores = (scores * weights.float()[:, :, None]).sum(1)
+    future = torch.arange(k.shape[0], device=k.device)[None, :] > positions[:, None]
+    return scores.masked_fill(future, float("-inf"))
+
+
+def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores per row, ties to the lower index (ds4's rule everywhere), -1
+    where fewer than k are finite."""
+    k = min(k, scores.shape[-1])
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    picked = torch.gather(scores, -1, order)
+    return torch.where(torch.isfinite(picked), order, torch.full_like(order, -1))

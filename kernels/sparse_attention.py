@@ -1,0 +1,154 @@
+"""Attention over given rows: each query token attends only to the cache rows its index list names
+(V3.2's top-k selection; V4's window plus selected compressed rows), -1 meaning none. One shared K/V
+head: MLA's latent (the value) and rope, or V4's single 512-d row that is key and value, with V4's
+attention sink. Returns the output and the log-sum-exp.
+
+One program per (token, block of heads): a block of named rows is gathered once for all its heads."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sparse_attention_kernel(
+    q_ptr,
+    kv_ptr,
+    idx_ptr,
+    sink_ptr,
+    out_ptr,
+    lse_ptr,
+    scale,
+    heads,
+    num_idx,
+    stride_qt,
+    stride_qh,
+    stride_kv,
+    stride_it,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    V: tl.constexpr,
+    REST: tl.constexpr,
+    HAS_SINK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    v = tl.arange(0, BLOCK_V)
+    hmask, vmask = h < heads, v < V
+    qv = tl.load(
+        q_ptr + t * stride_qt + h[:, None] * stride_qh + v[None, :],
+        mask=hmask[:, None] & vmask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    if REST > 0:
+        r = tl.arange(0, BLOCK_R)
+        rmask = r < REST
+        qr = tl.load(
+            q_ptr + t * stride_qt + h[:, None] * stride_qh + V + r[None, :],
+            mask=hmask[:, None] & rmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_V], tl.float32)
+    for start in range(0, num_idx, BLOCK_N):
+        k = start + tl.arange(0, BLOCK_N)
+        row = tl.load(idx_ptr + t * stride_it + k, mask=k < num_idx, other=-1)
+        valid = row >= 0
+        row = tl.where(valid, row, 0).to(tl.int64)
+        value = tl.load(
+            kv_ptr + row[:, None] * stride_kv + v[None, :], mask=valid[:, None] & vmask[None, :], other=0.0
+        ).to(tl.float32)
+        s = tl.dot(qv, tl.trans(value))
+        if REST > 0:
+            rest = tl.load(
+                kv_ptr + row[:, None] * stride_kv + V + r[None, :],
+                mask=valid[:, None] & rmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            s += tl.dot(qr, tl.trans(rest))
+        s = tl.where(valid[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        base = tl.where(m_new > float("-inf"), m_new, 0.0)  # no row yet: subtract 0, never inf - inf
+        alpha = tl.exp(m - base)
+        p = tl.exp(s - base[:, None])
+        total = total * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, value)
+        m = m_new
+    if HAS_SINK:
+        sink = tl.load(sink_ptr + h, mask=hmask, other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, sink)
+        alpha = tl.exp(m - m_new)
+        total = total * alpha + tl.exp(sink - m_new)
+        acc = acc * alpha[:, None]
+        m = m_new
+    has = total > 0
+    out = tl.where(has[:, None], acc / tl.where(has, total, 1.0)[:, None], 0.0)
+    lse = tl.where(has, m + tl.log(tl.where(has, total, 1.0)), float("-inf"))
+    tl.store(
+        out_ptr + t * stride_ot + h[:, None] * stride_oh + v[None, :],
+        out,
+        mask=hmask[:, None] & vmask[None, :],
+    )
+    tl.store(lse_ptr + t * stride_lt + h, lse, mask=hmask)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+    value_dim: int,
+    sink: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    block_h: int = 16,
+    block_n: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ds4.kernels.reference.sparse_attention; `out` [T, H, value_dim] and `lse` [T, H] float32."""
+    tokens, heads, dim = q.shape
+    assert kv.shape[-1] == dim and kv.stride(-1) == 1 and q.stride(-1) == 1
+    rest = dim - value_dim
+    out = (
+        out
+        if out is not None
+        else torch.empty(tokens, heads, value_dim, dtype=torch.float32, device=q.device)
+    )
+    lse = lse if lse is not None else torch.empty(tokens, heads, dtype=torch.float32, device=q.device)
+    idx = indices.to(torch.int32).contiguous()
+    if tokens == 0:
+        return out, lse
+    grid = (tokens, triton.cdiv(heads, block_h))
+    _sparse_attention_kernel[grid](
+        q,
+        kv,
+        idx,
+        sink if sink is not None else q,
+        out,
+        lse,
+        scale,
+        heads,
+        idx.shape[1],
+        q.stride(0),
+        q.stride(1),
+        kv.stride(0),
+        idx.stride(0),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        V=value_dim,
+        REST=rest,
+        HAS_SINK=sink is not None,
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
+        BLOCK_V=max(16, triton.next_power_of_2(value_dim)),
+        BLOCK_R=max(16, triton.next_power_of_2(max(rest, 1))),
+    )
+    return out, lse
