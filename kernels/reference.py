@@ -112,6 +112,6 @@ def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores per row, ties to the lower index (ds4's rule everywhere), -1
     where fewer than k are finite."""
     k = min(k, scores.shape[-1])
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    order = torch.sort(scores + 0.0, dim=-1, descending=True, stable=True).indices[..., :k]  # -0.0 is +0.0
     picked = torch.gather(scores, -1, order)
     return torch.where(torch.isfinite(picked), order, torch.full_like(order, -1))

@@ -1,0 +1,128 @@
+"""The lightning indexer: score[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s]), causal, and the top-k
+keys per query over contexts of any length, in blocks of keys (a running top-k merged block by
+block, so memory stays [T, k + block] at 128K keys and beyond).
+
+Selection follows ds4's rule everywhere: the k highest scores, ties to the lower key index, -0.0 equal
+to +0.0; -1 where fewer than k keys are visible."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _indexer_kernel(
+    q_ptr,
+    w_ptr,
+    k_ptr,
+    pos_ptr,
+    out_ptr,
+    heads,
+    num_keys,
+    key_offset,
+    stride_qt,
+    stride_qh,
+    stride_wt,
+    stride_k,
+    stride_ot,
+    D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    hmask, smask, dmask = h < heads, s < num_keys, d < D
+    q = tl.load(
+        q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :],
+        mask=hmask[:, None] & dmask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    k = tl.load(
+        k_ptr + s[:, None].to(tl.int64) * stride_k + d[None, :],
+        mask=smask[:, None] & dmask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    w = tl.load(w_ptr + t * stride_wt + h, mask=hmask, other=0.0).to(tl.float32)
+    scores = tl.maximum(tl.dot(q, tl.trans(k)), 0.0)  # [H, S]
+    total = tl.sum(scores * w[:, None], axis=0)
+    position = tl.load(pos_ptr + t)
+    total = tl.where(key_offset + s <= position, total, float("-inf"))
+    tl.store(out_ptr + t * stride_ot + s, total, mask=smask)
+
+
+def indexer_scores(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    key_offset: int = 0,
+    out: torch.Tensor | None = None,
+    block_s: int = 64,
+) -> torch.Tensor:
+    """As ds4.kernels.reference.indexer_scores for keys k [S, D] that sit at positions key_offset + s."""
+    tokens, heads, dim = q.shape
+    assert q.stride(-1) == 1 and k.stride(-1) == 1
+    out = out if out is not None else torch.empty(tokens, k.shape[0], dtype=torch.float32, device=q.device)
+    if tokens == 0 or k.shape[0] == 0:
+        return out
+    w = weights.contiguous()
+    pos = positions.to(torch.int64).contiguous()
+    grid = (tokens, triton.cdiv(k.shape[0], block_s))
+    _indexer_kernel[grid](
+        q,
+        w,
+        k,
+        pos,
+        out,
+        heads,
+        k.shape[0],
+        key_offset,
+        q.stride(0),
+        q.stride(1),
+        w.stride(0),
+        k.stride(0),
+        out.stride(0),
+        D=dim,
+        BLOCK_H=max(16, triton.next_power_of_2(heads)),
+        BLOCK_S=block_s,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+    )
+    return out
+
+
+def indexer_topk(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    topk: int,
+    keys_per_block: int = 16384,
+    scores_fn=indexer_scores,
+) -> torch.Tensor:
+    """[T, topk] key indices (-1 where fewer are visible), streaming over blocks of keys. `scores_fn`:
+    the block scorer (the kernel; tests also pass the torch reference)."""
+    tokens = q.shape[0]
+    best_scores = torch.empty(tokens, 0, dtype=torch.float32, device=q.device)
+    best_index = torch.empty(tokens, 0, dtype=torch.int64, device=q.device)
+    for first in range(0, k.shape[0], keys_per_block):
+        block = k[first : first + keys_per_block]
+        if scores_fn is indexer_scores:
+            scores = indexer_scores(q, weights, block, positions, key_offset=first)
+        else:
+            scores = scores_fn(q, weights, block, positions - first)
+        index = torch.arange(first, first + block.shape[0], device=q.device).expand(tokens, -1)
+        # earlier candidates hold lower indices: a stable sort keeps ties in index order
+        merged_scores = torch.cat([best_scores, scores + 0.0], dim=1)
+        merged_index = torch.cat([best_index, index], dim=1)
+        order = torch.sort(merged_scores, dim=1, descending=True, stable=True).indices[:, :topk]
+        best_scores = torch.gather(merged_scores, 1, order)
+        best_index = torch.gather(merged_index, 1, order)
+    picked = torch.where(torch.isfinite(best_scores), best_index, torch.full_like(best_index, -1))
+    if picked.shape[1] < topk:
+        picked = torch.cat([picked, picked.new_full((tokens, topk - picked.shape[1]), -1)], dim=1)
+    return picked
