@@ -1,4 +1,34 @@
-"""Triton kernels for the engine's hot path, each beside its torch reference (built in the kernels issue).
+"""Triton kernels for the engine's hot path, each beside its torch reference (`reference.py`).
 
-The engine runs its torch path everywhere until then; nothing here is imported by it yet.
-"""
+One switch decides which path the engine runs: Triton on CUDA devices, torch elsewhere.
+`DS4_KERNELS=triton|torch` overrides it for a process; `forced(True)` does so for a block of code
+(tests run the Triton path on the CPU through Triton's interpreter, TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from contextlib import contextmanager
+
+_forced: bool | None = None
+
+
+def triton_enabled(device) -> bool:
+    if _forced is not None:
+        return _forced
+    choice = os.environ.get("DS4_KERNELS", "").lower()
+    if choice in ("torch", "triton"):
+        return choice == "triton"
+    kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
+    return kind == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+@contextmanager
+def forced(on: bool):
+    """Within the block, the engine takes the Triton path (on) or the torch path (off) everywhere."""
+    global _forced
+    before, _forced = _forced, on
+    try:
+        yield
+    finally:
+        _forced = before

@@ -20,6 +20,7 @@ from ds4.engine.context import get_forward_context
 from ds4.engine.layers.indexer import Indexer
 from ds4.engine.layers.norm import RMSNorm
 from ds4.engine.layers.rope import apply_rope, softmax_scale
+from ds4.kernels import triton_enabled
 
 
 class MLA(nn.Module):
@@ -82,7 +83,9 @@ class MLA(nn.Module):
                 allowed = allowed & self.indexer.select(
                     x[new], q_latent[new], rope_slice(rope, new), index_keys, allowed
                 )
-            if ctx.mla_mode == "absorbed":
+            if ctx.mla_mode == "absorbed" and triton_enabled(x.device):
+                outs.append(self._absorbed_triton(q_nope[new], q_pe[new], ctx.cache, seq, allowed))
+            elif ctx.mla_mode == "absorbed":
                 outs.append(self._absorbed(q_nope[new], q_pe[new], cached, allowed))
             else:
                 outs.append(self._naive(q_nope[new], q_pe[new], cached, allowed))
@@ -115,6 +118,36 @@ class MLA(nn.Module):
             q, cached[None], latent[None], attn_mask=allowed, scale=self.scale
         )  # [H, T, C]
         return torch.einsum("htc,hvc->thv", out_latent, w_uv)  # [T, H, V]
+
+    def _absorbed_triton(self, q_nope, q_pe, cache, seq, allowed):
+        """The absorbed path on the paged pool with ds4's kernels: causal queries run as decode queries
+        of growing lengths over the sequence's block table; with V3.2's selection, attention runs
+        over the chosen rows only."""
+        from ds4.kernels.mla_decode import paged_mla_decode
+        from ds4.kernels.sparse_attention import sparse_attention
+
+        N, C = self.qk_nope_head_dim, self.kv_lora_rank
+        w_ukv = self.wkv_b.weight.unflatten(0, (self.n_heads, N + self.v_head_dim))
+        w_uk, w_uv = w_ukv.split([N, self.v_head_dim], dim=1)
+        q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk).contiguous()  # [T, H, C]
+        pool = cache.kv[self.layer_id]
+        if self.indexer is None:
+            blocks = torch.tensor(seq.block_ids, dtype=torch.int32, device=pool.device) % cache.num_blocks
+            T = q_latent.shape[0]
+            table = blocks[None].expand(T, -1).contiguous()
+            lens = torch.arange(seq.start + 1, seq.end + 1, dtype=torch.int32, device=pool.device)
+            out_latent, _ = paged_mla_decode(
+                q_latent, q_pe.contiguous(), pool, table, lens, cache.block_size, self.scale
+            )
+        else:
+            rows = seq.rows % pool.shape[0]  # the pool rows of positions [0, end)
+            order = torch.sort(allowed.to(torch.int8), dim=-1, descending=True, stable=True)
+            count = int(allowed.sum(-1).max())
+            picked = order.indices[:, :count]  # the allowed positions of each query, in order
+            indices = torch.where(order.values[:, :count] > 0, rows[picked], -1)
+            q = torch.cat([q_latent, q_pe], dim=-1).contiguous()
+            out_latent, _ = sparse_attention(q, pool, indices, self.scale, C)
+        return torch.einsum("thc,hvc->thv", out_latent.to(q_nope.dtype), w_uv)  # [T, H, V]
 
 
 def rope_slice(rope, rows: slice):

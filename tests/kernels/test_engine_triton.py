@@ -1,0 +1,65 @@
+"""The engine's oracle tests with the Triton path forced on (Triton's interpreter on the CPU): the
+absorbed MLA attention runs in ds4's kernels (paged decode for V3, attention over the indexer's
+chosen rows for V3.2), and logits still match transformers at every position; step-by-step decode
+over the paged cache still equals full scoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds4.engine import LLM
+from ds4.engine.context import SeqSlice
+from ds4.kernels import forced
+from tests.conftest import max_rel_err, save_hf_checkpoint, stable_indexer_topk
+from tests.engine.test_deepseek_v3 import CASES
+
+SEQ_LEN = 40
+PICKED = ["v3-groups-yarn", "v32-yarn-dense2"]
+
+
+@pytest.fixture(scope="module", params=PICKED)
+def case(request, tmp_path_factory):
+    family, overrides = CASES[request.param]
+    path, hf = save_hf_checkpoint(tmp_path_factory.mktemp(request.param), family, seed=3, **overrides)
+    ids = torch.randint(2, hf.config.vocab_size, (SEQ_LEN,), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad(), stable_indexer_topk():
+        ref = hf(ids[None]).logits[0].float()
+    return path, ids, ref
+
+
+def test_score_matches_transformers_with_the_triton_path(case, monkeypatch):
+    import ds4.kernels.mla_decode as mla_decode
+    import ds4.kernels.sparse_attention as sparse_attention
+
+    calls = []
+    for module, name in ((mla_decode, "paged_mla_decode"), (sparse_attention, "sparse_attention")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw)
+        )
+    path, ids, ref = case
+    with forced(True):
+        got = LLM(path, mla_mode="absorbed").score(ids.tolist())
+    assert max_rel_err(got, ref) < 1e-4
+    assert calls and len(set(calls)) == 1  # every layer's attention ran in one of the kernels
+
+
+def test_step_by_step_decode_with_the_triton_path_equals_full_scoring(case):
+    path, ids, ref = case
+    llm = LLM(path, mla_mode="absorbed")
+    cache, prefix = llm.runner.new_cache(1, SEQ_LEN), 9
+    with forced(True):
+        rows = [llm.runner.step(ids[:prefix].tolist(), [SeqSlice(0, 0, prefix, 0)], cache, all_logits=True)]
+        for pos in range(prefix, SEQ_LEN):
+            rows.append(llm.runner.step([int(ids[pos])], [SeqSlice(0, pos, 1, 0)], cache))
+    assert max_rel_err(torch.cat(rows), ref) < 1e-4
+
+
+def test_the_switch_is_off_on_the_cpu_unless_forced():
+    from ds4.kernels import triton_enabled
+
+    assert not triton_enabled(torch.device("cpu"))
+    with forced(True):
+        assert triton_enabled(torch.device("cpu"))
+    assert not triton_enabled(torch.device("cpu"))
