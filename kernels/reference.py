@@ -115,3 +115,25 @@ def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     order = torch.sort(scores + 0.0, dim=-1, descending=True, stable=True).indices[..., :k]  # -0.0 is +0.0
     picked = torch.gather(scores, -1, order)
     return torch.where(torch.isfinite(picked), order, torch.full_like(order, -1))
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    limit: float | None = None,
+) -> torch.Tensor:
+    """y[t] = sum_k topk_weights[t, k] * w2[e] @ SwiGLU(w13[e] @ x[t]), e = topk_ids[t, k]; w13 [E, 2I, D]
+    (gate rows, then up rows), w2 [E, D, I], float weights (dequantize quantized ones first).
+    SwiGLU = silu(gate) * up, with V4's clamps when `limit` is given."""
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for t in range(x.shape[0]):
+        for k in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, k])
+            gate, up = (w13[e].float() @ x[t].float()).chunk(2)
+            if limit is not None:
+                gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+            y[t] += float(topk_weights[t, k]) * (w2[e].float() @ (torch.nn.functional.silu(gate) * up))
+    return y.to(x.dtype)

@@ -1,0 +1,273 @@
+"""Fused MoE: token-to-expert alignment (pairs sorted by expert, each expert's run padded to the block
+height), then two grouped GEMMs over those blocks: gate and up with SwiGLU fused, then down, scaled by
+the routing weight. Expert weights may be float (fp32/fp16/bf16), FP8 e4m3 with one scale per 128 x 128
+block (DeepSeek's checkpoints), or FP4 e2m1 packed two per byte with an e8m0 scale per 32 inputs
+(V4's experts); quantized weights are dequantized inside the kernel, tile by tile, never in memory.
+
+Weights are [E, out, in] (w13: gate rows then up rows; w2: down), as the engine stacks them."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+QUANT = {"none": 0, "fp8": 1, "fp4": 2}
+
+
+def align(expert_ids: torch.Tensor, num_experts: int, block_m: int):
+    """(sorted pair ids padded per expert with the sentinel T*K [P], the expert of each block of
+    `block_m` [P / block_m]): pair p = token * K + k. Experts with no pairs get no block."""
+    flat = expert_ids.flatten().long()
+    pairs = flat.numel()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    start_padded = torch.cumsum(padded, 0) - padded
+    start = torch.cumsum(counts, 0) - counts
+    experts_sorted = flat[order]
+    slot = start_padded[experts_sorted] + torch.arange(pairs, device=flat.device) - start[experts_sorted]
+    sorted_ids = torch.full((int(padded.sum()),), pairs, dtype=torch.int32, device=flat.device)
+    sorted_ids[slot] = order.to(torch.int32)
+    block_expert = torch.repeat_interleave(
+        torch.arange(num_experts, device=flat.device, dtype=torch.int32), padded // block_m
+    )
+    return sorted_ids, block_expert
+
+
+@triton.jit
+def _weight_tile(
+    w_ptr, s_ptr, e, n, k, mask, stride_we, stride_wn, stride_se, stride_sn, QUANT: tl.constexpr
+):
+    """float32 tile W[e, n, k] ([len(n), len(k)]) from float, FP8-block or FP4-group storage."""
+    if QUANT == 0:
+        w = tl.load(w_ptr + e * stride_we + n[:, None] * stride_wn + k[None, :], mask=mask, other=0.0)
+        w = w.to(tl.float32)
+    elif QUANT == 1:
+        w = tl.load(w_ptr + e * stride_we + n[:, None] * stride_wn + k[None, :], mask=mask, other=0.0)
+        scale = tl.load(
+            s_ptr + e * stride_se + (n[:, None] // 128) * stride_sn + k[None, :] // 128, mask=mask, other=0.0
+        )
+        w = w.to(tl.float32) * scale.to(tl.float32)
+    else:
+        byte = tl.load(w_ptr + e * stride_we + n[:, None] * stride_wn + k[None, :] // 2, mask=mask, other=0)
+        byte = byte.to(tl.int32) & 0xFF
+        code = tl.where(k[None, :] % 2 == 0, byte & 0xF, byte >> 4)  # even inputs in the low nibble
+        exponent = (code >> 1) & 3
+        mantissa = (code & 1).to(tl.float32)
+        magnitude = tl.where(
+            exponent == 0, mantissa * 0.5, (1.0 + mantissa * 0.5) * tl.exp2((exponent - 1).to(tl.float32))
+        )
+        value = tl.where((code >> 3) == 1, -magnitude, magnitude)
+        e8m0 = tl.load(
+            s_ptr + e * stride_se + n[:, None] * stride_sn + k[None, :] // 32, mask=mask, other=127
+        )
+        w = value * tl.exp2((e8m0.to(tl.int32) & 0xFF).to(tl.float32) - 127.0)
+    return w
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    h_ptr,
+    num_pairs,
+    dim,
+    inter,
+    limit,
+    stride_x,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_h,
+    TOPK: tl.constexpr,
+    QUANT: tl.constexpr,
+    HAS_LIMIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + slots)
+    valid = pair < num_pairs
+    token = tl.where(valid, pair // TOPK, 0).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < inter
+    gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, dim, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < dim
+        x = tl.load(
+            x_ptr + token[:, None] * stride_x + k[None, :], mask=valid[:, None] & kmask[None, :], other=0.0
+        )
+        x = x.to(tl.float32)
+        wmask = nmask[:, None] & kmask[None, :]
+        wg = _weight_tile(w_ptr, s_ptr, e, n, k, wmask, stride_we, stride_wn, stride_se, stride_sn, QUANT)
+        wu = _weight_tile(
+            w_ptr, s_ptr, e, n + inter, k, wmask, stride_we, stride_wn, stride_se, stride_sn, QUANT
+        )
+        gate += tl.dot(x, tl.trans(wg))
+        up += tl.dot(x, tl.trans(wu))
+    if HAS_LIMIT:  # V4's clamped SwiGLU
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+    h = gate * tl.sigmoid(gate) * up
+    tl.store(h_ptr + slots[:, None] * stride_h + n[None, :], h, mask=valid[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr,
+    w_ptr,
+    s_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    weights_ptr,
+    out_ptr,
+    num_pairs,
+    dim,
+    inter,
+    stride_h,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_out,
+    QUANT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + slots)
+    valid = pair < num_pairs
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < dim
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < inter
+        h = tl.load(
+            h_ptr + slots[:, None] * stride_h + k[None, :], mask=valid[:, None] & kmask[None, :], other=0.0
+        )
+        w = _weight_tile(
+            w_ptr,
+            s_ptr,
+            e,
+            n,
+            k,
+            nmask[:, None] & kmask[None, :],
+            stride_we,
+            stride_wn,
+            stride_se,
+            stride_sn,
+            QUANT,
+        )
+        acc += tl.dot(h, tl.trans(w))
+    routing = tl.load(weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+    acc = acc * routing[:, None]
+    safe = tl.where(valid, pair, 0).to(tl.int64)
+    tl.store(out_ptr + safe[:, None] * stride_out + n[None, :], acc, mask=valid[:, None] & nmask[None, :])
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    limit: float | None = None,
+    quant: str = "none",
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_m: int = 16,
+    block_n: int = 32,
+    block_k: int = 32,
+) -> torch.Tensor:
+    """y [T, D] = sum_k topk_weights[t, k] * W2[e](SwiGLU(W13[e] x[t])), e = topk_ids[t, k], in float32
+    and returned in x's dtype. FP8: w [E, out, in] float8_e4m3fn, scale [E, out/128, in/128] float32.
+    FP4: w [E, out, in/2] int8 (two codes per byte), scale [E, out, in/32] float8_e8m0fnu."""
+    tokens, dim = x.shape
+    topk = topk_ids.shape[1]
+    experts = w13.shape[0]
+    inter = w2.shape[-1] if quant != "fp4" else w2.shape[-1] * 2
+    code = QUANT[quant]
+    if code == 2:
+        block_k = max(block_k, 32)
+    x = x.contiguous()
+    sorted_ids, block_expert = align(topk_ids, experts, block_m)
+    padded = sorted_ids.numel()
+    h = torch.empty(padded, inter, dtype=torch.float32, device=x.device)
+    out_pairs = torch.zeros(tokens * topk, dim, dtype=torch.float32, device=x.device)
+    if padded == 0:
+        return out_pairs.view(tokens, topk, dim).sum(1).to(x.dtype)
+
+    def scales(w, s):
+        if code == 0:
+            return w, 0, 0
+        s = s.view(torch.uint8) if code == 2 else s.float().contiguous()
+        return s, s.stride(0), s.stride(1)
+
+    s13, se13, sn13 = scales(w13, w13_scale)
+    s2, se2, sn2 = scales(w2, w2_scale)
+    w13_arg = w13.view(torch.uint8) if code == 2 else w13
+    w2_arg = w2.view(torch.uint8) if code == 2 else w2
+    grid = (padded // block_m, triton.cdiv(inter, block_n))
+    _gate_up_kernel[grid](
+        x,
+        w13_arg,
+        s13,
+        sorted_ids,
+        block_expert,
+        h,
+        tokens * topk,
+        dim,
+        inter,
+        float(limit) if limit is not None else 0.0,
+        x.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        se13,
+        sn13,
+        h.stride(0),
+        TOPK=topk,
+        QUANT=code,
+        HAS_LIMIT=limit is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )
+    weights = topk_weights.float().contiguous().flatten()
+    grid = (padded // block_m, triton.cdiv(dim, block_n))
+    _down_kernel[grid](
+        h,
+        w2_arg,
+        s2,
+        sorted_ids,
+        block_expert,
+        weights,
+        out_pairs,
+        tokens * topk,
+        dim,
+        inter,
+        h.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        se2,
+        sn2,
+        out_pairs.stride(0),
+        QUANT=code,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )
+    return out_pairs.view(tokens, topk, dim).sum(1).to(x.dtype)

@@ -1,0 +1,110 @@
+"""Fused MoE against its torch reference: alignment (pairs grouped by expert, padded, sentinels), the
+two grouped GEMMs with SwiGLU (and V4's clamp) for float experts, FP8 block-scaled experts and FP4
+e2m1 experts dequantized in the kernel; odd token, expert and width counts; experts with no tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds4.engine.quant import dequantize_fp4, dequantize_fp8_blocks, quantize_fp4, quantize_fp8_blocks
+from ds4.kernels import reference
+from ds4.kernels.moe import align, fused_moe
+from tests.kernels.conftest import DEVICE, randn
+
+
+def routing(gen, tokens, topk, experts):
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:topk] for _ in range(tokens)]).to(DEVICE)
+    weights = torch.rand(tokens, topk, generator=gen).to(DEVICE)
+    return weights, ids
+
+
+def test_align_groups_pairs_by_expert_and_pads_each_run(gen):
+    ids = torch.tensor([[3, 0], [3, 5], [0, 3]], device=DEVICE)
+    sorted_ids, block_expert = align(ids, num_experts=6, block_m=4)
+    sentinel = ids.numel()
+    assert block_expert.tolist() == [0, 3, 5]  # experts 1, 2, 4 have no pairs and no block
+    assert sorted_ids.tolist() == [
+        1,
+        4,
+        sentinel,
+        sentinel,
+        0,
+        2,
+        5,
+        sentinel,
+        3,
+        sentinel,
+        sentinel,
+        sentinel,
+    ]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 5e-3)])
+@pytest.mark.parametrize(
+    "tokens, topk, experts, dim, inter, limit", [(5, 3, 6, 48, 40, None), (9, 2, 7, 33, 20, 0.5)]
+)
+def test_fused_moe_float_experts(gen, dtype, tol, tokens, topk, experts, dim, inter, limit):
+    x = randn(gen, tokens, dim, dtype=dtype)
+    w13, w2 = (
+        randn(gen, experts, 2 * inter, dim, dtype=dtype, scale=0.2),
+        randn(gen, experts, dim, inter, dtype=dtype, scale=0.2),
+    )
+    weights, ids = routing(gen, tokens, topk, experts)
+    got = fused_moe(x, w13, w2, weights, ids, limit=limit)
+    want = reference.fused_moe(x, w13, w2, weights, ids, limit=limit)
+    seed = gen.initial_seed()
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"seed {seed}: {m}")
+
+
+def _per_expert(quantize, weight):
+    parts = [quantize(w) for w in weight]
+    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
+def test_fused_moe_fp8_block_scaled_experts(gen):
+    tokens, topk, experts, dim, inter = 6, 2, 5, 160, 136  # partial 128 x 128 blocks on both axes
+    x = randn(gen, tokens, dim)
+    w13, s13 = _per_expert(quantize_fp8_blocks, torch.randn(experts, 2 * inter, dim, generator=gen) * 0.1)
+    w2, s2 = _per_expert(quantize_fp8_blocks, torch.randn(experts, dim, inter, generator=gen) * 0.1)
+    weights, ids = routing(gen, tokens, topk, experts)
+    got = fused_moe(
+        x,
+        w13.to(DEVICE),
+        w2.to(DEVICE),
+        weights,
+        ids,
+        quant="fp8",
+        w13_scale=s13.to(DEVICE),
+        w2_scale=s2.to(DEVICE),
+    )
+    deq13 = torch.stack([dequantize_fp8_blocks(w, s) for w, s in zip(w13, s13, strict=True)]).to(DEVICE)
+    deq2 = torch.stack([dequantize_fp8_blocks(w, s) for w, s in zip(w2, s2, strict=True)]).to(DEVICE)
+    want = reference.fused_moe(x, deq13, deq2, weights, ids)
+    torch.testing.assert_close(
+        got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"seed {gen.initial_seed()}: {m}"
+    )
+
+
+def test_fused_moe_fp4_experts(gen):
+    tokens, topk, experts, dim, inter = 7, 3, 4, 64, 96
+    x = randn(gen, tokens, dim)
+    w13, s13 = _per_expert(quantize_fp4, torch.randn(experts, 2 * inter, dim, generator=gen))
+    w2, s2 = _per_expert(quantize_fp4, torch.randn(experts, dim, inter, generator=gen))
+    weights, ids = routing(gen, tokens, topk, experts)
+    got = fused_moe(
+        x,
+        w13.to(DEVICE),
+        w2.to(DEVICE),
+        weights,
+        ids,
+        quant="fp4",
+        w13_scale=s13.to(DEVICE),
+        w2_scale=s2.to(DEVICE),
+    )
+    deq13 = torch.stack([dequantize_fp4(w, s) for w, s in zip(w13, s13, strict=True)]).to(DEVICE)
+    deq2 = torch.stack([dequantize_fp4(w, s) for w, s in zip(w2, s2, strict=True)]).to(DEVICE)
+    want = reference.fused_moe(x, deq13, deq2, weights, ids)
+    torch.testing.assert_close(
+        got, want, atol=1e-3, rtol=1e-4, msg=lambda m: f"seed {gen.initial_seed()}: {m}"
+    )
