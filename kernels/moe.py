@@ -37,20 +37,27 @@ def align(expert_ids: torch.Tensor, num_experts: int, block_m: int):
 
 @triton.jit
 def _weight_tile(
-    w_ptr, s_ptr, e, n, k, mask, stride_we, stride_wn, stride_se, stride_sn, QUANT: tl.constexpr
+    w_ptr, s_ptr, e, n, k, mask, stride_we, stride_wn, stride_wk, stride_se, stride_sn, QUANT: tl.constexpr
 ):
-    """float32 tile W[e, n, k] ([len(n), len(k)]) from float, FP8-block or FP4-group storage."""
+    """float32 tile W[e, n, k] ([len(n), len(k)]) from float, FP8-block or FP4-group storage, any
+    strides (the engine keeps its expert stacks transposed)."""
     if QUANT == 0:
-        w = tl.load(w_ptr + e * stride_we + n[:, None] * stride_wn + k[None, :], mask=mask, other=0.0)
+        w = tl.load(
+            w_ptr + e * stride_we + n[:, None] * stride_wn + k[None, :] * stride_wk, mask=mask, other=0.0
+        )
         w = w.to(tl.float32)
     elif QUANT == 1:
-        w = tl.load(w_ptr + e * stride_we + n[:, None] * stride_wn + k[None, :], mask=mask, other=0.0)
+        w = tl.load(
+            w_ptr + e * stride_we + n[:, None] * stride_wn + k[None, :] * stride_wk, mask=mask, other=0.0
+        )
         scale = tl.load(
             s_ptr + e * stride_se + (n[:, None] // 128) * stride_sn + k[None, :] // 128, mask=mask, other=0.0
         )
         w = w.to(tl.float32) * scale.to(tl.float32)
     else:
-        byte = tl.load(w_ptr + e * stride_we + n[:, None] * stride_wn + k[None, :] // 2, mask=mask, other=0)
+        byte = tl.load(
+            w_ptr + e * stride_we + n[:, None] * stride_wn + (k[None, :] // 2) * stride_wk, mask=mask, other=0
+        )
         byte = byte.to(tl.int32) & 0xFF
         code = tl.where(k[None, :] % 2 == 0, byte & 0xF, byte >> 4)  # even inputs in the low nibble
         exponent = (code >> 1) & 3
@@ -81,6 +88,7 @@ def _gate_up_kernel(
     stride_x,
     stride_we,
     stride_wn,
+    stride_wk,
     stride_se,
     stride_sn,
     stride_h,
@@ -109,9 +117,11 @@ def _gate_up_kernel(
         )
         x = x.to(tl.float32)
         wmask = nmask[:, None] & kmask[None, :]
-        wg = _weight_tile(w_ptr, s_ptr, e, n, k, wmask, stride_we, stride_wn, stride_se, stride_sn, QUANT)
+        wg = _weight_tile(
+            w_ptr, s_ptr, e, n, k, wmask, stride_we, stride_wn, stride_wk, stride_se, stride_sn, QUANT
+        )
         wu = _weight_tile(
-            w_ptr, s_ptr, e, n + inter, k, wmask, stride_we, stride_wn, stride_se, stride_sn, QUANT
+            w_ptr, s_ptr, e, n + inter, k, wmask, stride_we, stride_wn, stride_wk, stride_se, stride_sn, QUANT
         )
         gate += tl.dot(x, tl.trans(wg))
         up += tl.dot(x, tl.trans(wu))
@@ -137,6 +147,7 @@ def _down_kernel(
     stride_h,
     stride_we,
     stride_wn,
+    stride_wk,
     stride_se,
     stride_sn,
     stride_out,
@@ -168,6 +179,7 @@ def _down_kernel(
             nmask[:, None] & kmask[None, :],
             stride_we,
             stride_wn,
+            stride_wk,
             stride_se,
             stride_sn,
             QUANT,
@@ -236,6 +248,7 @@ def fused_moe(
         x.stride(0),
         w13.stride(0),
         w13.stride(1),
+        w13.stride(2),
         se13,
         sn13,
         h.stride(0),
@@ -262,6 +275,7 @@ def fused_moe(
         h.stride(0),
         w2.stride(0),
         w2.stride(1),
+        w2.stride(2),
         se2,
         sn2,
         out_pairs.stride(0),

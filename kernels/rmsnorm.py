@@ -50,11 +50,13 @@ def rmsnorm(
     `residual_out`: contiguous buffers shaped like x to write into."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
-    out = (out if out is not None else torch.empty_like(x)).view(-1, shape[-1])
+    fresh = torch.empty(shape, dtype=x.dtype, device=x.device)  # dense, whatever x's strides
+    out = (out if out is not None else fresh).view(-1, shape[-1])
     res2 = res_out = None
     if residual is not None:
         res2 = residual.reshape(-1, shape[-1]).contiguous()
-        res_out = (residual_out if residual_out is not None else torch.empty_like(x)).view(-1, shape[-1])
+        res_out = residual_out if residual_out is not None else torch.empty_like(fresh)
+        res_out = res_out.view(-1, shape[-1])
     rows, cols = x2.shape
     if rows:
         _rmsnorm_kernel[(rows,)](

@@ -14,6 +14,7 @@ from torch import nn
 from ds4.engine.config import ModelConfig
 from ds4.engine.layers.compressor import Compressor
 from ds4.engine.layers.rope import apply_rope, apply_rope_tail
+from ds4.kernels import triton_enabled
 
 
 def stable_topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -51,6 +52,8 @@ class Indexer(nn.Module):
         if S <= self.topk:  # every causal key fits in the budget
             return allowed
         q = self._rope(self.wq_b(q_latent).view(T, self.n_heads, self.head_dim), rope)  # [T, Hi, Di]
+        if triton_enabled(x.device):
+            return self._select_triton(x, q, keys, allowed)
         scores = torch.matmul(q.float(), keys.float().T) * self.head_dim**-0.5  # [T, Hi, S]
         scores = torch.relu(scores)
         weights = (
@@ -60,6 +63,22 @@ class Indexer(nn.Module):
         index_scores = index_scores.masked_fill(~allowed, float("-inf"))
         chosen = stable_topk_indices(index_scores, self.topk)  # [T, K]
         return torch.zeros_like(allowed).scatter_(1, chosen, True)
+
+
+    def _select_triton(self, x, q, keys, allowed):
+        """The same selection through ds4's kernels: block-streamed scores and top-k. The 1/sqrt(Di)
+        scale moves into the head weights (ReLU commutes with a positive scale)."""
+        from ds4.kernels.indexer import indexer_topk
+
+        weights = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float()
+        weights = weights * (self.n_heads**-0.5 * self.head_dim**-0.5)
+        positions = allowed.sum(-1) - 1  # causal: the last key each query may see
+        q, keys = q.float().contiguous(), keys.float().contiguous()
+        chosen = indexer_topk(q, weights, keys, positions, self.topk)
+        picked = torch.zeros_like(allowed)
+        rows, cols = (chosen >= 0).nonzero(as_tuple=True)
+        picked[rows, chosen[rows, cols]] = True
+        return picked & allowed
 
 
 class CompressedIndexer(nn.Module):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds4.engine.config import ModelConfig
+from ds4.kernels import triton_enabled
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
@@ -96,6 +97,10 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         T, K = expert_ids.shape
+        if triton_enabled(x.device):
+            from ds4.kernels.moe import fused_moe
+
+            return fused_moe(x, self.w13, self.w2, weights, expert_ids, limit=self.limit)
         if T == 1:  # decode of one sequence: K matrix-vector products, no sorting
             return self._single_token(x, weights[0], expert_ids[0].tolist())
         flat_ids = expert_ids.flatten()  # [T*K]

@@ -6,6 +6,8 @@ after (`cast_after_weight`). The two agree exactly in float32.
 
 import torch
 
+from ds4.kernels import triton_enabled
+
 
 class RMSNorm(torch.nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, cast_after_weight: bool = False):
@@ -15,6 +17,10 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cast_after_weight and x.dtype == self.weight.dtype and triton_enabled(x.device):
+            from ds4.kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps)[0]
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -29,11 +29,21 @@ def case(request, tmp_path_factory):
 
 
 def test_score_matches_transformers_with_the_triton_path(case, monkeypatch):
+    import ds4.kernels.indexer as indexer
     import ds4.kernels.mla_decode as mla_decode
+    import ds4.kernels.moe as moe
+    import ds4.kernels.rmsnorm as rmsnorm
     import ds4.kernels.sparse_attention as sparse_attention
 
     calls = []
-    for module, name in ((mla_decode, "paged_mla_decode"), (sparse_attention, "sparse_attention")):
+    spied = [
+        (mla_decode, "paged_mla_decode"),
+        (sparse_attention, "sparse_attention"),
+        (moe, "fused_moe"),
+        (rmsnorm, "rmsnorm"),
+        (indexer, "indexer_topk"),
+    ]
+    for module, name in spied:
         kernel = getattr(module, name)
         monkeypatch.setattr(
             module, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw)
@@ -42,7 +52,10 @@ def test_score_matches_transformers_with_the_triton_path(case, monkeypatch):
     with forced(True):
         got = LLM(path, mla_mode="absorbed").score(ids.tolist())
     assert max_rel_err(got, ref) < 1e-4
-    assert calls and len(set(calls)) == 1  # every layer's attention ran in one of the kernels
+    attention = {"paged_mla_decode", "sparse_attention"} & set(calls)
+    assert len(attention) == 1  # every layer's attention ran in one kernel: the paged one or the sparse one
+    assert {"fused_moe", "rmsnorm"} <= set(calls)
+    assert ("indexer_topk" in calls) == ("sparse_attention" in calls)  # V3.2 selects through the kernel too
 
 
 def test_step_by_step_decode_with_the_triton_path_equals_full_scoring(case):

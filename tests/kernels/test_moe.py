@@ -108,3 +108,14 @@ def test_fused_moe_fp4_experts(gen):
     torch.testing.assert_close(
         got, want, atol=1e-3, rtol=1e-4, msg=lambda m: f"seed {gen.initial_seed()}: {m}"
     )
+
+
+def test_fused_moe_reads_expert_stacks_with_any_strides(gen):
+    """The engine keeps some expert stacks transposed ([E, out, in] viewed over [E, in, out] storage)."""
+    tokens, topk, experts, dim, inter = 6, 2, 5, 40, 24
+    x = randn(gen, tokens, dim)
+    w13 = randn(gen, experts, dim, 2 * inter).transpose(1, 2)  # stride (…, 1, 2I)
+    w2 = randn(gen, experts, inter, dim).transpose(1, 2)
+    weights, ids = routing(gen, tokens, topk, experts)
+    got = fused_moe(x, w13, w2, weights, ids)
+    torch.testing.assert_close(got, reference.fused_moe(x, w13, w2, weights, ids), atol=1e-4, rtol=1e-4)
