@@ -137,3 +137,26 @@ def fused_moe(
                 gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
             y[t] += float(topk_weights[t, k]) * (w2[e].float() @ (torch.nn.functional.silu(gate) * up))
     return y.to(x.dtype)
+
+
+def mhc_mix(
+    mix: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, streams: torch.Tensor, iters: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek-V4's mHC weights from the streams' projection `mix` [T, (2 + N) * N] (plus `base`
+    [(2 + N) * N] and the three `scale`s): pre = sigmoid + eps, post = 2 sigmoid, comb = a row softmax
+    made doubly stochastic by Sinkhorn-Knopp (columns, then `iters - 1` rounds of rows and columns);
+    returns (post [T, N], comb [T, N, N], collapsed = sum_n pre[n] * streams[:, n] [T, D])."""
+    hc = streams.shape[1]
+    mix = mix.float()
+    pre_w, post_w, comb_w = mix.split([hc, hc, hc * hc], dim=-1)
+    pre_b, post_b, comb_b = base.float().split([hc, hc, hc * hc])
+    pre_s, post_s, comb_s = scale.float().unbind(0)
+    pre = torch.sigmoid(pre_w * pre_s + pre_b) + eps
+    post = 2 * torch.sigmoid(post_w * post_s + post_b)
+    comb = torch.softmax(comb_w.unflatten(-1, (hc, hc)) * comb_s + comb_b.view(hc, hc), dim=-1) + eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    collapsed = (pre.unsqueeze(-1) * streams.float()).sum(dim=1).to(streams.dtype)
+    return post, comb, collapsed

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds4.kernels import triton_enabled
+
 
 def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
@@ -32,6 +34,10 @@ class HyperConnection(nn.Module):
         hc, eps = self.hc, self.hc_eps
         flat = unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps)
         mix = F.linear(flat, self.fn.float())  # [T, (2 + N) * N]
+        if triton_enabled(streams.device):
+            from ds4.kernels.small_ops import mhc_mix
+
+            return mhc_mix(mix, self.base, self.scale, streams, self.iters, eps)
         pre_w, post_w, comb_w = mix.split([hc, hc, hc * hc], dim=-1)
         pre_b, post_b, comb_b = self.base.split([hc, hc, hc * hc])
         pre_s, post_s, comb_s = self.scale.unbind(0)

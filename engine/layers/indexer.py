@@ -64,7 +64,6 @@ class Indexer(nn.Module):
         chosen = stable_topk_indices(index_scores, self.topk)  # [T, K]
         return torch.zeros_like(allowed).scatter_(1, chosen, True)
 
-
     def _select_triton(self, x, q, keys, allowed):
         """The same selection through ds4's kernels: block-streamed scores and top-k. The 1/sqrt(Di)
         scale moves into the head weights (ReLU commutes with a positive scale)."""

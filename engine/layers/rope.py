@@ -11,6 +11,7 @@ import math
 import torch
 
 from ds4.engine.config import RopeConfig
+from ds4.kernels import triton_enabled
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -81,6 +82,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     indexer). The output is laid out half-split in both cases; queries and keys share the layout, so
     their dot products are those of the original pairing.
     """
+    if x.dim() in (2, 3) and x.stride(-1) == 1 and triton_enabled(x.device):
+        from ds4.kernels.small_ops import rope
+
+        return rope(x, cos, sin, interleaved)
     if interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:

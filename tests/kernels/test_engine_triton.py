@@ -42,6 +42,7 @@ def test_score_matches_transformers_with_the_triton_path(case, monkeypatch):
         (moe, "fused_moe"),
         (rmsnorm, "rmsnorm"),
         (indexer, "indexer_topk"),
+        (small_ops, "rope"),
     ]
     for module, name in spied:
         kernel = getattr(module, name)
@@ -54,7 +55,7 @@ def test_score_matches_transformers_with_the_triton_path(case, monkeypatch):
     assert max_rel_err(got, ref) < 1e-4
     attention = {"paged_mla_decode", "sparse_attention"} & set(calls)
     assert len(attention) == 1  # every layer's attention ran in one kernel: the paged one or the sparse one
-    assert {"fused_moe", "rmsnorm"} <= set(calls)
+    assert {"fused_moe", "rmsnorm", "rope"} <= set(calls)
     assert ("indexer_topk" in calls) == ("sparse_attention" in calls)  # V3.2 selects through the kernel too
 
 
@@ -76,3 +77,25 @@ def test_the_switch_is_off_on_the_cpu_unless_forced():
     with forced(True):
         assert triton_enabled(torch.device("cpu"))
     assert not triton_enabled(torch.device("cpu"))
+
+
+def test_v4_score_matches_transformers_with_the_triton_path(tmp_path, monkeypatch):
+    """V4 (4 streams, clamped SwiGLU experts): mHC mixing and the MoE run in ds4's kernels."""
+    import ds4.kernels.moe as moe
+    import ds4.kernels.small_ops as small_ops
+    from tests.engine.test_deepseek_v4 import CASES as V4_CASES
+
+    calls = []
+    for module, name in ((moe, "fused_moe"), (small_ops, "mhc_mix")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw)
+        )
+    path, hf = save_hf_checkpoint(tmp_path / "v4", "deepseek_v4", seed=3, **V4_CASES["hc4-csa2"])
+    ids = torch.randint(2, hf.config.vocab_size, (SEQ_LEN,), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad(), stable_indexer_topk():
+        ref = hf(ids[None]).logits[0].float()
+    with forced(True):
+        got = LLM(path).score(ids.tolist())
+    assert max_rel_err(got, ref) < 1e-4
+    assert {"fused_moe", "mhc_mix"} <= set(calls)

@@ -1,0 +1,178 @@
+"""Small fused ops: rope (interleaved or half-split pairs in, half-split out, as the engine lays queries
+and keys) and DeepSeek-V4's mHC mixing (the stream weights, Sinkhorn-Knopp to a doubly-stochastic
+mix, and the collapse of the streams into the block input), float32 inside, one program per token."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rope_kernel(
+    x_ptr,
+    cos_ptr,
+    sin_ptr,
+    out_ptr,
+    heads,
+    stride_xt,
+    stride_xh,
+    stride_ct,
+    stride_ot,
+    stride_oh,
+    HALF: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    i = tl.arange(0, BLOCK_P)
+    mask = (h < heads)[:, None] & (i < HALF)[None, :]
+    base = x_ptr + t * stride_xt + h[:, None] * stride_xh
+    if INTERLEAVED:
+        x1 = tl.load(base + 2 * i[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + 2 * i[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x1 = tl.load(base + i[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF + i[None, :], mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + t * stride_ct + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + t * stride_ct + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + t * stride_ot + h[:, None] * stride_oh
+    tl.store(out + i[None, :], (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + HALF + i[None, :], (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """As ds4.kernels.reference.rope for x [T, H, R] or [T, R]."""
+    squeeze = x.dim() == 2
+    x3 = x[:, None, :] if squeeze else x
+    assert x3.stride(-1) == 1, "the rotated dim must be contiguous"
+    tokens, heads, dim = x3.shape
+    out3 = out if out is not None else torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
+    out3 = out3.view(tokens, heads, dim)
+    c, s = cos.contiguous(), sin.contiguous()
+    if tokens:
+        block_h = min(16, triton.next_power_of_2(heads))
+        _rope_kernel[(tokens, triton.cdiv(heads, block_h))](
+            x3,
+            c,
+            s,
+            out3,
+            heads,
+            x3.stride(0),
+            x3.stride(1),
+            c.stride(0),
+            out3.stride(0),
+            out3.stride(1),
+            HALF=dim // 2,
+            INTERLEAVED=interleaved,
+            BLOCK_H=block_h,
+            BLOCK_P=triton.next_power_of_2(dim // 2),
+        )
+    return out3[:, 0, :] if squeeze else out3
+
+
+@triton.jit
+def _mhc_kernel(
+    mix_ptr,
+    base_ptr,
+    scale_ptr,
+    streams_ptr,
+    post_ptr,
+    comb_ptr,
+    collapsed_ptr,
+    dim,
+    eps,
+    stride_mix,
+    stride_st,
+    stride_sn,
+    stride_ct,
+    N: tl.constexpr,
+    ITERS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    r = tl.arange(0, BLOCK_N)
+    rmask = r < N
+    mix = mix_ptr + t * stride_mix
+    pre_s = tl.load(scale_ptr)
+    post_s = tl.load(scale_ptr + 1)
+    comb_s = tl.load(scale_ptr + 2)
+    pre = tl.sigmoid(
+        tl.load(mix + r, mask=rmask, other=0.0) * pre_s + tl.load(base_ptr + r, mask=rmask, other=0.0)
+    )
+    pre = pre + eps
+    post = 2.0 * tl.sigmoid(
+        tl.load(mix + N + r, mask=rmask, other=0.0) * post_s
+        + tl.load(base_ptr + N + r, mask=rmask, other=0.0)
+    )
+    square = rmask[:, None] & rmask[None, :]
+    cell = r[:, None] * N + r[None, :]
+    logits = tl.load(mix + 2 * N + cell, mask=square, other=0.0) * comb_s + tl.load(
+        base_ptr + 2 * N + cell, mask=square, other=0.0
+    )
+    logits = tl.where(square, logits, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    e = tl.where(square, e, 0.0)
+    comb = e / tl.where(rmask, tl.sum(e, axis=1), 1.0)[:, None] + eps
+    comb = tl.where(square, comb, 0.0)
+    comb = comb / (tl.sum(comb, axis=0)[None, :] + eps)
+    for _ in tl.static_range(ITERS - 1):  # Sinkhorn-Knopp: rows, then columns
+        comb = comb / (tl.sum(comb, axis=1)[:, None] + eps)
+        comb = comb / (tl.sum(comb, axis=0)[None, :] + eps)
+    tl.store(post_ptr + t * N + r, post, mask=rmask)
+    tl.store(comb_ptr + t * N * N + cell, comb, mask=square)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        tile = tl.load(
+            streams_ptr + t * stride_st + r[:, None] * stride_sn + d[None, :],
+            mask=rmask[:, None] & (d < dim)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        collapsed = tl.sum(pre[:, None] * tile, axis=0)
+        tl.store(
+            collapsed_ptr + t * stride_ct + d, collapsed.to(collapsed_ptr.dtype.element_ty), mask=d < dim
+        )
+
+
+def mhc_mix(
+    mix: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    streams: torch.Tensor,
+    iters: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As ds4.kernels.reference.mhc_mix: (post [T, N], comb [T, N, N], collapsed [T, D])."""
+    tokens, hc, dim = streams.shape
+    streams = streams.contiguous()
+    mix = mix.float().contiguous()
+    post = torch.empty(tokens, hc, dtype=torch.float32, device=streams.device)
+    comb = torch.empty(tokens, hc, hc, dtype=torch.float32, device=streams.device)
+    collapsed = torch.empty(tokens, dim, dtype=streams.dtype, device=streams.device)
+    if tokens:
+        _mhc_kernel[(tokens,)](
+            mix,
+            base.float().contiguous(),
+            scale.float().contiguous(),
+            streams,
+            post,
+            comb,
+            collapsed,
+            dim,
+            eps,
+            mix.stride(0),
+            streams.stride(0),
+            streams.stride(1),
+            collapsed.stride(0),
+            N=hc,
+            ITERS=iters,
+            BLOCK_N=max(2, triton.next_power_of_2(hc)),
+            BLOCK_D=min(1024, triton.next_power_of_2(dim)),
+        )
+    return post, comb, collapsed
