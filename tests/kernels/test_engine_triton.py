@@ -33,6 +33,7 @@ def test_score_matches_transformers_with_the_triton_path(case, monkeypatch):
     import ds4.kernels.mla_decode as mla_decode
     import ds4.kernels.moe as moe
     import ds4.kernels.rmsnorm as rmsnorm
+    import ds4.kernels.small_ops as small_ops
     import ds4.kernels.sparse_attention as sparse_attention
 
     calls = []
