@@ -85,6 +85,15 @@ def _add_bench(sub) -> None:
     packing.add_argument("--runs", type=int, default=3)
     packing.add_argument("--json", action="store_true")
     packing.set_defaults(func=_cmd_bench_pack)
+    kern = bench_sub.add_parser(
+        "kernels", help="each Triton kernel vs its torch reference at real sizes (GB/s, TFLOP/s; on a GPU)"
+    )
+    kern.add_argument("--device", default="cuda")
+    kern.add_argument("--small", action="store_true", help="toy sizes: checks the script (CPU: interpreter)")
+    kern.add_argument("--runs", type=int, default=20)
+    kern.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
+    kern.add_argument("--json", action="store_true")
+    kern.set_defaults(func=_cmd_bench_kernels)
     serving = bench_sub.add_parser(
         "serve", help="TTFT p50/p99 and tokens/s of concurrent streaming clients: ds4 serve vs a peer server"
     )
@@ -396,6 +405,27 @@ def _cmd_bench_pack(args) -> int:
     tokenizer = args.tokenizer or os.path.join(args.model, "tokenizer.json")
     report = bench_pack(args.repo, tokenizer, runs=args.runs, issue=_read_issue(args.issue))
     print(json.dumps(report, indent=2) if args.json else format_pack_report(report))
+    return 0
+
+
+def _cmd_bench_kernels(args) -> int:
+    if not args.device.startswith("cuda"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+    import torch
+
+    from ds4.engine.kernel_bench import bench_kernels, format_report, to_json
+
+    try:
+        rates, results = bench_kernels(args.device, args.small, args.runs, not args.no_compile)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    name = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else "CPU (Triton interpreter)"
+    )
+    print(to_json(name, rates, results) if args.json else format_report(name, rates, results))
     return 0
 
 
