@@ -39,6 +39,7 @@ def _mla_decode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -64,16 +65,24 @@ def _mla_decode_kernel(
         pmask = pos < n
         page = tl.load(table_ptr + b * stride_tb + pos // PAGE, mask=pmask, other=0)
         row = page.to(tl.int64) * PAGE + pos % PAGE
-        latent = tl.load(
-            pool_ptr + row[:, None] * stride_pool + c[None, :],
-            mask=pmask[:, None] & cmask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        roped = tl.load(
-            pool_ptr + row[:, None] * stride_pool + C + r[None, :],
-            mask=pmask[:, None] & rmask[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        lmask = pmask[:, None] & cmask[None, :]
+        rmask2 = pmask[:, None] & rmask[None, :]
+        if FP8:  # 656-byte rows: e4m3 latent, a float32 scale per 128, bf16 rope
+            base = pool_ptr + row[:, None] * stride_pool
+            codes = tl.load(base + c[None, :], mask=lmask, other=0)
+            scales = tl.load(
+                (base + C).to(tl.pointer_type(tl.float32)) + c[None, :] // 128, mask=lmask, other=0.0
+            )
+            latent = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scales
+            roped = tl.load(
+                (base + C + 16).to(tl.pointer_type(tl.bfloat16)) + r[None, :], mask=rmask2, other=0.0
+            )
+            roped = roped.to(tl.float32)
+        else:
+            latent = tl.load(pool_ptr + row[:, None] * stride_pool + c[None, :], mask=lmask, other=0.0)
+            latent = latent.to(tl.float32)
+            roped = tl.load(pool_ptr + row[:, None] * stride_pool + C + r[None, :], mask=rmask2, other=0.0)
+            roped = roped.to(tl.float32)
         s = (tl.dot(ql, tl.trans(latent)) + tl.dot(qr, tl.trans(roped))) * scale
         s = tl.where(pmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -106,10 +115,19 @@ def paged_mla_decode(
     block_h: int = 16,
     block_n: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As ds4.kernels.reference.paged_mla_decode; `out` [B, H, C] and `lse` [B, H] float32 buffers."""
+    """As ds4.kernels.reference.paged_mla_decode; `out` [B, H, C] and `lse` [B, H] float32 buffers. A
+    uint8 pool holds FP8 rows (reference.quantize_latent_rows: 656 bytes for latent 512 + rope 64),
+    dequantized in the kernel."""
     batch, heads, latent = q_latent.shape
     rope_dim = q_rope.shape[-1]
-    assert pool.shape[-1] == latent + rope_dim and pool.stride(-1) == 1, "pool rows must be [latent | rope]"
+    fp8 = pool.dtype == torch.uint8
+    if fp8:
+        assert pool.shape[-1] == latent + 16 + 2 * rope_dim and latent % 128 == 0, (
+            "FP8 rows: 656 bytes for 512 + 64"
+        )
+    else:
+        assert pool.shape[-1] == latent + rope_dim, "pool rows must be [latent | rope]"
+    assert pool.stride(-1) == 1
     assert q_latent.stride(-1) == 1 and q_rope.stride(-1) == 1
     out = (
         out if out is not None else torch.empty(batch, heads, latent, dtype=torch.float32, device=pool.device)
@@ -144,5 +162,6 @@ def paged_mla_decode(
         BLOCK_N=block_n,
         BLOCK_C=max(16, triton.next_power_of_2(latent)),
         BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
+        FP8=fp8,
     )
     return out, lse

@@ -43,3 +43,24 @@ def test_paged_mla_decode_matches_reference(gen, dtype, tol, lens, heads, latent
     empty = [i for i, n in enumerate(lens) if n == 0]
     for i in empty:  # nothing to attend to: zeros and -inf, not NaN
         assert (out[i] == 0).all() and torch.isneginf(lse[i]).all()
+
+
+def test_paged_mla_decode_reads_fp8_rows(gen):
+    """FlashMLA's FP8 cache rows (656 bytes: e4m3 latent with a float32 scale per 128, bf16 rope),
+    dequantized in the kernel: the same answer as the reference on the dequantized pool."""
+    lens, heads, latent, rope_dim, page = [45, 9], 5, 512, 64, 16
+    q_latent, q_rope, pool, table, seq_lens = paged_case(
+        gen, lens, heads, latent, rope_dim, page, torch.float32
+    )
+    packed = reference.quantize_latent_rows(pool)
+    assert packed.shape == (pool.shape[0], 656)
+    rows = reference.dequantize_latent_rows(packed)
+    assert (rows - pool).abs().max() < 0.1 * pool.abs().max()  # e4m3: about 2 significant digits
+    scale = (latent + rope_dim) ** -0.5
+    out, lse = poisoned(len(lens), heads, latent), poisoned(len(lens), heads)
+    paged_mla_decode(q_latent, q_rope, packed, table, seq_lens, page, scale, out=out, lse=lse)
+    want, want_lse = reference.paged_mla_decode(q_latent, q_rope, rows, table, seq_lens, page, scale)
+    torch.testing.assert_close(
+        out, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"seed {gen.initial_seed()}: {m}"
+    )
+    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-4)
