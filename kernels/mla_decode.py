@@ -122,9 +122,8 @@ def paged_mla_decode(
     rope_dim = q_rope.shape[-1]
     fp8 = pool.dtype == torch.uint8
     if fp8:
-        assert pool.shape[-1] == latent + 16 + 2 * rope_dim and latent % 128 == 0, (
-            "FP8 rows: 656 bytes for 512 + 64"
-        )
+        width = latent + latent // 32 + 2 * rope_dim  # 656 bytes for 512 + 64
+        assert latent % 128 == 0 and pool.shape[-1] == width, f"FP8 rows of {width} bytes expected"
     else:
         assert pool.shape[-1] == latent + rope_dim, "pool rows must be [latent | rope]"
     assert pool.stride(-1) == 1

@@ -166,23 +166,26 @@ FP8_ROW_BYTES = 656  # 512 e4m3 latent values, 4 float32 scales (one per 128), 6
 
 
 def quantize_latent_rows(rows: torch.Tensor, latent: int = 512) -> torch.Tensor:
-    """[N, latent + 64] float rows -> [N, 656] uint8: the latent in FP8 e4m3 with one float32 scale per
-    128 values (largest magnitude to 448), then the rope part in bf16 (FlashMLA's FP8 cache rows)."""
+    """[N, latent + R] float rows -> uint8 rows: the latent in FP8 e4m3 with one float32 scale per 128
+    values (largest magnitude to 448), then the rope part in bf16. For 512 + 64 that is FlashMLA's
+    656-byte FP8 cache row."""
     n = rows.shape[0]
     x = rows[:, :latent].float().view(n, latent // 128, 128)
     scale = (x.abs().amax(-1) / 448.0).clamp(min=1e-12)  # [N, 4]
     q = (x / scale[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(n, latent)
-    out = torch.empty(n, FP8_ROW_BYTES, dtype=torch.uint8, device=rows.device)
+    groups = latent // 128
+    rope = rows[:, latent:]
+    out = torch.empty(n, latent + 4 * groups + 2 * rope.shape[1], dtype=torch.uint8, device=rows.device)
     out[:, :latent] = q.view(torch.uint8)
-    out[:, latent : latent + 16] = scale.contiguous().view(torch.uint8).view(n, 16)
-    out[:, latent + 16 :] = rows[:, latent:].to(torch.bfloat16).contiguous().view(torch.uint8).view(n, -1)
+    out[:, latent : latent + 4 * groups] = scale.contiguous().view(torch.uint8).view(n, 4 * groups)
+    out[:, latent + 4 * groups :] = rope.to(torch.bfloat16).contiguous().view(torch.uint8).view(n, -1)
     return out
 
 
 def dequantize_latent_rows(packed: torch.Tensor, latent: int = 512) -> torch.Tensor:
-    """[N, 656] uint8 -> [N, latent + 64] float32."""
-    n = packed.shape[0]
-    q = packed[:, :latent].contiguous().view(torch.float8_e4m3fn).float().view(n, latent // 128, 128)
-    scale = packed[:, latent : latent + 16].contiguous().view(torch.float32)  # [N, 4]
-    rope = packed[:, latent + 16 :].contiguous().view(torch.bfloat16).float()
+    """uint8 rows of quantize_latent_rows -> [N, latent + R] float32."""
+    n, groups = packed.shape[0], latent // 128
+    q = packed[:, :latent].contiguous().view(torch.float8_e4m3fn).float().view(n, groups, 128)
+    scale = packed[:, latent : latent + 4 * groups].contiguous().view(torch.float32)  # [N, groups]
+    rope = packed[:, latent + 4 * groups :].contiguous().view(torch.bfloat16).float()
     return torch.cat([(q * scale[..., None]).view(n, latent), rope], dim=-1)
