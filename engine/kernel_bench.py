@@ -101,7 +101,7 @@ def cases(device: str, small: bool):
 
     out = []
     # paged MLA decode (V3)
-    B, H, C, R, S, page = (2, 16, 128, 64, 96, 32) if small else (32, 128, 512, 64, 4096, 256)
+    B, H, C, R, S, page = (2, 16, 512, 64, 96, 32) if small else (32, 128, 512, 64, 4096, 256)
     blocks = B * (S // page)
     pool = rand(blocks * page, C + R)
     table = torch.randperm(blocks, generator=g).view(B, S // page).to(torch.int32).to(device)
@@ -119,15 +119,15 @@ def cases(device: str, small: bool):
             2 * B * H * S * (2 * C + R),
         )
     )
-    if C % 128 == 0:  # FlashMLA's FP8 rows: 656 bytes per token for 512 + 64, instead of 1,152 in bf16
+    if C == 512:  # FlashMLA's FP8 rows: 656 bytes per token for 512 + 64, instead of 1,152 in bf16
         packed = reference.quantize_latent_rows(pool.float(), C).to(device)
         rows = reference.dequantize_latent_rows(packed, C)
         out.append(
             (
                 "paged MLA decode FP8 rows",
                 f"B={B} H={H} C={C}+{R} S={S}",
-                lambda: paged_mla_decode(ql, qr, packed, table, lens, page, scale),
-                lambda: reference.paged_mla_decode(ql, qr, rows, table, lens, page, scale),
+                lambda packed=packed: paged_mla_decode(ql, qr, packed, table, lens, page, scale),
+                lambda rows=rows: reference.paged_mla_decode(ql, qr, rows, table, lens, page, scale),
                 None,
                 B * S * packed.shape[1] + 2 * B * H * (C + R) * bpe,
                 2 * B * H * S * (2 * C + R),

@@ -124,6 +124,7 @@ def paged_mla_decode(
     if fp8:
         width = latent + latent // 32 + 2 * rope_dim  # 656 bytes for 512 + 64
         assert latent % 128 == 0 and pool.shape[-1] == width, f"FP8 rows of {width} bytes expected"
+        assert (latent + latent // 32) % 16 == 0, "the rope part must start 16-byte aligned (latent 512 does)"
     else:
         assert pool.shape[-1] == latent + rope_dim, "pool rows must be [latent | rope]"
     assert pool.stride(-1) == 1
