@@ -23,6 +23,7 @@ from ds4.engine.layers.hyper import unweighted_rms_norm
 from ds4.engine.layers.indexer import CompressedIndexer
 from ds4.engine.layers.norm import RMSNorm
 from ds4.engine.layers.rope import apply_rope_tail
+from ds4.kernels import triton_enabled
 
 CSA = "compressed_sparse_attention"
 
@@ -112,6 +113,15 @@ class CompressedAttention(nn.Module):
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """softmax over [scores, sink] per head, sink dropped, times the keys (which are the values)."""
         n, H = q.shape[0], self.n_heads
+        if triton_enabled(q.device):
+            from ds4.engine.layers.mla import allowed_rows
+            from ds4.kernels.sparse_attention import sparse_attention
+
+            indices = allowed_rows(allowed, torch.arange(keys.shape[0], device=keys.device))
+            out, _ = sparse_attention(
+                q.contiguous(), keys.contiguous(), indices, self.scale, keys.shape[1], self.attn_sink
+            )
+            return out.to(keys.dtype)
         scores = torch.einsum("thd,sd->ths", q, keys) * self.scale  # [n, H, S]
         scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
         sinks = self.attn_sink.to(scores.dtype).view(1, H, 1).expand(n, H, 1)

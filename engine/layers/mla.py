@@ -140,14 +140,19 @@ class MLA(nn.Module):
                 q_latent, q_pe.contiguous(), pool, table, lens, cache.block_size, self.scale
             )
         else:
-            rows = seq.rows % pool.shape[0]  # the pool rows of positions [0, end)
-            order = torch.sort(allowed.to(torch.int8), dim=-1, descending=True, stable=True)
-            count = int(allowed.sum(-1).max())
-            picked = order.indices[:, :count]  # the allowed positions of each query, in order
-            indices = torch.where(order.values[:, :count] > 0, rows[picked], -1)
+            indices = allowed_rows(allowed, seq.rows % pool.shape[0])  # pool rows of positions [0, end)
             q = torch.cat([q_latent, q_pe], dim=-1).contiguous()
             out_latent, _ = sparse_attention(q, pool, indices, self.scale, C)
         return torch.einsum("thc,hvc->thv", out_latent.to(q_nope.dtype), w_uv)  # [T, H, V]
+
+
+def allowed_rows(allowed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[n, k] the rows each query may attend to (`rows[s]` for each allowed key s, in key order), -1
+    padded: a boolean mask as the index lists the sparse attention kernel reads."""
+    order = torch.sort(allowed.to(torch.int8), dim=-1, descending=True, stable=True)
+    count = max(int(allowed.sum(-1).max()), 1)
+    picked = order.indices[:, :count]
+    return torch.where(order.values[:, :count] > 0, rows[picked], -1)
 
 
 def rope_slice(rope, rows: slice):

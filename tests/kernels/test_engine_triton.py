@@ -81,13 +81,16 @@ def test_the_switch_is_off_on_the_cpu_unless_forced():
 
 
 def test_v4_score_matches_transformers_with_the_triton_path(tmp_path, monkeypatch):
-    """V4 (4 streams, clamped SwiGLU experts): mHC mixing and the MoE run in ds4's kernels."""
+    """V4 (4 streams, clamped SwiGLU experts): attention over the window and the chosen compressed rows
+    with the sink, mHC mixing and the MoE run in ds4's kernels."""
     import ds4.kernels.moe as moe
     import ds4.kernels.small_ops as small_ops
     from tests.engine.test_deepseek_v4 import CASES as V4_CASES
 
     calls = []
-    for module, name in ((moe, "fused_moe"), (small_ops, "mhc_mix")):
+    import ds4.kernels.sparse_attention as sparse_attention
+
+    for module, name in ((moe, "fused_moe"), (small_ops, "mhc_mix"), (sparse_attention, "sparse_attention")):
         kernel = getattr(module, name)
         monkeypatch.setattr(
             module, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw)
@@ -96,7 +99,14 @@ def test_v4_score_matches_transformers_with_the_triton_path(tmp_path, monkeypatc
     ids = torch.randint(2, hf.config.vocab_size, (SEQ_LEN,), generator=torch.Generator().manual_seed(11))
     with torch.no_grad(), stable_indexer_topk():
         ref = hf(ids[None]).logits[0].float()
+    llm = LLM(path)
     with forced(True):
-        got = LLM(path).score(ids.tolist())
+        got = llm.score(ids.tolist())
+        cache, prefix = llm.runner.new_cache(1, SEQ_LEN), 3
+        rows = [llm.runner.step(ids[:prefix].tolist(), [SeqSlice(0, 0, prefix, 0)], cache, all_logits=True)]
+        for pos in range(prefix, SEQ_LEN):
+            rows.append(llm.runner.step([int(ids[pos])], [SeqSlice(0, pos, 1, 0)], cache))
     assert max_rel_err(got, ref) < 1e-4
-    assert {"fused_moe", "mhc_mix"} <= set(calls)
+    assert (
+        max_rel_err(torch.cat(rows), ref) < 1e-4
+    )  # step by step through the window cache too  # the window + compressed rows too
