@@ -219,9 +219,10 @@ def fused_moe(
     sorted_ids, block_expert = align(topk_ids, experts, block_m)
     padded = sorted_ids.numel()
     h = torch.empty(padded, inter, dtype=torch.float32, device=x.device)
-    out_pairs = torch.zeros(tokens * topk, dim, dtype=torch.float32, device=x.device)
+    # every (token, expert) pair's row is written by the down kernel: NaN shows any that is not
+    out_pairs = torch.full((tokens * topk, dim), float("nan"), dtype=torch.float32, device=x.device)
     if padded == 0:
-        return out_pairs.view(tokens, topk, dim).sum(1).to(x.dtype)
+        return torch.zeros_like(x)
 
     def scales(w, s):
         if code == 0:
