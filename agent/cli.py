@@ -303,6 +303,33 @@ def _add_lsp(sub) -> None:
     lsp.set_defaults(func=_cmd_lsp)
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="place a model on GPUs + host RAM (experts in RAM, hot ones in spare VRAM); predict tokens/s",
+    )
+    p.add_argument(
+        "--model", required=True, help="a preset (deepseek-v3, deepseek-v4-flash, ...) or a checkpoint"
+    )
+    p.add_argument(
+        "--gpu", action="append", required=True, help="a GPU's memory, e.g. 24GB (repeat per card)"
+    )
+    p.add_argument("--ram", required=True, help="host RAM, e.g. 512GB")
+    p.add_argument("--context", default="128K", help="tokens per sequence: 4096, 128K, 1M (default 128K)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument(
+        "--experts", choices=["bf16", "fp8", "fp4", "int4"], default=None, help="default: as shipped"
+    )
+    p.add_argument("--attn", choices=["bf16", "fp8"], default="fp8", help="attention and dense weights")
+    p.add_argument("--gpu-bandwidth", type=float, default=1008, help="GB/s (RTX 4090: 1008)")
+    p.add_argument("--gpu-tflops", type=float, default=165, help="bf16 dense TFLOP/s (RTX 4090: 165)")
+    p.add_argument("--pcie-bandwidth", type=float, default=25, help="GB/s achieved (PCIe 4.0 x16: 25)")
+    p.add_argument("--ram-bandwidth", type=float, default=70, help="GB/s achieved (dual-channel DDR5: 70)")
+    p.add_argument("--cpu-tflops", type=float, default=1.5, help="CPU TFLOP/s for the experts in RAM")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ds4-agent",
@@ -318,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swebench(sub)
     _add_serve(sub)
     _add_lsp(sub)
+    _add_plan(sub)
     _add_bench(sub)
     return parser
 
@@ -336,6 +364,35 @@ def _cmd_model_init(args) -> int:
     )
     print(f"wrote {args.family} ({args.preset}) checkpoint to {out}")
     return 0
+
+
+def _cmd_plan(args) -> int:
+    from pathlib import Path
+
+    from ds4.engine.config import ModelConfig
+    from ds4.engine.planner import Hardware, format_plan, parse_size, parse_tokens, plan
+    from ds4.engine.presets import load_preset
+
+    try:
+        gpus = [parse_size(g) for g in args.gpu]
+        ram, context = parse_size(args.ram), parse_tokens(args.context)
+        if Path(args.model).is_dir():
+            config = ModelConfig.from_dir(args.model)
+        else:
+            config = ModelConfig.from_hf(load_preset(args.model), source=f"preset {args.model}")
+    except (ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    hw = Hardware(
+        gpu_bandwidth=args.gpu_bandwidth * 1e9,
+        gpu_flops=args.gpu_tflops * 1e12,
+        pcie_bandwidth=args.pcie_bandwidth * 1e9,
+        ram_bandwidth=args.ram_bandwidth * 1e9,
+        cpu_flops=args.cpu_tflops * 1e12,
+    )
+    result = plan(config, args.model, gpus, ram, context, args.batch, args.experts, args.attn, hw)
+    print(json.dumps(result.as_json(), indent=2) if args.json else format_plan(result))
+    return 0 if result.fits else 1
 
 
 def _cmd_model_info(args) -> int:

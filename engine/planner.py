@@ -1,0 +1,400 @@
+"""`ds4-agent plan`: where a model's bytes go on GPUs plus host RAM, and what speed that buys.
+
+Placement (KTransformers' recipe): embeddings, attention, norms, routers, shared experts, dense layers
+and the decode cache on the GPUs, layers split across the cards in order; every routed expert in host
+RAM, computed on the CPU in decode; the VRAM left over caches hot experts. Predictions come from
+bytes moved over bandwidths and FLOPs over compute rates (DESIGN.md's physics), with defaults for an
+RTX 4090, PCIe 4.0 x16 and dual-channel DDR5, each overridable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from ds4.engine.config import ModelConfig
+from ds4.engine.sizing import (
+    _HIGH_PRECISION,
+    FP4_GROUP,
+    FP8_BLOCK,
+    _index_row_bytes,
+    _row_bytes,
+    parameter_shapes,
+)
+
+GB = 1e9
+EXPERT_FORMATS = ("bf16", "fp8", "fp4", "int4")
+
+
+@dataclass
+class Hardware:
+    gpu_bandwidth: float = 1008e9  # RTX 4090 GDDR6X
+    gpu_flops: float = 165e12  # RTX 4090 bf16 tensor cores, dense
+    pcie_bandwidth: float = 25e9  # PCIe 4.0 x16, achieved
+    ram_bandwidth: float = 70e9  # dual-channel DDR5-5600, achieved (89.6 GB/s peak)
+    cpu_flops: float = 1.5e12  # a 16-core desktop CPU, AVX-512 bf16/int8
+    gpu_reserve: float = 1.5e9  # per card: activations, workspaces, the CUDA context
+    ram_reserve: float = 8e9  # the OS and the process
+    layer_overhead: float = 20e-6  # per MoE layer and step: GPU -> CPU -> GPU hand-off
+    prefill_chunk: int = 8192  # tokens per prefill chunk (routed experts stream to the GPU once per chunk)
+
+
+@dataclass
+class Device:
+    name: str
+    capacity: float
+    weights: float = 0.0
+    cache: float = 0.0
+    reserve: float = 0.0
+    hot_experts: int = 0
+    hot_expert_bytes: float = 0.0
+    layers: list[int] = field(default_factory=list)
+
+    @property
+    def used(self) -> float:
+        return self.weights + self.cache + self.reserve + self.hot_expert_bytes
+
+
+def _tensor_bytes(name: str, shape: tuple[int, ...], attn_fmt: str, expert_fmt: str) -> float:
+    numel = math.prod(shape)
+    if ".ffn.experts." in name:
+        return _matrix_bytes(shape, expert_fmt)
+    if len(shape) < 2 or any(x in name for x in _HIGH_PRECISION):
+        return 2 * numel
+    return _matrix_bytes(shape, attn_fmt)
+
+
+def _matrix_bytes(shape: tuple[int, ...], fmt: str) -> float:
+    *stack, out_dim, in_dim = shape
+    n = math.prod(stack) if stack else 1
+    if fmt == "bf16":
+        return 2 * n * out_dim * in_dim
+    if fmt == "fp4":  # e2m1 pairs per byte, one e8m0 scale per 32 inputs
+        return n * (out_dim * in_dim / 2 + out_dim * math.ceil(in_dim / FP4_GROUP))
+    if fmt == "int4":  # two per byte, one bf16 scale per 32 inputs
+        return n * (out_dim * in_dim / 2 + 2 * out_dim * math.ceil(in_dim / FP4_GROUP))
+    blocks = math.ceil(out_dim / FP8_BLOCK) * math.ceil(in_dim / FP8_BLOCK)  # fp8, a float32 scale per block
+    return n * (out_dim * in_dim + 4 * blocks)
+
+
+def component_bytes(config: ModelConfig, attn_fmt: str = "fp8", expert_fmt: str = "fp8") -> dict:
+    """Weight bytes by component: embed, head (with the final norm and mixers), and per layer
+    attention (norms and mHC included), router, shared experts, dense MLP, routed experts."""
+    layers = [
+        dict(attention=0.0, router=0.0, shared=0.0, dense=0.0, experts=0.0)
+        for _ in range(config.num_hidden_layers)
+    ]
+    out = {"embed": 0.0, "head": 0.0, "layers": layers}
+    for name, shape in parameter_shapes(config).items():
+        nbytes = _tensor_bytes(name, shape, attn_fmt, expert_fmt)
+        if not name.startswith("layers."):
+            out["embed" if name.startswith("embed.") else "head"] += nbytes
+            continue
+        layer = layers[int(name.split(".")[1])]
+        if ".ffn.experts." in name:
+            layer["experts"] += nbytes
+        elif ".ffn.shared_experts." in name:
+            layer["shared"] += nbytes
+        elif ".ffn.gate." in name:
+            layer["router"] += nbytes
+        elif ".ffn." in name:
+            layer["dense"] += nbytes
+        else:
+            layer["attention"] += nbytes
+    return out
+
+
+def layer_cache_bytes(config: ModelConfig, context: int, fmt: str = "fp8") -> list[float]:
+    """Decode-cache bytes of one sequence at `context` tokens, per layer (sums to sizing.cache_bytes)."""
+    if not config.is_v4:
+        row = _row_bytes(config.kv_lora_rank + config.qk_rope_head_dim, config.qk_rope_head_dim, fmt)
+        index = _index_row_bytes(config.index_head_dim, fmt) if config.has_indexer else 0
+        return [context * (row + index)] * config.num_hidden_layers
+    row = _row_bytes(config.head_dim, config.qk_rope_head_dim, fmt)
+    index_row = _index_row_bytes(config.index_head_dim, fmt)
+    out = []
+    for kind, ratio in zip(config.layer_types, config.compress_ratios, strict=True):
+        total = min(context, config.sliding_window) * row
+        if ratio:
+            total += context // ratio * row
+            if kind == "compressed_sparse_attention":
+                total += context // ratio * index_row
+        out.append(total)
+    return out
+
+
+def _attention_read_bytes(config: ModelConfig, context: int) -> float:
+    """Cache bytes one decode token reads over all layers (sparse layers read their chosen rows only)."""
+    if not config.is_v4:
+        row = _row_bytes(config.kv_lora_rank + config.qk_rope_head_dim, config.qk_rope_head_dim, "fp8")
+        if not config.has_indexer:
+            return config.num_hidden_layers * context * row
+        index = _index_row_bytes(config.index_head_dim, "fp8")
+        return config.num_hidden_layers * (context * index + min(context, config.index_topk) * row)
+    row = _row_bytes(config.head_dim, config.qk_rope_head_dim, "fp8")
+    index_row = _index_row_bytes(config.index_head_dim, "fp8")
+    total = 0.0
+    for kind, ratio in zip(config.layer_types, config.compress_ratios, strict=True):
+        total += min(context, config.sliding_window) * row
+        if ratio and kind == "compressed_sparse_attention":
+            total += context // ratio * index_row + min(context // ratio, config.index_topk) * row
+        elif ratio:
+            total += context // ratio * row
+    return total
+
+
+@dataclass
+class Plan:
+    model: str
+    fits: bool
+    context: int
+    batch: int
+    attn_format: str
+    expert_format: str
+    devices: list[Device]
+    components: dict
+    routed_expert_bytes: float
+    expert_bytes: float  # one routed expert (w13 + w2)
+    total_experts: int
+    hot_experts: int
+    decode_tokens_per_s: float
+    prefill_tokens_per_s: float
+    shortfall: list[str]
+    suggestions: list[str]
+    hardware: Hardware
+
+    def as_json(self) -> dict:
+        out = asdict(self)
+        out["devices"] = [dict(asdict(d), used=d.used) for d in self.devices]
+        return out
+
+
+def plan(
+    config: ModelConfig,
+    name: str,
+    gpus: list[float],
+    ram: float,
+    context: int = 131072,
+    batch: int = 1,
+    expert_format: str | None = None,
+    attn_format: str = "fp8",
+    hardware: Hardware | None = None,
+    _explore: bool = True,
+) -> Plan:
+    hw = hardware or Hardware()
+    expert_format = expert_format or ("fp4" if config.is_v4 else "fp8")
+    if expert_format not in EXPERT_FORMATS:
+        raise ValueError(f"expert format {expert_format!r}: one of {', '.join(EXPERT_FORMATS)}")
+    if not gpus:
+        raise ValueError("give at least one GPU (--gpu 24GB)")
+    comps = component_bytes(config, attn_format, expert_format)
+    caches = [c * batch for c in layer_cache_bytes(config, context)]
+    fixed = [
+        lay["attention"] + lay["router"] + lay["shared"] + lay["dense"] + cache
+        for lay, cache in zip(comps["layers"], caches, strict=True)
+    ]
+    devices = [Device(f"gpu{i}", cap, reserve=hw.gpu_reserve) for i, cap in enumerate(gpus)]
+    devices[0].weights += comps["embed"]
+    devices[-1].weights += comps["head"]
+    # layers in order, each card taking its share of the fixed bytes (embed and head counted in)
+    target = (sum(fixed) + comps["embed"] + comps["head"]) / len(devices)
+    card, load = 0, comps["embed"]
+    for i, nbytes in enumerate(fixed):
+        if card < len(devices) - 1 and load + nbytes / 2 > target:
+            card, load = card + 1, 0.0
+        device = devices[card]
+        device.layers.append(i)
+        lay = comps["layers"][i]
+        device.weights += lay["attention"] + lay["router"] + lay["shared"] + lay["dense"]
+        device.cache += caches[i]
+        load += nbytes
+    moe_layers = [i for i, lay in enumerate(comps["layers"]) if lay["experts"]]
+    routed = sum(lay["experts"] for lay in comps["layers"])
+    total_experts = len(moe_layers) * config.n_routed_experts
+    expert_bytes = routed / total_experts if total_experts else 0.0
+    ram_device = Device("ram", ram, weights=routed, reserve=hw.ram_reserve)
+
+    shortfall = []
+    for d in devices:
+        if d.used > d.capacity:
+            short, need = (d.used - d.capacity) / GB, d.used / GB
+            shortfall.append(f"{d.name} is {short:.1f} GB short ({need:.1f} GB of {d.capacity / GB:.1f})")
+    if ram_device.used > ram:
+        short, need = (ram_device.used - ram) / GB, ram_device.used / GB
+        shortfall.append(f"host RAM is {short:.1f} GB short ({need:.1f} GB of {ram / GB:.1f})")
+    fits = not shortfall
+    hot = 0
+    if fits and expert_bytes:
+        for d in devices:
+            n = int((d.capacity - d.used) // expert_bytes)
+            n = min(n, total_experts - hot)
+            d.hot_experts, d.hot_expert_bytes = n, n * expert_bytes
+            hot += n
+    decode, prefill = _predict(
+        config, comps, context, batch, hot, total_experts, expert_bytes, moe_layers, hw
+    )
+    suggestions = []
+    if not fits and _explore:
+        suggestions = _suggest(
+            config, name, gpus, ram, context, batch, expert_format, attn_format, hw, shortfall
+        )
+    return Plan(
+        name,
+        fits,
+        context,
+        batch,
+        attn_format,
+        expert_format,
+        devices + [ram_device],
+        {
+            "embed": comps["embed"],
+            "head": comps["head"],
+            **{
+                k: sum(lay[k] for lay in comps["layers"])
+                for k in ("attention", "router", "shared", "dense", "experts")
+            },
+            "cache": sum(caches),
+        },
+        routed,
+        expert_bytes,
+        total_experts,
+        hot,
+        decode if fits else 0.0,
+        prefill if fits else 0.0,
+        shortfall,
+        suggestions,
+        hw,
+    )
+
+
+def _predict(config, comps, context, batch, hot, total_experts, expert_bytes, moe_layers, hw):
+    """(decode tokens/s, prefill tokens/s). Decode: the GPU reads every non-expert weight once per step
+    plus each sequence's attention rows; the routed experts a step touches are read from VRAM when hot
+    and from RAM (computed on the CPU) otherwise. Prefill: compute-bound on the GPU, plus the cold
+    experts streamed over PCIe once per chunk."""
+    gpu_weights = comps["embed"] / config.vocab_size + comps["head"]  # one embedding row per token
+    gpu_weights += sum(
+        lay["attention"] + lay["router"] + lay["shared"] + lay["dense"] for lay in comps["layers"]
+    )
+    attention = batch * _attention_read_bytes(config, context)
+    k, experts = config.num_experts_per_tok, max(config.n_routed_experts, 1)
+    touched = experts * (1 - (1 - k / experts) ** batch)  # distinct experts per MoE layer in one step
+    hot_share = hot / total_experts if total_experts else 0.0
+    expert_read = len(moe_layers) * touched * expert_bytes
+    params_per_expert = 3 * config.hidden_size * config.moe_intermediate_size
+    cpu_flops = 2 * len(moe_layers) * batch * k * params_per_expert * (1 - hot_share)
+    cpu_time = max(expert_read * (1 - hot_share) / hw.ram_bandwidth, cpu_flops / hw.cpu_flops)
+    gpu_time = (gpu_weights + attention + expert_read * hot_share) / hw.gpu_bandwidth
+    step = gpu_time + cpu_time + len(moe_layers) * hw.layer_overhead
+    decode = batch / step
+    chunk = min(hw.prefill_chunk, context)
+    active = _active_params(config)
+    heads, dims = config.num_attention_heads, _attention_dims(config)
+    attn_flops = 2 * config.num_hidden_layers * heads * dims * chunk * (chunk / 2)
+    flops = 2 * active * chunk + attn_flops
+    stream = (total_experts - hot) * expert_bytes / hw.pcie_bandwidth
+    prefill = chunk / (flops / hw.gpu_flops + stream)
+    return decode, prefill
+
+
+def _active_params(config: ModelConfig) -> float:
+    from ds4.engine.sizing import param_counts
+
+    return param_counts(config)["params_active"]
+
+
+def _attention_dims(config: ModelConfig) -> int:
+    if config.is_v4:
+        return 2 * config.head_dim
+    return config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim
+
+
+def _suggest(config, name, gpus, ram, context, batch, expert_format, attn_format, hw, shortfall) -> list[str]:
+    """What would make it fit: more RAM (how much), 4-bit experts, a shorter context, more GPUs."""
+    out = []
+    again = lambda **kw: plan(  # noqa: E731
+        config,
+        name,
+        kw.get("gpus", gpus),
+        kw.get("ram", ram),
+        kw.get("context", context),
+        batch,
+        kw.get("expert_format", expert_format),
+        attn_format,
+        hw,
+        _explore=False,
+    )
+    needed = hw.ram_reserve + sum(
+        lay["experts"] for lay in component_bytes(config, attn_format, expert_format)["layers"]
+    )
+    if any(s.startswith("host RAM") for s in shortfall):
+        out.append(f"more host RAM: at least {math.ceil(needed / GB)} GB")
+        if expert_format not in ("fp4", "int4"):
+            four = hw.ram_reserve + sum(
+                lay["experts"] for lay in component_bytes(config, attn_format, "fp4")["layers"]
+            )
+            verdict = "fits" if four <= ram else f"needs {math.ceil(four / GB)} GB"
+            out.append(f"4-bit experts (--experts fp4): host RAM {verdict}")
+    if any(s.startswith("gpu") for s in shortfall):
+        lo, hi = 0, context
+        while lo < hi:  # the longest context whose cache fits the cards
+            mid = (lo + hi + 1) // 2
+            if all(d.used <= d.capacity for d in again(context=mid, ram=float("inf")).devices[:-1]):
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo >= 1024:
+            out.append(f"a shorter context: up to {lo:,} tokens fits the GPUs")
+        for extra in range(1, 7):
+            more = again(gpus=gpus + [gpus[-1]] * extra, ram=float("inf"))
+            if all(d.used <= d.capacity for d in more.devices[:-1]):
+                out.append(f"more GPUs: {len(gpus) + extra} of {gpus[-1] / GB:.0f} GB hold it")
+                break
+    return out
+
+
+def parse_size(text: str) -> float:
+    """'24GB', '512GB', '1.5TB', '24' (GB) -> bytes."""
+    t = text.strip().upper().removesuffix("B")
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    if t and t[-1] in scale:
+        return float(t[:-1]) * scale[t[-1]]
+    return float(t) * GB
+
+
+def parse_tokens(text: str) -> int:
+    """'1M', '128K', '4096' -> tokens (binary K/M, as context lengths are)."""
+    t = text.strip().upper()
+    if t.endswith("K"):
+        return int(float(t[:-1]) * 1024)
+    if t.endswith("M"):
+        return int(float(t[:-1]) * 1024 * 1024)
+    return int(t)
+
+
+def format_plan(p: Plan) -> str:
+    c = {k: v / GB for k, v in p.components.items()}
+    lines = [
+        f"{p.model}: context {p.context:,} x batch {p.batch}, attention {p.attn_format}, "
+        f"experts {p.expert_format}",
+        f"  weights: embed {c['embed']:.2f} GB, attention {c['attention']:.2f}, routers {c['router']:.2f}, "
+        f"shared experts {c['shared']:.2f}, dense {c['dense']:.2f}, head {c['head']:.2f}, "
+        f"routed experts {c['experts']:.2f} GB; cache {c['cache']:.2f} GB",
+    ]
+    for d in p.devices:
+        layers = f" layers {d.layers[0]}-{d.layers[-1]}" if d.layers else ""
+        hot = f", {d.hot_experts} hot experts {d.hot_expert_bytes / GB:.2f} GB" if d.hot_experts else ""
+        lines.append(
+            f"  {d.name:<5} {d.used / GB:7.2f} of {d.capacity / GB:7.2f} GB: weights {d.weights / GB:.2f}, "
+            f"cache {d.cache / GB:.2f}, reserve {d.reserve / GB:.2f}{hot}{layers}"
+        )
+    if p.fits:
+        lines.append(
+            f"  predicted: decode {p.decode_tokens_per_s:.1f} tokens/s, "
+            f"prefill {p.prefill_tokens_per_s:,.0f} tokens/s "
+            f"({p.hot_experts} of {p.total_experts} experts hot in VRAM)"
+        )
+    else:
+        lines += [f"  does not fit: {s}" for s in p.shortfall]
+        lines += [f"  to fit: {s}" for s in p.suggestions]
+    return "\n".join(lines)
