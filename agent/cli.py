@@ -33,6 +33,17 @@ def _add_model_commands(sub) -> None:
     info.add_argument("model", help="a preset name (deepseek-v4-flash, ...) or a checkpoint folder")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_cmd_model_info)
+    quant = model_sub.add_parser(
+        "quantize",
+        help="a new checkpoint: FP4 (or FP8) routed experts, FP8 (or bf16) other matrices; streaming",
+    )
+    quant.add_argument("src", help="a checkpoint folder (bf16/fp32, or DeepSeek's FP8/FP4)")
+    quant.add_argument("--out", required=True, help="a new, empty folder")
+    quant.add_argument("--experts", choices=["fp4", "fp8", "bf16"], default="fp4")
+    quant.add_argument("--attn", choices=["fp8", "bf16"], default="fp8")
+    quant.add_argument("--shard-gb", type=float, default=2.0, help="shard size (memory stays near it)")
+    quant.add_argument("--json", action="store_true")
+    quant.set_defaults(func=_cmd_model_quantize)
 
 
 def _add_generate(sub) -> None:
@@ -393,6 +404,32 @@ def _cmd_plan(args) -> int:
     result = plan(config, args.model, gpus, ram, context, args.batch, args.experts, args.attn, hw)
     print(json.dumps(result.as_json(), indent=2) if args.json else format_plan(result))
     return 0 if result.fits else 1
+
+
+def _cmd_model_quantize(args) -> int:
+    from dataclasses import asdict
+
+    from ds4.engine.errors import EngineError
+    from ds4.engine.quantize import quantize_checkpoint
+
+    _require_dir(args.src)
+    try:
+        report = quantize_checkpoint(args.src, args.out, args.experts, args.attn, int(args.shard_gb * 2**30))
+    except (EngineError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+        return 0
+    errors = ", ".join(f"{k} {v:.3f}" for k, v in report.max_rel_error.items())
+    print(
+        f"wrote {args.out}: {report.experts_quantized} expert and {report.matrices_quantized} other matrices "
+        f"quantized, {report.kept} tensors kept, {report.shards} shard(s); "
+        f"{report.bytes_in / 1e6:,.1f} MB -> {report.bytes_out / 1e6:,.1f} MB; worst relative error {errors}"
+    )
+    for line in report.kept_shapes:
+        print(f"  kept as is: {line}")
+    return 0
 
 
 def _cmd_model_info(args) -> int:
