@@ -469,6 +469,10 @@ class EngineConfig:
     cache_memory_gb: float = 1.0
     enable_prefix_caching: bool = True
     prefix_cache_dir: str | None = None  # disk tier: full prefix blocks persist across processes
+    hot_experts: int | None = None  # hybrid: routed experts on expert_device, this many per layer hot
+    expert_device: str = "cpu"
+    hot_period: int = 8  # forward passes between re-rankings of the hot experts
+    stream_tokens: int = 4096  # prefill passes this long stream their cold experts to the device once
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -478,5 +482,9 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hot_experts is not None and self.hot_experts < 0:
+            raise ValueError(f"hot_experts must be >= 0, got {self.hot_experts}")
+        if self.hot_period < 1 or self.stream_tokens < 1:
+            raise ValueError("hot_period and stream_tokens must be positive")
         if self.num_cache_blocks is not None and self.num_cache_blocks < 1:
             raise ValueError(f"num_cache_blocks must be positive, got {self.num_cache_blocks}")

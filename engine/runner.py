@@ -31,6 +31,18 @@ class ModelRunner:
         materialize(self.model, self.config, self.dtype, self.device)
         load_weights(self.model, path, self.config)
         self.model.eval()
+        self.tiered = []  # hybrid execution: the tiered experts of each MoE layer
+        if engine_config.hot_experts is not None:
+            from ds4.engine.hybrid import make_hybrid
+
+            self.tiered = make_hybrid(
+                self.model,
+                engine_config.hot_experts,
+                self.device,
+                engine_config.expert_device,
+                engine_config.hot_period,
+                engine_config.stream_tokens,
+            )
         self.fingerprint = model_fingerprint(path, self.dtype)
 
     def new_cache(

@@ -95,9 +95,16 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, D, I))
         self.limit = config.swiglu_limit
 
+    fused = True  # the Triton path computes every expert in one kernel; tiered experts compute per expert
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on rows x [n, D] -> [n, D]."""
+        gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)  # [n, I] each
+        return F.linear(swiglu(gate, up, self.limit), self.w2[e])
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         T, K = expert_ids.shape
-        if triton_enabled(x.device):
+        if self.fused and triton_enabled(x.device):
             from ds4.kernels.moe import fused_moe
 
             return fused_moe(x, self.w13, self.w2, weights, expert_ids, limit=self.limit)
@@ -114,8 +121,7 @@ class Experts(nn.Module):
             if n == 0:
                 continue
             rows = slice(start, start + n)
-            gate, up = F.linear(xs[rows], self.w13[e]).chunk(2, dim=-1)  # [n, I] each
-            ys[rows] = F.linear(swiglu(gate, up, self.limit), self.w2[e])  # [n, D]
+            ys[rows] = self.expert(e, xs[rows])  # [n, D]
             start += n
         ys = (ys.float() * weights.flatten()[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_ids, ys)  # [T, D]
@@ -123,8 +129,7 @@ class Experts(nn.Module):
     def _single_token(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: list[int]) -> torch.Tensor:
         ys = []
         for e in sorted(expert_ids):  # ascending, the order the batched path sums in
-            gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)  # [1, I] each
-            ys.append(F.linear(swiglu(gate, up, self.limit), self.w2[e]))  # [1, D]
+            ys.append(self.expert(e, x))  # [1, D]
         order = sorted(range(len(expert_ids)), key=expert_ids.__getitem__)
         scaled = torch.cat(ys).float() * weights[order, None]  # [K, D]
         return scaled.sum(0, keepdim=True).to(x.dtype)

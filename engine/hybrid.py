@@ -1,0 +1,100 @@
+"""Hybrid execution: routed experts in host RAM, computed on the CPU, with the popular ones cached on
+the compute device (the GPU). The rest of the model runs where the engine runs.
+
+Each MoE layer's experts become `TieredExperts`: the full stack stays on `expert_device`; up to
+`hot` experts per layer also live on the compute device. Routing counts, decayed over time, decide
+which: every `period` forward passes the most popular experts are promoted and the least popular
+evicted, during generation. A step computes each expert where its weights are (the activations move,
+not the weights), except in long prefills (`stream_tokens` tokens or more in one pass), where the
+cold experts a pass uses are copied to the compute device once for that pass.
+
+Results do not depend on placement: every expert computes the same operations on the same values,
+summed in the same order. On a CPU-only machine every tier is the CPU, so the logic is tested
+everywhere; on a GPU it moves real bytes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ds4.engine.layers.moe import Experts, swiglu
+
+
+class TieredExperts(Experts):
+    fused = False  # placement is per expert
+
+    def __init__(
+        self, base: Experts, hot: int, compute_device, expert_device, period: int, stream_tokens: int
+    ):
+        nn.Module.__init__(self)
+        self.limit = base.limit
+        self.w13 = nn.Parameter(base.w13.data.to(expert_device), requires_grad=False)
+        self.w2 = nn.Parameter(base.w2.data.to(expert_device), requires_grad=False)
+        self.capacity, self.period, self.stream_tokens = hot, period, stream_tokens
+        self.compute_device, self.expert_device = torch.device(compute_device), torch.device(expert_device)
+        self.counts = torch.zeros(self.w13.shape[0], dtype=torch.float64)
+        self.hot: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.calls = 0
+        self.stats = {"promoted": 0, "evicted": 0, "hot_rows": 0, "cold_rows": 0, "streamed": 0}
+        self._streamed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        weights = self.hot.get(e) or self._streamed.get(e)
+        if weights is not None:
+            self.stats["hot_rows"] += x.shape[0]
+            w13, w2 = weights
+            device = self.compute_device
+        else:
+            self.stats["cold_rows"] += x.shape[0]
+            w13, w2 = self.w13[e], self.w2[e]
+            device = self.expert_device
+        gate, up = nn.functional.linear(x.to(device), w13).chunk(2, dim=-1)
+        return nn.functional.linear(swiglu(gate, up, self.limit), w2).to(x.device)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        self.counts += torch.bincount(expert_ids.flatten().cpu(), minlength=self.counts.numel()).double()
+        if x.shape[0] >= self.stream_tokens:  # a long prefill: the cold experts it uses come over once
+            used = [int(e) for e in expert_ids.flatten().unique().tolist() if int(e) not in self.hot]
+            device = self.compute_device
+            self._streamed = {e: (self.w13[e].to(device), self.w2[e].to(device)) for e in used}
+            self.stats["streamed"] += len(used)
+        try:
+            return super().forward(x, weights, expert_ids)
+        finally:
+            self._streamed = {}
+            self.calls += 1
+            if self.calls % self.period == 0:
+                self.rebalance()
+
+    def rebalance(self) -> None:
+        """The `capacity` most popular experts are the hot ones; counts decay so popularity can move."""
+        if self.capacity <= 0:
+            return
+        ranked = torch.sort(self.counts, descending=True, stable=True).indices[: self.capacity].tolist()
+        wanted = set(ranked)
+        for e in [e for e in self.hot if e not in wanted]:
+            del self.hot[e]
+            self.stats["evicted"] += 1
+        for e in ranked:
+            if e not in self.hot:
+                self.hot[e] = (self.w13[e].to(self.compute_device), self.w2[e].to(self.compute_device))
+                self.stats["promoted"] += 1
+        self.counts *= 0.5
+
+
+def make_hybrid(
+    model: nn.Module,
+    hot: int,
+    compute_device,
+    expert_device="cpu",
+    period: int = 8,
+    stream_tokens: int = 4096,
+) -> list[TieredExperts]:
+    """Replaces every MoE layer's experts with tiered ones; returns them (their stats tell the moves)."""
+    tiered = []
+    for module in list(model.modules()):
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, Experts) and not isinstance(experts, TieredExperts):
+            module.experts = TieredExperts(experts, hot, compute_device, expert_device, period, stream_tokens)
+            tiered.append(module.experts)
+    return tiered
