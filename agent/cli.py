@@ -105,6 +105,16 @@ def _add_bench(sub) -> None:
     kern.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
     kern.add_argument("--json", action="store_true")
     kern.set_defaults(func=_cmd_bench_kernels)
+    hybrid = bench_sub.add_parser(
+        "hybrid",
+        help="decode tokens/s under expert placements (hot / in RAM) next to the planner's prediction",
+    )
+    hybrid.add_argument("--model", required=True, help="checkpoint folder (e.g. the small preset)")
+    hybrid.add_argument("--tokens", type=int, default=32)
+    hybrid.add_argument("--prompt-tokens", type=int, default=64)
+    hybrid.add_argument("--runs", type=int, default=3)
+    hybrid.add_argument("--json", action="store_true")
+    hybrid.set_defaults(func=_cmd_bench_hybrid)
     serving = bench_sub.add_parser(
         "serve", help="TTFT p50/p99 and tokens/s of concurrent streaming clients: ds4 serve vs a peer server"
     )
@@ -520,6 +530,15 @@ def _cmd_bench_kernels(args) -> int:
         else "CPU (Triton interpreter)"
     )
     print(to_json(name, rates, results) if args.json else format_report(name, rates, results))
+    return 0
+
+
+def _cmd_bench_hybrid(args) -> int:
+    from ds4.engine.hybrid_bench import bench_hybrid, format_report
+
+    _require_dir(args.model)
+    report = bench_hybrid(args.model, args.tokens, args.prompt_tokens, args.runs)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 

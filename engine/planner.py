@@ -23,7 +23,7 @@ from ds4.engine.sizing import (
 )
 
 GB = 1e9
-EXPERT_FORMATS = ("bf16", "fp8", "fp4", "int4")
+EXPERT_FORMATS = ("fp32", "bf16", "fp8", "fp4", "int4")
 
 
 @dataclass
@@ -57,6 +57,8 @@ class Device:
 
 def _tensor_bytes(name: str, shape: tuple[int, ...], attn_fmt: str, expert_fmt: str) -> float:
     numel = math.prod(shape)
+    if attn_fmt == "fp32":  # a float32 run (ds4 on a CPU): everything at 4 bytes
+        return 4 * numel
     if ".ffn.experts." in name:
         return _matrix_bytes(shape, expert_fmt)
     if len(shape) < 2 or any(x in name for x in _HIGH_PRECISION):
@@ -69,6 +71,8 @@ def _matrix_bytes(shape: tuple[int, ...], fmt: str) -> float:
     n = math.prod(stack) if stack else 1
     if fmt == "bf16":
         return 2 * n * out_dim * in_dim
+    if fmt == "fp32":
+        return 4 * n * out_dim * in_dim
     if fmt == "fp4":  # e2m1 pairs per byte, one e8m0 scale per 32 inputs
         return n * (out_dim * in_dim / 2 + out_dim * math.ceil(in_dim / FP4_GROUP))
     if fmt == "int4":  # two per byte, one bf16 scale per 32 inputs

@@ -67,3 +67,25 @@ def test_hybrid_settings_are_checked():
         EngineConfig(hot_experts=-1)
     with pytest.raises(ValueError, match="hot_period"):
         EngineConfig(hot_period=0)
+
+
+def test_bench_hybrid_reports_each_placement_and_the_prediction(tmp_path):
+    import json
+
+    path = tmp_path / "tiny"
+    subprocess.run(
+        [EXE, "model", "init", "--family", "deepseek_v3", "--preset", "tiny", "--out", str(path)],
+        check=True,
+        capture_output=True,
+    )
+    run = subprocess.run(
+        [EXE, "bench", "hybrid", "--model", str(path), "--tokens", "4", "--runs", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout)
+    assert [r["hot_experts"] for r in report["results"]] == [None, 8, 4, 0]
+    assert all(r["decode_tokens_per_s"] > 0 for r in report["results"])
+    assert report["predicted_decode_tokens_per_s"] > 0 and report["machine"]["copy_gb_per_s"] > 0

@@ -1,0 +1,102 @@
+"""`ds4-agent bench hybrid`: decode tokens/s of a checkpoint under several expert placements (single
+device; all, half or none of each layer's experts hot), next to what the planner predicts for this
+machine from its measured copy bandwidth and matmul rate."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ds4.engine import LLM, SamplingParams
+from ds4.engine.planner import Hardware, plan
+
+
+def measure_machine(device: str = "cpu") -> dict:
+    n = 64 << 20  # 256 MB of float32
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    best_copy = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
+    a = torch.randn(1024, 1024, device=device)
+    best_mm = min(_timed(lambda: a @ a) for _ in range(5))
+    return {"copy_gb_per_s": 2 * n * 4 / best_copy / 1e9, "matmul_tflop_per_s": 2 * 1024**3 / best_mm / 1e12}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def decode_rate(llm: LLM, prompt: list[int], tokens: int, runs: int) -> float:
+    """Decode tokens/s: (N - 1) tokens over the time a generation of N takes beyond a generation of 1."""
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    many = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    llm.generate([prompt], one)  # warm-up
+    rates = []
+    for i in range(runs):
+        p = [t + i for t in prompt]  # no prefix-cache hits between runs
+        t1 = _timed(lambda p=p: llm.generate([p], one))
+        tn = _timed(lambda p=p: llm.generate([[t + 1 for t in p]], many))
+        rates.append((tokens - 1) / max(tn - t1, 1e-9))
+    return sorted(rates)[len(rates) // 2]
+
+
+def bench_hybrid(model_dir: str, tokens: int = 32, prompt_tokens: int = 64, runs: int = 3) -> dict:
+    probe = LLM(model_dir)
+    config = probe.config
+    experts = config.n_routed_experts
+    prompt = list(range(10, 10 + prompt_tokens))
+    machine = measure_machine()
+    rows = [("single device", None)] + [
+        (f"{h} of {experts} experts hot per layer", h) for h in (experts, experts // 2, 0)
+    ]
+    results = []
+    for label, hot in rows:
+        llm = probe if hot is None else LLM(model_dir, hot_experts=hot, hot_period=8)
+        results.append(
+            {
+                "placement": label,
+                "hot_experts": hot,
+                "decode_tokens_per_s": decode_rate(llm, prompt, tokens, runs),
+            }
+        )
+    bw, flops = machine["copy_gb_per_s"] * 1e9, machine["matmul_tflop_per_s"] * 1e12
+    hw = Hardware(
+        gpu_bandwidth=bw,
+        ram_bandwidth=bw,
+        gpu_flops=flops,
+        cpu_flops=flops,
+        gpu_reserve=0,
+        ram_reserve=0,
+        layer_overhead=0,
+    )
+    predicted = plan(
+        config,
+        model_dir,
+        [1e12],
+        1e12,
+        context=prompt_tokens + tokens,
+        batch=1,
+        expert_format="fp32",
+        attn_format="fp32",
+        hardware=hw,
+    )
+    return {
+        "machine": machine,
+        "results": results,
+        "predicted_decode_tokens_per_s": predicted.decode_tokens_per_s,
+    }
+
+
+def format_report(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"this machine: copy {m['copy_gb_per_s']:.1f} GB/s, fp32 matmul {m['matmul_tflop_per_s']:.2f} TFLOP/s"
+    ]
+    for r in report["results"]:
+        lines.append(f"  {r['placement']:<34} decode {r['decode_tokens_per_s']:8.1f} tok/s")
+    lines.append(
+        f"  planner's prediction for this machine: {report['predicted_decode_tokens_per_s']:.1f} tok/s"
+    )
+    return "\n".join(lines)
