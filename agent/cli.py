@@ -39,7 +39,7 @@ def _add_model_commands(sub) -> None:
     )
     quant.add_argument("src", help="a checkpoint folder (bf16/fp32, or DeepSeek's FP8/FP4)")
     quant.add_argument("--out", required=True, help="a new, empty folder")
-    quant.add_argument("--experts", choices=["fp4", "fp8", "bf16"], default="fp4")
+    quant.add_argument("--experts", choices=["fp4", "int4", "fp8", "bf16"], default="fp4")
     quant.add_argument("--attn", choices=["fp8", "bf16"], default="fp8")
     quant.add_argument("--shard-gb", type=float, default=2.0, help="shard size (memory stays near it)")
     quant.add_argument("--json", action="store_true")

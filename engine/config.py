@@ -88,6 +88,7 @@ class ModelConfig:
     index_head_dim: int = 0
     index_topk: int = 0
     fp8_block_size: tuple[int, int] | None = None
+    int4_experts: bool = False  # packed routed experts are int4 (ds4 model quantize), not FP4 e2m1
     torch_dtype: str = "float32"
     # DeepSeek-V4 only (zero/empty elsewhere): one K=V head of head_dim, a sliding window, per-layer
     # compression (0 = window only), grouped output projection, mHC streams, clamped SwiGLU.
@@ -228,6 +229,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id", 0),
             eos_token_ids=eos_ids,
             fp8_block_size=fp8_block,
+            int4_experts=(cfg.get("ds4_quantization") or {}).get("experts") == "int4",
             torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
             extra={k: v for k, v in cfg.items() if k.startswith("ds4_")},
             **indexer,
@@ -369,6 +371,7 @@ def _v4_from_hf(cls, cfg: dict, source: str) -> ModelConfig:
         index_head_dim=int(need("index_head_dim")),
         index_topk=int(need("index_topk")),
         fp8_block_size=tuple(quant.get("weight_block_size") or (128, 128)) if quant else None,
+        int4_experts=(cfg.get("ds4_quantization") or {}).get("experts") == "int4",
         torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
         head_dim=head_dim,
         sliding_window=int(need("sliding_window")),

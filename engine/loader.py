@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from ds4.engine.config import ModelConfig
 from ds4.engine.errors import CheckpointError
 from ds4.engine.names import LAYER_PATTERN, Target, ds4_to_hf, hf_to_ds4
-from ds4.engine.quant import FP4_GROUP, dequantize_fp4, dequantize_fp8_blocks, scale_shape
+from ds4.engine.quant import FP4_GROUP, dequantize_fp4, dequantize_fp8_blocks, dequantize_int4, scale_shape
 
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn}
@@ -161,7 +161,8 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig) 
             integer = not params[target.param].is_floating_point()
             tensor = _read(handle, name, file, INT_DTYPES if integer else WEIGHT_DTYPES)
             if tensor.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8) and not integer:
-                tensor = _dequantize(name, tensor, name_to_file, block)
+                int4 = config.int4_experts and ".experts." in name and "shared_experts" not in name
+                tensor = _dequantize(name, tensor, name_to_file, block, int4)
             _copy_into(params[target.param], target, tensor, name, file)
             loaded.add(_key(target))
 
@@ -217,9 +218,10 @@ def _check_scale(name: str, weight: str, name_to_file: dict[str, Path], config: 
         )
 
 
-def _dequantize(name: str, weight: torch.Tensor, name_to_file, block) -> torch.Tensor:
-    """float32 weights from FP8 (128x128 block scales) or packed FP4 (one e8m0 scale per 32 inputs)."""
-    kind = "FP8" if weight.dtype == torch.float8_e4m3fn else "FP4"
+def _dequantize(name: str, weight: torch.Tensor, name_to_file, block, int4: bool = False) -> torch.Tensor:
+    """float32 weights from FP8 (128x128 block scales), packed FP4 (one e8m0 scale per 32 inputs) or
+    packed int4 (one bf16 scale per 32 inputs; routed experts of ds4-quantized checkpoints)."""
+    kind = "FP8" if weight.dtype == torch.float8_e4m3fn else "INT4" if int4 else "FP4"
     scale_name = _scale_of(name, name_to_file)
     if scale_name is None:
         raise CheckpointError(
@@ -239,7 +241,9 @@ def _dequantize(name: str, weight: torch.Tensor, name_to_file, block) -> torch.T
             f"{scale_name} in {scale_file.name} has shape {tuple(scale.shape)}; {kind} weight "
             f"{tuple(weight.shape)} {how} needs {need}"
         )
-    return dequantize_fp8_blocks(weight, scale, block) if kind == "FP8" else dequantize_fp4(weight, scale)
+    if kind == "FP8":
+        return dequantize_fp8_blocks(weight, scale, block)
+    return dequantize_int4(weight, scale) if kind == "INT4" else dequantize_fp4(weight, scale)
 
 
 def _copy_into(

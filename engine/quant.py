@@ -64,3 +64,21 @@ def quantize_fp4(weight: torch.Tensor, group: int = FP4_GROUP) -> tuple[torch.Te
     codes = (codes + 8 * (w < 0)).view(out_dim, in_dim).to(torch.uint8)
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(torch.int8)
     return packed, scale.squeeze(-1).to(torch.float8_e8m0fnu)
+
+
+def quantize_int4(weight: torch.Tensor, group: int = FP4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 [out, in/2], bf16 scales [out, in/group]): symmetric int4, each group scaled so its
+    largest magnitude maps to 7, stored as code + 8 (0..15), the even input in the low nibble."""
+    out_dim, in_dim = weight.shape
+    assert in_dim % group == 0 and in_dim % 2 == 0, f"in_dim {in_dim} must be a multiple of {group}"
+    w = weight.float().view(out_dim, in_dim // group, group)
+    scale = (w.abs().amax(dim=-1, keepdim=True) / 7.0).clamp(min=1e-12).to(torch.bfloat16).float()
+    codes = ((w / scale).round().clamp(-8, 7) + 8).to(torch.uint8).view(out_dim, in_dim)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), scale.squeeze(-1).to(torch.bfloat16)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group: int = FP4_GROUP) -> torch.Tensor:
+    """float32 [out, in] from quantize_int4's packed codes and per-group scales."""
+    codes = packed.view(torch.uint8).long()
+    values = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2).float() - 8.0
+    return values * scale.float().repeat_interleave(group, dim=-1)[..., : values.shape[-1]]

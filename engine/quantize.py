@@ -25,8 +25,10 @@ from ds4.engine.quant import (
     FP4_GROUP,
     dequantize_fp4,
     dequantize_fp8_blocks,
+    dequantize_int4,
     quantize_fp4,
     quantize_fp8_blocks,
+    quantize_int4,
 )
 
 KEEP = (
@@ -86,8 +88,8 @@ def quantize_checkpoint(
     src: str | Path, dst: str | Path, experts: str = "fp4", attn: str = "fp8", shard_bytes: int = 2 << 30
 ) -> QuantizeReport:
     src, dst = Path(src), Path(dst)
-    if experts not in ("fp4", "fp8", "bf16") or attn not in ("fp8", "bf16"):
-        raise ValueError(f"experts fp4|fp8|bf16 and attn fp8|bf16, not {experts!r} / {attn!r}")
+    if experts not in ("fp4", "int4", "fp8", "bf16") or attn not in ("fp8", "bf16"):
+        raise ValueError(f"experts fp4|int4|fp8|bf16 and attn fp8|bf16, not {experts!r} / {attn!r}")
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} is not empty: quantize into a new folder")
     files = _files(src)
@@ -137,12 +139,18 @@ def quantize_checkpoint(
                 tensor = dequantize_fp8_blocks(tensor, scales) if fp8 else dequantize_fp4(tensor, scales)
             kind = _kind(name, tuple(tensor.shape))
             fmt = {"expert": experts, "matrix": attn}.get(kind, "keep")
-            if fmt == "fp4" and tensor.shape[1] % FP4_GROUP:
+            if fmt in ("fp4", "int4") and tensor.shape[1] % FP4_GROUP:
                 report.kept_shapes.append(
                     f"{name} {tuple(tensor.shape)}: inputs not a multiple of {FP4_GROUP}"
                 )
                 fmt = "bf16"
-            if fmt == "fp4":
+            if fmt == "int4":
+                packed, scales = quantize_int4(tensor)
+                _worst(report, "int4", _rel(dequantize_int4(packed, scales), tensor.float()))
+                put(name, packed)
+                put(name + "_scale_inv", scales)
+                report.experts_quantized += 1
+            elif fmt == "fp4":
                 packed, scales = quantize_fp4(tensor)
                 _worst(report, "fp4", _rel(dequantize_fp4(packed, scales), tensor.float()))
                 put(name, packed)

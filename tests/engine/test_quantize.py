@@ -1,7 +1,7 @@
-"""`ds4-agent model quantize`: FP4 / FP8 experts and FP8 / bf16 other matrices for every family, written
-shard by shard; the loader reads the result and the model scores within the documented bounds:
-per tensor (relative Frobenius error) FP8 <= 0.035 and FP4 <= 0.13 on Gaussian weights, end to end
-(logits, relative) < 0.15 on the tiny presets, with the top token kept at most positions."""
+"""`ds4-agent model quantize`: FP4 / int4 / FP8 experts and FP8 / bf16 other matrices for every family,
+written shard by shard; the loader reads the result and the model scores within the documented
+bounds: per tensor (relative Frobenius error) FP8 <= 0.035, FP4 <= 0.13 and int4 <= 0.12 on Gaussian
+weights; end to end (logits, relative) < 0.15 on the tiny presets, the top token kept at most positions."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 from ds4.engine import LLM
 from ds4.engine.quantize import quantize_checkpoint
@@ -40,7 +41,7 @@ def family_checkpoint(request, tmp_path_factory):
     return path, LLM(path).score(IDS)
 
 
-@pytest.mark.parametrize("experts, attn", [("fp4", "fp8"), ("fp8", "fp8"), ("fp4", "bf16")])
+@pytest.mark.parametrize("experts, attn", [("fp4", "fp8"), ("int4", "fp8"), ("fp8", "fp8"), ("fp4", "bf16")])
 def test_quantize_load_score_within_bounds(family_checkpoint, tmp_path, experts, attn):
     src, ref = family_checkpoint
     report = quantize_checkpoint(
@@ -49,6 +50,7 @@ def test_quantize_load_score_within_bounds(family_checkpoint, tmp_path, experts,
     assert report.shards > 1 and report.experts_quantized > 0 and not report.kept_shapes
     assert report.matrices_quantized > 0 if attn == "fp8" else report.matrices_quantized == 0
     assert report.max_rel_error.get("fp8", 0.0) <= 0.035 and report.max_rel_error.get("fp4", 0.0) <= 0.13
+    assert report.max_rel_error.get("int4", 0.0) <= 0.12
     index = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == report.shards
     config = json.loads((tmp_path / "q" / "config.json").read_text())
@@ -78,3 +80,14 @@ def test_quantize_refuses_a_non_empty_destination(family_checkpoint, tmp_path):
     )
     assert run.returncode == 1 and "not empty" in run.stderr
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+
+
+def test_int4_round_trip_is_bounded_per_group():
+    from ds4.engine.quant import dequantize_int4, quantize_int4
+
+    weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(3))
+    packed, scales = quantize_int4(weight)
+    assert packed.dtype == torch.uint8 and packed.shape == (48, 48) and scales.shape == (48, 3)
+    back = dequantize_int4(packed, scales)
+    step = scales.float().repeat_interleave(32, dim=-1)
+    assert ((back - weight).abs() <= 0.5 * step * 1.01 + 1e-6).all()  # within half a step of its group
