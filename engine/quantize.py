@@ -47,6 +47,11 @@ KEEP = (
     "bias",
 )
 SCALE_SUFFIXES = ("_scale_inv", ".scale")
+FORMATS = {  # format -> (quantize, dequantize); the scales are written as NAME_scale_inv
+    "fp8": (quantize_fp8_blocks, dequantize_fp8_blocks),
+    "fp4": (quantize_fp4, dequantize_fp4),
+    "int4": (quantize_int4, dequantize_int4),
+}
 
 
 @dataclass
@@ -144,23 +149,11 @@ def quantize_checkpoint(
                     f"{name} {tuple(tensor.shape)}: inputs not a multiple of {FP4_GROUP}"
                 )
                 fmt = "bf16"
-            if fmt == "int4":
-                packed, scales = quantize_int4(tensor)
-                _worst(report, "int4", _rel(dequantize_int4(packed, scales), tensor.float()))
-                put(name, packed)
-                put(name + "_scale_inv", scales)
-                report.experts_quantized += 1
-            elif fmt == "fp4":
-                packed, scales = quantize_fp4(tensor)
-                _worst(report, "fp4", _rel(dequantize_fp4(packed, scales), tensor.float()))
-                put(name, packed)
-                put(name + "_scale_inv", scales)
-                report.experts_quantized += kind == "expert"
-                report.matrices_quantized += kind == "matrix"
-            elif fmt == "fp8":
-                q, scales = quantize_fp8_blocks(tensor)
-                _worst(report, "fp8", _rel(dequantize_fp8_blocks(q, scales), tensor.float()))
-                put(name, q)
+            if fmt in FORMATS:
+                quantize, dequantize = FORMATS[fmt]
+                values, scales = quantize(tensor)
+                _worst(report, fmt, _rel(dequantize(values, scales), tensor.float()))
+                put(name, values)
                 put(name + "_scale_inv", scales)
                 report.experts_quantized += kind == "expert"
                 report.matrices_quantized += kind == "matrix"

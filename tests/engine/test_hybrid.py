@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from ds4.engine import LLM, SamplingParams
+from ds4.engine.random_checkpoint import init_checkpoint
 from tests.agent.test_api import EXE
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -19,23 +20,7 @@ PROMPTS = [list(range(5, 40)), list(range(100, 112))]
 @pytest.fixture(scope="module", params=["deepseek_v3", "deepseek_v32", "deepseek_v4"])
 def checkpoint(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param) / "ckpt"
-    subprocess.run(
-        [
-            EXE,
-            "model",
-            "init",
-            "--family",
-            request.param,
-            "--preset",
-            "tiny",
-            "--out",
-            str(path),
-            "--seed",
-            "4",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    init_checkpoint(request.param, "tiny", path, seed=4)
     return path
 
 
@@ -73,11 +58,7 @@ def test_bench_hybrid_reports_each_placement_and_the_prediction(tmp_path):
     import json
 
     path = tmp_path / "tiny"
-    subprocess.run(
-        [EXE, "model", "init", "--family", "deepseek_v3", "--preset", "tiny", "--out", str(path)],
-        check=True,
-        capture_output=True,
-    )
+    init_checkpoint("deepseek_v3", "tiny", path)
     run = subprocess.run(
         [EXE, "bench", "hybrid", "--model", str(path), "--tokens", "4", "--runs", "1", "--json"],
         capture_output=True,

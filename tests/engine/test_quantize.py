@@ -13,6 +13,7 @@ import torch
 
 from ds4.engine import LLM
 from ds4.engine.quantize import quantize_checkpoint
+from ds4.engine.random_checkpoint import init_checkpoint
 from tests.agent.test_api import EXE
 
 IDS = list(range(3, 60))
@@ -21,23 +22,7 @@ IDS = list(range(3, 60))
 @pytest.fixture(scope="module", params=["deepseek_v3", "deepseek_v32", "deepseek_v4"])
 def family_checkpoint(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param) / "src"
-    subprocess.run(
-        [
-            EXE,
-            "model",
-            "init",
-            "--family",
-            request.param,
-            "--preset",
-            "tiny",
-            "--out",
-            str(path),
-            "--seed",
-            "1",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    init_checkpoint(request.param, "tiny", path, seed=1)
     return path, LLM(path).score(IDS)
 
 
@@ -100,11 +85,7 @@ def test_small_presets_stay_within_the_documented_bound(family, tmp_path):
     so the bound that means something is the relative logit error: <= 0.45 with FP4 experts and FP8
     attention (docs/perf.md has the measured figures)."""
     src = tmp_path / "src"
-    subprocess.run(
-        [EXE, "model", "init", "--family", family, "--preset", "small", "--out", str(src), "--seed", "1"],
-        check=True,
-        capture_output=True,
-    )
+    init_checkpoint(family, "small", src, seed=1)
     ids = list(range(3, 67))
     ref = LLM(src).score(ids)
     report = quantize_checkpoint(src, tmp_path / "q", "fp4", "fp8")

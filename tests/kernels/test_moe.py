@@ -62,11 +62,21 @@ def _per_expert(quantize, weight):
     return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
 
-def test_fused_moe_fp8_block_scaled_experts(gen):
-    tokens, topk, experts, dim, inter = 6, 2, 5, 160, 136  # partial 128 x 128 blocks on both axes
+@pytest.mark.parametrize(
+    "quant, shape, quantize, dequantize, tol",
+    [
+        # partial 128 x 128 blocks on both axes
+        ("fp8", (6, 2, 5, 160, 136), quantize_fp8_blocks, dequantize_fp8_blocks, 1e-4),
+        ("fp4", (7, 3, 4, 64, 96), quantize_fp4, dequantize_fp4, 1e-3),
+    ],
+)
+def test_fused_moe_quantized_experts(gen, quant, shape, quantize, dequantize, tol):
+    """FP8 block-scaled and FP4 e2m1 experts, dequantized in the kernel: the reference gets the same
+    dequantized weights, so what is compared is the kernel, not the format."""
+    tokens, topk, experts, dim, inter = shape
     x = randn(gen, tokens, dim)
-    w13, s13 = _per_expert(quantize_fp8_blocks, torch.randn(experts, 2 * inter, dim, generator=gen) * 0.1)
-    w2, s2 = _per_expert(quantize_fp8_blocks, torch.randn(experts, dim, inter, generator=gen) * 0.1)
+    w13, s13 = _per_expert(quantize, torch.randn(experts, 2 * inter, dim, generator=gen) * 0.1)
+    w2, s2 = _per_expert(quantize, torch.randn(experts, dim, inter, generator=gen) * 0.1)
     weights, ids = routing(gen, tokens, topk, experts)
     got = fused_moe(
         x,
@@ -74,39 +84,15 @@ def test_fused_moe_fp8_block_scaled_experts(gen):
         w2.to(DEVICE),
         weights,
         ids,
-        quant="fp8",
+        quant=quant,
         w13_scale=s13.to(DEVICE),
         w2_scale=s2.to(DEVICE),
     )
-    deq13 = torch.stack([dequantize_fp8_blocks(w, s) for w, s in zip(w13, s13, strict=True)]).to(DEVICE)
-    deq2 = torch.stack([dequantize_fp8_blocks(w, s) for w, s in zip(w2, s2, strict=True)]).to(DEVICE)
+    deq13 = torch.stack([dequantize(w, s) for w, s in zip(w13, s13, strict=True)]).to(DEVICE)
+    deq2 = torch.stack([dequantize(w, s) for w, s in zip(w2, s2, strict=True)]).to(DEVICE)
     want = reference.fused_moe(x, deq13, deq2, weights, ids)
     torch.testing.assert_close(
-        got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"seed {gen.initial_seed()}: {m}"
-    )
-
-
-def test_fused_moe_fp4_experts(gen):
-    tokens, topk, experts, dim, inter = 7, 3, 4, 64, 96
-    x = randn(gen, tokens, dim)
-    w13, s13 = _per_expert(quantize_fp4, torch.randn(experts, 2 * inter, dim, generator=gen))
-    w2, s2 = _per_expert(quantize_fp4, torch.randn(experts, dim, inter, generator=gen))
-    weights, ids = routing(gen, tokens, topk, experts)
-    got = fused_moe(
-        x,
-        w13.to(DEVICE),
-        w2.to(DEVICE),
-        weights,
-        ids,
-        quant="fp4",
-        w13_scale=s13.to(DEVICE),
-        w2_scale=s2.to(DEVICE),
-    )
-    deq13 = torch.stack([dequantize_fp4(w, s) for w, s in zip(w13, s13, strict=True)]).to(DEVICE)
-    deq2 = torch.stack([dequantize_fp4(w, s) for w, s in zip(w2, s2, strict=True)]).to(DEVICE)
-    want = reference.fused_moe(x, deq13, deq2, weights, ids)
-    torch.testing.assert_close(
-        got, want, atol=1e-3, rtol=1e-4, msg=lambda m: f"seed {gen.initial_seed()}: {m}"
+        got, want, atol=tol, rtol=1e-4, msg=lambda m: f"seed {gen.initial_seed()}: {m}"
     )
 
 
