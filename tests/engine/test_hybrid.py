@@ -69,4 +69,4 @@ def test_bench_hybrid_reports_each_placement_and_the_prediction(tmp_path):
     report = json.loads(run.stdout)
     assert [r["hot_experts"] for r in report["results"]] == [None, 8, 4, 0]
     assert all(r["decode_tokens_per_s"] > 0 for r in report["results"])
-    assert report["predicted_decode_tokens_per_s"] > 0 and report["machine"]["copy_gb_per_s"] > 0
+    assert report["predicted_decode_tokens_per_s"] > 0 and report["machine"]["read_gb_per_s"] > 0
