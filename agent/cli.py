@@ -55,10 +55,42 @@ def _add_generate(sub) -> None:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--device", default="cpu")
+    _add_device_flags(gen)
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--no-stream", action="store_true", help="print the completion at the end only")
     gen.set_defaults(func=_cmd_generate)
+
+
+def _add_device_flags(parser) -> None:
+    parser.add_argument(
+        "--device",
+        action="append",
+        default=None,
+        help="where the model runs (default cpu); repeat it to split the layers over several devices "
+        "in order, e.g. --device cuda:0 --device cuda:1",
+    )
+    parser.add_argument(
+        "--layer-split",
+        type=_layer_split,
+        default=None,
+        metavar="N,N,...",
+        help="with repeated --device: layers per device, e.g. 30,31 (default: balanced by weight bytes)",
+    )
+
+
+def _layer_split(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of layer counts, e.g. 30,31") from None
+
+
+def _device_kwargs(args) -> dict:
+    """The engine's placement from --device (once: that device; repeated: a pipeline) and --layer-split."""
+    devices = args.device or ["cpu"]
+    if len(devices) == 1 and args.layer_split is None:
+        return {"device": devices[0]}
+    return {"devices": tuple(devices), "layer_split": args.layer_split}
 
 
 def _add_bench(sub) -> None:
@@ -205,6 +237,7 @@ def _add_backend_flags(parser) -> None:
     where.add_argument("--model", help="a checkpoint folder: the engine runs in this process")
     where.add_argument("--endpoint", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8484")
     parser.add_argument("--model-name", default=None, help="with --endpoint: the model to ask for")
+    _add_device_flags(parser)
 
 
 def _add_fix(sub) -> None:
@@ -309,6 +342,7 @@ def _add_serve(sub) -> None:
         "--max-model-len", type=int, default=None, help="longest prompt + completion (default: the model's)"
     )
     serve.add_argument("--prefix-cache-dir", default=None, help="keep prefix-cache blocks on disk here")
+    _add_device_flags(serve)
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -461,7 +495,7 @@ def _cmd_model_info(args) -> int:
 def _cmd_generate(args) -> int:
     from ds4.engine import LLM, SamplingParams
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, **_device_kwargs(args))
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,
@@ -737,7 +771,7 @@ def _backend(args):
     from ds4.agent.backends import LocalBackend, OpenAIBackend
 
     if args.model:
-        return LocalBackend(args.model)
+        return LocalBackend(args.model, **_device_kwargs(args))
     return OpenAIBackend(args.endpoint, args.model_name, tokenizer_file=args.tokenizer)
 
 
@@ -811,7 +845,7 @@ def _cmd_serve(args) -> int:
             return 2
         backend = OpenAIBackend(args.endpoint, model.upstream_model, key)
     else:
-        engine_kwargs = {}
+        engine_kwargs = _device_kwargs(args)
         if args.num_cache_blocks is not None:
             engine_kwargs["num_cache_blocks"] = args.num_cache_blocks
         if args.prefix_cache_dir is not None:

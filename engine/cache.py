@@ -20,7 +20,9 @@ from ds4.engine.layers.engram import EngramState
 
 class PagedLatentCache:
     """Pools of blocks of `block_size` token rows per layer: [kv_lora_rank + qk_rope_head_dim] each (and
-    [index_head_dim] for V3.2). A sequence's rows live in its blocks, in order."""
+    [index_head_dim] for V3.2). A sequence's rows live in its blocks, in order. Each layer's pool lives
+    on that layer's device (`layer_devices`, default all on `device`); row indices are computed on the
+    first layer's, and a pipeline's forward context carries them to the others."""
 
     def __init__(
         self,
@@ -30,15 +32,16 @@ class PagedLatentCache:
         dtype: torch.dtype,
         device,
         blocks_per_slot: int | None = None,
+        layer_devices: list | None = None,
     ):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.blocks_per_slot = blocks_per_slot  # callers without a block manager: slot s owns a fixed run
         rows = num_blocks * block_size
         width = config.kv_lora_rank + config.qk_rope_head_dim
-        layers = range(config.num_hidden_layers)
-        self.kv = [torch.zeros(rows, width, dtype=dtype, device=device) for _ in layers]
+        devices = layer_devices or [device] * config.num_hidden_layers
+        self.kv = [torch.zeros(rows, width, dtype=dtype, device=d) for d in devices]
         self.index_k = (
-            [torch.zeros(rows, config.index_head_dim, dtype=dtype, device=device) for _ in layers]
+            [torch.zeros(rows, config.index_head_dim, dtype=dtype, device=d) for d in devices]
             if config.has_indexer
             else None
         )
@@ -106,9 +109,19 @@ class WindowCache:
     done) the state a block contributes is snapshotted: its compressed rows, and the window tail,
     overlaps and Engram context as they stand at its end. A sequence that hits cached blocks is
     restored from their snapshots and resumes exactly where a full computation would be.
+
+    Each layer's state and snapshots live on that layer's device (`layer_devices`, default `device`).
     """
 
-    def __init__(self, config: ModelConfig, max_len: int, dtype: torch.dtype, device, block_size: int = 256):
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_len: int,
+        dtype: torch.dtype,
+        device,
+        block_size: int = 256,
+        layer_devices: list | None = None,
+    ):
         ratios = [r for r in config.compress_ratios if r]
         if any(block_size % r for r in ratios) or block_size < config.sliding_window:
             raise ConfigError(
@@ -122,6 +135,7 @@ class WindowCache:
             block_size,
         )
         self.row_shape, self.dtype, self.device = (config.sliding_window, config.head_dim), dtype, device
+        self.layer_devices = list(layer_devices or [device] * config.num_hidden_layers)
         self.windows: dict[tuple[int, int], torch.Tensor] = {}
         self.states: dict[tuple[int, int, str], CompressorState] = {}
         self.engram_states: dict[tuple[int, int], EngramState] = {}
@@ -133,12 +147,14 @@ class WindowCache:
     def _window(self, layer: int, slot: int) -> torch.Tensor:
         key = (layer, slot)
         if key not in self.windows:
-            self.windows[key] = torch.zeros(self.row_shape, dtype=self.dtype, device=self.device)
+            self.windows[key] = torch.zeros(
+                self.row_shape, dtype=self.dtype, device=self.layer_devices[layer]
+            )
         return self.windows[key]
 
     def read_window(self, layer: int, slot: int, start: int) -> torch.Tensor:
         """Rows of the (up to size - 1) positions before `start`, oldest first: [P, head_dim]."""
-        earlier = torch.arange(max(0, start - self.size + 1), start, device=self.device)
+        earlier = torch.arange(max(0, start - self.size + 1), start, device=self.layer_devices[layer])
         return self._window(layer, slot)[earlier % self.size]
 
     def write_window(self, layer: int, slot: int, start: int, rows: torch.Tensor) -> None:
@@ -222,7 +238,10 @@ class WindowCache:
         return self.snapshots[block_id]
 
     def load_block(self, block_id: int, tensors: dict[str, torch.Tensor]) -> None:
-        self.snapshots[block_id] = {k: v.to(self.device) for k, v in tensors.items()}
+        """A snapshot from the disk tier; each tensor goes to its layer's device (names end in the layer)."""
+        self.snapshots[block_id] = {
+            k: v.to(self.layer_devices[int(k.rsplit(".", 1)[1])]) for k, v in tensors.items()
+        }
 
     def block_template(self) -> dict[str, torch.Tensor]:
         """Empty tensors with the names, shapes and dtypes of every snapshot, to check disk files against.

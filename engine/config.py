@@ -461,7 +461,9 @@ def _v4_ropes(cfg: dict) -> tuple[RopeConfig, RopeConfig]:
 class EngineConfig:
     """Runtime knobs, checked on construction."""
 
-    device: str = "cpu"
+    device: str | None = None  # the primary device (inputs, sampling); default: devices[0], else "cpu"
+    devices: tuple[str, ...] | None = None  # pipeline: the layers split in order over these (repeats allowed)
+    layer_split: tuple[int, ...] | None = None  # layers per device; default: balanced by weight bytes
     dtype: str = "float32"
     mla_mode: str = "auto"  # "auto": naive for prefill, absorbed for decode; or force one of them
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
@@ -478,6 +480,7 @@ class EngineConfig:
     stream_tokens: int = 4096  # prefill passes this long stream their cold experts to the device once
 
     def __post_init__(self):
+        self._check_devices()
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.mla_mode not in ("auto", "naive", "absorbed"):
@@ -491,3 +494,29 @@ class EngineConfig:
             raise ValueError("hot_period and stream_tokens must be positive")
         if self.num_cache_blocks is not None and self.num_cache_blocks < 1:
             raise ValueError(f"num_cache_blocks must be positive, got {self.num_cache_blocks}")
+
+    def _check_devices(self) -> None:
+        """`device` is `devices[0]` when a split is given; the split's per-device counts are checked
+        against the model's layers by the runner."""
+        if self.devices is not None:
+            devices = (self.devices,) if isinstance(self.devices, str) else tuple(self.devices)
+            if not devices or not all(isinstance(d, str) and d for d in devices):
+                raise ValueError(
+                    f"devices must name at least one device, e.g. ('cuda:0', 'cuda:1'); got {devices}"
+                )
+            if self.device is not None and self.device != devices[0]:
+                raise ValueError(
+                    f"device {self.device!r} must be the first of devices {list(devices)} (or left unset)"
+                )
+            object.__setattr__(self, "devices", devices)
+            object.__setattr__(self, "device", devices[0])
+        elif self.device is None:
+            object.__setattr__(self, "device", "cpu")
+        if self.layer_split is not None:
+            split = tuple(self.layer_split)
+            if self.devices is None or len(split) != len(self.devices):
+                raise ValueError(
+                    f"layer_split {list(split)} needs one layer count per device of devices "
+                    f"({'unset' if self.devices is None else list(self.devices)})"
+                )
+            object.__setattr__(self, "layer_split", split)

@@ -1,5 +1,6 @@
 """Hybrid execution: routed experts in host RAM, computed on the CPU, with the popular ones cached on
-the compute device (the GPU). The rest of the model runs where the engine runs.
+the compute device (the GPU). The rest of the model runs where the engine runs; a layer's compute
+device is its own (a pipeline's stage).
 
 Each MoE layer's experts become `TieredExperts`: the full stack stays on `expert_device`; up to
 `hot` experts per layer also live on the compute device. Routing counts, decayed over time, decide
@@ -83,18 +84,15 @@ class TieredExperts(Experts):
 
 
 def make_hybrid(
-    model: nn.Module,
-    hot: int,
-    compute_device,
-    expert_device="cpu",
-    period: int = 8,
-    stream_tokens: int = 4096,
+    model: nn.Module, hot: int, expert_device="cpu", period: int = 8, stream_tokens: int = 4096
 ) -> list[TieredExperts]:
-    """Replaces every MoE layer's experts with tiered ones; returns them (their stats tell the moves)."""
+    """Replaces every MoE layer's experts with tiered ones computing on the device the layer's experts
+    were materialized on (the layer's own); returns them (their stats tell the moves)."""
     tiered = []
     for module in list(model.modules()):
         experts = getattr(module, "experts", None)
         if isinstance(experts, Experts) and not isinstance(experts, TieredExperts):
+            compute_device = experts.w13.device
             module.experts = TieredExperts(experts, hot, compute_device, expert_device, period, stream_tokens)
             tiered.append(module.experts)
     return tiered

@@ -27,7 +27,9 @@ __all__ = ["LLM", "Prompt", "RequestOutput"]
 
 
 class LLM:
-    def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "float32", **engine_kwargs):
+    def __init__(self, model: str | Path, device: str | None = None, dtype: str = "float32", **engine_kwargs):
+        """`device`: where the model runs (default the CPU); or `devices=(...)` to split its layers over
+        several, in order (`layer_split` layers each, default balanced by bytes). See EngineConfig."""
         self.engine_config = EngineConfig(device=device, dtype=dtype, **engine_kwargs)
         self.runner = ModelRunner(model, self.engine_config)
         self.config = self.runner.config

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from ds4.engine.config import ModelConfig
 from ds4.engine.errors import CheckpointError
 from ds4.engine.names import LAYER_PATTERN, Target, ds4_to_hf, hf_to_ds4
+from ds4.engine.pipeline import layer_of
 from ds4.engine.quant import FP4_GROUP, dequantize_fp4, dequantize_fp8_blocks, dequantize_int4, scale_shape
 
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -97,15 +98,27 @@ def _read(handle, name: str, file: Path, allowed: dict = WEIGHT_DTYPES) -> torch
     raise CheckpointError(f"tensor {name} in {file.name} has dtype {dtype}; ds4 loads {expected}")
 
 
-def materialize(model: torch.nn.Module, config: ModelConfig, dtype: torch.dtype, device) -> None:
+def materialize(
+    model: torch.nn.Module, config: ModelConfig, dtype: torch.dtype, device, layer_devices=None
+) -> None:
     """Gives a meta-device model real (uninitialized) storage: routers in float32, the rest in `dtype`.
+
+    Everything goes to `device`, unless `layer_devices` (one per layer) pipelines the model: then the
+    parameters of layer i go to layer_devices[i], what the model registers before its layers (the
+    embeddings) to the first layer's device, and what comes after them (final norm, head) to the last's.
 
     On the CPU, matrices are stored input-major (a transposed view keeps their [out, in] shape): MKL's
     matrix-vector products read that layout about twice as fast, which is what decode is made of.
     """
-    device = torch.device(device)
+    home = torch.device(device)
+    stages = [torch.device(d) for d in layer_devices] if layer_devices else None
     keep_float32 = FLOAT32_PARAMS_V4 if config.is_v4 else FLOAT32_PARAMS
+    seen_layers = False
     for module_name, module in model.named_modules():
+        device, layer = home, layer_of(module_name)
+        seen_layers = seen_layers or layer is not None
+        if stages:
+            device = stages[layer] if layer is not None else stages[-1 if seen_layers else 0]
         for key, param in list(module._parameters.items()):
             if param is None:  # e.g. a Linear built without bias
                 continue

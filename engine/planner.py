@@ -57,10 +57,10 @@ class Device:
 
 def _tensor_bytes(name: str, shape: tuple[int, ...], attn_fmt: str, expert_fmt: str) -> float:
     numel = math.prod(shape)
-    if attn_fmt == "fp32":  # a float32 run (ds4 on a CPU): everything at 4 bytes
-        return 4 * numel
     if ".ffn.experts." in name:
         return _matrix_bytes(shape, expert_fmt)
+    if attn_fmt == "fp32":  # a float32 run (ds4 on a CPU): everything else at 4 bytes
+        return 4 * numel
     if len(shape) < 2 or any(x in name for x in _HIGH_PRECISION):
         return 2 * numel
     return _matrix_bytes(shape, attn_fmt)
@@ -147,6 +147,30 @@ def _attention_read_bytes(config: ModelConfig, context: int) -> float:
     return total
 
 
+def split_layers(
+    fixed: list[float], embed: float, head: float, n_devices: int, every_device: bool = False
+) -> list[list[int]]:
+    """Layers in order over `n_devices`, each device taking its share of the bytes (`fixed` per layer;
+    the embeddings on the first device and the head on the last counted in): a layer goes to the next
+    device once it would take the current one past its share by more than half of itself.
+
+    `every_device`: each device runs at least one layer (pipeline stages, given enough layers); the
+    planner lets a card hold only the embeddings or only the head when that balances better."""
+    target = (sum(fixed) + embed + head) / n_devices
+    stages: list[list[int]] = [[] for _ in range(n_devices)]
+    card, load = 0, embed
+    for i, nbytes in enumerate(fixed):
+        if card < n_devices - 1:
+            full = load + nbytes / 2 > target
+            if every_device:  # never leave this one empty, nor a later one without a layer to take
+                full = bool(stages[card]) and (full or len(fixed) - i <= n_devices - 1 - card)
+            if full:
+                card, load = card + 1, 0.0
+        stages[card].append(i)
+        load += nbytes
+    return stages
+
+
 @dataclass
 class Plan:
     model: str
@@ -200,18 +224,13 @@ def plan(
     devices = [Device(f"gpu{i}", cap, reserve=hw.gpu_reserve) for i, cap in enumerate(gpus)]
     devices[0].weights += comps["embed"]
     devices[-1].weights += comps["head"]
-    # layers in order, each card taking its share of the fixed bytes (embed and head counted in)
-    target = (sum(fixed) + comps["embed"] + comps["head"]) / len(devices)
-    card, load = 0, comps["embed"]
-    for i, nbytes in enumerate(fixed):
-        if card < len(devices) - 1 and load + nbytes / 2 > target:
-            card, load = card + 1, 0.0
-        device = devices[card]
-        device.layers.append(i)
-        lay = comps["layers"][i]
-        device.weights += lay["attention"] + lay["router"] + lay["shared"] + lay["dense"]
-        device.cache += caches[i]
-        load += nbytes
+    stages = split_layers(fixed, comps["embed"], comps["head"], len(devices))
+    for device, layers in zip(devices, stages, strict=True):
+        for i in layers:
+            device.layers.append(i)
+            lay = comps["layers"][i]
+            device.weights += lay["attention"] + lay["router"] + lay["shared"] + lay["dense"]
+            device.cache += caches[i]
     moe_layers = [i for i, lay in enumerate(comps["layers"]) if lay["experts"]]
     routed = sum(lay["experts"] for lay in comps["layers"])
     total_experts = len(moe_layers) * config.n_routed_experts

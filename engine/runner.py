@@ -1,10 +1,12 @@
-"""The model runner: loads a checkpoint onto a device and runs one forward step over a flat token batch."""
+"""The model runner: loads a checkpoint onto a device, or pipelined over several (the layers split in
+order), and runs one forward step over a flat token batch."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ds4.engine.cache import PagedLatentCache, WindowCache
 from ds4.engine.config import EngineConfig, ModelConfig
@@ -12,13 +14,15 @@ from ds4.engine.context import ForwardContext, SeqSlice, forward_context
 from ds4.engine.layers.engram import normalized_token_map
 from ds4.engine.loader import load_weights, materialize, model_fingerprint
 from ds4.engine.models import build_model
+from ds4.engine.pipeline import Pipeline, current_device, stage_sizes
 
 
 class ModelRunner:
     def __init__(self, path: str | Path, engine_config: EngineConfig):
         self.engine_config = engine_config
         self.config = ModelConfig.from_dir(path)
-        self.device = torch.device(engine_config.device)
+        self.devices = [torch.device(d) for d in engine_config.devices or (engine_config.device,)]
+        self.device = self.devices[0]  # where the inputs go; the layers' devices are `layer_devices`
         self.dtype = getattr(torch, engine_config.dtype)
         engram_tokens = None
         if self.config.engram is not None:
@@ -28,9 +32,15 @@ class ModelRunner:
             )
         with torch.device("meta"):
             self.model = build_model(self.config, engram_tokens)
-        materialize(self.model, self.config, self.dtype, self.device)
+        self.pipeline = self.model.pipeline = self._split()
+        self.layer_devices = self.pipeline.layer_devices  # and `pipeline.layer_stages`: the stage of each
+        materialize(self.model, self.config, self.dtype, self.device, self.layer_devices)
         load_weights(self.model, path, self.config)
+        head, last = self.model.head, self.model.norm.weight.device
+        if head.weight.device != last:  # tied to the embeddings, which live on the first stage
+            head.weight = nn.Parameter(head.weight.detach().to(last), requires_grad=False)
         self.model.eval()
+        self.handoffs = self.pipeline.stats  # activations moved between stages
         self.tiered = []  # hybrid execution: the tiered experts of each MoE layer
         if engine_config.hot_experts is not None:
             from ds4.engine.hybrid import make_hybrid
@@ -38,30 +48,41 @@ class ModelRunner:
             self.tiered = make_hybrid(
                 self.model,
                 engine_config.hot_experts,
-                self.device,
                 engine_config.expert_device,
                 engine_config.hot_period,
                 engine_config.stream_tokens,
             )
         self.fingerprint = model_fingerprint(path, self.dtype)
 
+    def _split(self) -> Pipeline:
+        """The layers over `devices` in order, each running its `layer_split` count of them (default:
+        balanced by the bytes of the layers' weights, as the planner balances its GPUs)."""
+        materialize(self.model, self.config, self.dtype, "meta")  # storage dtypes without storage: bytes
+        sizes = stage_sizes(self.model, len(self.devices), self.engine_config.layer_split)
+        return Pipeline.split(self.devices, sizes)
+
     def new_cache(
         self, num_slots: int, max_len: int, block_size: int = 256
     ) -> PagedLatentCache | WindowCache:
         """A cache for callers that manage no blocks: slot s owns positions [0, max_len) of its own."""
         if self.config.is_v4:
-            return WindowCache(self.config, max_len, self.dtype, self.device)
+            return WindowCache(
+                self.config, max_len, self.dtype, self.device, layer_devices=self.layer_devices
+            )
         per_slot = -(-max_len // block_size)
+        blocks = num_slots * per_slot
         return PagedLatentCache(
-            self.config, num_slots * per_slot, block_size, self.dtype, self.device, per_slot
+            self.config, blocks, block_size, self.dtype, self.device, per_slot, self.layer_devices
         )
 
     def new_paged_cache(
         self, num_blocks: int, block_size: int, max_len: int
     ) -> PagedLatentCache | WindowCache:
         if self.config.is_v4:
-            return WindowCache(self.config, max_len, self.dtype, self.device, block_size)
-        return PagedLatentCache(self.config, num_blocks, block_size, self.dtype, self.device)
+            return WindowCache(self.config, max_len, self.dtype, self.device, block_size, self.layer_devices)
+        return PagedLatentCache(
+            self.config, num_blocks, block_size, self.dtype, self.device, layer_devices=self.layer_devices
+        )
 
     def mla_mode(self, seqs: list[SeqSlice]) -> str:
         if self.engine_config.mla_mode != "auto":
@@ -71,13 +92,14 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, token_ids: list[int], seqs: list[SeqSlice], cache, all_logits=False):
         """Runs the new tokens of `seqs` (concatenated in `token_ids`); returns float32 logits:
-        [T, V] for every token when `all_logits`, else [len(seqs), V] for each sequence's last token."""
+        [T, V] for every token when `all_logits`, else [len(seqs), V] for each sequence's last token,
+        on the device of the last layer."""
         seqs = [cache.prepare(s) for s in seqs]
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(s.start, s.end) for s in seqs]).to(self.device)
         ctx = ForwardContext(seqs=seqs, positions=positions, cache=cache, mla_mode=self.mla_mode(seqs))
-        with forward_context(ctx):
+        with forward_context(ctx), current_device(self.device):  # a pipeline's stages switch it
             hidden = self.model(input_ids, positions)  # [T, D]
-        if not all_logits:
-            hidden = hidden[[s.offset + s.num_tokens - 1 for s in seqs]]
-        return self.model.logits(hidden)
+            if not all_logits:
+                hidden = hidden[[s.offset + s.num_tokens - 1 for s in seqs]]
+            return self.model.logits(hidden)

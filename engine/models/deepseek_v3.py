@@ -5,7 +5,8 @@ Notable features:
 - MLA attention caching only the [kv_lora_rank + qk_rope_head_dim] latent row per token;
 - V3.2: a lightning indexer per layer restricts each query to its top-`index_topk` keys;
 - the first layers (per `mlp_layer_types`) are dense SwiGLU, the rest routed MoE with shared experts;
-- YaRN rope on interleaved pairs, with mscale folded into the softmax scale.
+- YaRN rope on interleaved pairs, with mscale folded into the softmax scale;
+- pipelined when its layers live on several devices: the activations follow them (ds4.engine.pipeline).
 Parameter names follow DeepSeek's reference code (attn.wq_a, ffn.w1, ...); the loader maps HF names.
 """
 
@@ -19,6 +20,7 @@ from ds4.engine.layers.mla import MLA
 from ds4.engine.layers.moe import MLP, MoE
 from ds4.engine.layers.norm import RMSNorm
 from ds4.engine.layers.rope import RotaryEmbedding
+from ds4.engine.pipeline import Pipeline
 
 
 class Block(nn.Module):
@@ -46,13 +48,16 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.rope, config.qk_rope_head_dim)
+        self.pipeline = Pipeline([0] * config.num_hidden_layers)  # one stage unless the runner splits it
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [T, D] of a flat token batch (sequences described by the context)."""
         x = self.embed(input_ids)  # [T, D]
         rope = self.rotary(positions, x.dtype)  # cos, sin: [T, R/2]
-        for layer in self.layers:
-            x = layer(x, rope)
+        handoff = self.pipeline.handoff(x.device, rope=rope)
+        for i, layer in enumerate(self.layers):
+            x, inputs = handoff(i, x)  # to the layer's stage, when it starts a new one
+            x = layer(x, **inputs)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

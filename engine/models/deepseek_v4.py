@@ -6,7 +6,8 @@ Notable features:
   + heavily compressed (ratio 128, all rows); one shared 512-d K=V head with a sink;
 - mHC: the residual is N streams, collapsed before and re-expanded after every block;
 - MoE everywhere: the first layers hash-routed by token id (`tid2eid`), sqrt(softplus) scores,
-  SwiGLU clamped at `swiglu_limit`, one shared expert; no dense layers.
+  SwiGLU clamped at `swiglu_limit`, one shared expert; no dense layers;
+- pipelined when its layers live on several devices: the streams follow them (ds4.engine.pipeline).
 Parameter names are DeepSeek's reference names (attn.wkv, ffn.gate.tid2eid, hc_attn.fn, ...).
 """
 
@@ -23,6 +24,7 @@ from ds4.engine.layers.hyper import HyperConnection, HyperHead, hyper_update
 from ds4.engine.layers.moe import MoE
 from ds4.engine.layers.norm import RMSNorm
 from ds4.engine.layers.rope import RotaryEmbedding
+from ds4.engine.pipeline import Pipeline
 
 
 class Block(nn.Module):
@@ -88,6 +90,7 @@ class DeepseekV4ForCausalLM(nn.Module):
                 ),  # compressed layers
             }
         )
+        self.pipeline = Pipeline([0] * config.num_hidden_layers)  # one stage unless the runner splits it
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [T, D] of a flat token batch (sequences described by the context)."""
@@ -98,8 +101,10 @@ class DeepseekV4ForCausalLM(nn.Module):
         if self.engram_token_map is not None:
             self.engram_token_map = self.engram_token_map.to(input_ids.device)
             engram_ids = self.engram_token_map[input_ids]
-        for layer in self.layers:
-            streams = layer(streams, ropes, input_ids, engram_ids)
+        handoff = self.pipeline.handoff(x.device, ropes=ropes, input_ids=input_ids, engram_ids=engram_ids)
+        for i, layer in enumerate(self.layers):
+            streams, inputs = handoff(i, streams)  # to the layer's stage, when it starts a new one
+            streams = layer(streams, **inputs)
         return self.norm(self.hc_head(streams))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
