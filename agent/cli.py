@@ -145,6 +145,12 @@ def _add_bench(sub) -> None:
     hybrid.add_argument("--tokens", type=int, default=32)
     hybrid.add_argument("--prompt-tokens", type=int, default=64)
     hybrid.add_argument("--runs", type=int, default=3)
+    hybrid.add_argument(
+        "--experts",
+        choices=["int4", "fp4", "none"],
+        default="int4",
+        help="also measure the routed experts in this 4-bit format (kept as stored; dequantized at load)",
+    )
     hybrid.add_argument("--json", action="store_true")
     hybrid.set_defaults(func=_cmd_bench_hybrid)
     serving = bench_sub.add_parser(
@@ -571,7 +577,8 @@ def _cmd_bench_hybrid(args) -> int:
     from ds4.engine.hybrid_bench import bench_hybrid, format_report
 
     _require_dir(args.model)
-    report = bench_hybrid(args.model, args.tokens, args.prompt_tokens, args.runs)
+    experts = None if args.experts == "none" else args.experts
+    report = bench_hybrid(args.model, args.tokens, args.prompt_tokens, args.runs, experts)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

@@ -478,6 +478,7 @@ class EngineConfig:
     expert_device: str = "cpu"
     hot_period: int = 8  # forward passes between re-rankings of the hot experts
     stream_tokens: int = 4096  # prefill passes this long stream their cold experts to the device once
+    weights: str = "stored"  # quantized tensors kept as stored (dequantized in the matmul), or "dequantize"
 
     def __post_init__(self):
         self._check_devices()
@@ -490,6 +491,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.hot_experts is not None and self.hot_experts < 0:
             raise ValueError(f"hot_experts must be >= 0, got {self.hot_experts}")
+        if self.weights not in ("stored", "dequantize"):
+            raise ValueError(f"weights must be stored or dequantize, got {self.weights!r}")
         if self.hot_period < 1 or self.stream_tokens < 1:
             raise ValueError("hot_period and stream_tokens must be positive")
         if self.num_cache_blocks is not None and self.num_cache_blocks < 1:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ds4.engine.layers.moe import Experts, swiglu
+from ds4.engine.layers.moe import Experts, expert_forward
 
 
 class TieredExperts(Experts):
@@ -28,36 +28,45 @@ class TieredExperts(Experts):
         self, base: Experts, hot: int, compute_device, expert_device, period: int, stream_tokens: int
     ):
         nn.Module.__init__(self)
-        self.limit = base.limit
+        self.limit, self.quant = base.limit, base.quant  # quantized experts move and stay quantized
         self.w13 = nn.Parameter(base.w13.data.to(expert_device), requires_grad=False)
         self.w2 = nn.Parameter(base.w2.data.to(expert_device), requires_grad=False)
+        self.w13_scale = self.w2_scale = None
+        if base.quant != "none":
+            self.w13_scale = nn.Parameter(base.w13_scale.data.to(expert_device), requires_grad=False)
+            self.w2_scale = nn.Parameter(base.w2_scale.data.to(expert_device), requires_grad=False)
         self.capacity, self.period, self.stream_tokens = hot, period, stream_tokens
         self.compute_device, self.expert_device = torch.device(compute_device), torch.device(expert_device)
         self.counts = torch.zeros(self.w13.shape[0], dtype=torch.float64)
-        self.hot: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.hot: dict[int, tuple] = {}  # expert -> (w13, w13 scale, w2, w2 scale) on the compute device
         self.calls = 0
         self.stats = {"promoted": 0, "evicted": 0, "hot_rows": 0, "cold_rows": 0, "streamed": 0}
-        self._streamed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._streamed: dict[int, tuple] = {}
+
+    def _weights(self, e: int, device=None) -> tuple:
+        """Expert e's (w13, w13 scale, w2, w2 scale), scales None for float experts; copied to `device`."""
+        quantized = self.quant != "none"
+        found = (self.w13[e], self.w13_scale[e] if quantized else None)
+        found += (self.w2[e], self.w2_scale[e] if quantized else None)
+        return found if device is None else tuple(t if t is None else t.to(device) for t in found)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         weights = self.hot.get(e) or self._streamed.get(e)
         if weights is not None:
             self.stats["hot_rows"] += x.shape[0]
-            w13, w2 = weights
             device = self.compute_device
         else:
             self.stats["cold_rows"] += x.shape[0]
-            w13, w2 = self.w13[e], self.w2[e]
-            device = self.expert_device
-        gate, up = nn.functional.linear(x.to(device), w13).chunk(2, dim=-1)
-        return nn.functional.linear(swiglu(gate, up, self.limit), w2).to(x.device)
+            weights, device = self._weights(e), self.expert_device
+        w13, s13, w2, s2 = weights
+        return expert_forward(x.to(device), w13, w2, self.limit, self.quant, s13, s2).to(x.device)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         self.counts += torch.bincount(expert_ids.flatten().cpu(), minlength=self.counts.numel()).double()
         if x.shape[0] >= self.stream_tokens:  # a long prefill: the cold experts it uses come over once
             used = [int(e) for e in expert_ids.flatten().unique().tolist() if int(e) not in self.hot]
             device = self.compute_device
-            self._streamed = {e: (self.w13[e].to(device), self.w2[e].to(device)) for e in used}
+            self._streamed = {e: self._weights(e, device) for e in used}
             self.stats["streamed"] += len(used)
         try:
             return super().forward(x, weights, expert_ids)
@@ -78,7 +87,7 @@ class TieredExperts(Experts):
             self.stats["evicted"] += 1
         for e in ranked:
             if e not in self.hot:
-                self.hot[e] = (self.w13[e].to(self.compute_device), self.w2[e].to(self.compute_device))
+                self.hot[e] = self._weights(e, self.compute_device)
                 self.stats["promoted"] += 1
         self.counts *= 0.5
 

@@ -1,16 +1,20 @@
 """`ds4-agent bench hybrid`: decode tokens/s of a checkpoint under several expert placements (single
-device; all, half or none of each layer's experts hot), next to what the planner predicts for this
-machine from its measured read bandwidth and matmul rate."""
+device; all, half or none of each layer's experts hot), then with its routed experts quantized to 4 bits
+(kept as stored and dequantized in each matmul, or dequantized at load), next to what the planner
+predicts for this machine from its measured read bandwidth and matmul rate."""
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from ds4.engine import LLM, SamplingParams
 from ds4.engine.bench import _median_time, read_bandwidth
 from ds4.engine.planner import Hardware, plan
+from ds4.engine.quantize import quantize_checkpoint
 
 
 def measure_machine() -> dict:
@@ -41,7 +45,10 @@ def decode_rate(llm: LLM, prompt: list[int], tokens: int, runs: int) -> float:
     return sorted(rates)[len(rates) // 2]
 
 
-def bench_hybrid(model_dir: str, tokens: int = 32, prompt_tokens: int = 64, runs: int = 3) -> dict:
+def bench_hybrid(
+    model_dir: str, tokens: int = 32, prompt_tokens: int = 64, runs: int = 3, quantized: str | None = "int4"
+) -> dict:
+    """`quantized`: also measure the checkpoint with its routed experts in this 4-bit format (None: don't)."""
     probe = LLM(model_dir)
     config = probe.config
     experts = config.n_routed_experts
@@ -60,6 +67,26 @@ def bench_hybrid(model_dir: str, tokens: int = 32, prompt_tokens: int = 64, runs
                 "decode_tokens_per_s": decode_rate(llm, prompt, tokens, runs),
             }
         )
+    if quantized is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            quantized_dir = Path(tmp) / quantized
+            quantize_checkpoint(model_dir, quantized_dir, experts=quantized, attn="bf16")
+            for weights in ("stored", "dequantize"):
+                how = "stored 4-bit" if weights == "stored" else "dequantized at load"
+                llm = LLM(quantized_dir, weights=weights, hot_experts=0)
+                results.append(
+                    {
+                        "placement": f"{quantized} experts {how}, none hot",
+                        "hot_experts": 0,
+                        "weights": weights,
+                        "expert_bytes": sum(
+                            p.numel() * p.element_size()
+                            for n, p in llm.runner.model.named_parameters()
+                            if ".experts." in n
+                        ),
+                        "decode_tokens_per_s": decode_rate(llm, prompt, tokens, runs),
+                    }
+                )
     bw, flops = machine["read_gb_per_s"] * 1e9, machine["matmul_tflop_per_s"] * 1e12
     hw = Hardware(
         gpu_bandwidth=bw,
@@ -70,21 +97,25 @@ def bench_hybrid(model_dir: str, tokens: int = 32, prompt_tokens: int = 64, runs
         ram_reserve=0,
         layer_overhead=0,
     )
-    predicted = plan(
-        config,
-        model_dir,
-        [1e12],
-        1e12,
-        context=prompt_tokens + tokens,
-        batch=1,
-        expert_format="fp32",
-        attn_format="fp32",
-        hardware=hw,
-    )
+    predicted = {
+        fmt: plan(
+            config,
+            model_dir,
+            [1e12],
+            1e12,
+            context=prompt_tokens + tokens,
+            batch=1,
+            expert_format=fmt,
+            attn_format="fp32",
+            hardware=hw,
+        ).decode_tokens_per_s
+        for fmt in ["fp32"] + ([quantized] if quantized else [])
+    }
     return {
         "machine": machine,
         "results": results,
-        "predicted_decode_tokens_per_s": predicted.decode_tokens_per_s,
+        "predicted_decode_tokens_per_s": predicted["fp32"],
+        "predicted_by_expert_format": predicted,
     }
 
 
@@ -94,8 +125,7 @@ def format_report(report: dict) -> str:
         f"this machine: read {m['read_gb_per_s']:.1f} GB/s, fp32 matmul {m['matmul_tflop_per_s']:.2f} TFLOP/s"
     ]
     for r in report["results"]:
-        lines.append(f"  {r['placement']:<34} decode {r['decode_tokens_per_s']:8.1f} tok/s")
-    lines.append(
-        f"  planner's prediction for this machine: {report['predicted_decode_tokens_per_s']:.1f} tok/s"
-    )
+        lines.append(f"  {r['placement']:<56} decode {r['decode_tokens_per_s']:8.1f} tok/s")
+    for fmt, rate in report["predicted_by_expert_format"].items():
+        lines.append(f"  planner's prediction for this machine, {fmt} experts: {rate:.1f} tok/s")
     return "\n".join(lines)

@@ -20,9 +20,10 @@ from safetensors import SafetensorError, safe_open
 
 from ds4.engine.config import ModelConfig
 from ds4.engine.errors import CheckpointError
+from ds4.engine.layers.quantized import FP8_BLOCK, QuantizedLinear, quantize_module
 from ds4.engine.names import LAYER_PATTERN, Target, ds4_to_hf, hf_to_ds4
 from ds4.engine.pipeline import layer_of
-from ds4.engine.quant import FP4_GROUP, dequantize_fp4, dequantize_fp8_blocks, dequantize_int4, scale_shape
+from ds4.engine.quant import FP4_GROUP, dequantize, scale_shape
 
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn}
@@ -81,6 +82,8 @@ def _open(file: Path):
 
 
 WEIGHT_DTYPES = {**FLOAT_DTYPES, **FP8_DTYPES, **PACKED_FP4_DTYPES}
+QUANTIZED_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.uint8)
+_DTYPE_NAMES = {dtype: name for name, dtype in WEIGHT_DTYPES.items()}
 
 
 def _read(handle, name: str, file: Path, allowed: dict = WEIGHT_DTYPES) -> torch.Tensor:
@@ -123,8 +126,11 @@ def materialize(
             if param is None:  # e.g. a Linear built without bias
                 continue
             name = f"{module_name}.{key}" if module_name else key
+            stored = _is_stored(module)  # quantized values and their scales keep the checkpoint's dtypes
             want = (
-                torch.int64
+                param.dtype
+                if stored
+                else torch.int64
                 if INT_PARAMS.search(name)
                 else torch.float32
                 if keep_float32.search(name)
@@ -134,12 +140,82 @@ def materialize(
             is_matrix = (
                 len(shape) == 2 and not name.endswith("embed.weight") or name.endswith((".w13", ".w2"))
             )
-            if device.type == "cpu" and is_matrix and want.is_floating_point:
+            if device.type == "cpu" and is_matrix and want.is_floating_point and not stored:
                 swapped = shape[:-2] + (shape[-1], shape[-2])
                 data = torch.empty(swapped, dtype=want, device=device).transpose(-1, -2)
             else:
                 data = torch.empty(shape, dtype=want, device=device)
             module._parameters[key] = torch.nn.Parameter(data, requires_grad=False)
+
+
+def _is_stored(module: torch.nn.Module) -> bool:
+    return isinstance(module, QuantizedLinear) or getattr(module, "quant", "none") != "none"
+
+
+def _format(name: str, dtype: str, config: ModelConfig) -> str:
+    if dtype in FP8_DTYPES:
+        return "fp8"
+    routed = ".experts." in name and "shared_experts" not in name
+    return "int4" if config.int4_experts and routed else "fp4"
+
+
+def keep_stored(model: torch.nn.Module, path: str | Path, config: ModelConfig, dtype: torch.dtype) -> int:
+    """Makes a meta-device `model` hold the checkpoint's quantized matrices as stored: each nn.Linear whose
+    tensor is FP8 / FP4 / int4 becomes a QuantizedLinear, each expert stack whose experts all share one
+    such format keeps it. What cannot (FP8 blocks other than 128 x 128, FP8 experts whose intermediate
+    size is not a multiple of 128, mixed formats in one stack) is dequantized at load. Returns how many
+    modules now hold quantized weights."""
+    name_to_file = checkpoint_files(path)
+    handles: dict[Path, object] = {}
+
+    def dtype_of(name: str) -> str:
+        file = name_to_file[name]
+        if file not in handles:
+            handles[file] = _open(file)
+        return handles[file].get_slice(name).get_dtype()
+
+    block = tuple(config.fp8_block_size or FP8_BLOCK)
+    stacks: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # experts module -> (fmt, dtypes)
+    kept = 0
+    for name in sorted(name_to_file):
+        scale = _scale_of(name, name_to_file)
+        if scale is None or _scaled_weight(name, name_to_file) is not None:
+            continue
+        weight_dtype = dtype_of(name)
+        if weight_dtype not in FP8_DTYPES and weight_dtype not in PACKED_FP4_DTYPES:
+            continue  # a float weight beside a scale: load_weights names the problem
+        try:
+            target = hf_to_ds4(name, config)
+        except KeyError:
+            continue  # load_weights names the unexpected tensor
+        fmt = _format(name, weight_dtype, config)
+        if target is None or (fmt == "fp8" and block != FP8_BLOCK):
+            continue
+        scale_dtype = dtype_of(scale)
+        if scale_dtype not in SCALE_DTYPES:
+            continue
+        if target.expert is not None:
+            stacks[target.param.rpartition(".")[0]].append((fmt, weight_dtype, scale_dtype))
+        elif target.param.endswith(".weight"):
+            kept += quantize_module(
+                model,
+                target.param.removesuffix(".weight"),
+                fmt,
+                WEIGHT_DTYPES[weight_dtype],
+                SCALE_DTYPES[scale_dtype],
+                dtype,
+            )
+    for module_name, formats in stacks.items():
+        experts = model.get_submodule(module_name)
+        expected = 3 * experts.w13.shape[0]  # gate, up and down of every expert
+        fmt, weight_dtype, scale_dtype = formats[0]
+        if len(formats) != expected or len(set(formats)) != 1:
+            continue
+        if fmt == "fp8" and experts.w2.shape[-1] % FP8_BLOCK[0]:
+            continue  # gate and up are stacked: their 128-row blocks must not straddle
+        experts.keep_quantized(fmt, WEIGHT_DTYPES[weight_dtype], SCALE_DTYPES[scale_dtype])
+        kept += 1
+    return kept
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig) -> None:
@@ -171,12 +247,20 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig) 
                 raise CheckpointError(
                     f"unexpected tensor {name} in {file.name}: this config.json builds no {target.param}"
                 )
-            integer = not params[target.param].is_floating_point()
+            param = params[target.param]
+            integer = not param.is_floating_point() and param.dtype not in QUANTIZED_DTYPES
             tensor = _read(handle, name, file, INT_DTYPES if integer else WEIGHT_DTYPES)
-            if tensor.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8) and not integer:
-                int4 = config.int4_experts and ".experts." in name and "shared_experts" not in name
-                tensor = _dequantize(name, tensor, name_to_file, block, int4)
-            _copy_into(params[target.param], target, tensor, name, file)
+            if tensor.dtype in QUANTIZED_DTYPES and not integer:
+                fmt = _format(name, _DTYPE_NAMES[tensor.dtype], config)
+                module_name, _, key = target.param.rpartition(".")
+                if _is_stored(model.get_submodule(module_name)) and param.dtype == tensor.dtype:
+                    scale_param = "scale" if key == "weight" else f"{key}_scale"
+                    scale = _read_scale(name, tensor, name_to_file, block, fmt)
+                    scale_target = Target(f"{module_name}.{scale_param}", target.expert, target.half)
+                    _copy_into(params[scale_target.param], scale_target, scale, name, file)
+                else:
+                    tensor = _dequantize(name, tensor, name_to_file, block, fmt)
+            _copy_into(param, target, tensor, name, file)
             loaded.add(_key(target))
 
     if config.tie_word_embeddings and ("head.weight", None, None) not in loaded:
@@ -185,7 +269,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig) 
     missing = [
         f"{hf} (for {p})"
         for p, t in params.items()
-        if (p, None, None) not in loaded
+        if (p, None, None) not in loaded and not p.endswith("scale")  # scales come with their weights
         for hf, _ in ds4_to_hf(p, tuple(t.shape), config)
         if _key(hf_to_ds4(hf, config)) not in loaded
     ]
@@ -231,10 +315,15 @@ def _check_scale(name: str, weight: str, name_to_file: dict[str, Path], config: 
         )
 
 
-def _dequantize(name: str, weight: torch.Tensor, name_to_file, block, int4: bool = False) -> torch.Tensor:
+def _dequantize(name: str, weight: torch.Tensor, name_to_file, block, fmt: str) -> torch.Tensor:
     """float32 weights from FP8 (128x128 block scales), packed FP4 (one e8m0 scale per 32 inputs) or
     packed int4 (one bf16 scale per 32 inputs; routed experts of ds4-quantized checkpoints)."""
-    kind = "FP8" if weight.dtype == torch.float8_e4m3fn else "INT4" if int4 else "FP4"
+    return dequantize(fmt, weight, _read_scale(name, weight, name_to_file, block, fmt), block)
+
+
+def _read_scale(name: str, weight: torch.Tensor, name_to_file, block, fmt: str) -> torch.Tensor:
+    """The scales of quantized tensor `name`, checked against its shape."""
+    kind = fmt.upper()
     scale_name = _scale_of(name, name_to_file)
     if scale_name is None:
         raise CheckpointError(
@@ -254,9 +343,7 @@ def _dequantize(name: str, weight: torch.Tensor, name_to_file, block, int4: bool
             f"{scale_name} in {scale_file.name} has shape {tuple(scale.shape)}; {kind} weight "
             f"{tuple(weight.shape)} {how} needs {need}"
         )
-    if kind == "FP8":
-        return dequantize_fp8_blocks(weight, scale, block)
-    return dequantize_int4(weight, scale) if kind == "INT4" else dequantize_fp4(weight, scale)
+    return scale
 
 
 def _copy_into(

@@ -1,5 +1,8 @@
-"""Block-scaled FP8 (e4m3) weights as DeepSeek ships them: one float32 `weight_scale_inv` per
-[128 x 128] block (edge blocks may be partial). Dequantized at load time for now.
+"""Quantized weight formats: block-scaled FP8 (e4m3) as DeepSeek ships it, one float32
+`weight_scale_inv` per [128 x 128] block (edge blocks may be partial); FP4 e2m1 with an e8m0 scale per
+32 inputs (V4's experts); symmetric int4 with a bf16 scale per 32 inputs (ds4's own `model quantize`).
+The engine keeps weights in these formats and dequantizes inside the matmul (ds4.engine.layers.quantized);
+the functions here are the reference dequantization.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ def scale_shape(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, in
 def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block=(128, 128)) -> torch.Tensor:
     """float32 [out, in] = fp8 weight * its block's scale."""
     out_dim, in_dim = weight.shape
+    if out_dim % block[0] == 0 and in_dim % block[1] == 0:  # whole blocks: one broadcast multiply
+        blocks = weight.float().view(out_dim // block[0], block[0], in_dim // block[1], block[1])
+        return (blocks * scale_inv.float()[:, None, :, None]).view(out_dim, in_dim)
     scale = (
         scale_inv.float().repeat_interleave(block[0], 0)[:out_dim].repeat_interleave(block[1], 1)[:, :in_dim]
     )
@@ -44,10 +50,7 @@ FP4_GROUP = 32  # one e8m0 (power-of-two) scale per 32 inputs of a row
 def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, group: int = FP4_GROUP) -> torch.Tensor:
     """float32 [out, in] from two e2m1 codes per byte [out, in/2] (even element in the low nibble) and one
     scale per `group` inputs [out, in/group] (float8_e8m0fnu or float32)."""
-    codes = packed.view(torch.uint8).long()
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)
-    values = torch.stack([table[codes & 0xF], table[codes >> 4]], dim=-1).flatten(-2)  # [out, in]
-    return values * scale.float().repeat_interleave(group, dim=-1)[..., : values.shape[-1]]
+    return _dequantize_packed(packed, scale, _byte_table(E2M1_VALUES, packed.device), group)
 
 
 def quantize_fp4(weight: torch.Tensor, group: int = FP4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +82,33 @@ def quantize_int4(weight: torch.Tensor, group: int = FP4_GROUP) -> tuple[torch.T
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group: int = FP4_GROUP) -> torch.Tensor:
     """float32 [out, in] from quantize_int4's packed codes and per-group scales."""
-    codes = packed.view(torch.uint8).long()
-    values = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2).float() - 8.0
-    return values * scale.float().repeat_interleave(group, dim=-1)[..., : values.shape[-1]]
+    return _dequantize_packed(packed, scale, _byte_table(INT4_VALUES, packed.device), group)
+
+
+INT4_VALUES = tuple(float(code - 8) for code in range(16))  # int4 code c stands for c - 8
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _byte_table(values: tuple[float, ...], device) -> torch.Tensor:
+    """[256, 2] float32: the two values a byte of packed codes holds (low nibble first)."""
+    key = (values, str(device))
+    if key not in _TABLES:
+        nibbles = torch.tensor(values, dtype=torch.float32)
+        byte = torch.arange(256)
+        _TABLES[key] = torch.stack([nibbles[byte & 0xF], nibbles[byte >> 4]], dim=-1).to(device)
+    return _TABLES[key]
+
+
+def _dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, group: int):
+    """float32 [..., in] from bytes [..., in/2] through a byte table, times one scale per `group` inputs."""
+    codes = packed.view(torch.uint8).reshape(-1).long()
+    values = table.index_select(0, codes)  # [bytes, 2]: one lookup per byte
+    grouped = values.view(*packed.shape[:-1], -1, group)  # [..., in/group, group]
+    return (grouped * scale.float()[..., None]).flatten(-2)
+
+
+def dequantize(fmt: str, weight: torch.Tensor, scale: torch.Tensor, block=(128, 128)) -> torch.Tensor:
+    """float32 [out, in] from a weight stored in `fmt` ("fp8", "fp4" or "int4") and its scales."""
+    if fmt == "fp8":
+        return dequantize_fp8_blocks(weight, scale, block)
+    return dequantize_fp4(weight, scale) if fmt == "fp4" else dequantize_int4(weight, scale)

@@ -98,6 +98,8 @@ def quantize_checkpoint(
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} is not empty: quantize into a new folder")
     files = _files(src)
+    source = json.loads((src / "config.json").read_text())
+    source_int4 = (source.get("ds4_quantization") or {}).get("experts") == "int4"  # ds4's own output
     dst.mkdir(parents=True, exist_ok=True)
     report, queue, queued, weight_map = QuantizeReport(), {}, 0, {}
 
@@ -140,8 +142,9 @@ def quantize_checkpoint(
                     handles[scale_file] = safe_open(scale_file, "pt").__enter__()
                 scales = handles[scale_file].get_tensor(scale_name)
                 report.bytes_in += scales.numel() * scales.element_size()
-                fp8 = tensor.dtype == torch.float8_e4m3fn
-                tensor = dequantize_fp8_blocks(tensor, scales) if fp8 else dequantize_fp4(tensor, scales)
+                packed = "int4" if source_int4 and _kind(name, (0, 0)) == "expert" else "fp4"
+                fmt = "fp8" if tensor.dtype == torch.float8_e4m3fn else packed
+                tensor = FORMATS[fmt][1](tensor, scales)
             kind = _kind(name, tuple(tensor.shape))
             fmt = {"expert": experts, "matrix": attn}.get(kind, "keep")
             if fmt in ("fp4", "int4") and tensor.shape[1] % FP4_GROUP:

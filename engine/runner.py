@@ -12,7 +12,7 @@ from ds4.engine.cache import PagedLatentCache, WindowCache
 from ds4.engine.config import EngineConfig, ModelConfig
 from ds4.engine.context import ForwardContext, SeqSlice, forward_context
 from ds4.engine.layers.engram import normalized_token_map
-from ds4.engine.loader import load_weights, materialize, model_fingerprint
+from ds4.engine.loader import keep_stored, load_weights, materialize, model_fingerprint
 from ds4.engine.models import build_model
 from ds4.engine.pipeline import Pipeline, current_device, stage_sizes
 
@@ -32,6 +32,9 @@ class ModelRunner:
             )
         with torch.device("meta"):
             self.model = build_model(self.config, engram_tokens)
+        self.quantized_modules = 0  # modules holding weights as the checkpoint stores them (FP8, FP4, int4)
+        if engine_config.weights == "stored":
+            self.quantized_modules = keep_stored(self.model, path, self.config, self.dtype)
         self.pipeline = self.model.pipeline = self._split()
         self.layer_devices = self.pipeline.layer_devices  # and `pipeline.layer_stages`: the stage of each
         materialize(self.model, self.config, self.dtype, self.device, self.layer_devices)

@@ -1,8 +1,9 @@
 """Fused MoE: token-to-expert alignment (pairs sorted by expert, each expert's run padded to the block
 height), then two grouped GEMMs over those blocks: gate and up with SwiGLU fused, then down, scaled by
 the routing weight. Expert weights may be float (fp32/fp16/bf16), FP8 e4m3 with one scale per 128 x 128
-block (DeepSeek's checkpoints), or FP4 e2m1 packed two per byte with an e8m0 scale per 32 inputs
-(V4's experts); quantized weights are dequantized inside the kernel, tile by tile, never in memory.
+block (DeepSeek's checkpoints), FP4 e2m1 packed two per byte with an e8m0 scale per 32 inputs (V4's
+experts), or symmetric int4 packed two per byte with a bf16 scale per 32 inputs (`model quantize
+--experts int4`); quantized weights are dequantized inside the kernel, tile by tile, never in memory.
 
 Weights are [E, out, in] (w13: gate rows then up rows; w2: down), as the engine stacks them."""
 
@@ -12,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-QUANT = {"none": 0, "fp8": 1, "fp4": 2}
+QUANT = {"none": 0, "fp8": 1, "fp4": 2, "int4": 3}
+PACKED = (2, 3)  # two 4-bit codes per byte: the stored inner dimension is half the logical one
 
 
 def align(expert_ids: torch.Tensor, num_experts: int, block_m: int):
@@ -39,8 +41,8 @@ def align(expert_ids: torch.Tensor, num_experts: int, block_m: int):
 def _weight_tile(
     w_ptr, s_ptr, e, n, k, mask, stride_we, stride_wn, stride_wk, stride_se, stride_sn, QUANT: tl.constexpr
 ):
-    """float32 tile W[e, n, k] ([len(n), len(k)]) from float, FP8-block or FP4-group storage, any
-    strides (the engine keeps its expert stacks transposed)."""
+    """float32 tile W[e, n, k] ([len(n), len(k)]) from float, FP8-block, FP4-group or int4-group
+    storage, any strides (the engine keeps its expert stacks transposed)."""
     if QUANT == 0:
         w = tl.load(
             w_ptr + e * stride_we + n[:, None] * stride_wn + k[None, :] * stride_wk, mask=mask, other=0.0
@@ -54,6 +56,16 @@ def _weight_tile(
             s_ptr + e * stride_se + (n[:, None] // 128) * stride_sn + k[None, :] // 128, mask=mask, other=0.0
         )
         w = w.to(tl.float32) * scale.to(tl.float32)
+    elif QUANT == 3:
+        byte = tl.load(
+            w_ptr + e * stride_we + n[:, None] * stride_wn + (k[None, :] // 2) * stride_wk, mask=mask, other=0
+        )
+        byte = byte.to(tl.int32) & 0xFF
+        code = tl.where(k[None, :] % 2 == 0, byte & 0xF, byte >> 4)  # even inputs in the low nibble
+        scale = tl.load(
+            s_ptr + e * stride_se + n[:, None] * stride_sn + k[None, :] // 32, mask=mask, other=0.0
+        )
+        w = (code - 8).to(tl.float32) * scale.to(tl.float32)
     else:
         byte = tl.load(
             w_ptr + e * stride_we + n[:, None] * stride_wn + (k[None, :] // 2) * stride_wk, mask=mask, other=0
@@ -207,13 +219,14 @@ def fused_moe(
 ) -> torch.Tensor:
     """y [T, D] = sum_k topk_weights[t, k] * W2[e](SwiGLU(W13[e] x[t])), e = topk_ids[t, k], in float32
     and returned in x's dtype. FP8: w [E, out, in] float8_e4m3fn, scale [E, out/128, in/128] float32.
-    FP4: w [E, out, in/2] int8 (two codes per byte), scale [E, out, in/32] float8_e8m0fnu."""
+    FP4: w [E, out, in/2] int8 (two codes per byte), scale [E, out, in/32] float8_e8m0fnu.
+    int4: w [E, out, in/2] uint8 (code + 8, two per byte), scale [E, out, in/32] bf16."""
     tokens, dim = x.shape
     topk = topk_ids.shape[1]
     experts = w13.shape[0]
-    inter = w2.shape[-1] if quant != "fp4" else w2.shape[-1] * 2
     code = QUANT[quant]
-    if code == 2:
+    inter = w2.shape[-1] * 2 if code in PACKED else w2.shape[-1]
+    if code in PACKED:
         block_k = max(block_k, 32)
     x = x.contiguous()
     sorted_ids, block_expert = align(topk_ids, experts, block_m)
@@ -227,13 +240,13 @@ def fused_moe(
     def scales(w, s):
         if code == 0:
             return w, 0, 0
-        s = s.view(torch.uint8) if code == 2 else s.float().contiguous()
+        s = s.view(torch.uint8) if code == 2 else s if code == 3 else s.float().contiguous()
         return s, s.stride(0), s.stride(1)
 
     s13, se13, sn13 = scales(w13, w13_scale)
     s2, se2, sn2 = scales(w2, w2_scale)
-    w13_arg = w13.view(torch.uint8) if code == 2 else w13
-    w2_arg = w2.view(torch.uint8) if code == 2 else w2
+    w13_arg = w13.view(torch.uint8) if code in PACKED else w13
+    w2_arg = w2.view(torch.uint8) if code in PACKED else w2
     grid = (padded // block_m, triton.cdiv(inter, block_n))
     _gate_up_kernel[grid](
         x,

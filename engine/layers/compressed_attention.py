@@ -22,6 +22,7 @@ from ds4.engine.layers.compressor import Compressor
 from ds4.engine.layers.hyper import unweighted_rms_norm
 from ds4.engine.layers.indexer import CompressedIndexer
 from ds4.engine.layers.norm import RMSNorm
+from ds4.engine.layers.quantized import dense_weight
 from ds4.engine.layers.rope import apply_rope_tail
 from ds4.kernels import triton_enabled
 
@@ -83,7 +84,7 @@ class CompressedAttention(nn.Module):
         out = torch.cat(outs) if len(outs) > 1 else outs[0]  # [T, H, Dh]
         out = apply_rope_tail(out, cos, -sin)  # rotate the values' rope slice back to the query's frame
         grouped = out.reshape(T, self.o_groups, -1)  # [T, G, H * Dh / G]
-        w_a = self.wo_a.weight.unflatten(0, (self.o_groups, -1))  # [G, o_lora_rank, H * Dh / G]
+        w_a = dense_weight(self.wo_a).unflatten(0, (self.o_groups, -1))  # [G, o_lora_rank, H * Dh / G]
         return self.wo_b(torch.einsum("tgi,goi->tgo", grouped, w_a).flatten(1))
 
     def _window(self, cache, seq, new_rows, positions):

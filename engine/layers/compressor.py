@@ -18,6 +18,7 @@ from torch import nn
 
 from ds4.engine.config import RopeConfig
 from ds4.engine.layers.norm import RMSNorm
+from ds4.engine.layers.quantized import compute_dtype
 from ds4.engine.layers.rope import RotaryEmbedding, apply_rope_tail
 
 
@@ -59,7 +60,7 @@ class Compressor(nn.Module):
     def forward(self, x: torch.Tensor, state: CompressorState) -> torch.Tensor:
         """Feeds the new tokens x [n, D]; returns every compressed row so far [num_entries, d]."""
         r = self.ratio
-        x = x.to(self.wkv.weight.dtype)  # the compressor runs in float32
+        x = x.to(compute_dtype(self.wkv))  # the compressor runs in float32
         kv, gate = self.wkv(x), self.wgate(x)  # [n, width]
         first_position = state.num_entries * r
         if state.buffer_kv is not None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ds4.engine.config import ModelConfig
 from ds4.engine.layers.compressor import Compressor
+from ds4.engine.layers.quantized import compute_dtype
 from ds4.engine.layers.rope import apply_rope, apply_rope_tail
 from ds4.kernels import triton_enabled
 
@@ -57,7 +58,7 @@ class Indexer(nn.Module):
         scores = torch.matmul(q.float(), keys.float().T) * self.head_dim**-0.5  # [T, Hi, S]
         scores = torch.relu(scores)
         weights = (
-            self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5
+            self.weights_proj(x.to(compute_dtype(self.weights_proj))).float() * self.n_heads**-0.5
         )  # [T, Hi]
         index_scores = torch.matmul(weights[:, None, :], scores).squeeze(1)  # [T, S]
         index_scores = index_scores.masked_fill(~allowed, float("-inf"))
@@ -69,7 +70,7 @@ class Indexer(nn.Module):
         scale moves into the head weights (ReLU commutes with a positive scale)."""
         from ds4.kernels.indexer import indexer_topk
 
-        weights = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float()
+        weights = self.weights_proj(x.to(compute_dtype(self.weights_proj))).float()
         weights = weights * (self.n_heads**-0.5 * self.head_dim**-0.5)
         positions = allowed.sum(-1) - 1  # causal: the last key each query may see
         q, keys = q.float().contiguous(), keys.float().contiguous()

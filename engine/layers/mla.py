@@ -19,6 +19,7 @@ from ds4.engine.config import ModelConfig
 from ds4.engine.context import get_forward_context
 from ds4.engine.layers.indexer import Indexer
 from ds4.engine.layers.norm import RMSNorm
+from ds4.engine.layers.quantized import dense_weight
 from ds4.engine.layers.rope import apply_rope, softmax_scale
 from ds4.kernels import triton_enabled
 
@@ -109,7 +110,7 @@ class MLA(nn.Module):
     def _absorbed(self, q_nope, q_pe, cached, allowed):
         N, C = self.qk_nope_head_dim, self.kv_lora_rank
         latent = cached[:, :C]  # [S, C]; the rope part of `cached` is the key's tail
-        w_ukv = self.wkv_b.weight.unflatten(0, (self.n_heads, N + self.v_head_dim))
+        w_ukv = dense_weight(self.wkv_b).unflatten(0, (self.n_heads, N + self.v_head_dim))
         w_uk, w_uv = w_ukv.split([N, self.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # [T, H, C]
         # one shared key/value head in the latent space: scores = q_latent . latent + q_pe . k_pe
@@ -127,7 +128,7 @@ class MLA(nn.Module):
         from ds4.kernels.sparse_attention import sparse_attention
 
         N, C = self.qk_nope_head_dim, self.kv_lora_rank
-        w_ukv = self.wkv_b.weight.unflatten(0, (self.n_heads, N + self.v_head_dim))
+        w_ukv = dense_weight(self.wkv_b).unflatten(0, (self.n_heads, N + self.v_head_dim))
         w_uk, w_uv = w_ukv.split([N, self.v_head_dim], dim=1)
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk).contiguous()  # [T, H, C]
         pool = cache.kv[self.layer_id]

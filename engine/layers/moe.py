@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds4.engine.config import ModelConfig
+from ds4.engine.layers.quantized import stored_shapes
+from ds4.engine.quant import dequantize
 from ds4.kernels import triton_enabled
 
 
@@ -85,29 +87,67 @@ class Gate(nn.Module):
         return weights * self.route_scale, expert_ids
 
 
+def expert_forward(
+    x: torch.Tensor, w13, w2, limit: float | None, quant: str = "none", s13=None, s2=None
+) -> torch.Tensor:
+    """One expert on rows x [n, D] -> [n, D]; quantized weights are dequantized for this call only."""
+    if quant != "none":
+        w13, w2 = dequantize(quant, w13, s13).to(x.dtype), dequantize(quant, w2, s2).to(x.dtype)
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)  # [n, I] each
+    return F.linear(swiglu(gate, up, limit), w2)
+
+
 class Experts(nn.Module):
-    """Routed experts stored stacked: w13 = [gate; up] per expert, w2 = down."""
+    """Routed experts stored stacked: w13 = [gate; up] per expert, w2 = down. Stored quantized (`quant`
+    fp8 / fp4 / int4) they hold the checkpoint's values and w13_scale / w2_scale their scales."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.w13 = nn.Parameter(torch.empty(E, 2 * I, D))
         self.w2 = nn.Parameter(torch.empty(E, D, I))
+        self.w13_scale = self.w2_scale = None
         self.limit = config.swiglu_limit
 
     fused = True  # the Triton path computes every expert in one kernel; tiered experts compute per expert
+    quant = "none"
+
+    def keep_quantized(self, fmt: str, stored: torch.dtype, scale_dtype: torch.dtype) -> None:
+        """Makes a meta-device stack hold its experts as the checkpoint stores them: `fmt` (fp8, fp4 or
+        int4) values of dtype `stored`, scales of dtype `scale_dtype`."""
+        (E, two_i, D), I = self.w13.shape, self.w2.shape[-1]
+        (w13, s13), (w2, s2) = stored_shapes(fmt, two_i, D), stored_shapes(fmt, D, I)
+        with torch.device("meta"):
+            self.w13 = nn.Parameter(torch.empty((E, *w13), dtype=stored), requires_grad=False)
+            self.w2 = nn.Parameter(torch.empty((E, *w2), dtype=stored), requires_grad=False)
+            self.w13_scale = nn.Parameter(torch.empty((E, *s13), dtype=scale_dtype), requires_grad=False)
+            self.w2_scale = nn.Parameter(torch.empty((E, *s2), dtype=scale_dtype), requires_grad=False)
+        self.quant = fmt
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on rows x [n, D] -> [n, D]."""
-        gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)  # [n, I] each
-        return F.linear(swiglu(gate, up, self.limit), self.w2[e])
+        if self.quant == "none":
+            return expert_forward(x, self.w13[e], self.w2[e], self.limit)
+        return expert_forward(
+            x, self.w13[e], self.w2[e], self.limit, self.quant, self.w13_scale[e], self.w2_scale[e]
+        )
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         T, K = expert_ids.shape
         if self.fused and triton_enabled(x.device):
             from ds4.kernels.moe import fused_moe
 
-            return fused_moe(x, self.w13, self.w2, weights, expert_ids, limit=self.limit)
+            return fused_moe(
+                x,
+                self.w13,
+                self.w2,
+                weights,
+                expert_ids,
+                limit=self.limit,
+                quant=self.quant,
+                w13_scale=self.w13_scale,
+                w2_scale=self.w2_scale,
+            )
         if T == 1:  # decode of one sequence: K matrix-vector products, no sorting
             return self._single_token(x, weights[0], expert_ids[0].tolist())
         flat_ids = expert_ids.flatten()  # [T*K]

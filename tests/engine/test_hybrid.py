@@ -67,6 +67,11 @@ def test_bench_hybrid_reports_each_placement_and_the_prediction(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)
-    assert [r["hot_experts"] for r in report["results"]] == [None, 8, 4, 0]
+    assert [r["hot_experts"] for r in report["results"]] == [None, 8, 4, 0, 0, 0]
     assert all(r["decode_tokens_per_s"] > 0 for r in report["results"])
+    stored, loaded = report["results"][-2:]  # int4 experts kept as stored / dequantized at load
+    assert (stored["weights"], loaded["weights"]) == ("stored", "dequantize")
+    assert stored["expert_bytes"] * 6 < loaded["expert_bytes"]  # 4 bits + a scale per 32 against fp32
     assert report["predicted_decode_tokens_per_s"] > 0 and report["machine"]["read_gb_per_s"] > 0
+    predicted = report["predicted_by_expert_format"]
+    assert predicted["int4"] > predicted["fp32"]  # fewer expert bytes to read

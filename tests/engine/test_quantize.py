@@ -47,10 +47,12 @@ def test_quantize_load_score_within_bounds(family_checkpoint, tmp_path, experts,
     assert report.bytes_out < report.bytes_in
 
 
-def test_a_quantized_checkpoint_quantizes_again_from_its_own_scales(family_checkpoint, tmp_path):
-    """DeepSeek's own FP8/FP4 checkpoints are inputs too: scales are applied before requantizing."""
+@pytest.mark.parametrize("first", ["fp8", "int4"])
+def test_a_quantized_checkpoint_quantizes_again_from_its_own_scales(family_checkpoint, tmp_path, first):
+    """DeepSeek's own FP8/FP4 checkpoints (and ds4's int4 ones) are inputs too: scales are applied
+    before requantizing."""
     src, ref = family_checkpoint
-    quantize_checkpoint(src, tmp_path / "a", "fp8", "fp8")
+    quantize_checkpoint(src, tmp_path / "a", first, "fp8")
     quantize_checkpoint(tmp_path / "a", tmp_path / "b", "fp8", "fp8")
     once, twice = LLM(tmp_path / "a").score(IDS), LLM(tmp_path / "b").score(IDS)
     assert float((twice - once).norm() / once.norm()) < 0.05
