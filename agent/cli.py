@@ -151,6 +151,11 @@ def _add_bench(sub) -> None:
         default="int4",
         help="also measure the routed experts in this 4-bit format (kept as stored; dequantized at load)",
     )
+    hybrid.add_argument(
+        "--device",
+        action="append",
+        help="compute device (repeat it to pipeline the layers over several; default cpu)",
+    )
     hybrid.add_argument("--json", action="store_true")
     hybrid.set_defaults(func=_cmd_bench_hybrid)
     serving = bench_sub.add_parser(
@@ -578,7 +583,8 @@ def _cmd_bench_hybrid(args) -> int:
 
     _require_dir(args.model)
     experts = None if args.experts == "none" else args.experts
-    report = bench_hybrid(args.model, args.tokens, args.prompt_tokens, args.runs, experts)
+    devices = tuple(args.device or ["cpu"])
+    report = bench_hybrid(args.model, args.tokens, args.prompt_tokens, args.runs, experts, devices)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

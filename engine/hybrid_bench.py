@@ -46,24 +46,38 @@ def decode_rate(llm: LLM, prompt: list[int], tokens: int, runs: int) -> float:
 
 
 def bench_hybrid(
-    model_dir: str, tokens: int = 32, prompt_tokens: int = 64, runs: int = 3, quantized: str | None = "int4"
+    model_dir: str,
+    tokens: int = 32,
+    prompt_tokens: int = 64,
+    runs: int = 3,
+    quantized: str | None = "int4",
+    devices: tuple[str, ...] = ("cpu",),
 ) -> dict:
-    """`quantized`: also measure the checkpoint with its routed experts in this 4-bit format (None: don't)."""
-    probe = LLM(model_dir)
+    """`devices`: the compute device (the first; experts on the expert tier stay in host RAM) and the
+    stages of the pipelined row (two stages of the one device when only one is given). `quantized`:
+    also measure the checkpoint with its routed experts in this 4-bit format (None: don't)."""
+    device = devices[0]
+    stages = tuple(devices) if len(devices) > 1 else (device, device)
+    probe = LLM(model_dir, device=device)
     config = probe.config
     experts = config.n_routed_experts
     prompt = list(range(10, 10 + prompt_tokens))
     machine = measure_machine()
-    rows = [("single device", None)] + [
-        (f"{h} of {experts} experts hot per layer", h) for h in (experts, experts // 2, 0)
+    rows = [
+        ("single device", {}),
+        (f"layers over {len(stages)} stages ({', '.join(stages)})", {"devices": stages, "device": None}),
+    ]
+    rows += [
+        (f"{h} of {experts} experts hot per layer", {"hot_experts": h}) for h in (experts, experts // 2, 0)
     ]
     results = []
-    for label, hot in rows:
-        llm = probe if hot is None else LLM(model_dir, hot_experts=hot, hot_period=8)
+    for label, settings in rows:
+        llm = probe if not settings else LLM(model_dir, **{"device": device, "hot_period": 8, **settings})
         results.append(
             {
                 "placement": label,
-                "hot_experts": hot,
+                "hot_experts": settings.get("hot_experts"),
+                "stages": len(settings.get("devices") or [device]),
                 "decode_tokens_per_s": decode_rate(llm, prompt, tokens, runs),
             }
         )
@@ -73,11 +87,12 @@ def bench_hybrid(
             quantize_checkpoint(model_dir, quantized_dir, experts=quantized, attn="bf16")
             for weights in ("stored", "dequantize"):
                 how = "stored 4-bit" if weights == "stored" else "dequantized at load"
-                llm = LLM(quantized_dir, weights=weights, hot_experts=0)
+                llm = LLM(quantized_dir, device=device, weights=weights, hot_experts=0)
                 results.append(
                     {
                         "placement": f"{quantized} experts {how}, none hot",
                         "hot_experts": 0,
+                        "stages": 1,
                         "weights": weights,
                         "expert_bytes": sum(
                             p.numel() * p.element_size()

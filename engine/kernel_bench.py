@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ds4.engine.quant import dequantize_fp4, dequantize_fp8_blocks, quantize_fp4, quantize_fp8_blocks
+from ds4.engine.quantize import FORMATS
 from ds4.kernels import reference
 from ds4.kernels.indexer import indexer_scores
 from ds4.kernels.mla_decode import paged_mla_decode
 from ds4.kernels.moe import fused_moe
+from ds4.kernels.quant_linear import quant_linear
 from ds4.kernels.rmsnorm import rmsnorm
 from ds4.kernels.small_ops import mhc_mix, rope
 from ds4.kernels.sparse_attention import sparse_attention
@@ -188,15 +189,14 @@ def cases(device: str, small: bool):
     active = int(ids.unique().numel())
     experts13 = [torch.randn(2 * I, D, generator=g) * 0.02 for _ in range(E)]
     experts2 = [torch.randn(D, I, generator=g) * 0.02 for _ in range(E)]
-    for quant, per in (("none", bpe), ("fp8", 1), ("fp4", 0.5)):
+    for quant, per in (("none", bpe), ("fp8", 1), ("fp4", 0.5), ("int4", 0.5)):
         if quant == "none":
             w13 = torch.stack(experts13).to(dt).to(device)
             w2 = torch.stack(experts2).to(dt).to(device)
             s13 = s2 = None
             deq13, deq2 = w13, w2
         else:
-            quantize = quantize_fp8_blocks if quant == "fp8" else quantize_fp4
-            dequantize = dequantize_fp8_blocks if quant == "fp8" else dequantize_fp4
+            quantize, dequantize = FORMATS[quant]
             p13, p2 = [quantize(w) for w in experts13], [quantize(w) for w in experts2]
             w13, s13 = (torch.stack([p[i] for p in p13]).to(device) for i in (0, 1))
             w2, s2 = (torch.stack([p[i] for p in p2]).to(device) for i in (0, 1))
@@ -213,6 +213,28 @@ def cases(device: str, small: bool):
                 None,
                 int(active * 3 * D * I * per),
                 2 * T * topk * 3 * D * I,
+            )
+        )
+    # a linear over stored weights (quant_linear) at a dense MLP's up projection, a few decode tokens;
+    # the peer is torch's matmul over the same weights in the model dtype
+    # (names of their own: the lambdas above read theirs when they run)
+    rows, n_out, k_in = (3, 96, 64) if small else (8, 18432, 7168)
+    x_lin = rand(rows, k_in)
+    dense = torch.randn(n_out, k_in, generator=g) * 0.02
+    for quant, per in (("fp8", 1), ("fp4", 0.5), ("int4", 0.5)):
+        quantize, dequantize = FORMATS[quant]
+        stored, scales = quantize(dense)
+        deq = dequantize(stored, scales).to(dt).to(device)
+        stored, scales = stored.to(device), scales.to(device)
+        out.append(
+            (
+                f"quant linear {quant}",
+                f"T={rows} N={n_out} K={k_in}",
+                lambda w=stored, sc=scales, quant=quant: quant_linear(x_lin, w, sc, quant),
+                lambda deq=deq: torch.nn.functional.linear(x_lin, deq),
+                None,
+                int(n_out * k_in * per),
+                2 * rows * n_out * k_in,
             )
         )
     # fused RMSNorm + residual, rope, mHC

@@ -67,7 +67,8 @@ def test_bench_hybrid_reports_each_placement_and_the_prediction(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)
-    assert [r["hot_experts"] for r in report["results"]] == [None, 8, 4, 0, 0, 0]
+    assert [r["hot_experts"] for r in report["results"]] == [None, None, 8, 4, 0, 0, 0]
+    assert [r["stages"] for r in report["results"]] == [1, 2, 1, 1, 1, 1, 1]
     assert all(r["decode_tokens_per_s"] > 0 for r in report["results"])
     stored, loaded = report["results"][-2:]  # int4 experts kept as stored / dequantized at load
     assert (stored["weights"], loaded["weights"]) == ("stored", "dequantize")
