@@ -76,6 +76,21 @@ def _add_device_flags(parser) -> None:
         metavar="N,N,...",
         help="with repeated --device: layers per device, e.g. 30,31 (default: balanced by weight bytes)",
     )
+    parser.add_argument(
+        "--hot-experts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="hybrid: routed experts live in host RAM (computed on the CPU), the N most used per layer "
+        "also on the layer's device (see `ds4-agent plan` for how many fit)",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=["stored", "dequantize"],
+        default="stored",
+        help="quantized checkpoints: keep FP8/FP4/int4 tensors as stored, dequantized in each matmul "
+        "(default), or dequantize them at load",
+    )
 
 
 def _layer_split(text: str) -> tuple[int, ...]:
@@ -86,11 +101,13 @@ def _layer_split(text: str) -> tuple[int, ...]:
 
 
 def _device_kwargs(args) -> dict:
-    """The engine's placement from --device (once: that device; repeated: a pipeline) and --layer-split."""
+    """The engine's placement from --device (once: that device; repeated: a pipeline), --layer-split,
+    --hot-experts and --weights."""
     devices = args.device or ["cpu"]
+    memory = {"hot_experts": args.hot_experts, "weights": args.weights}
     if len(devices) == 1 and args.layer_split is None:
-        return {"device": devices[0]}
-    return {"devices": tuple(devices), "layer_split": args.layer_split}
+        return {"device": devices[0], **memory}
+    return {"devices": tuple(devices), "layer_split": args.layer_split, **memory}
 
 
 def _add_bench(sub) -> None:

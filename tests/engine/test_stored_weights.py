@@ -110,3 +110,27 @@ def test_weights_setting_is_checked():
 
     with pytest.raises(ValueError, match="weights must be stored or dequantize"):
         EngineConfig(weights="fp4")
+
+
+def test_the_cli_takes_the_weights_and_hot_experts_settings(tmp_path):
+    import subprocess
+
+    from tests.agent.test_api import EXE
+
+    init_checkpoint("deepseek_v4", "tiny", tmp_path / "src", seed=2)
+    path = _quantized(tmp_path, "int4")
+    outputs = []
+    for flags in ([], ["--weights", "dequantize"], ["--hot-experts", "2"]):
+        run = subprocess.run(
+            [EXE, "generate", "--model", str(path), "--max-tokens", "6", "--temperature", "0", *flags, "ab"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        outputs.append(run.stdout)
+    assert outputs[0] == outputs[1] == outputs[2]  # greedy: the same text however the weights are held
+    run = subprocess.run(
+        [EXE, "generate", "--model", str(path), "--hot-experts", "-1", "ab"], capture_output=True, text=True
+    )
+    assert run.returncode == 2 and "hot_experts must be >= 0" in run.stderr
