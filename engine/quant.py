@@ -89,26 +89,38 @@ INT4_VALUES = tuple(float(code - 8) for code in range(16))  # int4 code c stands
 _TABLES: dict[tuple, torch.Tensor] = {}
 
 
-def _byte_table(values: tuple[float, ...], device) -> torch.Tensor:
-    """[256, 2] float32: the two values a byte of packed codes holds (low nibble first)."""
-    key = (values, str(device))
+def _byte_table(values: tuple[float, ...], device, dtype=torch.float32) -> torch.Tensor:
+    """[256, 2]: the two values a byte of packed codes holds (low nibble first)."""
+    key = (values, str(device), dtype)
     if key not in _TABLES:
         nibbles = torch.tensor(values, dtype=torch.float32)
         byte = torch.arange(256)
-        _TABLES[key] = torch.stack([nibbles[byte & 0xF], nibbles[byte >> 4]], dim=-1).to(device)
+        table = torch.stack([nibbles[byte & 0xF], nibbles[byte >> 4]], dim=-1)
+        _TABLES[key] = table.to(device=device, dtype=dtype)
     return _TABLES[key]
 
 
 def _dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, group: int):
-    """float32 [..., in] from bytes [..., in/2] through a byte table, times one scale per `group` inputs."""
+    """[..., in] in the table's dtype from bytes [..., in/2] through a byte table, times one scale per
+    `group` inputs."""
     codes = packed.view(torch.uint8).reshape(-1).long()
     values = table.index_select(0, codes)  # [bytes, 2]: one lookup per byte
     grouped = values.view(*packed.shape[:-1], -1, group)  # [..., in/group, group]
-    return (grouped * scale.float()[..., None]).flatten(-2)
+    return (grouped * scale.to(table.dtype)[..., None]).flatten(-2)
 
 
-def dequantize(fmt: str, weight: torch.Tensor, scale: torch.Tensor, block=(128, 128)) -> torch.Tensor:
-    """float32 [out, in] from a weight stored in `fmt` ("fp8", "fp4" or "int4") and its scales."""
+def dequantize(
+    fmt: str, weight: torch.Tensor, scale: torch.Tensor, block=(128, 128), dtype=torch.float32
+) -> torch.Tensor:
+    """[out, in] in `dtype` from a weight stored in `fmt` ("fp8", "fp4" or "int4") and its scales.
+
+    4-bit values come out of the lookup directly in bfloat16, half the bytes written: a code (at most 4
+    significant bits) times a bf16 or power-of-two scale is exact in float32 and rounds once to bf16
+    either way, with float32's exponent range. Other dtypes (and FP8, whose scales are float32) go
+    through float32."""
     if fmt == "fp8":
-        return dequantize_fp8_blocks(weight, scale, block)
-    return dequantize_fp4(weight, scale) if fmt == "fp4" else dequantize_int4(weight, scale)
+        return dequantize_fp8_blocks(weight, scale, block).to(dtype)
+    values = E2M1_VALUES if fmt == "fp4" else INT4_VALUES
+    direct = dtype if dtype == torch.bfloat16 else torch.float32
+    table = _byte_table(values, weight.device, direct)
+    return _dequantize_packed(weight, scale, table, FP4_GROUP).to(dtype)

@@ -90,11 +90,20 @@ class Gate(nn.Module):
 def expert_forward(
     x: torch.Tensor, w13, w2, limit: float | None, quant: str = "none", s13=None, s2=None
 ) -> torch.Tensor:
-    """One expert on rows x [n, D] -> [n, D]; quantized weights are dequantized for this call only."""
-    if quant != "none":
-        w13, w2 = dequantize(quant, w13, s13).to(x.dtype), dequantize(quant, w2, s2).to(x.dtype)
-    gate, up = F.linear(x, w13).chunk(2, dim=-1)  # [n, I] each
-    return F.linear(swiglu(gate, up, limit), w2)
+    """One expert on rows x [n, D] -> [n, D]. Quantized weights are dequantized inside the matmul by the
+    Triton kernel on a GPU, elsewhere for this call only."""
+    gate, up = _linear(x, w13, s13, quant).chunk(2, dim=-1)  # [n, I] each
+    return _linear(swiglu(gate, up, limit), w2, s2, quant)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, scale, quant: str) -> torch.Tensor:
+    if quant == "none":
+        return F.linear(x, weight)
+    if triton_enabled(x.device):
+        from ds4.kernels.quant_linear import quant_linear
+
+        return quant_linear(x, weight, scale, quant)
+    return F.linear(x, dequantize(quant, weight, scale, dtype=x.dtype))
 
 
 class Experts(nn.Module):

@@ -37,7 +37,7 @@ class QuantizedLinear(nn.Module):
         self.scale = nn.Parameter(torch.empty(scales, dtype=scale_dtype), requires_grad=False)
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize(self.fmt, self.weight, self.scale, FP8_BLOCK).to(dtype or self.dtype)
+        return dequantize(self.fmt, self.weight, self.scale, FP8_BLOCK, dtype or self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if triton_enabled(x.device):

@@ -9,10 +9,12 @@ import torch
 from ds4.engine.quant import (
     E2M1_VALUES,
     FP8_MAX,
+    dequantize,
     dequantize_fp4,
     dequantize_fp8_blocks,
     quantize_fp4,
     quantize_fp8_blocks,
+    quantize_int4,
     scale_shape,
 )
 
@@ -145,3 +147,14 @@ def test_fp4_rounds_to_the_nearest_code_within_half_a_step():
     error = (dequantize_fp4(packed, scale) - weight).abs()
     # the widest e2m1 step is 2 (between 4 and 6): error <= 1 x the group's scale
     assert bool((error <= scale.float().repeat_interleave(32, dim=1) + 1e-7).all())
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "int4"])
+def test_4bit_codes_dequantize_straight_to_bf16_as_float32_rounded(fmt):
+    """The bf16 lookup path writes half the bytes and must equal float32 dequantization rounded once."""
+    quantize = quantize_fp4 if fmt == "fp4" else quantize_int4
+    weight = torch.randn(96, 256) * torch.logspace(-6, 2, 96)[:, None]  # scales over eight decades
+    codes, scales = quantize(weight)
+    direct = dequantize(fmt, codes, scales, dtype=torch.bfloat16)
+    assert direct.dtype == torch.bfloat16
+    assert torch.equal(direct, dequantize(fmt, codes, scales).to(torch.bfloat16))

@@ -105,6 +105,33 @@ def test_hybrid_experts_move_between_tiers_quantized(family):
     assert hot and all(w.dtype in (torch.uint8, torch.bfloat16) for w in hot)  # codes and scales
 
 
+def test_hot_quantized_experts_run_in_the_kernel(tmp_path, monkeypatch):
+    """Tiered experts compute one expert at a time; on the compute device their 4-bit codes still go
+    through the quantized-linear kernel, not a dequantized copy."""
+    import ds4.kernels.quant_linear as linear_kernels
+
+    init_checkpoint("deepseek_v3", "tiny", tmp_path / "src", seed=2)
+    path = _quantized(tmp_path, "int4")
+    formats = []
+    real = linear_kernels.quant_linear
+
+    def spy(x, weight, scale, quant, **kw):
+        formats.append(quant)
+        return real(x, weight, scale, quant, **kw)
+
+    monkeypatch.setattr(linear_kernels, "quant_linear", spy)
+    ids = IDS[:12]
+    want = LLM(path, weights="dequantize").score(ids)
+    with kernels.forced(True):
+        hybrid = LLM(path, hot_experts=8, hot_period=1)  # every expert hot after the first pass
+        hybrid.score(ids)
+        assert all(len(t.hot) == 8 for t in hybrid.runner.tiered)
+        formats.clear()
+        got = hybrid.score(ids)
+    assert formats.count("int4") >= 2 * len(hybrid.runner.tiered)  # each hot expert's codes, in the kernel
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 def test_weights_setting_is_checked():
     from ds4.engine.config import EngineConfig
 
