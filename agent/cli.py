@@ -168,6 +168,7 @@ def _add_bench(sub) -> None:
         default="int4",
         help="also measure the routed experts in this 4-bit format (kept as stored; dequantized at load)",
     )
+    hybrid.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     hybrid.add_argument(
         "--device",
         action="append",
@@ -601,7 +602,9 @@ def _cmd_bench_hybrid(args) -> int:
     _require_dir(args.model)
     experts = None if args.experts == "none" else args.experts
     devices = tuple(args.device or ["cpu"])
-    report = bench_hybrid(args.model, args.tokens, args.prompt_tokens, args.runs, experts, devices)
+    report = bench_hybrid(
+        args.model, args.tokens, args.prompt_tokens, args.runs, experts, devices, args.dtype
+    )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

@@ -52,13 +52,16 @@ def bench_hybrid(
     runs: int = 3,
     quantized: str | None = "int4",
     devices: tuple[str, ...] = ("cpu",),
+    dtype: str = "float32",
 ) -> dict:
     """`devices`: the compute device (the first; experts on the expert tier stay in host RAM) and the
     stages of the pipelined row (two stages of the one device when only one is given). `quantized`:
-    also measure the checkpoint with its routed experts in this 4-bit format (None: don't)."""
+    also measure the checkpoint with its routed experts in this 4-bit format (None: don't). `dtype`:
+    the model's (what float weights are held and computed in)."""
     device = devices[0]
     stages = tuple(devices) if len(devices) > 1 else (device, device)
-    probe = LLM(model_dir, device=device)
+    float_format = "fp32" if dtype == "float32" else "bf16"  # the planner's name for its bytes
+    probe = LLM(model_dir, device=device, dtype=dtype)
     config = probe.config
     experts = config.n_routed_experts
     prompt = list(range(10, 10 + prompt_tokens))
@@ -72,7 +75,8 @@ def bench_hybrid(
     ]
     results = []
     for label, settings in rows:
-        llm = probe if not settings else LLM(model_dir, **{"device": device, "hot_period": 8, **settings})
+        base = {"device": device, "dtype": dtype, "hot_period": 8}
+        llm = probe if not settings else LLM(model_dir, **{**base, **settings})
         results.append(
             {
                 "placement": label,
@@ -87,7 +91,7 @@ def bench_hybrid(
             quantize_checkpoint(model_dir, quantized_dir, experts=quantized, attn="bf16")
             for weights in ("stored", "dequantize"):
                 how = "stored 4-bit" if weights == "stored" else "dequantized at load"
-                llm = LLM(quantized_dir, device=device, weights=weights, hot_experts=0)
+                llm = LLM(quantized_dir, device=device, dtype=dtype, weights=weights, hot_experts=0)
                 results.append(
                     {
                         "placement": f"{quantized} experts {how}, none hot",
@@ -121,15 +125,16 @@ def bench_hybrid(
             context=prompt_tokens + tokens,
             batch=1,
             expert_format=fmt,
-            attn_format="fp32",
+            attn_format=float_format,
             hardware=hw,
         ).decode_tokens_per_s
-        for fmt in ["fp32"] + ([quantized] if quantized else [])
+        for fmt in [float_format] + ([quantized] if quantized else [])
     }
     return {
         "machine": machine,
+        "dtype": dtype,
         "results": results,
-        "predicted_decode_tokens_per_s": predicted["fp32"],
+        "predicted_decode_tokens_per_s": predicted[float_format],
         "predicted_by_expert_format": predicted,
     }
 
@@ -137,7 +142,8 @@ def bench_hybrid(
 def format_report(report: dict) -> str:
     m = report["machine"]
     lines = [
-        f"this machine: read {m['read_gb_per_s']:.1f} GB/s, fp32 matmul {m['matmul_tflop_per_s']:.2f} TFLOP/s"
+        f"this machine: read {m['read_gb_per_s']:.1f} GB/s, "
+        f"fp32 matmul {m['matmul_tflop_per_s']:.2f} TFLOP/s; model in {report['dtype']}"
     ]
     for r in report["results"]:
         lines.append(f"  {r['placement']:<56} decode {r['decode_tokens_per_s']:8.1f} tok/s")

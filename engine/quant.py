@@ -80,12 +80,22 @@ def quantize_int4(weight: torch.Tensor, group: int = FP4_GROUP) -> tuple[torch.T
     return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), scale.squeeze(-1).to(torch.bfloat16)
 
 
-def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group: int = FP4_GROUP) -> torch.Tensor:
-    """float32 [out, in] from quantize_int4's packed codes and per-group scales."""
-    return _dequantize_packed(packed, scale, _byte_table(INT4_VALUES, packed.device), group)
+def dequantize_int4(
+    packed: torch.Tensor, scale: torch.Tensor, group: int = FP4_GROUP, dtype=torch.float32
+) -> torch.Tensor:
+    """[..., in] in `dtype` from quantize_int4's packed codes [..., in/2] and per-group scales.
+
+    Arithmetic, in place: the nibbles are written straight into the output's even and odd inputs, then
+    each group is shifted by 8 and scaled (about 3x faster on a CPU than a table lookup, which matters
+    when experts are dequantized for each call)."""
+    codes = packed.view(torch.uint8)
+    out = torch.empty(*codes.shape, 2, dtype=dtype, device=codes.device)
+    out[..., 0], out[..., 1] = codes & 0xF, codes >> 4
+    grouped = out.view(*codes.shape[:-1], -1, group)
+    grouped.sub_(8.0).mul_(scale.to(dtype)[..., None])
+    return out.view(*codes.shape[:-1], -1)
 
 
-INT4_VALUES = tuple(float(code - 8) for code in range(16))  # int4 code c stands for c - 8
 _TABLES: dict[tuple, torch.Tensor] = {}
 
 
@@ -120,7 +130,8 @@ def dequantize(
     through float32."""
     if fmt == "fp8":
         return dequantize_fp8_blocks(weight, scale, block).to(dtype)
-    values = E2M1_VALUES if fmt == "fp4" else INT4_VALUES
     direct = dtype if dtype == torch.bfloat16 else torch.float32
-    table = _byte_table(values, weight.device, direct)
+    if fmt == "int4":
+        return dequantize_int4(weight, scale, dtype=direct).to(dtype)
+    table = _byte_table(E2M1_VALUES, weight.device, direct)
     return _dequantize_packed(weight, scale, table, FP4_GROUP).to(dtype)

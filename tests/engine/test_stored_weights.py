@@ -94,11 +94,16 @@ def test_the_kernels_dequantize_stored_weights_inside_the_matmul(family, experts
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
-def test_hybrid_experts_move_between_tiers_quantized(family):
+@pytest.mark.parametrize("devices", [None, ("cpu", "cpu")])
+def test_hybrid_experts_move_between_tiers_quantized(family, devices):
+    """Also with the layers split over two stages: each layer's hot experts on its own stage."""
     path = _quantized(family, "int4")
     single = [o.token_ids for o in LLM(path).generate(PROMPTS, GREEDY)]
-    hybrid = LLM(path, hot_experts=2, hot_period=1)
+    placement = {"devices": devices, "device": None} if devices else {}
+    hybrid = LLM(path, hot_experts=2, hot_period=1, **placement)
     assert [o.token_ids for o in hybrid.generate(PROMPTS, GREEDY)] == single
+    if devices:
+        assert hybrid.runner.handoffs.num_handoffs > 0 and hybrid.runner.quantized_modules > 0
     tiers = hybrid.runner.tiered
     assert tiers and sum(t.stats["evicted"] for t in tiers) > 0
     hot = [w for t in tiers for weights in t.hot.values() for w in weights]
