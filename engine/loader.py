@@ -253,13 +253,13 @@ def load_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig) 
             if tensor.dtype in QUANTIZED_DTYPES and not integer:
                 fmt = _format(name, _DTYPE_NAMES[tensor.dtype], config)
                 module_name, _, key = target.param.rpartition(".")
+                scale = _read_scale(name, tensor, name_to_file, block, fmt)
                 if _is_stored(model.get_submodule(module_name)) and param.dtype == tensor.dtype:
                     scale_param = "scale" if key == "weight" else f"{key}_scale"
-                    scale = _read_scale(name, tensor, name_to_file, block, fmt)
                     scale_target = Target(f"{module_name}.{scale_param}", target.expert, target.half)
                     _copy_into(params[scale_target.param], scale_target, scale, name, file)
-                else:
-                    tensor = _dequantize(name, tensor, name_to_file, block, fmt)
+                else:  # kept in float: dequantized here, once
+                    tensor = dequantize(fmt, tensor, scale, block)
             _copy_into(param, target, tensor, name, file)
             loaded.add(_key(target))
 
@@ -315,14 +315,9 @@ def _check_scale(name: str, weight: str, name_to_file: dict[str, Path], config: 
         )
 
 
-def _dequantize(name: str, weight: torch.Tensor, name_to_file, block, fmt: str) -> torch.Tensor:
-    """float32 weights from FP8 (128x128 block scales), packed FP4 (one e8m0 scale per 32 inputs) or
-    packed int4 (one bf16 scale per 32 inputs; routed experts of ds4-quantized checkpoints)."""
-    return dequantize(fmt, weight, _read_scale(name, weight, name_to_file, block, fmt), block)
-
-
 def _read_scale(name: str, weight: torch.Tensor, name_to_file, block, fmt: str) -> torch.Tensor:
-    """The scales of quantized tensor `name`, checked against its shape."""
+    """The scales of quantized tensor `name`, checked against its shape: FP8 one per 128 x 128 block,
+    packed FP4 one e8m0 per 32 inputs, packed int4 (ds4-quantized routed experts) one bf16 per 32."""
     kind = fmt.upper()
     scale_name = _scale_of(name, name_to_file)
     if scale_name is None:
