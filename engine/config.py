@@ -471,7 +471,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per step; longer prompts are prefilled in chunks
     block_size: int = 256  # tokens per cache block (a multiple of every V4 compression ratio)
     num_cache_blocks: int | None = None  # default: max_num_seqs full-length sequences, within cache_memory_gb
-    cache_memory_gb: float = 1.0
+    cache_memory_gb: float = 1.0  # per device: a pipeline's devices each hold their own layers' rows
     enable_prefix_caching: bool = True
     prefix_cache_dir: str | None = None  # disk tier: full prefix blocks persist across processes
     hot_experts: int | None = None  # hybrid: routed experts on expert_device, this many per layer hot

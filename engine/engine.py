@@ -7,6 +7,7 @@ servers drive it. Single-threaded by design: one engine per process, callers sub
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -72,11 +73,15 @@ class LLMEngine:
         self.counters = {"tokens_prefilled": 0, "tokens_decoded": 0, "tokens_loaded_from_disk": 0}
 
     def _default_num_blocks(self) -> int:
-        """Enough for max_num_seqs sequences of max_model_len tokens, within the configured memory."""
+        """Enough for max_num_seqs sequences of max_model_len tokens, within the configured memory of
+        each device: a block's rows of a layer live on that layer's device, so the device holding the
+        most layers bounds the count."""
         bs, cfg = self.config.block_size, self.runner.config
         wanted = self.config.max_num_seqs * -(-self.max_model_len // bs)
         row = (cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if cfg.has_indexer else 0)) or 1
-        per_block = bs * row * cfg.num_hidden_layers * self.runner.dtype.itemsize
+        devices = self.runner.layer_devices or [self.runner.device] * cfg.num_hidden_layers
+        layers = max(collections.Counter(devices).values())
+        per_block = bs * row * layers * self.runner.dtype.itemsize
         return max(1, min(wanted, int(self.config.cache_memory_gb * (1 << 30)) // per_block))
 
     # -- requests -------------------------------------------------------------------------------

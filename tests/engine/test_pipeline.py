@@ -253,3 +253,33 @@ def test_the_cli_splits_the_layers_over_repeated_devices(tiny_v3):
         "ds4-agent: error: layer_split [2, 2] adds up to 4 layers, but the model has 3: "
         "give per-device counts that add up to 3"
     ]
+
+
+def test_the_cache_budget_holds_for_each_device_of_a_split(tiny_v3):
+    """A block's rows of a layer live on that layer's device: split evenly over two cards, each card
+    holds half of every block, so the same per-device budget fits twice the blocks."""
+    from types import SimpleNamespace
+
+    from ds4.engine.engine import LLMEngine
+
+    config = ModelConfig.from_dir(tiny_v3)
+    n = config.num_hidden_layers
+    row_bytes = (config.kv_lora_rank + config.qk_rope_head_dim) * 4  # float32
+    budget_blocks = 40
+    settings = EngineConfig(
+        block_size=16, max_num_seqs=1000, cache_memory_gb=budget_blocks * 16 * row_bytes * n / (1 << 30)
+    )
+
+    def blocks(layer_devices):
+        runner = SimpleNamespace(
+            config=config, dtype=torch.float32, device=torch.device("cpu"), layer_devices=layer_devices
+        )
+        return LLMEngine._default_num_blocks(
+            SimpleNamespace(config=settings, runner=runner, max_model_len=4096)
+        )
+
+    half = n // 2
+    two_cards = [torch.device("cuda:0")] * half + [torch.device("cuda:1")] * (n - half)
+    assert blocks(None) == budget_blocks
+    assert blocks([torch.device("cpu")] * n) == budget_blocks  # stages on one device share its budget
+    assert blocks(two_cards) == budget_blocks * n // (n - half)
