@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds4.engine.config import ModelConfig
-from ds4.engine.layers.quantized import stored_shapes
-from ds4.engine.quant import dequantize
+from ds4.engine.layers.quantized import quantized_linear, stored_shapes
 from ds4.kernels import triton_enabled
 
 
@@ -97,13 +96,7 @@ def expert_forward(
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, scale, quant: str) -> torch.Tensor:
-    if quant == "none":
-        return F.linear(x, weight)
-    if triton_enabled(x.device):
-        from ds4.kernels.quant_linear import quant_linear
-
-        return quant_linear(x, weight, scale, quant)
-    return F.linear(x, dequantize(quant, weight, scale, dtype=x.dtype))
+    return F.linear(x, weight) if quant == "none" else quantized_linear(x, weight, scale, quant)
 
 
 class Experts(nn.Module):

@@ -40,14 +40,19 @@ class QuantizedLinear(nn.Module):
         return dequantize(self.fmt, self.weight, self.scale, FP8_BLOCK, dtype or self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if triton_enabled(x.device):
-            from ds4.kernels.quant_linear import quant_linear
-
-            return quant_linear(x, self.weight, self.scale, self.fmt)
-        return F.linear(x, self.dequantized(x.dtype))
+        return quantized_linear(x, self.weight, self.scale, self.fmt)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """x @ W^T for W stored in `fmt`: in the Triton kernel on a GPU, elsewhere dequantized for this call."""
+    if triton_enabled(x.device):
+        from ds4.kernels.quant_linear import quant_linear
+
+        return quant_linear(x, weight, scale, fmt)
+    return F.linear(x, dequantize(fmt, weight, scale, FP8_BLOCK, x.dtype))
 
 
 def dense_weight(linear: nn.Module) -> torch.Tensor:
