@@ -47,10 +47,15 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -
 FP4_GROUP = 32  # one e8m0 (power-of-two) scale per 32 inputs of a row
 
 
-def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, group: int = FP4_GROUP) -> torch.Tensor:
-    """float32 [out, in] from two e2m1 codes per byte [out, in/2] (even element in the low nibble) and one
-    scale per `group` inputs [out, in/group] (float8_e8m0fnu or float32)."""
-    return _dequantize_packed(packed, scale, _byte_table(E2M1_VALUES, packed.device), group)
+def dequantize_fp4(
+    packed: torch.Tensor, scale: torch.Tensor, group: int = FP4_GROUP, dtype=torch.float32
+) -> torch.Tensor:
+    """[..., in] in `dtype` from two e2m1 codes per byte [..., in/2] (even element in the low nibble) and
+    one scale per `group` inputs [..., in/group] (float8_e8m0fnu or float32), through a byte table."""
+    table = _byte_table(E2M1_VALUES, packed.device, dtype)
+    values = table.index_select(0, packed.view(torch.uint8).reshape(-1).long())  # [bytes, 2]
+    grouped = values.view(*packed.shape[:-1], -1, group)  # [..., in/group, group]
+    return (grouped * scale.to(dtype)[..., None]).flatten(-2)
 
 
 def quantize_fp4(weight: torch.Tensor, group: int = FP4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,28 +115,17 @@ def _byte_table(values: tuple[float, ...], device, dtype=torch.float32) -> torch
     return _TABLES[key]
 
 
-def _dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, group: int):
-    """[..., in] in the table's dtype from bytes [..., in/2] through a byte table, times one scale per
-    `group` inputs."""
-    codes = packed.view(torch.uint8).reshape(-1).long()
-    values = table.index_select(0, codes)  # [bytes, 2]: one lookup per byte
-    grouped = values.view(*packed.shape[:-1], -1, group)  # [..., in/group, group]
-    return (grouped * scale.to(table.dtype)[..., None]).flatten(-2)
-
-
 def dequantize(
     fmt: str, weight: torch.Tensor, scale: torch.Tensor, block=(128, 128), dtype=torch.float32
 ) -> torch.Tensor:
     """[out, in] in `dtype` from a weight stored in `fmt` ("fp8", "fp4" or "int4") and its scales.
 
-    4-bit values come out of the lookup directly in bfloat16, half the bytes written: a code (at most 4
+    4-bit values are produced directly in bfloat16, half the bytes written: a code (at most 4
     significant bits) times a bf16 or power-of-two scale is exact in float32 and rounds once to bf16
     either way, with float32's exponent range. Other dtypes (and FP8, whose scales are float32) go
     through float32."""
     if fmt == "fp8":
         return dequantize_fp8_blocks(weight, scale, block).to(dtype)
     direct = dtype if dtype == torch.bfloat16 else torch.float32
-    if fmt == "int4":
-        return dequantize_int4(weight, scale, dtype=direct).to(dtype)
-    table = _byte_table(E2M1_VALUES, weight.device, direct)
-    return _dequantize_packed(weight, scale, table, FP4_GROUP).to(dtype)
+    unpack = dequantize_int4 if fmt == "int4" else dequantize_fp4
+    return unpack(weight, scale, FP4_GROUP, direct).to(dtype)
