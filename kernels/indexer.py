@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ds4.kernels.dot import dot, dot_args
+
 
 @triton.jit
 def _indexer_kernel(
@@ -31,6 +33,8 @@ def _indexer_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     t = tl.program_id(0)
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -48,7 +52,7 @@ def _indexer_kernel(
         other=0.0,
     ).to(tl.float32)
     w = tl.load(w_ptr + t * stride_wt + h, mask=hmask, other=0.0).to(tl.float32)
-    scores = tl.maximum(tl.dot(q, tl.trans(k)), 0.0)  # [H, S]
+    scores = tl.maximum(dot(q, tl.trans(k), DOT, PRECISION), 0.0)  # [H, S]
     total = tl.sum(scores * w[:, None], axis=0)
     position = tl.load(pos_ptr + t)
     total = tl.where(key_offset + s <= position, total, float("-inf"))
@@ -91,6 +95,7 @@ def indexer_scores(
         BLOCK_H=max(16, triton.next_power_of_2(heads)),
         BLOCK_S=block_s,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        **dot_args(q.dtype),
     )
     return out
 

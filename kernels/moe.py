@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ds4.kernels.dot import dot, dot_args
+
 QUANT = {"none": 0, "fp8": 1, "fp4": 2, "int4": 3}
 PACKED = (2, 3)  # two 4-bit codes per byte: the stored inner dimension is half the logical one
 
@@ -110,6 +112,8 @@ def _gate_up_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
@@ -135,8 +139,8 @@ def _gate_up_kernel(
         wu = _weight_tile(
             w_ptr, s_ptr, e, n + inter, k, wmask, stride_we, stride_wn, stride_wk, stride_se, stride_sn, QUANT
         )
-        gate += tl.dot(x, tl.trans(wg))
-        up += tl.dot(x, tl.trans(wu))
+        gate += dot(x, tl.trans(wg), DOT, PRECISION)
+        up += dot(x, tl.trans(wu), DOT, PRECISION)
     if HAS_LIMIT:  # V4's clamped SwiGLU
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
@@ -167,6 +171,8 @@ def _down_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
@@ -196,7 +202,7 @@ def _down_kernel(
             stride_sn,
             QUANT,
         )
-        acc += tl.dot(h, tl.trans(w))
+        acc += dot(h, tl.trans(w), DOT, PRECISION)
     routing = tl.load(weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
     acc = acc * routing[:, None]
     safe = tl.where(valid, pair, 0).to(tl.int64)
@@ -272,6 +278,7 @@ def fused_moe(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        **dot_args(x.dtype),
     )
     weights = topk_weights.float().contiguous().flatten()
     grid = (padded // block_m, triton.cdiv(dim, block_n))
@@ -297,5 +304,6 @@ def fused_moe(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        **dot_args(x.dtype),
     )
     return out_pairs.view(tokens, topk, dim).sum(1).to(x.dtype)
