@@ -15,6 +15,7 @@ from ds4.engine.layers.engram import normalized_token_map
 from ds4.engine.loader import keep_stored, load_weights, materialize, model_fingerprint
 from ds4.engine.models import build_model
 from ds4.engine.pipeline import Pipeline, current_device, stage_sizes
+from ds4.engine.step_inputs import StepInputs
 
 
 class ModelRunner:
@@ -56,6 +57,7 @@ class ModelRunner:
                 engine_config.stream_tokens,
             )
         self.fingerprint = model_fingerprint(path, self.dtype)
+        self.inputs = StepInputs(self.device)
 
     def _split(self) -> Pipeline:
         """The layers over `devices` in order, each running its `layer_split` count of them (default:
@@ -97,6 +99,8 @@ class ModelRunner:
         """Runs the new tokens of `seqs` (concatenated in `token_ids`); returns float32 logits:
         [T, V] for every token when `all_logits`, else [len(seqs), V] for each sequence's last token,
         on the device of the last layer."""
+        if not all_logits and self.decodes_batched(seqs, cache):
+            return self._decode(token_ids, seqs, cache)
         seqs = [cache.prepare(s) for s in seqs]
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(s.start, s.end) for s in seqs]).to(self.device)
@@ -106,3 +110,20 @@ class ModelRunner:
             if not all_logits:
                 hidden = hidden[[s.offset + s.num_tokens - 1 for s in seqs]]
             return self.model.logits(hidden)
+
+    def decodes_batched(self, seqs: list[SeqSlice], cache) -> bool:
+        """Every sequence adds one token over a paged latent cache (V3): attention runs for the whole
+        batch at once from device tensors alone, a step that can be captured as a graph."""
+        return (
+            isinstance(cache, PagedLatentCache)
+            and not self.config.has_indexer
+            and self.mla_mode(seqs) == "absorbed"
+            and all(s.num_tokens == 1 for s in seqs)
+        )
+
+    def _decode(self, token_ids: list[int], seqs: list[SeqSlice], cache) -> torch.Tensor:
+        seqs = [cache.with_blocks(s) for s in seqs]
+        input_ids, positions, batch = self.inputs.decode(token_ids, seqs, cache.block_size)
+        ctx = ForwardContext(seqs=seqs, positions=positions, cache=cache, mla_mode="absorbed", decode=batch)
+        with forward_context(ctx), current_device(self.device):
+            return self.model.logits(self.model(input_ids, positions))  # [B, V]: every token is a last one

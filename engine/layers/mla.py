@@ -71,6 +71,8 @@ class MLA(nn.Module):
         latent = self.kv_norm(latent)  # [T, C]
         k_pe = apply_rope(k_pe, cos, sin, self.rope_interleave)  # [T, R]
         kv_rows = torch.cat([latent, k_pe], dim=-1)  # [T, C + R]: what the cache holds
+        if ctx.decode is not None:  # decode: every sequence's one token at once
+            return self.wo(self._decode(q_nope, q_pe, kv_rows, ctx).flatten(1))
         index_rows = self.indexer.keys(x, rope) if self.indexer is not None else None  # [T, Di]
 
         outs = []
@@ -120,6 +122,47 @@ class MLA(nn.Module):
         )  # [H, T, C]
         return torch.einsum("htc,hvc->thv", out_latent, w_uv)  # [T, H, V]
 
+    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, N, C] and W_UV [H, V, C], the halves of wkv_b."""
+        w_ukv = dense_weight(self.wkv_b).unflatten(0, (self.n_heads, self.qk_nope_head_dim + self.v_head_dim))
+        return w_ukv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+
+    def _decode(self, q_nope, q_pe, kv_rows, ctx):
+        """Absorbed attention of B sequences' new tokens (one each) over their paged rows, reading only the
+        step's device tensors (ctx.decode): the same work whatever the lengths, so it can be captured."""
+        batch, pool = ctx.decode, ctx.cache.kv[self.layer_id]
+        pool.index_copy_(0, batch.slot_rows, kv_rows.to(pool.dtype))  # each new row into its block
+        w_uk, w_uv = self._absorbed_weights()
+        q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, C]
+        if triton_enabled(q_nope.device):
+            from ds4.kernels.mla_decode import paged_mla_decode
+
+            out_latent, _ = paged_mla_decode(
+                q_latent.contiguous(),
+                q_pe.contiguous(),
+                pool,
+                batch.block_table,
+                batch.seq_lens,
+                ctx.cache.block_size,
+                self.scale,
+            )
+        else:
+            out_latent = self._decode_torch(q_latent, q_pe, pool, batch, ctx.cache.block_size)
+        return torch.einsum("bhc,hvc->bhv", out_latent.to(q_nope.dtype), w_uv)  # [B, H, V]
+
+    def _decode_torch(self, q_latent, q_pe, pool, batch, block_size):
+        """The paged decode on torch: each sequence's rows gathered through its block table up to the
+        batch's longest, the rest masked."""
+        C = self.kv_lora_rank
+        pos = torch.arange(batch.max_len, device=pool.device)  # [S]
+        rows = batch.block_table.long()[:, pos // block_size] * block_size + pos % block_size  # [B, S]
+        cached = pool[rows]  # [B, S, C + R]
+        scores = torch.einsum("bhc,bsc->bhs", q_latent, cached[..., :C])
+        scores = (scores + torch.einsum("bhr,bsr->bhs", q_pe, cached[..., C:])) * self.scale  # [B, H, S]
+        hidden = pos[None, None, :] >= batch.seq_lens[:, None, None]
+        probs = scores.float().masked_fill(hidden, float("-inf")).softmax(-1).to(cached.dtype)
+        return torch.einsum("bhs,bsc->bhc", probs, cached[..., :C])  # [B, H, C]
+
     def _absorbed_triton(self, q_nope, q_pe, cache, seq, allowed):
         """The absorbed path on the paged pool with ds4's kernels: causal queries run as decode queries
         of growing lengths over the sequence's block table; with V3.2's selection, attention runs
@@ -133,7 +176,7 @@ class MLA(nn.Module):
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk).contiguous()  # [T, H, C]
         pool = cache.kv[self.layer_id]
         if self.indexer is None:
-            blocks = torch.tensor(seq.block_ids, dtype=torch.int32, device=pool.device) % cache.num_blocks
+            blocks = torch.tensor(seq.block_ids, dtype=torch.int32, device=pool.device)
             T = q_latent.shape[0]
             table = blocks[None].expand(T, -1).contiguous()
             lens = torch.arange(seq.start + 1, seq.end + 1, dtype=torch.int32, device=pool.device)
@@ -141,7 +184,7 @@ class MLA(nn.Module):
                 q_latent, q_pe.contiguous(), pool, table, lens, cache.block_size, self.scale
             )
         else:
-            indices = allowed_rows(allowed, seq.rows % pool.shape[0])  # pool rows of positions [0, end)
+            indices = allowed_rows(allowed, seq.rows)  # pool rows of positions [0, end)
             q = torch.cat([q_latent, q_pe], dim=-1).contiguous()
             out_latent, _ = sparse_attention(q, pool, indices, self.scale, C)
         return torch.einsum("thc,hvc->thv", out_latent.to(q_nope.dtype), w_uv)  # [T, H, V]
