@@ -91,6 +91,12 @@ def _add_device_flags(parser) -> None:
         help="quantized checkpoints: keep FP8/FP4/int4 tensors as stored, dequantized in each matmul "
         "(default), or dequantize them at load",
     )
+    parser.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="run decode steps eagerly on a GPU instead of replaying captured CUDA graphs (for debugging)",
+    )
 
 
 def _layer_split(text: str) -> tuple[int, ...]:
@@ -104,7 +110,7 @@ def _device_kwargs(args) -> dict:
     """The engine's placement from --device (once: that device; repeated: a pipeline), --layer-split,
     --hot-experts and --weights."""
     devices = args.device or ["cpu"]
-    memory = {"hot_experts": args.hot_experts, "weights": args.weights}
+    memory = {"hot_experts": args.hot_experts, "weights": args.weights, "cuda_graphs": args.cuda_graphs}
     if len(devices) == 1 and args.layer_split is None:
         return {"device": devices[0], **memory}
     return {"devices": tuple(devices), "layer_split": args.layer_split, **memory}

@@ -69,6 +69,11 @@ class LLMEngine:
             if config.prefix_cache_dir and caching
             else None
         )
+        blocker = runner.graph_blocker(self.cache) if config.cuda_graphs else "turned off (cuda_graphs)"
+        if blocker is None:
+            runner.capture_decode_graphs(self.cache, config.max_num_seqs, max_model_len)
+        elif runner.device.type == "cuda":
+            log.info("decode steps run eagerly: %s", blocker)
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self.counters = {"tokens_prefilled": 0, "tokens_decoded": 0, "tokens_loaded_from_disk": 0}

@@ -16,6 +16,7 @@ from ds4.engine.loader import keep_stored, load_weights, materialize, model_fing
 from ds4.engine.models import build_model
 from ds4.engine.pipeline import Pipeline, current_device, stage_sizes
 from ds4.engine.step_inputs import StepInputs
+from ds4.kernels import triton_enabled
 
 
 class ModelRunner:
@@ -58,6 +59,7 @@ class ModelRunner:
             )
         self.fingerprint = model_fingerprint(path, self.dtype)
         self.inputs = StepInputs(self.device)
+        self.graphs = None  # DecodeGraphs over the engine's cache, once captured
 
     def _split(self) -> Pipeline:
         """The layers over `devices` in order, each running its `layer_split` count of them (default:
@@ -124,6 +126,30 @@ class ModelRunner:
     def _decode(self, token_ids: list[int], seqs: list[SeqSlice], cache) -> torch.Tensor:
         seqs = [cache.with_blocks(s) for s in seqs]
         input_ids, positions, batch = self.inputs.decode(token_ids, seqs, cache.block_size)
+        if self.graphs is not None and cache is self.graphs.cache:
+            logits = self.graphs.run(input_ids, positions, batch)
+            if logits is not None:
+                return logits.clone()  # the graph's output buffer is overwritten by the next replay
         ctx = ForwardContext(seqs=seqs, positions=positions, cache=cache, mla_mode="absorbed", decode=batch)
         with forward_context(ctx), current_device(self.device):
             return self.model.logits(self.model(input_ids, positions))  # [B, V]: every token is a last one
+
+    def graph_blocker(self, cache) -> str | None:
+        """Why decode steps over `cache` cannot be captured as CUDA graphs here, or None."""
+        if self.device.type != "cuda":
+            return "not on a CUDA device"
+        if not triton_enabled(self.device):
+            return "the torch kernel path reads device values on the host"
+        if not isinstance(cache, PagedLatentCache) or self.config.has_indexer:
+            return "only V3-style models (no indexer, no V4 window) decode as a device program so far"
+        if len(self.devices) > 1 or self.tiered:
+            return "pipelines and tiered experts run their decode steps eagerly"
+        if self.engine_config.mla_mode == "naive":
+            return "mla_mode naive decodes per sequence"
+        return None
+
+    def capture_decode_graphs(self, cache, max_batch: int, max_len: int) -> None:
+        """Captures the decode graphs over `cache` where this model and device allow (see graph_blocker)."""
+        from ds4.engine.graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self, cache, max_batch, -(-max_len // cache.block_size))

@@ -1,7 +1,7 @@
 """A decode step is a device program: between its inputs and its sampled ids nothing makes the host wait
 for the device (ds4.engine.syncs records every op that would, on the CPU as on a GPU), apart from the
 one copy of the sampled ids back. Checked on the path a GPU runs (the Triton kernels, through the
-interpreter here), over sequences of different lengths."""
+interpreter here; on a CUDA machine, the card with its decode graphs), over sequences of different lengths."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from ds4.engine import LLM, SamplingParams
 from ds4.engine.context import SeqSlice
 from ds4.engine.syncs import SyncRecorder
 from ds4.kernels import forced
+from tests.kernels.conftest import DEVICE
 
 
 def test_a_v3_decode_step_never_waits_for_the_device(tiny_v3):
-    llm = LLM(tiny_v3)
+    llm = LLM(tiny_v3, device=DEVICE)
     runner = llm.runner
     cache = runner.new_cache(3, 300)
     with forced(True):
@@ -26,7 +27,7 @@ def test_a_v3_decode_step_never_waits_for_the_device(tiny_v3):
 
 
 def test_an_engine_step_copies_back_only_its_sampled_ids(tiny_v3):
-    llm = LLM(tiny_v3)
+    llm = LLM(tiny_v3, device=DEVICE)
     params = [
         SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
         SamplingParams(
