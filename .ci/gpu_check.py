@@ -96,8 +96,8 @@ def step_profile(llm, steps=16):
         busy = sum(e.self_device_time_total for e in dev) / 1e6
         row.update(
             kernels_per_token=round(sum(e.count for e in dev) / steps, 1),
-            gpu_busy_share=round(busy / wall, 3),
-            ms_per_token=round(1000 * wall / steps, 3),
+            gpu_ms_per_token=round(1000 * busy / steps, 3),
+            profiled_ms_per_token=round(1000 * wall / steps, 3),
         )
     while eng.has_unfinished:
         eng.step()
@@ -188,6 +188,8 @@ def family(fam):
             row["batch1_tok_s"] = round(decode_rate(llm, 1, PROMPT, NEW), 1)
             row[f"batch{batch}_tok_s"] = round(decode_rate(llm, batch, PROMPT, BATCH_NEW), 1)
             row.update(step_profile(llm))
+            if CUDA:  # the device's share of an unprofiled batch-1 step
+                row["gpu_busy_share"] = round(row["gpu_ms_per_token"] * row["batch1_tok_s"] / 1000, 3)
             emit(step="decode", **row)
             del llm
         except Exception as e:
