@@ -21,6 +21,8 @@ KEPT_ENV = (
     "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "VIRTUAL_ENV", "PYTHONPATH", "GOPATH", "GOMODCACHE",
     "GOROOT", "GOFLAGS", "CARGO_HOME", "RUSTUP_HOME", "JAVA_HOME", "NODE_PATH", "PYENV_ROOT", "PYENV_VERSION",
 )  # fmt: skip
+# Toolchains found under the user's home by default; the run's own home is private, so they are named.
+TOOLCHAIN_HOMES = {"RUSTUP_HOME": ".rustup", "CARGO_HOME": ".cargo", "PYENV_ROOT": ".pyenv", "GOPATH": "go"}
 # Under the user's home: credentials a test could copy into its diff. Covered by empty mounts.
 SECRET_HOME_PATHS = (".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker", ".config", ".netrc", ".pypirc")
 # Sockets of the host's daemons (docker, dbus) live here and a network namespace does not hide them.
@@ -56,6 +58,10 @@ class Sandbox(Protocol):
 def environment(home: str, tmp: str) -> dict[str, str]:
     """The minimal environment of a test run: a few toolchain variables, a private home and tmp."""
     env = {k: os.environ[k] for k in KEPT_ENV if k in os.environ}
+    for name, folder in TOOLCHAIN_HOMES.items():
+        default = os.path.join(os.path.expanduser("~"), folder)
+        if name not in env and os.path.isdir(default):
+            env[name] = default  # read-only in the sandbox: what is installed, nothing downloaded
     env.setdefault("PATH", os.defpath)
     env.setdefault("LANG", "C.UTF-8")
     return env | {"HOME": home, "TMPDIR": tmp, "PYTHONDONTWRITEBYTECODE": "1", "CI": "1"}
