@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 
 LOCK = ".lock"
+# What ds4 writes in a data folder; a committed symlink at any of them would send the writes elsewhere.
+WRITTEN = ("runs", "index.db", "index.db-wal", "index.db-shm")
 
 
 class RunFolderError(Exception):
@@ -24,8 +26,9 @@ def data_folder(repo: Path, data_dir: Path | None) -> Path:
     """`data_dir` when given; else REPO/.ds4, refused when it is a symlink (a committed `.ds4 -> ...`
     would send the index, the prompts and the worktrees elsewhere) or not a folder."""
     folder = Path(data_dir) if data_dir is not None else repo / ".ds4"
-    if folder.is_symlink():
-        raise RunFolderError(f"{folder} is a symlink: ds4 keeps its data only in a real folder; remove it")
+    for path in (folder, *(folder / name for name in WRITTEN)):
+        if path.is_symlink():
+            raise RunFolderError(f"{path} is a symlink: ds4 keeps its data only in real files; remove it")
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"{folder} is not a folder: ds4 keeps its index and runs there; remove it")
     (folder / "runs").mkdir(parents=True, exist_ok=True)

@@ -118,10 +118,12 @@ def test_a_repository_test_command_is_shown_before_it_runs(repo, env):
     assert "python -m pytest -q -rf" in done.stderr[shown:] and shown < done.stderr.index("baseline tests")
 
 
-def test_a_committed_ds4_symlink_is_refused_by_the_cli(repo, env, tmp_path):
+@pytest.mark.parametrize("link", [".ds4", ".ds4/runs", ".ds4/index.db"])
+def test_a_committed_ds4_symlink_is_refused_by_the_cli(repo, env, tmp_path, link):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    (repo / ".ds4").symlink_to(elsewhere)
+    (repo / link).parent.mkdir(exist_ok=True)
+    (repo / link).symlink_to(elsewhere / "target" if link.endswith(".db") else elsewhere)
     done = subprocess.run(
         [EXE, "fix", "x", "--repo", str(repo), "--endpoint", "http://127.0.0.1:9", "--test-cmd", "true"],
         capture_output=True,
@@ -129,7 +131,7 @@ def test_a_committed_ds4_symlink_is_refused_by_the_cli(repo, env, tmp_path):
         timeout=120,
         env=env,
     )
-    assert done.returncode == 2 and ".ds4 is a symlink" in done.stderr
+    assert done.returncode == 2 and f"{link} is a symlink" in done.stderr
     assert list(elsewhere.iterdir()) == []
 
 
