@@ -35,6 +35,7 @@ class ServerConfig:
     test_cmd: str | None = None  # for fix jobs; else the repository's .ds4.toml, else detected
     allow_request_test_cmd: bool = False  # a request's test_cmd runs commands on this machine
     test_timeout: float = 600.0
+    allow_unsandboxed_tests: bool = False  # where bubblewrap cannot run: run tests bare, or refuse them
 
 
 def keys_from_env(flags: list[str] | None) -> list[str]:
