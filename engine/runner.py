@@ -114,11 +114,10 @@ class ModelRunner:
             return self.model.logits(hidden)
 
     def decodes_batched(self, seqs: list[SeqSlice], cache) -> bool:
-        """Every sequence adds one token over a paged latent cache (V3): attention runs for the whole
+        """Every sequence adds one token over a paged latent cache (V3, V3.2): attention runs for the whole
         batch at once from device tensors alone, a step that can be captured as a graph."""
         return (
             isinstance(cache, PagedLatentCache)
-            and not self.config.has_indexer
             and self.mla_mode(seqs) == "absorbed"
             and all(s.num_tokens == 1 for s in seqs)
         )
@@ -140,8 +139,8 @@ class ModelRunner:
             return "not on a CUDA device"
         if not triton_enabled(self.device):
             return "the torch kernel path reads device values on the host"
-        if not isinstance(cache, PagedLatentCache) or self.config.has_indexer:
-            return "only V3-style models (no indexer, no V4 window) decode as a device program so far"
+        if not isinstance(cache, PagedLatentCache):
+            return "V4's window and compressor state decode per sequence so far"
         if len(self.devices) > 1 or self.tiered:
             return "pipelines and tiered experts run their decode steps eagerly"
         if self.engine_config.mla_mode == "naive":

@@ -71,9 +71,9 @@ class MLA(nn.Module):
         latent = self.kv_norm(latent)  # [T, C]
         k_pe = apply_rope(k_pe, cos, sin, self.rope_interleave)  # [T, R]
         kv_rows = torch.cat([latent, k_pe], dim=-1)  # [T, C + R]: what the cache holds
-        if ctx.decode is not None:  # decode: every sequence's one token at once
-            return self.wo(self._decode(q_nope, q_pe, kv_rows, ctx).flatten(1))
         index_rows = self.indexer.keys(x, rope) if self.indexer is not None else None  # [T, Di]
+        if ctx.decode is not None:  # decode: every sequence's one token at once
+            return self.wo(self._decode(x, q_latent, rope, q_nope, q_pe, kv_rows, index_rows, ctx).flatten(1))
 
         outs = []
         for seq in ctx.seqs:
@@ -127,28 +127,47 @@ class MLA(nn.Module):
         w_ukv = dense_weight(self.wkv_b).unflatten(0, (self.n_heads, self.qk_nope_head_dim + self.v_head_dim))
         return w_ukv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
 
-    def _decode(self, q_nope, q_pe, kv_rows, ctx):
-        """Absorbed attention of B sequences' new tokens (one each) over their paged rows, reading only the
-        step's device tensors (ctx.decode): the same work whatever the lengths, so it can be captured."""
-        batch, pool = ctx.decode, ctx.cache.kv[self.layer_id]
+    def _decode(self, x, q_latent, rope, q_nope, q_pe, kv_rows, index_rows, ctx):
+        """Absorbed attention of B sequences' new tokens (one each) over their paged rows (V3.2: over the
+        rows its indexer picks), reading only the step's device tensors (ctx.decode): the same work
+        whatever the lengths, so it can be captured."""
+        batch, cache = ctx.decode, ctx.cache
+        pool = cache.kv[self.layer_id]
         pool.index_copy_(0, batch.slot_rows, kv_rows.to(pool.dtype))  # each new row into its block
         w_uk, w_uv = self._absorbed_weights()
-        q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, C]
-        if triton_enabled(q_nope.device):
+        q_latent_heads = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, C]
+        if self.indexer is not None:
+            index_pool = cache.index_k[self.layer_id]
+            index_pool.index_copy_(0, batch.slot_rows, index_rows.to(index_pool.dtype))
+            rows = self.indexer.select_decode(x, q_latent, rope, index_pool, batch, cache.block_size)
+            out_latent = self._sparse(q_latent_heads, q_pe, pool, rows)
+        elif triton_enabled(q_nope.device):
             from ds4.kernels.mla_decode import paged_mla_decode
 
             out_latent, _ = paged_mla_decode(
-                q_latent.contiguous(),
+                q_latent_heads.contiguous(),
                 q_pe.contiguous(),
                 pool,
                 batch.block_table,
                 batch.seq_lens,
-                ctx.cache.block_size,
+                cache.block_size,
                 self.scale,
             )
         else:
-            out_latent = self._decode_torch(q_latent, q_pe, pool, batch, ctx.cache.block_size)
+            out_latent = self._decode_torch(q_latent_heads, q_pe, pool, batch, cache.block_size)
         return torch.einsum("bhc,hvc->bhv", out_latent.to(q_nope.dtype), w_uv)  # [B, H, V]
+
+    def _sparse(self, q_latent, q_pe, pool, rows):
+        """Attention of each query [B, H] over its chosen pool rows [B, k] (-1: none) in the latent space."""
+        q = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, C + R]
+        if triton_enabled(q.device):
+            from ds4.kernels.sparse_attention import sparse_attention
+
+            return sparse_attention(q.contiguous(), pool, rows, self.scale, self.kv_lora_rank)[0]
+        cached = pool[rows.clamp(min=0)]  # [B, k, C + R]
+        scores = torch.einsum("bhd,bkd->bhk", q, cached) * self.scale
+        probs = scores.float().masked_fill((rows < 0)[:, None, :], float("-inf")).softmax(-1)
+        return torch.einsum("bhk,bkc->bhc", probs.to(cached.dtype), cached[..., : self.kv_lora_rank])
 
     def _decode_torch(self, q_latent, q_pe, pool, batch, block_size):
         """The paged decode on torch: each sequence's rows gathered through its block table up to the

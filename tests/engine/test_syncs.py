@@ -5,6 +5,8 @@ interpreter here; on a CUDA machine, the card with its decode graphs), over sequ
 
 from __future__ import annotations
 
+import pytest
+
 from ds4.engine import LLM, SamplingParams
 from ds4.engine.context import SeqSlice
 from ds4.engine.syncs import SyncRecorder
@@ -12,8 +14,9 @@ from ds4.kernels import forced
 from tests.kernels.conftest import DEVICE
 
 
-def test_a_v3_decode_step_never_waits_for_the_device(tiny_v3):
-    llm = LLM(tiny_v3, device=DEVICE)
+@pytest.mark.parametrize("checkpoint", ["tiny_v3", "tiny_v32"])
+def test_a_decode_step_never_waits_for_the_device(request, checkpoint):
+    llm = LLM(request.getfixturevalue(checkpoint), device=DEVICE)
     runner = llm.runner
     cache = runner.new_cache(3, 300)
     with forced(True):
