@@ -126,6 +126,11 @@ def _add_bench(sub) -> None:
     engine.add_argument("--runs", type=int, default=5)
     engine.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     engine.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    engine.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    engine.add_argument("--batch", type=int, default=32, help="prompts decoded together (default 32)")
+    engine.add_argument(
+        "--batch-prompt-tokens", type=int, default=64, help="tokens of each batched prompt (default 64)"
+    )
     engine.add_argument("--json", action="store_true")
     engine.set_defaults(func=_cmd_bench_engine)
     prefix = bench_sub.add_parser("prefix", help="time to first token: cold, warm prefix cache, disk tier")
@@ -577,6 +582,9 @@ def _cmd_bench_engine(args) -> int:
         runs=args.runs,
         dtype=args.dtype,
         threads=args.threads,
+        device=args.device,
+        batch=args.batch,
+        batch_prompt_tokens=args.batch_prompt_tokens,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

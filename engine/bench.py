@@ -1,6 +1,9 @@
-"""`ds4-agent bench engine`: prefill and greedy-decode throughput of ds4 and of the transformers library
-on the same checkpoint, machine and thread count, as medians over several runs, with their ratio and
-the memory-bandwidth floor of decode (bytes of active weights per token / measured read bandwidth).
+"""`ds4-agent bench engine`: ds4 and the transformers library on the same checkpoint, device and thread
+count, in one process: prefill tokens/s, greedy decode tokens/s at batch 1 and for a batch of prompts
+(ds4 through its scheduler, transformers' batched `generate`), as medians over several runs, with
+their ratios; per decoded token, ds4's host synchronisations, its aten ops (CPU) or kernels and
+device-busy share (CUDA), and the memory-bandwidth floor of decode (bytes of active weights per token /
+measured read bandwidth). On CUDA, ds4 runs with its decode graphs and again without.
 """
 
 from __future__ import annotations
@@ -11,71 +14,145 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from ds4.engine.context import SeqSlice
 from ds4.engine.llm import LLM
+from ds4.engine.sampler import SamplingParams
+from ds4.engine.syncs import SyncRecorder
 
 
-def _median_time(fn, runs: int) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+CPU = torch.device("cpu")
+
+
+def _median_time(fn, runs: int, device: torch.device = CPU) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_timed(fn, device) for _ in range(runs))
 
 
-def _ds4_runs(llm: LLM, prompt: list[int], decode_tokens: int):
-    runner = llm.runner
-
-    def prefill():
-        cache = runner.new_cache(1, len(prompt) + decode_tokens + 1)
-        logits = runner.step(prompt, [SeqSlice(0, 0, len(prompt), 0)], cache)
-        return cache, int(logits[0].argmax())
-
-    def decode():
-        cache, token = prefill()
-        start = time.perf_counter()
-        for i in range(decode_tokens):
-            logits = runner.step([token], [SeqSlice(0, len(prompt) + i, 1, 0)], cache)
-            token = int(logits[0].argmax())
-        return time.perf_counter() - start
-
-    return prefill, decode
+def _prompts(vocab: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (length,), generator=gen).tolist() for _ in range(count)]
 
 
-def _hf_runs(model, prompt: list[int], decode_tokens: int):
-    ids = torch.tensor([prompt])
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def _decode_rate(generate, batch: int, new: int, runs: int, device: torch.device) -> float:
+    """Decode tokens/s: the median over runs of (generate(new + 1) - generate(1)), the prefill and its first
+    token taken out."""
+    generate(2)  # warm-up
+    gaps = [
+        _timed(lambda: generate(new + 1), device) - _timed(lambda: generate(1), device) for _ in range(runs)
+    ]
+    return batch * new / statistics.median(gaps)
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _step_profile(llm: LLM, prompt: list[int], steps: int, rate: float) -> dict:
+    """Per decoded token at batch 1: host syncs (every op that waits for the device, the copy of the ids
+    back included), then aten ops (CPU) or kernels, GPU time and the device's share of a step (CUDA)."""
+    engine, device = llm.engine, llm.runner.device
+    engine.add_request(prompt, _greedy(2 * steps + 2))
+    engine.step()  # the prompt
+    engine.step()
+    recorder = SyncRecorder()
+    with recorder:
+        for _ in range(steps):
+            engine.step()
+    row = {"host_syncs_per_token": len(recorder.found) / steps}
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()
+            _sync(device)
+        kernels = [e for e in prof.key_averages() if "CUDA" in str(getattr(e, "device_type", ""))]
+        gpu_s = sum(e.self_device_time_total for e in kernels) / 1e6 / steps
+        row.update(
+            kernels_per_token=sum(e.count for e in kernels) / steps,
+            gpu_ms_per_token=1e3 * gpu_s,
+            device_busy_share=gpu_s * rate,  # of an unprofiled step
+        )
+    else:
+        counter = _OpCounter()
+        with counter:
+            for _ in range(steps):
+                engine.step()
+        row["aten_ops_per_token"] = counter.count / steps
+    while engine.has_unfinished:
+        engine.step()
+    return row
+
+
+def _ds4(llm: LLM, prompt: list[int], batch_prompts: list[list[int]], decode_tokens: int, runs: int) -> dict:
+    device = llm.runner.device
+    prefill = _median_time(lambda: llm.generate([prompt], _greedy(1)), runs, device)
+    rate = _decode_rate(lambda n: llm.generate([prompt], _greedy(n)), 1, decode_tokens, runs, device)
+    batch = len(batch_prompts)
+    batched = _decode_rate(
+        lambda n: llm.generate(batch_prompts, _greedy(n)), batch, decode_tokens, runs, device
+    )
+    return {
+        "prefill_tokens_per_s": len(prompt) / prefill,
+        "decode_tokens_per_s": rate,
+        "batch_decode_tokens_per_s": batched,
+        **_step_profile(llm, prompt, min(16, decode_tokens), rate),
+    }
+
+
+def _transformers(model, prompt: list[int], batch_prompts: list[list[int]], decode_tokens: int, runs: int):
+    device = next(model.parameters()).device
+    ids, batch_ids = torch.tensor([prompt], device=device), torch.tensor(batch_prompts, device=device)
+
+    @torch.inference_mode()
+    def generate(inputs, n):
+        return model.generate(inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     @torch.inference_mode()
     def prefill():
-        out = model(ids, use_cache=True, logits_to_keep=1)
-        return out.past_key_values, int(out.logits[0, -1].argmax())
+        return model(ids, logits_to_keep=1)
 
-    @torch.inference_mode()
-    def decode():
-        cache, token = prefill()
-        start = time.perf_counter()
-        for _ in range(decode_tokens):
-            out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
-        return time.perf_counter() - start
-
-    return prefill, decode
+    return {
+        "prefill_tokens_per_s": len(prompt) / _median_time(prefill, runs, device),
+        "decode_tokens_per_s": _decode_rate(lambda n: generate(ids, n), 1, decode_tokens, runs, device),
+        "batch_decode_tokens_per_s": _decode_rate(
+            lambda n: generate(batch_ids, n), len(batch_prompts), decode_tokens, runs, device
+        ),
+    }
 
 
-def _median_decode(decode, runs: int) -> float:
-    decode()
-    return statistics.median(decode() for _ in range(runs))
-
-
-def read_bandwidth(nbytes: int = 256 << 20, runs: int = 5) -> float:
+def read_bandwidth(nbytes: int = 256 << 20, runs: int = 5, device: str = "cpu") -> float:
     """Measured bytes/s of streaming a tensor far larger than the caches (a sum): what decode's weight
     reads can reach at best on this machine."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dev = torch.device(device)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
     src.sum()
-    best = min(_median_time(src.sum, 1) for _ in range(runs))  # a bound: the best run
+    best = min(_median_time(src.sum, 1, dev) for _ in range(runs))  # a bound: the best run
     return nbytes / best
 
 
@@ -99,6 +176,9 @@ def bench_engine(
     runs: int = 5,
     dtype: str = "float32",
     threads: int | None = None,
+    device: str = "cpu",
+    batch: int = 32,
+    batch_prompt_tokens: int = 64,
 ) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -107,36 +187,41 @@ def bench_engine(
         raise ValueError("bench engine compares against transformers: pip install 'ds4-agent[dev]'") from e
     if threads:
         torch.set_num_threads(threads)
-    llm = LLM(model_dir, dtype=dtype)
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(2, llm.config.vocab_size, (prompt_tokens,), generator=gen).tolist()
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-
-    results = {}
-    for name, (prefill, decode) in (
-        ("ds4", _ds4_runs(llm, prompt, decode_tokens)),
-        ("transformers", _hf_runs(hf, prompt, decode_tokens)),
-    ):
-        prefill_s = _median_time(prefill, runs)
-        decode_s = _median_decode(decode, runs)
-        results[name] = {
-            "prefill_tokens_per_s": prompt_tokens / prefill_s,
-            "decode_tokens_per_s": decode_tokens / decode_s,
-        }
-    bandwidth = read_bandwidth()
+    kwargs = dict(
+        device=device, dtype=dtype, max_num_seqs=batch, max_num_batched_tokens=max(2048, prompt_tokens)
+    )
+    llm = LLM(model_dir, **kwargs)
+    prompt = _prompts(llm.config.vocab_size, 1, prompt_tokens)[0]
+    batch_prompts = _prompts(llm.config.vocab_size, batch, batch_prompt_tokens, seed=1)
+    results = {"ds4": _ds4(llm, prompt, batch_prompts, decode_tokens, runs)}
+    graphs = llm.runner.graphs is not None
+    if graphs:  # the same engine without its decode graphs
+        results["ds4"]["cuda_graphs"] = True
+        eager = LLM(model_dir, cuda_graphs=False, **kwargs)
+        results["ds4_eager"] = _ds4(eager, prompt, batch_prompts, decode_tokens, runs)
+        del eager
     active = active_bytes_per_token(llm)
+    del llm
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    results["transformers"] = _transformers(hf, prompt, batch_prompts, decode_tokens, runs)
+    del hf
+    bandwidth = read_bandwidth(device=device)
     floor = bandwidth / active
+    keys = ("prefill_tokens_per_s", "decode_tokens_per_s", "batch_decode_tokens_per_s")
     return {
         "model": str(model_dir),
         "dtype": dtype,
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "prompt_tokens": prompt_tokens,
         "decode_tokens": decode_tokens,
+        "batch": batch,
+        "batch_prompt_tokens": batch_prompt_tokens,
         "runs": runs,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
         "torch": torch.__version__,
         **results,
-        "ratio": {k: results["ds4"][k] / results["transformers"][k] for k in results["ds4"]},
+        "ratio": {k: results["ds4"][k] / results["transformers"][k] for k in keys},
         "floor": {
             "active_bytes_per_token": active,
             "read_bandwidth_gb_s": bandwidth / 1e9,
@@ -148,17 +233,27 @@ def bench_engine(
 
 def format_report(r: dict) -> str:
     lines = [
-        f"model {r['model']}  dtype {r['dtype']}  prompt {r['prompt_tokens']}  decode {r['decode_tokens']}  "
-        f"runs {r['runs']} (medians)  threads {r['threads']}  {r['machine']}  torch {r['torch']}",
-        f"{'':14}{'prefill tok/s':>16}{'decode tok/s':>16}",
+        f"model {r['model']}  dtype {r['dtype']}  device {r['device']}  prompt {r['prompt_tokens']}  "
+        f"decode {r['decode_tokens']}  batch {r['batch']} x {r['batch_prompt_tokens']}  runs {r['runs']} "
+        f"(medians)  threads {r['threads']}  {r['machine']}  torch {r['torch']}",
+        f"{'':14}{'prefill tok/s':>15}{'decode tok/s':>14}{'batch tok/s':>13}{'syncs/tok':>11}{'ops/tok':>9}",
     ]
-    for name in ("ds4", "transformers"):
+    for name in ("ds4", "ds4_eager", "transformers"):
+        if name not in r:
+            continue
+        row = r[name]
+        ops = row.get("kernels_per_token", row.get("aten_ops_per_token"))
+        syncs = row.get("host_syncs_per_token")
         lines.append(
-            f"{name:14}{r[name]['prefill_tokens_per_s']:16.1f}{r[name]['decode_tokens_per_s']:16.1f}"
+            f"{name:14}{row['prefill_tokens_per_s']:15.1f}{row['decode_tokens_per_s']:14.1f}"
+            f"{row['batch_decode_tokens_per_s']:13.1f}"
+            + (f"{syncs:11.2f}{ops:9.0f}" if syncs is not None else "")
+            + (f"  device busy {100 * row['device_busy_share']:.0f}%" if "device_busy_share" in row else "")
         )
+    ratio = r["ratio"]
     lines.append(
-        f"{'ds4 / peer':14}{r['ratio']['prefill_tokens_per_s']:16.2f}x"
-        f"{r['ratio']['decode_tokens_per_s']:15.2f}x"
+        f"{'ds4 / peer':14}{ratio['prefill_tokens_per_s']:14.2f}x{ratio['decode_tokens_per_s']:13.2f}x"
+        f"{ratio['batch_decode_tokens_per_s']:12.2f}x"
     )
     f = r["floor"]
     lines.append(

@@ -135,7 +135,9 @@ class MLA(nn.Module):
         pool = cache.kv[self.layer_id]
         pool.index_copy_(0, batch.slot_rows, kv_rows.to(pool.dtype))  # each new row into its block
         w_uk, w_uv = self._absorbed_weights()
-        q_latent_heads = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, C]
+        # the decode step runs its products as batched matmuls over heads (einsum's planning and layout
+        # copies cost more than the products at one token per sequence); each line's einsum is its comment
+        q_latent_heads = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # bhn,hnc->bhc [B, H, C]
         if self.indexer is not None:
             index_pool = cache.index_k[self.layer_id]
             index_pool.index_copy_(0, batch.slot_rows, index_rows.to(index_pool.dtype))
@@ -155,7 +157,8 @@ class MLA(nn.Module):
             )
         else:
             out_latent = self._decode_torch(q_latent_heads, q_pe, pool, batch, cache.block_size)
-        return torch.einsum("bhc,hvc->bhv", out_latent.to(q_nope.dtype), w_uv)  # [B, H, V]
+        out = torch.bmm(out_latent.to(q_nope.dtype).transpose(0, 1), w_uv.transpose(1, 2))  # bhc,hvc->bhv
+        return out.transpose(0, 1)  # [B, H, V]
 
     def _sparse(self, q_latent, q_pe, pool, rows):
         """Attention of each query [B, H] over its chosen pool rows [B, k] (-1: none) in the latent space."""
@@ -165,9 +168,9 @@ class MLA(nn.Module):
 
             return sparse_attention(q.contiguous(), pool, rows, self.scale, self.kv_lora_rank)[0]
         cached = pool[rows.clamp(min=0)]  # [B, k, C + R]
-        scores = torch.einsum("bhd,bkd->bhk", q, cached) * self.scale
+        scores = torch.bmm(q, cached.transpose(1, 2)) * self.scale  # bhd,bkd->bhk
         probs = scores.float().masked_fill((rows < 0)[:, None, :], float("-inf")).softmax(-1)
-        return torch.einsum("bhk,bkc->bhc", probs.to(cached.dtype), cached[..., : self.kv_lora_rank])
+        return torch.bmm(probs.to(cached.dtype), cached[..., : self.kv_lora_rank])  # bhk,bkc->bhc
 
     def _decode_torch(self, q_latent, q_pe, pool, batch, block_size):
         """The paged decode on torch: each sequence's rows gathered through its block table up to the
@@ -176,11 +179,11 @@ class MLA(nn.Module):
         pos = torch.arange(batch.max_len, device=pool.device)  # [S]
         rows = batch.block_table.long()[:, pos // block_size] * block_size + pos % block_size  # [B, S]
         cached = pool[rows]  # [B, S, C + R]
-        scores = torch.einsum("bhc,bsc->bhs", q_latent, cached[..., :C])
-        scores = (scores + torch.einsum("bhr,bsr->bhs", q_pe, cached[..., C:])) * self.scale  # [B, H, S]
+        q = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, C + R]: one product over latent and rope
+        scores = torch.bmm(q, cached.transpose(1, 2)) * self.scale  # bhd,bsd->bhs [B, H, S]
         hidden = pos[None, None, :] >= batch.seq_lens[:, None, None]
         probs = scores.float().masked_fill(hidden, float("-inf")).softmax(-1).to(cached.dtype)
-        return torch.einsum("bhs,bsc->bhc", probs, cached[..., :C])  # [B, H, C]
+        return torch.bmm(probs, cached[..., :C])  # bhs,bsc->bhc [B, H, C]
 
     def _absorbed_triton(self, q_nope, q_pe, cache, seq, allowed):
         """The absorbed path on the paged pool with ds4's kernels: causal queries run as decode queries

@@ -120,11 +120,21 @@ def test_bench_engine_json(model_dir):
         "4",
         "--runs",
         "1",
+        "--batch",
+        "3",
+        "--batch-prompt-tokens",
+        "8",
         "--json",
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["ds4"]["decode_tokens_per_s"] > 0
-    assert report["transformers"]["decode_tokens_per_s"] > 0
+    for engine in ("ds4", "transformers"):
+        assert report[engine]["decode_tokens_per_s"] > 0 and report[engine]["batch_decode_tokens_per_s"] > 0
+    assert set(report["ratio"]) == {
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "batch_decode_tokens_per_s",
+    }
     assert all(v > 0 for v in report["ratio"].values())
-    assert set(report["ratio"]) == {"prefill_tokens_per_s", "decode_tokens_per_s"}
+    # the CPU path's decode step waits for nothing but copies its ids back; its aten calls are counted
+    assert report["ds4"]["host_syncs_per_token"] >= 1 and report["ds4"]["aten_ops_per_token"] > 100
