@@ -131,7 +131,10 @@ def _transformers(model, prompt: list[int], batch_prompts: list[list[int]], deco
 
     @torch.inference_mode()
     def generate(inputs, n):
-        return model.generate(inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        mask = torch.ones_like(inputs)  # no padding: every prompt has the same length
+        return model.generate(
+            inputs, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False
+        )
 
     @torch.inference_mode()
     def prefill():

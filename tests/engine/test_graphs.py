@@ -1,0 +1,32 @@
+"""CUDA graphs replay decode steps exactly as the eager engine runs them: the same greedy tokens, logits
+within float32 rounding, over batches of different lengths, padded buckets and prefix-cache hits. Needs
+a CUDA device (the graphs exist only there); `make gpu-check` runs it on the card."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds4.engine import LLM, SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_v3", "tiny_v32"])
+def test_graphs_give_the_eager_tokens(request, checkpoint):
+    path = request.getfixturevalue(checkpoint)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randint(2, 500, (300,), generator=gen).tolist()  # a prefix hit for the later prompts
+    prompts = [shared + torch.randint(2, 500, (n,), generator=gen).tolist() for n in (3, 40, 1, 77, 9)]
+    runs = {}
+    for graphs in (True, False):
+        llm = LLM(path, device="cuda", dtype="float32", max_num_seqs=8, cuda_graphs=graphs)
+        assert (llm.runner.graphs is not None) == graphs
+        llm.generate([shared], SamplingParams(temperature=0.0, max_tokens=1))  # cache the prefix
+        runs[graphs] = llm.generate(prompts, params)  # 5 sequences: the bucket of 8, padded
+        assert llm.stats()["tokens_reused"] > 0
+    for with_graphs, eager in zip(runs[True], runs[False], strict=True):
+        assert with_graphs.token_ids == eager.token_ids
+        for a, b in zip(with_graphs.logprobs, eager.logprobs, strict=True):
+            assert abs(a["logprob"] - b["logprob"]) < 1e-5
