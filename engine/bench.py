@@ -199,7 +199,12 @@ def bench_engine(
     results = {"ds4": _ds4(llm, prompt, batch_prompts, decode_tokens, runs)}
     graphs = llm.runner.graphs is not None
     if graphs:  # the same engine without its decode graphs
-        results["ds4"]["cuda_graphs"] = True
+        captured = llm.runner.graphs
+        results["ds4"].update(
+            cuda_graphs=captured.buckets,
+            graph_capture_s=captured.capture_seconds,
+            graph_memory_mb=captured.memory_bytes / 2**20,
+        )
         eager = LLM(model_dir, cuda_graphs=False, **kwargs)
         results["ds4_eager"] = _ds4(eager, prompt, batch_prompts, decode_tokens, runs)
         del eager
