@@ -32,13 +32,22 @@ class Tokenizer:
             (t.content for t in self._tok.get_added_tokens_decoder().values()), key=len, reverse=True
         )
         self._control = re.compile("|".join(map(re.escape, added))) if added else None
+        self._max_token_chars: int | None = None
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for: a text of n characters has at least
+        n // max_token_chars tokens, a bound that needs no tokenising."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_token_chars
+
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._plain(text)
         return [self.bos_token_id] + ids if add_bos and self.bos_token_id is not None else ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -65,7 +74,7 @@ class Tokenizer:
         """Token ids of untrusted text (a chat message, a repository file): a control token's spelling in
         it (`<｜User｜>`, `<｜end▁of▁sentence｜>`) is encoded as the plain text it is, never as the token."""
         if self._control is None or self._control.search(text) is None:
-            return self._tok.encode(text, add_special_tokens=False).ids
+            return self._plain(text)
         ids, start = [], 0
         for match in self._control.finditer(text):
             ids += self._plain(text[start : match.start()]) + self._literal(match.group())
@@ -73,7 +82,9 @@ class Tokenizer:
         return ids + self._plain(text[start:])
 
     def _plain(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids if text else []
+        """encode_batch releases the GIL (encode does not): a long text tokenised in a server's worker
+        thread leaves the event loop free. Same ids as encode."""
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids if text else []
 
     def _literal(self, text: str) -> list[int]:
         """The tokenizer's pipeline without its added-token matching: normalizer, pre-tokenizer, model."""
