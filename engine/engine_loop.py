@@ -112,11 +112,16 @@ class EngineLoop:
         """The engine thread runs and has not been asked to stop."""
         return self._thread.is_alive() and not self._stop.is_set()
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Cancels what is in flight (its callers get their "cancelled" outputs) and stops the thread."""
+    def stop(self) -> None:
+        """Refuses new requests, cancels those in flight (their callers get "cancelled" outputs) and lets
+        the thread end after its current step; returns at once."""
         self._inbox.put(("cancel_all", None, None))
         self._stop.set()
         self._inbox.put(("wake", None, None))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """stop(), then waits for the thread to end."""
+        self.stop()
         self._thread.join(timeout)
 
     # -- the engine thread ----------------------------------------------------------------------

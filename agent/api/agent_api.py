@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import queue
+import sqlite3
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +24,8 @@ from litestar.response import ServerSentEvent
 from ds4.agent.api.errors import APIError, responses, strict_body
 from ds4.agent.api.jobs import ACTIVE, JobStore
 from ds4.agent.api.paths import PathRefused, confine
+
+log = logging.getLogger("ds4.api")
 
 
 class RepoRequest(msgspec.Struct):
@@ -48,20 +52,37 @@ class JobRunner:
     def __init__(self, store: JobStore, backend, config):
         self.store, self.backend, self.config = store, backend, config
         self.queue: queue.Queue[str | None] = queue.Queue()
-        self.running: dict[str, threading.Event] = {}  # job id -> set on cancel: kills its test run
+        self.running: dict[
+            str, threading.Event
+        ] = {}  # job id -> set on cancel: stops its generation and tests
+        self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="ds4-jobs", daemon=True)
         self.thread.start()
 
     def submit(self, job_id: str) -> None:
         self.queue.put(job_id)
 
-    def shutdown(self) -> None:
+    def cancel_all(self) -> None:
+        """The server stops: the running job is interrupted now, queued ones never start."""
+        self.stopping.set()
+        for cancel in list(self.running.values()):
+            cancel.set()
+
+    def shutdown(self, timeout: float = 3.0) -> None:
+        self.cancel_all()
         self.queue.put(None)
+        self.thread.join(timeout)
 
     def _run(self) -> None:
-        while (job_id := self.queue.get()) is not None:
-            if self.store.start(job_id):
-                self._fix(job_id)
+        while (job_id := self.queue.get()) is not None and not self.stopping.is_set():
+            try:
+                if self.store.start(job_id):
+                    self._fix(job_id)
+            except Exception:  # the worker's boundary: the next job still runs
+                if self.stopping.is_set():
+                    log.warning("job %s stopped with the server", job_id)
+                    return
+                log.exception("job %s could not be recorded", job_id)
 
     def _fix(self, job_id: str) -> None:
         from ds4.agent.backends import GenerationParams
@@ -71,11 +92,14 @@ class JobRunner:
         spec = job["spec"]
         repo = self.store.repo(job["repo_id"])
 
+        cancel = self.running.setdefault(job_id, threading.Event())
+
         def on_event(event: dict) -> None:
             self.store.add_event(job_id, event)
-            if self.store.job(job_id)["status"] == "cancelled":
+            if cancel.is_set() or self.store.job(job_id)["status"] == "cancelled":
                 raise Cancelled
 
+        backend = self.backend.with_cancel(cancel) if hasattr(self.backend, "with_cancel") else self.backend
         config = FixConfig(
             Path(repo["path"]),
             spec["issue"],
@@ -86,21 +110,30 @@ class JobRunner:
             self.config.test_timeout,
             False,  # a service never writes to the registered tree
             GenerationParams(max_tokens=spec["max_tokens"]),
-            cancel=self.running.setdefault(job_id, threading.Event()),
+            cancel=cancel,
         )
         try:
-            result = fix(config, self.backend, on_event)
-        except Cancelled:
-            self.store.add_event(job_id, {"event": "cancelled"})
-            return
+            result = fix(config, backend, on_event)
         except Exception as e:  # the job fails, the server goes on; the reason is kept with the job
-            self.store.add_event(job_id, {"event": "error", "message": str(e)})
-            self.store.finish(job_id, "failed", "error", "", None, f"{type(e).__name__}: {e}")
+            self._ended(job_id, cancel, e)
             return
         finally:
             self.running.pop(job_id, None)
+        if cancel.is_set():
+            self._ended(job_id, cancel, Cancelled())
+            return
         status = "failed" if result.status == "error" else "finished"
         self.store.finish(job_id, status, result.status, result.diff, result.as_json(), result.message)
+
+    def _ended(self, job_id: str, cancel: threading.Event, error: Exception) -> None:
+        """A job that ended early: cancelled by its client, interrupted by shutdown, or failed."""
+        if self.store.job(job_id)["status"] == "cancelled":
+            self.store.add_event(job_id, {"event": "cancelled"})
+        elif cancel.is_set():
+            self.store.finish(job_id, "interrupted", None, "", None, "the server stopped while the job ran")
+        else:
+            self.store.add_event(job_id, {"event": "error", "message": str(error)})
+            self.store.finish(job_id, "failed", "error", "", None, f"{type(error).__name__}: {error}")
 
 
 def _state(request: Request):
@@ -124,7 +157,7 @@ def _repo(store: JobStore, repo_id: str) -> dict:
 @post(
     "/v1/repos",
     summary="Register a repository under an allowed root",
-    responses=responses(400, 401, 403, 404, 413, 429, 500),
+    responses=responses(400, 401, 403, 404, 413, 415, 429, 500),
 )
 async def register_repo(request: Request, data: JSONBody[RepoRequest]) -> dict:
     data = await strict_body(request, RepoRequest)
@@ -133,6 +166,8 @@ async def register_repo(request: Request, data: JSONBody[RepoRequest]) -> dict:
         path = confine(data.path, request.app.state.config.repo_roots)
     except PathRefused as e:
         raise APIError(403, str(e), "path", "path_refused") from None
+    except OSError as e:  # a name too long, a loop of links: the path cannot name a repository
+        raise APIError(400, f"path: {e.strerror or e}", "path", "invalid_path") from None
     return store.add_repo(path)
 
 
@@ -140,14 +175,18 @@ async def register_repo(request: Request, data: JSONBody[RepoRequest]) -> dict:
     "/v1/repos/{repo_id:str}/index",
     summary="Index (incrementally) a registered repository",
     status_code=200,
-    responses=responses(400, 401, 404, 429, 500),
+    responses=responses(400, 401, 404, 409, 429, 500),
 )
 async def index(request: Request, repo_id: FromPath[str]) -> dict:
     from ds4.agent.index.indexer import index_repo
+    from ds4.agent.index.store import IndexDatabaseError
 
     store, _ = _state(request)
     repo = _repo(store, repo_id)
-    report = await anyio.to_thread.run_sync(index_repo, repo["path"])
+    try:
+        report = await anyio.to_thread.run_sync(index_repo, repo["path"])
+    except IndexDatabaseError as e:
+        raise APIError(409, str(e), None, "index_unusable") from None
     return {k: v for k, v in asdict(report).items() if k != "parsed_paths"}
 
 
@@ -165,7 +204,7 @@ async def search(
 ) -> dict:
     from ds4.agent.index.indexer import default_db_path
     from ds4.agent.index.query import search as search_index
-    from ds4.agent.index.store import open_index
+    from ds4.agent.index.store import IndexDatabaseError, open_index
 
     store, _ = _state(request)
     repo = _repo(store, repo_id)
@@ -174,18 +213,23 @@ async def search(
         raise APIError(
             409, "the repository is not indexed yet: POST /v1/repos/{id}/index", None, "not_indexed"
         )
-    db = open_index(db_path, write=False)
     try:
-        return {"results": search_index(db, q, kind, limit)}
-    finally:
-        db.conn.close()
+        db = open_index(db_path, write=False)
+        try:
+            return {"results": search_index(db, q, kind, limit)}
+        finally:
+            db.conn.close()
+    except (IndexDatabaseError, sqlite3.DatabaseError) as e:
+        raise APIError(
+            409, f"{e}; re-index it: POST /v1/repos/{{id}}/index", None, "index_unusable"
+        ) from None
 
 
 @post(
     "/v1/fix",
     summary="Start a fix job",
     status_code=202,
-    responses=responses(400, 401, 403, 404, 413, 429, 500),
+    responses=responses(400, 401, 403, 404, 413, 415, 429, 500),
 )
 async def start_fix(request: Request, data: JSONBody[FixRequest]) -> dict:
     data = await strict_body(request, FixRequest)
@@ -207,6 +251,15 @@ async def start_fix(request: Request, data: JSONBody[FixRequest]) -> dict:
         "max_tokens": data.max_tokens,
         "test_cmd": data.test_cmd or config.test_cmd or _repo_test_cmd(store.repo(data.repo_id)["path"]),
     }
+    queued = store.counts()["queued"]
+    if queued >= config.max_queued_jobs:
+        raise APIError(
+            429,
+            f"{queued} fix jobs are queued already (at most {config.max_queued_jobs}): retry when one ends",
+            None,
+            "job_queue_full",
+            {"Retry-After": "30"},
+        )
     job_id = store.create_job(data.repo_id, data.issue, spec)
     runner.submit(job_id)
     return {"id": job_id, "status": "queued"}
