@@ -42,6 +42,9 @@ class FixRequest(msgspec.Struct, kw_only=True):
     test_cmd: str | None = None
 
 
+SHUTDOWN_WAIT_S = 3.0  # for the job worker to record how its job ended
+
+
 class Cancelled(Exception):
     pass
 
@@ -68,10 +71,11 @@ class JobRunner:
         for cancel in list(self.running.values()):
             cancel.set()
 
-    def shutdown(self, timeout: float = 3.0) -> None:
+    def shutdown(self) -> None:
+        """cancel_all(), then waits a little for the worker (a litestar shutdown hook: no arguments)."""
         self.cancel_all()
         self.queue.put(None)
-        self.thread.join(timeout)
+        self.thread.join(SHUTDOWN_WAIT_S)
 
     def _run(self) -> None:
         while (job_id := self.queue.get()) is not None and not self.stopping.is_set():

@@ -73,13 +73,17 @@ class LoopBackend:
     def _result(self, handle):
         from ds4.agent.backends import BackendError
 
-        while True:
+        while self.cancel is None or not self.cancel.is_set():
             try:
-                return handle.result(timeout=POLL_S)
+                event = handle.events.get(timeout=POLL_S)
             except queue.Empty:
-                if self.cancel is not None and self.cancel.is_set():
-                    handle.cancel()
-                    raise BackendError("the generation was cancelled") from None
+                continue
+            if event.error is not None:
+                raise event.error
+            if event.output is not None:
+                return event.output
+        handle.cancel()
+        raise BackendError("the generation was cancelled")
 
 
 POLL_S = 0.1  # how soon a cancelled job's generation stops
