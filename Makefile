@@ -7,7 +7,7 @@ RUN_DIR := .ds4/run
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test run lint clean
+.PHONY: test run lint clean gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(VENV)/.installed: pyproject.toml
 
 test: $(VENV)/.installed
 	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -m pytest -q  # tests that run `python -m pytest` in example repos get the venv
+
+# On a GPU machine (no install needed there; see .ci/gpu-check): kernels and engine on the card, timings.
+GPU_OUT ?= .ds4/gpu-check
+gpu-check:
+	.ci/gpu-check $(GPU_OUT)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check engine kernels agent lsp tests

@@ -91,6 +91,12 @@ def _add_device_flags(parser) -> None:
         help="quantized checkpoints: keep FP8/FP4/int4 tensors as stored, dequantized in each matmul "
         "(default), or dequantize them at load",
     )
+    parser.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="run decode steps eagerly on a GPU instead of replaying captured CUDA graphs (for debugging)",
+    )
 
 
 def _layer_split(text: str) -> tuple[int, ...]:
@@ -104,7 +110,7 @@ def _device_kwargs(args) -> dict:
     """The engine's placement from --device (once: that device; repeated: a pipeline), --layer-split,
     --hot-experts and --weights."""
     devices = args.device or ["cpu"]
-    memory = {"hot_experts": args.hot_experts, "weights": args.weights}
+    memory = {"hot_experts": args.hot_experts, "weights": args.weights, "cuda_graphs": args.cuda_graphs}
     if len(devices) == 1 and args.layer_split is None:
         return {"device": devices[0], **memory}
     return {"devices": tuple(devices), "layer_split": args.layer_split, **memory}
@@ -255,10 +261,22 @@ FIX_DEFAULTS = {
     "budget": 32_000,
     "max_tokens": 2048,
     "test_timeout": 600.0,
+    "sandbox": True,
 }
 SETTINGS_HELP = (
-    "Unset flags come from REPO/.ds4.toml, then ~/.config/ds4/config.toml (same names, e.g. endpoint)."
+    "Unset flags come from REPO/.ds4.toml, then ~/.config/ds4/config.toml (same names, e.g. rounds); "
+    "model, endpoint, model_name and sandbox only from the latter."
 )
+
+
+def _add_sandbox_flag(parser) -> None:
+    parser.add_argument(
+        "--no-sandbox",
+        dest="sandbox",
+        action="store_false",
+        default=None,
+        help="run test commands on the bare machine, not in bubblewrap (setting: sandbox = false)",
+    )
 
 
 def _add_backend_flags(parser) -> None:
@@ -291,6 +309,7 @@ def _add_fix(sub) -> None:
     )
     fix.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default 2048)")
     fix.add_argument("--test-timeout", type=float, default=None, help="seconds per test run (default 600)")
+    _add_sandbox_flag(fix)
     fix.add_argument(
         "--apply", action="store_true", help="write the selected patch to your tree if it applies"
     )
@@ -315,6 +334,7 @@ def _add_swebench(sub) -> None:
     predict.add_argument("--max-tokens", type=int, default=None)
     predict.add_argument("--test-timeout", type=float, default=None)
     predict.add_argument("--test-cmd", default=None)
+    _add_sandbox_flag(predict)
     predict.set_defaults(func=_cmd_swebench_predict)
     evaluate = swe_sub.add_parser(
         "evaluate", help="apply test_patch and each prediction; run FAIL/PASS_TO_PASS"
@@ -323,6 +343,7 @@ def _add_swebench(sub) -> None:
     evaluate.add_argument("predictions")
     evaluate.add_argument("--repos-dir", required=True)
     evaluate.add_argument("--test-cmd", default=None)
+    _add_sandbox_flag(evaluate)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=_cmd_swebench_evaluate)
 
@@ -381,6 +402,11 @@ def _add_serve(sub) -> None:
         "--allow-request-test-cmd", action="store_true", help="let requests choose the test command"
     )
     serve.add_argument("--test-timeout", type=float, default=600.0, help="seconds per test run in fix jobs")
+    serve.add_argument(
+        "--allow-unsandboxed-tests",
+        action="store_true",
+        help="where bubblewrap cannot run, run fix jobs' tests unsandboxed (default: refuse them)",
+    )
     serve.add_argument("--num-cache-blocks", type=int, default=None)
     serve.add_argument(
         "--max-model-len", type=int, default=None, help="longest prompt + completion (default: the model's)"
@@ -781,7 +807,7 @@ def _cmd_fix(args) -> int:
     from ds4.agent.progress import ProgressView
 
     _require_dir(args.repo)
-    merge_args(args, args.repo, FIX_DEFAULTS)
+    filled = merge_args(args, args.repo, FIX_DEFAULTS)
     issue = _read_issue(args.issue)
     if not issue.strip():
         raise ValueError(
@@ -797,7 +823,10 @@ def _cmd_fix(args) -> int:
         args.test_timeout,
         args.apply,
         GenerationParams(max_tokens=args.max_tokens),
+        sandbox=_sandbox(args),
     )
+    if filled.get("test_cmd", Path()).name == ".ds4.toml":
+        _show_repo_test_cmd(filled["test_cmd"], args.test_cmd, config.sandbox)
     progress = None if args.json else ProgressView(sys.stderr)
     result = fix(config, _backend(args), progress)
     if args.json:
@@ -813,6 +842,18 @@ def _cmd_fix(args) -> int:
         applied = f"; {result.message}" if result.status == "resolved" and result.message else ""
         print(f"{verdict} ({result.rounds} round(s); run folder {result.run_dir}){applied}")
     return 0 if result.status == "resolved" else 1
+
+
+def _sandbox(args):
+    from ds4.agent.sandbox import choose
+
+    return choose(no_sandbox=args.sandbox is False)
+
+
+def _show_repo_test_cmd(path, command: str, sandbox) -> None:
+    """A repository's file chose code to run: say what, and where, before it runs."""
+    where = "in the bubblewrap sandbox" if sandbox.name == "bubblewrap" else "WITHOUT a sandbox"
+    print(f"ds4-agent: {path} sets the test command; it runs {where}:\n  {command}", file=sys.stderr)
 
 
 def _backend(args):
@@ -831,6 +872,7 @@ def _cmd_swebench_predict(args) -> int:
 
     merge_args(args, None, FIX_DEFAULTS)
     instances = load_jsonl(args.instances)
+    sandbox = _sandbox(args)
 
     def make_config(repo, issue):
         return FixConfig(
@@ -842,6 +884,7 @@ def _cmd_swebench_predict(args) -> int:
             args.budget,
             args.test_timeout,
             generation=GenerationParams(max_tokens=args.max_tokens),
+            sandbox=sandbox,
         )
 
     preds = predict(instances, args.repos_dir, _backend(args), args.out, make_config)
@@ -858,7 +901,11 @@ def _cmd_swebench_evaluate(args) -> int:
     from ds4.agent.swebench import evaluate, load_jsonl
 
     results = evaluate(
-        load_jsonl(args.instances), load_jsonl(args.predictions), args.repos_dir, args.test_cmd
+        load_jsonl(args.instances),
+        load_jsonl(args.predictions),
+        args.repos_dir,
+        args.test_cmd,
+        sandbox=_sandbox(args),
     )
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
@@ -911,10 +958,11 @@ def _cmd_serve(args) -> int:
             args.test_cmd,
             args.allow_request_test_cmd,
             args.test_timeout,
-            args.host,
-            args.allowed_host,
-            args.cors_origin,
-            args.max_queued_jobs,
+            allow_unsandboxed_tests=args.allow_unsandboxed_tests,
+            bind=args.host,
+            allowed_hosts=args.allowed_host,
+            cors_origins=args.cors_origin,
+            max_queued_jobs=args.max_queued_jobs,
         ),
         backend,
     )
@@ -999,6 +1047,8 @@ def main(argv: list[str] | None = None) -> int:
         from ds4.agent.api.jobs import JobsDatabaseError
         from ds4.agent.github import GitHubError
         from ds4.agent.index.store import IndexDatabaseError
+        from ds4.agent.loop import FixError
+        from ds4.agent.sandbox import SandboxError
         from ds4.agent.swebench import SweBenchError
         from ds4.engine.errors import EngineError
 
@@ -1010,6 +1060,8 @@ def main(argv: list[str] | None = None) -> int:
             JobsDatabaseError,
             SweBenchError,
             GitHubError,
+            FixError,
+            SandboxError,
         )
         if isinstance(e, known):
             print(f"ds4-agent: error: {e}", file=sys.stderr)

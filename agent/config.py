@@ -3,7 +3,9 @@
     command-line flags  >  REPO/.ds4.toml  >  ~/.config/ds4/config.toml ($XDG_CONFIG_HOME)
 
 Keys (all optional, top level): model, endpoint, model_name, tokenizer, test_cmd, rounds, samples,
-budget, max_tokens, test_timeout. Relative paths (model, tokenizer) are relative to the file's folder.
+budget, max_tokens, test_timeout, sandbox. Relative paths (model, tokenizer) are relative to the file's
+folder. A repository's file is data, not authority: it may choose how to test, never where the code and
+keys go nor whether tests are sandboxed (USER_ONLY keys are refused there, naming the key).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ KEYS: dict[str, type | tuple[type, ...]] = {
     "budget": int,
     "max_tokens": int,
     "test_timeout": (int, float),
+    "sandbox": bool,
 }
 PATHS = ("model", "tokenizer")
+USER_ONLY = ("model", "endpoint", "model_name", "sandbox")
 
 
 class ConfigError(ValueError):
@@ -47,7 +51,7 @@ def read_config(path: Path) -> dict:
         if key not in KEYS:
             raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(KEYS)})")
         kind = KEYS[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             expected = kind.__name__ if isinstance(kind, type) else "a number"
             raise ConfigError(f"{path}: {key} must be {expected}, not {value!r}")
         if key in PATHS:
@@ -55,32 +59,52 @@ def read_config(path: Path) -> dict:
     return data
 
 
-def settings(repo: str | Path | None) -> dict:
-    """The merged file settings; a repository's file wins over the user's. model and endpoint are one
-    choice: whichever the nearer file names replaces the other."""
+def read_repo_config(path: Path) -> dict:
+    """A repository's settings file: read_config, refusing the keys only the user may set."""
+    data = read_config(path)
+    refused = [key for key in USER_ONLY if key in data]
+    if refused:
+        raise ConfigError(
+            f"{path}: a repository's settings may not set {', '.join(refused)} (where your code and keys "
+            f"go, and whether its tests are sandboxed, are yours to choose): set it in {user_config_path()} "
+            "or with a flag, and remove it from the repository's file"
+        )
+    return data
+
+
+def sourced_settings(repo: str | Path | None) -> tuple[dict, dict[str, Path]]:
+    """The merged file settings and the file each came from; a repository's file wins over the user's
+    for the keys it may set."""
     merged: dict = {}
-    files = [user_config_path()] + ([Path(repo) / ".ds4.toml"] if repo is not None else [])
-    for path in files:
-        data = read_config(path)
-        if "model" in data or "endpoint" in data:
-            merged.pop("model", None)
-            merged.pop("endpoint", None)
+    sources: dict[str, Path] = {}
+    for path in [user_config_path()] + ([Path(repo) / ".ds4.toml"] if repo is not None else []):
+        data = read_config(path) if path == user_config_path() else read_repo_config(path)
         merged.update(data)
-    return merged
+        sources.update(dict.fromkeys(data, path))
+    return merged, sources
 
 
-def merge_args(args, repo: str | Path | None, defaults: dict) -> None:
-    """Fills the flags left unset (None) on `args` from the files, then from `defaults`."""
-    found = settings(repo)
+def settings(repo: str | Path | None) -> dict:
+    return sourced_settings(repo)[0]
+
+
+def merge_args(args, repo: str | Path | None, defaults: dict) -> dict[str, Path]:
+    """Fills the flags left unset (None) on `args` from the files, then from `defaults`. Returns the
+    file each filled value came from."""
+    found, sources = sourced_settings(repo)
     if getattr(args, "model", None) or getattr(args, "endpoint", None):
         found.pop("model", None)
         found.pop("endpoint", None)
+    filled = {}
     for key in KEYS:
         if hasattr(args, key) and getattr(args, key) is None:
             setattr(args, key, found.get(key, defaults.get(key)))
+            if key in found:
+                filled[key] = sources[key]
     if not getattr(args, "model", None) and not getattr(args, "endpoint", None):
         raise ConfigError(
             "no model: pass --model DIR (weights run in this process) or --endpoint URL "
             "(an OpenAI-compatible server), or set model or endpoint in "
-            f"{Path(repo or '.') / '.ds4.toml'} or {user_config_path()}"
+            f"{user_config_path()}"
         )
+    return filled

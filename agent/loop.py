@@ -1,8 +1,9 @@
 """The fix loop: an issue in, a tested patch out.
 
 Each candidate works in its own git worktree (the user's tree is read, never written, unless asked):
-pack the repository and the issue, ask the model for edits, apply them (all or nothing, lint-gated),
-run the tests, and feed failures or refusals back for another round. After `samples` candidates the
+pack the repository and the issue, ask the model for edits, apply them (all or nothing, lint-gated,
+inside the worktree only), run the tests in a sandbox, and feed failures or refusals back for another
+round. After `samples` candidates the
 one to keep is chosen: tests pass, then the fewest failing tests beyond the baseline's, then the
 patch most candidates agree on. Everything goes into a run folder: prompts, answers, patches, test
 logs, timings, token and cache counts. Control flow uses exceptions; the trajectory is saved in
@@ -12,21 +13,23 @@ logs, timings, token and cache counts. Control flow uses exceptions; the traject
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ds4.agent.backends import Backend, BackendError, GenerationParams
-from ds4.agent.index.indexer import default_db_path, index_repo
+from ds4.agent.index.indexer import index_repo
 from ds4.agent.index.store import open_index
 from ds4.agent.pack import TokenCounter, pack
 from ds4.agent.patch import PatchError, apply
+from ds4.agent.runs import RunFolderError, data_folder, new_run, prune_stale
+from ds4.agent.sandbox import Sandbox, SandboxError, choose
 from ds4.agent.testrun import TestResult, detect_test_command, run_tests
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
@@ -49,6 +52,8 @@ class FixConfig:
     generation: GenerationParams = field(default_factory=GenerationParams)
     overlay: dict[str, str] = field(default_factory=dict)  # unsaved editor buffers, by relative path
     cancel: threading.Event | None = None  # set: a running test command is killed at once
+    sandbox: Sandbox | None = None  # where tests run; None: bubblewrap, or unsandboxed with a warning
+    data_dir: Path | None = None  # the index and run folders; None: REPO/.ds4 (never through a symlink)
 
 
 @dataclass
@@ -101,8 +106,13 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
     repo = config.repo.resolve()
     if not git(repo, "rev-parse", "--is-inside-work-tree", check=False).strip() == "true":
         raise FixError(f"{repo} is not a git repository: ds4 works in git worktrees")
-    run_dir = repo / ".ds4" / "runs" / (time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
-    run_dir.mkdir(parents=True)
+    try:
+        folder = data_folder(repo, config.data_dir)
+        sandbox = config.sandbox or choose()
+    except (RunFolderError, SandboxError) as e:
+        raise FixError(str(e)) from None
+    prune_stale(repo, folder)
+    run_dir, lock = new_run(folder)
     trajectory: dict = {"issue": config.issue, "backend": backend.name, "events": []}
 
     def event(kind: str, **data) -> None:
@@ -117,9 +127,9 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
             raise FixError("no test command found (pytest, npm test, go test, cargo test): pass --test-cmd")
         user_changes = git(repo, "diff", "HEAD", "--binary")
         event("index")
-        index_repo(repo)
+        index_repo(repo, folder / "index.db")
         counter = TokenCounter(backend.tokenizer_file) if backend.tokenizer_file else ApproxCounter()
-        db = open_index(default_db_path(repo))
+        db = open_index(folder / "index.db")
         packed = pack(db, repo, config.issue, config.budget, counter, overlay=config.overlay)
         (run_dir / "prompt.txt").write_text(packed.prompt)
         (run_dir / "manifest.json").write_text(json.dumps(packed.manifest(), indent=2))
@@ -127,8 +137,8 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
             event("secrets", found=packed.secrets)
 
         baseline_tree = _worktree(repo, run_dir / "baseline", user_changes, worktrees, config.overlay)
-        event("baseline", command=command)
-        baseline = run_tests(command, baseline_tree, config.test_timeout, config.cancel)
+        event("baseline", command=command, sandbox=sandbox.name)
+        baseline = run_tests(command, baseline_tree, config.test_timeout, config.cancel, sandbox)
         (run_dir / "baseline-tests.log").write_text(baseline.output)
         event("baseline_done", exit_code=baseline.exit_code, failed=baseline.failed)
 
@@ -136,7 +146,9 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
         for sample in range(1, config.samples + 1):
             tree = _worktree(repo, run_dir / f"sample-{sample}", user_changes, worktrees, config.overlay)
             candidates.append(
-                _attempt(config, backend, packed.prompt, tree, command, baseline, sample, run_dir, event)
+                _attempt(
+                    config, backend, packed.prompt, tree, command, sandbox, baseline, sample, run_dir, event
+                )
             )
         best = select(candidates, baseline)
         result = FixResult(
@@ -160,6 +172,7 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
         for tree in worktrees:
             git(repo, "worktree", "remove", "--force", str(tree), check=False)
             shutil.rmtree(tree, ignore_errors=True)
+        os.close(lock)
 
 
 def _worktree(
@@ -201,6 +214,7 @@ def _attempt(
     prompt: str,
     tree: Path,
     command: str,
+    sandbox: Sandbox,
     baseline: TestResult,
     sample: int,
     run_dir: Path,
@@ -251,7 +265,7 @@ def _attempt(
         candidate.diff = git(tree, "diff", "HEAD")
         (run_dir / f"{tag}.diff").write_text(candidate.diff)
         event("applied", sample=sample, round=round_, blocks=applied.applied)
-        tests = run_tests(command, tree, config.test_timeout, config.cancel)
+        tests = run_tests(command, tree, config.test_timeout, config.cancel, sandbox)
         (run_dir / f"{tag}-tests.log").write_text(tests.output)
         candidate.tests = {
             "command": tests.command,

@@ -19,7 +19,8 @@ def describe(event: dict) -> str:
         first = event["found"][0]
         return f"warning: {len(event['found'])} possible secret(s), e.g. {first['path']}:{first['line']}"
     if kind == "baseline":
-        return f"baseline tests: {event['command']}"
+        bare = " (WITHOUT a sandbox)" if event.get("sandbox") == "none" else ""
+        return f"baseline tests: {event['command']}{bare}"
     if kind == "baseline_done":
         failed = event["failed"]
         return f"baseline: {len(failed)} failing ({_tests(failed)})" if failed else "baseline: all tests pass"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ds4.agent.backends import Backend
 from ds4.agent.loop import FixConfig, fix
+from ds4.agent.sandbox import Sandbox
 from ds4.agent.testrun import detect_test_command, run_tests
 
 
@@ -126,7 +127,9 @@ def evaluate(
     repos_dir: str | Path,
     test_cmd: str | None = None,
     timeout: float = 1800.0,
+    sandbox: Sandbox | None = None,
 ) -> list[Evaluation]:
+    """Each prediction's FAIL_TO_PASS and PASS_TO_PASS tests, run in `sandbox` (default: bubblewrap)."""
     by_id = {p["instance_id"]: p for p in predictions}
     results = []
     for instance in instances:
@@ -135,12 +138,14 @@ def evaluate(
             results.append(Evaluation(instance["instance_id"], "failed", reason="no prediction"))
             continue
         results.append(
-            _evaluate_one(instance, prediction.get("model_patch") or "", repos_dir, test_cmd, timeout)
+            _evaluate_one(
+                instance, prediction.get("model_patch") or "", repos_dir, test_cmd, timeout, sandbox
+            )
         )
     return results
 
 
-def _evaluate_one(instance: dict, patch: str, repos_dir, test_cmd, timeout) -> Evaluation:
+def _evaluate_one(instance: dict, patch: str, repos_dir, test_cmd, timeout, sandbox) -> Evaluation:
     result = Evaluation(instance["instance_id"], "failed")
     repo = repo_dir(repos_dir, instance["repo"])
     with _Checkout(repo, instance["base_commit"]) as tree:
@@ -155,7 +160,7 @@ def _evaluate_one(instance: dict, patch: str, repos_dir, test_cmd, timeout) -> E
             return result
         if command.startswith("python -m pytest"):
             command = " ".join([command, *(f"'{t}'" for t in f2p + p2p)])
-        run = run_tests(command, tree, timeout)
+        run = run_tests(command, tree, timeout, sandbox=sandbox)
     failed = set(run.failed)
     collected_error = run.exit_code not in (0, 1) and not failed  # pytest could not run the tests at all
 

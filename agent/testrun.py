@@ -1,6 +1,7 @@
-"""Running a repository's tests: the command detected from its files (or given), a timeout that kills
-the whole process group, captured output trimmed to what a model can use, and failing test ids where
-the runner prints them (pytest, go test, cargo test, jest/vitest)."""
+"""Running a repository's tests: the command detected from its files (or given), run in a sandbox
+(sandbox.py), a timeout or cancel that kills the whole process group, captured output bounded and
+trimmed to what a model can use, and failing test ids where the runner prints them (pytest, go test,
+cargo test, jest/vitest)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ds4.agent.sandbox import Sandbox, choose
 
 FAILED_PATTERNS = [
     re.compile(r"^FAILED (\S+)", re.M),  # pytest -rf
@@ -74,35 +78,82 @@ def detect_test_command(repo: str | Path) -> str | None:
 
 
 def run_tests(
-    command: str, cwd: str | Path, timeout: float = 600.0, cancel: threading.Event | None = None
+    command: str,
+    cwd: str | Path,
+    timeout: float = 600.0,
+    cancel: threading.Event | None = None,
+    sandbox: Sandbox | None = None,
 ) -> TestResult:
-    """Runs the test command; killed (with its process group) at `timeout` or as soon as `cancel` is
-    set, and then its exit code is None."""
+    """Runs the test command in `sandbox` (default: bubblewrap where it works). Its whole process
+    group is killed when it ends, at `timeout`, as soon as `cancel` is set, or if this call is
+    interrupted; a timed-out or cancelled run has exit code None."""
+    sandbox = sandbox or choose()
     start = time.perf_counter()
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", CI="1")
-    proc = subprocess.Popen(
-        command,
-        shell=True,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=env,
-    )
-    deadline = time.monotonic() + timeout
-    while True:
-        try:  # retrying communicate() after its timeout loses no output
-            wait = min(0.25, max(deadline - time.monotonic(), 0)) if cancel is not None else timeout
-            out, _ = proc.communicate(timeout=wait)
-            code = proc.returncode
-            break
-        except subprocess.TimeoutExpired:
-            if time.monotonic() < deadline and not (cancel is not None and cancel.is_set()):
-                continue
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: test runners spawn workers
-            out, _ = proc.communicate()
-            code = None
-            break
-    text = out.decode("utf-8", "replace")
+    with tempfile.TemporaryDirectory(prefix="ds4-test-", ignore_cleanup_errors=True) as scratch:
+        argv, env = sandbox.prepare(command, Path(cwd).resolve(), Path(scratch))
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+        output = Output(sandbox.limits.output_bytes)
+        reader = threading.Thread(target=output.drain, args=(proc.stdout,), daemon=True)
+        reader.start()
+        try:
+            code = _wait(proc, timeout, cancel)
+        finally:
+            _kill_group(proc)  # nothing of a run outlives it: workers, daemons, an interrupted run
+            reader.join(timeout=10)
+    text = output.text()
     failed = sorted({m for pattern in FAILED_PATTERNS for m in pattern.findall(text)})
     return TestResult(command, code, time.perf_counter() - start, text, failed)
+
+
+def _wait(proc: subprocess.Popen, timeout: float, cancel: threading.Event | None) -> int | None:
+    """The exit code, or None when the deadline passed or `cancel` was set first."""
+    deadline = time.monotonic() + timeout
+    while not (cancel is not None and cancel.is_set()):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            return proc.wait(timeout=min(0.25, left))
+        except subprocess.TimeoutExpired:
+            continue
+    return None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: test runners spawn workers
+    except ProcessLookupError:
+        pass  # the group is already gone
+    proc.wait()
+
+
+class Output:
+    """A run's output, bounded: the first and the last `max_bytes / 2` bytes, and how much was dropped."""
+
+    def __init__(self, max_bytes: int):
+        self.half, self.head, self.tail, self.dropped = max_bytes // 2, bytearray(), bytearray(), 0
+
+    def drain(self, stream) -> None:
+        while chunk := stream.read1(65536):
+            self.feed(chunk)
+        stream.close()
+
+    def feed(self, chunk: bytes) -> None:
+        room = self.half - len(self.head)
+        self.head += chunk[:room]
+        self.tail += chunk[room:]
+        if len(self.tail) > self.half:
+            self.dropped += len(self.tail) - self.half
+            del self.tail[: len(self.tail) - self.half]
+
+    def text(self) -> str:
+        gap = f"\n... ({self.dropped} bytes of output dropped) ...\n" if self.dropped else ""
+        return (bytes(self.head) + gap.encode() + bytes(self.tail)).decode("utf-8", "replace")

@@ -37,21 +37,29 @@ class PagedLatentCache:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.blocks_per_slot = blocks_per_slot  # callers without a block manager: slot s owns a fixed run
         rows = num_blocks * block_size
+        self.scratch_row = rows  # one row past the blocks: where a padded decode graph's dummy rows write
         width = config.kv_lora_rank + config.qk_rope_head_dim
         devices = layer_devices or [device] * config.num_hidden_layers
-        self.kv = [torch.zeros(rows, width, dtype=dtype, device=d) for d in devices]
+        self.kv = [torch.zeros(rows + 1, width, dtype=dtype, device=d) for d in devices]
         self.index_k = (
-            [torch.zeros(rows, config.index_head_dim, dtype=dtype, device=d) for d in devices]
+            [torch.zeros(rows + 1, config.index_head_dim, dtype=dtype, device=d) for d in devices]
             if config.has_indexer
             else None
         )
 
+    def with_blocks(self, seq: SeqSlice) -> SeqSlice:
+        """The slice with its block ids: a fixed-slot cache's own run of blocks when it has none (slot -1,
+        a one-off scoring pass, wraps to the last run)."""
+        if seq.block_ids is not None:
+            return seq
+        assert self.blocks_per_slot, "a sequence without blocks needs a cache with fixed slots"
+        first = seq.slot * self.blocks_per_slot
+        block_ids = tuple(b % self.num_blocks for b in range(first, first + self.blocks_per_slot))
+        return replace(seq, block_ids=block_ids)
+
     def prepare(self, seq: SeqSlice) -> SeqSlice:
         """The slice with the cache rows of its positions [0, end) resolved from its block table."""
-        block_ids = seq.block_ids
-        if block_ids is None:
-            assert self.blocks_per_slot, "a sequence without blocks needs a cache with fixed slots"
-            block_ids = range(seq.slot * self.blocks_per_slot, (seq.slot + 1) * self.blocks_per_slot)
+        block_ids = self.with_blocks(seq).block_ids
         assert len(block_ids) * self.block_size >= seq.end, f"{len(block_ids)} blocks for {seq.end} tokens"
         blocks = torch.tensor(list(block_ids), device=self.kv[0].device)
         positions = torch.arange(seq.end, device=blocks.device)

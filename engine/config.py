@@ -479,6 +479,7 @@ class EngineConfig:
     hot_period: int = 8  # forward passes between re-rankings of the hot experts
     stream_tokens: int = 4096  # prefill passes this long stream their cold experts to the device once
     weights: str = "stored"  # quantized tensors kept as stored (dequantized in the matmul), or "dequantize"
+    cuda_graphs: bool = True  # decode steps replay captured CUDA graphs (on a GPU, where the model allows)
 
     def __post_init__(self):
         self._check_devices()

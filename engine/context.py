@@ -27,6 +27,28 @@ class SeqSlice:
         return self.start + self.num_tokens
 
 
+@dataclass(frozen=True)
+class DecodeBatch:
+    """A step in which every sequence adds one token, as device tensors: built on the host and copied in
+    one go (ds4.engine.step_inputs), read by batched attention over the paged cache, and the static
+    buffers a captured decode graph replays over. Rows past the real sequences (a graph's padding) have
+    length 0 and write their row to the cache's scratch row."""
+
+    slot_rows: torch.Tensor  # [B] int64: the cache row each new token's latent row goes to
+    block_table: torch.Tensor  # [B, max_blocks] int32: each sequence's cache blocks, in order
+    seq_lens: torch.Tensor  # [B] int32: tokens each sequence attends to, the new one included
+    max_len: int  # the longest of seq_lens, known on the host (the torch path's gather width)
+
+    def to(self, device: torch.device) -> DecodeBatch:
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return replace(
+            self,
+            slot_rows=move(self.slot_rows),
+            block_table=move(self.block_table),
+            seq_lens=move(self.seq_lens),
+        )
+
+
 @dataclass
 class ForwardContext:
     seqs: list[SeqSlice]
@@ -34,6 +56,7 @@ class ForwardContext:
     cache: object  # a cache with write/read per layer (ds4.engine.cache)
     mla_mode: str  # "naive" (per-head K/V materialized) or "absorbed" (attention in the latent space)
     views: dict = field(default_factory=dict, repr=False, compare=False)  # device -> the step there
+    decode: DecodeBatch | None = None  # every sequence adds one token: attention runs batched
 
     def __post_init__(self):
         self.views.setdefault(self.positions.device, self)
@@ -44,7 +67,10 @@ class ForwardContext:
         view = self.views.get(device)
         if view is None:
             seqs = [replace(s, rows=None if s.rows is None else s.rows.to(device)) for s in self.seqs]
-            view = self.views[device] = replace(self, seqs=seqs, positions=self.positions.to(device))
+            decode = None if self.decode is None else self.decode.to(device)
+            view = self.views[device] = replace(
+                self, seqs=seqs, positions=self.positions.to(device), decode=decode
+            )
         return view
 
 

@@ -20,8 +20,9 @@ from ds4.engine.context import SeqSlice
 from ds4.engine.disk_tier import DiskTier
 from ds4.engine.errors import RequestError, StepFailed
 from ds4.engine.runner import ModelRunner
-from ds4.engine.sampler import SamplingParams, make_generator, sample
+from ds4.engine.sampler import SamplingParams, logprobs_batch, make_generator, sample_batch
 from ds4.engine.scheduler import Scheduler, Sequence
+from ds4.engine.step_inputs import on_device
 from ds4.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("ds4.engine")
@@ -68,6 +69,11 @@ class LLMEngine:
             if config.prefix_cache_dir and caching
             else None
         )
+        blocker = runner.graph_blocker(self.cache) if config.cuda_graphs else "turned off (cuda_graphs)"
+        if blocker is None:
+            runner.capture_decode_graphs(self.cache, config.max_num_seqs, max_model_len)
+        elif runner.device.type == "cuda":
+            log.info("decode steps run eagerly: %s", blocker)
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self.counters = {"tokens_prefilled": 0, "tokens_decoded": 0, "tokens_loaded_from_disk": 0}
@@ -117,7 +123,9 @@ class LLMEngine:
         seq = Sequence(next(self._ids), list(prompt_ids), len(prompt_ids))
         output = RequestOutput(list(prompt_ids), logprobs=[] if params.logprobs is not None else None)
         detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        self.requests[seq.seq_id] = Request(seq, params, make_generator(params, "cpu"), output, detokenizer)
+        self.requests[seq.seq_id] = Request(
+            seq, params, make_generator(params, self.runner.device), output, detokenizer
+        )
         self.scheduler.add(seq)
         return seq.seq_id
 
@@ -201,23 +209,46 @@ class LLMEngine:
             if self.disk is not None:
                 block = self.blocks.blocks[block_id]
                 self.disk.save(block.hash, block.parent, block.token_ids, self.cache.block_tensors(block_id))
-        produced = []
+        ready = []  # (row, seq): sequences whose prompt is done, so this step gives them a token
         for row, (seq, n) in enumerate(batch.entries):
             decode = n == 1 and len(seq.token_ids) > seq.num_prompt_tokens
             self.counters["tokens_decoded" if decode else "tokens_prefilled"] += n
-            if seq.num_computed_tokens < seq.num_tokens:
-                continue  # a chunk of a longer prefill: no token yet
-            req = self.requests[seq.seq_id]
-            row_logits = logits[row].cpu()
-            token = sample(row_logits, req.params, req.generator)
-            if req.params.logprobs is not None:
-                req.output.logprobs.append(_logprobs(row_logits, token, req.params.logprobs))
+            if seq.num_computed_tokens >= seq.num_tokens:
+                ready.append((row, seq))
+        if not ready:
+            return []  # chunks of longer prefills only
+        requests = [self.requests[seq.seq_id] for _, seq in ready]
+        token_ids, logprobs = self._sample(logits, [row for row, _ in ready], requests)
+        produced = []
+        for (_, seq), req, token, lp in zip(ready, requests, token_ids, logprobs, strict=True):
+            if lp is not None:
+                req.output.logprobs.append(lp)
             seq.token_ids.append(token)
             produced.append((seq.seq_id, token))
             self.scheduler.cleared(seq)
             if self._append(req, token):
                 self._retire(req)
         return produced
+
+    def _sample(self, logits: torch.Tensor, rows: list[int], requests: list[Request]):
+        """Samples the given rows of the step's logits on the device, all at once; the step's one copy
+        back to the host is their ids (and the log-probabilities asked for)."""
+        if len(rows) < logits.shape[0]:
+            logits = logits.index_select(0, on_device(rows, torch.int64, logits.device))
+        params = [r.params for r in requests]
+        ids = sample_batch(logits, params, [r.generator for r in requests])
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        if not asked:
+            return ids.tolist(), [None] * len(rows)
+        chosen, values, top_ids = logprobs_batch(logits, ids, max(asked))
+        token_ids, chosen, values, top_ids = ids.tolist(), chosen.tolist(), values.tolist(), top_ids.tolist()
+        logprobs = [
+            None
+            if p.logprobs is None
+            else {"token": t, "logprob": c, "top": list(zip(i[: p.logprobs], v[: p.logprobs], strict=True))}
+            for p, t, c, v, i in zip(params, token_ids, chosen, values, top_ids, strict=True)
+        ]
+        return token_ids, logprobs
 
     def _retire(self, req: Request) -> None:
         req.output.num_cached_tokens = req.seq.num_cached_tokens
@@ -265,13 +296,3 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
-
-
-def _logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    values, ids = logprobs.topk(top)
-    return {
-        "token": token,
-        "logprob": float(logprobs[token]),
-        "top": [(int(i), float(v)) for i, v in zip(ids, values, strict=True)],
-    }

@@ -15,6 +15,8 @@ from ds4.engine.layers.engram import normalized_token_map
 from ds4.engine.loader import keep_stored, load_weights, materialize, model_fingerprint
 from ds4.engine.models import build_model
 from ds4.engine.pipeline import Pipeline, current_device, stage_sizes
+from ds4.engine.step_inputs import StepInputs
+from ds4.kernels import triton_enabled
 
 
 class ModelRunner:
@@ -56,6 +58,8 @@ class ModelRunner:
                 engine_config.stream_tokens,
             )
         self.fingerprint = model_fingerprint(path, self.dtype)
+        self.inputs = StepInputs(self.device)
+        self.graphs = None  # DecodeGraphs over the engine's cache, once captured
 
     def _split(self) -> Pipeline:
         """The layers over `devices` in order, each running its `layer_split` count of them (default:
@@ -97,6 +101,8 @@ class ModelRunner:
         """Runs the new tokens of `seqs` (concatenated in `token_ids`); returns float32 logits:
         [T, V] for every token when `all_logits`, else [len(seqs), V] for each sequence's last token,
         on the device of the last layer."""
+        if not all_logits and self.decodes_batched(seqs, cache):
+            return self._decode(token_ids, seqs, cache)
         seqs = [cache.prepare(s) for s in seqs]
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(s.start, s.end) for s in seqs]).to(self.device)
@@ -106,3 +112,43 @@ class ModelRunner:
             if not all_logits:
                 hidden = hidden[[s.offset + s.num_tokens - 1 for s in seqs]]
             return self.model.logits(hidden)
+
+    def decodes_batched(self, seqs: list[SeqSlice], cache) -> bool:
+        """Every sequence adds one token over a paged latent cache (V3, V3.2): attention runs for the whole
+        batch at once from device tensors alone, a step that can be captured as a graph."""
+        return (
+            isinstance(cache, PagedLatentCache)
+            and self.mla_mode(seqs) == "absorbed"
+            and all(s.num_tokens == 1 for s in seqs)
+        )
+
+    def _decode(self, token_ids: list[int], seqs: list[SeqSlice], cache) -> torch.Tensor:
+        seqs = [cache.with_blocks(s) for s in seqs]
+        input_ids, positions, batch = self.inputs.decode(token_ids, seqs, cache.block_size)
+        if self.graphs is not None and cache is self.graphs.cache:
+            logits = self.graphs.run(input_ids, positions, batch)
+            if logits is not None:
+                return logits.clone()  # the graph's output buffer is overwritten by the next replay
+        ctx = ForwardContext(seqs=seqs, positions=positions, cache=cache, mla_mode="absorbed", decode=batch)
+        with forward_context(ctx), current_device(self.device):
+            return self.model.logits(self.model(input_ids, positions))  # [B, V]: every token is a last one
+
+    def graph_blocker(self, cache) -> str | None:
+        """Why decode steps over `cache` cannot be captured as CUDA graphs here, or None."""
+        if self.device.type != "cuda":
+            return "not on a CUDA device"
+        if not triton_enabled(self.device):
+            return "the torch kernel path reads device values on the host"
+        if not isinstance(cache, PagedLatentCache):
+            return "V4's window and compressor state decode per sequence so far"
+        if len(self.devices) > 1 or self.tiered:
+            return "pipelines and tiered experts run their decode steps eagerly"
+        if self.engine_config.mla_mode == "naive":
+            return "mla_mode naive decodes per sequence"
+        return None
+
+    def capture_decode_graphs(self, cache, max_batch: int, max_len: int) -> None:
+        """Captures the decode graphs over `cache` where this model and device allow (see graph_blocker)."""
+        from ds4.engine.graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self, cache, max_batch, -(-max_len // cache.block_size))

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ds4.engine.step_inputs import on_device
+
 SAMPLING_EPS = 1e-5
 
 
@@ -60,20 +62,54 @@ def make_generator(params: SamplingParams, device) -> torch.Generator | None:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Next token id from one row of float32 logits [V]."""
-    if params.greedy:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.min_p > 0:
+    return int(sample_batch(logits[None], [params], [generator])[0])
+
+
+def sample_batch(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """Next token ids [B] (int64, on the logits' device) for float32 logits [B, V], all rows at once and
+    nothing read back: greedy rows take the argmax; the others are scaled by their temperature, cut by
+    their top-k, min-p and top-p, and drawn as torch.multinomial draws one sample (the exponential race:
+    argmax of probs / Exp(1) noise, the noise from the row's own generator), so a seed gives the tokens
+    it gave when each row was sampled alone."""
+    greedy = logits.argmax(-1)
+    if all(p.greedy for p in params):
+        return greedy
+    column = lambda values, dtype=torch.float32: on_device(values, dtype, logits.device)[:, None]  # noqa: E731
+    logits = logits / column([1.0 if p.greedy else p.temperature for p in params])
+    sorted_logits = logits.sort(-1, descending=True).values
+    top_k = column([p.top_k or logits.shape[-1] for p in params], torch.int64).clamp(max=logits.shape[-1])
+    logits = logits.masked_fill(logits < sorted_logits.gather(-1, top_k - 1), float("-inf"))
+    if any(p.min_p > 0 for p in params):
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the first token past top_p
-        drop[0] = False  # always the most likely one (a top_p under float32's least value compares as 0)
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        min_p = column([p.min_p for p in params])
+        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
+    if any(p.top_p < 1.0 for p in params):
+        logits = _top_p(logits, column([p.top_p for p in params]))
     probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    noise = torch.ones_like(probs)
+    for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
+        if not p.greedy:
+            noise[row].exponential_(1, generator=gen)
+    drawn = (probs / noise).argmax(-1)
+    return torch.where(column([p.greedy for p in params], torch.bool)[:, 0], greedy, drawn)
+
+
+def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keeps each row's most likely tokens up to and including the first past top_p (rows at 1.0 keep
+    everything: their cumulative sums may round past 1 before the tail)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop = (probs.cumsum(-1) - probs >= top_p) & (top_p < 1.0)
+    drop[:, 0] = False  # always the most likely one (a top_p under float32's least value compares as 0)
+    return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+
+
+def logprobs_batch(logits: torch.Tensor, token_ids: torch.Tensor, top: int):
+    """(each row's chosen-token log-probability [B], its `top` most likely [B, top] values and ids), on
+    the device."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, token_ids[:, None])[:, 0]
+    values, ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], token_ids[:, None][:, :0])
+    return chosen, values, ids

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ds4.kernels.dot import dot, dot_args
+
 
 @triton.jit
 def _indexer_kernel(
@@ -31,6 +33,8 @@ def _indexer_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     t = tl.program_id(0)
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -48,7 +52,7 @@ def _indexer_kernel(
         other=0.0,
     ).to(tl.float32)
     w = tl.load(w_ptr + t * stride_wt + h, mask=hmask, other=0.0).to(tl.float32)
-    scores = tl.maximum(tl.dot(q, tl.trans(k)), 0.0)  # [H, S]
+    scores = tl.maximum(dot(q, tl.trans(k), DOT, PRECISION), 0.0)  # [H, S]
     total = tl.sum(scores * w[:, None], axis=0)
     position = tl.load(pos_ptr + t)
     total = tl.where(key_offset + s <= position, total, float("-inf"))
@@ -91,6 +95,7 @@ def indexer_scores(
         BLOCK_H=max(16, triton.next_power_of_2(heads)),
         BLOCK_S=block_s,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        **dot_args(q.dtype),
     )
     return out
 
@@ -126,3 +131,116 @@ def indexer_topk(
     if picked.shape[1] < topk:
         picked = torch.cat([picked, picked.new_full((tokens, topk - picked.shape[1]), -1)], dim=1)
     return picked
+
+
+@triton.jit
+def _paged_indexer_kernel(
+    q_ptr,
+    w_ptr,
+    pool_ptr,
+    table_ptr,
+    lens_ptr,
+    out_ptr,
+    heads,
+    width,
+    stride_qb,
+    stride_qh,
+    stride_wb,
+    stride_pool,
+    stride_tb,
+    stride_ob,
+    D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    n = tl.load(lens_ptr + b)
+    if tl.program_id(1) * BLOCK_S >= n:  # past the sequence: nothing to read
+        tl.store(out_ptr + b * stride_ob + s, float("-inf"), mask=s < width)
+        return
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    hmask, dmask, valid = h < heads, d < D, s < n
+    q = tl.load(
+        q_ptr + b * stride_qb + h[:, None] * stride_qh + d[None, :],
+        mask=hmask[:, None] & dmask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    page = tl.load(table_ptr + b * stride_tb + s // PAGE, mask=valid, other=0)
+    row = page.to(tl.int64) * PAGE + s % PAGE
+    k = tl.load(
+        pool_ptr + row[:, None] * stride_pool + d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0
+    ).to(tl.float32)
+    w = tl.load(w_ptr + b * stride_wb + h, mask=hmask, other=0.0).to(tl.float32)
+    scores = tl.maximum(dot(q, tl.trans(k), DOT, PRECISION), 0.0)  # [H, S]
+    total = tl.sum(scores * w[:, None], axis=0)
+    tl.store(out_ptr + b * stride_ob + s, tl.where(valid, total, float("-inf")), mask=s < width)
+
+
+def paged_indexer_scores(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    pool: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    width: int,
+    out: torch.Tensor | None = None,
+    block_s: int = 64,
+) -> torch.Tensor:
+    """As ds4.kernels.reference.paged_indexer_scores: decode queries q [B, H, D] (the last token of each
+    sequence) against their cached keys, read from `pool` [rows, D] through `block_table` [B, blocks];
+    [B, width] float32, -inf from each sequence's length on. Blocks of keys past a sequence's length are
+    not read, so the work follows the lengths while the shapes stay fixed."""
+    batch, heads, dim = q.shape
+    assert q.stride(-1) == 1 and pool.stride(-1) == 1 and pool.shape[-1] == dim
+    out = out if out is not None else torch.empty(batch, width, dtype=torch.float32, device=q.device)
+    if batch == 0 or width == 0:
+        return out
+    w = weights.contiguous()
+    table = block_table.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    grid = (batch, triton.cdiv(width, block_s))
+    _paged_indexer_kernel[grid](
+        q,
+        w,
+        pool,
+        table,
+        lens,
+        out,
+        heads,
+        width,
+        q.stride(0),
+        q.stride(1),
+        w.stride(0),
+        pool.stride(0),
+        table.stride(0),
+        out.stride(0),
+        D=dim,
+        PAGE=block_size,
+        BLOCK_H=max(16, triton.next_power_of_2(heads)),
+        BLOCK_S=block_s,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        **dot_args(q.dtype),
+    )
+    return out
+
+
+def topk_ties_low(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] of the k highest scores per row, ties to the lower index (-0.0 equal to +0.0), -1
+    where fewer than k are finite; the same picks as a stable descending sort, in O(n) with fixed shapes.
+    Each float32 score becomes a sortable integer, shifted above its reversed index, so every key is
+    unique and torch.topk's choice is the rule's."""
+    n = scores.shape[-1]
+    bits = (scores + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)  # ascending with the float
+    index = torch.arange(n, device=scores.device, dtype=torch.int64)
+    keys = (ordered << 32) | (0xFFFFFFFF - index)  # a higher score first, then a lower index
+    picked = keys.topk(min(k, n), dim=-1).indices
+    finite = torch.isfinite(scores.gather(-1, picked))
+    return torch.where(finite, picked, torch.full_like(picked, -1))

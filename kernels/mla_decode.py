@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ds4.kernels.dot import dot, dot_args
+
 
 @triton.jit
 def _mla_decode_kernel(
@@ -40,6 +42,8 @@ def _mla_decode_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
     FP8: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -83,13 +87,13 @@ def _mla_decode_kernel(
             latent = latent.to(tl.float32)
             roped = tl.load(pool_ptr + row[:, None] * stride_pool + C + r[None, :], mask=rmask2, other=0.0)
             roped = roped.to(tl.float32)
-        s = (tl.dot(ql, tl.trans(latent)) + tl.dot(qr, tl.trans(roped))) * scale
+        s = (dot(ql, tl.trans(latent), DOT, PRECISION) + dot(qr, tl.trans(roped), DOT, PRECISION)) * scale
         s = tl.where(pmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         total = total * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, latent)
+        acc = acc * alpha[:, None] + dot(p, latent, DOT, PRECISION)
         m = m_new
     has = total > 0
     out = tl.where(has[:, None], acc / tl.where(has, total, 1.0)[:, None], 0.0)
@@ -163,5 +167,6 @@ def paged_mla_decode(
         BLOCK_C=max(16, triton.next_power_of_2(latent)),
         BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
         FP8=fp8,
+        **dot_args(q_latent.dtype),
     )
     return out, lse

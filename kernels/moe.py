@@ -13,28 +13,38 @@ import torch
 import triton
 import triton.language as tl
 
+from ds4.kernels.dot import dot, dot_args
+
 QUANT = {"none": 0, "fp8": 1, "fp4": 2, "int4": 3}
 PACKED = (2, 3)  # two 4-bit codes per byte: the stored inner dimension is half the logical one
 
 
 def align(expert_ids: torch.Tensor, num_experts: int, block_m: int):
     """(sorted pair ids padded per expert with the sentinel T*K [P], the expert of each block of
-    `block_m` [P / block_m]): pair p = token * K + k. Experts with no pairs get no block."""
+    `block_m` [P / block_m]): pair p = token * K + k. Experts with no pairs get no block.
+
+    Shapes depend only on T, K, E and block_m, never on the routing: P is the most any routing can
+    need (every pair, plus a partial block for each expert that could be used), and the blocks past
+    the used ones hold only sentinels, which the kernels skip. So no value goes back to the host and a
+    decode step can be captured as a graph."""
     flat = expert_ids.flatten().long()
     pairs = flat.numel()
+    capacity = -(-(pairs + min(num_experts, pairs) * (block_m - 1)) // block_m) * block_m
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    counts.index_add_(0, flat, torch.ones_like(flat))  # bincount, at a fixed size
     padded = (counts + block_m - 1) // block_m * block_m
-    start_padded = torch.cumsum(padded, 0) - padded
-    start = torch.cumsum(counts, 0) - counts
+    ends = torch.cumsum(padded, 0)
+    start_padded, start = ends - padded, torch.cumsum(counts, 0) - counts
     experts_sorted = flat[order]
     slot = start_padded[experts_sorted] + torch.arange(pairs, device=flat.device) - start[experts_sorted]
-    sorted_ids = torch.full((int(padded.sum()),), pairs, dtype=torch.int32, device=flat.device)
+    sorted_ids = torch.full((capacity,), pairs, dtype=torch.int32, device=flat.device)
     sorted_ids[slot] = order.to(torch.int32)
-    block_expert = torch.repeat_interleave(
-        torch.arange(num_experts, device=flat.device, dtype=torch.int32), padded // block_m
-    )
-    return sorted_ids, block_expert
+    # block b holds expert e's pairs when ends[e - 1] <= b * block_m < ends[e]; blocks past the last
+    # expert's end hold sentinels only (their expert index is clamped, never read)
+    block_starts = torch.arange(0, capacity, block_m, device=flat.device)
+    block_expert = torch.searchsorted(ends, block_starts, right=True).clamp_(max=num_experts - 1)
+    return sorted_ids, block_expert.to(torch.int32)
 
 
 @triton.jit
@@ -110,8 +120,12 @@ def _gate_up_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    if tl.load(sorted_ptr + pid_m * BLOCK_M) >= num_pairs:
+        return  # past the used blocks: sentinels only (a used block starts with a real pair)
     e = tl.load(block_expert_ptr + pid_m)
     slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + slots)
@@ -135,8 +149,8 @@ def _gate_up_kernel(
         wu = _weight_tile(
             w_ptr, s_ptr, e, n + inter, k, wmask, stride_we, stride_wn, stride_wk, stride_se, stride_sn, QUANT
         )
-        gate += tl.dot(x, tl.trans(wg))
-        up += tl.dot(x, tl.trans(wu))
+        gate += dot(x, tl.trans(wg), DOT, PRECISION)
+        up += dot(x, tl.trans(wu), DOT, PRECISION)
     if HAS_LIMIT:  # V4's clamped SwiGLU
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
@@ -167,8 +181,12 @@ def _down_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    if tl.load(sorted_ptr + pid_m * BLOCK_M) >= num_pairs:
+        return  # past the used blocks: sentinels only (a used block starts with a real pair)
     e = tl.load(block_expert_ptr + pid_m)
     slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + slots)
@@ -196,7 +214,7 @@ def _down_kernel(
             stride_sn,
             QUANT,
         )
-        acc += tl.dot(h, tl.trans(w))
+        acc += dot(h, tl.trans(w), DOT, PRECISION)
     routing = tl.load(weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
     acc = acc * routing[:, None]
     safe = tl.where(valid, pair, 0).to(tl.int64)
@@ -272,6 +290,7 @@ def fused_moe(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        **dot_args(x.dtype),
     )
     weights = topk_weights.float().contiguous().flatten()
     grid = (padded // block_m, triton.cdiv(dim, block_n))
@@ -297,5 +316,6 @@ def fused_moe(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        **dot_args(x.dtype),
     )
     return out_pairs.view(tokens, topk, dim).sum(1).to(x.dtype)

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ds4.kernels.dot import dot, dot_args
 from ds4.kernels.moe import PACKED, QUANT, _weight_tile
 
 
@@ -30,6 +31,8 @@ def _quant_linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -58,7 +61,7 @@ def _quant_linear_kernel(
             stride_sn,
             QUANT,
         )
-        acc += tl.dot(x, tl.trans(w))
+        acc += dot(x, tl.trans(w), DOT, PRECISION)
     tl.store(
         out_ptr + m[:, None].to(tl.int64) * stride_out + n[None, :], acc, mask=mmask[:, None] & nmask[None, :]
     )
@@ -108,5 +111,6 @@ def quant_linear(
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
+            **dot_args(x2.dtype),
         )
     return out.to(x.dtype).reshape(*lead, dim_out)

@@ -108,6 +108,19 @@ def indexer_scores(
     return scores.masked_fill(future, float("-inf"))
 
 
+def paged_indexer_scores(q, weights, pool, block_table, seq_lens, block_size: int, width: int):
+    """The indexer for decode queries q [B, H, D] (each sequence's last token) over the keys in `pool`
+    [rows, D] that `block_table` [B, blocks] gives for positions [0, seq_lens[b]); [B, width], -inf past
+    each length."""
+    out = torch.full((q.shape[0], width), float("-inf"), dtype=torch.float32, device=q.device)
+    for b in range(q.shape[0]):
+        n = int(seq_lens[b])
+        keys = pool[gather_rows(block_table[b], n, block_size)]
+        last = torch.tensor([n - 1], device=q.device)
+        out[b, :n] = indexer_scores(q[b : b + 1], weights[b : b + 1], keys, last)[0]
+    return out
+
+
 def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores per row, ties to the lower index (ds4's rule everywhere), -1
     where fewer than k are finite."""

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ds4.kernels.dot import dot, dot_args
+
 
 @triton.jit
 def _sparse_attention_kernel(
@@ -37,6 +39,8 @@ def _sparse_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -66,21 +70,21 @@ def _sparse_attention_kernel(
         value = tl.load(
             kv_ptr + row[:, None] * stride_kv + v[None, :], mask=valid[:, None] & vmask[None, :], other=0.0
         ).to(tl.float32)
-        s = tl.dot(qv, tl.trans(value))
+        s = dot(qv, tl.trans(value), DOT, PRECISION)
         if REST > 0:
             rest = tl.load(
                 kv_ptr + row[:, None] * stride_kv + V + r[None, :],
                 mask=valid[:, None] & rmask[None, :],
                 other=0.0,
             ).to(tl.float32)
-            s += tl.dot(qr, tl.trans(rest))
+            s += dot(qr, tl.trans(rest), DOT, PRECISION)
         s = tl.where(valid[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         base = tl.where(m_new > float("-inf"), m_new, 0.0)  # no row yet: subtract 0, never inf - inf
         alpha = tl.exp(m - base)
         p = tl.exp(s - base[:, None])
         total = total * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, value)
+        acc = acc * alpha[:, None] + dot(p, value, DOT, PRECISION)
         m = m_new
     if HAS_SINK:
         sink = tl.load(sink_ptr + h, mask=hmask, other=0.0).to(tl.float32)
@@ -150,5 +154,6 @@ def sparse_attention(
         BLOCK_N=block_n,
         BLOCK_V=max(16, triton.next_power_of_2(value_dim)),
         BLOCK_R=max(16, triton.next_power_of_2(max(rest, 1))),
+        **dot_args(q.dtype),
     )
     return out, lse

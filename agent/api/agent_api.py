@@ -1,7 +1,9 @@
 """The agent API for CI bots: register a repository under an allowed root, index and search it, start
 fix jobs, follow their events as SSE, read their verdict and diff, cancel them.
 
-Jobs run one at a time on a worker thread (they share the model); their state lives in SQLite."""
+Jobs run one at a time on a worker thread (they share the model); their state lives in SQLite. Their
+tests run in the sandbox (or, only with --allow-unsandboxed-tests where none exists, bare); a
+repository's own test command never runs bare. Registered paths are re-checked at every use."""
 
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from litestar.response import ServerSentEvent
 
 from ds4.agent.api.errors import APIError, responses, strict_body
 from ds4.agent.api.jobs import ACTIVE, JobStore
-from ds4.agent.api.paths import PathRefused, confine
+from ds4.agent.api.paths import PathRefused, confine, recheck, repo_data_dir
+from ds4.agent.config import ConfigError
+from ds4.agent.sandbox import SandboxError
 
 log = logging.getLogger("ds4.api")
 
@@ -55,10 +59,10 @@ class JobRunner:
     def __init__(self, store: JobStore, backend, config):
         self.store, self.backend, self.config = store, backend, config
         self.queue: queue.Queue[str | None] = queue.Queue()
-        self.running: dict[
-            str, threading.Event
-        ] = {}  # job id -> set on cancel: stops its generation and tests
+        self.running: dict[str, threading.Event] = {}  # job id -> set on cancel: stops generation, tests
         self.stopping = threading.Event()
+        self.sandbox, self.no_sandbox = self._choose_sandbox()
+        self._prune()
         self.thread = threading.Thread(target=self._run, name="ds4-jobs", daemon=True)
         self.thread.start()
 
@@ -77,6 +81,43 @@ class JobRunner:
         self.queue.put(None)
         self.thread.join(SHUTDOWN_WAIT_S)
 
+    def _choose_sandbox(self):
+        """The sandbox jobs' tests run in, or None and why there is none."""
+        from ds4.agent.sandbox import choose
+
+        hidden = (Path(self.config.jobs_db).resolve().parent,)  # other jobs, indexes, run folders
+        try:
+            return choose(allow_unsandboxed=self.config.allow_unsandboxed_tests, hidden=hidden), ""
+        except SandboxError as e:
+            return None, f"{e}; or start the server with --allow-unsandboxed-tests"
+
+    def _prune(self) -> None:
+        """Worktrees a killed server left behind, in every registered repository that is still valid."""
+        from ds4.agent.runs import prune_stale
+
+        for repo in self.store.repos():
+            folder = repo_data_dir(self.config.jobs_db, repo["id"])
+            try:
+                path = recheck(repo["path"], self.config.repo_roots)
+            except PathRefused:
+                continue  # refused again when a request names it
+            if folder.is_dir():
+                prune_stale(path, folder)
+
+    def _job_sandbox(self, spec: dict):
+        if self.sandbox is None:
+            raise SandboxError(self.no_sandbox)
+        if self.sandbox.name == "none" and spec.get("test_cmd_from") == "repo":
+            raise SandboxError(
+                "the repository's .ds4.toml sets the test command, and this server runs a repository's "
+                "own command only in a sandbox, which this machine does not have"
+            )
+        return self.sandbox
+
+    def _fail(self, job_id: str, message: str) -> None:
+        self.store.add_event(job_id, {"event": "error", "message": message})
+        self.store.finish(job_id, "failed", "error", "", None, message)
+
     def _run(self) -> None:
         while (job_id := self.queue.get()) is not None and not self.stopping.is_set():
             try:
@@ -94,7 +135,12 @@ class JobRunner:
 
         job = self.store.job(job_id)
         spec = job["spec"]
-        repo = self.store.repo(job["repo_id"])
+        try:
+            path = recheck(self.store.repo(job["repo_id"])["path"], self.config.repo_roots)
+            sandbox = self._job_sandbox(spec)
+        except (PathRefused, SandboxError) as e:
+            self._fail(job_id, str(e))
+            return
 
         cancel = self.running.setdefault(job_id, threading.Event())
 
@@ -105,7 +151,7 @@ class JobRunner:
 
         backend = self.backend.with_cancel(cancel) if hasattr(self.backend, "with_cancel") else self.backend
         config = FixConfig(
-            Path(repo["path"]),
+            path,
             spec["issue"],
             spec.get("test_cmd"),
             spec["rounds"],
@@ -114,7 +160,9 @@ class JobRunner:
             self.config.test_timeout,
             False,  # a service never writes to the registered tree
             GenerationParams(max_tokens=spec["max_tokens"]),
-            cancel=cancel,
+            cancel=cancel,  # a running test command dies with it, its whole process tree
+            sandbox=sandbox,
+            data_dir=repo_data_dir(self.config.jobs_db, job["repo_id"]),
         )
         try:
             result = fix(config, backend, on_event)
@@ -136,8 +184,7 @@ class JobRunner:
         elif cancel.is_set():
             self.store.finish(job_id, "interrupted", None, "", None, "the server stopped while the job ran")
         else:
-            self.store.add_event(job_id, {"event": "error", "message": str(error)})
-            self.store.finish(job_id, "failed", "error", "", None, f"{type(error).__name__}: {error}")
+            self._fail(job_id, f"{type(error).__name__}: {error}")
 
 
 def _state(request: Request):
@@ -149,13 +196,22 @@ def _state(request: Request):
     return store, runner
 
 
-def _repo(store: JobStore, repo_id: str) -> dict:
+def _repo(request: Request, store: JobStore, repo_id: str) -> dict:
+    """A registered repository, its path confined again now."""
     repo = store.repo(repo_id)
     if repo is None:
         raise APIError(
             404, f"no repository {repo_id!r}: register it with POST /v1/repos", "repo_id", "not_found"
         )
+    try:
+        recheck(repo["path"], request.app.state.config.repo_roots)
+    except PathRefused as e:
+        raise APIError(403, str(e), "repo_id", "path_refused") from None
     return repo
+
+
+def _index_path(request: Request, repo_id: str) -> Path:
+    return repo_data_dir(request.app.state.config.jobs_db, repo_id) / "index.db"
 
 
 @post(
@@ -186,9 +242,9 @@ async def index(request: Request, repo_id: FromPath[str]) -> dict:
     from ds4.agent.index.store import IndexDatabaseError
 
     store, _ = _state(request)
-    repo = _repo(store, repo_id)
+    repo = _repo(request, store, repo_id)
     try:
-        report = await anyio.to_thread.run_sync(index_repo, repo["path"])
+        report = await anyio.to_thread.run_sync(index_repo, repo["path"], _index_path(request, repo_id))
     except IndexDatabaseError as e:
         raise APIError(409, str(e), None, "index_unusable") from None
     return {k: v for k, v in asdict(report).items() if k != "parsed_paths"}
@@ -206,13 +262,12 @@ async def search(
     kind: FromQuery[str | None] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=500)] = 20,
 ) -> dict:
-    from ds4.agent.index.indexer import default_db_path
     from ds4.agent.index.query import search as search_index
     from ds4.agent.index.store import IndexDatabaseError, open_index
 
     store, _ = _state(request)
-    repo = _repo(store, repo_id)
-    db_path = default_db_path(repo["path"])
+    _repo(request, store, repo_id)
+    db_path = _index_path(request, repo_id)
     if not db_path.exists():
         raise APIError(
             409, "the repository is not indexed yet: POST /v1/repos/{id}/index", None, "not_indexed"
@@ -238,7 +293,7 @@ async def search(
 async def start_fix(request: Request, data: JSONBody[FixRequest]) -> dict:
     data = await strict_body(request, FixRequest)
     store, runner = _state(request)
-    _repo(store, data.repo_id)
+    repo = _repo(request, store, data.repo_id)
     config = request.app.state.config
     if data.test_cmd is not None and not config.allow_request_test_cmd:
         raise APIError(
@@ -253,7 +308,7 @@ async def start_fix(request: Request, data: JSONBody[FixRequest]) -> dict:
         "samples": data.samples,
         "budget": data.budget,
         "max_tokens": data.max_tokens,
-        "test_cmd": data.test_cmd or config.test_cmd or _repo_test_cmd(store.repo(data.repo_id)["path"]),
+        **_test_cmd(data.test_cmd, config.test_cmd, repo["path"]),
     }
     queued = store.counts()["queued"]
     if queued >= config.max_queued_jobs:
@@ -269,10 +324,17 @@ async def start_fix(request: Request, data: JSONBody[FixRequest]) -> dict:
     return {"id": job_id, "status": "queued"}
 
 
-def _repo_test_cmd(path: str) -> str | None:
+def _test_cmd(requested: str | None, served: str | None, path: str) -> dict:
+    """The job's test command and who chose it: the request, the server, the repository, or detection."""
     from ds4.agent.config import read_config
 
-    return read_config(Path(path) / ".ds4.toml").get("test_cmd")
+    if requested or served:
+        return {"test_cmd": requested or served, "test_cmd_from": "request" if requested else "server"}
+    try:
+        chosen = read_config(Path(path) / ".ds4.toml").get("test_cmd")
+    except ConfigError as e:
+        raise APIError(400, str(e), None, "repo_settings_invalid") from None
+    return {"test_cmd": chosen, "test_cmd_from": "repo" if chosen else None}
 
 
 def _job(store: JobStore, job_id: str) -> dict:

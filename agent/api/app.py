@@ -38,6 +38,7 @@ class ServerConfig:
     test_cmd: str | None = None  # for fix jobs; else the repository's .ds4.toml, else detected
     allow_request_test_cmd: bool = False  # a request's test_cmd runs commands on this machine
     test_timeout: float = 600.0
+    allow_unsandboxed_tests: bool = False  # where bubblewrap cannot run: run tests bare, or refuse them
     bind: str = "127.0.0.1"  # the address served: its name is one the Host header may carry
     allowed_hosts: list[str] = field(default_factory=list)  # more names for Host ("*": any)
     cors_origins: list[str] = field(default_factory=list)  # web origins allowed to call ("*": any)

@@ -69,6 +69,11 @@ class JobStore:
                 self.db.execute("INSERT INTO repos VALUES (?, ?, ?)", row)
         return {"id": row[0], "path": row[1], "created": row[2]}
 
+    def repos(self) -> list[dict]:
+        with self.lock:
+            rows = self.db.execute("SELECT id, path, created FROM repos ORDER BY created").fetchall()
+        return [{"id": row[0], "path": row[1], "created": row[2]} for row in rows]
+
     def repo(self, repo_id: str) -> dict | None:
         with self.lock:
             row = self.db.execute("SELECT id, path, created FROM repos WHERE id=?", (repo_id,)).fetchone()

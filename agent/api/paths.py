@@ -1,5 +1,8 @@
 """Repository paths a client may name: only under the operator's allowed roots, checked on the real
-path (symlinks resolved), with `..` refused outright rather than normalized away."""
+path (symlinks resolved), with `..` refused outright rather than normalized away; checked again at
+every use, since a folder can be swapped for a symlink after it was registered. The server's own data
+for a repository (its index, its run folders) live under the server's data directory, never inside
+the repository."""
 
 from __future__ import annotations
 
@@ -28,3 +31,18 @@ def confine(path: str, roots: list[str | Path]) -> Path:
                 raise PathRefused(f"{path} is not a folder")
             return real
     raise PathRefused(f"{path} is outside the repository roots this server allows")
+
+
+def recheck(registered: str, roots: list[str | Path]) -> Path:
+    """A registered repository, confined again now: still under the roots and still the same real
+    folder (not swapped, or a parent of it swapped, for a symlink since it was registered)."""
+    real = confine(registered, roots)
+    if real != Path(registered):
+        raise PathRefused(f"{registered} now resolves to {real}: it changed since it was registered")
+    return real
+
+
+def repo_data_dir(jobs_db: str | Path, repo_id: str) -> Path:
+    """Where the server keeps a repository's index and run folders: beside its jobs database."""
+    assert repo_id.isalnum(), repo_id
+    return Path(jobs_db).resolve().parent / "repos" / repo_id

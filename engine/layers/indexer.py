@@ -80,6 +80,34 @@ class Indexer(nn.Module):
         picked[rows, chosen[rows, cols]] = True
         return picked & allowed
 
+    @torch.no_grad()
+    def select_decode(self, x, q_latent, rope, pool: torch.Tensor, batch, block_size: int) -> torch.Tensor:
+        """Pool rows [B, k] of the keys each sequence's new token attends to (-1 padded), for B sequences
+        adding one token each: every cached key while a sequence has no more than k, else the top k.
+        Shapes follow the batch and `batch.max_len`, never the scores: a decode graph can hold it."""
+        B = x.shape[0]
+        q = self._rope(self.wq_b(q_latent).view(B, self.n_heads, self.head_dim), rope)  # [B, Hi, Di]
+        weights = self.weights_proj(x.to(compute_dtype(self.weights_proj))).float()
+        weights = weights * (self.n_heads**-0.5 * self.head_dim**-0.5)  # ReLU commutes with the scale
+        q, width = q.float().contiguous(), batch.max_len
+        if triton_enabled(x.device):
+            from ds4.kernels.indexer import paged_indexer_scores
+
+            scores = paged_indexer_scores(
+                q, weights, pool, batch.block_table, batch.seq_lens, block_size, width
+            )
+        else:
+            pos = torch.arange(width, device=x.device)
+            rows = batch.block_table.long()[:, pos // block_size] * block_size + pos % block_size  # [B, S]
+            dots = torch.relu(torch.einsum("bhd,bsd->bhs", q, pool[rows].float()))
+            scores = torch.einsum("bh,bhs->bs", weights, dots)
+            scores = scores.masked_fill(pos[None, :] >= batch.seq_lens[:, None], float("-inf"))  # [B, S]
+        from ds4.kernels.indexer import topk_ties_low
+
+        chosen = topk_ties_low(scores, self.topk)  # [B, k] positions, -1 past the finite ones
+        page = batch.block_table.long().gather(1, chosen.clamp(min=0) // block_size)
+        return torch.where(chosen >= 0, page * block_size + chosen % block_size, -1)
+
 
 class CompressedIndexer(nn.Module):
     """DeepSeek-V4's indexer for compressed sparse attention: picks, per query, the top-k compressed rows.

@@ -72,6 +72,8 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe, cos, sin, self.rope_interleave)  # [T, R]
         kv_rows = torch.cat([latent, k_pe], dim=-1)  # [T, C + R]: what the cache holds
         index_rows = self.indexer.keys(x, rope) if self.indexer is not None else None  # [T, Di]
+        if ctx.decode is not None:  # decode: every sequence's one token at once
+            return self.wo(self._decode(x, q_latent, rope, q_nope, q_pe, kv_rows, index_rows, ctx).flatten(1))
 
         outs = []
         for seq in ctx.seqs:
@@ -120,6 +122,66 @@ class MLA(nn.Module):
         )  # [H, T, C]
         return torch.einsum("htc,hvc->thv", out_latent, w_uv)  # [T, H, V]
 
+    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, N, C] and W_UV [H, V, C], the halves of wkv_b."""
+        w_ukv = dense_weight(self.wkv_b).unflatten(0, (self.n_heads, self.qk_nope_head_dim + self.v_head_dim))
+        return w_ukv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+
+    def _decode(self, x, q_latent, rope, q_nope, q_pe, kv_rows, index_rows, ctx):
+        """Absorbed attention of B sequences' new tokens (one each) over their paged rows (V3.2: over the
+        rows its indexer picks), reading only the step's device tensors (ctx.decode): the same work
+        whatever the lengths, so it can be captured."""
+        batch, cache = ctx.decode, ctx.cache
+        pool = cache.kv[self.layer_id]
+        pool.index_copy_(0, batch.slot_rows, kv_rows.to(pool.dtype))  # each new row into its block
+        w_uk, w_uv = self._absorbed_weights()
+        q_latent_heads = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, C]
+        if self.indexer is not None:
+            index_pool = cache.index_k[self.layer_id]
+            index_pool.index_copy_(0, batch.slot_rows, index_rows.to(index_pool.dtype))
+            rows = self.indexer.select_decode(x, q_latent, rope, index_pool, batch, cache.block_size)
+            out_latent = self._sparse(q_latent_heads, q_pe, pool, rows)
+        elif triton_enabled(q_nope.device):
+            from ds4.kernels.mla_decode import paged_mla_decode
+
+            out_latent, _ = paged_mla_decode(
+                q_latent_heads.contiguous(),
+                q_pe.contiguous(),
+                pool,
+                batch.block_table,
+                batch.seq_lens,
+                cache.block_size,
+                self.scale,
+            )
+        else:
+            out_latent = self._decode_torch(q_latent_heads, q_pe, pool, batch, cache.block_size)
+        return torch.einsum("bhc,hvc->bhv", out_latent.to(q_nope.dtype), w_uv)  # [B, H, V]
+
+    def _sparse(self, q_latent, q_pe, pool, rows):
+        """Attention of each query [B, H] over its chosen pool rows [B, k] (-1: none) in the latent space."""
+        q = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, C + R]
+        if triton_enabled(q.device):
+            from ds4.kernels.sparse_attention import sparse_attention
+
+            return sparse_attention(q.contiguous(), pool, rows, self.scale, self.kv_lora_rank)[0]
+        cached = pool[rows.clamp(min=0)]  # [B, k, C + R]
+        scores = torch.einsum("bhd,bkd->bhk", q, cached) * self.scale
+        probs = scores.float().masked_fill((rows < 0)[:, None, :], float("-inf")).softmax(-1)
+        return torch.einsum("bhk,bkc->bhc", probs.to(cached.dtype), cached[..., : self.kv_lora_rank])
+
+    def _decode_torch(self, q_latent, q_pe, pool, batch, block_size):
+        """The paged decode on torch: each sequence's rows gathered through its block table up to the
+        batch's longest, the rest masked."""
+        C = self.kv_lora_rank
+        pos = torch.arange(batch.max_len, device=pool.device)  # [S]
+        rows = batch.block_table.long()[:, pos // block_size] * block_size + pos % block_size  # [B, S]
+        cached = pool[rows]  # [B, S, C + R]
+        scores = torch.einsum("bhc,bsc->bhs", q_latent, cached[..., :C])
+        scores = (scores + torch.einsum("bhr,bsr->bhs", q_pe, cached[..., C:])) * self.scale  # [B, H, S]
+        hidden = pos[None, None, :] >= batch.seq_lens[:, None, None]
+        probs = scores.float().masked_fill(hidden, float("-inf")).softmax(-1).to(cached.dtype)
+        return torch.einsum("bhs,bsc->bhc", probs, cached[..., :C])  # [B, H, C]
+
     def _absorbed_triton(self, q_nope, q_pe, cache, seq, allowed):
         """The absorbed path on the paged pool with ds4's kernels: causal queries run as decode queries
         of growing lengths over the sequence's block table; with V3.2's selection, attention runs
@@ -133,7 +195,7 @@ class MLA(nn.Module):
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk).contiguous()  # [T, H, C]
         pool = cache.kv[self.layer_id]
         if self.indexer is None:
-            blocks = torch.tensor(seq.block_ids, dtype=torch.int32, device=pool.device) % cache.num_blocks
+            blocks = torch.tensor(seq.block_ids, dtype=torch.int32, device=pool.device)
             T = q_latent.shape[0]
             table = blocks[None].expand(T, -1).contiguous()
             lens = torch.arange(seq.start + 1, seq.end + 1, dtype=torch.int32, device=pool.device)
@@ -141,7 +203,7 @@ class MLA(nn.Module):
                 q_latent, q_pe.contiguous(), pool, table, lens, cache.block_size, self.scale
             )
         else:
-            indices = allowed_rows(allowed, seq.rows % pool.shape[0])  # pool rows of positions [0, end)
+            indices = allowed_rows(allowed, seq.rows)  # pool rows of positions [0, end)
             q = torch.cat([q_latent, q_pe], dim=-1).contiguous()
             out_latent, _ = sparse_attention(q, pool, indices, self.scale, C)
         return torch.einsum("thc,hvc->thv", out_latent.to(q_nope.dtype), w_uv)  # [T, H, V]

@@ -124,13 +124,13 @@ def test_an_unreachable_api_says_what_to_do_instead(monkeypatch):
         fetch_issue("https://github.com/acme/calc/issues/7", timeout=5)
 
 
-def test_the_repository_settings_choose_the_endpoint(repo, env):  # noqa: F811
+def test_the_user_settings_choose_the_endpoint_and_the_repository_how_to_test(repo, env):  # noqa: F811
     ScriptedChatServer.answers, ScriptedChatServer.bodies = [RIGHT], []
     chat = serve(ScriptedChatServer)
-    (repo / ".ds4.toml").write_text(
-        f'endpoint = "http://127.0.0.1:{chat.server_port}"\nmodel_name = "deepseek-v4"\n'
-        'test_cmd = "python -m pytest -q -rf"\nrounds = 1\nbudget = 4000\n'
-    )
+    user = Path(env["XDG_CONFIG_HOME"]) / "ds4" / "config.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text(f'endpoint = "http://127.0.0.1:{chat.server_port}"\nmodel_name = "deepseek-v4"\n')
+    (repo / ".ds4.toml").write_text('test_cmd = "python -m pytest -q -rf"\nrounds = 1\nbudget = 4000\n')
     try:
         done = subprocess.run(
             [EXE, "fix", "add(2, 3) returns -1", "--repo", str(repo), "--json"],
@@ -144,6 +144,8 @@ def test_the_repository_settings_choose_the_endpoint(repo, env):  # noqa: F811
     assert done.returncode == 0, done.stderr
     assert ScriptedChatServer.bodies[0]["model"] == "deepseek-v4"
     assert json.loads(done.stdout)["tests"]["command"] == "python -m pytest -q -rf"
+    shown = f"{repo / '.ds4.toml'} sets the test command; it runs in the bubblewrap sandbox"
+    assert shown in done.stderr or "no sandbox for test commands" in done.stderr
 
 
 def test_the_repository_file_wins_over_the_user_file(tmp_path, env):
@@ -152,9 +154,10 @@ def test_the_repository_file_wins_over_the_user_file(tmp_path, env):
     user.write_text('endpoint = "http://cluster:8000"\nrounds = 5\nsamples = 2\n')
     project = tmp_path / "project"
     project.mkdir()
-    (project / ".ds4.toml").write_text('model = "weights/tiny"\nrounds = 2\n')
+    (project / ".ds4.toml").write_text('tokenizer = "weights/tokenizer.json"\nrounds = 2\n')
     merged = settings(project)
-    assert merged == {"model": str((project / "weights" / "tiny").resolve()), "rounds": 2, "samples": 2}
+    tokenizer = str((project / "weights" / "tokenizer.json").resolve())
+    assert merged == {"endpoint": "http://cluster:8000", "tokenizer": tokenizer, "rounds": 2, "samples": 2}
 
 
 @pytest.mark.parametrize(
@@ -176,7 +179,7 @@ def test_no_model_anywhere_says_how_to_choose_one(repo, env):  # noqa: F811
         [EXE, "fix", "add(2, 3) returns -1", "--repo", str(repo)], capture_output=True, text=True, env=env
     )
     assert done.returncode == 2
-    assert "no model: pass --model DIR" in done.stderr and ".ds4.toml" in done.stderr
+    assert "no model: pass --model DIR" in done.stderr and "config.toml" in done.stderr
 
 
 def test_progress_lines_say_what_happened():

@@ -291,12 +291,13 @@ def test_a_5000_character_path_is_a_400(agent):
     assert status in (400, 403) and answer["error"]["param"] == "path", answer
 
 
-def test_a_corrupted_index_is_a_409_until_reindexed(agent):
-    from ds4.agent.index.indexer import default_db_path
+def test_a_corrupted_index_is_a_409_until_reindexed(agent, tmp_path):
+    from ds4.agent.api.paths import repo_data_dir
 
-    running, repo_id, repo = agent
+    running, repo_id, _ = agent
     assert running.call("POST", f"/v1/repos/{repo_id}/index")[0] == 200
-    db = default_db_path(str(repo))
+    db = repo_data_dir(tmp_path / "jobs.db", repo_id) / "index.db"
+    assert db.is_file()
     for leftover in (Path(f"{db}-wal"), Path(f"{db}-shm")):
         leftover.unlink(missing_ok=True)
     db.write_bytes(b"this is not an SQLite database" * 100)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ds4.kernels import reference
-from ds4.kernels.indexer import indexer_scores, indexer_topk
+from ds4.kernels.indexer import indexer_scores, indexer_topk, paged_indexer_scores, topk_ties_low
 from tests.kernels.conftest import DEVICE, poisoned, randn
 
 
@@ -29,11 +29,17 @@ def test_indexer_scores_match_reference(gen, dtype, tol, tokens, heads, dim, key
     )
 
 
+def quarters(x: torch.Tensor) -> torch.Tensor:
+    return (x * 4).round() / 4
+
+
 @pytest.mark.parametrize("keys_per_block", [16, 37, 1000])
 def test_streaming_topk_is_the_stable_topk_of_all_scores(gen, keys_per_block):
     tokens, heads, dim, keys, topk = 6, 4, 16, 120, 10
-    q, weights = randn(gen, tokens, heads, dim), randn(gen, tokens, heads).abs()
-    k = randn(gen, keys, dim)
+    # quarters: every product and sum is exact in float32, so duplicate keys score exactly equal whatever
+    # order a tile's dot sums in (numpy's under the interpreter depends on the row's place in the tile)
+    q, weights = quarters(randn(gen, tokens, heads, dim)), quarters(randn(gen, tokens, heads).abs())
+    k = quarters(randn(gen, keys, dim))
     k[60:80] = k[10:30]  # duplicate keys: equal scores, the lower index must win
     positions = torch.tensor([3, 9, 45, 70, 100, 119], device=DEVICE)  # the first two see < 10 keys
     got = indexer_topk(q, weights, k, positions, topk, keys_per_block=keys_per_block)
@@ -55,3 +61,31 @@ def test_streaming_topk_over_128k_keys_in_blocks_matches_one_pass():
     )
     want = reference.stable_topk(reference.indexer_scores(q, weights, k, positions), topk)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 5e-3)])
+def test_paged_indexer_scores_match_reference(gen, dtype, tol):
+    batch, heads, dim, page, blocks, width = 3, 5, 24, 16, 6, 96
+    q, weights = randn(gen, batch, heads, dim, dtype=dtype), randn(gen, batch, heads).abs()
+    pool = randn(gen, 40 * page, dim, dtype=dtype)
+    table = torch.randperm(40, generator=gen)[: batch * blocks].view(batch, blocks).to(DEVICE)
+    lens = torch.tensor([1, 37, 90], device=DEVICE)  # one key, part of a block, near the width
+    got = paged_indexer_scores(q, weights, pool, table, lens, page, width, out=poisoned(batch, width))
+    want = reference.paged_indexer_scores(q, weights, pool, table, lens, page, width)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)), f"seed {gen.initial_seed()}"
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(
+        got[finite], want[finite], atol=tol, rtol=tol, msg=lambda m: f"seed {gen.initial_seed()}: {m}"
+    )
+
+
+def test_topk_ties_low_is_the_stable_sort_cut_to_k(gen):
+    scores = quarters(randn(gen, 4, 300)) * (torch.rand(4, 300, generator=gen) < 0.5).to(DEVICE)  # many 0s
+    scores[0, 10] = -0.0  # equal to +0.0: index order decides
+    scores[1, 200:] = float("-inf")  # 200 finite keys; row 2 has only 3
+    scores[2, 3:] = float("-inf")
+    for k in (1, 7, 64, 300):
+        assert torch.equal(topk_ties_low(scores, k), reference.stable_topk(scores, k)), (
+            k,
+            gen.initial_seed(),
+        )

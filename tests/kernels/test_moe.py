@@ -30,8 +30,11 @@ def test_align_groups_pairs_by_expert_and_pads_each_run(gen):
     ids = torch.tensor([[3, 0], [3, 5], [0, 3]], device=DEVICE)
     sorted_ids, block_expert = align(ids, num_experts=6, block_m=4)
     sentinel = ids.numel()
-    assert block_expert.tolist() == [0, 3, 5]  # experts 1, 2, 4 have no pairs and no block
-    assert sorted_ids.tolist() == [
+    # at a size fixed by T, K, E and the block: 6 pairs + 6 partial blocks of padding, in blocks of 4
+    assert sorted_ids.numel() == 24 and block_expert.numel() == 6
+    assert block_expert.tolist()[:3] == [0, 3, 5]  # experts 1, 2, 4 have no pairs and no block
+    assert sorted_ids.tolist()[12:] == [sentinel] * 12  # blocks past the used ones: sentinels only
+    assert sorted_ids.tolist()[:12] == [
         1,
         4,
         sentinel,

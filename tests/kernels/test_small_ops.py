@@ -39,4 +39,6 @@ def test_mhc_mix_matches_reference(gen, hc, dim, iters):
         )
     if iters > 1:  # doubly stochastic, up to eps
         comb = got[1]
-        torch.testing.assert_close(comb.sum(-2), torch.ones(tokens, hc), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            comb.sum(-2), torch.ones(tokens, hc, device=comb.device), atol=1e-4, rtol=0
+        )

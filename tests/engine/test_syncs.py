@@ -1,0 +1,60 @@
+"""A decode step is a device program: between its inputs and its sampled ids nothing makes the host wait
+for the device (ds4.engine.syncs records every op that would, on the CPU as on a GPU), apart from the
+one copy of the sampled ids back. Checked on the path a GPU runs (the Triton kernels, through the
+interpreter here; on a CUDA machine, the card with its decode graphs), over sequences of different lengths."""
+
+from __future__ import annotations
+
+import pytest
+
+from ds4.engine import LLM, SamplingParams
+from ds4.engine.context import SeqSlice
+from ds4.engine.syncs import SyncRecorder
+from ds4.kernels import forced
+from tests.kernels.conftest import DEVICE
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_v3", "tiny_v32"])
+def test_a_decode_step_never_waits_for_the_device(request, checkpoint):
+    llm = LLM(request.getfixturevalue(checkpoint), device=DEVICE)
+    runner = llm.runner
+    cache = runner.new_cache(3, 300)
+    with forced(True):
+        for slot, length in enumerate((37, 5, 260)):  # the last spans two blocks
+            runner.step(list(range(2, 2 + length)), [SeqSlice(slot, 0, length, 0)], cache)
+        seqs = [SeqSlice(0, 37, 1, 0), SeqSlice(1, 5, 1, 1), SeqSlice(2, 260, 1, 2)]
+        with SyncRecorder() as recorder:
+            logits = runner.step([7, 8, 9], seqs, cache)
+    assert recorder.found == []
+    assert logits.shape == (3, llm.config.vocab_size)
+
+
+def test_an_engine_step_copies_back_only_its_sampled_ids(tiny_v3):
+    llm = LLM(tiny_v3, device=DEVICE)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+        SamplingParams(
+            temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=3, max_tokens=4, ignore_eos=True
+        ),
+    ]
+    with forced(True):
+        for prompt, p in zip(([0, 5, 6, 7], [0, 9]), params, strict=True):
+            llm.engine.add_request(prompt, p)
+        llm.engine.step()  # the prompts
+        with SyncRecorder() as recorder:
+            produced = llm.engine.step()  # both decode
+    assert len(produced) == 2
+    assert recorder.found == [("Tensor.tolist", "a device value read on the host")]  # the ids, once
+
+
+def test_the_recorder_names_what_waits():
+    import torch
+
+    t = torch.tensor([1, 2, 3])
+    with SyncRecorder() as recorder:
+        int(t.sum())
+        t[t > 1]
+        t.nonzero()
+        with recorder.allowed_copy_back():
+            t.tolist()
+    assert [op for op, _ in recorder.found] == ["Tensor.__int__", "aten.index.Tensor", "aten.nonzero.default"]
