@@ -378,6 +378,21 @@ def _add_serve(sub) -> None:
     )
     serve.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (default 32)")
     serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        help="a name the Host header may carry besides the bound address and localhost (repeatable; *: any)",
+    )
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="a web origin allowed to call the API, e.g. https://ci.example.com (repeatable; * for any)",
+    )
+    serve.add_argument(
+        "--max-queued-jobs", type=int, default=16, help="fix jobs waiting to run; more get 429 (default 16)"
+    )
+    serve.add_argument(
         "--rate-limit", type=int, default=0, help="requests a minute per API key (default 0: no limit)"
     )
     serve.add_argument(
@@ -915,9 +930,8 @@ def _cmd_serve(args) -> int:
 
     keys = keys_from_env(args.api_key)
     check_bind(args.host, keys)  # before loading anything: a refused bind costs nothing
-    import uvicorn
-
     from ds4.agent.api.app import create_app
+    from ds4.agent.api.lifecycle import serve
     from ds4.agent.api.served import ServedModel
 
     backend = None
@@ -953,11 +967,15 @@ def _cmd_serve(args) -> int:
             args.allow_request_test_cmd,
             args.test_timeout,
             allow_unsandboxed_tests=args.allow_unsandboxed_tests,
+            bind=args.host,
+            allowed_hosts=args.allowed_host,
+            cors_origins=args.cors_origin,
+            max_queued_jobs=args.max_queued_jobs,
         ),
         backend,
     )
     print(f"ds4 serving {model.name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    serve(app, args.host, args.port)
     return 0
 
 
@@ -1034,6 +1052,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as e:  # the CLI boundary: typed, user-facing errors become one line and an exit code
+        from ds4.agent.api.jobs import JobsDatabaseError
         from ds4.agent.github import GitHubError
         from ds4.agent.index.store import IndexDatabaseError
         from ds4.agent.loop import FixError
@@ -1046,6 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
             ValueError,
             FileNotFoundError,
             IndexDatabaseError,
+            JobsDatabaseError,
             SweBenchError,
             GitHubError,
             FixError,

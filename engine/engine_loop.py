@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ds4.engine.engine import LLMEngine, RequestOutput
-from ds4.engine.errors import StepFailed
+from ds4.engine.errors import EngineError, EngineStopped, RequestError, StepFailed
 from ds4.engine.sampler import SamplingParams
 
 log = logging.getLogger("ds4.engine.loop")
@@ -88,6 +88,8 @@ class EngineLoop:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
         """Queues a request (checked here, in the caller's thread) and returns its handle at once."""
+        if not self.is_alive:
+            raise EngineStopped("the engine is not running (stopped or shutting down): retry later")
         self.engine.check_request(prompt_ids, params)
         handle = RequestHandle(self, params)
         self._inbox.put(("add", handle, list(prompt_ids)))
@@ -96,35 +98,58 @@ class EngineLoop:
     def cancel(self, handle: RequestHandle) -> None:
         self._inbox.put(("cancel", handle, None))
 
+    def cancel_all(self) -> None:
+        """Finishes every request in flight (reason "cancelled"); later submissions still run."""
+        self._inbox.put(("cancel_all", None, None))
+
     @property
     def num_in_flight(self) -> int:
         """Requests submitted and not yet finished (queued in the inbox or in the engine)."""
         return len(self._handles) + self._inbox.qsize()
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    @property
+    def is_alive(self) -> bool:
+        """The engine thread runs and has not been asked to stop."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def stop(self) -> None:
+        """Refuses new requests, cancels those in flight (their callers get "cancelled" outputs) and lets
+        the thread end after its current step; returns at once."""
+        self._inbox.put(("cancel_all", None, None))
         self._stop.set()
         self._inbox.put(("wake", None, None))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """stop(), then waits for the thread to end."""
+        self.stop()
         self._thread.join(timeout)
 
     # -- the engine thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain_inbox(block=not self.engine.has_unfinished)
-            if not self.engine.has_unfinished:
-                continue
             try:
-                produced = self.engine.step()
-            except StepFailed as failed:  # the engine found the requests that fail; the others go on
-                log.error("%s", failed, exc_info=failed.cause)
-                self._fail(failed.request_ids, failed.cause)
-                continue
-            except Exception as error:  # the engine could not recover: every request fails, the loop goes on
-                log.exception("engine step failed")
+                self._drain_inbox(block=not self.engine.has_unfinished)
+                if self.engine.has_unfinished:
+                    self._step()
+            except Exception as error:  # a request cannot stop the thread: fail what is in flight, go on
+                log.exception("the engine loop failed; failing the requests in flight")
                 self._fail_all(error)
-                continue
-            for request_id in {r for r, _ in produced}:
-                self._publish(request_id)
+        self._drain_inbox(block=False)  # the last cancels: callers waiting on a stream get their end
+
+    def _step(self) -> None:
+        try:
+            produced = self.engine.step()
+        except StepFailed as failed:  # the engine found the requests that fail; the others go on
+            log.error("%s", failed, exc_info=failed.cause)
+            self._fail(failed.request_ids, failed.cause)
+            return
+        except Exception as error:  # the engine could not recover: every request fails, the loop goes on
+            log.exception("engine step failed")
+            self._fail_all(error)
+            return
+        for request_id in {r for r, _ in produced}:
+            self._publish(request_id)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -132,17 +157,36 @@ class EngineLoop:
         except queue.Empty:
             return
         while True:
-            kind, handle, payload = item
-            if kind == "add":
-                handle.request_id = self.engine.add_request(payload, handle.params)
-                self._handles[handle.request_id] = handle
-            elif kind == "cancel" and handle.request_id in self._handles:
-                self.engine.cancel(handle.request_id)
-                self._publish(handle.request_id)
+            self._handle(*item)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _handle(self, kind: str, handle: RequestHandle | None, payload) -> None:
+        if kind == "add" and self._stop.is_set():
+            stopped = EngineStopped("the engine stopped before this request ran")
+            handle.events.put(StreamEvent([], "", error=stopped))
+        elif kind == "add":
+            self._add(handle, payload)
+        elif kind == "cancel" and handle.request_id in self._handles:
+            self.engine.cancel(handle.request_id)
+            self._publish(handle.request_id)
+        elif kind == "cancel_all":
+            for request_id in list(self._handles):
+                self.engine.cancel(request_id)
+                self._publish(request_id)
+
+    def _add(self, handle: RequestHandle, prompt_ids: list[int]) -> None:
+        """A request the engine refuses (a seed the generator cannot take, ...) fails alone."""
+        try:
+            handle.request_id = self.engine.add_request(prompt_ids, handle.params)
+        except Exception as error:
+            log.warning("request refused by the engine: %r", error)
+            failure = error if isinstance(error, EngineError) else RequestError(f"request refused: {error}")
+            handle.events.put(StreamEvent([], "", error=failure))
+            return
+        self._handles[handle.request_id] = handle
 
     def _publish(self, request_id: int) -> None:
         out = self.engine.output(request_id)
@@ -161,7 +205,10 @@ class EngineLoop:
 
     def _fail_all(self, error: Exception) -> None:
         for request_id, handle in list(self._handles.items()):
-            self.engine.cancel(request_id)
-            self.engine.release(request_id)
             handle.events.put(StreamEvent([], "", error=error))
+            try:
+                self.engine.cancel(request_id)
+                self.engine.release(request_id)
+            except Exception:  # the thread goes on; this request's engine state is what failed
+                log.exception("could not release request %d", request_id)
         self._handles.clear()

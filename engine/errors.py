@@ -17,6 +17,10 @@ class RequestError(EngineError):
     """A generate/score request ds4 cannot serve (empty prompt, token id out of range, too long)."""
 
 
+class EngineStopped(EngineError):
+    """The engine thread is not running: a request submitted now would never be answered."""
+
+
 class StepFailed(EngineError):
     """A step failed and these requests, run alone, are the ones that fail it: they are finished (reason
     "error"); every other request goes on."""

@@ -3,6 +3,7 @@ template, and incremental detokenization that never emits half a UTF-8 character
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -27,13 +28,26 @@ class Tokenizer:
             )
         self._tok = HFTokenizer.from_file(str(file))
         self.bos_token_id = bos_token_id
+        added = sorted(
+            (t.content for t in self._tok.get_added_tokens_decoder().values()), key=len, reverse=True
+        )
+        self._control = re.compile("|".join(map(re.escape, added))) if added else None
+        self._max_token_chars: int | None = None
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for: a text of n characters has at least
+        n // max_token_chars tokens, a bound that needs no tokenising."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_token_chars
+
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._plain(text)
         return [self.bos_token_id] + ids if add_bos and self.bos_token_id is not None else ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -56,32 +70,71 @@ class Tokenizer:
         body = self.encode(prefix, add_bos=False) if isinstance(prefix, str) else list(prefix)
         return [*head, begin, *body, hole, *self.encode(suffix, add_bos=False), end]
 
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of untrusted text (a chat message, a repository file): a control token's spelling in
+        it (`<｜User｜>`, `<｜end▁of▁sentence｜>`) is encoded as the plain text it is, never as the token."""
+        if self._control is None or self._control.search(text) is None:
+            return self._plain(text)
+        ids, start = [], 0
+        for match in self._control.finditer(text):
+            ids += self._plain(text[start : match.start()]) + self._literal(match.group())
+            start = match.end()
+        return ids + self._plain(text[start:])
+
+    def _plain(self, text: str) -> list[int]:
+        """encode_batch releases the GIL (encode does not): a long text tokenised in a server's worker
+        thread leaves the event loop free. Same ids as encode."""
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids if text else []
+
+    def _literal(self, text: str) -> list[int]:
+        """The tokenizer's pipeline without its added-token matching: normalizer, pre-tokenizer, model."""
+        if self._tok.normalizer is not None:
+            text = self._tok.normalizer.normalize_str(text)
+        words = self._tok.pre_tokenizer.pre_tokenize_str(text) if self._tok.pre_tokenizer else [(text, None)]
+        return [token.id for word, _ in words for token in self._tok.model.tokenize(word)]
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """DeepSeek's template: BOS, the system text, then <｜User｜>{user} and
         <｜Assistant｜>{reply}<｜end▁of▁sentence｜> turns, ending with <｜Assistant｜> to prompt a reply."""
-        text = [BOS]
-        for i, message in enumerate(messages):
-            role, content = message.get("role") if isinstance(message, dict) else None, None
-            if isinstance(message, dict):
-                content = message.get("content")
-            if role not in ROLES or not isinstance(content, str):
-                raise RequestError(
-                    f"messages[{i}] must be {{'role': one of {', '.join(ROLES)}, 'content': a string}}, "
-                    f"got {message!r}"
-                )
-            if role == "system":
-                text.append(content)
-            elif role == "user":
-                text.append(USER + content)
-            else:
-                text.append(ASSISTANT + content + EOS)
-        if add_generation_prompt:
-            text.append(ASSISTANT)
-        return "".join(text)
+        return "".join(text for text, _ in _chat_parts(messages, add_generation_prompt))
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of the chat prompt (the template carries its own BOS)."""
-        return self.encode(self.apply_chat_template(messages), add_bos=False)
+        """Token ids of the chat prompt (the template carries its own BOS): the template's markers as
+        their control tokens, the messages' contents as text only."""
+        ids = []
+        for text, is_marker in _chat_parts(messages, add_generation_prompt=True):
+            marker_id = self.token_id(text) if is_marker else None
+            ids += [marker_id] if marker_id is not None else self.encode_text(text)
+        return ids
+
+
+def _chat_parts(messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+    """The chat prompt as (text, is it a template marker) pieces, in order."""
+    parts = [(BOS, True)]
+    for i, message in enumerate(messages):
+        role, content = message.get("role") if isinstance(message, dict) else None, None
+        if isinstance(message, dict):
+            content = message.get("content")
+        if role not in ROLES or not isinstance(content, str):
+            raise RequestError(
+                f"messages[{i}] must be {{'role': one of {', '.join(ROLES)}, 'content': a string}}, "
+                f"got {message!r}"
+            )
+        if role == "system":
+            parts.append((content, False))
+        elif role == "user":
+            parts += [(USER, True), (content, False)]
+        else:
+            parts += [(ASSISTANT, True), (content, False), (EOS, True)]
+    if add_generation_prompt:
+        parts.append((ASSISTANT, True))
+    merged: list[tuple[str, bool]] = []  # adjacent texts (two system messages) encode as one, as before
+    for text, is_marker in parts:
+        if merged and not is_marker and not merged[-1][1]:
+            merged[-1] = (merged[-1][0] + text, False)
+        elif text:
+            merged.append((text, is_marker))
+    return merged
 
 
 class IncrementalDetokenizer:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import sys
 import threading
 import uuid
 from pathlib import Path
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+from pygls.io_ import StdoutWriter
 from pygls.lsp.server import LanguageServer
 from pygls.uris import from_fs_path, to_fs_path
 
@@ -23,9 +25,10 @@ from ds4.agent.backends import BackendError, GenerationParams
 from ds4.agent.index.indexer import default_db_path, index_repo
 from ds4.agent.index.languages import language_of
 from ds4.agent.index.query import search, symbols
-from ds4.agent.index.store import open_index
+from ds4.agent.index.store import IndexDatabaseError, open_index
 from ds4.agent.index.tags import extract
 from ds4.lsp.edits import workspace_edit
+from ds4.lsp.framing import FrameReader, GuardedProtocol, serve_frames
 from ds4.lsp.settings import Settings, read_settings
 
 log = logging.getLogger("ds4.lsp")
@@ -89,7 +92,12 @@ def make_backend(settings: Settings):
 class Ds4Server(LanguageServer):
     def __init__(self, backend_factory=make_backend, watch: bool = True):
         """`backend_factory(settings)`: the model behind the server (tests pass a scripted one)."""
-        super().__init__("ds4", "0.1.0", text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
+        super().__init__(
+            "ds4",
+            "0.1.0",
+            text_document_sync_kind=types.TextDocumentSyncKind.Incremental,
+            protocol_cls=GuardedProtocol,
+        )
         self.settings = Settings()
         self.backend_factory, self.watch = backend_factory, watch
         self._backend, self._backend_for = None, None
@@ -100,6 +108,47 @@ class Ds4Server(LanguageServer):
         self.cancel_events: dict[str, threading.Event] = {}
         self.completion_seq: dict[str, int] = {}
         self._buffer_symbols: dict[str, tuple[int | None, list]] = {}
+
+    # -- transports: pygls' own, with framing.py's reader -----------------------------------------
+
+    def start_io(self, stdin=None, stdout=None) -> None:
+        """stdio, read with FrameReader: malformed frames are answered, never fatal."""
+        stdin = stdin or sys.stdin.buffer
+        self._stop_event = threading.Event()
+        self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
+        read_chunk = getattr(stdin, "read1", stdin.read)
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            reader = FrameReader(lambda: loop.run_in_executor(self.thread_pool, read_chunk, 65536))
+            await serve_frames(self.protocol, reader, self._stop_event.is_set)
+
+        try:
+            asyncio.run(main())
+        except BrokenPipeError:
+            log.error("the client closed the connection")
+        finally:
+            self.shutdown()
+
+    def start_tcp(self, host: str, port: int) -> None:
+        """One client over TCP, read with FrameReader."""
+        self._stop_event = threading.Event()
+
+        async def connected(stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.protocol.set_writer(writer)
+            await serve_frames(
+                self.protocol, FrameReader(lambda: stream.read(65536)), self._stop_event.is_set
+            )
+            self.shutdown()
+
+        async def main() -> None:
+            async with await asyncio.start_server(connected, host, port) as listening:
+                await listening.serve_forever()
+
+        try:
+            asyncio.run(main())
+        except asyncio.CancelledError:
+            log.info("the TCP server stopped")
 
     # -- settings and the model -----------------------------------------------------------------
 
@@ -373,8 +422,8 @@ class Ds4Server(LanguageServer):
         try:
             return await asyncio.to_thread(self.backend)
         except (BackendError, OSError, ValueError) as e:
-            self.window_show_message(types.ShowMessageParams(types.MessageType.Error, f"ds4: {e}"))
-            raise RequestFailed(str(e)) from None
+            self.window_show_message(types.ShowMessageParams(types.MessageType.Error, f"ds4: {_reason(e)}"))
+            raise RequestFailed(_reason(e)) from None
 
     async def ask_model(self, root: Path, question: str, instructions: str, title: str) -> str:
         from ds4.agent.loop import ApproxCounter
@@ -401,9 +450,9 @@ class Ds4Server(LanguageServer):
                 return backend.complete(messages, params).text
 
             text = await asyncio.to_thread(work)
-        except BackendError as e:
-            progress.end(f"failed: {e}")
-            raise RequestFailed(f"the model failed: {e}") from None
+        except (BackendError, IndexDatabaseError, OSError) as e:
+            progress.end(f"failed: {_reason(e)}")
+            raise RequestFailed(f"the model failed: {_reason(e)}") from None
         progress.end("done")
         return text
 
@@ -646,7 +695,7 @@ def create_server(backend_factory=make_backend, watch: bool = True) -> Ds4Server
                 backend.infill, context + prefix[-6000:], suffix[:2000], request
             )
         except BackendError as e:
-            raise RequestFailed(f"completion failed: {e}") from None
+            raise RequestFailed(f"completion failed: {_reason(e)}") from None
         if ls.completion_seq.get(uri) != seq or not completion.text:
             return types.InlineCompletionList(items=[])
         here = types.Range(params.position, params.position)
@@ -654,6 +703,14 @@ def create_server(backend_factory=make_backend, watch: bool = True) -> Ds4Server
         return types.InlineCompletionList(items=[item])
 
     return server
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, never blank: some errors (a timeout, a dropped connection) carry no message."""
+    text = str(error).strip()
+    if not text and error.__cause__ is not None:
+        return f"{type(error).__name__}: {_reason(error.__cause__)}"
+    return text or type(error).__name__
 
 
 def _one_object(args: tuple, command: str, shape: str) -> dict:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import queue
+import sqlite3
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +29,8 @@ from ds4.agent.api.paths import PathRefused, confine, recheck, repo_data_dir
 from ds4.agent.config import ConfigError
 from ds4.agent.sandbox import SandboxError
 
+log = logging.getLogger("ds4.api")
+
 
 class RepoRequest(msgspec.Struct):
     path: Annotated[str, msgspec.Meta(min_length=1)]
@@ -42,6 +46,9 @@ class FixRequest(msgspec.Struct, kw_only=True):
     test_cmd: str | None = None
 
 
+SHUTDOWN_WAIT_S = 3.0  # for the job worker to record how its job ended
+
+
 class Cancelled(Exception):
     pass
 
@@ -52,7 +59,8 @@ class JobRunner:
     def __init__(self, store: JobStore, backend, config):
         self.store, self.backend, self.config = store, backend, config
         self.queue: queue.Queue[str | None] = queue.Queue()
-        self.running: dict[str, threading.Event] = {}  # job id -> set on cancel: kills its test run
+        self.running: dict[str, threading.Event] = {}  # job id -> set on cancel: stops generation, tests
+        self.stopping = threading.Event()
         self.sandbox, self.no_sandbox = self._choose_sandbox()
         self._prune()
         self.thread = threading.Thread(target=self._run, name="ds4-jobs", daemon=True)
@@ -61,10 +69,17 @@ class JobRunner:
     def submit(self, job_id: str) -> None:
         self.queue.put(job_id)
 
-    def shutdown(self) -> None:
-        self.queue.put(None)
+    def cancel_all(self) -> None:
+        """The server stops: the running job is interrupted now, queued ones never start."""
+        self.stopping.set()
         for cancel in list(self.running.values()):
-            cancel.set()  # a running test command dies with the server, its whole process tree
+            cancel.set()
+
+    def shutdown(self) -> None:
+        """cancel_all(), then waits a little for the worker (a litestar shutdown hook: no arguments)."""
+        self.cancel_all()
+        self.queue.put(None)
+        self.thread.join(SHUTDOWN_WAIT_S)
 
     def _choose_sandbox(self):
         """The sandbox jobs' tests run in, or None and why there is none."""
@@ -104,9 +119,15 @@ class JobRunner:
         self.store.finish(job_id, "failed", "error", "", None, message)
 
     def _run(self) -> None:
-        while (job_id := self.queue.get()) is not None:
-            if self.store.start(job_id):
-                self._fix(job_id)
+        while (job_id := self.queue.get()) is not None and not self.stopping.is_set():
+            try:
+                if self.store.start(job_id):
+                    self._fix(job_id)
+            except Exception:  # the worker's boundary: the next job still runs
+                if self.stopping.is_set():
+                    log.warning("job %s stopped with the server", job_id)
+                    return
+                log.exception("job %s could not be recorded", job_id)
 
     def _fix(self, job_id: str) -> None:
         from ds4.agent.backends import GenerationParams
@@ -121,11 +142,14 @@ class JobRunner:
             self._fail(job_id, str(e))
             return
 
+        cancel = self.running.setdefault(job_id, threading.Event())
+
         def on_event(event: dict) -> None:
             self.store.add_event(job_id, event)
-            if self.store.job(job_id)["status"] == "cancelled":
+            if cancel.is_set() or self.store.job(job_id)["status"] == "cancelled":
                 raise Cancelled
 
+        backend = self.backend.with_cancel(cancel) if hasattr(self.backend, "with_cancel") else self.backend
         config = FixConfig(
             path,
             spec["issue"],
@@ -136,22 +160,31 @@ class JobRunner:
             self.config.test_timeout,
             False,  # a service never writes to the registered tree
             GenerationParams(max_tokens=spec["max_tokens"]),
-            cancel=self.running.setdefault(job_id, threading.Event()),
+            cancel=cancel,  # a running test command dies with it, its whole process tree
             sandbox=sandbox,
             data_dir=repo_data_dir(self.config.jobs_db, job["repo_id"]),
         )
         try:
-            result = fix(config, self.backend, on_event)
-        except Cancelled:
-            self.store.add_event(job_id, {"event": "cancelled"})
-            return
+            result = fix(config, backend, on_event)
         except Exception as e:  # the job fails, the server goes on; the reason is kept with the job
-            self._fail(job_id, f"{type(e).__name__}: {e}")
+            self._ended(job_id, cancel, e)
             return
         finally:
             self.running.pop(job_id, None)
+        if cancel.is_set():
+            self._ended(job_id, cancel, Cancelled())
+            return
         status = "failed" if result.status == "error" else "finished"
         self.store.finish(job_id, status, result.status, result.diff, result.as_json(), result.message)
+
+    def _ended(self, job_id: str, cancel: threading.Event, error: Exception) -> None:
+        """A job that ended early: cancelled by its client, interrupted by shutdown, or failed."""
+        if self.store.job(job_id)["status"] == "cancelled":
+            self.store.add_event(job_id, {"event": "cancelled"})
+        elif cancel.is_set():
+            self.store.finish(job_id, "interrupted", None, "", None, "the server stopped while the job ran")
+        else:
+            self._fail(job_id, f"{type(error).__name__}: {error}")
 
 
 def _state(request: Request):
@@ -184,7 +217,7 @@ def _index_path(request: Request, repo_id: str) -> Path:
 @post(
     "/v1/repos",
     summary="Register a repository under an allowed root",
-    responses=responses(400, 401, 403, 404, 413, 429, 500),
+    responses=responses(400, 401, 403, 404, 413, 415, 429, 500),
 )
 async def register_repo(request: Request, data: JSONBody[RepoRequest]) -> dict:
     data = await strict_body(request, RepoRequest)
@@ -193,6 +226,8 @@ async def register_repo(request: Request, data: JSONBody[RepoRequest]) -> dict:
         path = confine(data.path, request.app.state.config.repo_roots)
     except PathRefused as e:
         raise APIError(403, str(e), "path", "path_refused") from None
+    except OSError as e:  # a name too long, a loop of links: the path cannot name a repository
+        raise APIError(400, f"path: {e.strerror or e}", "path", "invalid_path") from None
     return store.add_repo(path)
 
 
@@ -200,14 +235,18 @@ async def register_repo(request: Request, data: JSONBody[RepoRequest]) -> dict:
     "/v1/repos/{repo_id:str}/index",
     summary="Index (incrementally) a registered repository",
     status_code=200,
-    responses=responses(400, 401, 404, 429, 500),
+    responses=responses(400, 401, 404, 409, 429, 500),
 )
 async def index(request: Request, repo_id: FromPath[str]) -> dict:
     from ds4.agent.index.indexer import index_repo
+    from ds4.agent.index.store import IndexDatabaseError
 
     store, _ = _state(request)
     repo = _repo(request, store, repo_id)
-    report = await anyio.to_thread.run_sync(index_repo, repo["path"], _index_path(request, repo_id))
+    try:
+        report = await anyio.to_thread.run_sync(index_repo, repo["path"], _index_path(request, repo_id))
+    except IndexDatabaseError as e:
+        raise APIError(409, str(e), None, "index_unusable") from None
     return {k: v for k, v in asdict(report).items() if k != "parsed_paths"}
 
 
@@ -224,7 +263,7 @@ async def search(
     limit: Annotated[int, QueryParameter(ge=1, le=500)] = 20,
 ) -> dict:
     from ds4.agent.index.query import search as search_index
-    from ds4.agent.index.store import open_index
+    from ds4.agent.index.store import IndexDatabaseError, open_index
 
     store, _ = _state(request)
     _repo(request, store, repo_id)
@@ -233,18 +272,23 @@ async def search(
         raise APIError(
             409, "the repository is not indexed yet: POST /v1/repos/{id}/index", None, "not_indexed"
         )
-    db = open_index(db_path, write=False)
     try:
-        return {"results": search_index(db, q, kind, limit)}
-    finally:
-        db.conn.close()
+        db = open_index(db_path, write=False)
+        try:
+            return {"results": search_index(db, q, kind, limit)}
+        finally:
+            db.conn.close()
+    except (IndexDatabaseError, sqlite3.DatabaseError) as e:
+        raise APIError(
+            409, f"{e}; re-index it: POST /v1/repos/{{id}}/index", None, "index_unusable"
+        ) from None
 
 
 @post(
     "/v1/fix",
     summary="Start a fix job",
     status_code=202,
-    responses=responses(400, 401, 403, 404, 413, 429, 500),
+    responses=responses(400, 401, 403, 404, 413, 415, 429, 500),
 )
 async def start_fix(request: Request, data: JSONBody[FixRequest]) -> dict:
     data = await strict_body(request, FixRequest)
@@ -266,6 +310,15 @@ async def start_fix(request: Request, data: JSONBody[FixRequest]) -> dict:
         "max_tokens": data.max_tokens,
         **_test_cmd(data.test_cmd, config.test_cmd, repo["path"]),
     }
+    queued = store.counts()["queued"]
+    if queued >= config.max_queued_jobs:
+        raise APIError(
+            429,
+            f"{queued} fix jobs are queued already (at most {config.max_queued_jobs}): retry when one ends",
+            None,
+            "job_queue_full",
+            {"Retry-After": "30"},
+        )
     job_id = store.create_job(data.repo_id, data.issue, spec)
     runner.submit(job_id)
     return {"id": job_id, "status": "queued"}

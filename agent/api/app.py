@@ -1,4 +1,5 @@
-"""The Litestar application: routes, OpenAI-shaped errors, bearer tokens, the body limit, health."""
+"""The Litestar application: routes, OpenAI-shaped errors, bearer tokens, the body limit, web-origin
+checks (guard.py), health and the order things stop in."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ import os
 from dataclasses import dataclass, field
 
 import msgspec
-from litestar import Litestar, MediaType, Request, get
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 
 from ds4.agent.api.agent_api import BODIES as AGENT_BODIES
 from ds4.agent.api.agent_api import ROUTES as AGENT_ROUTES
 from ds4.agent.api.agent_api import JobRunner
 from ds4.agent.api.errors import HANDLERS, APIError
+from ds4.agent.api.guard import WebPolicy, guard
 from ds4.agent.api.jobs import JobStore
 from ds4.agent.api.metrics import Metrics, RateLimiter
 from ds4.agent.api.openai_api import BODIES as OPENAI_BODIES
@@ -36,12 +39,28 @@ class ServerConfig:
     allow_request_test_cmd: bool = False  # a request's test_cmd runs commands on this machine
     test_timeout: float = 600.0
     allow_unsandboxed_tests: bool = False  # where bubblewrap cannot run: run tests bare, or refuse them
+    bind: str = "127.0.0.1"  # the address served: its name is one the Host header may carry
+    allowed_hosts: list[str] = field(default_factory=list)  # more names for Host ("*": any)
+    cors_origins: list[str] = field(default_factory=list)  # web origins allowed to call ("*": any)
+    max_queued_jobs: int = 16  # fix jobs waiting for the worker; more are refused with 429
+
+    def __post_init__(self):
+        check_keys(self.api_keys)
+        if self.max_queued_jobs < 1:
+            raise ValueError(f"max_queued_jobs must be >= 1, got {self.max_queued_jobs}")
 
 
 def keys_from_env(flags: list[str] | None) -> list[str]:
     keys = list(flags or [])
+    check_keys(keys)
     keys += [k.strip() for k in os.environ.get("DS4_API_KEYS", "").split(",") if k.strip()]
     return keys
+
+
+def check_keys(keys: list[str]) -> None:
+    """A blank key would let `Authorization: Bearer ` in: refuse it before serving anything."""
+    if any(not k.strip() for k in keys):
+        raise ValueError("an API key must not be empty: pass --api-key KEY with a real key, or no --api-key")
 
 
 def is_loopback(host: str) -> bool:
@@ -70,7 +89,7 @@ def _authorize(request: Request) -> None:
     if config.api_keys:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k) for k in config.api_keys):
+        if scheme.lower() != "bearer" or not _is_key(token, config.api_keys):
             raise APIError(
                 401, "a valid API key is required: send Authorization: Bearer KEY", None, "invalid_api_key"
             )
@@ -86,6 +105,13 @@ def _authorize(request: Request) -> None:
                 "rate_limit_exceeded",
                 {"Retry-After": str(max(1, round(wait)))},
             )
+
+
+def _is_key(token: str, keys: list[str]) -> bool:
+    """Compared as bytes: the header arrives as latin-1 text, any character at all (hmac refuses
+    non-ASCII str), the keys as the UTF-8 they were typed in."""
+    sent = token.encode("latin-1", "replace")
+    return any(hmac.compare_digest(sent, k.encode()) for k in keys)
 
 
 def _count(app):
@@ -119,10 +145,22 @@ async def metrics(request: Request) -> str:
     )
 
 
-@get("/health", summary="Liveness and the served model")
-async def health(request: Request) -> dict:
+HEALTH_503 = ResponseSpec(data_container=dict, description="the engine thread is not running")
+
+
+@get(
+    "/health", summary="Liveness: the served model, its engine thread and queue", responses={503: HEALTH_503}
+)
+async def health(request: Request) -> Response[dict]:
     served = request.app.state.model
-    return {"status": "ok", "model": served.name}
+    body = {"status": "ok", "model": served.name}
+    loop = getattr(served, "loop", None)  # none in front of an endpoint
+    if loop is None:
+        return Response(body)
+    body["engine"] = {"alive": loop.is_alive, "in_flight": loop.num_in_flight}
+    if not loop.is_alive:
+        return Response({**body, "status": "engine stopped"}, status_code=503)
+    return Response(body)
 
 
 def create_app(model, config: ServerConfig | None = None, backend=None) -> Litestar:
@@ -134,9 +172,12 @@ def create_app(model, config: ServerConfig | None = None, backend=None) -> Lites
 
         store = JobStore(config.jobs_db)
         runner = JobRunner(store, backend or LoopBackend(model), config)
-    shutdown = [runner.shutdown] if runner else []
+    shutdown = [runner.shutdown] if runner else []  # the jobs stop asking the engine before it stops
     if hasattr(model, "shutdown"):
         shutdown.append(model.shutdown)
+    if store is not None:
+        shutdown.append(store.close)
+    policy = WebPolicy.for_bind(config.bind, config.allowed_hosts, config.cors_origins)
     app = Litestar(
         route_handlers=[health, metrics, *OPENAI_ROUTES, *AGENT_ROUTES],
         state=State(
@@ -149,7 +190,8 @@ def create_app(model, config: ServerConfig | None = None, backend=None) -> Lites
                 "runner": runner,
             }
         ),
-        middleware=[_count],
+        middleware=[_count, guard(policy)],
+        cors_config=CORSConfig(allow_origins=config.cors_origins) if config.cors_origins else None,
         exception_handlers=HANDLERS,
         before_request=_authorize,
         request_max_body_size=config.max_body_bytes,

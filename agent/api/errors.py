@@ -46,9 +46,11 @@ def responses(*statuses: int) -> dict[int, ResponseSpec]:
         409: "not ready (e.g. not indexed yet)",
         404: "no such model or route",
         413: "request body too large",
-        429: "rate limit",
+        415: "the body is not JSON (Content-Type: application/json)",
+        429: "rate limit, or the fix-job queue is full",
         500: "server error",
         502: "the upstream endpoint failed (serve --endpoint)",
+        503: "the engine is not running (the server is stopping)",
         504: "the upstream endpoint timed out (serve --endpoint)",
     }
     return {s: ResponseSpec(data_container=ErrorBody, description=words[s]) for s in statuses}

@@ -29,23 +29,35 @@ ACTIVE = ("queued", "running")
 STATES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
 
 
+class JobsDatabaseError(Exception):
+    """The jobs database cannot be opened (not an SQLite file, unreadable, from another program)."""
+
+
 class JobStore:
     """One connection guarded by a lock: the server's threads (HTTP handlers, job runners) share it."""
 
     def __init__(self, path: str | Path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
         self.lock = threading.Lock()
-        with self.lock:
+        self.closed = False
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(SCHEMA)
-            # the previous process ended while these ran: say so, never leave them "running" forever
-            self.db.execute(
-                "UPDATE jobs SET status='interrupted', finished=?, "
-                f"message='the server stopped while the job ran' WHERE status IN {ACTIVE}",
-                (time.time(),),
-            )
+            self._interrupt_active()  # the previous process ended while these ran
+        except (sqlite3.Error, OSError) as e:
+            raise JobsDatabaseError(
+                f"cannot use the jobs database {path}: {e} (move it aside, or pass --jobs-db FILE)"
+            ) from None
+
+    def _interrupt_active(self) -> None:
+        """Jobs of a process that stopped never stay "running" forever."""
+        self.db.execute(
+            "UPDATE jobs SET status='interrupted', finished=?, "
+            f"message='the server stopped while the job ran' WHERE status IN {ACTIVE}",
+            (time.time(),),
+        )
 
     # -- repositories ---------------------------------------------------------------------------
 
@@ -157,5 +169,11 @@ class JobStore:
         return {s: 0 for s in STATES} | dict(rows)
 
     def close(self) -> None:
+        """Marks the jobs still active interrupted, folds the WAL into the database file, closes."""
         with self.lock:
+            if self.closed:
+                return
+            self._interrupt_active()
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.db.close()
+            self.closed = True

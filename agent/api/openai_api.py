@@ -18,7 +18,7 @@ from litestar.response import ServerSentEvent
 from ds4.agent.api.errors import APIError, responses, strict_body
 from ds4.agent.api.proxied import ProxiedModel
 from ds4.agent.api.served import ServedModel
-from ds4.engine.errors import RequestError
+from ds4.engine.errors import EngineStopped, RequestError
 from ds4.engine.sampler import SamplingParams
 
 
@@ -36,20 +36,23 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
-MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
-NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+MAX_TOKENS = 1 << 24  # past any model's context: a bound on the integer, the context bounds the rest
+MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)]
+Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1, description="a 64-bit seed for the sampler")]
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Name = Annotated[str, msgspec.Meta(max_length=256)]
 
 
 class _Sampling(msgspec.Struct, kw_only=True):
     """The limits the sampler enforces are declared here too, so the schema tells clients the truth."""
 
-    model: str | None = None
+    model: Name | None = None
     max_tokens: MaxTokens | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    top_k: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)] = 0
     min_p: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
-    seed: int | None = None
+    seed: Seed | None = None
     stop: NonEmpty | Annotated[list[NonEmpty], msgspec.Meta(max_length=16)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -127,8 +130,34 @@ def _sampling(
 def _submit(served: ServedModel, ids: list[int], params: SamplingParams):
     try:
         return served.loop.submit(ids, params)
+    except EngineStopped as e:
+        raise APIError(503, str(e), None, "engine_stopped") from None
     except RequestError as e:
         raise APIError(400, str(e), None, "context_length_exceeded") from None
+
+
+def _check_size(served: ServedModel, texts: list[str], param: str) -> None:
+    """Refuses, without tokenising it, a text too long for the context whatever its tokens: tokenising
+    megabytes takes seconds of a worker thread."""
+    num_chars = sum(map(len, texts))
+    max_chars = served.max_model_len * served.tokenizer.max_token_chars
+    if num_chars > max_chars:
+        raise APIError(
+            400,
+            f"the prompt has {num_chars} characters, more than this model's context of "
+            f"{served.max_model_len} tokens can hold (at most {max_chars})",
+            param,
+            "context_length_exceeded",
+        )
+
+
+async def _tokenized(served: ServedModel, texts: list[str], param: str, encode, *args) -> list[int]:
+    """encode(*args), after the size check, in a worker thread: the event loop keeps answering."""
+    _check_size(served, texts, param)
+    try:
+        return await anyio.to_thread.run_sync(encode, *args)
+    except RequestError as e:
+        raise APIError(400, str(e), param, "invalid_value") from None
 
 
 def _usage(request: Request, out, prompt_len: int) -> dict:
@@ -145,12 +174,14 @@ def _usage(request: Request, out, prompt_len: int) -> dict:
 
 async def _events(handle) -> AsyncIterator:
     """The handle's stream events, waited for off the event loop; the request is cancelled if the
-    client goes away first."""
+    client goes away first (or the server stops and cancels this task)."""
     finished = False
     try:
         while not finished:
-            event = await anyio.to_thread.run_sync(handle.events.get)
+            event = await anyio.to_thread.run_sync(handle.events.get, abandon_on_cancel=True)
             finished = event.finished
+            if isinstance(event.error, RequestError):
+                raise APIError(400, str(event.error), None, "invalid_value")
             if event.error is not None:
                 raise event.error
             yield event
@@ -159,11 +190,22 @@ async def _events(handle) -> AsyncIterator:
             handle.cancel()
 
 
-async def _result(handle):
-    async for event in _events(handle):
-        if event.output is not None:
-            return event.output
-    raise RuntimeError("the engine ended a request without an output")
+async def _result(request: Request, handle):
+    """The finished output; a client that hangs up first cancels its generation."""
+    async with anyio.create_task_group() as group:
+        group.start_soon(_cancel_on_disconnect, request, handle)
+        outputs = [event.output async for event in _events(handle) if event.output is not None]
+        group.cancel_scope.cancel()
+    if not outputs:
+        raise RuntimeError("the engine ended a request without an output")
+    return outputs[-1]
+
+
+async def _cancel_on_disconnect(request: Request, handle) -> None:
+    """The body is read already: the next ASGI message is the client's disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        continue
+    handle.cancel()
 
 
 async def _proxy(request: Request, served: ProxiedModel, route: str, stream: bool) -> object:
@@ -235,7 +277,7 @@ def _chat_messages(messages: list[ChatMessage]) -> list[dict]:
     "/v1/chat/completions",
     summary="Chat completion (streams with stream=true)",
     status_code=200,
-    responses=responses(400, 401, 404, 413, 429, 500, 502, 504),
+    responses=responses(400, 401, 404, 413, 415, 429, 500, 502, 503, 504),
 )
 async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest]) -> object:
     data = await strict_body(request, ChatCompletionRequest)
@@ -244,13 +286,14 @@ async def chat_completions(request: Request, data: JSONBody[ChatCompletionReques
     messages = _chat_messages(data.messages)
     if isinstance(served, ProxiedModel):
         return await _proxy(request, served, "/chat/completions", data.stream)
-    ids = served.tokenizer.encode_chat(messages)
+    contents = [m["content"] for m in messages]
+    ids = await _tokenized(served, contents, "messages", served.tokenizer.encode_chat, messages)
     params = _sampling(data, data.max_completion_tokens or data.max_tokens, len(ids), served)
     handle = _submit(served, ids, params)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": rid, "created": created, "model": served.name}
     if not data.stream:
-        out = await _result(handle)
+        out = await _result(request, handle)
         return {
             **base,
             "object": "chat.completion",
@@ -291,7 +334,7 @@ async def chat_completions(request: Request, data: JSONBody[ChatCompletionReques
     "/v1/completions",
     summary="Text completion; `suffix` asks for fill-in-the-middle",
     status_code=200,
-    responses=responses(400, 401, 404, 413, 429, 500, 502, 504),
+    responses=responses(400, 401, 404, 413, 415, 429, 500, 502, 503, 504),
 )
 async def completions(request: Request, data: JSONBody[CompletionRequest]) -> object:
     data = await strict_body(request, CompletionRequest)
@@ -301,14 +344,15 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> ob
         return await _proxy(request, served, "/completions", data.stream)
     if not isinstance(data.prompt, str) and any(t >= served.tokenizer.vocab_size for t in data.prompt):
         raise APIError(400, f"prompt token ids must be in [0, {served.tokenizer.vocab_size})", "prompt")
+    texts = [t for t in (data.prompt, data.suffix) if isinstance(t, str)]
     if data.suffix is not None:
-        ids = served.fim_prompt(data.prompt, data.suffix)
+        ids = await _tokenized(served, texts, "prompt", served.fim_prompt, data.prompt, data.suffix)
         if ids is None:
             raise APIError(
                 400, "this model's tokenizer has no fill-in-the-middle tokens", "suffix", "unsupported_value"
             )
     elif isinstance(data.prompt, str):
-        ids = served.tokenizer.encode(data.prompt)
+        ids = await _tokenized(served, texts, "prompt", served.tokenizer.encode, data.prompt)
     else:
         ids = list(data.prompt)
     params = _sampling(data, data.max_tokens if data.max_tokens is not None else 16, len(ids), served)
@@ -319,7 +363,7 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> ob
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
     if not data.stream:
-        out = await _result(handle)
+        out = await _result(request, handle)
         text = echo + out.text
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": FINISH[out.finish_reason]}
         return {**base, "choices": [choice], "usage": _usage(request, out, len(ids))}

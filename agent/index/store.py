@@ -73,10 +73,10 @@ def open_index(path: str | Path, write: bool = True) -> sqlite_utils.Database:
         return _open_reader(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        db = _open(path)
-        problem = _version_problem(db)
+        db, problem = _open_checked(path)
         if problem:
-            db.conn.close()
+            if db is not None:
+                db.conn.close()
             moved = _set_aside(path, problem)
             log.warning("index database %s %s; rebuilding it%s", path, problem, moved)
             db = _open(path)
@@ -96,6 +96,16 @@ def _open_reader(path: Path) -> sqlite_utils.Database:
     if problem:
         raise IndexDatabaseError(f"the index database {path} {problem}: run `ds4-agent index` to rebuild it")
     return db
+
+
+def _open_checked(path: Path) -> tuple[sqlite_utils.Database | None, str | None]:
+    """The database for writing and what is wrong with it (None: usable); a file that is not SQLite at
+    all (corrupted, overwritten) cannot even be opened."""
+    try:
+        db = _open(path)
+    except sqlite3.DatabaseError:
+        return None, "is not an SQLite database"
+    return db, _version_problem(db)
 
 
 def _open(path: Path) -> sqlite_utils.Database:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ds4.engine import LLM, RequestError, SamplingParams
-from ds4.engine.errors import StepFailed
+from ds4.engine.errors import EngineStopped, StepFailed
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
@@ -133,3 +133,25 @@ def test_the_loop_fails_only_the_culprits_stream(tiny_v32, monkeypatch):
     assert results == [expected[0], "poisoned request", expected[2]]
     assert later == expected[0]
     assert loop.num_in_flight == 0
+
+
+def test_a_request_the_engine_refuses_fails_alone_and_the_thread_serves_on(llm):
+    loop = llm.serve()
+    prompt = llm.tokenizer.encode("def main():")
+    refused = loop.submit(prompt, SamplingParams(temperature=1.0, max_tokens=4, seed=2**64))  # out of range
+    with pytest.raises(RequestError, match="request refused"):
+        refused.result(timeout=60)
+    assert loop.is_alive
+    assert len(loop.submit(prompt, GREEDY).result(timeout=60).token_ids) == GREEDY.max_tokens
+    loop.shutdown()
+    assert not loop.is_alive
+
+
+def test_shutdown_ends_the_streams_in_flight(llm):
+    loop = llm.serve()
+    handle = loop.submit(llm.tokenizer.encode("def main():"), SamplingParams(max_tokens=400, ignore_eos=True))
+    assert handle.events.get(timeout=60).token_ids  # generating
+    loop.shutdown()
+    assert handle.result(timeout=10).finish_reason == "cancelled"
+    with pytest.raises(EngineStopped, match="not running"):
+        loop.submit([2, 3], GREEDY)
