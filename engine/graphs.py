@@ -61,7 +61,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self) -> tuple[float, int]:
-        start, before = time.perf_counter(), torch.cuda.memory_allocated(self.runner.device)
+        start, before = time.perf_counter(), torch.cuda.memory_reserved(self.runner.device)
         pool = None
         for b in reversed(self.buckets):  # the largest first: the smaller ones reuse its memory pool
             self._forward(b)  # warm-up: compiles the kernels and settles the allocator
@@ -73,7 +73,7 @@ class DecodeGraphs:
             self.graphs[b] = graph
         torch.cuda.synchronize(self.runner.device)
         seconds = time.perf_counter() - start
-        used = torch.cuda.memory_allocated(self.runner.device) - before
+        used = torch.cuda.memory_reserved(self.runner.device) - before  # the graphs' pool and buffers
         log.info(
             "captured %d decode graphs (batch %s) in %.1f s, %.0f MB",
             len(self.graphs),
