@@ -1029,6 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
         from ds4.agent.github import GitHubError
         from ds4.agent.index.store import IndexDatabaseError
         from ds4.agent.loop import FixError
+        from ds4.agent.runs import RunFolderError
         from ds4.agent.sandbox import SandboxError
         from ds4.agent.swebench import SweBenchError
         from ds4.engine.errors import EngineError
@@ -1042,6 +1043,7 @@ def main(argv: list[str] | None = None) -> int:
             GitHubError,
             FixError,
             SandboxError,
+            RunFolderError,
         )
         if isinstance(e, known):
             print(f"ds4-agent: error: {e}", file=sys.stderr)

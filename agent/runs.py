@@ -25,13 +25,18 @@ class RunFolderError(Exception):
 def data_folder(repo: Path, data_dir: Path | None) -> Path:
     """`data_dir` when given; else REPO/.ds4, refused when it is a symlink (a committed `.ds4 -> ...`
     would send the index, the prompts and the worktrees elsewhere) or not a folder."""
-    folder = Path(data_dir) if data_dir is not None else repo / ".ds4"
+    folder = checked(Path(data_dir) if data_dir is not None else repo / ".ds4")
+    (folder / "runs").mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def checked(folder: Path) -> Path:
+    """`folder`, unless it or a file ds4 writes in it is a symlink, or it is not a folder."""
     for path in (folder, *(folder / name for name in WRITTEN)):
         if path.is_symlink():
             raise RunFolderError(f"{path} is a symlink: ds4 keeps its data only in real files; remove it")
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"{folder} is not a folder: ds4 keeps its index and runs there; remove it")
-    (folder / "runs").mkdir(parents=True, exist_ok=True)
     return folder
 
 

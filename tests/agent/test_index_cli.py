@@ -44,3 +44,18 @@ def test_search_without_an_index_says_what_to_do(tmp_path):
     repo = make_repo(tmp_path / "repo", BASE)
     done = run("search", "x", "--repo", str(repo), ok=False)
     assert done.returncode == 2 and "run `ds4-agent index" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_index_refuses_a_committed_ds4_symlink_and_writes_nothing_there(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for link in (".ds4", ".ds4/index.db"):
+        repo = make_repo(tmp_path / link.replace("/", "-"), BASE)
+        if link == ".ds4":
+            (repo / ".ds4").symlink_to(elsewhere)
+        else:
+            (repo / ".ds4").mkdir()
+            (repo / link).symlink_to(elsewhere / "index.db")
+        done = run("index", "--repo", str(repo), ok=False)
+        assert done.returncode == 2 and "is a symlink" in done.stderr and "Traceback" not in done.stderr
+        assert list(elsewhere.iterdir()) == []
