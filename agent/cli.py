@@ -768,7 +768,10 @@ def _cmd_pack(args) -> int:
 
 
 def _print_pack_summary(packed, to) -> None:
-    by_mode = {m: [f for f in packed.files if f.mode == m] for m in ("whole", "skeleton", "listed")}
+    by_mode = {
+        m: [f for f in packed.files if f.mode == m]
+        for m in ("whole", "focused", "bodies", "skeleton", "listed")
+    }
     print(
         f"{packed.total_tokens:,} of {packed.budget:,} tokens; "
         f"repository prefix {packed.repo_prefix_tokens:,}",
