@@ -16,6 +16,7 @@ from pathlib import Path
 LOCK = ".lock"
 # What ds4 writes in a data folder; a committed symlink at any of them would send the writes elsewhere.
 WRITTEN = ("runs", "index.db", "index.db-wal", "index.db-shm")
+EXCLUDED = "/.ds4/"
 
 
 class RunFolderError(Exception):
@@ -26,8 +27,28 @@ def data_folder(repo: Path, data_dir: Path | None) -> Path:
     """`data_dir` when given; else REPO/.ds4, refused when it is a symlink (a committed `.ds4 -> ...`
     would send the index, the prompts and the worktrees elsewhere) or not a folder."""
     folder = checked(Path(data_dir) if data_dir is not None else repo / ".ds4")
+    if data_dir is None:
+        exclude_from_git(repo)
     (folder / "runs").mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def exclude_from_git(repo: Path) -> None:
+    """Adds /.ds4/ to the repository's .git/info/exclude (not its .gitignore: that is the user's file),
+    so the index and run folders never show in `git status`. Outside git it does nothing."""
+    done = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--path-format=absolute", "--git-common-dir"],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        return  # not a git repository
+    exclude = Path(done.stdout.strip()) / "info" / "exclude"
+    lines = exclude.read_text().splitlines() if exclude.is_file() else []
+    if EXCLUDED not in lines and not exclude.is_symlink():
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        with exclude.open("a") as f:
+            f.write(("\n" if lines and not exclude.read_text().endswith("\n") else "") + EXCLUDED + "\n")
 
 
 def checked(folder: Path) -> Path:
