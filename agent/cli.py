@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 
@@ -237,7 +238,8 @@ def _add_pack(sub) -> None:
     )
     pack.add_argument("--repo", default=".")
     pack.add_argument("--db", default=None)
-    pack.add_argument("--issue", default="", help="the issue: text, a file, or - for standard input")
+    pack.add_argument("--issue", default="", help="the issue: a file, or - for standard input")
+    pack.add_argument("--issue-text", default=None, help="the issue's text itself (instead of --issue)")
     pack.add_argument("--budget", type=int, default=128_000, help="tokens")
     which = pack.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="checkpoint folder (its tokenizer.json counts tokens)")
@@ -298,7 +300,13 @@ def _add_fix(sub) -> None:
         help="turn an issue into a tested patch (in git worktrees; your tree is untouched)",
         epilog=SETTINGS_HELP,
     )
-    fix.add_argument("issue", help="the issue: text, a file, - for standard input, or a GitHub issue URL")
+    fix.add_argument(
+        "issue",
+        nargs="?",
+        default=None,
+        help="the issue: a file, - for standard input, or a GitHub issue URL",
+    )
+    fix.add_argument("--issue-text", default=None, help="the issue's text itself (instead of ISSUE)")
     fix.add_argument("--repo", default=".")
     _add_backend_flags(fix)
     fix.add_argument("--tokenizer", default=None, help="with --endpoint: a tokenizer.json for exact budgets")
@@ -752,9 +760,16 @@ def _open_existing_index(args):
     return open_index(path, write=False)
 
 
-def _read_issue(value: str) -> str:
+LOOKS_LIKE_PATH = re.compile(r"\S*/\S*|\S+\.(md|txt|rst|json|ya?ml|org)")
+
+
+def _read_issue(value: str, literal: str | None = None) -> str:
+    """The issue from `literal` text, a GitHub URL, standard input (-) or a file; a value that looks like
+    a file name but names none is an error (a typo must not become the issue's text)."""
     from ds4.agent.github import fetch_issue, is_issue_url
 
+    if literal is not None:
+        return literal
     if is_issue_url(value):
         return fetch_issue(value)
     if value == "-":
@@ -762,6 +777,8 @@ def _read_issue(value: str) -> str:
     if value and os.path.isfile(value):
         with open(value, encoding="utf-8", errors="replace") as f:
             return f.read()
+    if LOOKS_LIKE_PATH.fullmatch(value.strip()):
+        raise FileNotFoundError(f"{value}: no such file; to give the issue as text, use --issue-text")
     return value
 
 
@@ -776,7 +793,9 @@ def _cmd_pack(args) -> int:
         raise FileNotFoundError(f"{tokenizer}: no tokenizer.json to count tokens with")
     index_repo(args.repo, args.db)  # incremental: brings the index up to date first
     db = open_index(args.db or default_db_path(args.repo))
-    packed = pack(db, args.repo, _read_issue(args.issue), args.budget, TokenCounter(tokenizer))
+    packed = pack(
+        db, args.repo, _read_issue(args.issue, args.issue_text), args.budget, TokenCounter(tokenizer)
+    )
     text = render(packed, args.format)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
@@ -791,7 +810,10 @@ def _cmd_pack(args) -> int:
 
 
 def _print_pack_summary(packed, to) -> None:
-    by_mode = {m: [f for f in packed.files if f.mode == m] for m in ("whole", "skeleton", "listed")}
+    by_mode = {
+        m: [f for f in packed.files if f.mode == m]
+        for m in ("whole", "focused", "bodies", "skeleton", "listed")
+    }
     print(
         f"{packed.total_tokens:,} of {packed.budget:,} tokens; "
         f"repository prefix {packed.repo_prefix_tokens:,}",
@@ -816,7 +838,7 @@ def _cmd_fix(args) -> int:
 
     _require_dir(args.repo)
     filled = merge_args(args, args.repo, FIX_DEFAULTS)
-    issue = _read_issue(args.issue)
+    issue = _read_issue(args.issue or "", args.issue_text)
     if not issue.strip():
         raise ValueError(
             "the issue is empty: give its text, a file, - for standard input, or a GitHub issue URL"
@@ -1023,7 +1045,7 @@ def _cmd_search(args) -> int:
 
     rows = search(_open_existing_index(args), args.query, args.kind, args.limit)
     _print_rows(rows, args.json)
-    return 0
+    return 0 if rows else 1  # like ripgrep: nothing found is exit 1
 
 
 def _cmd_symbols(args) -> int:
@@ -1031,7 +1053,7 @@ def _cmd_symbols(args) -> int:
 
     rows = symbols(_open_existing_index(args), args.path)
     _print_rows(rows, args.json)
-    return 0
+    return 0 if rows else 1
 
 
 def _print_rows(rows: list[dict], as_json: bool) -> None:
@@ -1056,6 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
         from ds4.agent.github import GitHubError
         from ds4.agent.index.store import IndexDatabaseError
         from ds4.agent.loop import FixError
+        from ds4.agent.runs import RunFolderError
         from ds4.agent.sandbox import SandboxError
         from ds4.agent.swebench import SweBenchError
         from ds4.engine.errors import EngineError
@@ -1070,6 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
             GitHubError,
             FixError,
             SandboxError,
+            RunFolderError,
         )
         if isinstance(e, known):
             print(f"ds4-agent: error: {e}", file=sys.stderr)

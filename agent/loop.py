@@ -33,6 +33,10 @@ from ds4.agent.sandbox import Sandbox, SandboxError, choose
 from ds4.agent.testrun import TestResult, detect_test_command, run_tests
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
+UNCONFIRMED = (
+    "The tests passed before any change, so they cannot confirm this fix: add a test that fails on the "
+    "issue (or pass --test-cmd with one) and run again."
+)
 
 
 class FixError(Exception):
@@ -161,6 +165,8 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
         )
         if config.apply and best and best.passed:
             result.applied, result.message = _apply_to_user_tree(repo, best.diff)
+        if baseline.passed:
+            result.message = " ".join(filter(None, [result.message, UNCONFIRMED]))
         (run_dir / "result.json").write_text(json.dumps(result.as_json(), indent=2))
         event("done", status=result.status)
         return result

@@ -4,10 +4,10 @@ when the repository does not fit.
 Layout: [system][repository tree][files, most stable first][issue][feedback]. Files are ordered by
 their last change (git history, uncommitted edits last, then path), so an edit invalidates only what
 follows the edited file; `repo_prefix_tokens` says where the repository part ends. Over budget, files
-are ranked against the issue (BM25 over contents and symbols, personalized PageRank over the
-definition/reference graph seeded by what the issue names, boosts for READMEs and manifests): the top
-go in whole, the next as skeletons, the rest as tree lines. The prompt never exceeds the budget: the
-final assembly is counted with the model's tokenizer and trimmed until it fits.
+and their definitions are ranked against the issue (rank.py); the bodies the issue is about go in
+inside their file's skeleton, then whole files, then skeletons, then the listing (capped, folders
+summarised, in huge repositories). The prompt never exceeds the budget: the final assembly is counted
+with the model's tokenizer and trimmed until it fits.
 """
 
 from __future__ import annotations
@@ -16,32 +16,18 @@ import hashlib
 import json
 import re
 import subprocess
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-import numpy as np
 import sqlite_utils
 
 from ds4.agent.index.languages import language_of
+from ds4.agent.rank import focus, rank
+from ds4.agent.views import SKELETON, WHOLE, Part, View, from_manifest, join, mode_of, skeleton
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
-MANIFESTS = {
-    "README.md",
-    "README.rst",
-    "README",
-    "pyproject.toml",
-    "setup.py",
-    "package.json",
-    "Cargo.toml",
-    "go.mod",
-    "pom.xml",
-    "build.gradle",
-    "Gemfile",
-    "composer.json",
-    "Makefile",
-    "CMakeLists.txt",
-}
 SECRET_PATTERNS = {
     "private key": re.compile(r"-----BEGIN (?:RSA |EC |DSA |OPENSSH |PGP )?PRIVATE KEY( BLOCK)?-----"),
     "AWS access key": re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
@@ -49,7 +35,6 @@ SECRET_PATTERNS = {
     "Slack token": re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b"),
     "OpenAI-style key": re.compile(r"\bsk-[A-Za-z0-9_-]{32,}\b"),
 }
-ELISION = "... ({n} lines elided)"
 
 
 class TokenCounter:
@@ -72,10 +57,11 @@ class TokenCounter:
 @dataclass
 class FileEntry:
     path: str
-    mode: str  # "whole" | "skeleton" | "listed"
+    mode: str  # "whole" | "focused" (a skeleton with some bodies) | "skeleton" | "listed"
     tokens: int  # of its text as placed (0 when listed)
     score: float
     why: list[str] = field(default_factory=list)
+    bodies: list[int] = field(default_factory=list)  # first lines of the definitions shown whole (focused)
 
 
 @dataclass
@@ -180,107 +166,6 @@ def stability_order(repo: Path, paths: list[str]) -> list[str]:
     return sorted(paths, key=key)
 
 
-# -- ranking ----------------------------------------------------------------------------------------
-
-
-MAX_DEFINING_FILES = 8
-FRAME = re.compile(r"""(?:File "([^"]+)", line (\d+))|(?:([\w./-]+\.\w+):(\d+))""")
-IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
-
-
-def rank(db: sqlite_utils.Database, issue: str, paths: list[str]) -> dict[str, tuple[float, list[str]]]:
-    """score and reasons per path: BM25 (contents and symbols), PageRank from what the issue names, boosts."""
-    reasons: dict[str, list[str]] = {p: [] for p in paths}
-    seeds: dict[str, float] = {}
-    for m in FRAME.finditer(issue):
-        named = (m.group(1) or m.group(3) or "").lstrip("./")
-        for p in paths:
-            if named and (p == named or p.endswith("/" + named) or named.endswith("/" + p)):
-                seeds[p] = seeds.get(p, 0) + 3.0
-                reasons[p].append("named in a traceback or path")
-    words = sorted(set(IDENT.findall(issue)))
-    if words:
-        marks = ",".join("?" * len(words))
-        defining: dict[str, set[str]] = {}
-        for path, name in db.execute(
-            f"SELECT f.path, d.name FROM definitions d JOIN files f ON f.id = d.file_id "
-            f"WHERE d.name IN ({marks})",
-            words,
-        ):
-            defining.setdefault(name, set()).add(path)
-        for name, where in sorted(defining.items()):
-            if len(where) > MAX_DEFINING_FILES:  # a name defined everywhere ("run", "call") says little
-                continue
-            for path in sorted(where & reasons.keys()):
-                seeds[path] = seeds.get(path, 0) + 2.0 / len(where)
-                reasons[path].append(f"defines {name}")
-    bm25 = _bm25(db, words)
-    for p, s in bm25.items():
-        if p in reasons:
-            reasons[p].append(f"matches the issue's words ({s:.2f})")
-    pagerank = _pagerank(db, paths, seeds)
-    scores = {}
-    for p in paths:
-        boost = 0.5 if Path(p).name in MANIFESTS else 0.0
-        if boost:
-            reasons[p].append("README or manifest")
-        scores[p] = (seeds.get(p, 0.0) + bm25.get(p, 0.0) + 4.0 * pagerank.get(p, 0.0) + boost, reasons[p])
-    return scores
-
-
-def _bm25(db, words: list[str]) -> dict[str, float]:
-    """Normalized (0..1) BM25 of contents and of symbols against the issue's words."""
-    if not words:
-        return {}
-    query = " OR ".join(f'"{w}"' for w in words[:64])
-    out: dict[str, float] = {}
-    for sql in (
-        "SELECT f.path, -bm25(contents_fts) FROM contents_fts JOIN files f ON f.id = contents_fts.rowid "
-        "WHERE contents_fts MATCH ?",
-        "SELECT f.path, -bm25(definitions_fts) FROM definitions_fts "
-        "JOIN definitions d ON d.id = definitions_fts.rowid JOIN files f ON f.id = d.file_id "
-        "WHERE definitions_fts MATCH ?",
-    ):
-        rows = db.execute(sql, [query]).fetchall()
-        top = max((s for _, s in rows), default=0.0) or 1.0
-        for path, s in rows:
-            out[path] = max(out.get(path, 0.0), s / top)
-    return out
-
-
-def _pagerank(db, paths: list[str], seeds: dict[str, float], iterations: int = 30) -> dict[str, float]:
-    """Personalized PageRank over files: a file links to the files defining names it uses (names defined
-    in many files carry no signal and are left out)."""
-    if not seeds:
-        return {}
-    ids = dict(db.execute("SELECT id, path FROM files").fetchall())
-    index = {p: i for i, p in enumerate(paths)}
-    rows = db.execute(
-        "WITH rare AS (SELECT name FROM definitions GROUP BY name HAVING COUNT(DISTINCT file_id) <= ?) "
-        "SELECT r.file_id, d.file_id, COUNT(*) FROM refs r JOIN definitions d ON d.name = r.name "
-        "WHERE r.name IN rare AND r.file_id != d.file_id GROUP BY r.file_id, d.file_id",
-        [MAX_DEFINING_FILES * 4],
-    ).fetchall()
-    edges = np.array(
-        [(index[ids[s]], index[ids[d]], n) for s, d, n in rows if ids[s] in index and ids[d] in index],
-        dtype=np.float64,
-    ).reshape(-1, 3)
-    src, dst, weight = edges[:, 0].astype(np.int64), edges[:, 1].astype(np.int64), edges[:, 2]
-    out_weight = np.bincount(src, weights=weight, minlength=len(paths))
-    teleport = np.zeros(len(paths))
-    for path, w in seeds.items():
-        teleport[index[path]] = w
-    teleport /= teleport.sum()
-    rank_ = teleport.copy()
-    dangling = out_weight == 0
-    share = np.divide(weight, out_weight[src], out=np.zeros_like(weight), where=out_weight[src] > 0)
-    for _ in range(iterations):
-        flow = np.bincount(dst, weights=rank_[src] * share, minlength=len(paths))
-        rank_ = 0.15 * teleport + 0.85 * (flow + rank_[dangling].sum() * teleport)
-    top = rank_.max() or 1.0
-    return {paths[i]: float(rank_[i] / top) for i in np.flatnonzero(rank_)}
-
-
 # -- assembly ---------------------------------------------------------------------------------------
 
 
@@ -288,38 +173,70 @@ def _wrap(path: str, text: str) -> str:
     return f'<file path="{path}">\n{text}{"" if text.endswith(chr(10)) else chr(10)}</file>\n'
 
 
-def skeleton(text: str, definitions: list[tuple[str, int, int, str]]) -> str:
-    """Signature and docstring lines of each function and method kept, bodies replaced by a marker."""
-    lines = text.split("\n")
-    drop: set[int] = set()
-    for kind, line, end_line, doc in definitions:
-        if kind not in ("function", "method") or end_line <= line:
-            continue
-        has_doc_below = bool(doc) and line < len(lines) and doc[:20] in lines[line]  # a Python docstring
-        keep_to = line + (1 if has_doc_below else 0)  # the signature line, and the doc line after it
-        drop.update(range(keep_to, end_line))  # 0-based indices of lines keep_to+1 .. end_line
-    out, run = [], 0
-    for i, text_line in enumerate(lines):
-        if i in drop:
-            run += 1
-            continue
-        if run:
-            out.append(_elision(lines, i - run, run))
-            run = 0
-        out.append(text_line)
-    if run:
-        out.append(_elision(lines, len(lines) - run, run))
-    return "\n".join(out)
+MAX_TREE_LINES = 2000  # past this many files the listing summarises folders
 
 
-def _elision(lines: list[str], first: int, n: int) -> str:
-    indent = re.match(r"\s*", lines[first]).group(0)
-    return indent + ELISION.format(n=n)
+def tree_listing(paths: list[str], max_lines: int = MAX_TREE_LINES) -> str:
+    """Every file by path; past `max_lines` files, folders below the deepest level that fits are one line
+    each with their file count. It changes only when files are added, removed or renamed."""
+    depth = max((p.count("/") + 1 for p in paths), default=1)
+    lines = _listing_at(paths, depth)
+    while len(lines) > max_lines and depth > 1:
+        depth -= 1
+        lines = _listing_at(paths, depth)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines] + [f"... and {len(lines) - max_lines:,} more entries"]
+    note = (
+        f" ({len(paths):,} files; folders summarised)"
+        if depth < max((p.count("/") + 1 for p in paths), default=1)
+        else ""
+    )
+    return f"Repository files{note}:\n" + "".join(f"  {line}\n" for line in lines)
 
 
-def tree_listing(paths: list[str]) -> str:
-    """Every file, by path: it changes only when files are added, removed or renamed, never on edits."""
-    return "Repository files:\n" + "".join(f"  {p}\n" for p in sorted(paths))
+def _listing_at(paths: list[str], depth: int) -> list[str]:
+    files, folders = [], Counter()
+    for path in paths:
+        parts = path.split("/")
+        if len(parts) <= depth:
+            files.append(path)
+        else:
+            folders["/".join(parts[:depth]) + "/"] += 1
+    return sorted(files + [f"{folder} ({n:,} files)" for folder, n in folders.items()])
+
+
+class _Sizer:
+    """Texts and token counts of files as shown, counted once each."""
+
+    def __init__(self, db, text_of: dict[str, str], whole: dict[str, int], counter):
+        self.db, self.text_of, self.whole, self.counter = db, text_of, whole, counter
+        self._defs: dict[str, list] = {}
+        self._tokens: dict[tuple[str, View], int] = {}
+
+    def text(self, path: str, shown: View) -> str:
+        if shown == WHOLE:
+            return self.text_of[path]
+        if path not in self._defs:
+            self._defs[path] = _definitions_of(self.db, path)
+        return skeleton(self.text_of[path], self._defs[path], shown)
+
+    def tokens(self, path: str, shown: View) -> int:
+        if shown is None:
+            return 0
+        if shown == WHOLE:
+            return self.whole[path]
+        if (path, shown) not in self._tokens:
+            self._tokens[path, shown] = self.counter.count(_wrap(path, self.text(path, shown)))
+        return self._tokens[path, shown]
+
+    def worth(self, path: str, shown: View, current: View, room: int) -> bool:
+        """Whether counting `shown` exactly is worth it: shorter than the whole file, and by a character
+        estimate not far past the room left beside what `current` already takes."""
+        if shown == WHOLE or shown is None:
+            return True
+        text, full = self.text(path, shown), self.text_of[path]
+        estimate = self.whole[path] * len(text) / max(len(full), 1)
+        return len(text) < len(full) and estimate <= 1.2 * room + self.tokens(path, current)
 
 
 def pack(
@@ -332,7 +249,11 @@ def pack(
     previous: dict | None = None,
     overlay: dict[str, str] | None = None,
 ) -> Packed:
-    """`previous`: an earlier pack's manifest for the same repository and issue. Its selection is kept
+    """Over budget, what goes in is chosen step by step, each taken when it fits the room left: the
+    bodies of the definitions the issue is about inside their file's skeleton (named or in a traceback,
+    then their callers, then bodies sharing its words; highest-ranked file first), then whole files,
+    then skeletons; the rest is listed. So more budget never shows less of an earlier step.
+    `previous`: an earlier pack's manifest for the same repository and issue. Its selection is kept
     while it fits, so that an edit changes only the edited file's block (the rest of the prefix, which
     the engine has cached, stays byte-identical); over budget, the lowest-ranked files give way.
     `overlay`: an editor's unsaved buffers (relative path -> text), packed instead of the indexed text;
@@ -351,47 +272,36 @@ def pack(
     tree = tree_listing(order)
     issue_part = f"\n<issue>\n{issue.strip()}\n</issue>\n"
     feedback_part = f"\n<feedback>\n{feedback.strip()}\n</feedback>\n" if feedback.strip() else ""
-    whole = token_counts(db, files, counter)
+    sizer = _Sizer(db, text_of, token_counts(db, files, counter), counter)
     fixed = counter.count(system + "\n" + tree + issue_part + feedback_part)
-
-    if fixed + sum(whole.values()) <= budget:  # everything fits: no ranking needed
-        modes = {p: "whole" for p in order}
+    focuses = {}
+    if fixed + sum(sizer.whole.values()) <= budget:  # everything fits: no ranking needed
+        shown: dict[str, View] = {p: WHOLE for p in order}
         scores = {p: (0.0, []) for p in order}
     elif previous is not None:  # keep the earlier selection; new files start listed
         scores = rank(db, issue, order)
-        kept = {f["path"]: f["mode"] for f in previous.get("files", [])}
-        modes = {p: kept.get(p, "listed") for p in order}
+        kept = {f["path"]: from_manifest(f) for f in previous.get("files", [])}
+        shown = {p: kept.get(p) for p in order}
     else:
         scores = rank(db, issue, order)
         for path in overlay:
             if path in scores:
                 scores[path] = (float("inf"), scores[path][1])
-        modes = _allocate(db, order, scores, whole, budget - fixed, text_of, counter, set(overlay))
-    args = (
-        order,
-        modes,
-        scores,
-        text_of,
-        whole,
-        db,
-        system,
-        tree,
-        issue_part,
-        feedback_part,
-        budget,
-        counter,
-    )
-    packed = _assemble(*args)
+        focuses = {p: f for p, f in focus(db, issue, scores, text_of).items() if p not in overlay}
+        steps = _steps(order, scores, focuses, set(overlay))
+        shown = _allocate(steps, budget - fixed, sizer)
+    parts = (system, tree, issue_part, feedback_part)
+    packed = _assemble(order, shown, scores, focuses, sizer, parts, budget)
     while packed.total_tokens > budget:  # boundary merges can differ from per-file counts: trim, recount
-        placed = [p for p in order if modes[p] != "listed"]
+        placed = [p for p in order if shown[p] is not None]
         if previous is not None:  # keeping a selection: give way at the end, where the prefix is not hurt
             victim = placed[-1] if placed else None
         else:
             victim = min(placed, key=lambda p: (scores[p][0], p), default=None)
         if victim is None:
             raise ValueError(f"budget {budget} is below the {packed.total_tokens} tokens of the fixed parts")
-        modes[victim] = "skeleton" if modes[victim] == "whole" and victim not in overlay else "listed"
-        packed = _assemble(*args)
+        shown[victim] = SKELETON if shown[victim] == WHOLE and victim not in overlay else None
+        packed = _assemble(order, shown, scores, focuses, sizer, parts, budget)
     return packed
 
 
@@ -403,50 +313,63 @@ def _definitions_of(db, path: str) -> list[tuple[str, int, int, str]]:
     ).fetchall()
 
 
-def _allocate(
-    db, order, scores, whole, room: int, text_of, counter, whole_only=frozenset()
-) -> dict[str, str]:
-    """Highest score first: whole if it fits the room left, else a skeleton if that fits, else listed."""
-    modes = {p: "listed" for p in order}
-    for path in sorted(order, key=lambda p: (-scores[p][0], p)):
-        if whole[path] <= room:
-            modes[path], room = "whole", room - whole[path]
-            continue
-        if path in whole_only:
-            continue
-        skeleton_text = skeleton(text_of[path], _definitions_of(db, path))
-        estimate = whole[path] * len(skeleton_text) / max(len(text_of[path]), 1)
-        if estimate > 1.2 * room or len(skeleton_text) >= len(text_of[path]):
-            continue  # cannot fit (or saves nothing): not worth counting exactly
-        tokens = counter.count(_wrap(path, skeleton_text))
-        if tokens <= room:
-            modes[path], room = "skeleton", room - tokens
-    return modes
+def _steps(order, scores, focuses, whole_only: set[str]) -> list[tuple[str, View]]:
+    """The order in which content is offered: focused bodies by priority (named or traceback, callers,
+    shared words) and file rank, then whole files by rank, then skeletons by rank."""
+    by_rank = sorted(order, key=lambda p: (-scores[p][0], p))
+    steps: list[tuple[str, View]] = []
+    for level in range(len(FOCUS_LEVELS)):
+        for path in (p for p in by_rank if p in focuses):
+            lines = [line for line, why in focuses[path].lines.items() if _level(why) == level]
+            if lines:
+                steps.append((path, Part(frozenset(lines), outline=False)))
+    steps += [(p, WHOLE) for p in by_rank]
+    steps += [(p, SKELETON) for p in by_rank if p not in whole_only]
+    return steps
 
 
-def _assemble(
-    order, modes, scores, text_of, whole, db, system, tree, issue_part, feedback_part, budget, counter
-) -> Packed:
+FOCUS_LEVELS = (("named", "traceback"), ("calls",), ("shares",))
+
+
+def _level(why: str) -> int:
+    return next(i for i, starts in enumerate(FOCUS_LEVELS) if why.startswith(starts))
+
+
+def _allocate(steps: list[tuple[str, View]], room: int, sizer: _Sizer) -> dict[str, View]:
+    """Each step taken when it shows more of its file than before and the extra tokens fit the room."""
+    shown: dict[str, View] = {path: None for path in sizer.text_of}
+    for path, offer in steps:
+        current, target = shown[path], join(shown[path], offer)
+        if target == current or not sizer.worth(path, target, current, room):
+            continue
+        extra = sizer.tokens(path, target) - sizer.tokens(path, current)
+        if extra <= room:
+            shown[path], room = target, room - extra
+    return shown
+
+
+def _assemble(order, shown, scores, focuses, sizer: _Sizer, parts, budget) -> Packed:
+    system, tree, issue_part, feedback_part = parts
     blocks, entries = [], []
     for path in order:
-        mode = modes[path]
-        if mode == "listed":
-            entries.append(FileEntry(path, mode, 0, round(scores[path][0], 4), scores[path][1]))
-            continue
-        text = text_of[path] if mode == "whole" else skeleton(text_of[path], _definitions_of(db, path))
-        block = _wrap(path, text)
-        blocks.append(block)
-        tokens = whole[path] if mode == "whole" else counter.count(block)
-        entries.append(FileEntry(path, mode, tokens, round(scores[path][0], 4), scores[path][1]))
+        score, why = round(scores[path][0], 4), list(scores[path][1])
+        bodies = sorted(shown[path].bodies) if isinstance(shown[path], Part) else []
+        if path in focuses:
+            why += [f"body at line {line}: {w}" for line, w in focuses[path].lines.items() if line in bodies]
+        if shown[path] is not None:
+            blocks.append(_wrap(path, sizer.text(path, shown[path])))
+        entries.append(
+            FileEntry(path, mode_of(shown[path]), sizer.tokens(path, shown[path]), score, why, bodies)
+        )
     files_part = "".join(blocks)
     repo_part = system + "\n" + tree + files_part
     prompt = repo_part + issue_part + feedback_part
-    secrets = find_secrets({p: text_of[p] for p in order if modes[p] != "listed"})
+    secrets = find_secrets({p: sizer.text_of[p] for p in order if shown[p] is not None})
     return Packed(
         prompt=prompt,
         budget=budget,
-        total_tokens=counter.count(prompt),
-        repo_prefix_tokens=counter.count(repo_part),
+        total_tokens=sizer.counter.count(prompt),
+        repo_prefix_tokens=sizer.counter.count(repo_part),
         files=entries,
         secrets=secrets,
         parts={

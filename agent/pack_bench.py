@@ -55,7 +55,10 @@ def bench_pack(repo: str | Path, tokenizer_file: str | Path, runs: int = 3, issu
             start = time.perf_counter()
             result = pack(db, repo, issue, budget, counter)
             seconds.append(time.perf_counter() - start)
-        modes = {m: sum(f.mode == m for f in result.files) for m in ("whole", "skeleton", "listed")}
+        modes = {
+            m: sum(f.mode == m for f in result.files)
+            for m in ("whole", "focused", "bodies", "skeleton", "listed")
+        }
         timings[str(budget)] = {
             "seconds": statistics.median(seconds),
             "total_tokens": result.total_tokens,

@@ -1,7 +1,7 @@
 """Edits from a model's answer: parsed (SEARCH/REPLACE blocks or unified diffs, with the usual noise),
 matched against the real files by a ladder of pure matchers, checked by a lint gate, and written all
-or nothing (staged beside the targets, renamed in, rolled back if one fails), only inside the working
-tree: never under `.git/` (or another VCS's folder) nor through a symlink, checked again at write time.
+or nothing, only inside the working tree (writes.py: never under `.git/` nor through a symlink,
+checked again at write time).
 A refusal says which block failed, shows the closest real lines and which blocks applied.
 
 Ladder, strictest first: exact; trailing whitespace ignored; uniform re-indent; blank lines trimmed;
@@ -11,12 +11,11 @@ Ladder, strictest first: exact; trailing whitespace ignored; uniform re-indent; 
 from __future__ import annotations
 
 import difflib
-import os
 import re
-import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ds4.agent.writes import WriteRefused, inside, write_all
 
 SEARCH, DIVIDER, REPLACE = (
     re.compile(r"^<{5,9} ?SEARCH\s*$"),
@@ -26,9 +25,6 @@ SEARCH, DIVIDER, REPLACE = (
 FENCE = re.compile(r"^\s*(```|~~~)")
 ELLIPSIS = re.compile(r"^\s*(\.\.\.|#\s*\.\.\.|//\s*\.\.\.|/\*\s*\.\.\.\s*\*/)\s*$")
 HUNK = re.compile(r"^@@ -(\d+)(?:,\d+)? \+(\d+)(?:,\d+)? @@")
-# Version control and ds4's own data: what a model's edit may never write (git reads .git/config and runs
-# its hooks and fsmonitor; .ds4 holds the index and the run folders).
-PROTECTED_DIRS = frozenset({".git", ".hg", ".svn", ".jj", ".bzr", "_darcs", ".pijul", ".fslckout", ".ds4"})
 
 
 class PatchError(Exception):
@@ -368,7 +364,7 @@ def apply(
         try:
             _read_target(root, edit, state, base)
             _apply_one(state, edit, result, root)
-        except (PatchError, OSError) as e:
+        except (PatchError, WriteRefused, OSError) as e:
             done = ", ".join(map(str, result.applied)) or "none"
             raise PatchError(
                 f"{_reason(e)}\n(blocks applied before it: {done}; nothing was written)"
@@ -379,14 +375,17 @@ def apply(
             _lint_gate(root, changed)
         result.files = changed
         if write:
-            _write(root, changed)
-    except OSError as e:  # a name too long, a folder where a file goes: feedback, the tree as it was
+            write_all(root, changed)
+    except (
+        WriteRefused,
+        OSError,
+    ) as e:  # a name too long, a folder where a file goes: feedback, the tree as it was
         raise PatchError(f"{_reason(e)}; nothing was written") from None
     return result
 
 
-def _reason(error: PatchError | OSError) -> str:
-    if isinstance(error, PatchError):
+def _reason(error: PatchError | WriteRefused | OSError) -> str:
+    if isinstance(error, (PatchError, WriteRefused)):
         return str(error)
     name = Path(error.filename).name if error.filename else "a file"
     return f"cannot write {name[:80]}: {error.strerror or error}"
@@ -395,7 +394,7 @@ def _reason(error: PatchError | OSError) -> str:
 def _read_target(root: Path, edit: Edit, state: dict, base: dict[str, str] | None) -> None:
     """Checks the edit's path and loads the file's current text into `state` once."""
     edit.path = _existing(root, edit.path)
-    path = _inside(root, edit.path, edit)
+    path = inside(root, edit.path, edit.index)
     if base and edit.path in base and edit.path not in state:
         state[edit.path] = base[edit.path]
     if edit.path not in state:  # bytes, not text mode: CRLF endings must survive
@@ -412,31 +411,9 @@ def _existing(root: Path, rel: str) -> str:
     return rel
 
 
-def _inside(root: Path, rel: str, edit: Edit | None = None) -> Path:
-    """The file `rel` names under `root`, refused when it is outside the tree, under a VCS's folder, or
-    reached through a symlink (any part of it, the file included)."""
-    where = f"block {edit.index}: " if edit is not None else ""
-    parts = Path(rel).parts
-    if Path(rel).is_absolute() or ".." in parts or not parts:
-        raise PatchError(f"{where}{rel} is outside the repository: give a path relative to its root")
-    protected = next((p for p in parts if p.casefold() in PROTECTED_DIRS), None)
-    if protected is not None:
-        raise PatchError(f"{where}{rel} is inside {protected}/, which edits may not touch")
-    path = root
-    for part in parts:
-        path = path / part
-        if path.is_symlink():
-            raise PatchError(
-                f"{where}{rel} goes through the symlink {path.relative_to(root)}: edit the real file"
-            )
-    if not path.resolve().is_relative_to(root):
-        raise PatchError(f"{where}{rel} is outside the repository")
-    return path
-
-
 def _apply_one(state: dict, edit: Edit, result: Result, root: Path) -> None:
     if edit.new_path is not None:  # rename
-        _inside(root, edit.new_path, edit)
+        inside(root, edit.new_path, edit.index)
         if state.get(edit.path) is None:
             raise PatchError(f"block {edit.index}: cannot rename {edit.path}, it does not exist")
         state[edit.new_path], state[edit.path] = state[edit.path], None
@@ -482,74 +459,3 @@ def _lint_gate(root: Path, files: dict[str, str | None]) -> None:
             raise PatchError(
                 f"{rel}: the edit leaves code that does not parse as {language}; nothing was written"
             )
-
-
-def _write(root: Path, files: dict[str, str | None]) -> None:
-    """All or nothing: every path is checked again (no symlink, no VCS folder), every new text staged
-    in a temporary file beside its target, then each old file is kept under a backup name (a hard link)
-    and replaced; if any step fails, the replaced files get their old text back. No temporary file or
-    backup outlives the call."""
-    made: list[Path] = []  # folders this call created, removed again on failure
-    staged: list[tuple[Path | None, Path]] = []  # (new text, target); None: delete the target
-    backups: list[Path] = []
-    done: list[tuple[Path | None, Path]] = []  # (backup of the old file, target) already replaced
-    try:
-        for rel, text in files.items():
-            path = _inside(root, rel)
-            if text is not None:
-                made += _make_parents(root, path)
-                staged.append((_stage(path, text), path))
-            elif path.exists():
-                staged.append((None, path))
-        for tmp, path in staged:
-            backup = _keep(path)
-            backups += [backup] if backup is not None else []
-            if tmp is None:
-                path.unlink()
-            else:
-                os.replace(tmp, path)
-            done.append((backup, path))
-    except BaseException:
-        _roll_back(done, [tmp for tmp, _ in staged if tmp is not None], made)
-        raise
-    finally:
-        for leftover in [tmp for tmp, _ in staged if tmp is not None] + backups:
-            leftover.unlink(missing_ok=True)
-
-
-def _make_parents(root: Path, path: Path) -> list[Path]:
-    missing = [p for p in path.relative_to(root).parents if p != Path(".") and not (root / p).exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return [root / p for p in missing]  # deepest first
-
-
-def _stage(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ds4-", suffix=".tmp")
-    with os.fdopen(fd, "w", errors="surrogateescape", newline="") as f:
-        f.write(text)
-    if path.is_file():
-        os.chmod(tmp, path.stat().st_mode)
-    return Path(tmp)
-
-
-def _keep(path: Path) -> Path | None:
-    """A second name (a hard link) beside an existing file: its old text, for a roll back."""
-    if not path.is_file():
-        return None  # a new file (or a folder in the way: replacing it fails, and rolls back)
-    backup = path.with_name(f".ds4-{uuid.uuid4().hex[:12]}.bak")
-    os.link(path, backup)
-    return backup
-
-
-def _roll_back(done: list[tuple[Path | None, Path]], staged: list[Path], made: list[Path]) -> None:
-    """Puts the old files back, then removes the staged texts and the folders made for them."""
-    for backup, path in reversed(done):
-        if backup is not None:
-            os.replace(backup, path)
-        else:
-            path.unlink(missing_ok=True)
-    for tmp in staged:
-        tmp.unlink(missing_ok=True)
-    for folder in made:
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()

@@ -23,7 +23,13 @@ def describe(event: dict) -> str:
         return f"baseline tests: {event['command']}{bare}"
     if kind == "baseline_done":
         failed = event["failed"]
-        return f"baseline: {len(failed)} failing ({_tests(failed)})" if failed else "baseline: all tests pass"
+        if failed:
+            return f"baseline: {len(failed)} failing ({_tests(failed)})"
+        if event.get("exit_code") is None:
+            return "baseline: the tests timed out"
+        if event["exit_code"] != 0:
+            return f"baseline: the tests fail (exit code {event['exit_code']})"
+        return "baseline: all tests pass already, so they cannot confirm a fix (add a failing test)"
     if kind == "ask":
         return where + "asking the model"
     if kind == "answer":

@@ -16,6 +16,7 @@ from pathlib import Path
 LOCK = ".lock"
 # What ds4 writes in a data folder; a committed symlink at any of them would send the writes elsewhere.
 WRITTEN = ("runs", "index.db", "index.db-wal", "index.db-shm")
+EXCLUDED = "/.ds4/"
 
 
 class RunFolderError(Exception):
@@ -25,13 +26,38 @@ class RunFolderError(Exception):
 def data_folder(repo: Path, data_dir: Path | None) -> Path:
     """`data_dir` when given; else REPO/.ds4, refused when it is a symlink (a committed `.ds4 -> ...`
     would send the index, the prompts and the worktrees elsewhere) or not a folder."""
-    folder = Path(data_dir) if data_dir is not None else repo / ".ds4"
+    folder = checked(Path(data_dir) if data_dir is not None else repo / ".ds4")
+    if data_dir is None:
+        exclude_from_git(repo)
+    (folder / "runs").mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def exclude_from_git(repo: Path) -> None:
+    """Adds /.ds4/ to the repository's .git/info/exclude (not its .gitignore: that is the user's file),
+    so the index and run folders never show in `git status`. Outside git it does nothing."""
+    done = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--path-format=absolute", "--git-common-dir"],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        return  # not a git repository
+    exclude = Path(done.stdout.strip()) / "info" / "exclude"
+    lines = exclude.read_text().splitlines() if exclude.is_file() else []
+    if EXCLUDED not in lines and not exclude.is_symlink():
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        with exclude.open("a") as f:
+            f.write(("\n" if lines and not exclude.read_text().endswith("\n") else "") + EXCLUDED + "\n")
+
+
+def checked(folder: Path) -> Path:
+    """`folder`, unless it or a file ds4 writes in it is a symlink, or it is not a folder."""
     for path in (folder, *(folder / name for name in WRITTEN)):
         if path.is_symlink():
             raise RunFolderError(f"{path} is a symlink: ds4 keeps its data only in real files; remove it")
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"{folder} is not a folder: ds4 keeps its index and runs there; remove it")
-    (folder / "runs").mkdir(parents=True, exist_ok=True)
     return folder
 
 

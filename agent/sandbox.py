@@ -36,7 +36,8 @@ class SandboxError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """Per test run. The process limit is RLIMIT_NPROC, which the kernel does not apply to root."""
+    """Per test run. The process limit is RLIMIT_NPROC, which the kernel does not apply to root: there
+    a cgroup of the run's own bounds it (cgroup.py)."""
 
     cpu_seconds: int = 3600
     memory_bytes: int = 16 << 30  # address space: runtimes reserve far more than they touch

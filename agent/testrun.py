@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ds4.agent.cgroup import confined
 from ds4.agent.sandbox import Sandbox, choose
 
 FAILED_PATTERNS = [
@@ -86,11 +87,17 @@ def run_tests(
 ) -> TestResult:
     """Runs the test command in `sandbox` (default: bubblewrap where it works). Its whole process
     group is killed when it ends, at `timeout`, as soon as `cancel` is set, or if this call is
-    interrupted; a timed-out or cancelled run has exit code None."""
+    interrupted; a timed-out or cancelled run has exit code None. As root, the run's processes are
+    bounded by a cgroup of their own where one can be made (cgroup.py)."""
     sandbox = sandbox or choose()
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ds4-test-", ignore_cleanup_errors=True) as scratch:
+    limits = sandbox.limits
+    with (
+        tempfile.TemporaryDirectory(prefix="ds4-test-", ignore_cleanup_errors=True) as scratch,
+        confined(limits.processes, limits.memory_bytes) as group,
+    ):
         argv, env = sandbox.prepare(command, Path(cwd).resolve(), Path(scratch))
+        argv = group.wrap(argv) if group is not None else argv  # root: the rlimit on processes is void
         proc = subprocess.Popen(
             argv,
             cwd=cwd,

@@ -24,6 +24,7 @@ from ds4.agent.index.catalog import DEFAULT_MAX_BYTES, Entry, list_files
 from ds4.agent.index.languages import language_of
 from ds4.agent.index.store import open_index
 from ds4.agent.index.tags import extract, has_tags
+from ds4.agent.runs import checked, exclude_from_git
 
 BATCH = 200  # files per transaction
 PARALLEL_MIN_FILES = 64  # fewer changed files than this are analyzed in-process
@@ -46,7 +47,9 @@ class IndexReport:
 
 
 def default_db_path(repo: str | Path) -> Path:
-    return Path(repo).resolve() / ".ds4" / "index.db"
+    """REPO/.ds4/index.db; RunFolderError when .ds4 or the database is a symlink (a committed one
+    would send the index's writes outside the repository)."""
+    return checked(Path(repo).resolve() / ".ds4") / "index.db"
 
 
 def content_skip_reason(data: bytes) -> str | None:
@@ -67,6 +70,8 @@ def index_repo(
 ) -> IndexReport:
     start = time.perf_counter()
     catalog = list_files(repo, max_bytes)
+    if db_path is None:
+        exclude_from_git(Path(repo).resolve())  # REPO/.ds4 stays out of the user's `git status`
     db = open_index(db_path or default_db_path(repo))
     report = IndexReport(files=len(catalog.files) + len(catalog.skipped))
     known = {

@@ -1,11 +1,14 @@
 """Reading the index: ranked symbol search (FTS5 BM25 over names, signatures and docs; exact names
-first) and the definitions of a file or the whole repository."""
+first, definitions in source above those in tests, docs and examples) and the definitions of a file or
+the whole repository."""
 
 from __future__ import annotations
 
 import re
 
 import sqlite_utils
+
+from ds4.agent.rank import SECONDARY
 
 COLUMNS = ("path", "name", "kind", "line", "end_line", "signature", "doc")
 _SELECT = (
@@ -28,10 +31,14 @@ def search(db: sqlite_utils.Database, text: str, kind: str | None = None, limit:
     where, params = "", [match]
     if kind:
         where, params = " AND d.kind = ?", [match, kind]
+    db.conn.create_function(
+        "is_secondary", 1, lambda path: bool(SECONDARY.search(path.lower())), deterministic=True
+    )
     rows = db.execute(
         f"{_SELECT} JOIN definitions_fts ON definitions_fts.rowid = d.id "
         f"WHERE definitions_fts MATCH ?{where} "
-        "ORDER BY (d.name = ?) DESC, (lower(d.name) = lower(?)) DESC, bm25(definitions_fts), f.path, d.line "
+        "ORDER BY (d.name = ?) DESC, is_secondary(f.path), (lower(d.name) = lower(?)) DESC, "
+        "bm25(definitions_fts), f.path, d.line "
         "LIMIT ?",
         params + [text.strip(), text.strip(), limit],
     ).fetchall()

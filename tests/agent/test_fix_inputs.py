@@ -205,3 +205,21 @@ def test_progress_lines_say_what_happened():
         "failed": [f"t.py::test_{i}" for i in range(5)],
     }
     assert describe(tested) == "sample 2 round 1: 5 failing (test_0, test_1, test_2 and 2 more)"
+
+
+def test_a_mistyped_issue_file_is_an_error_and_issue_text_is_literal(repo, env):  # noqa: F811
+    done = subprocess.run(
+        [EXE, "fix", "ISSSUE.md", "--repo", str(repo), "--endpoint", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert (
+        done.returncode == 2
+        and "ISSSUE.md: no such file; to give the issue as text, use --issue-text" in done.stderr
+    )
+    assert len(done.stderr.strip().splitlines()) == 1
+    from ds4.agent.cli import _read_issue
+
+    assert _read_issue("", "ISSSUE.md") == "ISSSUE.md"
+    assert _read_issue("add() returns the wrong sign") == "add() returns the wrong sign"

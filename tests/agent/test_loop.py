@@ -269,3 +269,14 @@ def test_an_unsaved_buffer_outside_the_repository_is_refused(repo):
     result = fix(config(repo, overlay={"../escape.py": "x = 1\n"}), ScriptedBackend([RIGHT]))
     assert result.status == "error" and "outside the repository" in result.message
     assert not (repo.parent / "escape.py").exists()
+
+
+def test_a_passing_baseline_is_reported_as_unable_to_confirm_a_fix(repo):
+    from ds4.agent.progress import describe
+
+    events = []
+    result = fix(config(repo, test_cmd="true"), ScriptedBackend([RIGHT]), events.append)
+    assert "cannot confirm this fix" in result.message
+    baseline = next(e for e in events if e["event"] == "baseline_done")
+    assert "cannot confirm a fix" in describe(baseline)
+    assert describe({**baseline, "exit_code": 1}) == "baseline: the tests fail (exit code 1)"

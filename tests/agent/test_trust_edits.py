@@ -11,7 +11,8 @@ import pytest
 
 from ds4.agent.cli import main
 from ds4.agent.loop import fix
-from ds4.agent.patch import PatchError, _write, apply
+from ds4.agent.patch import PatchError, apply
+from ds4.agent.writes import WriteRefused, write_all
 from tests.agent.test_indexer import make_repo
 from tests.agent.test_loop import BUGGY, RIGHT, ScriptedBackend, config, edit
 
@@ -82,8 +83,8 @@ def test_a_path_swapped_for_a_symlink_after_matching_is_refused_at_write_time(re
     outside.write_text("kept\n")
     (repo / "calc.py").unlink()
     (repo / "calc.py").symlink_to(outside)
-    with pytest.raises(PatchError, match="goes through the symlink"):
-        _write(repo, result.files)
+    with pytest.raises(WriteRefused, match="goes through the symlink"):
+        write_all(repo, result.files)
     assert outside.read_text() == "kept\n"
 
 
