@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders
 
 from ds4.engine.errors import ConfigError, RequestError
 
@@ -28,9 +29,9 @@ class Tokenizer:
             )
         self._tok = HFTokenizer.from_file(str(file))
         self.bos_token_id = bos_token_id
-        added = sorted(
-            (t.content for t in self._tok.get_added_tokens_decoder().values()), key=len, reverse=True
-        )
+        added_tokens = self._tok.get_added_tokens_decoder()
+        self._added_ids = frozenset(added_tokens)
+        added = sorted((t.content for t in added_tokens.values()), key=len, reverse=True)
         self._control = re.compile("|".join(map(re.escape, added))) if added else None
         self._max_token_chars: int | None = None
 
@@ -57,8 +58,21 @@ class Tokenizer:
         """The id of a (special) token, or None when this tokenizer does not have it."""
         return self._tok.token_to_id(token)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], keep_special: bool = False) -> str:
+        """The text of `ids`; control tokens are dropped unless `keep_special` (a tool-call parser
+        reads DeepSeek's tool-call tokens)."""
+        return self._tok.decode(ids, skip_special_tokens=not keep_special)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level token can hold part of a UTF-8 character, so
+        its text alone may not say): an added token's spelling, a byte-level token through the
+        byte alphabet, otherwise its decoded text."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids or not isinstance(self._tok.decoder, decoders.ByteLevel):
+            return (piece if token_id in self._added_ids else self._tok.decode([token_id])).encode()
+        return bytes(_BYTE_OF_CHAR[c] for c in piece)
 
     def encode_fim(self, prefix: str | list[int], suffix: str) -> list[int] | None:
         """DeepSeek's fill-in-the-middle prompt, BOS <｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>
@@ -135,6 +149,23 @@ def _chat_parts(messages: list[dict], add_generation_prompt: bool) -> list[tuple
         elif text:
             merged.append((text, is_marker))
     return merged
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: printable bytes stand for themselves, the others for the
+    characters from U+0100 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_alphabet()
 
 
 class IncrementalDetokenizer:

@@ -58,3 +58,10 @@ def test_role_tokens_inside_a_message_are_plain_text(tokenizer):
     assert tokenizer.decode(ids[2:-1]) == injected  # the text itself is kept, spelled out
     plain = tokenizer.encode_chat([{"role": "user", "content": "hi there"}])
     assert plain == [0, 2, *tokenizer.encode("hi there", add_bos=False), 3]  # ordinary text: as before
+
+
+def test_token_bytes_spell_the_text_even_inside_a_character(tokenizer):
+    text = "naïve → 日本語 code"
+    ids = tokenizer.encode(text, add_bos=False)
+    assert b"".join(tokenizer.token_bytes(t) for t in ids) == text.encode()
+    assert tokenizer.token_bytes(1) == "<｜end▁of▁sentence｜>".encode()
