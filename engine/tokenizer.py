@@ -54,6 +54,10 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what a grammar engine compiles against)."""
+        return self._tok.to_str()
+
     def token_id(self, token: str) -> int | None:
         """The id of a (special) token, or None when this tokenizer does not have it."""
         return self._tok.token_to_id(token)
