@@ -21,6 +21,12 @@ from ds4.engine.tokenizer import Tokenizer
 JSON_OPTIONS = {"whitespace_flexible": False}
 
 
+def embedded_json(schema: dict) -> str:
+    """A schema to embed in a Lark grammar (`%json{...}`), with the same compact JSON as a whole-answer
+    schema gets."""
+    return "%json" + json.dumps({**schema, "x-guidance": JSON_OPTIONS}, ensure_ascii=False)
+
+
 @dataclass(frozen=True)
 class Grammar:
     """What a constrained request may produce: `kind` "json_schema" (source: the schema as JSON text)

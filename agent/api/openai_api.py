@@ -15,11 +15,13 @@ from litestar.params import FromPath, JSONBody
 from litestar.response import ServerSentEvent
 
 from ds4.agent.api.errors import APIError, responses, strict_body
-from ds4.agent.api.openai_bodies import ChatCompletionRequest, ChatMessage, CompletionRequest, Sampling
+from ds4.agent.api.openai_bodies import ChatCompletionRequest, CompletionRequest, Sampling
+from ds4.agent.api.openai_chat import FINISH, StreamedReply, chat_grammar, chat_messages, offered_tools, reply
 from ds4.agent.api.openai_logprobs import CompletionLogprobs, chat_logprobs
 from ds4.agent.api.proxied import ProxiedModel
 from ds4.agent.api.served import ServedModel
 from ds4.engine.errors import EngineStopped, RequestError
+from ds4.engine.grammar import Grammar
 from ds4.engine.sampler import SamplingParams
 
 
@@ -29,10 +31,6 @@ class EventStream(ServerSentEvent):
 
     def to_asgi_response(self, *args, media_type=None, **kwargs):
         return super().to_asgi_response(*args, media_type=None, **kwargs)
-
-
-ROLES = ("system", "user", "assistant")
-FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
 def _model(request: Request) -> ServedModel | ProxiedModel:
@@ -50,7 +48,12 @@ def _check_model(served: ServedModel, asked: str | None) -> None:
 
 
 def _sampling(
-    body: Sampling, max_tokens: int | None, prompt_len: int, served: ServedModel, logprobs: int | None = None
+    body: Sampling,
+    max_tokens: int | None,
+    prompt_len: int,
+    served: ServedModel,
+    logprobs: int | None = None,
+    grammar: Grammar | None = None,
 ) -> SamplingParams:
     if body.n != 1:
         raise APIError(400, "n must be 1: ask several times for several samples", "n", "unsupported_value")
@@ -72,6 +75,7 @@ def _sampling(
             max_tokens=min(max_tokens, room) if max_tokens is not None else min(room, 4096),
             seed=body.seed,
             logprobs=logprobs,
+            grammar=grammar,
             stop=stop,
         )
     except ValueError as e:
@@ -79,6 +83,14 @@ def _sampling(
         raise APIError(
             400, str(e), param if param in msgspec.structs.asdict(body) else None, "invalid_value"
         ) from None
+
+
+async def _check_grammar(served: ServedModel, grammar: Grammar, param: str) -> None:
+    """A 400 naming the problem unless the grammar compiles (in a worker thread: big schemas take time)."""
+    try:
+        await anyio.to_thread.run_sync(served.llm.engine.grammars.check, grammar)
+    except RequestError as e:
+        raise APIError(400, str(e), param, "invalid_value") from None
 
 
 def _submit(served: ServedModel, ids: list[int], params: SamplingParams):
@@ -218,25 +230,6 @@ def _model_card(served: ServedModel) -> dict:
     }
 
 
-def _chat_messages(messages: list[ChatMessage]) -> list[dict]:
-    if not messages:
-        raise APIError(400, "messages must not be empty", "messages", "invalid_value")
-    out = []
-    for i, m in enumerate(messages):
-        if m.role not in ROLES:
-            raise APIError(
-                400,
-                f"messages[{i}].role must be one of {', '.join(ROLES)}, not {m.role!r}",
-                f"messages[{i}].role",
-            )
-        if isinstance(m.content, list):
-            text = "".join(p.text for p in m.content)
-        else:
-            text = m.content or ""
-        out.append({"role": m.role, "content": text})
-    return out
-
-
 @post(
     "/v1/chat/completions",
     summary="Chat completion (streams with stream=true)",
@@ -247,35 +240,35 @@ async def chat_completions(request: Request, data: JSONBody[ChatCompletionReques
     data = await strict_body(request, ChatCompletionRequest)
     served = _model(request)
     _check_model(served, data.model)
-    messages = _chat_messages(data.messages)
+    messages = chat_messages(data.messages)
     if isinstance(served, ProxiedModel):
         return await _proxy(request, served, "/chat/completions", data.stream)
-    contents = [m["content"] for m in messages]
-    ids = await _tokenized(served, contents, "messages", served.tokenizer.encode_chat, messages)
+    tools = offered_tools(data)
+    texts = [m["content"] for m in messages] + ([json.dumps(tools)] if tools else [])
+    ids = await _tokenized(served, texts, "messages", served.tokenizer.encode_chat, messages, tools)
+    grammar = chat_grammar(data, tools, served.tokenizer)
+    if grammar is not None:
+        await _check_grammar(served, *grammar)
     top = (data.top_logprobs or 0) if data.logprobs else None
-    params = _sampling(data, data.max_completion_tokens or data.max_tokens, len(ids), served, top)
+    max_tokens = data.max_completion_tokens or data.max_tokens
+    params = _sampling(data, max_tokens, len(ids), served, top, grammar[0] if grammar else None)
+    handle = _submit(served, ids, params)
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
 
     def logprobs(entries: list[dict]) -> dict | None:
         return chat_logprobs(served.tokenizer, entries) if data.logprobs else None
 
-    handle = _submit(served, ids, params)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    base = {"id": rid, "created": created, "model": served.name}
     if not data.stream:
         out = await _result(request, handle)
-        return {
-            **base,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": out.text},
-                    "logprobs": logprobs(_emitted(out)),
-                    "finish_reason": FINISH[out.finish_reason],
-                }
-            ],
-            "usage": _usage(request, out, len(ids)),
+        message, finish = reply(out, tools, served.tokenizer)
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": logprobs(_emitted(out)),
+            "finish_reason": finish,
         }
+        usage = _usage(request, out, len(ids))
+        return {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
 
     def chunk(delta: dict, finish: str | None, entries: list[dict] | None = None) -> str:
@@ -284,11 +277,13 @@ async def chat_completions(request: Request, data: JSONBody[ChatCompletionReques
 
     async def stream() -> AsyncIterator[str]:
         yield chunk({"role": "assistant", "content": ""}, None)
+        streamed = StreamedReply(tools, served.tokenizer)
         async for event in _events(handle):
-            if event.text or event.logprobs:
-                yield chunk({"content": event.text}, None, event.logprobs)
+            delta = streamed.delta(event)
+            if delta or event.logprobs:
+                yield chunk(delta or {"content": ""}, None, event.logprobs)
             if event.output is not None:
-                yield chunk({}, FINISH[event.output.finish_reason])
+                yield chunk({}, streamed.finish_reason(event.output))
                 usage = _usage(request, event.output, len(ids))
                 if include_usage:
                     yield json.dumps(

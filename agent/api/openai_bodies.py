@@ -3,7 +3,7 @@ engine enforces, so the published OpenAPI schema tells clients the truth."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -13,9 +13,62 @@ class ContentPart(msgspec.Struct):
     text: str
 
 
+FunctionName = Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_-]{1,64}$")]
+JSONSchema = Annotated[dict[str, Any], msgspec.Meta(description="a JSON Schema")]
+
+
+class CalledFunction(msgspec.Struct):
+    name: FunctionName
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(msgspec.Struct):
+    id: Annotated[str, msgspec.Meta(max_length=256)]
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(msgspec.Struct):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    name: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: Annotated[str, msgspec.Meta(max_length=256)] | None = None  # what a tool result answers
+
+
+class FunctionDefinition(msgspec.Struct):
+    name: FunctionName
+    description: str | None = None
+    parameters: JSONSchema | None = None  # the arguments' schema (default: any object)
+    strict: bool | None = None  # arguments are always held to the schema when a call is forced
+
+
+class Tool(msgspec.Struct):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionChoice(msgspec.Struct):
+    name: FunctionName
+
+
+class NamedToolChoice(msgspec.Struct):
+    type: Literal["function"]
+    function: FunctionChoice
+
+
+class JSONSchemaFormat(msgspec.Struct):
+    name: Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_-]{1,64}$")]
+    schema: JSONSchema | None = None
+    description: str | None = None
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(msgspec.Struct):
+    """text (free), json_object (any JSON object) or json_schema (JSON valid under the schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None  # required with type json_schema
 
 
 class StreamOptions(msgspec.Struct):
@@ -53,6 +106,10 @@ class ChatCompletionRequest(Sampling, kw_only=True):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None  # read only with logprobs=true
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default auto
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(Sampling, kw_only=True):
