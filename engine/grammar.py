@@ -6,7 +6,6 @@ applies the resulting bitmask on the device; nothing here touches the model or r
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass
 
 import llguidance
@@ -80,15 +79,13 @@ class Matcher:
 
 class GrammarCompiler:
     """Compiles grammars for one tokenizer over a model's vocabulary (which may be wider than the
-    tokenizer's: the extra ids are never allowed). Safe to use from several threads."""
+    tokenizer's: the extra ids are never allowed). `check` is safe from any thread."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
         self.vocab_size = vocab_size
         self._tok = llguidance.LLTokenizer(
             tokenizer.to_json(), n_vocab=vocab_size, eos_token=list(eos_token_ids) or None
         )
-        self._executor = llguidance.LLExecutor(num_threads=1)
-        self._lock = threading.Lock()
 
     def check(self, grammar: Grammar) -> None:
         """RequestError naming the problem unless the grammar compiles."""
@@ -108,14 +105,13 @@ class GrammarCompiler:
 
     def mask(self, matchers: list[tuple[int, Matcher]], device: torch.device) -> TokenMask:
         """The allowed tokens of the given (batch row, matcher) pairs as a TokenMask on `device`: the
-        bitmask is filled on the host (pinned on a CUDA host) and copied without waiting."""
+        bitmask is filled on the host (pinned on a CUDA host) and copied without waiting. Row by row:
+        llguidance's parallel executor costs ~0.9 ms a row on a busy 2-core host, one fill ~70 us."""
         bits = llguidance.torch.allocate_token_bitmask(len(matchers), self.vocab_size)
         if device.type == "cuda" and not bits.is_pinned():
             bits = bits.pin_memory()
-        with self._lock:
-            llguidance.torch.fill_next_token_bitmask_par(
-                self._executor, [(m._m, k) for k, (_, m) in enumerate(matchers)], bits
-            )
+        for k, (_, m) in enumerate(matchers):
+            llguidance.torch.fill_next_token_bitmask(m._m, bits, k)
         rows = torch.tensor([row for row, _ in matchers], dtype=torch.int64)
         if device.type == "cuda":
             rows = rows.pin_memory()
