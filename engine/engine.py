@@ -10,7 +10,9 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +26,9 @@ from ds4.engine.sampler import SamplingParams, logprobs_batch, make_generator, s
 from ds4.engine.scheduler import Scheduler, Sequence
 from ds4.engine.step_inputs import on_device
 from ds4.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from ds4.engine.grammar import GrammarCompiler, Matcher
 
 log = logging.getLogger("ds4.engine")
 
@@ -46,6 +51,7 @@ class Request:
     output: RequestOutput
     detokenizer: IncrementalDetokenizer | None = None
     searched: int = 0  # text already searched for stop strings
+    matcher: Matcher | None = None  # where the request stands in its grammar, when it has one
 
 
 class LLMEngine:
@@ -75,6 +81,8 @@ class LLMEngine:
         elif runner.device.type == "cuda":
             log.info("decode steps run eagerly: %s", blocker)
         self.requests: dict[int, Request] = {}
+        self._grammars: GrammarCompiler | None = None  # built on first use: it reads the whole vocabulary
+        self._grammars_lock = threading.Lock()
         self._ids = itertools.count()
         self.counters = {"tokens_prefilled": 0, "tokens_decoded": 0, "tokens_loaded_from_disk": 0}
 
@@ -106,9 +114,24 @@ class LLMEngine:
                 f"{self.max_model_len}-token limit (max_model_len)"
             )
 
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The grammar compiler for this model's tokenizer (llguidance is imported only when asked)."""
+        if self.tokenizer is None:
+            raise RequestError("this checkpoint has no tokenizer.json: grammars need its vocabulary")
+        with self._grammars_lock:
+            if self._grammars is None:
+                from ds4.engine.grammar import GrammarCompiler
+
+                cfg = self.runner.config
+                self._grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size, tuple(cfg.eos_token_ids))
+            return self._grammars
+
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Everything add_request checks, without touching engine state (safe from any thread)."""
         self.check_prompt(prompt_ids, params.max_tokens)
+        if params.grammar is not None:
+            self.grammars.check(params.grammar)
         needed = -(-(len(prompt_ids) + params.max_tokens) // self.config.block_size)
         if needed > self.num_blocks:
             raise RequestError(
@@ -123,8 +146,9 @@ class LLMEngine:
         seq = Sequence(next(self._ids), list(prompt_ids), len(prompt_ids))
         output = RequestOutput(list(prompt_ids), logprobs=[] if params.logprobs is not None else None)
         detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
         self.requests[seq.seq_id] = Request(
-            seq, params, make_generator(params, self.runner.device), output, detokenizer
+            seq, params, make_generator(params, self.runner.device), output, detokenizer, matcher=matcher
         )
         self.scheduler.add(seq)
         return seq.seq_id
@@ -236,7 +260,9 @@ class LLMEngine:
         if len(rows) < logits.shape[0]:
             logits = logits.index_select(0, on_device(rows, torch.int64, logits.device))
         params = [r.params for r in requests]
-        ids = sample_batch(logits, params, [r.generator for r in requests])
+        constrained = [(row, r.matcher) for row, r in enumerate(requests) if r.matcher is not None]
+        mask = self.grammars.mask(constrained, logits.device) if constrained else None
+        ids = sample_batch(logits, params, [r.generator for r in requests], mask)
         asked = [p.logprobs for p in params if p.logprobs is not None]
         if not asked:
             return ids.tolist(), [None] * len(rows)
@@ -261,6 +287,8 @@ class LLMEngine:
         stop_token = (token in self.runner.config.eos_token_ids and not params.ignore_eos) or (
             token in params.stop_token_ids
         )
+        if not stop_token and req.matcher is not None:
+            req.matcher.accept(token)
         if not stop_token:
             out.token_ids.append(token)
             if req.detokenizer is not None:
@@ -268,7 +296,7 @@ class LLMEngine:
                 out.text = req.detokenizer.text
                 if self._hit_stop_string(req):
                     return True
-        if stop_token:
+        if stop_token or (req.matcher is not None and req.matcher.done):
             out.finish_reason = "stop"
         elif len(out.token_ids) >= params.max_tokens:
             out.finish_reason = "length"

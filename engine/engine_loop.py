@@ -25,6 +25,7 @@ class StreamEvent:
     text: str
     output: RequestOutput | None = None
     error: BaseException | None = None
+    logprobs: list[dict] | None = None  # one per new token, when the request asked for them
 
     @property
     def finished(self) -> bool:
@@ -71,10 +72,11 @@ class RequestHandle:
     def _publish(self, out: RequestOutput, finished: bool) -> None:
         tokens = out.token_ids[self._sent_tokens :]
         text = stable_text(out, self.params)[self._sent_text :]
+        logprobs = None if out.logprobs is None else out.logprobs[self._sent_tokens :][: len(tokens)]
         self._sent_tokens += len(tokens)
         self._sent_text += len(text)
         if tokens or text or finished:
-            self.events.put(StreamEvent(tokens, text, out if finished else None))
+            self.events.put(StreamEvent(tokens, text, out if finished else None, logprobs=logprobs))
 
 
 class EngineLoop:

@@ -1,12 +1,17 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seeds, and a grammar's
+token mask on the rows that have one."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from ds4.engine.step_inputs import on_device
+
+if TYPE_CHECKING:
+    from ds4.engine.grammar import Grammar
 
 SAMPLING_EPS = 1e-5
 
@@ -23,6 +28,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: int | None = None  # report each token's log-probability and this many top alternatives
+    grammar: Grammar | None = None  # only tokens this grammar allows; "stop" when it is complete
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -65,14 +71,37 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(sample_batch(logits[None], [params], [generator])[0])
 
 
+class TokenMask(NamedTuple):
+    """The tokens some rows of a batch may take: `rows` [C] int64 and their packed bitmask `bits`
+    [C, ceil(V / 32)] int32 (bit j of word w allows token 32w + j), both on the logits' device."""
+
+    rows: torch.Tensor
+    bits: torch.Tensor
+
+
+def apply_token_mask(logits: torch.Tensor, mask: TokenMask) -> torch.Tensor:
+    """The logits [B, V] with every token a masked row may not take at -inf; other rows untouched."""
+    V = logits.shape[-1]
+    assert mask.bits.shape[-1] * 32 >= V, f"bitmask of {mask.bits.shape[-1]} words for {V} tokens"
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((mask.bits[:, :, None] >> shifts) & 1).flatten(1)[:, :V].bool()  # [C, V]
+    rows = logits.index_select(0, mask.rows).masked_fill(~allowed, float("-inf"))
+    return logits.index_copy(0, mask.rows, rows)
+
+
 def sample_batch(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    mask: TokenMask | None = None,
 ) -> torch.Tensor:
     """Next token ids [B] (int64, on the logits' device) for float32 logits [B, V], all rows at once and
-    nothing read back: greedy rows take the argmax; the others are scaled by their temperature, cut by
-    their top-k, min-p and top-p, and drawn as torch.multinomial draws one sample (the exponential race:
-    argmax of probs / Exp(1) noise, the noise from the row's own generator), so a seed gives the tokens
-    it gave when each row was sampled alone."""
+    nothing read back: masked rows lose the tokens their grammar forbids; greedy rows take the argmax;
+    the others are scaled by their temperature, cut by their top-k, min-p and top-p, and drawn as
+    torch.multinomial draws one sample (the exponential race: argmax of probs / Exp(1) noise, the noise
+    from the row's own generator), so a seed gives the tokens it gave when each row was sampled alone."""
+    if mask is not None:
+        logits = apply_token_mask(logits, mask)
     greedy = logits.argmax(-1)
     if all(p.greedy for p in params):
         return greedy

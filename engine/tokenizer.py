@@ -1,12 +1,15 @@
 """A checkpoint's tokenizer.json (byte-level BPE) through the `tokenizers` library, DeepSeek's chat
-template, and incremental detokenization that never emits half a UTF-8 character."""
+template (with DeepSeek V3.1's tool calls), and incremental detokenization that never emits half a UTF-8
+character."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders
 
 from ds4.engine.errors import ConfigError, RequestError
 
@@ -16,7 +19,25 @@ BOS, EOS, USER, ASSISTANT = (
     "<｜User｜>",
     "<｜Assistant｜>",
 )
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# DeepSeek V3.1's tool-call tokens; a tokenizer without them (the tiny test ones) gets them as text
+CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+CALL_BEGIN, CALL_END, CALL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+OUTPUT_BEGIN, OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+TOOLS_PROMPT = """
+
+## Tools
+You have access to the following tools:
+{tools}
+IMPORTANT: ALWAYS adhere to this exact format for tool use:
+{calls_begin}{call_begin}tool_call_name{sep}tool_call_arguments{call_end}{{additional_tool_calls}}{calls_end}
+
+Where:
+
+- `tool_call_name` must be an exact match to one of the available tools
+- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema
+- For multiple tool calls, chain them directly without separators or spaces
+"""
 
 
 class Tokenizer:
@@ -28,9 +49,9 @@ class Tokenizer:
             )
         self._tok = HFTokenizer.from_file(str(file))
         self.bos_token_id = bos_token_id
-        added = sorted(
-            (t.content for t in self._tok.get_added_tokens_decoder().values()), key=len, reverse=True
-        )
+        added_tokens = self._tok.get_added_tokens_decoder()
+        self._added_ids = frozenset(added_tokens)
+        added = sorted((t.content for t in added_tokens.values()), key=len, reverse=True)
         self._control = re.compile("|".join(map(re.escape, added))) if added else None
         self._max_token_chars: int | None = None
 
@@ -53,12 +74,29 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what a grammar engine compiles against)."""
+        return self._tok.to_str()
+
     def token_id(self, token: str) -> int | None:
         """The id of a (special) token, or None when this tokenizer does not have it."""
         return self._tok.token_to_id(token)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], keep_special: bool = False) -> str:
+        """The text of `ids`; control tokens are dropped unless `keep_special` (a tool-call parser
+        reads DeepSeek's tool-call tokens)."""
+        return self._tok.decode(ids, skip_special_tokens=not keep_special)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level token can hold part of a UTF-8 character, so
+        its text alone may not say): an added token's spelling, a byte-level token through the
+        byte alphabet, otherwise its decoded text."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids or not isinstance(self._tok.decoder, decoders.ByteLevel):
+            return (piece if token_id in self._added_ids else self._tok.decode([token_id])).encode()
+        return bytes(_BYTE_OF_CHAR[c] for c in piece)
 
     def encode_fim(self, prefix: str | list[int], suffix: str) -> list[int] | None:
         """DeepSeek's fill-in-the-middle prompt, BOS <｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>
@@ -93,39 +131,50 @@ class Tokenizer:
         words = self._tok.pre_tokenizer.pre_tokenize_str(text) if self._tok.pre_tokenizer else [(text, None)]
         return [token.id for word, _ in words for token in self._tok.model.tokenize(word)]
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """DeepSeek's template: BOS, the system text, then <｜User｜>{user} and
-        <｜Assistant｜>{reply}<｜end▁of▁sentence｜> turns, ending with <｜Assistant｜> to prompt a reply."""
-        return "".join(text for text, _ in _chat_parts(messages, add_generation_prompt))
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
+        """DeepSeek's template: BOS, the system text (and the tools' descriptions), then <｜User｜>{user}
+        and <｜Assistant｜>{reply}[{tool calls}]<｜end▁of▁sentence｜> turns, tool results as
+        <｜tool▁output▁begin｜>{result}<｜tool▁output▁end｜>, ending with <｜Assistant｜> to prompt a reply.
+        `tools` are OpenAI's function tools ({"type": "function", "function": {name, description,
+        parameters}})."""
+        return "".join(text for text, _ in _chat_parts(messages, add_generation_prompt, tools))
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of the chat prompt (the template carries its own BOS): the template's markers as
-        their control tokens, the messages' contents as text only."""
+        their control tokens (as text where this tokenizer lacks them), the messages' contents as text
+        only."""
         ids = []
-        for text, is_marker in _chat_parts(messages, add_generation_prompt=True):
+        for text, is_marker in _chat_parts(messages, True, tools):
             marker_id = self.token_id(text) if is_marker else None
             ids += [marker_id] if marker_id is not None else self.encode_text(text)
         return ids
 
 
-def _chat_parts(messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+def _chat_parts(
+    messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None
+) -> list[tuple[str, bool]]:
     """The chat prompt as (text, is it a template marker) pieces, in order."""
     parts = [(BOS, True)]
     for i, message in enumerate(messages):
-        role, content = message.get("role") if isinstance(message, dict) else None, None
-        if isinstance(message, dict):
-            content = message.get("content")
-        if role not in ROLES or not isinstance(content, str):
-            raise RequestError(
-                f"messages[{i}] must be {{'role': one of {', '.join(ROLES)}, 'content': a string}}, "
-                f"got {message!r}"
-            )
+        role, content = _role_and_content(i, message)
         if role == "system":
             parts.append((content, False))
         elif role == "user":
             parts += [(USER, True), (content, False)]
+        elif role == "tool":
+            parts += [(OUTPUT_BEGIN, True), (content, False), (OUTPUT_END, True)]
         else:
-            parts += [(ASSISTANT, True), (content, False), (EOS, True)]
+            parts += [
+                (ASSISTANT, True),
+                (content, False),
+                *_call_parts(message.get("tool_calls")),
+                (EOS, True),
+            ]
+    if tools:
+        at = 2 if len(parts) > 1 and not parts[1][1] else 1  # after the system text, or as one
+        parts.insert(at, (_tools_text(tools), False))
     if add_generation_prompt:
         parts.append((ASSISTANT, True))
     merged: list[tuple[str, bool]] = []  # adjacent texts (two system messages) encode as one, as before
@@ -135,6 +184,69 @@ def _chat_parts(messages: list[dict], add_generation_prompt: bool) -> list[tuple
         elif text:
             merged.append((text, is_marker))
     return merged
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: printable bytes stand for themselves, the others for the
+    characters from U+0100 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_alphabet()
+
+
+def _role_and_content(i: int, message) -> tuple[str, str]:
+    """A message's role and text: an assistant message that only calls tools may have no content."""
+    role = message.get("role") if isinstance(message, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if role == "assistant" and content is None and message.get("tool_calls"):
+        content = ""
+    if role not in ROLES or not isinstance(content, str):
+        shape = f"{{'role': one of {', '.join(ROLES)}, 'content': a string}}"
+        raise RequestError(f"messages[{i}] must be {shape}, got {message!r}")
+    return role, content
+
+
+def _call_parts(calls: list[dict] | None) -> list[tuple[str, bool]]:
+    """An assistant turn's tool calls: <｜tool▁calls▁begin｜>, then per call
+    <｜tool▁call▁begin｜>{name}<｜tool▁sep｜>{arguments}<｜tool▁call▁end｜>, then <｜tool▁calls▁end｜>."""
+    if not calls:
+        return []
+    parts = [(CALLS_BEGIN, True)]
+    for call in calls:
+        function = call.get("function") or {}
+        name, arguments = function.get("name"), function.get("arguments")
+        if not isinstance(name, str) or not isinstance(arguments, str):
+            raise RequestError(f"a tool call needs a function name and arguments as strings, got {call!r}")
+        parts += [(CALL_BEGIN, True), (name, False), (CALL_SEP, True), (arguments, False), (CALL_END, True)]
+    return [*parts, (CALLS_END, True)]
+
+
+def _tools_text(tools: list[dict]) -> str:
+    """The system prompt's tool section, as DeepSeek V3.1's template writes it."""
+    described = []
+    for tool in tools:
+        f = tool.get("function") or {}
+        params = json.dumps(f.get("parameters") or {"type": "object", "properties": {}}, ensure_ascii=False)
+        described.append(
+            f"\n### {f.get('name')}\nDescription: {f.get('description') or ''}\n\nParameters: {params}\n"
+        )
+    return TOOLS_PROMPT.format(
+        tools="".join(described),
+        calls_begin=CALLS_BEGIN,
+        calls_end=CALLS_END,
+        call_begin=CALL_BEGIN,
+        call_end=CALL_END,
+        sep=CALL_SEP,
+    )
 
 
 class IncrementalDetokenizer:

@@ -7,7 +7,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
 
 import anyio
 import msgspec
@@ -16,58 +15,14 @@ from litestar.params import FromPath, JSONBody
 from litestar.response import ServerSentEvent
 
 from ds4.agent.api.errors import APIError, responses, strict_body
+from ds4.agent.api.openai_bodies import ChatCompletionRequest, CompletionRequest, Sampling
+from ds4.agent.api.openai_chat import FINISH, StreamedReply, chat_grammar, chat_messages, offered_tools, reply
+from ds4.agent.api.openai_logprobs import CompletionLogprobs, chat_logprobs
 from ds4.agent.api.proxied import ProxiedModel
 from ds4.agent.api.served import ServedModel
 from ds4.engine.errors import EngineStopped, RequestError
+from ds4.engine.grammar import Grammar
 from ds4.engine.sampler import SamplingParams
-
-
-class ContentPart(msgspec.Struct):
-    type: Literal["text"]  # the only kind a text model reads
-    text: str
-
-
-class ChatMessage(msgspec.Struct):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-
-
-class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
-
-
-MAX_TOKENS = 1 << 24  # past any model's context: a bound on the integer, the context bounds the rest
-MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)]
-Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1, description="a 64-bit seed for the sampler")]
-NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-Name = Annotated[str, msgspec.Meta(max_length=256)]
-
-
-class _Sampling(msgspec.Struct, kw_only=True):
-    """The limits the sampler enforces are declared here too, so the schema tells clients the truth."""
-
-    model: Name | None = None
-    max_tokens: MaxTokens | None = None
-    temperature: Annotated[float, msgspec.Meta(ge=0)] = 1.0
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)] = 0
-    min_p: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
-    seed: Seed | None = None
-    stop: NonEmpty | Annotated[list[NonEmpty], msgspec.Meta(max_length=16)] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
-
-
-class ChatCompletionRequest(_Sampling, kw_only=True):
-    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
-    max_completion_tokens: MaxTokens | None = None
-
-
-class CompletionRequest(_Sampling, kw_only=True):
-    prompt: str | Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(min_length=1)]
-    suffix: str | None = None
-    echo: bool = False
 
 
 class EventStream(ServerSentEvent):
@@ -76,10 +31,6 @@ class EventStream(ServerSentEvent):
 
     def to_asgi_response(self, *args, media_type=None, **kwargs):
         return super().to_asgi_response(*args, media_type=None, **kwargs)
-
-
-ROLES = ("system", "user", "assistant")
-FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
 def _model(request: Request) -> ServedModel | ProxiedModel:
@@ -97,7 +48,12 @@ def _check_model(served: ServedModel, asked: str | None) -> None:
 
 
 def _sampling(
-    body: _Sampling, max_tokens: int | None, prompt_len: int, served: ServedModel
+    body: Sampling,
+    max_tokens: int | None,
+    prompt_len: int,
+    served: ServedModel,
+    logprobs: int | None = None,
+    grammar: Grammar | None = None,
 ) -> SamplingParams:
     if body.n != 1:
         raise APIError(400, "n must be 1: ask several times for several samples", "n", "unsupported_value")
@@ -118,6 +74,8 @@ def _sampling(
             min_p=body.min_p,
             max_tokens=min(max_tokens, room) if max_tokens is not None else min(room, 4096),
             seed=body.seed,
+            logprobs=logprobs,
+            grammar=grammar,
             stop=stop,
         )
     except ValueError as e:
@@ -125,6 +83,14 @@ def _sampling(
         raise APIError(
             400, str(e), param if param in msgspec.structs.asdict(body) else None, "invalid_value"
         ) from None
+
+
+async def _check_grammar(served: ServedModel, grammar: Grammar, param: str) -> None:
+    """A 400 naming the problem unless the grammar compiles (in a worker thread: big schemas take time)."""
+    try:
+        await anyio.to_thread.run_sync(served.llm.engine.grammars.check, grammar)
+    except RequestError as e:
+        raise APIError(400, str(e), param, "invalid_value") from None
 
 
 def _submit(served: ServedModel, ids: list[int], params: SamplingParams):
@@ -158,6 +124,16 @@ async def _tokenized(served: ServedModel, texts: list[str], param: str, encode, 
         return await anyio.to_thread.run_sync(encode, *args)
     except RequestError as e:
         raise APIError(400, str(e), param, "invalid_value") from None
+
+
+def _emitted(out) -> list[dict]:
+    """The log-probabilities of the output's tokens (a stop token's own is not reported)."""
+    return (out.logprobs or [])[: len(out.token_ids)]
+
+
+def _joined(head: dict | None, tail: dict) -> dict:
+    """Two completion logprobs objects as one (an echoed prompt's, then the completion's)."""
+    return tail if head is None else {k: head[k] + tail[k] for k in tail}
 
 
 def _usage(request: Request, out, prompt_len: int) -> dict:
@@ -254,25 +230,6 @@ def _model_card(served: ServedModel) -> dict:
     }
 
 
-def _chat_messages(messages: list[ChatMessage]) -> list[dict]:
-    if not messages:
-        raise APIError(400, "messages must not be empty", "messages", "invalid_value")
-    out = []
-    for i, m in enumerate(messages):
-        if m.role not in ROLES:
-            raise APIError(
-                400,
-                f"messages[{i}].role must be one of {', '.join(ROLES)}, not {m.role!r}",
-                f"messages[{i}].role",
-            )
-        if isinstance(m.content, list):
-            text = "".join(p.text for p in m.content)
-        else:
-            text = m.content or ""
-        out.append({"role": m.role, "content": text})
-    return out
-
-
 @post(
     "/v1/chat/completions",
     summary="Chat completion (streams with stream=true)",
@@ -283,43 +240,50 @@ async def chat_completions(request: Request, data: JSONBody[ChatCompletionReques
     data = await strict_body(request, ChatCompletionRequest)
     served = _model(request)
     _check_model(served, data.model)
-    messages = _chat_messages(data.messages)
+    messages = chat_messages(data.messages)
     if isinstance(served, ProxiedModel):
         return await _proxy(request, served, "/chat/completions", data.stream)
-    contents = [m["content"] for m in messages]
-    ids = await _tokenized(served, contents, "messages", served.tokenizer.encode_chat, messages)
-    params = _sampling(data, data.max_completion_tokens or data.max_tokens, len(ids), served)
+    tools = offered_tools(data)
+    texts = [m["content"] for m in messages] + ([json.dumps(tools)] if tools else [])
+    ids = await _tokenized(served, texts, "messages", served.tokenizer.encode_chat, messages, tools)
+    grammar = chat_grammar(data, tools, served.tokenizer)
+    if grammar is not None:
+        await _check_grammar(served, *grammar)
+    top = (data.top_logprobs or 0) if data.logprobs else None
+    max_tokens = data.max_completion_tokens or data.max_tokens
+    params = _sampling(data, max_tokens, len(ids), served, top, grammar[0] if grammar else None)
     handle = _submit(served, ids, params)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    base = {"id": rid, "created": created, "model": served.name}
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
+
+    def logprobs(entries: list[dict]) -> dict | None:
+        return chat_logprobs(served.tokenizer, entries) if data.logprobs else None
+
     if not data.stream:
         out = await _result(request, handle)
-        return {
-            **base,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": out.text},
-                    "logprobs": None,
-                    "finish_reason": FINISH[out.finish_reason],
-                }
-            ],
-            "usage": _usage(request, out, len(ids)),
+        message, finish = reply(out, tools, served.tokenizer)
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": logprobs(_emitted(out)),
+            "finish_reason": finish,
         }
+        usage = _usage(request, out, len(ids))
+        return {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
 
-    def chunk(delta: dict, finish: str | None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def chunk(delta: dict, finish: str | None, entries: list[dict] | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs(entries or []), "finish_reason": finish}
         return json.dumps({**base, "object": "chat.completion.chunk", "choices": [choice]})
 
     async def stream() -> AsyncIterator[str]:
         yield chunk({"role": "assistant", "content": ""}, None)
+        streamed = StreamedReply(tools, served.tokenizer)
         async for event in _events(handle):
-            if event.text:
-                yield chunk({"content": event.text}, None)
+            delta = streamed.delta(event)
+            if delta or event.logprobs:
+                yield chunk(delta or {"content": ""}, None, event.logprobs)
             if event.output is not None:
-                yield chunk({}, FINISH[event.output.finish_reason])
+                yield chunk({}, streamed.finish_reason(event.output))
                 usage = _usage(request, event.output, len(ids))
                 if include_usage:
                     yield json.dumps(
@@ -355,29 +319,34 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> ob
         ids = await _tokenized(served, texts, "prompt", served.tokenizer.encode, data.prompt)
     else:
         ids = list(data.prompt)
-    params = _sampling(data, data.max_tokens if data.max_tokens is not None else 16, len(ids), served)
+    max_tokens = data.max_tokens if data.max_tokens is not None else 16
+    params = _sampling(data, max_tokens, len(ids), served, data.logprobs)
     echo = (
         "" if not data.echo else data.prompt if isinstance(data.prompt, str) else served.tokenizer.decode(ids)
     )
     handle = _submit(served, ids, params)
+    scored = CompletionLogprobs(served.tokenizer) if data.logprobs is not None else None
+    echoed = scored.echo(echo) if scored is not None and echo else None
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
     if not data.stream:
         out = await _result(request, handle)
         text = echo + out.text
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": FINISH[out.finish_reason]}
+        lp = _joined(echoed, scored.add(_emitted(out))) if scored is not None else None
+        choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": FINISH[out.finish_reason]}
         return {**base, "choices": [choice], "usage": _usage(request, out, len(ids))}
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
 
     async def stream() -> AsyncIterator[str]:
         if echo:
             yield json.dumps(
-                {**base, "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]}
+                {**base, "choices": [{"index": 0, "text": echo, "logprobs": echoed, "finish_reason": None}]}
             )
         async for event in _events(handle):
             finish = FINISH[event.output.finish_reason] if event.output is not None else None
-            if event.text or finish:
-                choice = {"index": 0, "text": event.text, "logprobs": None, "finish_reason": finish}
+            if event.text or event.logprobs or finish:
+                lp = scored.add(event.logprobs or []) if scored is not None else None
+                choice = {"index": 0, "text": event.text, "logprobs": lp, "finish_reason": finish}
                 yield json.dumps({**base, "choices": [choice]})
             if event.output is not None:
                 usage = _usage(request, event.output, len(ids))

@@ -58,3 +58,33 @@ def test_role_tokens_inside_a_message_are_plain_text(tokenizer):
     assert tokenizer.decode(ids[2:-1]) == injected  # the text itself is kept, spelled out
     plain = tokenizer.encode_chat([{"role": "user", "content": "hi there"}])
     assert plain == [0, 2, *tokenizer.encode("hi there", add_bos=False), 3]  # ordinary text: as before
+
+
+def test_token_bytes_spell_the_text_even_inside_a_character(tokenizer):
+    text = "naïve → 日本語 code"
+    ids = tokenizer.encode(text, add_bos=False)
+    assert b"".join(tokenizer.token_bytes(t) for t in ids) == text.encode()
+    assert tokenizer.token_bytes(1) == "<｜end▁of▁sentence｜>".encode()
+
+
+def test_tools_calls_and_results_follow_deepseeks_tool_template(tokenizer):
+    tool = {
+        "type": "function",
+        "function": {"name": "ls", "description": "List", "parameters": {"type": "object"}},
+    }
+    call = {"id": "c1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}
+    messages = [
+        {"role": "system", "content": "Sys."},
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "a.py"},
+    ]
+    text = tokenizer.apply_chat_template(messages, tools=[tool])
+    assert (
+        text.startswith("<｜begin▁of▁sentence｜>Sys.\n\n## Tools\n") and "### ls\nDescription: List" in text
+    )
+    assert text.endswith(
+        "<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>ls<｜tool▁sep｜>{}<｜tool▁call▁end｜>"
+        "<｜tool▁calls▁end｜><｜end▁of▁sentence｜><｜tool▁output▁begin｜>a.py<｜tool▁output▁end｜><｜Assistant｜>"
+    )
+    assert tokenizer.decode(tokenizer.encode_chat(messages, [tool]), keep_special=True) == text
