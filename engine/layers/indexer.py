@@ -90,11 +90,9 @@ class Indexer(nn.Module):
         weights = self.weights_proj(x.to(compute_dtype(self.weights_proj))).float()
         weights = weights * (self.n_heads**-0.5 * self.head_dim**-0.5)  # ReLU commutes with the scale
         keys = keys.float().contiguous()
-        if triton_enabled(x.device):
-            return indexer_topk(q, weights, keys, positions, self.topk, scores_fn=indexer_scores)
-        return indexer_topk(
-            q, weights, keys, positions, self.topk, keys_per_block=4096, scores_fn=_block_scores
-        )
+        block = max(256, STREAMING // (T * self.n_heads))  # keys per block: scores within the workspace
+        scorer = indexer_scores if triton_enabled(x.device) else _block_scores
+        return indexer_topk(q, weights, keys, positions, self.topk, keys_per_block=block, scores_fn=scorer)
 
     def _select_triton(self, x, q, keys, allowed):
         """The same selection through ds4's kernels: block-streamed scores and top-k. The 1/sqrt(Di)
@@ -184,7 +182,7 @@ class CompressedIndexer(nn.Module):
                 keys.float().contiguous(),
                 last_visible,
                 min(self.topk, N),
-                keys_per_block=4096,
+                keys_per_block=max(256, STREAMING // (T * self.n_heads)),
                 scores_fn=_block_scores,
             )
         scores = torch.relu(torch.matmul(q.float(), keys.float().T)) * self.head_dim**-0.5  # [T, Hi, N]
