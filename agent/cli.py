@@ -134,6 +134,15 @@ def _add_bench(sub) -> None:
     )
     engine.add_argument("--json", action="store_true")
     engine.set_defaults(func=_cmd_bench_engine)
+    long = bench_sub.add_parser("long", help="one long prompt per length: prefill, TTFT, decode, peak memory")
+    long.add_argument("--model", required=True, help="checkpoint folder")
+    long.add_argument("--tokens", type=_token_counts, default=[8192, 32768], help="lengths, e.g. 8K,32K,128K")
+    long.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    long.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    long.add_argument("--chunk", type=int, default=2048, help="prefill chunk in tokens (default 2048)")
+    long.add_argument("--no-peer", action="store_true", help="skip transformers")
+    long.add_argument("--json", action="store_true")
+    long.set_defaults(func=_cmd_bench_long)
     prefix = bench_sub.add_parser("prefix", help="time to first token: cold, warm prefix cache, disk tier")
     prefix.add_argument("--model", required=True, help="checkpoint folder")
     prefix.add_argument("--prompt-tokens", type=int, default=8192, help="the shared prefix")
@@ -610,6 +619,27 @@ def _cmd_bench_engine(args) -> int:
         batch_prompt_tokens=args.batch_prompt_tokens,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _token_counts(text: str) -> list[int]:
+    """'8K,32K,128K,1M' -> [8192, 32768, 131072, 1048576]."""
+    units = {"K": 1024, "M": 1024 * 1024}
+    try:
+        return [
+            int(t[:-1]) * units[t[-1].upper()] if t[-1].upper() in units else int(t) for t in text.split(",")
+        ]
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of token counts, e.g. 8K,32K,128K"
+        ) from None
+
+
+def _cmd_bench_long(args) -> int:
+    from ds4.engine.long_bench import bench_long, format_long_report
+
+    report = bench_long(args.model, args.tokens, args.device, args.dtype, args.chunk, peer=not args.no_peer)
+    print(json.dumps(report, indent=2) if args.json else format_long_report(report))
     return 0
 
 

@@ -75,6 +75,10 @@ class PagedLatentCache:
     def read(self, layer: int, seq: SeqSlice) -> torch.Tensor:
         return self.kv[layer][seq.rows]  # [S, C + R]
 
+    def read_rows(self, layer: int, seq: SeqSlice, first: int, end: int) -> torch.Tensor:
+        """Rows of positions [first, end) of the sequence: [end - first, C + R]."""
+        return self.kv[layer][seq.rows[first:end]]
+
     def read_index(self, layer: int, seq: SeqSlice) -> torch.Tensor:
         return self.index_k[layer][seq.rows]  # [S, Di]
 

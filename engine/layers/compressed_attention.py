@@ -27,6 +27,7 @@ from ds4.engine.layers.rope import apply_rope_tail
 from ds4.kernels import triton_enabled
 
 CSA = "compressed_sparse_attention"
+WORKSPACE = 1 << 24  # score elements ([queries x heads x keys]) computed at once; more run in query blocks
 
 
 class CompressedAttention(nn.Module):
@@ -123,6 +124,13 @@ class CompressedAttention(nn.Module):
                 q.contiguous(), keys.contiguous(), indices, self.scale, keys.shape[1], self.attn_sink
             )
             return out.to(keys.dtype)
+        step = max(1, WORKSPACE // (H * keys.shape[0]))  # queries per block: scores stay within the workspace
+        return torch.cat(
+            [self._attend_rows(q[a : a + step], keys, allowed[a : a + step]) for a in range(0, n, step)]
+        )
+
+    def _attend_rows(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        n, H = q.shape[0], self.n_heads
         scores = torch.einsum("thd,sd->ths", q, keys) * self.scale  # [n, H, S]
         scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
         sinks = self.attn_sink.to(scores.dtype).view(1, H, 1).expand(n, H, 1)

@@ -26,6 +26,18 @@ def stable_topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[..., :k]
 
 
+# Indexer scores of a chunk past this many elements ([queries x keys x heads]) are streamed in key blocks.
+STREAMING = 1 << 24
+
+
+def _block_scores(q, weights, keys, positions):
+    """score[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s]) for keys at or before each query's position
+    (positions relative to the block's first key), -inf after: one block of the streaming top-k."""
+    scores = torch.einsum("bh,bhs->bs", weights, torch.relu(torch.einsum("bhd,sd->bhs", q, keys)))
+    future = torch.arange(keys.shape[0], device=keys.device)[None, :] > positions[:, None]
+    return scores.masked_fill(future, float("-inf"))
+
+
 class Indexer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -64,6 +76,23 @@ class Indexer(nn.Module):
         index_scores = index_scores.masked_fill(~allowed, float("-inf"))
         chosen = stable_topk_indices(index_scores, self.topk)  # [T, K]
         return torch.zeros_like(allowed).scatter_(1, chosen, True)
+
+    @torch.no_grad()
+    def select_streaming(
+        self, x, q_latent, rope, keys: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """The positions [T, k] each query attends to (-1: none), scored over `keys` [S, Di] in blocks with
+        a running top-k: memory [T, k + block] whatever S (long prefills)."""
+        from ds4.kernels.indexer import indexer_scores, indexer_topk
+
+        T = x.shape[0]
+        q = self._rope(self.wq_b(q_latent).view(T, self.n_heads, self.head_dim), rope).float().contiguous()
+        weights = self.weights_proj(x.to(compute_dtype(self.weights_proj))).float()
+        weights = weights * (self.n_heads**-0.5 * self.head_dim**-0.5)  # ReLU commutes with the scale
+        keys = keys.float().contiguous()
+        block = max(256, STREAMING // (T * self.n_heads))  # keys per block: scores within the workspace
+        scorer = indexer_scores if triton_enabled(x.device) else _block_scores
+        return indexer_topk(q, weights, keys, positions, self.topk, keys_per_block=block, scores_fn=scorer)
 
     def _select_triton(self, x, q, keys, allowed):
         """The same selection through ds4's kernels: block-streamed scores and top-k. The 1/sqrt(Di)
@@ -142,6 +171,20 @@ class CompressedIndexer(nn.Module):
         """Indices [T, k] into `keys` [N, Di] (-1 = none) for queries at `positions` [T]."""
         T, N = x.shape[0], keys.shape[0]
         q = apply_rope_tail(self.wq_b(q_latent).view(T, self.n_heads, self.head_dim), *q_rope)  # [T, Hi, Di]
+        if T * N * self.n_heads > STREAMING:  # long: scored in blocks of keys with a running top-k
+            from ds4.kernels.indexer import indexer_topk
+
+            weights = self.weights_proj(x.float()).float() * (self.n_heads**-0.5 * self.head_dim**-0.5)
+            last_visible = (positions + 1) // self.ratio - 1  # row i is complete once i < (p + 1) // ratio
+            return indexer_topk(
+                q.float().contiguous(),
+                weights,
+                keys.float().contiguous(),
+                last_visible,
+                min(self.topk, N),
+                keys_per_block=max(256, STREAMING // (T * self.n_heads)),
+                scores_fn=_block_scores,
+            )
         scores = torch.relu(torch.matmul(q.float(), keys.float().T)) * self.head_dim**-0.5  # [T, Hi, N]
         weights = self.weights_proj(x.float()).float() * self.n_heads**-0.5  # [T, Hi]
         index_scores = (scores * weights.unsqueeze(-1)).sum(dim=1)  # [T, N]

@@ -23,6 +23,10 @@ from ds4.engine.layers.quantized import dense_weight
 from ds4.engine.layers.rope import apply_rope, softmax_scale
 from ds4.kernels import triton_enabled
 
+# Scores of a chunk against its context above this many elements ([queries x keys x heads]) are computed
+# in key blocks of about this size instead: prefill memory stays flat however long the cached prefix.
+WORKSPACE = 1 << 24
+
 
 class MLA(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int):
@@ -79,6 +83,15 @@ class MLA(nn.Module):
         for seq in ctx.seqs:
             new = slice(seq.offset, seq.offset + seq.num_tokens)
             ctx.cache.write(self.layer_id, seq, kv_rows[new], None if index_rows is None else index_rows[new])
+            if seq.num_tokens * seq.end * self.n_heads > WORKSPACE:  # long: scores in key blocks
+                chosen = None
+                if self.indexer is not None and seq.end > self.indexer.topk:
+                    index_keys = ctx.cache.read_index(self.layer_id, seq)
+                    chosen = self.indexer.select_streaming(
+                        x[new], q_latent[new], rope_slice(rope, new), index_keys, ctx.positions[new]
+                    )
+                outs.append(self._prefill_blocked(q_nope[new], q_pe[new], ctx.cache, seq, chosen))
+                continue
             cached = ctx.cache.read(self.layer_id, seq)  # [S, C + R]
             allowed = _causal_mask(seq.start, seq.num_tokens, seq.end, x.device)  # [T, S]
             if self.indexer is not None:
@@ -94,6 +107,43 @@ class MLA(nn.Module):
                 outs.append(self._naive(q_nope[new], q_pe[new], cached, allowed))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]  # [T, H, V]
         return self.wo(out.flatten(1))
+
+    def _prefill_blocked(self, q_nope, q_pe, cache, seq, chosen=None):
+        """A chunk's T queries over their sequence's S cached rows, one block of keys at a time with an
+        online softmax: per-head K/V are expanded for one block only and the scores are [H, T, block], so
+        memory follows the workspace, never T x S. V3.2: `chosen` [T, k] are the positions each query
+        may see (-1: none)."""
+        N, R, C, V = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank, self.v_head_dim
+        T, H = q_nope.shape[:2]
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [H, T, N + R]
+        q_pos = torch.arange(seq.start, seq.end, device=q.device)  # [T]
+        block = max(64, WORKSPACE // (T * H))
+        top = torch.full((H, T), float("-inf"), device=q.device)  # running max of each query's scores
+        total = torch.zeros(H, T, device=q.device)  # running sum of exp(score - top)
+        acc = torch.zeros(H, T, V, device=q.device)  # running sum of exp(score - top) * v
+        for first in range(0, seq.end, block):
+            rows = cache.read_rows(self.layer_id, seq, first, min(seq.end, first + block))  # [b, C + R]
+            b = rows.shape[0]
+            latent, k_pe = rows.split([C, R], dim=-1)
+            k_nope, v = self.wkv_b(latent).view(b, H, N + V).split([N, V], dim=-1)  # [b, H, N], [b, H, V]
+            k = torch.cat([k_nope, k_pe[:, None, :].expand(b, H, R)], dim=-1)  # [b, H, N + R]
+            scores = torch.matmul(q, k.permute(1, 2, 0)).float() * self.scale  # [H, T, b]
+            key_pos = torch.arange(first, first + b, device=q.device)
+            hidden = key_pos[None, :] > q_pos[:, None]  # [T, b]: causal
+            if chosen is not None:  # V3.2: only the indexer's picks
+                picked = torch.zeros(T, b + 1, dtype=torch.bool, device=q.device)
+                inside = (chosen >= first) & (chosen < first + b)
+                picked.scatter_(1, torch.where(inside, chosen - first, b), True)
+                hidden |= ~picked[:, :b]
+            scores.masked_fill_(hidden[None], float("-inf"))
+            new_top = torch.maximum(top, scores.amax(-1))
+            base = torch.where(torch.isinf(new_top), 0.0, new_top)  # a query with nothing yet: no inf - inf
+            probs = torch.exp(scores - base[..., None])  # [H, T, b]
+            rescale = torch.exp(top - base)  # earlier sums to the new maximum
+            total = total * rescale + probs.sum(-1)
+            acc = acc * rescale[..., None] + torch.matmul(probs.to(v.dtype), v.transpose(0, 1)).float()
+            top = new_top
+        return (acc / total[..., None]).transpose(0, 1).to(q_nope.dtype)  # [T, H, V]
 
     def _naive(self, q_nope, q_pe, cached, allowed):
         N, R, C = self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank

@@ -31,7 +31,7 @@ def test_schemathesis_finds_nothing(tiny_v3, tmp_path):
                 "--checks",
                 "all",
                 "--workers",
-                "4",
+                "1",  # several workers' threads crashed CPython 3.11's ast inside hypothesis once
                 "--header",
                 "Authorization: Bearer k",
                 "--max-time",

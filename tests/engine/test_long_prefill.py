@@ -1,0 +1,85 @@
+"""Long prefills at bounded memory: past a workspace of [queries x keys x heads] scores, MLA prefill runs
+over the cached context in key blocks with an online softmax (V3.2's selection through the streaming
+top-k; V4 attends in query blocks and streams its compressed indexer), and still matches transformers at
+every position, whole or chunked over a prefix, torch path and Triton path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ds4.engine.layers.mla as mla
+from ds4.engine import LLM
+from ds4.engine.context import SeqSlice
+from ds4.kernels import forced
+from tests.conftest import max_rel_err, save_hf_checkpoint, stable_indexer_topk
+from tests.engine.test_deepseek_v3 import CASES
+
+SEQ_LEN = 72
+
+
+@pytest.fixture(scope="module", params=["v3-groups-yarn", "v32-yarn-dense2", "v32-sparse"])
+def case(request, tmp_path_factory):
+    family, overrides = CASES[request.param]
+    path, hf = save_hf_checkpoint(tmp_path_factory.mktemp(request.param), family, seed=5, **overrides)
+    ids = torch.randint(2, hf.config.vocab_size, (SEQ_LEN,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), stable_indexer_topk():
+        ref = hf(ids[None]).logits[0].float()
+    return path, ids, ref
+
+
+@pytest.fixture()
+def small_workspace(monkeypatch):
+    """Every prefill past 64 score elements runs in key blocks (of 64 keys, the least)."""
+    monkeypatch.setattr(mla, "WORKSPACE", 64)
+
+
+@pytest.mark.parametrize("triton", [False, True])
+def test_blocked_prefill_matches_transformers_whole_and_chunked(case, small_workspace, triton):
+    path, ids, ref = case
+    llm = LLM(path)
+    with forced(triton):
+        whole = llm.score(ids.tolist())
+        cache = llm.runner.new_cache(1, SEQ_LEN)
+        chunks = [
+            llm.runner.step(
+                ids[a : a + 17].tolist(), [SeqSlice(0, a, min(17, SEQ_LEN - a), 0)], cache, all_logits=True
+            )
+            for a in range(0, SEQ_LEN, 17)
+        ]
+    assert max_rel_err(whole, ref) < 1e-5
+    assert max_rel_err(torch.cat(chunks), ref) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["mixed-hc2", "hc4-csa2"])
+def test_v4_in_query_blocks_and_streamed_selection_matches_transformers(name, tmp_path, monkeypatch):
+    import ds4.engine.layers.compressed_attention as compressed
+    import ds4.engine.layers.indexer as indexer
+    from tests.engine.test_deepseek_v4 import CASES as V4_CASES
+
+    monkeypatch.setattr(compressed, "WORKSPACE", 64)  # a few queries per block
+    monkeypatch.setattr(indexer, "STREAMING", 64)  # the compressed indexer streams its top-k
+    path, hf = save_hf_checkpoint(tmp_path / name, "deepseek_v4", seed=3, **V4_CASES[name])
+    ids = torch.randint(2, hf.config.vocab_size, (48,), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad(), stable_indexer_topk():
+        ref = hf(ids[None]).logits[0].float()
+    llm = LLM(path)
+    cache = llm.runner.new_cache(1, 48)
+    chunks = [
+        llm.runner.step(ids[a : a + 16].tolist(), [SeqSlice(0, a, 16, 0)], cache, all_logits=True)
+        for a in range(0, 48, 16)
+    ]
+    assert max_rel_err(llm.score(ids.tolist()), ref) < 1e-4
+    assert max_rel_err(torch.cat(chunks), ref) < 1e-4
+
+
+def test_bench_long_reports_each_length_next_to_transformers(tiny_v3):
+    from ds4.engine.long_bench import bench_long
+
+    report = bench_long(str(tiny_v3), [300, 600], chunk=128, decode_tokens=4)
+    assert list(report["lengths"]) == ["300", "600"]
+    for row in report["lengths"].values():
+        ds4, peer = row["ds4"], row["transformers"]
+        assert ds4["prefill_tokens_per_s"] > 0 and ds4["decode_tokens_per_s"] > 0 and ds4["peak_gb"] >= 0
+        assert ds4["ttft_cached_s"] > 0
+        assert peer["prefill_tokens_per_s"] > 0
