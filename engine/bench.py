@@ -26,7 +26,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device) -> float:
+    """Seconds `fn` takes, the device's queue drained before and after."""
     _sync(device)
     start = time.perf_counter()
     fn()
@@ -39,7 +40,7 @@ CPU = torch.device("cpu")
 
 def _median_time(fn, runs: int, device: torch.device = CPU) -> float:
     fn()  # warm-up
-    return statistics.median(_timed(fn, device) for _ in range(runs))
+    return statistics.median(timed(fn, device) for _ in range(runs))
 
 
 def _prompts(vocab: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -47,7 +48,7 @@ def _prompts(vocab: int, count: int, length: int, seed: int = 0) -> list[list[in
     return [torch.randint(2, vocab, (length,), generator=gen).tolist() for _ in range(count)]
 
 
-def _greedy(n: int) -> SamplingParams:
+def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
 
@@ -56,7 +57,7 @@ def _decode_rate(generate, batch: int, new: int, runs: int, device: torch.device
     token taken out."""
     generate(2)  # warm-up
     gaps = [
-        _timed(lambda: generate(new + 1), device) - _timed(lambda: generate(1), device) for _ in range(runs)
+        timed(lambda: generate(new + 1), device) - timed(lambda: generate(1), device) for _ in range(runs)
     ]
     return batch * new / statistics.median(gaps)
 
@@ -75,7 +76,7 @@ def _step_profile(llm: LLM, prompt: list[int], steps: int, rate: float) -> dict:
     """Per decoded token at batch 1: host syncs (every op that waits for the device, the copy of the ids
     back included), then aten ops (CPU) or kernels, GPU time and the device's share of a step (CUDA)."""
     engine, device = llm.engine, llm.runner.device
-    engine.add_request(prompt, _greedy(2 * steps + 2))
+    engine.add_request(prompt, greedy(2 * steps + 2))
     engine.step()  # the prompt
     engine.step()
     recorder = SyncRecorder()
@@ -111,11 +112,11 @@ def _step_profile(llm: LLM, prompt: list[int], steps: int, rate: float) -> dict:
 
 def _ds4(llm: LLM, prompt: list[int], batch_prompts: list[list[int]], decode_tokens: int, runs: int) -> dict:
     device = llm.runner.device
-    prefill = _median_time(lambda: llm.generate([prompt], _greedy(1)), runs, device)
-    rate = _decode_rate(lambda n: llm.generate([prompt], _greedy(n)), 1, decode_tokens, runs, device)
+    prefill = _median_time(lambda: llm.generate([prompt], greedy(1)), runs, device)
+    rate = _decode_rate(lambda n: llm.generate([prompt], greedy(n)), 1, decode_tokens, runs, device)
     batch = len(batch_prompts)
     batched = _decode_rate(
-        lambda n: llm.generate(batch_prompts, _greedy(n)), batch, decode_tokens, runs, device
+        lambda n: llm.generate(batch_prompts, greedy(n)), batch, decode_tokens, runs, device
     )
     return {
         "prefill_tokens_per_s": len(prompt) / prefill,

@@ -7,16 +7,11 @@ resident set growth). Transformers is reported as "out of memory" where its scor
 from __future__ import annotations
 
 import resource
-import time
 
 import torch
 
+from ds4.engine.bench import greedy, timed
 from ds4.engine.llm import LLM
-from ds4.engine.sampler import SamplingParams
-
-
-def _greedy(n: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
 
 class _Peak:
@@ -40,22 +35,12 @@ class _Peak:
             self.bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.start
 
 
-def _timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def _ds4_row(llm: LLM, ids: list[int], decode_tokens: int) -> dict:
     device = llm.runner.device
     with _Peak(device) as peak:
-        first = _timed(lambda: llm.generate([ids], _greedy(1)), device)  # cold: the whole prompt
-    cached = _timed(lambda: llm.generate([ids], _greedy(1)), device)  # the prefix from the cache
-    decode = _timed(lambda: llm.generate([ids], _greedy(decode_tokens + 1)), device) - cached
+        first = timed(lambda: llm.generate([ids], greedy(1)), device)  # cold: the whole prompt
+    cached = timed(lambda: llm.generate([ids], greedy(1)), device)  # the prefix from the cache
+    decode = timed(lambda: llm.generate([ids], greedy(decode_tokens + 1)), device) - cached
     return {
         "prefill_tokens_per_s": len(ids) / first,
         "ttft_s": first,
@@ -82,7 +67,7 @@ def _transformers_row(model, ids: list[int], heads: int, device: torch.device) -
     x = torch.tensor([ids], device=device)
     with torch.inference_mode(), _Peak(device) as peak:
         try:
-            seconds = _timed(lambda: model(x, logits_to_keep=1), device)
+            seconds = timed(lambda: model(x, logits_to_keep=1), device)
         except torch.OutOfMemoryError as e:
             return {"out_of_memory": str(e).splitlines()[0]}
     return {"prefill_tokens_per_s": len(ids) / seconds, "ttft_s": seconds, "peak_gb": peak.bytes / 1e9}
@@ -111,7 +96,7 @@ def bench_long(
         num_cache_blocks=-(-max_len // 256) + 2,  # the prompt, kept, and decode
     )
     vocab = llm.config.vocab_size
-    llm.generate([list(range(2, 2 + min(chunk, 64)))], _greedy(2))  # warm-up: first-use allocations, kernels
+    llm.generate([list(range(2, 2 + min(chunk, 64)))], greedy(2))  # warm-up: first-use allocations, kernels
     gen = torch.Generator().manual_seed(0)
     rows = {}
     for n in lengths:
