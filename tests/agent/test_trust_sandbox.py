@@ -42,13 +42,14 @@ def tree(tmp_path) -> Path:
     return path
 
 
-def processes_with(marker: str) -> list[int]:
-    """Live processes whose command line holds `marker` (zombies have none)."""
+def processes_with(marker: str, starting: bool = False) -> list[int]:
+    """Live processes whose command line holds `marker` (or starts with it) (zombies have none)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if command.startswith(marker) if starting else marker in command:
                     found.append(int(entry.name))
             except OSError:
                 continue  # it ended while we looked
@@ -180,7 +181,9 @@ def test_no_process_survives_when_its_runner_is_killed(bwrap, tree):
         ]
     )
     try:
-        assert wait_for(lambda: len(processes_with(f"sleep {marker}")) >= 3, 60)
+        # the three sleeps themselves running (bwrap's own processes carry the command in their argv
+        # while they set the sandbox up, before they arm --die-with-parent)
+        assert wait_for(lambda: len(processes_with(f"sleep {marker}", starting=True)) >= 3, 60)
         runner.send_signal(signal.SIGKILL)  # like `kill -9` of a server: no clean-up code runs
         runner.wait()
         assert wait_for(lambda: not processes_with(f"sleep {marker}"), 10), processes_with(f"sleep {marker}")
