@@ -39,6 +39,12 @@ class DecodeBatch:
     seq_lens: torch.Tensor  # [B] int32: tokens each sequence attends to, the new one included
     max_len: int  # the longest of seq_lens, known on the host (the torch path's gather width)
 
+    def pool_rows(self, block_size: int) -> torch.Tensor:
+        """[B, max_len] the cache rows of each sequence's positions [0, max_len) through its block table
+        (positions past a sequence's length point into its table's padding: mask them)."""
+        pos = torch.arange(self.max_len, device=self.block_table.device)
+        return self.block_table.long()[:, pos // block_size] * block_size + pos % block_size
+
     def to(self, device: torch.device) -> DecodeBatch:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return replace(

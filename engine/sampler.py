@@ -107,9 +107,10 @@ def sample_batch(
         return greedy
     column = lambda values, dtype=torch.float32: on_device(values, dtype, logits.device)[:, None]  # noqa: E731
     logits = logits / column([1.0 if p.greedy else p.temperature for p in params])
-    sorted_logits = logits.sort(-1, descending=True).values
-    top_k = column([p.top_k or logits.shape[-1] for p in params], torch.int64).clamp(max=logits.shape[-1])
-    logits = logits.masked_fill(logits < sorted_logits.gather(-1, top_k - 1), float("-inf"))
+    if any(p.top_k for p in params):  # rows without one keep every token (k = V)
+        sorted_logits = logits.sort(-1, descending=True).values
+        top_k = column([p.top_k or logits.shape[-1] for p in params], torch.int64).clamp(max=logits.shape[-1])
+        logits = logits.masked_fill(logits < sorted_logits.gather(-1, top_k - 1), float("-inf"))
     if any(p.min_p > 0 for p in params):
         probs = logits.softmax(-1)
         min_p = column([p.min_p for p in params])

@@ -127,8 +127,7 @@ class Indexer(nn.Module):
             )
         else:
             pos = torch.arange(width, device=x.device)
-            rows = batch.block_table.long()[:, pos // block_size] * block_size + pos % block_size  # [B, S]
-            dots = torch.relu(torch.einsum("bhd,bsd->bhs", q, pool[rows].float()))
+            dots = torch.relu(torch.einsum("bhd,bsd->bhs", q, pool[batch.pool_rows(block_size)].float()))
             scores = torch.einsum("bh,bhs->bs", weights, dots)
             scores = scores.masked_fill(pos[None, :] >= batch.seq_lens[:, None], float("-inf"))  # [B, S]
         from ds4.kernels.indexer import topk_ties_low

@@ -160,10 +160,8 @@ class MLA(nn.Module):
         return out.transpose(0, 1)  # [T, H, V]
 
     def _absorbed(self, q_nope, q_pe, cached, allowed):
-        N, C = self.qk_nope_head_dim, self.kv_lora_rank
-        latent = cached[:, :C]  # [S, C]; the rope part of `cached` is the key's tail
-        w_ukv = dense_weight(self.wkv_b).unflatten(0, (self.n_heads, N + self.v_head_dim))
-        w_uk, w_uv = w_ukv.split([N, self.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
+        latent = cached[:, : self.kv_lora_rank]  # [S, C]; the rope part of `cached` is the key's tail
+        w_uk, w_uv = self._absorbed_weights()  # [H, N, C], [H, V, C]
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # [T, H, C]
         # one shared key/value head in the latent space: scores = q_latent . latent + q_pe . k_pe
         q = torch.cat([q_latent, q_pe], dim=-1).transpose(0, 1)  # [H, T, C + R]
@@ -227,8 +225,7 @@ class MLA(nn.Module):
         batch's longest, the rest masked."""
         C = self.kv_lora_rank
         pos = torch.arange(batch.max_len, device=pool.device)  # [S]
-        rows = batch.block_table.long()[:, pos // block_size] * block_size + pos % block_size  # [B, S]
-        cached = pool[rows]  # [B, S, C + R]
+        cached = pool[batch.pool_rows(block_size)]  # [B, S, C + R]
         q = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, C + R]: one product over latent and rope
         scores = torch.bmm(q, cached.transpose(1, 2)) * self.scale  # bhd,bsd->bhs [B, H, S]
         hidden = pos[None, None, :] >= batch.seq_lens[:, None, None]
@@ -242,9 +239,8 @@ class MLA(nn.Module):
         from ds4.kernels.mla_decode import paged_mla_decode
         from ds4.kernels.sparse_attention import sparse_attention
 
-        N, C = self.qk_nope_head_dim, self.kv_lora_rank
-        w_ukv = dense_weight(self.wkv_b).unflatten(0, (self.n_heads, N + self.v_head_dim))
-        w_uk, w_uv = w_ukv.split([N, self.v_head_dim], dim=1)
+        C = self.kv_lora_rank
+        w_uk, w_uv = self._absorbed_weights()
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk).contiguous()  # [T, H, C]
         pool = cache.kv[self.layer_id]
         if self.indexer is None:
