@@ -99,7 +99,10 @@ class Bubblewrap:
         argv = [shutil.which("bwrap") or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
         for path in self._covered():
             argv += ["--tmpfs", str(path)] if path.is_dir() else ["--ro-bind", os.devnull, str(path)]
-        argv += ["--bind", str(scratch), "/tmp", "--dir", "/tmp/home", "--bind", str(tree), str(tree)]
+        argv += ["--bind", str(scratch), "/tmp", "--dir", "/tmp/home"]
+        for path in _toolchains_under_tmp():  # the private /tmp would hide them
+            argv += ["--ro-bind", str(path), str(path)]
+        argv += ["--bind", str(tree), str(tree)]
         argv += ["--chdir", str(tree), "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
         argv += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", "--", "/bin/sh", "-c", command]
         return limited(argv, self.limits), environment("/tmp/home", "/tmp")
@@ -109,6 +112,22 @@ class Bubblewrap:
         paths = [*HIDDEN_SYSTEM_PATHS, *(home / p for p in SECRET_HOME_PATHS), *self.hidden]
         real = {Path(os.path.realpath(p)) for p in paths}
         return sorted(p for p in real if p.exists() and p != Path("/"))
+
+
+def _toolchains_under_tmp() -> list[Path]:
+    """This Python's environment and the PATH folders that live under /tmp (a checkout or venv there),
+    outermost first and none inside another: read-only inside the sandbox, over its private /tmp."""
+    tmp = Path(os.path.realpath("/tmp"))
+    candidates = {sys.prefix, sys.base_prefix, *os.environ.get("PATH", "").split(os.pathsep)}
+    found = sorted(
+        {Path(os.path.realpath(c)) for c in candidates if c and os.path.isdir(c)},
+        key=lambda p: len(p.parts),
+    )
+    kept: list[Path] = []
+    for path in found:
+        if path.is_relative_to(tmp) and path != tmp and not any(path.is_relative_to(k) for k in kept):
+            kept.append(path)
+    return kept
 
 
 @dataclass

@@ -85,7 +85,8 @@ def test_a_test_command_cannot_reach_the_network(bwrap, tree):
 
 
 def test_a_test_command_cannot_write_outside_its_worktree(bwrap, tree):
-    outside = HERE / f".sandbox-probe-{uuid.uuid4().hex[:8]}"
+    # the home folder, not this checkout: a checkout under /tmp is hidden by the private /tmp instead
+    outside = Path.home() / f".ds4-sandbox-probe-{uuid.uuid4().hex[:8]}"
     command = f"echo inside > written.txt; echo out > {outside}; echo etc > /etc/ds4-probe; true"
     try:
         result = run_tests(command, tree, timeout=60, sandbox=bwrap)
