@@ -232,6 +232,15 @@ def _declare_streams(app: Litestar) -> None:
             }
 
 
+FORCED_CALL_NEEDS_TOOLS = {  # a tool_choice that forces a call ("required" or a named one) needs tools
+    "if": {
+        "properties": {"tool_choice": {"anyOf": [{"const": "required"}, {"type": "object"}]}},
+        "required": ["tool_choice"],
+    },
+    "then": {"properties": {"tools": {"type": "array", "minItems": 1}}, "required": ["tools"]},
+}
+
+
 def _declare_bodies(app: Litestar, model) -> None:
     """The request bodies' schemas as msgspec writes them: litestar drops the constraints inside unions
     (a token-id prompt's minItems, a stop list's maxItems), and the server enforces every one of them,
@@ -244,6 +253,7 @@ def _declare_bodies(app: Litestar, model) -> None:
         for member in components["CompletionRequest"]["properties"]["prompt"]["anyOf"]:
             if member.get("type") == "array":
                 member["items"]["maximum"] = vocab - 1
+    components["ChatCompletionRequest"].update(FORCED_CALL_NEEDS_TOOLS)
     schemas = app.openapi_schema.components.schemas
     for name, schema in components.items():
         if name not in schemas:

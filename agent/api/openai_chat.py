@@ -45,7 +45,10 @@ def offered_tools(data: ChatCompletionRequest) -> list[dict] | None:
             raise APIError(400, "tool_choice forces a tool call but no tools are given", "tool_choice")
     if isinstance(choice, NamedToolChoice) and choice.function.name not in _names(tools):
         raise APIError(
-            400, f"tool_choice names {choice.function.name!r}, which is not among the tools", "tool_choice"
+            400,
+            f"tool_choice names {choice.function.name!r}, which is not among the tools",
+            "tool_choice",
+            "tool_not_offered",
         )
     return tools or None if choice != "none" else None
 

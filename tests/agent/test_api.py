@@ -13,6 +13,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import jsonschema_rs
 import openai
 import pytest
 
@@ -285,6 +286,16 @@ def test_the_schema_keeps_the_constraints_inside_unions(server, tiny_v3):
         "maximum": 20,
         "default": 3,
     }
+    # the one cross-field rule the schema declares (a forced tool call needs tools), by the validator
+    # schemathesis itself uses
+    chat = {**schemas["ChatCompletionRequest"], "components": {"schemas": schemas}}
+    ask = {"messages": [{"role": "user", "content": "x"}]}
+    tool = {"type": "function", "function": {"name": "f"}}
+    forced = {"type": "function", "function": {"name": "f"}}
+    assert not jsonschema_rs.Draft202012Validator(chat).is_valid({**ask, "tool_choice": "required"})
+    assert not jsonschema_rs.Draft202012Validator(chat).is_valid({**ask, "tool_choice": forced, "tools": []})
+    assert jsonschema_rs.Draft202012Validator(chat).is_valid({**ask, "tool_choice": forced, "tools": [tool]})
+    assert jsonschema_rs.Draft202012Validator(chat).is_valid({**ask, "tool_choice": "auto"})
 
 
 @pytest.mark.parametrize(
