@@ -130,11 +130,12 @@ class CompressedAttention(nn.Module):
         )
 
     def _attend_rows(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        n, H = q.shape[0], self.n_heads
-        scores = torch.einsum("thd,sd->ths", q, keys) * self.scale  # [n, H, S]
-        scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
-        sinks = self.attn_sink.to(scores.dtype).view(1, H, 1).expand(n, H, 1)
-        logits = torch.cat([scores, sinks], dim=-1)
-        logits = logits - logits.max(dim=-1, keepdim=True).values
-        probs = torch.softmax(logits, dim=-1)[..., :-1]
-        return torch.einsum("ths,sd->thd", probs.to(keys.dtype), keys)  # [n, H, Dh]
+        """One block of queries; the [n, H, S] scores are the one workspace-sized tensor (in place)."""
+        H = self.n_heads
+        scores = torch.einsum("thd,sd->ths", q, keys).mul_(self.scale)  # [n, H, S]
+        scores.masked_fill_(~allowed[:, None, :], float("-inf"))
+        sinks = self.attn_sink.to(scores.dtype).view(1, H, 1)
+        top = torch.maximum(scores.amax(dim=-1, keepdim=True), sinks)  # [n, H, 1]: the sink is a column
+        probs = scores.sub_(top).exp_()
+        total = probs.sum(dim=-1, keepdim=True) + (sinks - top).exp()
+        return torch.einsum("ths,sd->thd", probs.to(keys.dtype), keys) / total.to(keys.dtype)  # [n, H, Dh]

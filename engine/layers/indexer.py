@@ -27,13 +27,13 @@ def stable_topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # Indexer scores of a chunk past this many elements ([queries x keys x heads]) are streamed in key blocks.
-STREAMING = 1 << 24
+STREAMING = 1 << 22
 
 
 def _block_scores(q, weights, keys, positions):
     """score[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s]) for keys at or before each query's position
     (positions relative to the block's first key), -inf after: one block of the streaming top-k."""
-    scores = torch.einsum("bh,bhs->bs", weights, torch.relu(torch.einsum("bhd,sd->bhs", q, keys)))
+    scores = torch.einsum("bh,bhs->bs", weights, torch.einsum("bhd,sd->bhs", q, keys).relu_())
     future = torch.arange(keys.shape[0], device=keys.device)[None, :] > positions[:, None]
     return scores.masked_fill(future, float("-inf"))
 

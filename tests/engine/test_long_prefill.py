@@ -83,3 +83,53 @@ def test_bench_long_reports_each_length_next_to_transformers(tiny_v3):
         assert ds4["prefill_tokens_per_s"] > 0 and ds4["decode_tokens_per_s"] > 0 and ds4["peak_gb"] >= 0
         assert ds4["ttft_cached_s"] > 0
         assert peer["prefill_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v32", "deepseek_v4"])
+def test_a_chunks_workspace_does_not_grow_with_the_context(family, tmp_path, monkeypatch):
+    """The activation workspace of a chunk (ds4.engine.activations: bytes of the tensors a step creates,
+    alive at once, less what it keeps) at 4x the context is at most 1.5x. Scaled down 8x from 2K chunks
+    over 8K and 32K tokens (the workspaces with them), so it runs in seconds; docs/perf.md has the full
+    size."""
+    import ds4.engine.layers.compressed_attention as compressed
+    import ds4.engine.layers.indexer as indexer
+    from ds4.engine.activations import ActivationPeak
+    from ds4.engine.random_checkpoint import init_checkpoint
+
+    scale = 8 * 8  # [queries x keys] workspaces shrink with the square of the lengths
+    monkeypatch.setattr(mla, "WORKSPACE", mla.WORKSPACE // scale)
+    monkeypatch.setattr(compressed, "WORKSPACE", compressed.WORKSPACE // scale)
+    monkeypatch.setattr(indexer, "STREAMING", indexer.STREAMING // scale)
+    path = init_checkpoint(family, "tiny", tmp_path / family, seed=0)
+    llm = LLM(path)
+    chunk = 256
+
+    def workspace(n: int) -> int:
+        cache = llm.runner.new_cache(1, n)
+        ids = torch.randint(2, llm.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
+        worst = 0
+        for a in range(0, n, chunk):
+            with ActivationPeak() as act:
+                llm.runner.step(ids[a : a + chunk].tolist(), [SeqSlice(0, a, chunk, 0)], cache)
+            worst = max(worst, act.workspace)
+        return worst
+
+    short, long = workspace(1024), workspace(4096)
+    assert 0 < long <= 1.5 * short, (short, long)
+
+
+def test_the_activation_count_sees_what_is_alive_at_once():
+    from ds4.engine.activations import ActivationPeak
+
+    kept = torch.zeros(4)
+    with ActivationPeak() as act:
+        a = torch.ones(1000)  # 4,000 bytes
+        b = a * 2  # 4,000 more: 8,000 alive
+        del a
+        c = b[:10].clone()  # 40 bytes: b and c alive
+        kept.add_(1)  # in place on a tensor from before: not counted
+        del b
+        d = torch.empty(250)  # 1,000 bytes
+    assert act.peak == 8_000
+    assert act.kept == c.nbytes + d.nbytes == 1_040
+    assert act.workspace == 6_960
