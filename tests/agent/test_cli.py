@@ -51,6 +51,21 @@ def test_parser_does_not_import_torch():
     assert result.returncode == 0, result.stderr
 
 
+def test_a_command_imports_only_its_own_module():
+    code = (
+        "import contextlib, sys\nfrom ds4.agent.cli import main\n"
+        "for argv in (['--help'], ['fix', '--help']):\n"
+        "    with contextlib.redirect_stdout(sys.stderr), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "    print(sorted(m for m in sys.modules if m.startswith('ds4.agent.cli.')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "[]"  # the top-level --help lists the commands without importing any
+    assert lines[-1] == "['ds4.agent.cli.fix', 'ds4.agent.cli.flags', 'ds4.agent.cli.inputs']"
+
+
 def test_model_init_writes_checkpoint(model_dir):
     config = json.loads((model_dir / "config.json").read_text())
     assert config["model_type"] == "deepseek_v32"

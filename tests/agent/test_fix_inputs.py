@@ -219,7 +219,7 @@ def test_a_mistyped_issue_file_is_an_error_and_issue_text_is_literal(repo, env):
         and "ISSSUE.md: no such file; to give the issue as text, use --issue-text" in done.stderr
     )
     assert len(done.stderr.strip().splitlines()) == 1
-    from ds4.agent.cli import _read_issue
+    from ds4.agent.cli.inputs import read_issue
 
-    assert _read_issue("", "ISSSUE.md") == "ISSSUE.md"
-    assert _read_issue("add() returns the wrong sign") == "add() returns the wrong sign"
+    assert read_issue("", "ISSSUE.md") == "ISSSUE.md"
+    assert read_issue("add() returns the wrong sign") == "add() returns the wrong sign"
