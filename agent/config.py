@@ -14,6 +14,8 @@ import os
 import tomllib
 from pathlib import Path
 
+from ds4.agent.errors import ConfigError
+
 KEYS: dict[str, type | tuple[type, ...]] = {
     "model": str,
     "endpoint": str,
@@ -29,10 +31,6 @@ KEYS: dict[str, type | tuple[type, ...]] = {
 }
 PATHS = ("model", "tokenizer")
 USER_ONLY = ("model", "endpoint", "model_name", "sandbox")
-
-
-class ConfigError(ValueError):
-    """A settings file that cannot be read, or has an unknown key or a value of the wrong type."""
 
 
 def user_config_path() -> Path:

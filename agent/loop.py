@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ds4.agent.backends import Backend, BackendError, GenerationParams
+from ds4.agent.errors import FixError
 from ds4.agent.index.indexer import index_repo
 from ds4.agent.index.store import open_index
 from ds4.agent.pack import TokenCounter, pack
@@ -37,10 +38,6 @@ UNCONFIRMED = (
     "The tests passed before any change, so they cannot confirm this fix: add a test that fails on the "
     "issue (or pass --test-cmd with one) and run again."
 )
-
-
-class FixError(Exception):
-    """The loop cannot run at all (not a git repository, no test command, the model unreachable)."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pygls.lsp.server import LanguageServer
 from pygls.uris import from_fs_path, to_fs_path
 
 from ds4.agent.backends import BackendError, GenerationParams
+from ds4.agent.errors import Cancelled
 from ds4.agent.index.indexer import default_db_path, index_repo
 from ds4.agent.index.languages import language_of
 from ds4.agent.index.query import search, symbols
@@ -68,10 +69,6 @@ class RequestFailed(JsonRpcException):
     RequestFailed code, with a message the editor shows."""
 
     CODE = -32803
-
-
-class Cancelled(Exception):
-    pass
 
 
 def make_backend(settings: Settings):

@@ -27,6 +27,7 @@ from ds4.agent.api.errors import APIError, responses, strict_body
 from ds4.agent.api.jobs import ACTIVE, JobStore
 from ds4.agent.api.paths import PathRefused, confine, recheck, repo_data_dir
 from ds4.agent.config import ConfigError
+from ds4.agent.errors import Cancelled
 from ds4.agent.sandbox import SandboxError
 
 log = logging.getLogger("ds4.api")
@@ -47,10 +48,6 @@ class FixRequest(msgspec.Struct, kw_only=True):
 
 
 SHUTDOWN_WAIT_S = 3.0  # for the job worker to record how its job ended
-
-
-class Cancelled(Exception):
-    pass
 
 
 class JobRunner:

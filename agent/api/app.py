@@ -24,6 +24,7 @@ from ds4.agent.api.jobs import JobStore
 from ds4.agent.api.metrics import Metrics, RateLimiter
 from ds4.agent.api.openai_api import BODIES as OPENAI_BODIES
 from ds4.agent.api.openai_api import ROUTES as OPENAI_ROUTES
+from ds4.agent.errors import InputError
 
 OPEN_PATHS = ("/health", "/schema", "/metrics")  # reachable without a token
 
@@ -47,7 +48,7 @@ class ServerConfig:
     def __post_init__(self):
         check_keys(self.api_keys)
         if self.max_queued_jobs < 1:
-            raise ValueError(f"max_queued_jobs must be >= 1, got {self.max_queued_jobs}")
+            raise InputError(f"max_queued_jobs must be >= 1, got {self.max_queued_jobs}", "max_queued_jobs")
 
 
 def keys_from_env(flags: list[str] | None) -> list[str]:
@@ -60,7 +61,9 @@ def keys_from_env(flags: list[str] | None) -> list[str]:
 def check_keys(keys: list[str]) -> None:
     """A blank key would let `Authorization: Bearer ` in: refuse it before serving anything."""
     if any(not k.strip() for k in keys):
-        raise ValueError("an API key must not be empty: pass --api-key KEY with a real key, or no --api-key")
+        raise InputError(
+            "an API key must not be empty: pass --api-key KEY with a real key, or no --api-key", "api_key"
+        )
 
 
 def is_loopback(host: str) -> bool:
@@ -75,7 +78,7 @@ def is_loopback(host: str) -> bool:
 def check_bind(host: str, keys: list[str]) -> None:
     """Anything but loopback needs bearer tokens: the server runs models and, later, tests."""
     if not is_loopback(host) and not keys:
-        raise ValueError(
+        raise InputError(
             f"refusing to listen on {host} without API keys: pass --api-key KEY (or DS4_API_KEYS=k1,k2), "
             "or bind 127.0.0.1"
         )

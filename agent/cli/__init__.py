@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from ds4.agent.errors import AgentError
+
 # command -> (the module in ds4.agent.cli that parses and runs it, its line in `ds4-agent --help`), in the
 # order --help lists them; a module's commands are adjacent and it adds them in this order.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -43,7 +45,7 @@ DESCRIPTION = "ds4: a local coding-agent backend on DeepSeek-family models run b
 # The exit codes of every command.
 DONE = 0
 NOT_RESOLVED = 1  # it ran, and the answer is no: tests still fail, it does not fit, nothing found
-USAGE = 2  # a usage or input error: argparse's own, or a typed engine or agent error
+USAGE = 2  # a usage or input error, or an engine or agent error that stopped it (one line on stderr)
 
 
 class _Commands:
@@ -79,40 +81,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one command; returns DONE, NOT_RESOLVED or USAGE (argparse exits with USAGE itself)."""
+    """Runs one command; returns DONE, NOT_RESOLVED or USAGE (argparse exits with USAGE itself). Engine
+    and agent errors become one line on standard error; anything else is a bug and shows its traceback."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv else "").parse_args(argv)
     try:
         return _module(COMMANDS[args.command][0]).run(args)
-    except Exception as e:  # the CLI boundary: typed, user-facing errors become one line and an exit code
-        if not isinstance(e, _known_errors()):
+    except Exception as e:
+        if not isinstance(e, (AgentError, _engine_error())):
             raise
         print(f"ds4-agent: error: {e}", file=sys.stderr)
         return USAGE
 
 
-def _known_errors() -> tuple[type[Exception], ...]:
-    from ds4.agent.api.jobs import JobsDatabaseError
-    from ds4.agent.github import GitHubError
-    from ds4.agent.index.store import IndexDatabaseError
-    from ds4.agent.loop import FixError
-    from ds4.agent.runs import RunFolderError
-    from ds4.agent.sandbox import SandboxError
-    from ds4.agent.swebench import SweBenchError
-    from ds4.engine.errors import EngineError
+def _engine_error() -> type[Exception]:
+    from ds4.engine.errors import EngineError  # imported this late: importing ds4.engine loads torch
 
-    return (
-        EngineError,
-        ValueError,
-        FileNotFoundError,
-        IndexDatabaseError,
-        JobsDatabaseError,
-        SweBenchError,
-        GitHubError,
-        FixError,
-        SandboxError,
-        RunFolderError,
-    )
+    return EngineError
 
 
 if __name__ == "__main__":

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from ds4.agent.cli.inputs import require_dir
+from ds4.agent.cli.inputs import read_text, require_dir
 
 
 def add_parser(sub) -> None:
@@ -19,11 +17,8 @@ def run(args) -> int:
     from ds4.agent.patch import PatchError, apply
 
     require_dir(args.repo)
-    answer = (
-        sys.stdin.read() if args.edits == "-" else open(args.edits, encoding="utf-8", errors="replace").read()
-    )
     try:
-        result = apply(answer, args.repo, write=not args.check, lint=not args.no_lint)
+        result = apply(read_text(args.edits), args.repo, write=not args.check, lint=not args.no_lint)
     except PatchError as e:
         print(f"refused: {e}")
         return 1

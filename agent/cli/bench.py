@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from ds4.agent.cli import USAGE
 from ds4.agent.cli.inputs import read_issue, require_dir
 
 
@@ -189,9 +190,9 @@ def _kernels(args) -> int:
 
     try:
         rates, results = bench_kernels(args.device, args.small, args.runs, not args.no_compile)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except RuntimeError as e:  # no GPU, or one the kernels cannot run on
+        print(f"ds4-agent: error: {e}", file=sys.stderr)
+        return USAGE
     name = (
         torch.cuda.get_device_name(args.device)
         if args.device.startswith("cuda")
@@ -265,10 +266,6 @@ def _serve(args) -> int:
         k: getattr(args, k)
         for k in ("clients", "requests", "prompt_tokens", "prefix_tokens", "max_tokens", "peer")
     }
-    try:
-        results = bench_serve(args.model, **config)
-    except (RuntimeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    results = bench_serve(args.model, **config)
     print(to_json(results, config) if args.json else format_serve_report(results, config))
     return 0

@@ -8,6 +8,7 @@ import sys
 
 from ds4.agent.cli.flags import add_backend_flags, add_sandbox_flag, backend, sandbox
 from ds4.agent.cli.inputs import read_issue, require_dir
+from ds4.agent.errors import InputError
 
 FIX_DEFAULTS = {
     "model_name": "default",
@@ -81,8 +82,8 @@ def _fix(args) -> int:
     filled = merge_args(args, args.repo, FIX_DEFAULTS)
     issue = read_issue(args.issue or "", args.issue_text)
     if not issue.strip():
-        raise ValueError(
-            "the issue is empty: give its text, a file, - for standard input, or a GitHub issue URL"
+        raise InputError(
+            "the issue is empty: give its text, a file, - for standard input, or a GitHub issue URL", "issue"
         )
     config = FixConfig(
         Path(args.repo),

@@ -7,6 +7,7 @@ import os
 import sys
 
 from ds4.agent.cli.inputs import require_dir
+from ds4.agent.errors import InputError
 
 
 def add_parser(sub) -> None:
@@ -121,7 +122,7 @@ def _open_existing_index(args):
     require_dir(args.repo)
     path = args.db or default_db_path(args.repo)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no index at {path}: run `ds4-agent index --repo {args.repo}` first")
+        raise InputError(f"no index at {path}: run `ds4-agent index --repo {args.repo}` first")
     return open_index(path, write=False)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from ds4.agent.cli import USAGE
+
 
 def add_parser(sub) -> None:
     lsp = sub.add_parser(
@@ -27,7 +29,7 @@ def run(args) -> int:
         host, _, port = args.tcp.rpartition(":")
         if not host or not port.isdigit():
             print(f"error: --tcp wants HOST:PORT, got {args.tcp!r}", file=sys.stderr)
-            return 2
+            return USAGE
         server.start_tcp(host, int(port))
     else:
         server.start_io()

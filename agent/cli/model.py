@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 from ds4.agent.cli.flags import add_device_flags, device_kwargs
 
@@ -99,15 +98,14 @@ def _quantize(args) -> int:
     from dataclasses import asdict
 
     from ds4.agent.cli.inputs import require_dir
-    from ds4.engine.errors import EngineError
+    from ds4.agent.errors import InputError
     from ds4.engine.quantize import quantize_checkpoint
 
     require_dir(args.src)
     try:
         report = quantize_checkpoint(args.src, args.out, args.experts, args.attn, int(args.shard_gb * 2**30))
-    except (EngineError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except FileExistsError as e:
+        raise InputError(str(e), "out") from None
     if args.json:
         print(json.dumps(asdict(report), indent=2))
         return 0

@@ -7,6 +7,7 @@ import os
 import sys
 
 from ds4.agent.cli.inputs import read_issue, require_dir
+from ds4.agent.errors import InputError
 
 
 def add_parser(sub) -> None:
@@ -32,7 +33,7 @@ def run(args) -> int:
     require_dir(args.repo)
     tokenizer = args.tokenizer or os.path.join(args.model, "tokenizer.json")
     if not os.path.isfile(tokenizer):
-        raise FileNotFoundError(f"{tokenizer}: no tokenizer.json to count tokens with")
+        raise InputError(f"{tokenizer}: no tokenizer.json to count tokens with", "tokenizer")
     index_repo(args.repo, args.db)  # incremental: brings the index up to date first
     db = open_index(args.db or default_db_path(args.repo))
     packed = pack(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ds4.agent.cli import USAGE
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("plan")
@@ -39,7 +41,7 @@ def run(args) -> int:
         config = model_config(args.model)
     except (ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USAGE
     hw = Hardware(
         gpu_bandwidth=args.gpu_bandwidth * 1e9,
         gpu_flops=args.gpu_tflops * 1e12,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+from ds4.agent.cli import USAGE
 from ds4.agent.cli.flags import add_device_flags, device_kwargs
 
 
@@ -86,7 +87,7 @@ def run(args) -> int:
         model, backend = _served(args)
     except ConnectionError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USAGE
     app = create_app(
         model,
         ServerConfig(

@@ -61,4 +61,4 @@ def test_bench_serve_names_an_unknown_peer(tiny_v3, tmp_path):
         timeout=120,
         cwd=tmp_path,
     )
-    assert run.returncode == 1 and "unknown peer 'vllm'" in run.stderr
+    assert run.returncode == 2 and "unknown peer 'vllm'" in run.stderr
