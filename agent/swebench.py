@@ -98,7 +98,7 @@ def predict(
             repo = repo_dir(repos_dir, instance["repo"])
             with _Checkout(repo, instance["base_commit"]) as tree:
                 issue = instance["problem_statement"]
-                config = make_config(tree, issue) if make_config else FixConfig(tree, issue)
+                config = make_config(tree, issue) if make_config else FixConfig(repo=tree, issue=issue)
                 result = fix(config, backend)
             prediction = {
                 "instance_id": instance["instance_id"],

@@ -24,6 +24,7 @@ from ds4.agent.api.jobs import JobStore
 from ds4.agent.api.metrics import Metrics, RateLimiter
 from ds4.agent.api.openai_api import BODIES as OPENAI_BODIES
 from ds4.agent.api.openai_api import ROUTES as OPENAI_ROUTES
+from ds4.agent.config import FixConfig
 from ds4.agent.errors import InputError
 
 OPEN_PATHS = ("/health", "/schema", "/metrics")  # reachable without a token
@@ -38,7 +39,7 @@ class ServerConfig:
     jobs_db: str = ".ds4/server/jobs.db"
     test_cmd: str | None = None  # for fix jobs; else the repository's .ds4.toml, else detected
     allow_request_test_cmd: bool = False  # a request's test_cmd runs commands on this machine
-    test_timeout: float = 600.0
+    test_timeout: float = FixConfig.test_timeout
     allow_unsandboxed_tests: bool = False  # where bubblewrap cannot run: run tests bare, or refuse them
     bind: str = "127.0.0.1"  # the address served: its name is one the Host header may carry
     allowed_hosts: list[str] = field(default_factory=list)  # more names for Host ("*": any)

@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
+from ds4.agent.backends import GenerationParams
 from ds4.agent.cli.flags import add_backend_flags, add_sandbox_flag, backend, sandbox
 from ds4.agent.cli.inputs import read_issue, require_dir
+from ds4.agent.config import DEFAULTS, FixConfig, merge_args
 from ds4.agent.errors import InputError
+from ds4.agent.events import describe
 
-FIX_DEFAULTS = {
-    "model_name": "default",
-    "rounds": 3,
-    "samples": 1,
-    "budget": 32_000,
-    "max_tokens": 2048,
-    "test_timeout": 600.0,
-    "sandbox": True,
-}
 SETTINGS_HELP = (
     "Unset flags come from REPO/.ds4.toml, then ~/.config/ds4/config.toml (same names, e.g. rounds); "
     "model, endpoint, model_name and sandbox only from the latter."
@@ -55,14 +50,24 @@ def _add_fix(sub) -> None:
         "--test-cmd", default=None, help="default: detected (pytest, npm test, go test, cargo test)"
     )
     fix.add_argument(
-        "--rounds", type=int, default=None, help=f"feedback rounds (default {FIX_DEFAULTS['rounds']})"
+        "--rounds", type=int, default=None, help=f"feedback rounds (default {DEFAULTS['rounds']})"
     )
-    fix.add_argument("--samples", type=int, default=None, help="candidates (default 1)")
+    fix.add_argument("--samples", type=int, default=None, help=f"candidates (default {DEFAULTS['samples']})")
     fix.add_argument(
-        "--budget", type=int, default=None, help="prompt tokens for the repository and issue (default 32000)"
+        "--budget",
+        type=int,
+        default=None,
+        help=f"prompt tokens for the repository and issue (default {DEFAULTS['budget']})",
     )
-    fix.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default 2048)")
-    fix.add_argument("--test-timeout", type=float, default=None, help="seconds per test run (default 600)")
+    fix.add_argument(
+        "--max-tokens", type=int, default=None, help=f"tokens per answer (default {DEFAULTS['max_tokens']})"
+    )
+    fix.add_argument(
+        "--test-timeout",
+        type=float,
+        default=None,
+        help=f"seconds per test run (default {DEFAULTS['test_timeout']:g})",
+    )
     add_sandbox_flag(fix)
     fix.add_argument(
         "--apply", action="store_true", help="write the selected patch to your tree if it applies"
@@ -73,28 +78,25 @@ def _add_fix(sub) -> None:
 def _fix(args) -> int:
     from pathlib import Path
 
-    from ds4.agent.backends import GenerationParams
-    from ds4.agent.config import merge_args
-    from ds4.agent.loop import FixConfig, fix
-    from ds4.agent.progress import ProgressView
+    from ds4.agent.loop import fix
 
     require_dir(args.repo)
-    filled = merge_args(args, args.repo, FIX_DEFAULTS)
+    filled = merge_args(args, args.repo)
     issue = read_issue(args.issue or "", args.issue_text)
     if not issue.strip():
         raise InputError(
             "the issue is empty: give its text, a file, - for standard input, or a GitHub issue URL", "issue"
         )
     config = FixConfig(
-        Path(args.repo),
-        issue,
-        args.test_cmd,
-        args.rounds,
-        args.samples,
-        args.budget,
-        args.test_timeout,
-        args.apply,
-        GenerationParams(max_tokens=args.max_tokens),
+        repo=Path(args.repo),
+        issue=issue,
+        test_cmd=args.test_cmd,
+        rounds=args.rounds,
+        samples=args.samples,
+        budget=args.budget,
+        test_timeout=args.test_timeout,
+        apply=args.apply,
+        generation=GenerationParams(max_tokens=args.max_tokens),
         sandbox=sandbox(args),
     )
     if filled.get("test_cmd", Path()).name == ".ds4.toml":
@@ -114,6 +116,16 @@ def _fix(args) -> int:
         applied = f"; {result.message}" if result.status == "resolved" and result.message else ""
         print(f"{verdict} ({result.rounds} round(s); run folder {result.run_dir}){applied}")
     return 0 if result.status == "resolved" else 1
+
+
+class ProgressView:
+    """Prints each loop event as `  12.3s  what happened` to a stream (standard error)."""
+
+    def __init__(self, stream):
+        self.stream, self.start = stream, time.monotonic()
+
+    def __call__(self, event: dict) -> None:
+        print(f"{time.monotonic() - self.start:7.1f}s  {describe(event)}", file=self.stream, flush=True)
 
 
 def _show_repo_test_cmd(path, command: str, sandbox) -> None:
@@ -141,24 +153,21 @@ def _add_predict(sub) -> None:
 
 
 def _predict(args) -> int:
-    from ds4.agent.backends import GenerationParams
-    from ds4.agent.config import merge_args
-    from ds4.agent.loop import FixConfig
     from ds4.agent.swebench import load_jsonl, predict
 
-    merge_args(args, None, FIX_DEFAULTS)
+    merge_args(args, None)
     instances = load_jsonl(args.instances)
     chosen = sandbox(args)
 
     def make_config(repo, issue):
         return FixConfig(
-            repo,
-            issue,
-            args.test_cmd,
-            args.rounds,
-            args.samples,
-            args.budget,
-            args.test_timeout,
+            repo=repo,
+            issue=issue,
+            test_cmd=args.test_cmd,
+            rounds=args.rounds,
+            samples=args.samples,
+            budget=args.budget,
+            test_timeout=args.test_timeout,
             generation=GenerationParams(max_tokens=args.max_tokens),
             sandbox=chosen,
         )

@@ -8,6 +8,7 @@ import sys
 
 from ds4.agent.cli import USAGE
 from ds4.agent.cli.flags import add_device_flags, device_kwargs
+from ds4.agent.config import DEFAULTS
 
 
 def add_parser(sub) -> None:
@@ -61,7 +62,12 @@ def add_parser(sub) -> None:
     serve.add_argument(
         "--allow-request-test-cmd", action="store_true", help="let requests choose the test command"
     )
-    serve.add_argument("--test-timeout", type=float, default=600.0, help="seconds per test run in fix jobs")
+    serve.add_argument(
+        "--test-timeout",
+        type=float,
+        default=DEFAULTS["test_timeout"],
+        help="seconds per test run in fix jobs",
+    )
     serve.add_argument(
         "--allow-unsandboxed-tests",
         action="store_true",

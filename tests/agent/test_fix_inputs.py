@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from ds4.agent.config import ConfigError, settings
+from ds4.agent.events import describe
 from ds4.agent.github import GitHubError, fetch_issue, is_issue_url
-from ds4.agent.progress import describe
 from tests.agent.test_loop import RIGHT, ScriptedChatServer, repo  # noqa: F401 (repo is a fixture)
 
 EXE = str(Path(sys.executable).parent / "ds4-agent")

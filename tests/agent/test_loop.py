@@ -56,7 +56,9 @@ def repo(tmp_path):
 
 
 def config(repo: Path, **kw) -> FixConfig:
-    return FixConfig(repo, ISSUE, test_cmd=kw.pop("test_cmd", "python -m pytest -q -rf"), budget=4000, **kw)
+    return FixConfig(
+        repo=repo, issue=ISSUE, test_cmd=kw.pop("test_cmd", "python -m pytest -q -rf"), budget=4000, **kw
+    )
 
 
 def test_a_correct_patch_in_round_two_resolves(repo):
@@ -223,8 +225,8 @@ def test_local_engine_end_to_end_on_a_tiny_checkpoint(repo, tiny_v3):
     backend = LocalBackend(tiny_v3)
     result = fix(
         FixConfig(
-            repo,
-            ISSUE,
+            repo=repo,
+            issue=ISSUE,
             test_cmd="python -m pytest -q -rf",
             budget=1200,
             rounds=1,
@@ -272,7 +274,7 @@ def test_an_unsaved_buffer_outside_the_repository_is_refused(repo):
 
 
 def test_a_passing_baseline_is_reported_as_unable_to_confirm_a_fix(repo):
-    from ds4.agent.progress import describe
+    from ds4.agent.events import describe
 
     events = []
     result = fix(config(repo, test_cmd="true"), ScriptedBackend([RIGHT]), events.append)

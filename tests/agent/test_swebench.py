@@ -88,7 +88,9 @@ def test_predict_writes_the_harness_fields(instance, tmp_path):
         repos,
         ScriptedBackend([right]),
         out,
-        lambda repo, issue: FixConfig(repo, issue, "python -m pytest -q -rf", rounds=1, budget=3000),
+        lambda repo, issue: FixConfig(
+            repo=repo, issue=issue, test_cmd="python -m pytest -q -rf", rounds=1, budget=3000
+        ),
     )
     preds = load_jsonl(out)
     assert set(preds[0]) == {"instance_id", "model_name_or_path", "model_patch"}
