@@ -23,8 +23,6 @@ import httpx
 
 from ds4.agent.errors import BenchError, InputError
 
-WORKLOADS = ("distinct", "shared-prefix")
-
 
 @dataclass
 class ServeResult:

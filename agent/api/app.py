@@ -77,7 +77,7 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(host: str, keys: list[str]) -> None:
-    """Anything but loopback needs bearer tokens: the server runs models and, later, tests."""
+    """Anything but loopback needs bearer tokens: the server runs models and, for fix jobs, tests."""
     if not is_loopback(host) and not keys:
         raise InputError(
             f"refusing to listen on {host} without API keys: pass --api-key KEY (or DS4_API_KEYS=k1,k2), "

@@ -4,28 +4,13 @@ one-line errors of the CLI boundary."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from ds4.engine import LLM, SamplingParams
-
-DS4_AGENT = Path(sys.executable).parent / "ds4-agent"
-ENV = dict(os.environ, PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(DS4_AGENT), *map(str, args)],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        env=ENV,
-        timeout=300,
-    )
+from tests.servers import ENV, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -16,9 +14,8 @@ import pytest
 from ds4.agent.config import ConfigError, settings
 from ds4.agent.events import describe
 from ds4.agent.github import GitHubError, fetch_issue, is_issue_url
-from tests.agent.test_loop import RIGHT, ScriptedChatServer, repo  # noqa: F401 (repo is a fixture)
-
-EXE = str(Path(sys.executable).parent / "ds4-agent")
+from tests.fakes import RIGHT, ScriptedChatServer
+from tests.servers import EXE, serve_in_thread
 
 
 class ScriptedGitHub(BaseHTTPRequestHandler):
@@ -47,12 +44,6 @@ class ScriptedGitHub(BaseHTTPRequestHandler):
         pass
 
 
-def serve(handler) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 @pytest.fixture()
 def env(tmp_path, monkeypatch):
     """No user settings leak in from the machine running the tests."""
@@ -68,10 +59,10 @@ def test_issue_urls_are_recognized():
 
 
 def test_fix_fetches_a_github_issue_with_its_comments(repo, env):  # noqa: F811
-    github = serve(ScriptedGitHub)
+    github = serve_in_thread(ScriptedGitHub)
     ScriptedGitHub.headers_seen = []
     ScriptedChatServer.answers, ScriptedChatServer.bodies = [RIGHT], []
-    chat = serve(ScriptedChatServer)
+    chat = serve_in_thread(ScriptedChatServer)
     env = {**env, "DS4_GITHUB_API": f"http://127.0.0.1:{github.server_port}", "GITHUB_TOKEN": "ghp_test"}
     try:
         done = subprocess.run(
@@ -105,7 +96,7 @@ def test_fix_fetches_a_github_issue_with_its_comments(repo, env):  # noqa: F811
 
 
 def test_a_missing_issue_is_a_clear_error(monkeypatch):
-    github = serve(ScriptedGitHub)
+    github = serve_in_thread(ScriptedGitHub)
     monkeypatch.setenv("DS4_GITHUB_API", f"http://127.0.0.1:{github.server_port}")
     try:
         with pytest.raises(GitHubError, match="404.*no such issue"):
@@ -115,7 +106,7 @@ def test_a_missing_issue_is_a_clear_error(monkeypatch):
 
 
 def test_an_unreachable_api_says_what_to_do_instead(monkeypatch):
-    server = serve(ScriptedGitHub)
+    server = serve_in_thread(ScriptedGitHub)
     port = server.server_port
     server.shutdown()
     server.server_close()  # nothing listens on this port now
@@ -126,7 +117,7 @@ def test_an_unreachable_api_says_what_to_do_instead(monkeypatch):
 
 def test_the_user_settings_choose_the_endpoint_and_the_repository_how_to_test(repo, env):  # noqa: F811
     ScriptedChatServer.answers, ScriptedChatServer.bodies = [RIGHT], []
-    chat = serve(ScriptedChatServer)
+    chat = serve_in_thread(ScriptedChatServer)
     user = Path(env["XDG_CONFIG_HOME"]) / "ds4" / "config.toml"
     user.parent.mkdir(parents=True)
     user.write_text(f'endpoint = "http://127.0.0.1:{chat.server_port}"\nmodel_name = "deepseek-v4"\n')

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ds4.agent.cli import build_parser, main
-from tests.agent.test_api import serving
+from tests.servers import serving
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 UPDATE = os.environ.get("DS4_UPDATE_GOLDEN") == "1"

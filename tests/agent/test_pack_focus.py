@@ -13,8 +13,7 @@ from ds4.agent.index.store import open_index
 from ds4.agent.pack import TokenCounter, _steps, pack, tree_listing
 from ds4.agent.rank import focus, rank
 from ds4.agent.views import covers, from_manifest
-from tests.agent.test_indexer import git
-from tests.agent.test_pack import tokenizer_file  # noqa: F401  (a fixture)
+from tests.fakes import git
 
 BUGGY = '''def volume_discount(quantity):
     """The discount rate for `quantity` units: 5% from 10, 10% from 50, 15% from 100."""

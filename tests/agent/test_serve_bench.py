@@ -7,7 +7,7 @@ import json
 import subprocess
 
 from ds4.agent.serve_bench import percentile
-from tests.agent.test_api import EXE, serving
+from tests.servers import EXE, serving
 
 
 def test_percentile_is_nearest_rank():

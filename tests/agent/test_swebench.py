@@ -12,8 +12,7 @@ import pytest
 
 from ds4.agent.loop import FixConfig
 from ds4.agent.swebench import evaluate, load_jsonl, predict
-from tests.agent.test_examples import EXAMPLES, GOLD
-from tests.agent.test_loop import ScriptedBackend
+from tests.fakes import EXAMPLES, GOLD, ScriptedBackend, ScriptedChatServer
 
 
 def git(repo: Path, *args: str) -> str:
@@ -105,8 +104,6 @@ def test_cli_predict_against_an_endpoint_then_evaluate(instance, tmp_path):
     import sys
     import threading
     from http.server import ThreadingHTTPServer
-
-    from tests.agent.test_loop import ScriptedChatServer
 
     repos, inst = instance
     instances = tmp_path / "instances.jsonl"

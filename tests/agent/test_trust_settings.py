@@ -20,11 +20,8 @@ from ds4.agent.api.jobs import JobStore
 from ds4.agent.api.paths import repo_data_dir
 from ds4.agent.config import ConfigError, settings
 from ds4.agent.sandbox import bubblewrap_problem
-from tests.agent.test_api_agent import Server, served  # noqa: F401 (served is a fixture)
-from tests.agent.test_fix_inputs import serve
-from tests.agent.test_indexer import make_repo
-from tests.agent.test_loop import BUGGY, RIGHT, ScriptedBackend, ScriptedChatServer
-from tests.agent.test_trust_sandbox import processes_with, wait_for
+from tests.fakes import BUGGY, RIGHT, ScriptedBackend, ScriptedChatServer, make_repo
+from tests.servers import Server, processes_with, serve_in_thread, wait_for
 
 EXE = str(Path(sys.executable).parent / "ds4-agent")
 
@@ -65,9 +62,9 @@ def test_user_only_keys_in_a_repository_file_are_refused_naming_the_key(tmp_path
 
 def test_a_repository_endpoint_gets_nothing_and_the_cli_says_why(repo, env):
     Listener.requests = []
-    evil = serve(Listener)
+    evil = serve_in_thread(Listener)
     ScriptedChatServer.answers, ScriptedChatServer.bodies = [RIGHT], []
-    good = serve(ScriptedChatServer)
+    good = serve_in_thread(ScriptedChatServer)
     user = Path(env["XDG_CONFIG_HOME"]) / "ds4" / "config.toml"
     user.parent.mkdir(parents=True)
     user.write_text(f'endpoint = "http://127.0.0.1:{good.server_port}"\n')
@@ -93,7 +90,7 @@ def test_a_repository_endpoint_gets_nothing_and_the_cli_says_why(repo, env):
 
 def test_a_repository_test_command_is_shown_before_it_runs(repo, env):
     ScriptedChatServer.answers, ScriptedChatServer.bodies = [RIGHT], []
-    chat = serve(ScriptedChatServer)
+    chat = serve_in_thread(ScriptedChatServer)
     (repo / ".ds4.toml").write_text('test_cmd = "python -m pytest -q -rf"\nbudget = 4000\n')
     try:
         done = subprocess.run(

@@ -14,7 +14,7 @@ import torch
 from ds4.engine import LLM
 from ds4.engine.quantize import quantize_checkpoint
 from ds4.engine.random_checkpoint import init_checkpoint
-from tests.agent.test_api import EXE
+from tests.servers import EXE
 
 IDS = list(range(3, 60))
 

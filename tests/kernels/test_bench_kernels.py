@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from tests.conftest import EXE
+from tests.servers import EXE
 
 
 def test_bench_kernels_runs_every_kernel_at_toy_sizes():
