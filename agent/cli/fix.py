@@ -87,18 +87,7 @@ def _fix(args) -> int:
         raise InputError(
             "the issue is empty: give its text, a file, - for standard input, or a GitHub issue URL", "issue"
         )
-    config = FixConfig(
-        repo=Path(args.repo),
-        issue=issue,
-        test_cmd=args.test_cmd,
-        rounds=args.rounds,
-        samples=args.samples,
-        budget=args.budget,
-        test_timeout=args.test_timeout,
-        apply=args.apply,
-        generation=GenerationParams(max_tokens=args.max_tokens),
-        sandbox=sandbox(args),
-    )
+    config = _fix_config(args, Path(args.repo), issue, apply=args.apply, sandbox=sandbox(args))
     if filled.get("test_cmd", Path()).name == ".ds4.toml":
         _show_repo_test_cmd(filled["test_cmd"], args.test_cmd, config.sandbox)
     progress = None if args.json else ProgressView(sys.stderr)
@@ -116,6 +105,21 @@ def _fix(args) -> int:
         applied = f"; {result.message}" if result.status == "resolved" and result.message else ""
         print(f"{verdict} ({result.rounds} round(s); run folder {result.run_dir}){applied}")
     return 0 if result.status == "resolved" else 1
+
+
+def _fix_config(args, repo, issue: str, **more) -> FixConfig:
+    """The fix the flags ask for, once merge_args has filled the unset ones from the settings."""
+    return FixConfig(
+        repo=repo,
+        issue=issue,
+        test_cmd=args.test_cmd,
+        rounds=args.rounds,
+        samples=args.samples,
+        budget=args.budget,
+        test_timeout=args.test_timeout,
+        generation=GenerationParams(max_tokens=args.max_tokens),
+        **more,
+    )
 
 
 class ProgressView:
@@ -160,17 +164,7 @@ def _predict(args) -> int:
     chosen = sandbox(args)
 
     def make_config(repo, issue):
-        return FixConfig(
-            repo=repo,
-            issue=issue,
-            test_cmd=args.test_cmd,
-            rounds=args.rounds,
-            samples=args.samples,
-            budget=args.budget,
-            test_timeout=args.test_timeout,
-            generation=GenerationParams(max_tokens=args.max_tokens),
-            sandbox=chosen,
-        )
+        return _fix_config(args, repo, issue, sandbox=chosen)
 
     preds = predict(instances, args.repos_dir, backend(args), args.out, make_config)
     print(
