@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ds4.agent.cli import DONE, NOT_RESOLVED
 from ds4.agent.cli.inputs import read_text, require_dir
 
 
@@ -21,10 +22,10 @@ def run(args) -> int:
         result = apply(read_text(args.edits), args.repo, write=not args.check, lint=not args.no_lint)
     except PatchError as e:
         print(f"refused: {e}")
-        return 1
+        return NOT_RESOLVED
     verb = "would apply" if args.check else "applied"
     print(
         f"{verb} {len(result.applied)} edit(s) to {len(result.files)} file(s): "
         + ", ".join(f"{p}{' (deleted)' if t is None else ''}" for p, t in sorted(result.files.items()))
     )
-    return 0
+    return DONE

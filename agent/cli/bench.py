@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from ds4.agent.cli import USAGE
+from ds4.agent.cli import DONE, USAGE
 from ds4.agent.cli.inputs import read_issue, require_dir
 
 
@@ -72,7 +72,7 @@ def _engine(args) -> int:
         batch_prompt_tokens=args.batch_prompt_tokens,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
+    return DONE
 
 
 def _add_long(sub) -> None:
@@ -104,7 +104,7 @@ def _long(args) -> int:
 
     report = bench_long(args.model, args.tokens, args.device, args.dtype, args.chunk, peer=not args.no_peer)
     print(json.dumps(report, indent=2) if args.json else format_long_report(report))
-    return 0
+    return DONE
 
 
 def _add_prefix(sub) -> None:
@@ -130,7 +130,7 @@ def _prefix(args) -> int:
         threads=args.threads,
     )
     print(json.dumps(report, indent=2) if args.json else format_prefix_report(report))
-    return 0
+    return DONE
 
 
 def _add_index(sub) -> None:
@@ -146,7 +146,7 @@ def _index(args) -> int:
     require_dir(args.repo)
     report = bench_index(args.repo, runs=args.runs)
     print(json.dumps(report, indent=2) if args.json else format_index_report(report))
-    return 0
+    return DONE
 
 
 def _add_pack(sub) -> None:
@@ -167,7 +167,7 @@ def _pack(args) -> int:
     tokenizer = args.tokenizer or os.path.join(args.model, "tokenizer.json")
     report = bench_pack(args.repo, tokenizer, runs=args.runs, issue=read_issue(args.issue))
     print(json.dumps(report, indent=2) if args.json else format_pack_report(report))
-    return 0
+    return DONE
 
 
 def _add_kernels(sub) -> None:
@@ -199,7 +199,7 @@ def _kernels(args) -> int:
         else "CPU (Triton interpreter)"
     )
     print(to_json(name, rates, results) if args.json else format_report(name, rates, results))
-    return 0
+    return DONE
 
 
 def _add_hybrid(sub) -> None:
@@ -236,7 +236,7 @@ def _hybrid(args) -> int:
         args.model, args.tokens, args.prompt_tokens, args.runs, experts, devices, args.dtype
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
+    return DONE
 
 
 def _add_serve(sub) -> None:
@@ -268,4 +268,4 @@ def _serve(args) -> int:
     }
     results = bench_serve(args.model, **config)
     print(to_json(results, config) if args.json else format_serve_report(results, config))
-    return 0
+    return DONE

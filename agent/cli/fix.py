@@ -8,6 +8,7 @@ import sys
 import time
 
 from ds4.agent.backends import GenerationParams
+from ds4.agent.cli import DONE, NOT_RESOLVED
 from ds4.agent.cli.flags import add_backend_flags, add_sandbox_flag, backend, sandbox
 from ds4.agent.cli.inputs import read_issue, require_dir
 from ds4.agent.config import DEFAULTS, FixConfig, merge_args
@@ -104,7 +105,7 @@ def _fix(args) -> int:
         }[result.status]
         applied = f"; {result.message}" if result.status == "resolved" and result.message else ""
         print(f"{verdict} ({result.rounds} round(s); run folder {result.run_dir}){applied}")
-    return 0 if result.status == "resolved" else 1
+    return DONE if result.status == "resolved" else NOT_RESOLVED
 
 
 def _fix_config(args, repo, issue: str, **more) -> FixConfig:
@@ -171,7 +172,7 @@ def _predict(args) -> int:
         f"{len(preds)} predictions written to {args.out} "
         f"({sum(bool(p['model_patch']) for p in preds)} with a patch)"
     )
-    return 0
+    return DONE
 
 
 def _add_evaluate(sub) -> None:
@@ -203,4 +204,4 @@ def _evaluate(args) -> int:
             print(f"{r.instance_id}: {r.status}" + (f" ({r.reason})" if r.reason else ""))
         counts = {s: sum(r.status == s for r in results) for s in ("resolved", "partial", "failed")}
         print(", ".join(f"{n} {s}" for s, n in counts.items()))
-    return 0
+    return DONE

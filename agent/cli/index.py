@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from ds4.agent.cli import DONE, NOT_RESOLVED
 from ds4.agent.cli.inputs import require_dir
 from ds4.agent.errors import InputError
 
@@ -41,7 +42,7 @@ def _index(args) -> int:
         _print_index_report(report)
     if args.watch:
         _watch(args)
-    return 0
+    return DONE
 
 
 def _progress(done: int, total: int) -> None:
@@ -96,7 +97,7 @@ def _search(args) -> int:
 
     rows = search(_open_existing_index(args), args.query, args.kind, args.limit)
     _print_rows(rows, args.json)
-    return 0 if rows else 1  # like ripgrep: nothing found is exit 1
+    return DONE if rows else NOT_RESOLVED  # like ripgrep: nothing found is exit 1
 
 
 def _add_symbols(sub) -> None:
@@ -112,7 +113,7 @@ def _symbols(args) -> int:
 
     rows = symbols(_open_existing_index(args), args.path)
     _print_rows(rows, args.json)
-    return 0 if rows else 1
+    return DONE if rows else NOT_RESOLVED
 
 
 def _open_existing_index(args):

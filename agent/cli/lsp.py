@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ds4.agent.cli import USAGE
+from ds4.agent.cli import DONE, USAGE
 
 
 def add_parser(sub) -> None:
@@ -33,4 +33,4 @@ def run(args) -> int:
         server.start_tcp(host, int(port))
     else:
         server.start_io()
-    return 0
+    return DONE

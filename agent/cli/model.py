@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ds4.agent.cli import DONE
 from ds4.agent.cli.flags import add_device_flags, device_kwargs
 
 
@@ -52,7 +53,7 @@ def _init(args) -> int:
         max_shard_bytes=args.shard_mb << 20,
     )
     print(f"wrote {args.family} ({args.preset}) checkpoint to {out}")
-    return 0
+    return DONE
 
 
 def _add_info(sub) -> None:
@@ -66,7 +67,7 @@ def _info(args) -> int:
 
     info = model_info(model_config(args.model))
     print(json.dumps(info, indent=2) if args.json else format_info(args.model, info))
-    return 0
+    return DONE
 
 
 def model_config(name: str):
@@ -108,7 +109,7 @@ def _quantize(args) -> int:
         raise InputError(str(e), "out") from None
     if args.json:
         print(json.dumps(asdict(report), indent=2))
-        return 0
+        return DONE
     errors = ", ".join(f"{k} {v:.3f}" for k, v in report.max_rel_error.items())
     print(
         f"wrote {args.out}: {report.experts_quantized} expert and {report.matrices_quantized} other matrices "
@@ -117,7 +118,7 @@ def _quantize(args) -> int:
     )
     for line in report.kept_shapes:
         print(f"  kept as is: {line}")
-    return 0
+    return DONE
 
 
 def _add_generate(sub) -> None:
@@ -147,8 +148,8 @@ def _generate(args) -> int:
     )
     if args.no_stream:
         print(llm.generate(args.prompt, params)[0].text)
-        return 0
+        return DONE
     for delta in llm.stream(args.prompt, params):
         print(delta, end="", flush=True)
     print()
-    return 0
+    return DONE

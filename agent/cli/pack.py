@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from ds4.agent.cli import DONE
 from ds4.agent.cli.inputs import read_issue, require_dir
 from ds4.agent.errors import InputError
 
@@ -49,7 +50,7 @@ def run(args) -> int:
         with open(args.manifest, "w", encoding="utf-8") as f:
             json.dump(packed.manifest(), f, indent=2)
     _print_summary(packed, to=sys.stderr if not args.out else sys.stdout)
-    return 0
+    return DONE
 
 
 def _print_summary(packed, to) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ds4.agent.cli import USAGE
+from ds4.agent.cli import DONE, NOT_RESOLVED, USAGE
 
 
 def add_parser(sub) -> None:
@@ -51,4 +51,4 @@ def run(args) -> int:
     )
     result = plan(config, args.model, gpus, ram, context, args.batch, args.experts, args.attn, hw)
     print(json.dumps(result.as_json(), indent=2) if args.json else format_plan(result))
-    return 0 if result.fits else 1
+    return DONE if result.fits else NOT_RESOLVED

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ds4.agent.cli import USAGE
+from ds4.agent.cli import DONE, USAGE
 from ds4.agent.cli.flags import add_device_flags, device_kwargs
 from ds4.agent.config import DEFAULTS
 
@@ -115,7 +115,7 @@ def run(args) -> int:
     )
     print(f"ds4 serving {model.name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     serve(app, args.host, args.port)
-    return 0
+    return DONE
 
 
 def _served(args):
