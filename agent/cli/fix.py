@@ -133,9 +133,9 @@ class ProgressView:
         print(f"{time.monotonic() - self.start:7.1f}s  {describe(event)}", file=self.stream, flush=True)
 
 
-def _show_repo_test_cmd(path, command: str, sandbox) -> None:
-    """A repository's file chose code to run: say what, and where, before it runs."""
-    where = "in the bubblewrap sandbox" if sandbox.name == "bubblewrap" else "WITHOUT a sandbox"
+def _show_repo_test_cmd(path, command: str, runs_in) -> None:
+    """A repository's file chose code to run: say what, and where (the Sandbox `runs_in`), before it runs."""
+    where = "in the bubblewrap sandbox" if runs_in.name == "bubblewrap" else "WITHOUT a sandbox"
     print(f"ds4-agent: {path} sets the test command; it runs {where}:\n  {command}", file=sys.stderr)
 
 

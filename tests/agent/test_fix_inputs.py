@@ -58,7 +58,7 @@ def test_issue_urls_are_recognized():
     assert not is_issue_url("add(2, 3) returns -1, see https://github.com/acme/calc/issues/7")
 
 
-def test_fix_fetches_a_github_issue_with_its_comments(repo, env):  # noqa: F811
+def test_fix_fetches_a_github_issue_with_its_comments(repo, env):
     github = serve_in_thread(ScriptedGitHub)
     ScriptedGitHub.headers_seen = []
     ScriptedChatServer.answers, ScriptedChatServer.bodies = [RIGHT], []
@@ -115,7 +115,7 @@ def test_an_unreachable_api_says_what_to_do_instead(monkeypatch):
         fetch_issue("https://github.com/acme/calc/issues/7", timeout=5)
 
 
-def test_the_user_settings_choose_the_endpoint_and_the_repository_how_to_test(repo, env):  # noqa: F811
+def test_the_user_settings_choose_the_endpoint_and_the_repository_how_to_test(repo, env):
     ScriptedChatServer.answers, ScriptedChatServer.bodies = [RIGHT], []
     chat = serve_in_thread(ScriptedChatServer)
     user = Path(env["XDG_CONFIG_HOME"]) / "ds4" / "config.toml"
@@ -165,7 +165,7 @@ def test_bad_settings_are_clear_errors(tmp_path, env, text, message):
         settings(tmp_path)
 
 
-def test_no_model_anywhere_says_how_to_choose_one(repo, env):  # noqa: F811
+def test_no_model_anywhere_says_how_to_choose_one(repo, env):
     done = subprocess.run(
         [EXE, "fix", "add(2, 3) returns -1", "--repo", str(repo)], capture_output=True, text=True, env=env
     )
@@ -198,7 +198,7 @@ def test_progress_lines_say_what_happened():
     assert describe(tested) == "sample 2 round 1: 5 failing (test_0, test_1, test_2 and 2 more)"
 
 
-def test_a_mistyped_issue_file_is_an_error_and_issue_text_is_literal(repo, env):  # noqa: F811
+def test_a_mistyped_issue_file_is_an_error_and_issue_text_is_literal(repo, env):
     done = subprocess.run(
         [EXE, "fix", "ISSSUE.md", "--repo", str(repo), "--endpoint", "http://127.0.0.1:9"],
         capture_output=True,

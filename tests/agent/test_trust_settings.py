@@ -142,7 +142,7 @@ def server_config(tmp_path, root, **kw) -> ServerConfig:
     return ServerConfig(repo_roots=[str(root)], jobs_db=str(tmp_path / "data" / "jobs.db"), **kw)
 
 
-def test_a_registered_repository_swapped_for_a_symlink_is_refused(served, roots, tmp_path):  # noqa: F811
+def test_a_registered_repository_swapped_for_a_symlink_is_refused(served, roots, tmp_path):
     root, repo = roots
     other = make_repo(root / "other", BUGGY)
     outside = make_repo(tmp_path / "outside", BUGGY)
@@ -165,7 +165,7 @@ def test_a_registered_repository_swapped_for_a_symlink_is_refused(served, roots,
         server.stop()
 
 
-def test_the_server_keeps_its_data_out_of_the_repository(served, roots, tmp_path):  # noqa: F811
+def test_the_server_keeps_its_data_out_of_the_repository(served, roots, tmp_path):
     root, repo = roots
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -191,7 +191,7 @@ def test_the_server_keeps_its_data_out_of_the_repository(served, roots, tmp_path
     assert list(elsewhere.iterdir()) == []
 
 
-def test_stopping_the_server_kills_a_running_test_command(served, roots, tmp_path):  # noqa: F811
+def test_stopping_the_server_kills_a_running_test_command(served, roots, tmp_path):
     root, repo = roots
     marker = f"{34000 + os.getpid() % 1000}.5"
     config = server_config(tmp_path, root, test_cmd=f"sleep {marker}")
@@ -205,7 +205,7 @@ def test_stopping_the_server_kills_a_running_test_command(served, roots, tmp_pat
     assert wait_for(lambda: not processes_with(f"sleep {marker}"), 10), processes_with(f"sleep {marker}")
 
 
-def test_worktrees_a_killed_server_left_are_pruned_at_start_up(served, roots, tmp_path):  # noqa: F811
+def test_worktrees_a_killed_server_left_are_pruned_at_start_up(served, roots, tmp_path):
     root, repo = roots
     config = server_config(tmp_path, root)
     registered = JobStore(config.jobs_db).add_repo(repo.resolve())
