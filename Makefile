@@ -1,4 +1,4 @@
-# ds4: `make run` (the main job on the embedded defaults), `make test` (the suite).
+# ds4: `make run` (the main job on the embedded defaults), `make test` (the suite), `make lint` (ruff).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -26,6 +26,7 @@ gpu-check:
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check engine kernels agent lsp tests
+	$(VENV)/bin/ruff format --check engine kernels agent lsp tests
 
 # The main job: `ds4-agent fix` on an example repository with the embedded defaults (the engine in this
 # process on a tiny random checkpoint written on first use, the SQLite index). A tiny random model

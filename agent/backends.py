@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-
-class BackendError(Exception):
-    """The model could not be reached or answered with an error."""
+from ds4.agent.errors import BackendError
 
 
 @dataclass(frozen=True)

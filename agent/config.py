@@ -1,4 +1,6 @@
-"""Settings for `fix` and `swebench predict` from TOML files, below the command line in precedence:
+"""The fix loop's settings: FixConfig, whose defaults are the fix defaults of every face (the CLI's flags
+and help, the API's FixRequest and ServerConfig, the LSP's settings), and the settings files of `fix`
+and `swebench predict`, below the command line in precedence:
 
     command-line flags  >  REPO/.ds4.toml  >  ~/.config/ds4/config.toml ($XDG_CONFIG_HOME)
 
@@ -11,8 +13,38 @@ keys go nor whether tests are sandboxed (USER_ONLY keys are refused there, namin
 from __future__ import annotations
 
 import os
+import threading
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ds4.agent.backends import GenerationParams
+from ds4.agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ds4.agent.sandbox import Sandbox
+
+
+@dataclass(kw_only=True)
+class FixConfig:
+    """One run of the fix loop. Its defaults are read, never restated, by every face: FixConfig.rounds,
+    .samples, .budget and .test_timeout, and GenerationParams.max_tokens for the tokens per answer."""
+
+    repo: Path
+    issue: str
+    test_cmd: str | None = None  # None: the repository's detected test command
+    rounds: int = 3
+    samples: int = 1
+    budget: int = 32_000  # prompt tokens for the repository and the issue
+    test_timeout: float = 600.0  # seconds per test run
+    apply: bool = False  # write the selected patch to the user's tree
+    generation: GenerationParams = field(default_factory=GenerationParams)
+    overlay: dict[str, str] = field(default_factory=dict)  # unsaved editor buffers, by relative path
+    cancel: threading.Event | None = None  # set: a running test command is killed at once
+    sandbox: Sandbox | None = None  # where tests run; None: bubblewrap, or unsandboxed with a warning
+    data_dir: Path | None = None  # the index and run folders; None: REPO/.ds4 (never through a symlink)
+
 
 KEYS: dict[str, type | tuple[type, ...]] = {
     "model": str,
@@ -29,10 +61,15 @@ KEYS: dict[str, type | tuple[type, ...]] = {
 }
 PATHS = ("model", "tokenizer")
 USER_ONLY = ("model", "endpoint", "model_name", "sandbox")
-
-
-class ConfigError(ValueError):
-    """A settings file that cannot be read, or has an unknown key or a value of the wrong type."""
+DEFAULTS = {  # what an unset flag and setting falls back to
+    "model_name": "default",
+    "rounds": FixConfig.rounds,
+    "samples": FixConfig.samples,
+    "budget": FixConfig.budget,
+    "max_tokens": GenerationParams.max_tokens,
+    "test_timeout": FixConfig.test_timeout,
+    "sandbox": True,
+}
 
 
 def user_config_path() -> Path:
@@ -88,9 +125,9 @@ def settings(repo: str | Path | None) -> dict:
     return sourced_settings(repo)[0]
 
 
-def merge_args(args, repo: str | Path | None, defaults: dict) -> dict[str, Path]:
-    """Fills the flags left unset (None) on `args` from the files, then from `defaults`. Returns the
-    file each filled value came from."""
+def merge_args(args, repo: str | Path | None) -> dict[str, Path]:
+    """Fills the flags left unset (None) on `args` from the files, then from DEFAULTS. Returns the file
+    each filled value came from."""
     found, sources = sourced_settings(repo)
     if getattr(args, "model", None) or getattr(args, "endpoint", None):
         found.pop("model", None)
@@ -98,7 +135,7 @@ def merge_args(args, repo: str | Path | None, defaults: dict) -> dict[str, Path]
     filled = {}
     for key in KEYS:
         if hasattr(args, key) and getattr(args, key) is None:
-            setattr(args, key, found.get(key, defaults.get(key)))
+            setattr(args, key, found.get(key, DEFAULTS.get(key)))
             if key in found:
                 filled[key] = sources[key]
     if not getattr(args, "model", None) and not getattr(args, "endpoint", None):

@@ -12,13 +12,11 @@ import re
 import urllib.error
 import urllib.request
 
+from ds4.agent.errors import GitHubError
+
 ISSUE_URL = re.compile(
     r"^https?://(?:www\.)?github\.com/([\w.-]+)/([\w.-]+)/(?:issues|pull)/(\d+)/?(?:[#?].*)?$"
 )
-
-
-class GitHubError(Exception):
-    """The issue could not be fetched; the message says why and what to do instead."""
 
 
 def is_issue_url(value: str) -> bool:

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,6 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ds4.agent.backends import Backend, BackendError, GenerationParams
+from ds4.agent.config import FixConfig
+from ds4.agent.errors import FixError
+from ds4.agent.events import Kind
 from ds4.agent.index.indexer import index_repo
 from ds4.agent.index.store import open_index
 from ds4.agent.pack import TokenCounter, pack
@@ -37,27 +39,6 @@ UNCONFIRMED = (
     "The tests passed before any change, so they cannot confirm this fix: add a test that fails on the "
     "issue (or pass --test-cmd with one) and run again."
 )
-
-
-class FixError(Exception):
-    """The loop cannot run at all (not a git repository, no test command, the model unreachable)."""
-
-
-@dataclass
-class FixConfig:
-    repo: Path
-    issue: str
-    test_cmd: str | None = None
-    rounds: int = 3
-    samples: int = 1
-    budget: int = 32_000
-    test_timeout: float = 600.0
-    apply: bool = False
-    generation: GenerationParams = field(default_factory=GenerationParams)
-    overlay: dict[str, str] = field(default_factory=dict)  # unsaved editor buffers, by relative path
-    cancel: threading.Event | None = None  # set: a running test command is killed at once
-    sandbox: Sandbox | None = None  # where tests run; None: bubblewrap, or unsandboxed with a warning
-    data_dir: Path | None = None  # the index and run folders; None: REPO/.ds4 (never through a symlink)
 
 
 @dataclass
@@ -119,8 +100,8 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
     run_dir, lock = new_run(folder)
     trajectory: dict = {"issue": config.issue, "backend": backend.name, "events": []}
 
-    def event(kind: str, **data) -> None:
-        record = {"event": kind, "t": round(time.time(), 3), **data}
+    def event(kind: Kind, **data) -> None:
+        record = {"event": kind.value, "t": round(time.time(), 3), **data}
         trajectory["events"].append(record)
         emit(record)
 
@@ -130,7 +111,7 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
         if command is None:
             raise FixError("no test command found (pytest, npm test, go test, cargo test): pass --test-cmd")
         user_changes = git(repo, "diff", "HEAD", "--binary")
-        event("index")
+        event(Kind.INDEX)
         index_repo(repo, folder / "index.db")
         counter = TokenCounter(backend.tokenizer_file) if backend.tokenizer_file else ApproxCounter()
         db = open_index(folder / "index.db")
@@ -138,13 +119,13 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
         (run_dir / "prompt.txt").write_text(packed.prompt)
         (run_dir / "manifest.json").write_text(json.dumps(packed.manifest(), indent=2))
         if packed.secrets:
-            event("secrets", found=packed.secrets)
+            event(Kind.SECRETS, found=packed.secrets)
 
         baseline_tree = _worktree(repo, run_dir / "baseline", user_changes, worktrees, config.overlay)
-        event("baseline", command=command, sandbox=sandbox.name)
+        event(Kind.BASELINE, command=command, sandbox=sandbox.name)
         baseline = run_tests(command, baseline_tree, config.test_timeout, config.cancel, sandbox)
         (run_dir / "baseline-tests.log").write_text(baseline.output)
-        event("baseline_done", exit_code=baseline.exit_code, failed=baseline.failed)
+        event(Kind.BASELINE_DONE, exit_code=baseline.exit_code, failed=baseline.failed)
 
         candidates = []
         for sample in range(1, config.samples + 1):
@@ -168,10 +149,10 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
         if baseline.passed:
             result.message = " ".join(filter(None, [result.message, UNCONFIRMED]))
         (run_dir / "result.json").write_text(json.dumps(result.as_json(), indent=2))
-        event("done", status=result.status)
+        event(Kind.DONE, status=result.status)
         return result
     except (FixError, BackendError) as e:
-        event("error", message=str(e))
+        event(Kind.ERROR, message=str(e))
         return FixResult("error", "", 0, None, str(run_dir), [], message=str(e))
     finally:
         (run_dir / "trajectory.json").write_text(json.dumps(trajectory, indent=2, default=str))
@@ -241,18 +222,18 @@ def _attempt(
     for round_ in range(1, config.rounds + 1):
         candidate.rounds = round_
         tag = f"sample-{sample}-round-{round_}"
-        event("ask", sample=sample, round=round_)
+        event(Kind.ASK, sample=sample, round=round_)
         try:
             completion = backend.complete(messages, params)
         except BackendError as e:
             if round_ == 1 and sample == 1:
                 raise  # the model cannot be used at all
-            event("backend_error", sample=sample, round=round_, message=str(e))  # e.g. the context is full
+            event(Kind.BACKEND_ERROR, sample=sample, round=round_, message=str(e))  # e.g. the context is full
             candidate.error = str(e)
             break
         (run_dir / f"{tag}-answer.md").write_text(completion.text)
         event(
-            "answer",
+            Kind.ANSWER,
             sample=sample,
             round=round_,
             tokens=completion.completion_tokens,
@@ -264,13 +245,13 @@ def _attempt(
         try:
             applied = apply(completion.text, tree)
         except PatchError as e:
-            event("refused", sample=sample, round=round_, reason=str(e).splitlines()[0])
+            event(Kind.REFUSED, sample=sample, round=round_, reason=str(e).splitlines()[0])
             candidate.error = str(e)
             messages.append({"role": "user", "content": _feedback("refused", str(e))})
             continue
         candidate.diff = git(tree, "diff", "HEAD")
         (run_dir / f"{tag}.diff").write_text(candidate.diff)
-        event("applied", sample=sample, round=round_, blocks=applied.applied)
+        event(Kind.APPLIED, sample=sample, round=round_, blocks=applied.applied)
         tests = run_tests(command, tree, config.test_timeout, config.cancel, sandbox)
         (run_dir / f"{tag}-tests.log").write_text(tests.output)
         candidate.tests = {
@@ -282,7 +263,7 @@ def _attempt(
         }
         candidate.failed, candidate.passed, candidate.error = tests.failed, tests.passed, None
         event(
-            "tested",
+            Kind.TESTED,
             sample=sample,
             round=round_,
             passed=tests.passed,

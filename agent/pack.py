@@ -23,6 +23,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import sqlite_utils
 
+from ds4.agent.errors import InputError
 from ds4.agent.index.languages import language_of
 from ds4.agent.rank import focus, rank
 from ds4.agent.views import SKELETON, WHOLE, Part, View, from_manifest, join, mode_of, skeleton
@@ -299,7 +300,7 @@ def pack(
         else:
             victim = min(placed, key=lambda p: (scores[p][0], p), default=None)
         if victim is None:
-            raise ValueError(f"budget {budget} is below the {packed.total_tokens} tokens of the fixed parts")
+            raise InputError(f"budget {budget} is below the {packed.total_tokens} tokens of the fixed parts")
         shown[victim] = SKELETON if shown[victim] == WHOLE and victim not in overlay else None
         packed = _assemble(order, shown, scores, focuses, sizer, parts, budget)
     return packed

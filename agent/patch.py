@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ds4.agent.errors import PatchError
 from ds4.agent.writes import WriteRefused, inside, write_all
 
 SEARCH, DIVIDER, REPLACE = (
@@ -25,10 +26,6 @@ SEARCH, DIVIDER, REPLACE = (
 FENCE = re.compile(r"^\s*(```|~~~)")
 ELLIPSIS = re.compile(r"^\s*(\.\.\.|#\s*\.\.\.|//\s*\.\.\.|/\*\s*\.\.\.\s*\*/)\s*$")
 HUNK = re.compile(r"^@@ -(\d+)(?:,\d+)? \+(\d+)(?:,\d+)? @@")
-
-
-class PatchError(Exception):
-    """The answer cannot be applied; the message is feedback for the model (and the user)."""
 
 
 @dataclass

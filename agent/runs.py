@@ -13,14 +13,12 @@ import time
 import uuid
 from pathlib import Path
 
+from ds4.agent.errors import RunFolderError
+
 LOCK = ".lock"
 # What ds4 writes in a data folder; a committed symlink at any of them would send the writes elsewhere.
 WRITTEN = ("runs", "index.db", "index.db-wal", "index.db-shm")
 EXCLUDED = "/.ds4/"
-
-
-class RunFolderError(Exception):
-    """The run's data folder cannot be used (a symlink, or not a folder)."""
 
 
 def data_folder(repo: Path, data_dir: Path | None) -> Path:

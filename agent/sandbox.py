@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ds4.agent.errors import SandboxError
+
 # Not secret, and needed by toolchains; everything else (API keys, DS4_*, tokens) stays outside.
 KEPT_ENV = (
     "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "VIRTUAL_ENV", "PYTHONPATH", "GOPATH", "GOMODCACHE",
@@ -28,10 +30,6 @@ SECRET_HOME_PATHS = (".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker", ".c
 # Sockets of the host's daemons (docker, dbus) live here and a network namespace does not hide them.
 HIDDEN_SYSTEM_PATHS = ("/run", "/var/run")
 NO_SANDBOX_HELP = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap)"
-
-
-class SandboxError(Exception):
-    """No sandbox can run here and running unsandboxed was not allowed."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-WORKLOADS = ("distinct", "shared-prefix")
+from ds4.agent.errors import BenchError, InputError
 
 
 @dataclass
@@ -98,7 +98,7 @@ def running(command: list[str], base: str, log_path: Path, ready_timeout: float 
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
                     tail = log_path.read_text()[-2000:]
-                    raise RuntimeError(f"{command[0]} did not come up:\n{tail}") from None
+                    raise BenchError(f"{command[0]} did not come up:\n{tail}") from None
                 time.sleep(0.5)
         yield models[0]["id"]
     finally:
@@ -181,7 +181,7 @@ def drive(
         t.join()
     wall = time.perf_counter() - start
     if not ttfts:
-        raise RuntimeError(f"{server}: every request failed")
+        raise BenchError(f"{server}: every request failed")
     return ServeResult(
         server,
         workload,
@@ -221,7 +221,7 @@ def servers(model_dir: str, peer: str) -> list[tuple[str, list[str] | str]]:
         ]
         out.append(("transformers serve --continuous-batching", command))
     elif peer != "none":
-        raise ValueError(f"unknown peer {peer!r}: transformers, transformers-cb, none, or a URL")
+        raise InputError(f"unknown peer {peer!r}: transformers, transformers-cb, none, or a URL", "peer")
     return out
 
 

@@ -16,16 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ds4.agent.backends import Backend
+from ds4.agent.errors import SweBenchError
 from ds4.agent.loop import FixConfig, fix
 from ds4.agent.sandbox import Sandbox
 from ds4.agent.testrun import detect_test_command, run_tests
 
 
-class SweBenchError(Exception):
-    """A malformed instance file, or a repository that is not where it should be."""
-
-
 def load_jsonl(path: str | Path) -> list[dict]:
+    if not Path(path).is_file():
+        raise SweBenchError(f"{path}: no such file")
     rows = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if line.strip():
@@ -99,7 +98,7 @@ def predict(
             repo = repo_dir(repos_dir, instance["repo"])
             with _Checkout(repo, instance["base_commit"]) as tree:
                 issue = instance["problem_statement"]
-                config = make_config(tree, issue) if make_config else FixConfig(tree, issue)
+                config = make_config(tree, issue) if make_config else FixConfig(repo=tree, issue=issue)
                 result = fix(config, backend)
             prediction = {
                 "instance_id": instance["instance_id"],

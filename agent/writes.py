@@ -10,13 +10,11 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from ds4.agent.errors import WriteRefused
+
 # Version control and ds4's own data: what a model's edit may never write (git reads .git/config and runs
 # its hooks and fsmonitor; .ds4 holds the index and the run folders).
 PROTECTED_DIRS = frozenset({".git", ".hg", ".svn", ".jj", ".bzr", "_darcs", ".pijul", ".fslckout", ".ds4"})
-
-
-class WriteRefused(Exception):
-    """A path an edit may not write; the message is feedback for the model."""
 
 
 def inside(root: Path, rel: str, block: int | None = None) -> Path:

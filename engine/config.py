@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ds4.engine.errors import ConfigError
+from ds4.engine.errors import ConfigError, ParamError
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "deepseek_v4")
 V4_ATTENTION_KINDS = {
@@ -484,20 +484,20 @@ class EngineConfig:
     def __post_init__(self):
         self._check_devices()
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+            raise ParamError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.mla_mode not in ("auto", "naive", "absorbed"):
-            raise ValueError(f"mla_mode must be auto, naive or absorbed, got {self.mla_mode!r}")
+            raise ParamError(f"mla_mode must be auto, naive or absorbed, got {self.mla_mode!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ParamError(f"{name} must be positive, got {getattr(self, name)}")
         if self.hot_experts is not None and self.hot_experts < 0:
-            raise ValueError(f"hot_experts must be >= 0, got {self.hot_experts}")
+            raise ParamError(f"hot_experts must be >= 0, got {self.hot_experts}")
         if self.weights not in ("stored", "dequantize"):
-            raise ValueError(f"weights must be stored or dequantize, got {self.weights!r}")
+            raise ParamError(f"weights must be stored or dequantize, got {self.weights!r}")
         if self.hot_period < 1 or self.stream_tokens < 1:
-            raise ValueError("hot_period and stream_tokens must be positive")
+            raise ParamError("hot_period and stream_tokens must be positive")
         if self.num_cache_blocks is not None and self.num_cache_blocks < 1:
-            raise ValueError(f"num_cache_blocks must be positive, got {self.num_cache_blocks}")
+            raise ParamError(f"num_cache_blocks must be positive, got {self.num_cache_blocks}")
 
     def _check_devices(self) -> None:
         """`device` is `devices[0]` when a split is given; the split's per-device counts are checked
@@ -505,11 +505,11 @@ class EngineConfig:
         if self.devices is not None:
             devices = (self.devices,) if isinstance(self.devices, str) else tuple(self.devices)
             if not devices or not all(isinstance(d, str) and d for d in devices):
-                raise ValueError(
+                raise ParamError(
                     f"devices must name at least one device, e.g. ('cuda:0', 'cuda:1'); got {devices}"
                 )
             if self.device is not None and self.device != devices[0]:
-                raise ValueError(
+                raise ParamError(
                     f"device {self.device!r} must be the first of devices {list(devices)} (or left unset)"
                 )
             object.__setattr__(self, "devices", devices)
@@ -519,7 +519,7 @@ class EngineConfig:
         if self.layer_split is not None:
             split = tuple(self.layer_split)
             if self.devices is None or len(split) != len(self.devices):
-                raise ValueError(
+                raise ParamError(
                     f"layer_split {list(split)} needs one layer count per device of devices "
                     f"({'unset' if self.devices is None else list(self.devices)})"
                 )

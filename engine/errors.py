@@ -17,6 +17,15 @@ class RequestError(EngineError):
     """A generate/score request ds4 cannot serve (empty prompt, token id out of range, too long)."""
 
 
+class ParamError(EngineError, ValueError):
+    """A sampling or engine setting out of its range; `param` names it (a request's field, a flag). A
+    ValueError too, as the dataclasses' checks were."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 class EngineStopped(EngineError):
     """The engine thread is not running: a request submitted now would never be answered."""
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from ds4.engine.errors import ParamError
 from ds4.engine.step_inputs import on_device
 
 if TYPE_CHECKING:
@@ -32,21 +33,21 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ParamError(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ParamError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise ParamError(f"top_k must be >= 0, got {self.top_k}", "top_k")
         if not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+            raise ParamError(f"min_p must be in [0, 1), got {self.min_p}", "min_p")
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise ParamError(f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+            raise ParamError("stop strings must be non-empty", "stop")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+            raise ParamError(f"logprobs must be in [0, 20], got {self.logprobs}", "logprobs")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
     @property

@@ -22,6 +22,8 @@ from pygls.lsp.server import LanguageServer
 from pygls.uris import from_fs_path, to_fs_path
 
 from ds4.agent.backends import BackendError, GenerationParams
+from ds4.agent.errors import Cancelled
+from ds4.agent.events import describe
 from ds4.agent.index.indexer import default_db_path, index_repo
 from ds4.agent.index.languages import language_of
 from ds4.agent.index.query import search, symbols
@@ -68,10 +70,6 @@ class RequestFailed(JsonRpcException):
     RequestFailed code, with a message the editor shows."""
 
     CODE = -32803
-
-
-class Cancelled(Exception):
-    pass
 
 
 def make_backend(settings: Settings):
@@ -377,9 +375,9 @@ class Ds4Server(LanguageServer):
         settings = self.settings
         test_cmd = settings.test_command or read_config(root / ".ds4.toml").get("test_cmd")
         config = FixConfig(
-            root,
-            issue,
-            test_cmd,
+            repo=root,
+            issue=issue,
+            test_cmd=test_cmd,
             rounds=settings.rounds,
             budget=settings.budget,
             generation=GenerationParams(max_tokens=settings.max_tokens),
@@ -391,7 +389,7 @@ class Ds4Server(LanguageServer):
         def on_event(event: dict) -> None:
             if progress.cancelled.is_set():
                 raise Cancelled
-            progress.report(_describe(event))
+            progress.report(describe(event))
 
         try:
             result = await asyncio.to_thread(fix, config, backend, on_event)
@@ -500,19 +498,6 @@ def _symbol(name: str, kind: str, path: Path, line: int, end_line: int, containe
 def _rank(name: str, query: str, order: int) -> tuple:
     query = query.strip()
     return (name != query, name.lower() != query.lower(), not name.lower().startswith(query.lower()), order)
-
-
-def _describe(event: dict) -> str:
-    kind = event.get("event")
-    if kind == "answer":
-        return f"round {event.get('round')}: answer of {event.get('tokens')} tokens"
-    if kind == "tested":
-        return f"round {event.get('round')}: tests {'pass' if event.get('passed') else 'fail'}"
-    if kind == "refused":
-        return f"round {event.get('round')}: edit refused ({event.get('reason')})"
-    if kind == "baseline_done":
-        return f"baseline tests: exit {event.get('exit_code')}"
-    return str(kind)
 
 
 def create_server(backend_factory=make_backend, watch: bool = True) -> Ds4Server:

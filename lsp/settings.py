@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ds4.agent.backends import GenerationParams
+from ds4.agent.config import FixConfig
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -12,10 +15,10 @@ class Settings:
     endpoint: str | None = None  # or an OpenAI-compatible server
     model_name: str | None = None  # with endpoint
     api_key: str | None = None  # with endpoint
-    budget: int = 32_000  # prompt tokens the packer fills
+    budget: int = FixConfig.budget  # prompt tokens the packer fills
     test_command: str | None = None  # else the repository's .ds4.toml, else detected
-    rounds: int = 3
-    max_tokens: int = 2048  # per answer in the fix loop
+    rounds: int = FixConfig.rounds
+    max_tokens: int = GenerationParams.max_tokens  # per answer in the fix loop
     debounce_ms: int = 150  # inline completion waits this long for newer keystrokes
     completion_tokens: int = 64  # per inline completion
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -18,8 +16,6 @@ if not torch.cuda.is_available():  # Triton kernels run through its interpreter;
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-EXE = str(Path(sys.executable).parent / "ds4-agent")  # the console script of the venv running the tests
 
 # Small geometry shared by the transformers-written test checkpoints; tests override pieces of it.
 BASE_GEOMETRY = dict(

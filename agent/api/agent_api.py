@@ -26,7 +26,10 @@ from litestar.response import ServerSentEvent
 from ds4.agent.api.errors import APIError, responses, strict_body
 from ds4.agent.api.jobs import ACTIVE, JobStore
 from ds4.agent.api.paths import PathRefused, confine, recheck, repo_data_dir
-from ds4.agent.config import ConfigError
+from ds4.agent.backends import GenerationParams
+from ds4.agent.config import ConfigError, FixConfig
+from ds4.agent.errors import Cancelled
+from ds4.agent.events import describe
 from ds4.agent.sandbox import SandboxError
 
 log = logging.getLogger("ds4.api")
@@ -39,18 +42,16 @@ class RepoRequest(msgspec.Struct):
 class FixRequest(msgspec.Struct, kw_only=True):
     repo_id: str
     issue: Annotated[str, msgspec.Meta(pattern=r"\S", description="the issue text; not blank")]
-    rounds: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
-    samples: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
-    budget: Annotated[int, msgspec.Meta(ge=256, le=1_048_576, description="prompt tokens to pack")] = 32_000
-    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = 2048
+    rounds: Annotated[int, msgspec.Meta(ge=1, le=20)] = FixConfig.rounds
+    samples: Annotated[int, msgspec.Meta(ge=1, le=16)] = FixConfig.samples
+    budget: Annotated[int, msgspec.Meta(ge=256, le=1_048_576, description="prompt tokens to pack")] = (
+        FixConfig.budget
+    )
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = GenerationParams.max_tokens
     test_cmd: str | None = None
 
 
 SHUTDOWN_WAIT_S = 3.0  # for the job worker to record how its job ended
-
-
-class Cancelled(Exception):
-    pass
 
 
 class JobRunner:
@@ -130,8 +131,7 @@ class JobRunner:
                 log.exception("job %s could not be recorded", job_id)
 
     def _fix(self, job_id: str) -> None:
-        from ds4.agent.backends import GenerationParams
-        from ds4.agent.loop import FixConfig, fix
+        from ds4.agent.loop import fix
 
         job = self.store.job(job_id)
         spec = job["spec"]
@@ -151,15 +151,15 @@ class JobRunner:
 
         backend = self.backend.with_cancel(cancel) if hasattr(self.backend, "with_cancel") else self.backend
         config = FixConfig(
-            path,
-            spec["issue"],
-            spec.get("test_cmd"),
-            spec["rounds"],
-            spec["samples"],
-            spec["budget"],
-            self.config.test_timeout,
-            False,  # a service never writes to the registered tree
-            GenerationParams(max_tokens=spec["max_tokens"]),
+            repo=path,
+            issue=spec["issue"],
+            test_cmd=spec.get("test_cmd"),
+            rounds=spec["rounds"],
+            samples=spec["samples"],
+            budget=spec["budget"],
+            test_timeout=self.config.test_timeout,
+            apply=False,  # a service never writes to the registered tree
+            generation=GenerationParams(max_tokens=spec["max_tokens"]),
             cancel=cancel,  # a running test command dies with it, its whole process tree
             sandbox=sandbox,
             data_dir=repo_data_dir(self.config.jobs_db, job["repo_id"]),
@@ -385,7 +385,7 @@ async def job_events(request: Request, job_id: FromPath[str]) -> ServerSentEvent
             events = store.events(job_id, after=seen)
             for seq, event in events:
                 seen = seq
-                yield json.dumps(event)
+                yield json.dumps({**event, "text": describe(event)})
             if not events and store.job(job_id)["status"] not in ACTIVE:
                 yield json.dumps({"event": "end", "status": store.job(job_id)["status"]})
                 return

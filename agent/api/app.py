@@ -24,6 +24,8 @@ from ds4.agent.api.jobs import JobStore
 from ds4.agent.api.metrics import Metrics, RateLimiter
 from ds4.agent.api.openai_api import BODIES as OPENAI_BODIES
 from ds4.agent.api.openai_api import ROUTES as OPENAI_ROUTES
+from ds4.agent.config import FixConfig
+from ds4.agent.errors import InputError
 
 OPEN_PATHS = ("/health", "/schema", "/metrics")  # reachable without a token
 
@@ -37,7 +39,7 @@ class ServerConfig:
     jobs_db: str = ".ds4/server/jobs.db"
     test_cmd: str | None = None  # for fix jobs; else the repository's .ds4.toml, else detected
     allow_request_test_cmd: bool = False  # a request's test_cmd runs commands on this machine
-    test_timeout: float = 600.0
+    test_timeout: float = FixConfig.test_timeout
     allow_unsandboxed_tests: bool = False  # where bubblewrap cannot run: run tests bare, or refuse them
     bind: str = "127.0.0.1"  # the address served: its name is one the Host header may carry
     allowed_hosts: list[str] = field(default_factory=list)  # more names for Host ("*": any)
@@ -47,7 +49,7 @@ class ServerConfig:
     def __post_init__(self):
         check_keys(self.api_keys)
         if self.max_queued_jobs < 1:
-            raise ValueError(f"max_queued_jobs must be >= 1, got {self.max_queued_jobs}")
+            raise InputError(f"max_queued_jobs must be >= 1, got {self.max_queued_jobs}", "max_queued_jobs")
 
 
 def keys_from_env(flags: list[str] | None) -> list[str]:
@@ -60,7 +62,9 @@ def keys_from_env(flags: list[str] | None) -> list[str]:
 def check_keys(keys: list[str]) -> None:
     """A blank key would let `Authorization: Bearer ` in: refuse it before serving anything."""
     if any(not k.strip() for k in keys):
-        raise ValueError("an API key must not be empty: pass --api-key KEY with a real key, or no --api-key")
+        raise InputError(
+            "an API key must not be empty: pass --api-key KEY with a real key, or no --api-key", "api_key"
+        )
 
 
 def is_loopback(host: str) -> bool:
@@ -73,9 +77,9 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(host: str, keys: list[str]) -> None:
-    """Anything but loopback needs bearer tokens: the server runs models and, later, tests."""
+    """Anything but loopback needs bearer tokens: the server runs models and, for fix jobs, tests."""
     if not is_loopback(host) and not keys:
-        raise ValueError(
+        raise InputError(
             f"refusing to listen on {host} without API keys: pass --api-key KEY (or DS4_API_KEYS=k1,k2), "
             "or bind 127.0.0.1"
         )
@@ -145,7 +149,11 @@ async def metrics(request: Request) -> str:
     )
 
 
-HEALTH_503 = ResponseSpec(data_container=dict, description="the engine thread is not running")
+# No generated example: litestar's would hold a datetime drawn relative to now, so the document changed by the
+# second.
+HEALTH_503 = ResponseSpec(
+    data_container=dict, description="the engine thread is not running", generate_examples=False
+)
 
 
 @get(

@@ -11,6 +11,8 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
 
+from ds4.agent.errors import AgentError
+
 log = logging.getLogger("ds4.api")
 T = TypeVar("T")
 
@@ -56,7 +58,9 @@ def responses(*statuses: int) -> dict[int, ResponseSpec]:
     return {s: ResponseSpec(data_container=ErrorBody, description=words[s]) for s in statuses}
 
 
-class APIError(Exception):
+class APIError(AgentError):
+    """A request refused with an HTTP status and an OpenAI-shaped body; `param` names the field at fault."""
+
     def __init__(
         self, status: int, message: str, param: str | None = None, code: str | None = None, headers=None
     ):

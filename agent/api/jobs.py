@@ -11,6 +11,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ds4.agent.errors import JobsDatabaseError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (
     id TEXT PRIMARY KEY, path TEXT UNIQUE NOT NULL, created REAL NOT NULL
@@ -27,10 +29,6 @@ CREATE TABLE IF NOT EXISTS job_events (
 """
 ACTIVE = ("queued", "running")
 STATES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
-
-
-class JobsDatabaseError(Exception):
-    """The jobs database cannot be opened (not an SQLite file, unreadable, from another program)."""
 
 
 class JobStore:

@@ -20,7 +20,7 @@ from ds4.agent.api.openai_chat import FINISH, StreamedReply, chat_grammar, chat_
 from ds4.agent.api.openai_logprobs import CompletionLogprobs, chat_logprobs
 from ds4.agent.api.proxied import ProxiedModel
 from ds4.agent.api.served import ServedModel
-from ds4.engine.errors import EngineStopped, RequestError
+from ds4.engine.errors import EngineStopped, ParamError, RequestError
 from ds4.engine.grammar import Grammar
 from ds4.engine.sampler import SamplingParams
 
@@ -78,11 +78,9 @@ def _sampling(
             grammar=grammar,
             stop=stop,
         )
-    except ValueError as e:
-        param = str(e).split(" ", 1)[0]
-        raise APIError(
-            400, str(e), param if param in msgspec.structs.asdict(body) else None, "invalid_value"
-        ) from None
+    except ParamError as e:
+        param = e.param if e.param in msgspec.structs.asdict(body) else None  # a field of this body only
+        raise APIError(400, str(e), param, "invalid_value") from None
 
 
 async def _check_grammar(served: ServedModel, grammar: Grammar, param: str) -> None:

@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
-class PathRefused(ValueError):
-    """A path outside the allowed roots, with `..`, through an escaping symlink, or not a folder."""
+from ds4.agent.errors import PathRefused
 
 
 def confine(path: str, roots: list[str | Path]) -> Path:

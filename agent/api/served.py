@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+from ds4.agent.errors import InputError
+
 
 class ServedModel:
     def __init__(self, model_dir: str, name: str | None = None, **engine_kwargs):
@@ -15,7 +17,7 @@ class ServedModel:
         self.llm = LLM(model_dir, **engine_kwargs)
         self.model_dir = Path(model_dir)
         if self.llm.tokenizer is None:
-            raise FileNotFoundError(f"{model_dir} has no tokenizer.json: the server needs one")
+            raise InputError(f"{model_dir} has no tokenizer.json: the server needs one", "model")
         self.name = name or Path(model_dir).resolve().name
         self.created = int(time.time())
         self.max_model_len = self.llm.max_model_len

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import sqlite_utils
 
+from ds4.agent.errors import AgentError
+
 log = logging.getLogger("ds4.agent.index")
 
 SCHEMA_VERSION = 2
@@ -61,7 +63,7 @@ CREATE TABLE IF NOT EXISTS contents (
 """
 
 
-class IndexDatabaseError(Exception):
+class IndexDatabaseError(AgentError):
     """The index database cannot be opened or written (permissions, disk full)."""
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ds4.engine.errors import ParamError
+
 HERE = Path(__file__).parent
 FAMILY_LABELS = {"deepseek_v3": "deepseek-v3", "deepseek_v32": "deepseek-v3.2", "deepseek_v4": "deepseek-v4"}
 SIZES = ("tiny", "small")
@@ -19,17 +21,17 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str) -> dict:
-    """The config.json dict of a preset; ValueError naming the choices for an unknown one."""
+    """The config.json dict of a preset; ParamError (a ValueError) naming the choices for an unknown one."""
     file = HERE / f"{name}.json"
     if not file.is_file():
-        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
+        raise ParamError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
     return json.loads(file.read_text())
 
 
 def init_preset(family: str, size: str) -> dict:
     """The config of `ds4-agent model init --family F --preset tiny|small`."""
     if family not in FAMILY_LABELS:
-        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILY_LABELS)}")
+        raise ParamError(f"unknown family {family!r}; choose from {', '.join(FAMILY_LABELS)}")
     if size not in SIZES:
-        raise ValueError(f"unknown preset {size!r}; choose from {', '.join(SIZES)}")
+        raise ParamError(f"unknown preset {size!r}; choose from {', '.join(SIZES)}")
     return load_preset(f"{FAMILY_LABELS[family]}-{size}")

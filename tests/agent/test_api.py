@@ -4,58 +4,15 @@ checkpoint, driven by the official openai client and by raw HTTP for the malform
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
-from pathlib import Path
 
 import jsonschema_rs
 import openai
 import pytest
 
-EXE = str(Path(sys.executable).parent / "ds4-agent")
-KEY = "test-key-1"
-MODEL = "tiny-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serving(checkpoint, log: Path, *flags: str):
-    """`ds4-agent serve` on a free loopback port, its output in `log`; yields the base URL once healthy.
-    `checkpoint` None: the flags say what is served (--endpoint)."""
-    port = free_port()
-    model = ["--model", str(checkpoint)] if checkpoint is not None else []
-    with open(log, "w") as f:
-        process = subprocess.Popen(
-            [EXE, "serve", *model, "--port", str(port), *flags],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(base + "/health", timeout=1).read()
-                break
-            except OSError:
-                if process.poll() is not None:
-                    raise RuntimeError(f"the server exited: {log.read_text()}") from None
-                time.sleep(0.25)
-        else:
-            raise RuntimeError(f"the server did not come up: {log.read_text()}")
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+from tests.servers import EXE, KEY, MODEL, free_port, serving
 
 
 @pytest.fixture(scope="module")

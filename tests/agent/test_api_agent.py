@@ -4,64 +4,11 @@ events as SSE, read the diff; a restart keeps the job; paths and test commands a
 
 from __future__ import annotations
 
-import json
-import threading
-import time
-import urllib.error
-import urllib.request
-
 import pytest
-import uvicorn
 
 from ds4.agent.api.app import ServerConfig, create_app
-from ds4.agent.api.served import ServedModel
-from tests.agent.test_api import free_port
-from tests.agent.test_indexer import make_repo
-from tests.agent.test_loop import BUGGY, RIGHT, ScriptedBackend
-
-
-class Server:
-    """uvicorn in a thread of this process, so the fix jobs can use a scripted backend."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                break
-            time.sleep(0.05)
-        self.base = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def call(self, method, path, body=None):
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            self.base + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=120) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def events(self, path):
-        with urllib.request.urlopen(self.base + path, timeout=120) as r:
-            lines = r.read().decode().splitlines()
-        return [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
-
-
-@pytest.fixture(scope="module")
-def served(tiny_v3):
-    model = ServedModel(str(tiny_v3))
-    yield model
-    model.shutdown()
+from tests.fakes import BUGGY, RIGHT, ScriptedBackend, make_repo
+from tests.servers import Server
 
 
 @pytest.fixture()

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ds4.engine import LLM, SamplingParams
-from tests.agent.test_api import KEY, MODEL, serving
 from tests.schema_check import errors
+from tests.servers import KEY, MODEL, serving
 
 
 @pytest.fixture(scope="module")

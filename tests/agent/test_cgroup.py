@@ -15,7 +15,7 @@ import pytest
 from ds4.agent import cgroup
 from ds4.agent.sandbox import Bubblewrap, Limits, Unsandboxed, bubblewrap_problem
 from ds4.agent.testrun import run_tests
-from tests.agent.test_trust_sandbox import processes_with, wait_for
+from tests.servers import processes_with, wait_for
 
 FORKS = (
     "import subprocess, sys\n"

@@ -4,28 +4,13 @@ one-line errors of the CLI boundary."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from ds4.engine import LLM, SamplingParams
-
-DS4_AGENT = Path(sys.executable).parent / "ds4-agent"
-ENV = dict(os.environ, PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(DS4_AGENT), *map(str, args)],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        env=ENV,
-        timeout=300,
-    )
+from tests.servers import ENV, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +34,21 @@ def test_parser_does_not_import_torch():
     code = "import sys, ds4.agent.cli as c; c.build_parser(); assert 'torch' not in sys.modules, 'torch'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_command_imports_only_its_own_module():
+    code = (
+        "import contextlib, sys\nfrom ds4.agent.cli import main\n"
+        "for argv in (['--help'], ['fix', '--help']):\n"
+        "    with contextlib.redirect_stdout(sys.stderr), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "    print(sorted(m for m in sys.modules if m.startswith('ds4.agent.cli.')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "[]"  # the top-level --help lists the commands without importing any
+    assert lines[-1] == "['ds4.agent.cli.fix', 'ds4.agent.cli.flags', 'ds4.agent.cli.inputs']"
 
 
 def test_model_init_writes_checkpoint(model_dir):

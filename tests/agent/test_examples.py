@@ -11,9 +11,8 @@ import pytest
 
 from ds4.agent.patch import apply
 from ds4.agent.testrun import detect_test_command, run_tests
+from tests.fakes import EXAMPLES, GOLD
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-GOLD = Path(__file__).parent / "fixtures" / "examples_gold"
 NAMES = ["pricing-py", "slugify-js", "ringbuf-rs"]
 
 

@@ -6,19 +6,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from ds4.agent.config import ConfigError, settings
+from ds4.agent.events import describe
 from ds4.agent.github import GitHubError, fetch_issue, is_issue_url
-from ds4.agent.progress import describe
-from tests.agent.test_loop import RIGHT, ScriptedChatServer, repo  # noqa: F401 (repo is a fixture)
-
-EXE = str(Path(sys.executable).parent / "ds4-agent")
+from tests.fakes import RIGHT, ScriptedChatServer
+from tests.servers import EXE, serve_in_thread
 
 
 class ScriptedGitHub(BaseHTTPRequestHandler):
@@ -47,12 +44,6 @@ class ScriptedGitHub(BaseHTTPRequestHandler):
         pass
 
 
-def serve(handler) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 @pytest.fixture()
 def env(tmp_path, monkeypatch):
     """No user settings leak in from the machine running the tests."""
@@ -67,11 +58,11 @@ def test_issue_urls_are_recognized():
     assert not is_issue_url("add(2, 3) returns -1, see https://github.com/acme/calc/issues/7")
 
 
-def test_fix_fetches_a_github_issue_with_its_comments(repo, env):  # noqa: F811
-    github = serve(ScriptedGitHub)
+def test_fix_fetches_a_github_issue_with_its_comments(repo, env):
+    github = serve_in_thread(ScriptedGitHub)
     ScriptedGitHub.headers_seen = []
     ScriptedChatServer.answers, ScriptedChatServer.bodies = [RIGHT], []
-    chat = serve(ScriptedChatServer)
+    chat = serve_in_thread(ScriptedChatServer)
     env = {**env, "DS4_GITHUB_API": f"http://127.0.0.1:{github.server_port}", "GITHUB_TOKEN": "ghp_test"}
     try:
         done = subprocess.run(
@@ -105,7 +96,7 @@ def test_fix_fetches_a_github_issue_with_its_comments(repo, env):  # noqa: F811
 
 
 def test_a_missing_issue_is_a_clear_error(monkeypatch):
-    github = serve(ScriptedGitHub)
+    github = serve_in_thread(ScriptedGitHub)
     monkeypatch.setenv("DS4_GITHUB_API", f"http://127.0.0.1:{github.server_port}")
     try:
         with pytest.raises(GitHubError, match="404.*no such issue"):
@@ -115,7 +106,7 @@ def test_a_missing_issue_is_a_clear_error(monkeypatch):
 
 
 def test_an_unreachable_api_says_what_to_do_instead(monkeypatch):
-    server = serve(ScriptedGitHub)
+    server = serve_in_thread(ScriptedGitHub)
     port = server.server_port
     server.shutdown()
     server.server_close()  # nothing listens on this port now
@@ -124,9 +115,9 @@ def test_an_unreachable_api_says_what_to_do_instead(monkeypatch):
         fetch_issue("https://github.com/acme/calc/issues/7", timeout=5)
 
 
-def test_the_user_settings_choose_the_endpoint_and_the_repository_how_to_test(repo, env):  # noqa: F811
+def test_the_user_settings_choose_the_endpoint_and_the_repository_how_to_test(repo, env):
     ScriptedChatServer.answers, ScriptedChatServer.bodies = [RIGHT], []
-    chat = serve(ScriptedChatServer)
+    chat = serve_in_thread(ScriptedChatServer)
     user = Path(env["XDG_CONFIG_HOME"]) / "ds4" / "config.toml"
     user.parent.mkdir(parents=True)
     user.write_text(f'endpoint = "http://127.0.0.1:{chat.server_port}"\nmodel_name = "deepseek-v4"\n')
@@ -174,7 +165,7 @@ def test_bad_settings_are_clear_errors(tmp_path, env, text, message):
         settings(tmp_path)
 
 
-def test_no_model_anywhere_says_how_to_choose_one(repo, env):  # noqa: F811
+def test_no_model_anywhere_says_how_to_choose_one(repo, env):
     done = subprocess.run(
         [EXE, "fix", "add(2, 3) returns -1", "--repo", str(repo)], capture_output=True, text=True, env=env
     )
@@ -207,7 +198,7 @@ def test_progress_lines_say_what_happened():
     assert describe(tested) == "sample 2 round 1: 5 failing (test_0, test_1, test_2 and 2 more)"
 
 
-def test_a_mistyped_issue_file_is_an_error_and_issue_text_is_literal(repo, env):  # noqa: F811
+def test_a_mistyped_issue_file_is_an_error_and_issue_text_is_literal(repo, env):
     done = subprocess.run(
         [EXE, "fix", "ISSSUE.md", "--repo", str(repo), "--endpoint", "http://127.0.0.1:9"],
         capture_output=True,
@@ -219,7 +210,7 @@ def test_a_mistyped_issue_file_is_an_error_and_issue_text_is_literal(repo, env):
         and "ISSSUE.md: no such file; to give the issue as text, use --issue-text" in done.stderr
     )
     assert len(done.stderr.strip().splitlines()) == 1
-    from ds4.agent.cli import _read_issue
+    from ds4.agent.cli.inputs import read_issue
 
-    assert _read_issue("", "ISSSUE.md") == "ISSSUE.md"
-    assert _read_issue("add() returns the wrong sign") == "add() returns the wrong sign"
+    assert read_issue("", "ISSSUE.md") == "ISSSUE.md"
+    assert read_issue("add() returns the wrong sign") == "add() returns the wrong sign"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.agent.test_indexer import BASE, make_repo
+from tests.fakes import BASE, make_repo
 
 EXE = Path(sys.executable).parent / "ds4-agent"
 

@@ -16,33 +16,7 @@ import pytest
 from ds4.agent.index.indexer import index_repo
 from ds4.agent.index.query import search, symbols
 from ds4.agent.index.store import SCHEMA_VERSION, open_index
-
-
-def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
-
-
-def make_repo(root: Path, files: dict[str, str | bytes], use_git: bool = True) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for rel, content in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    if use_git:
-        git(root, "init", "-q")
-        git(root, "add", "-A")
-        git(root, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
-    return root
-
-
-BASE = {
-    "app/main.py": "import os\n\n\ndef main():\n    return helper()\n\n\ndef helper():\n    return 1\n",
-    "app/models.py": "class User:\n    def name(self):\n        return 'x'\n",
-    "README.md": "# demo\n",
-    ".gitignore": "build/\n*.log\n",
-    "build/out.py": "def generated(): pass\n",
-    "debug.log": "noise\n",
-}
+from tests.fakes import BASE, git, make_repo
 
 
 @pytest.fixture()

@@ -6,62 +6,29 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from ds4.agent.backends import Completion, GenerationParams, OpenAIBackend
+from ds4.agent.backends import GenerationParams, OpenAIBackend
 from ds4.agent.loop import FixConfig, fix
-from tests.agent.test_indexer import make_repo
-
-BUGGY = {
-    "calc.py": "def add(a, b):\n    return a - b\n\n\ndef mul(a, b):\n    return a * b\n",
-    "tests/test_calc.py": (
-        "from calc import add, mul\n\n\ndef test_add():\n    assert add(2, 3) == 5\n\n\n"
-        "def test_mul():\n    assert mul(2, 3) == 6\n"
-    ),
-    "pytest.ini": "[pytest]\npythonpath = .\n",
-}
-ISSUE = "add(2, 3) returns -1 instead of 5"
-
-
-def edit(old: str, new: str) -> str:
-    block = f"<<<<<<< SEARCH\n{old}\n=======\n{new}\n>>>>>>> REPLACE\n"
-    return f"The bug is in calc.py.\n\ncalc.py\n```python\n{block}```\n"
-
-
-WRONG = edit("    return a - b", "    return a - b + 0")
-RIGHT = edit("    return a - b", "    return a + b")
-RIGHT_AFTER_WRONG = edit("    return a - b + 0", "    return a + b")  # round 2 sees round 1's edit
-
-
-class ScriptedBackend:
-    """Test double: plays back scripted answers in order and records what it was asked."""
-
-    name = "scripted"
-    tokenizer_file = None
-
-    def __init__(self, answers: list[str]):
-        self.answers, self.asked = list(answers), []
-
-    def complete(self, messages, params, on_text=None) -> Completion:
-        self.asked.append([dict(m) for m in messages])
-        return Completion(self.answers.pop(0) if self.answers else "I have nothing more to add.")
-
-
-@pytest.fixture()
-def repo(tmp_path):
-    return make_repo(tmp_path / "repo", BUGGY)
-
-
-def config(repo: Path, **kw) -> FixConfig:
-    return FixConfig(repo, ISSUE, test_cmd=kw.pop("test_cmd", "python -m pytest -q -rf"), budget=4000, **kw)
+from tests.fakes import (
+    BUGGY,
+    ISSUE,
+    RIGHT,
+    RIGHT_AFTER_WRONG,
+    WRONG,
+    ScriptedBackend,
+    ScriptedChatServer,
+    edit,
+    fix_config,
+)
 
 
 def test_a_correct_patch_in_round_two_resolves(repo):
     backend = ScriptedBackend([WRONG, RIGHT_AFTER_WRONG])
-    result = fix(config(repo), backend)
+    result = fix(fix_config(repo), backend)
     assert result.status == "resolved" and result.rounds == 2
     assert "-    return a - b\n+    return a + b" in result.diff  # the whole patch, against HEAD
     round_two = backend.asked[1][-1]["content"]
@@ -76,7 +43,7 @@ def test_a_correct_patch_in_round_two_resolves(repo):
 
 def test_malformed_answers_become_feedback(repo):
     backend = ScriptedBackend(["I would change the subtraction.", edit("return a * b * 2", "x"), RIGHT])
-    result = fix(config(repo), backend)
+    result = fix(fix_config(repo), backend)
     assert result.status == "resolved" and result.rounds == 3
     assert "no edits found" in backend.asked[1][-1]["content"]
     assert (
@@ -86,25 +53,25 @@ def test_malformed_answers_become_feedback(repo):
 
 
 def test_a_hanging_test_command_times_out_and_is_reported(repo):
-    result = fix(config(repo, test_cmd="sleep 30", test_timeout=1.0, rounds=1), ScriptedBackend([RIGHT]))
+    result = fix(fix_config(repo, test_cmd="sleep 30", test_timeout=1.0, rounds=1), ScriptedBackend([RIGHT]))
     assert result.status == "unresolved" and result.tests["timed_out"] is True
 
 
 def test_apply_writes_the_selected_patch_to_the_user_tree(repo):
-    result = fix(config(repo, apply=True), ScriptedBackend([RIGHT]))
+    result = fix(fix_config(repo, apply=True), ScriptedBackend([RIGHT]))
     assert result.status == "resolved" and result.applied
     assert "return a + b" in (repo / "calc.py").read_text()
 
 
 def test_the_passing_sample_is_selected(repo):
     backend = ScriptedBackend([WRONG, RIGHT])
-    result = fix(config(repo, rounds=1, samples=2), backend)
+    result = fix(fix_config(repo, rounds=1, samples=2), backend)
     assert result.status == "resolved" and [c.passed for c in result.candidates] == [False, True]
     assert "return a + b" in result.diff
 
 
 def test_the_run_folder_keeps_the_trajectory(repo):
-    result = fix(config(repo), ScriptedBackend([WRONG, RIGHT_AFTER_WRONG]))
+    result = fix(fix_config(repo), ScriptedBackend([WRONG, RIGHT_AFTER_WRONG]))
     run = Path(result.run_dir)
     names = {p.name for p in run.iterdir()}
     assert {
@@ -124,39 +91,9 @@ def test_the_run_folder_keeps_the_trajectory(repo):
 
 def test_uncommitted_user_changes_are_part_of_the_starting_point(repo):
     (repo / "calc.py").write_text(BUGGY["calc.py"].replace("a * b", "b * a"))
-    result = fix(config(repo), ScriptedBackend([RIGHT]))
+    result = fix(fix_config(repo), ScriptedBackend([RIGHT]))
     assert result.status == "resolved" and "b * a" not in result.diff
     assert (repo / "calc.py").read_text().count("b * a") == 1  # still the user's, unmodified
-
-
-class ScriptedChatServer(BaseHTTPRequestHandler):
-    """Test double: an OpenAI-compatible /v1/chat/completions on loopback that streams scripted answers."""
-
-    answers: list[str] = []
-    bodies: list[dict] = []
-
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).bodies.append(body)
-        answer = type(self).answers.pop(0)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        for piece in (answer[: len(answer) // 2], answer[len(answer) // 2 :]):
-            chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        usage = {
-            "choices": [],
-            "usage": {
-                "prompt_tokens": 900,
-                "completion_tokens": 40,
-                "prompt_tokens_details": {"cached_tokens": 512},
-            },
-        }
-        self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
-
-    def log_message(self, *args):
-        pass
 
 
 def test_against_an_openai_compatible_endpoint_on_loopback(repo):
@@ -165,7 +102,7 @@ def test_against_an_openai_compatible_endpoint_on_loopback(repo):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         backend = OpenAIBackend(f"http://127.0.0.1:{server.server_port}", "deepseek", api_key="k")
-        result = fix(config(repo), backend)
+        result = fix(fix_config(repo), backend)
     finally:
         server.shutdown()
     assert result.status == "resolved" and result.rounds == 2
@@ -180,7 +117,7 @@ def test_against_an_openai_compatible_endpoint_on_loopback(repo):
 
 def test_unreachable_endpoint_is_an_error_not_a_crash(repo):
     backend = OpenAIBackend("http://127.0.0.1:9", retries=0, timeout=2)
-    result = fix(config(repo), backend)
+    result = fix(fix_config(repo), backend)
     assert result.status == "error" and "cannot reach" in result.message
 
 
@@ -223,8 +160,8 @@ def test_local_engine_end_to_end_on_a_tiny_checkpoint(repo, tiny_v3):
     backend = LocalBackend(tiny_v3)
     result = fix(
         FixConfig(
-            repo,
-            ISSUE,
+            repo=repo,
+            issue=ISSUE,
             test_cmd="python -m pytest -q -rf",
             budget=1200,
             rounds=1,
@@ -248,7 +185,7 @@ def test_a_backend_failure_in_a_later_round_ends_that_candidate_only(repo):
                 raise BackendError("the prompt has 2104 tokens; the model's limit is 2048")
             return super().complete(messages, params, on_text)
 
-    result = fix(config(repo), FailsLater([WRONG]))
+    result = fix(fix_config(repo), FailsLater([WRONG]))
     assert result.status == "unresolved" and "limit" in result.candidates[0].error
 
 
@@ -257,7 +194,7 @@ def test_unsaved_buffers_are_what_is_packed_tested_and_diffed(repo):
     tested and diffed against; the file on disk stays as it was."""
     buffer = BUGGY["calc.py"] + "\n\ndef unsaved_helper():\n    return 41\n"
     backend = ScriptedBackend([RIGHT])
-    result = fix(config(repo, overlay={"calc.py": buffer}), backend)
+    result = fix(fix_config(repo, overlay={"calc.py": buffer}), backend)
     assert result.status == "resolved"
     assert "def unsaved_helper():" in backend.asked[0][-1]["content"]  # the buffer was packed
     assert "unsaved_helper" not in result.diff  # the diff is against the buffer, not against disk
@@ -266,16 +203,16 @@ def test_unsaved_buffers_are_what_is_packed_tested_and_diffed(repo):
 
 
 def test_an_unsaved_buffer_outside_the_repository_is_refused(repo):
-    result = fix(config(repo, overlay={"../escape.py": "x = 1\n"}), ScriptedBackend([RIGHT]))
+    result = fix(fix_config(repo, overlay={"../escape.py": "x = 1\n"}), ScriptedBackend([RIGHT]))
     assert result.status == "error" and "outside the repository" in result.message
     assert not (repo.parent / "escape.py").exists()
 
 
 def test_a_passing_baseline_is_reported_as_unable_to_confirm_a_fix(repo):
-    from ds4.agent.progress import describe
+    from ds4.agent.events import describe
 
     events = []
-    result = fix(config(repo, test_cmd="true"), ScriptedBackend([RIGHT]), events.append)
+    result = fix(fix_config(repo, test_cmd="true"), ScriptedBackend([RIGHT]), events.append)
     assert "cannot confirm this fix" in result.message
     baseline = next(e for e in events if e["event"] == "baseline_done")
     assert "cannot confirm a fix" in describe(baseline)

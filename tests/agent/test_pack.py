@@ -17,16 +17,7 @@ from ds4.agent.index.indexer import index_repo
 from ds4.agent.index.store import open_index
 from ds4.agent.pack import TokenCounter, pack, render
 from ds4.agent.views import skeleton
-from tests.agent.test_indexer import git
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory):
-    from ds4.engine.tokenizer import train_bpe
-
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    train_bpe(2048).save(str(path))
-    return path
+from tests.fakes import git
 
 
 def module_source(i: int) -> str:

@@ -13,8 +13,7 @@ from ds4.agent.index.store import open_index
 from ds4.agent.pack import TokenCounter, _steps, pack, tree_listing
 from ds4.agent.rank import focus, rank
 from ds4.agent.views import covers, from_manifest
-from tests.agent.test_indexer import git
-from tests.agent.test_pack import tokenizer_file  # noqa: F401  (a fixture)
+from tests.fakes import git
 
 BUGGY = '''def volume_discount(quantity):
     """The discount rate for `quantity` units: 5% from 10, 10% from 50, 15% from 100."""
@@ -65,7 +64,7 @@ def packed(repo, budget, tokenizer, issue=ISSUE):
 
 
 @pytest.mark.parametrize("budget", [8_000, 32_000])
-def test_the_named_function_goes_in_verbatim(shop, tokenizer_file, budget):  # noqa: F811
+def test_the_named_function_goes_in_verbatim(shop, tokenizer_file, budget):
     result = packed(shop, budget, tokenizer_file)
     files = {f.path: f for f in result.files}
     assert files["shop/core.py"].mode in ("focused", "bodies"), files["shop/core.py"]
@@ -74,14 +73,14 @@ def test_the_named_function_goes_in_verbatim(shop, tokenizer_file, budget):  # n
     assert files["shop/order.py"].mode in ("whole", "focused")  # the caller
 
 
-def test_source_ranks_above_tests_and_examples(shop, tokenizer_file):  # noqa: F811
+def test_source_ranks_above_tests_and_examples(shop, tokenizer_file):
     scores = {f.path: f.score for f in packed(shop, 8_000, tokenizer_file).files}
     assert scores["shop/core.py"] > max(scores["tests/test_core.py"], scores["examples/bulk/README.md"])
     about_tests = packed(shop, 8_000, tokenizer_file, ISSUE + " The tests miss it.")
     assert not any("test, doc or example" in why for f in about_tests.files for why in f.why)
 
 
-def test_more_budget_never_shows_less_of_an_earlier_step(shop, tokenizer_file):  # noqa: F811
+def test_more_budget_never_shows_less_of_an_earlier_step(shop, tokenizer_file):
     db = open_index(shop / ".ds4" / "index.db")
     first = packed(shop, 4_000, tokenizer_file)
     order = [f.path for f in first.files]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -189,13 +188,12 @@ def test_no_edits_and_unclosed_blocks_give_feedback():
         parse("m.py\n<<<<<<< SEARCH\nx = 1\n=======\nx = 2\n")
 
 
-def test_apply_cli_is_all_or_nothing_and_fast(tmp_path):
+def test_apply_cli_is_all_or_nothing(tmp_path):
     (tmp_path / "m.py").write_text("def f():\n    return 1\n")
     good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
     good.write_text(search_replace("m.py", ["    return 1"], ["    return 2"]))
     bad.write_text(search_replace("m.py", ["    return 7"], ["    return 2"]))
     exe = Path(sys.executable).parent / "ds4-agent"
-    start = time.perf_counter()
     checked = subprocess.run(
         [exe, "apply", str(good), "--repo", str(tmp_path), "--check"], capture_output=True, text=True
     )
@@ -208,4 +206,3 @@ def test_apply_cli_is_all_or_nothing_and_fast(tmp_path):
         [exe, "apply", str(good), "--repo", str(tmp_path)], capture_output=True, text=True
     )
     assert applied.returncode == 0 and (tmp_path / "m.py").read_text().endswith("return 2\n")
-    assert time.perf_counter() - start < 15  # three runs; each is well under a second on this tree

@@ -7,7 +7,7 @@ import json
 import subprocess
 
 from ds4.agent.serve_bench import percentile
-from tests.agent.test_api import EXE, serving
+from tests.servers import EXE, serving
 
 
 def test_percentile_is_nearest_rank():
@@ -61,4 +61,4 @@ def test_bench_serve_names_an_unknown_peer(tiny_v3, tmp_path):
         timeout=120,
         cwd=tmp_path,
     )
-    assert run.returncode == 1 and "unknown peer 'vllm'" in run.stderr
+    assert run.returncode == 2 and "unknown peer 'vllm'" in run.stderr

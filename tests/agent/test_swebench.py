@@ -12,8 +12,7 @@ import pytest
 
 from ds4.agent.loop import FixConfig
 from ds4.agent.swebench import evaluate, load_jsonl, predict
-from tests.agent.test_examples import EXAMPLES, GOLD
-from tests.agent.test_loop import ScriptedBackend
+from tests.fakes import EXAMPLES, GOLD, ScriptedBackend, ScriptedChatServer
 
 
 def git(repo: Path, *args: str) -> str:
@@ -88,7 +87,9 @@ def test_predict_writes_the_harness_fields(instance, tmp_path):
         repos,
         ScriptedBackend([right]),
         out,
-        lambda repo, issue: FixConfig(repo, issue, "python -m pytest -q -rf", rounds=1, budget=3000),
+        lambda repo, issue: FixConfig(
+            repo=repo, issue=issue, test_cmd="python -m pytest -q -rf", rounds=1, budget=3000
+        ),
     )
     preds = load_jsonl(out)
     assert set(preds[0]) == {"instance_id", "model_name_or_path", "model_patch"}
@@ -103,8 +104,6 @@ def test_cli_predict_against_an_endpoint_then_evaluate(instance, tmp_path):
     import sys
     import threading
     from http.server import ThreadingHTTPServer
-
-    from tests.agent.test_loop import ScriptedChatServer
 
     repos, inst = instance
     instances = tmp_path / "instances.jsonl"

@@ -13,8 +13,7 @@ from ds4.agent.cli import main
 from ds4.agent.loop import fix
 from ds4.agent.patch import PatchError, apply
 from ds4.agent.writes import WriteRefused, write_all
-from tests.agent.test_indexer import make_repo
-from tests.agent.test_loop import BUGGY, RIGHT, ScriptedBackend, config, edit
+from tests.fakes import BUGGY, RIGHT, ScriptedBackend, edit, fix_config, make_repo
 
 
 def block(path: str, old: str, new: str) -> str:
@@ -126,7 +125,7 @@ def test_os_errors_from_edits_become_feedback_in_the_loop(repo):
     too_long = block("y" * 300 + ".py", "", "x = 1\n")
     hook = block(".git/hooks/post-checkout", "", "#!/bin/sh\ntouch /tmp/owned\n")
     backend = ScriptedBackend([too_long, hook, RIGHT])
-    result = fix(config(repo), backend)
+    result = fix(fix_config(repo), backend)
     assert result.status == "resolved" and result.rounds == 3
     assert "too long" in backend.asked[1][-1]["content"]
     assert "which edits may not touch" in backend.asked[2][-1]["content"]

@@ -21,8 +21,8 @@ import pytest
 from ds4.agent.loop import fix
 from ds4.agent.sandbox import Bubblewrap, Limits, Unsandboxed, bubblewrap_problem, choose
 from ds4.agent.testrun import run_tests
-from tests.agent.test_indexer import make_repo
-from tests.agent.test_loop import BUGGY, RIGHT, ScriptedBackend, config
+from tests.fakes import BUGGY, RIGHT, ScriptedBackend, fix_config, make_repo
+from tests.servers import processes_with, wait_for
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,29 +40,6 @@ def tree(tmp_path) -> Path:
     path = tmp_path / "tree"
     path.mkdir()
     return path
-
-
-def processes_with(marker: str, starting: bool = False) -> list[int]:
-    """Live processes whose command line holds `marker` (or starts with it) (zombies have none)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                if command.startswith(marker) if starting else marker in command:
-                    found.append(int(entry.name))
-            except OSError:
-                continue  # it ended while we looked
-    return found
-
-
-def wait_for(predicate, seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def test_a_test_command_cannot_reach_the_network(bwrap, tree):
@@ -101,7 +78,7 @@ def test_a_test_command_in_the_loop_cannot_touch_the_users_tree(bwrap, tmp_path)
     repo = make_repo(tmp_path / "repo", BUGGY)
     hook = repo / ".git" / "hooks" / "pre-commit"
     attack = f"echo 'def add(a, b): return 5' > {repo}/calc.py; echo owned > {hook}; python -m pytest -q -rf"
-    result = fix(config(repo, test_cmd=attack, sandbox=bwrap), ScriptedBackend([RIGHT]))
+    result = fix(fix_config(repo, test_cmd=attack, sandbox=bwrap), ScriptedBackend([RIGHT]))
     assert result.status == "resolved"
     assert (repo / "calc.py").read_text() == BUGGY["calc.py"] and not hook.exists()
 

@@ -19,10 +19,8 @@ import pytest
 from ds4.agent.api.app import ServerConfig, create_app
 from ds4.agent.api.served import ServedModel
 from ds4.engine.tokenizer import Tokenizer
-from tests.agent.test_api import EXE, KEY, MODEL, free_port, serving
-from tests.agent.test_api_agent import Server
-from tests.agent.test_indexer import make_repo
-from tests.agent.test_loop import BUGGY
+from tests.fakes import BUGGY, make_repo
+from tests.servers import EXE, KEY, MODEL, Server, free_port, serving
 
 LONG = {"messages": [{"role": "user", "content": "def main():"}], "max_tokens": 2000, "temperature": 0}
 # greedy, this prompt runs to max_tokens on the tiny checkpoint: a generation that lasts seconds

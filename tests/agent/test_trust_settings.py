@@ -20,11 +20,8 @@ from ds4.agent.api.jobs import JobStore
 from ds4.agent.api.paths import repo_data_dir
 from ds4.agent.config import ConfigError, settings
 from ds4.agent.sandbox import bubblewrap_problem
-from tests.agent.test_api_agent import Server, served  # noqa: F401 (served is a fixture)
-from tests.agent.test_fix_inputs import serve
-from tests.agent.test_indexer import make_repo
-from tests.agent.test_loop import BUGGY, RIGHT, ScriptedBackend, ScriptedChatServer
-from tests.agent.test_trust_sandbox import processes_with, wait_for
+from tests.fakes import BUGGY, RIGHT, ScriptedBackend, ScriptedChatServer, make_repo
+from tests.servers import Server, processes_with, serve_in_thread, wait_for
 
 EXE = str(Path(sys.executable).parent / "ds4-agent")
 
@@ -65,9 +62,9 @@ def test_user_only_keys_in_a_repository_file_are_refused_naming_the_key(tmp_path
 
 def test_a_repository_endpoint_gets_nothing_and_the_cli_says_why(repo, env):
     Listener.requests = []
-    evil = serve(Listener)
+    evil = serve_in_thread(Listener)
     ScriptedChatServer.answers, ScriptedChatServer.bodies = [RIGHT], []
-    good = serve(ScriptedChatServer)
+    good = serve_in_thread(ScriptedChatServer)
     user = Path(env["XDG_CONFIG_HOME"]) / "ds4" / "config.toml"
     user.parent.mkdir(parents=True)
     user.write_text(f'endpoint = "http://127.0.0.1:{good.server_port}"\n')
@@ -93,7 +90,7 @@ def test_a_repository_endpoint_gets_nothing_and_the_cli_says_why(repo, env):
 
 def test_a_repository_test_command_is_shown_before_it_runs(repo, env):
     ScriptedChatServer.answers, ScriptedChatServer.bodies = [RIGHT], []
-    chat = serve(ScriptedChatServer)
+    chat = serve_in_thread(ScriptedChatServer)
     (repo / ".ds4.toml").write_text('test_cmd = "python -m pytest -q -rf"\nbudget = 4000\n')
     try:
         done = subprocess.run(
@@ -145,7 +142,7 @@ def server_config(tmp_path, root, **kw) -> ServerConfig:
     return ServerConfig(repo_roots=[str(root)], jobs_db=str(tmp_path / "data" / "jobs.db"), **kw)
 
 
-def test_a_registered_repository_swapped_for_a_symlink_is_refused(served, roots, tmp_path):  # noqa: F811
+def test_a_registered_repository_swapped_for_a_symlink_is_refused(served, roots, tmp_path):
     root, repo = roots
     other = make_repo(root / "other", BUGGY)
     outside = make_repo(tmp_path / "outside", BUGGY)
@@ -168,7 +165,7 @@ def test_a_registered_repository_swapped_for_a_symlink_is_refused(served, roots,
         server.stop()
 
 
-def test_the_server_keeps_its_data_out_of_the_repository(served, roots, tmp_path):  # noqa: F811
+def test_the_server_keeps_its_data_out_of_the_repository(served, roots, tmp_path):
     root, repo = roots
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -194,7 +191,7 @@ def test_the_server_keeps_its_data_out_of_the_repository(served, roots, tmp_path
     assert list(elsewhere.iterdir()) == []
 
 
-def test_stopping_the_server_kills_a_running_test_command(served, roots, tmp_path):  # noqa: F811
+def test_stopping_the_server_kills_a_running_test_command(served, roots, tmp_path):
     root, repo = roots
     marker = f"{34000 + os.getpid() % 1000}.5"
     config = server_config(tmp_path, root, test_cmd=f"sleep {marker}")
@@ -208,7 +205,7 @@ def test_stopping_the_server_kills_a_running_test_command(served, roots, tmp_pat
     assert wait_for(lambda: not processes_with(f"sleep {marker}"), 10), processes_with(f"sleep {marker}")
 
 
-def test_worktrees_a_killed_server_left_are_pruned_at_start_up(served, roots, tmp_path):  # noqa: F811
+def test_worktrees_a_killed_server_left_are_pruned_at_start_up(served, roots, tmp_path):
     root, repo = roots
     config = server_config(tmp_path, root)
     registered = JobStore(config.jobs_db).add_repo(repo.resolve())

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from ds4.agent.index.indexer import index_repo
 from ds4.agent.index.query import symbols
 from ds4.agent.index.store import open_index
 from ds4.agent.index.watcher import RepoWatcher
-from tests.agent.test_indexer import BASE, make_repo
-
-
-def wait_for(condition, timeout: float = 20.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
+from tests.fakes import BASE, make_repo
+from tests.servers import wait_for
 
 
 def defined(repo) -> set[str]:
@@ -52,7 +42,7 @@ def test_a_burst_of_2000_files_is_reflected(watched):
     burst.mkdir()
     for i in range(2000):
         (burst / f"m{i}.py").write_text(f"def burst_{i}():\n    pass\n")
-    assert wait_for(lambda: sum(n.startswith("burst_") for n in defined(repo)) == 2000, timeout=60)
+    assert wait_for(lambda: sum(n.startswith("burst_") for n in defined(repo)) == 2000, seconds=60)
 
 
 def test_a_new_top_level_folder_is_watched(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from ds4.engine import LLM, SamplingParams
 from ds4.engine.random_checkpoint import init_checkpoint
-from tests.agent.test_api import EXE
+from tests.servers import EXE
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 PROMPTS = [list(range(5, 40)), list(range(100, 112))]

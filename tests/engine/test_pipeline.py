@@ -29,8 +29,8 @@ from ds4.engine.pipeline import Pipeline, layer_of
 from ds4.engine.planner import split_layers
 from ds4.engine.presets import init_preset
 from ds4.engine.random_checkpoint import init_checkpoint
-from tests.agent.test_cli import run_cli
 from tests.engine.test_engram import ENGRAM_FIELDS
+from tests.servers import run_cli
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3)
 PROMPTS = [list(range(5, 40)), list(range(100, 112))]

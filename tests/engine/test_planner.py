@@ -13,7 +13,7 @@ from ds4.engine.config import ModelConfig
 from ds4.engine.planner import component_bytes, layer_cache_bytes, parse_size, parse_tokens, plan
 from ds4.engine.presets import load_preset
 from ds4.engine.sizing import cache_bytes
-from tests.agent.test_api import EXE
+from tests.servers import EXE
 
 GB = 1e9
 MIB = 1024 * 1024  # a 1M context is 1,048,576 tokens

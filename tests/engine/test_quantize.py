@@ -14,7 +14,7 @@ import torch
 from ds4.engine import LLM
 from ds4.engine.quantize import quantize_checkpoint
 from ds4.engine.random_checkpoint import init_checkpoint
-from tests.agent.test_api import EXE
+from tests.servers import EXE
 
 IDS = list(range(3, 60))
 
@@ -65,7 +65,7 @@ def test_quantize_refuses_a_non_empty_destination(family_checkpoint, tmp_path):
     run = subprocess.run(
         [EXE, "model", "quantize", str(src), "--out", str(tmp_path / "taken")], capture_output=True, text=True
     )
-    assert run.returncode == 1 and "not empty" in run.stderr
+    assert run.returncode == 2 and "not empty" in run.stderr
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
 
 

@@ -147,7 +147,7 @@ def test_weights_setting_is_checked():
 def test_the_cli_takes_the_weights_and_hot_experts_settings(tmp_path):
     import subprocess
 
-    from tests.agent.test_api import EXE
+    from tests.servers import EXE
 
     init_checkpoint("deepseek_v4", "tiny", tmp_path / "src", seed=2)
     path = _quantized(tmp_path, "int4")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from tests.conftest import EXE
+from tests.servers import EXE
 
 
 def test_bench_kernels_runs_every_kernel_at_toy_sizes():
@@ -35,4 +35,4 @@ def test_bench_kernels_runs_every_kernel_at_toy_sizes():
 
 def test_bench_kernels_without_a_gpu_says_so():
     run = subprocess.run([EXE, "bench", "kernels"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 1 and "needs a CUDA GPU" in run.stderr
+    assert run.returncode == 2 and "needs a CUDA GPU" in run.stderr

@@ -11,9 +11,8 @@ from pygls.exceptions import JsonRpcException
 from pygls.lsp.client import LanguageClient
 from pygls.uris import from_fs_path
 
-from tests.agent.test_api import EXE, free_port
-from tests.agent.test_indexer import make_repo
-from tests.agent.test_loop import BUGGY
+from tests.fakes import BUGGY, make_repo
+from tests.servers import EXE, free_port
 
 
 def initialize_params(repo, options) -> types.InitializeParams:

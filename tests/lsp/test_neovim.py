@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.test_indexer import make_repo
-from tests.agent.test_loop import BUGGY, RIGHT
+from tests.fakes import BUGGY, RIGHT, make_repo
 
 ROOT = Path(__file__).resolve().parents[2]
 NVIM = shutil.which("nvim")

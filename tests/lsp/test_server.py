@@ -17,8 +17,7 @@ from pygls.exceptions import JsonRpcException
 from pygls.lsp.client import LanguageClient
 from pygls.uris import from_fs_path, to_fs_path
 
-from tests.agent.test_indexer import make_repo
-from tests.agent.test_loop import BUGGY, RIGHT
+from tests.fakes import BUGGY, RIGHT, make_repo
 
 ISSUE = "add(2, 3) returns -1 instead of 5"
 NEW = "\n\ndef brand_new_helper():\n    return 41\n"

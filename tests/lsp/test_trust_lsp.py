@@ -23,8 +23,7 @@ from pygls.uris import from_fs_path
 from ds4.agent.backends import BackendError
 from ds4.lsp.framing import MAX_BODY_BYTES, FrameError, FrameReader
 from ds4.lsp.server import _reason
-from tests.agent.test_indexer import make_repo
-from tests.agent.test_loop import BUGGY
+from tests.fakes import BUGGY, make_repo
 
 EXE = str(Path(sys.executable).parent / "ds4-agent")
 

@@ -1,0 +1,271 @@
+"""`ds4-agent bench`: ds4 measured side by side with a peer (engine, long prompts, prefix cache, index,
+pack, kernels, hybrid placement, serving). Each subcommand's parser sits above its handler."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ds4.agent.cli import DONE, USAGE
+from ds4.agent.cli.inputs import read_issue, require_dir
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for add in (
+        _add_engine,
+        _add_long,
+        _add_prefix,
+        _add_index,
+        _add_pack,
+        _add_kernels,
+        _add_hybrid,
+        _add_serve,
+    ):
+        add(bench_sub)
+
+
+def run(args) -> int:
+    return {
+        "engine": _engine,
+        "long": _long,
+        "prefix": _prefix,
+        "index": _index,
+        "pack": _pack,
+        "kernels": _kernels,
+        "hybrid": _hybrid,
+        "serve": _serve,
+    }[args.bench_command](args)
+
+
+def _add_engine(sub) -> None:
+    engine = sub.add_parser("engine", help="prefill and decode tokens/s: ds4 vs transformers")
+    engine.add_argument("--model", required=True, help="checkpoint folder")
+    engine.add_argument("--prompt-tokens", type=int, default=256)
+    engine.add_argument("--decode-tokens", type=int, default=32)
+    engine.add_argument("--runs", type=int, default=5)
+    engine.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    engine.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    engine.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    engine.add_argument("--batch", type=int, default=32, help="prompts decoded together (default 32)")
+    engine.add_argument(
+        "--batch-prompt-tokens", type=int, default=64, help="tokens of each batched prompt (default 64)"
+    )
+    engine.add_argument("--json", action="store_true")
+
+
+def _engine(args) -> int:
+    from ds4.engine.bench import bench_engine, format_report
+
+    report = bench_engine(
+        args.model,
+        prompt_tokens=args.prompt_tokens,
+        decode_tokens=args.decode_tokens,
+        runs=args.runs,
+        dtype=args.dtype,
+        threads=args.threads,
+        device=args.device,
+        batch=args.batch,
+        batch_prompt_tokens=args.batch_prompt_tokens,
+    )
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return DONE
+
+
+def _add_long(sub) -> None:
+    long = sub.add_parser("long", help="one long prompt per length: prefill, TTFT, decode, peak memory")
+    long.add_argument("--model", required=True, help="checkpoint folder")
+    long.add_argument("--tokens", type=_token_counts, default=[8192, 32768], help="lengths, e.g. 8K,32K,128K")
+    long.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    long.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    long.add_argument("--chunk", type=int, default=2048, help="prefill chunk in tokens (default 2048)")
+    long.add_argument("--no-peer", action="store_true", help="skip transformers")
+    long.add_argument("--json", action="store_true")
+
+
+def _token_counts(text: str) -> list[int]:
+    """'8K,32K,128K,1M' -> [8192, 32768, 131072, 1048576]."""
+    units = {"K": 1024, "M": 1024 * 1024}
+    try:
+        return [
+            int(t[:-1]) * units[t[-1].upper()] if t[-1].upper() in units else int(t) for t in text.split(",")
+        ]
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of token counts, e.g. 8K,32K,128K"
+        ) from None
+
+
+def _long(args) -> int:
+    from ds4.engine.long_bench import bench_long, format_long_report
+
+    report = bench_long(args.model, args.tokens, args.device, args.dtype, args.chunk, peer=not args.no_peer)
+    print(json.dumps(report, indent=2) if args.json else format_long_report(report))
+    return DONE
+
+
+def _add_prefix(sub) -> None:
+    prefix = sub.add_parser("prefix", help="time to first token: cold, warm prefix cache, disk tier")
+    prefix.add_argument("--model", required=True, help="checkpoint folder")
+    prefix.add_argument("--prompt-tokens", type=int, default=8192, help="the shared prefix")
+    prefix.add_argument("--suffix-tokens", type=int, default=16)
+    prefix.add_argument("--runs", type=int, default=3)
+    prefix.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    prefix.add_argument("--threads", type=int, default=None)
+    prefix.add_argument("--json", action="store_true")
+
+
+def _prefix(args) -> int:
+    from ds4.engine.bench import bench_prefix, format_prefix_report
+
+    report = bench_prefix(
+        args.model,
+        prompt_tokens=args.prompt_tokens,
+        suffix_tokens=args.suffix_tokens,
+        runs=args.runs,
+        dtype=args.dtype,
+        threads=args.threads,
+    )
+    print(json.dumps(report, indent=2) if args.json else format_prefix_report(report))
+    return DONE
+
+
+def _add_index(sub) -> None:
+    index = sub.add_parser("index", help="full and one-file index times, next to universal-ctags")
+    index.add_argument("--repo", default=".")
+    index.add_argument("--runs", type=int, default=3)
+    index.add_argument("--json", action="store_true")
+
+
+def _index(args) -> int:
+    from ds4.agent.index.bench import bench_index, format_index_report
+
+    require_dir(args.repo)
+    report = bench_index(args.repo, runs=args.runs)
+    print(json.dumps(report, indent=2) if args.json else format_index_report(report))
+    return DONE
+
+
+def _add_pack(sub) -> None:
+    packing = sub.add_parser("pack", help="pack time at 100K and 1M budgets; prefix kept after edits")
+    packing.add_argument("--repo", default=".")
+    which = packing.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="checkpoint folder (its tokenizer.json counts tokens)")
+    which.add_argument("--tokenizer", help="a tokenizer.json")
+    packing.add_argument("--issue", default="", help="issue text used for ranking")
+    packing.add_argument("--runs", type=int, default=3)
+    packing.add_argument("--json", action="store_true")
+
+
+def _pack(args) -> int:
+    from ds4.agent.pack_bench import bench_pack, format_pack_report
+
+    require_dir(args.repo)
+    tokenizer = args.tokenizer or os.path.join(args.model, "tokenizer.json")
+    report = bench_pack(args.repo, tokenizer, runs=args.runs, issue=read_issue(args.issue))
+    print(json.dumps(report, indent=2) if args.json else format_pack_report(report))
+    return DONE
+
+
+def _add_kernels(sub) -> None:
+    kern = sub.add_parser(
+        "kernels", help="each Triton kernel vs its torch reference at real sizes (GB/s, TFLOP/s; on a GPU)"
+    )
+    kern.add_argument("--device", default="cuda")
+    kern.add_argument("--small", action="store_true", help="toy sizes: checks the script (CPU: interpreter)")
+    kern.add_argument("--runs", type=int, default=20)
+    kern.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
+    kern.add_argument("--json", action="store_true")
+
+
+def _kernels(args) -> int:
+    if not args.device.startswith("cuda"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+    import torch
+
+    from ds4.engine.kernel_bench import bench_kernels, format_report, to_json
+
+    try:
+        rates, results = bench_kernels(args.device, args.small, args.runs, not args.no_compile)
+    except RuntimeError as e:  # no GPU, or one the kernels cannot run on
+        print(f"ds4-agent: error: {e}", file=sys.stderr)
+        return USAGE
+    name = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else "CPU (Triton interpreter)"
+    )
+    print(to_json(name, rates, results) if args.json else format_report(name, rates, results))
+    return DONE
+
+
+def _add_hybrid(sub) -> None:
+    hybrid = sub.add_parser(
+        "hybrid",
+        help="decode tokens/s under expert placements (hot / in RAM) next to the planner's prediction",
+    )
+    hybrid.add_argument("--model", required=True, help="checkpoint folder (e.g. the small preset)")
+    hybrid.add_argument("--tokens", type=int, default=32)
+    hybrid.add_argument("--prompt-tokens", type=int, default=64)
+    hybrid.add_argument("--runs", type=int, default=3)
+    hybrid.add_argument(
+        "--experts",
+        choices=["int4", "fp4", "none"],
+        default="int4",
+        help="also measure the routed experts in this 4-bit format (kept as stored; dequantized at load)",
+    )
+    hybrid.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    hybrid.add_argument(
+        "--device",
+        action="append",
+        help="compute device (repeat it to pipeline the layers over several; default cpu)",
+    )
+    hybrid.add_argument("--json", action="store_true")
+
+
+def _hybrid(args) -> int:
+    from ds4.engine.hybrid_bench import bench_hybrid, format_report
+
+    require_dir(args.model)
+    experts = None if args.experts == "none" else args.experts
+    devices = tuple(args.device or ["cpu"])
+    report = bench_hybrid(
+        args.model, args.tokens, args.prompt_tokens, args.runs, experts, devices, args.dtype
+    )
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return DONE
+
+
+def _add_serve(sub) -> None:
+    serving = sub.add_parser(
+        "serve", help="TTFT p50/p99 and tokens/s of concurrent streaming clients: ds4 serve vs a peer server"
+    )
+    serving.add_argument("--model", required=True, help="checkpoint folder (both servers load it)")
+    serving.add_argument("--clients", type=int, default=8)
+    serving.add_argument("--requests", type=int, default=32, help="per workload")
+    serving.add_argument("--prompt-tokens", type=int, default=256, help="each prompt's own tokens")
+    serving.add_argument("--prefix-tokens", type=int, default=2048, help="the shared prefix's tokens")
+    serving.add_argument("--max-tokens", type=int, default=32)
+    serving.add_argument(
+        "--peer",
+        default="transformers",
+        help="transformers (`transformers serve`, needs transformers[serving]), transformers-cb "
+        "(its continuous batching), a running server's URL, or none",
+    )
+    serving.add_argument("--json", action="store_true")
+
+
+def _serve(args) -> int:
+    from ds4.agent.serve_bench import bench_serve, format_serve_report, to_json
+
+    require_dir(args.model)
+    config = {
+        k: getattr(args, k)
+        for k in ("clients", "requests", "prompt_tokens", "prefix_tokens", "max_tokens", "peer")
+    }
+    results = bench_serve(args.model, **config)
+    print(to_json(results, config) if args.json else format_serve_report(results, config))
+    return DONE
