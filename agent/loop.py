@@ -133,8 +133,8 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
         event("index")
         index_repo(repo, folder / "index.db")
         counter = TokenCounter(backend.tokenizer_file) if backend.tokenizer_file else ApproxCounter()
-        db = open_index(folder / "index.db")
-        packed = pack(db, repo, config.issue, config.budget, counter, overlay=config.overlay)
+        with open_index(folder / "index.db") as db:
+            packed = pack(db, repo, config.issue, config.budget, counter, overlay=config.overlay)
         (run_dir / "prompt.txt").write_text(packed.prompt)
         (run_dir / "manifest.json").write_text(json.dumps(packed.manifest(), indent=2))
         if packed.secrets:
