@@ -26,11 +26,12 @@ from pathlib import Path
 from ds4.agent.backends import Backend, BackendError, GenerationParams
 from ds4.agent.index.indexer import index_repo
 from ds4.agent.index.store import open_index
-from ds4.agent.pack import TokenCounter, pack
+from ds4.agent.pack import pack
 from ds4.agent.patch import PatchError, apply
 from ds4.agent.runs import RunFolderError, data_folder, new_run, prune_stale
 from ds4.agent.sandbox import Sandbox, SandboxError, choose
 from ds4.agent.testrun import TestResult, detect_test_command, run_tests
+from ds4.agent.tokens import ApproxCounter, TokenCounter
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
 UNCONFIRMED = (
@@ -84,18 +85,6 @@ class FixResult:
 
     def as_json(self) -> dict:
         return {**asdict(self), "candidates": [asdict(c) for c in self.candidates]}
-
-
-class ApproxCounter:
-    """Token estimate for endpoints without a local tokenizer: 1 token per 3.5 characters, rounded up."""
-
-    fingerprint = "approx-3.5"
-
-    def count(self, text: str) -> int:
-        return -(-len(text) * 2 // 7)
-
-    def count_batch(self, texts: list[str]) -> list[int]:
-        return [self.count(t) for t in texts]
 
 
 def git(repo: Path, *args: str, check: bool = True) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ds4.agent.index.indexer import default_db_path, index_repo
 from ds4.agent.index.store import open_index
-from ds4.agent.pack import TokenCounter, pack
+from ds4.agent.pack import pack
+from ds4.agent.tokens import TokenCounter
 
 BUDGETS = (100_000, 1_000_000)
 

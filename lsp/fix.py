@@ -127,8 +127,8 @@ async def run_fix(ls: Ds4Server, issue: str, root: Path, title: str) -> dict:
 async def ask_model(ls: Ds4Server, root: Path, question: str, prompt: str, title: str) -> str:
     """The model's answer to `question` over the packed repository (unsaved buffers included), with the
     system prompt `agent/prompts/<prompt>.md`."""
-    from ds4.agent.loop import ApproxCounter
-    from ds4.agent.pack import TokenCounter, pack
+    from ds4.agent.pack import pack
+    from ds4.agent.tokens import ApproxCounter, TokenCounter
 
     backend = await ls.get_backend()
     unsaved, _ = ls.buffers(root)

@@ -1,6 +1,7 @@
 """Reading the index: ranked symbol search (FTS5 BM25 over names, signatures and docs; exact names
-first, definitions in source above those in tests, docs and examples) and the definitions of a file or
-the whole repository."""
+first, definitions in source above those in tests, docs and examples), the definitions of a file or
+the whole repository, and what the packer reads (files with their texts, skeleton lines) and the token
+counts it caches there."""
 
 from __future__ import annotations
 
@@ -49,3 +50,38 @@ def symbols(db: sqlite_utils.Database, path: str | None = None) -> list[dict]:
     where, params = ("WHERE f.path = ?", [path]) if path else ("", [])
     rows = db.execute(f"{_SELECT} {where} ORDER BY f.path, d.line, d.id", params).fetchall()
     return [dict(zip(COLUMNS, row, strict=True)) for row in rows]
+
+
+# -- what the packer reads, and the token counts it caches -------------------------------------------
+
+
+def indexed_files(db: sqlite_utils.Database) -> list[tuple[int, str, str, str]]:
+    """(id, path, hash, text) of every indexed text file, by path."""
+    return db.execute(
+        "SELECT f.id, f.path, f.hash, c.text FROM files f JOIN contents c ON c.file_id = f.id "
+        "WHERE f.skipped IS NULL ORDER BY f.path"
+    ).fetchall()
+
+
+def file_definitions(db: sqlite_utils.Database, path: str) -> list[tuple[str, int, int, str]]:
+    """(kind, line, end line, doc) of a file's definitions, by line: what a skeleton keeps."""
+    return db.execute(
+        "SELECT d.kind, d.line, d.end_line, d.doc FROM definitions d JOIN files f "
+        "ON f.id = d.file_id WHERE f.path = ? ORDER BY d.line",
+        [path],
+    ).fetchall()
+
+
+def cached_token_counts(db: sqlite_utils.Database, tokenizer: str) -> dict[int, tuple[str, int]]:
+    """file id -> (hash of the contents counted, count) for the tokenizer with this fingerprint."""
+    rows = db.execute("SELECT file_id, hash, count FROM token_counts WHERE tokenizer = ?", [tokenizer])
+    return {row[0]: (row[1], row[2]) for row in rows}
+
+
+def save_token_counts(db: sqlite_utils.Database, tokenizer: str, counts: list[tuple[int, str, int]]) -> None:
+    """Caches (file id, hash, count) rows for the tokenizer with this fingerprint, in one transaction."""
+    with db.conn:
+        db.conn.executemany(
+            "INSERT OR REPLACE INTO token_counts (file_id, tokenizer, hash, count) VALUES (?, ?, ?, ?)",
+            [(fid, tokenizer, h, n) for fid, h, n in counts],
+        )

@@ -15,7 +15,8 @@ from tokenizers import Tokenizer
 
 from ds4.agent.index.indexer import index_repo
 from ds4.agent.index.store import open_index
-from ds4.agent.pack import TokenCounter, pack, render
+from ds4.agent.pack import pack, render
+from ds4.agent.tokens import TokenCounter
 from ds4.agent.views import skeleton
 from tests.agent.test_indexer import git
 

@@ -17,8 +17,8 @@ import pytest
 
 from ds4.agent.index.indexer import default_db_path, index_repo
 from ds4.agent.index.store import open_index
-from ds4.agent.loop import ApproxCounter
 from ds4.agent.pack import pack, render
+from ds4.agent.tokens import ApproxCounter
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pack.json"
