@@ -191,15 +191,15 @@ class Ds4Server(LanguageServer):
         """The definitions of the open documents under `root` whose text differs from the disk, by
         relative path: they stand in for what the index holds of those files."""
         unsaved, _ = self.buffers(root)
-        definitions = {}
+        uri_of = {}
         for uri in list(self.workspace.text_documents):
             try:
                 doc_root, rel = self.locate(uri)
             except JsonRpcInvalidParams:
                 continue
             if doc_root == root and rel in unsaved:
-                definitions[rel] = uri
-        return {rel: self.buffer_definitions(uri, rel) for rel, uri in definitions.items()}
+                uri_of[rel] = uri
+        return {rel: self.buffer_definitions(uri, rel) for rel, uri in uri_of.items()}
 
     def supports_document_changes(self) -> bool:
         workspace = self.client_capabilities.workspace
