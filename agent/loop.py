@@ -28,11 +28,12 @@ from ds4.agent.errors import FixError
 from ds4.agent.events import Kind
 from ds4.agent.index.indexer import index_repo
 from ds4.agent.index.store import open_index
-from ds4.agent.pack import TokenCounter, pack
+from ds4.agent.pack import pack
 from ds4.agent.patch import PatchError, apply
 from ds4.agent.runs import RunFolderError, data_folder, new_run, prune_stale
 from ds4.agent.sandbox import Sandbox, SandboxError, choose
 from ds4.agent.testrun import TestResult, detect_test_command, run_tests
+from ds4.agent.tokens import ApproxCounter, TokenCounter
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
 UNCONFIRMED = (
@@ -65,18 +66,6 @@ class FixResult:
 
     def as_json(self) -> dict:
         return {**asdict(self), "candidates": [asdict(c) for c in self.candidates]}
-
-
-class ApproxCounter:
-    """Token estimate for endpoints without a local tokenizer: 1 token per 3.5 characters, rounded up."""
-
-    fingerprint = "approx-3.5"
-
-    def count(self, text: str) -> int:
-        return -(-len(text) * 2 // 7)
-
-    def count_batch(self, texts: list[str]) -> list[int]:
-        return [self.count(t) for t in texts]
 
 
 def git(repo: Path, *args: str, check: bool = True) -> str:
@@ -114,8 +103,8 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
         event(Kind.INDEX)
         index_repo(repo, folder / "index.db")
         counter = TokenCounter(backend.tokenizer_file) if backend.tokenizer_file else ApproxCounter()
-        db = open_index(folder / "index.db")
-        packed = pack(db, repo, config.issue, config.budget, counter, overlay=config.overlay)
+        with open_index(folder / "index.db") as db:
+            packed = pack(db, repo, config.issue, config.budget, counter, overlay=config.overlay)
         (run_dir / "prompt.txt").write_text(packed.prompt)
         (run_dir / "manifest.json").write_text(json.dumps(packed.manifest(), indent=2))
         if packed.secrets:

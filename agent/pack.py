@@ -23,10 +23,13 @@ from xml.sax.saxutils import escape, quoteattr
 
 import sqlite_utils
 
+from ds4.agent.budget import Sizer, allocate, steps
 from ds4.agent.errors import InputError
 from ds4.agent.index.languages import language_of
-from ds4.agent.rank import focus, rank
-from ds4.agent.views import SKELETON, WHOLE, Part, View, from_manifest, join, mode_of, skeleton
+from ds4.agent.index.query import indexed_files
+from ds4.agent.rank import Focus, focus, rank
+from ds4.agent.tokens import TokenCounter, token_counts
+from ds4.agent.views import SKELETON, WHOLE, FileBlock, Part, View, from_manifest, mode_of
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
 SECRET_PATTERNS = {
@@ -36,23 +39,6 @@ SECRET_PATTERNS = {
     "Slack token": re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b"),
     "OpenAI-style key": re.compile(r"\bsk-[A-Za-z0-9_-]{32,}\b"),
 }
-
-
-class TokenCounter:
-    """Token counts with a checkpoint's tokenizer.json (no torch), batched; its fingerprint keys caches."""
-
-    def __init__(self, tokenizer_file: str | Path):
-        from tokenizers import Tokenizer
-
-        data = Path(tokenizer_file).read_bytes()
-        self.fingerprint = hashlib.sha256(data).hexdigest()[:16]
-        self._tok = Tokenizer.from_str(data.decode())
-
-    def count(self, text: str) -> int:
-        return len(self._tok.encode(text, add_special_tokens=False).ids)
-
-    def count_batch(self, texts: list[str]) -> list[int]:
-        return [len(e.ids) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
 
 @dataclass
@@ -74,6 +60,7 @@ class Packed:
     files: list[FileEntry]
     secrets: list[dict]
     parts: dict[str, str]  # system, tree, files, issue, feedback
+    blocks: list[FileBlock]  # the files part as data: each placed file's block, in prompt order
 
     def manifest(self) -> dict:
         out = {k: getattr(self, k) for k in ("budget", "total_tokens", "repo_prefix_tokens", "secrets")}
@@ -86,44 +73,6 @@ class Packed:
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def _indexed_files(db: sqlite_utils.Database) -> list[tuple[int, str, str, str]]:
-    """(id, path, hash, text) of every indexed text file."""
-    return db.execute(
-        "SELECT f.id, f.path, f.hash, c.text FROM files f JOIN contents c ON c.file_id = f.id "
-        "WHERE f.skipped IS NULL ORDER BY f.path"
-    ).fetchall()
-
-
-def token_counts(db: sqlite_utils.Database, files, counter: TokenCounter) -> dict[str, int]:
-    """Each file's token count: cached in the index by content hash, else counted in batches."""
-    cached = {
-        row[0]: (row[1], row[2])
-        for row in db.execute(
-            "SELECT file_id, hash, count FROM token_counts WHERE tokenizer = ?", [counter.fingerprint]
-        )
-    }
-    todo = [(fid, path, h, text) for fid, path, h, text in files if cached.get(fid, (None,))[0] != h]
-    counts = {path: cached[fid][1] for fid, path, h, _ in files if cached.get(fid, (None,))[0] == h}
-    for first in range(0, len(todo), 256):
-        chunk = todo[first : first + 256]
-        numbers = counter.count_batch([_wrap(path, text) for _, path, _, text in chunk])
-        counts.update({path: n for (_, path, _, _), n in zip(chunk, numbers, strict=True)})
-        try:
-            with db.conn:
-                db.conn.executemany(
-                    "INSERT OR REPLACE INTO token_counts (file_id, tokenizer, hash, count) "
-                    "VALUES (?, ?, ?, ?)",
-                    [
-                        (fid, counter.fingerprint, h, n)
-                        for (fid, _, h, _), n in zip(chunk, numbers, strict=True)
-                    ],
-                )
-        except Exception as e:  # a read-only index still packs; the counts are just not cached
-            if "readonly" not in str(e):
-                raise
-    return counts
 
 
 def stability_order(repo: Path, paths: list[str]) -> list[str]:
@@ -170,10 +119,6 @@ def stability_order(repo: Path, paths: list[str]) -> list[str]:
 # -- assembly ---------------------------------------------------------------------------------------
 
 
-def _wrap(path: str, text: str) -> str:
-    return f'<file path="{path}">\n{text}{"" if text.endswith(chr(10)) else chr(10)}</file>\n'
-
-
 MAX_TREE_LINES = 2000  # past this many files the listing summarises folders
 
 
@@ -206,40 +151,6 @@ def _listing_at(paths: list[str], depth: int) -> list[str]:
     return sorted(files + [f"{folder} ({n:,} files)" for folder, n in folders.items()])
 
 
-class _Sizer:
-    """Texts and token counts of files as shown, counted once each."""
-
-    def __init__(self, db, text_of: dict[str, str], whole: dict[str, int], counter):
-        self.db, self.text_of, self.whole, self.counter = db, text_of, whole, counter
-        self._defs: dict[str, list] = {}
-        self._tokens: dict[tuple[str, View], int] = {}
-
-    def text(self, path: str, shown: View) -> str:
-        if shown == WHOLE:
-            return self.text_of[path]
-        if path not in self._defs:
-            self._defs[path] = _definitions_of(self.db, path)
-        return skeleton(self.text_of[path], self._defs[path], shown)
-
-    def tokens(self, path: str, shown: View) -> int:
-        if shown is None:
-            return 0
-        if shown == WHOLE:
-            return self.whole[path]
-        if (path, shown) not in self._tokens:
-            self._tokens[path, shown] = self.counter.count(_wrap(path, self.text(path, shown)))
-        return self._tokens[path, shown]
-
-    def worth(self, path: str, shown: View, current: View, room: int) -> bool:
-        """Whether counting `shown` exactly is worth it: shorter than the whole file, and by a character
-        estimate not far past the room left beside what `current` already takes."""
-        if shown == WHOLE or shown is None:
-            return True
-        text, full = self.text(path, shown), self.text_of[path]
-        estimate = self.whole[path] * len(text) / max(len(full), 1)
-        return len(text) < len(full) and estimate <= 1.2 * room + self.tokens(path, current)
-
-
 def pack(
     db: sqlite_utils.Database,
     repo: str | Path,
@@ -264,122 +175,108 @@ def pack(
     overlay = overlay or {}
     files = [
         (fid, path, "buffer:" + _digest(overlay[path]), overlay[path]) if path in overlay else row
-        for row in _indexed_files(db)
+        for row in indexed_files(db)
         for fid, path, _, _ in [row]
     ]
     text_of = {path: text for _, path, _, text in files}
     order = stability_order(repo, list(text_of))
-    system = (PROMPTS / "system.md").read_text()
-    tree = tree_listing(order)
-    issue_part = f"\n<issue>\n{issue.strip()}\n</issue>\n"
-    feedback_part = f"\n<feedback>\n{feedback.strip()}\n</feedback>\n" if feedback.strip() else ""
-    sizer = _Sizer(db, text_of, token_counts(db, files, counter), counter)
-    fixed = counter.count(system + "\n" + tree + issue_part + feedback_part)
-    focuses = {}
-    if fixed + sum(sizer.whole.values()) <= budget:  # everything fits: no ranking needed
-        shown: dict[str, View] = {p: WHOLE for p in order}
-        scores = {p: (0.0, []) for p in order}
+    plan = Plan(
+        system=(PROMPTS / "system.md").read_text(),
+        tree=tree_listing(order),
+        issue=f"\n<issue>\n{issue.strip()}\n</issue>\n",
+        feedback=f"\n<feedback>\n{feedback.strip()}\n</feedback>\n" if feedback.strip() else "",
+        order=order,
+        sizer=Sizer(db, text_of, token_counts(db, files, counter), counter),
+        budget=budget,
+    )
+    _choose(plan, db, issue, previous, overlay)
+    packed = _assemble(plan)
+    while packed.total_tokens > budget:  # boundary merges can differ from per-file counts: trim, recount
+        placed = [p for p in order if plan.shown[p] is not None]
+        if previous is not None:  # keeping a selection: give way at the end, where the prefix is not hurt
+            victim = placed[-1] if placed else None
+        else:
+            victim = min(placed, key=lambda p: (plan.scores[p][0], p), default=None)
+        if victim is None:
+            raise InputError(f"budget {budget} is below the {packed.total_tokens} tokens of the fixed parts")
+        plan.shown[victim] = SKELETON if plan.shown[victim] == WHOLE and victim not in overlay else None
+        packed = _assemble(plan)
+    return packed
+
+
+@dataclass
+class Plan:
+    """What a prompt is assembled from: its fixed parts, the files in prompt order (most stable first),
+    what of each is shown, and why (rank scores and reasons, the bodies in focus)."""
+
+    system: str
+    tree: str
+    issue: str  # the issue part, tagged
+    feedback: str  # the feedback part, tagged; "" without feedback
+    order: list[str]
+    sizer: Sizer
+    budget: int
+    shown: dict[str, View] = field(default_factory=dict)
+    scores: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
+    focuses: dict[str, Focus] = field(default_factory=dict)
+
+
+def _choose(
+    plan: Plan, db: sqlite_utils.Database, issue: str, previous: dict | None, overlay: dict[str, str]
+) -> None:
+    """What of each file to show: everything when it fits; else the earlier selection (new files listed);
+    else ranked, unsaved buffers first, taken step by step while they fit."""
+    order, sizer = plan.order, plan.sizer
+    fixed = sizer.counter.count(plan.system + "\n" + plan.tree + plan.issue + plan.feedback)
+    if fixed + sum(sizer.whole.values()) <= plan.budget:  # everything fits: no ranking needed
+        plan.shown = {p: WHOLE for p in order}
+        plan.scores = {p: (0.0, []) for p in order}
     elif previous is not None:  # keep the earlier selection; new files start listed
-        scores = rank(db, issue, order)
+        plan.scores = rank(db, issue, order)
         kept = {f["path"]: from_manifest(f) for f in previous.get("files", [])}
-        shown = {p: kept.get(p) for p in order}
+        plan.shown = {p: kept.get(p) for p in order}
     else:
         scores = rank(db, issue, order)
         for path in overlay:
             if path in scores:
                 scores[path] = (float("inf"), scores[path][1])
-        focuses = {p: f for p, f in focus(db, issue, scores, text_of).items() if p not in overlay}
-        steps = _steps(order, scores, focuses, set(overlay))
-        shown = _allocate(steps, budget - fixed, sizer)
-    parts = (system, tree, issue_part, feedback_part)
-    packed = _assemble(order, shown, scores, focuses, sizer, parts, budget)
-    while packed.total_tokens > budget:  # boundary merges can differ from per-file counts: trim, recount
-        placed = [p for p in order if shown[p] is not None]
-        if previous is not None:  # keeping a selection: give way at the end, where the prefix is not hurt
-            victim = placed[-1] if placed else None
-        else:
-            victim = min(placed, key=lambda p: (scores[p][0], p), default=None)
-        if victim is None:
-            raise InputError(f"budget {budget} is below the {packed.total_tokens} tokens of the fixed parts")
-        shown[victim] = SKELETON if shown[victim] == WHOLE and victim not in overlay else None
-        packed = _assemble(order, shown, scores, focuses, sizer, parts, budget)
-    return packed
+        plan.scores = scores
+        plan.focuses = {p: f for p, f in focus(db, issue, scores, sizer.text_of).items() if p not in overlay}
+        offers = steps(order, scores, plan.focuses, set(overlay))
+        plan.shown = allocate(offers, plan.budget - fixed, sizer)
 
 
-def _definitions_of(db, path: str) -> list[tuple[str, int, int, str]]:
-    return db.execute(
-        "SELECT d.kind, d.line, d.end_line, d.doc FROM definitions d JOIN files f "
-        "ON f.id = d.file_id WHERE f.path = ? ORDER BY d.line",
-        [path],
-    ).fetchall()
-
-
-def _steps(order, scores, focuses, whole_only: set[str]) -> list[tuple[str, View]]:
-    """The order in which content is offered: focused bodies by priority (named or traceback, callers,
-    shared words) and file rank, then whole files by rank, then skeletons by rank."""
-    by_rank = sorted(order, key=lambda p: (-scores[p][0], p))
-    steps: list[tuple[str, View]] = []
-    for level in range(len(FOCUS_LEVELS)):
-        for path in (p for p in by_rank if p in focuses):
-            lines = [line for line, why in focuses[path].lines.items() if _level(why) == level]
-            if lines:
-                steps.append((path, Part(frozenset(lines), outline=False)))
-    steps += [(p, WHOLE) for p in by_rank]
-    steps += [(p, SKELETON) for p in by_rank if p not in whole_only]
-    return steps
-
-
-FOCUS_LEVELS = (("named", "traceback"), ("calls",), ("shares",))
-
-
-def _level(why: str) -> int:
-    return next(i for i, starts in enumerate(FOCUS_LEVELS) if why.startswith(starts))
-
-
-def _allocate(steps: list[tuple[str, View]], room: int, sizer: _Sizer) -> dict[str, View]:
-    """Each step taken when it shows more of its file than before and the extra tokens fit the room."""
-    shown: dict[str, View] = {path: None for path in sizer.text_of}
-    for path, offer in steps:
-        current, target = shown[path], join(shown[path], offer)
-        if target == current or not sizer.worth(path, target, current, room):
-            continue
-        extra = sizer.tokens(path, target) - sizer.tokens(path, current)
-        if extra <= room:
-            shown[path], room = target, room - extra
-    return shown
-
-
-def _assemble(order, shown, scores, focuses, sizer: _Sizer, parts, budget) -> Packed:
-    system, tree, issue_part, feedback_part = parts
+def _assemble(plan: Plan) -> Packed:
     blocks, entries = [], []
-    for path in order:
-        score, why = round(scores[path][0], 4), list(scores[path][1])
-        bodies = sorted(shown[path].bodies) if isinstance(shown[path], Part) else []
-        if path in focuses:
-            why += [f"body at line {line}: {w}" for line, w in focuses[path].lines.items() if line in bodies]
-        if shown[path] is not None:
-            blocks.append(_wrap(path, sizer.text(path, shown[path])))
-        entries.append(
-            FileEntry(path, mode_of(shown[path]), sizer.tokens(path, shown[path]), score, why, bodies)
-        )
-    files_part = "".join(blocks)
-    repo_part = system + "\n" + tree + files_part
-    prompt = repo_part + issue_part + feedback_part
-    secrets = find_secrets({p: sizer.text_of[p] for p in order if shown[p] is not None})
+    for path in plan.order:
+        shown = plan.shown[path]
+        score, why = round(plan.scores[path][0], 4), list(plan.scores[path][1])
+        bodies = sorted(shown.bodies) if isinstance(shown, Part) else []
+        if path in plan.focuses:
+            lines = plan.focuses[path].lines
+            why += [f"body at line {line}: {w}" for line, w in lines.items() if line in bodies]
+        if shown is not None:
+            blocks.append(FileBlock(path, plan.sizer.text(path, shown)))
+        entries.append(FileEntry(path, mode_of(shown), plan.sizer.tokens(path, shown), score, why, bodies))
+    files_part = "".join(block.render() for block in blocks)
+    repo_part = plan.system + "\n" + plan.tree + files_part
+    prompt = repo_part + plan.issue + plan.feedback
+    secrets = find_secrets({block.path: plan.sizer.text_of[block.path] for block in blocks})
     return Packed(
         prompt=prompt,
-        budget=budget,
-        total_tokens=sizer.counter.count(prompt),
-        repo_prefix_tokens=sizer.counter.count(repo_part),
+        budget=plan.budget,
+        total_tokens=plan.sizer.counter.count(prompt),
+        repo_prefix_tokens=plan.sizer.counter.count(repo_part),
         files=entries,
         secrets=secrets,
         parts={
-            "system": system,
-            "tree": tree,
+            "system": plan.system,
+            "tree": plan.tree,
             "files": files_part,
-            "issue": issue_part,
-            "feedback": feedback_part,
+            "issue": plan.issue,
+            "feedback": plan.feedback,
         },
+        blocks=blocks,
     )
 
 
@@ -408,19 +305,19 @@ def render(packed: Packed, fmt: str) -> str:
             f'total_tokens="{packed.total_tokens}" repo_prefix_tokens="{packed.repo_prefix_tokens}">',
             f"<tree>{escape(packed.parts['tree'])}</tree>",
         ]
-        for match in re.finditer(r'<file path="([^"]+)">\n(.*?)</file>\n', packed.parts["files"], re.S):
-            entry = modes[match.group(1)]
+        for block in packed.blocks:
+            entry = modes[block.path]
             out.append(
                 f'<file path={quoteattr(entry.path)} mode="{entry.mode}" tokens="{entry.tokens}">'
-                f"{escape(match.group(2))}</file>"
+                f"{escape(block.body)}</file>"
             )
         issue = packed.parts["issue"].strip().removeprefix("<issue>").removesuffix("</issue>").strip()
         out += [f"<issue>{escape(issue)}</issue>", "</repository>"]
         return "\n".join(out) + "\n"
     if fmt == "markdown":
         out = ["# Repository", "", packed.parts["tree"], ""]
-        for match in re.finditer(r'<file path="([^"]+)">\n(.*?)</file>\n', packed.parts["files"], re.S):
-            path, body = match.group(1), match.group(2)
+        for block in packed.blocks:
+            path, body = block.path, block.body
             fence = "````" if "```" in body else "```"
             out += [f"## {path}", "", f"{fence}{language_of(path) or ''}", body.rstrip("\n"), fence, ""]
         out += [

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ds4.agent.index.indexer import default_db_path, index_repo
 from ds4.agent.index.store import open_index
-from ds4.agent.pack import TokenCounter, pack
+from ds4.agent.pack import pack
+from ds4.agent.tokens import TokenCounter
 
 BUDGETS = (100_000, 1_000_000)
 
@@ -24,16 +25,16 @@ def _stability(repo: Path, counter: TokenCounter, budget: int, issue: str, which
     """Share of repository-part tokens identical from the front after appending a line to one file;
     `sticky`: the second pack keeps the first one's selection (as the fix loop packs later rounds)."""
     db_path = default_db_path(repo)
-    before = pack(open_index(db_path), repo, issue, budget, counter)
+    with open_index(db_path) as db:
+        before = pack(db, repo, issue, budget, counter)
     placed = [f.path for f in before.files if f.mode != "listed"]
     target = repo / (placed[-1] if which == "newest" else placed[0])
     original, stat = target.read_bytes(), target.stat()
     try:
         target.write_bytes(original + b"\n# ds4 bench edit\n")
         index_repo(repo)
-        after = pack(
-            open_index(db_path), repo, issue, budget, counter, previous=before.manifest() if sticky else None
-        )
+        with open_index(db_path) as db:
+            after = pack(db, repo, issue, budget, counter, previous=before.manifest() if sticky else None)
     finally:
         target.write_bytes(original)
         os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -46,25 +47,25 @@ def bench_pack(repo: str | Path, tokenizer_file: str | Path, runs: int = 3, issu
     repo = Path(repo).resolve()
     counter = TokenCounter(tokenizer_file)
     index_repo(repo)  # warm: later packs read token counts and symbols from the index
-    db = open_index(default_db_path(repo))
-    pack(db, repo, issue, BUDGETS[-1], counter)  # caches every file's token count
-    timings = {}
-    for budget in BUDGETS:
-        seconds, result = [], None
-        for _ in range(runs):
-            start = time.perf_counter()
-            result = pack(db, repo, issue, budget, counter)
-            seconds.append(time.perf_counter() - start)
-        modes = {
-            m: sum(f.mode == m for f in result.files)
-            for m in ("whole", "focused", "bodies", "skeleton", "listed")
-        }
-        timings[str(budget)] = {
-            "seconds": statistics.median(seconds),
-            "total_tokens": result.total_tokens,
-            "repo_prefix_tokens": result.repo_prefix_tokens,
-            "files": modes,
-        }
+    with open_index(default_db_path(repo)) as db:
+        pack(db, repo, issue, BUDGETS[-1], counter)  # caches every file's token count
+        timings = {}
+        for budget in BUDGETS:
+            seconds, result = [], None
+            for _ in range(runs):
+                start = time.perf_counter()
+                result = pack(db, repo, issue, budget, counter)
+                seconds.append(time.perf_counter() - start)
+            modes = {
+                m: sum(f.mode == m for f in result.files)
+                for m in ("whole", "focused", "bodies", "skeleton", "listed")
+            }
+            timings[str(budget)] = {
+                "seconds": statistics.median(seconds),
+                "total_tokens": result.total_tokens,
+                "repo_prefix_tokens": result.repo_prefix_tokens,
+                "files": modes,
+            }
     budget = BUDGETS[-1]
     return {
         "repo": str(repo),

@@ -2,7 +2,7 @@
 names it uses, BM25 over contents and symbols, personalized PageRank over the definition/reference
 graph; source above tests and docs unless the issue is about them) and, inside files, the definitions
 whose bodies the model must see (named ones, the lines of a traceback, their callers, the bodies that
-share the issue's rarest words). It reads the index; pack.py decides what fits."""
+share the issue's rarest words). It reads the index through index/query.py; budget.py decides what fits."""
 
 from __future__ import annotations
 
@@ -12,6 +12,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import sqlite_utils
 
+from ds4.agent.index.query import (
+    SECONDARY,
+    bm25_matches,
+    defining_files,
+    definition_spans,
+    file_paths,
+    reference_edges,
+    references_to,
+)
 from ds4.agent.views import BODY_KINDS
 
 MAX_DEFINING_FILES = 8
@@ -21,8 +30,6 @@ MANIFESTS = {
     "README.md", "README.rst", "README", "pyproject.toml", "setup.py", "package.json", "Cargo.toml",
     "go.mod", "pom.xml", "build.gradle", "Gemfile", "composer.json", "Makefile", "CMakeLists.txt",
 }  # fmt: skip
-# Folders (and file name parts) of tests, docs and examples: ranked below the source they exercise.
-SECONDARY = re.compile(r"(^|/)(tests?|testing|docs?|examples?|samples?|benchmarks?)(/|$)|(^|/)test_|_test\.")
 SECONDARY_WEIGHT = 0.5
 MAX_CALLERS = 6  # per named definition: callers beyond these say little more
 MAX_WORD_FILES, MAX_WORD_BODIES = 6, 3  # bodies found by the issue's words, in the top files
@@ -93,11 +100,7 @@ def _defining(db, words: list[str]) -> dict[str, set[str]]:
     if not words:
         return {}
     defining: dict[str, set[str]] = {}
-    for path, name in db.execute(
-        f"SELECT f.path, d.name FROM definitions d JOIN files f ON f.id = d.file_id "
-        f"WHERE d.name IN ({','.join('?' * len(words))})",
-        words,
-    ):
+    for path, name in defining_files(db, words):
         defining.setdefault(name, set()).add(path)
     return {name: where for name, where in defining.items() if len(where) <= MAX_DEFINING_FILES}
 
@@ -136,10 +139,7 @@ def focus(
 def _spans(db) -> dict[str, list[tuple[int, int, str, str]]]:
     """(first line, last line, kind, name) of every definition, by file."""
     spans: dict[str, list[tuple[int, int, str, str]]] = {}
-    for path, line, end, kind, name in db.execute(
-        "SELECT f.path, d.line, d.end_line, d.kind, d.name FROM definitions d "
-        "JOIN files f ON f.id = d.file_id ORDER BY f.path, d.line"
-    ):
+    for path, line, end, kind, name in definition_spans(db):
         spans.setdefault(path, []).append((line, end, kind, name))
     return spans
 
@@ -156,11 +156,7 @@ def _callers(db, spans, named: dict[str, set[str]], scores) -> list[tuple[str, i
     """(path, first line) of the functions that use a named definition, highest-ranked files first."""
     if not named:
         return []
-    rows = db.execute(
-        f"SELECT f.path, r.name, r.lines FROM refs r JOIN files f ON f.id = r.file_id "
-        f"WHERE r.name IN ({','.join('?' * len(named))})",
-        sorted(named),
-    ).fetchall()
+    rows = references_to(db, sorted(named))
     found: dict[str, list[tuple[str, int]]] = {}
     for path, name, lines in sorted(rows, key=lambda r: (-scores.get(r[0], (0.0,))[0], r[0])):
         for line in (int(x) for x in lines.split(",") if x):
@@ -196,14 +192,7 @@ def _bm25(db, words: list[str]) -> dict[str, float]:
         return {}
     query = " OR ".join(f'"{w}"' for w in words[:64])
     out: dict[str, float] = {}
-    for sql in (
-        "SELECT f.path, -bm25(contents_fts) FROM contents_fts JOIN files f ON f.id = contents_fts.rowid "
-        "WHERE contents_fts MATCH ?",
-        "SELECT f.path, -bm25(definitions_fts) FROM definitions_fts "
-        "JOIN definitions d ON d.id = definitions_fts.rowid JOIN files f ON f.id = d.file_id "
-        "WHERE definitions_fts MATCH ?",
-    ):
-        rows = db.execute(sql, [query]).fetchall()
+    for rows in bm25_matches(db, query):
         top = max((s for _, s in rows), default=0.0) or 1.0
         for path, s in rows:
             out[path] = max(out.get(path, 0.0), s / top)
@@ -215,14 +204,9 @@ def _pagerank(db, paths: list[str], seeds: dict[str, float], iterations: int = 3
     in many files carry no signal and are left out)."""
     if not seeds:
         return {}
-    ids = dict(db.execute("SELECT id, path FROM files").fetchall())
+    ids = file_paths(db)
     index = {p: i for i, p in enumerate(paths)}
-    rows = db.execute(
-        "WITH rare AS (SELECT name FROM definitions GROUP BY name HAVING COUNT(DISTINCT file_id) <= ?) "
-        "SELECT r.file_id, d.file_id, COUNT(*) FROM refs r JOIN definitions d ON d.name = r.name "
-        "WHERE r.name IN rare AND r.file_id != d.file_id GROUP BY r.file_id, d.file_id",
-        [MAX_DEFINING_FILES * 4],
-    ).fetchall()
+    rows = reference_edges(db, MAX_DEFINING_FILES * 4)
     edges = np.array(
         [(index[ids[s]], index[ids[d]], n) for s, d, n in rows if ids[s] in index and ids[d] in index],
         dtype=np.float64,

@@ -1,7 +1,7 @@
 """What of a file a prompt shows (a view): whole, a part (the bodies of some definitions, with or without
 the skeleton of the rest: signatures and docstrings, bodies elided), or only its path in the listing;
-the text of a view, and how views combine (more of a file is the join of two views). It knows nothing
-of ranking or budgets."""
+the text of a view and the block a prompt wraps it in, and how views combine (more of a file is the join
+of two views). It knows nothing of ranking or budgets."""
 
 from __future__ import annotations
 
@@ -27,6 +27,22 @@ class Part:
 
 View = Part | str | None  # None: listed only; WHOLE: the whole text
 SKELETON = Part()
+
+
+@dataclass(frozen=True)
+class FileBlock:
+    """A file as a prompt shows it: its path and the text of its view."""
+
+    path: str
+    text: str
+
+    @property
+    def body(self) -> str:
+        """The text, ending in a newline."""
+        return self.text if self.text.endswith("\n") else self.text + "\n"
+
+    def render(self) -> str:
+        return f'<file path="{self.path}">\n{self.body}</file>\n'
 
 
 def join(a: View, b: View) -> View:

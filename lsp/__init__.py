@@ -1,1 +1,2 @@
-"""The language server (pygls) for VS Code and Neovim: thin handlers over ds4.agent (the LSP issue)."""
+"""The language server (pygls) for VS Code and Neovim: server.py (state, transports), handlers.py (thin
+handlers), and the features they call: symbols.py, completion.py, fix.py, edits.py."""

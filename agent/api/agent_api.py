@@ -273,11 +273,8 @@ async def search(
             409, "the repository is not indexed yet: POST /v1/repos/{id}/index", None, "not_indexed"
         )
     try:
-        db = open_index(db_path, write=False)
-        try:
+        with open_index(db_path, write=False) as db:
             return {"results": search_index(db, q, kind, limit)}
-        finally:
-            db.conn.close()
     except (IndexDatabaseError, sqlite3.DatabaseError) as e:
         raise APIError(
             409, f"{e}; re-index it: POST /v1/repos/{{id}}/index", None, "index_unusable"

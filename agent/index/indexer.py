@@ -72,34 +72,33 @@ def index_repo(
     catalog = list_files(repo, max_bytes)
     if db_path is None:
         exclude_from_git(Path(repo).resolve())  # REPO/.ds4 stays out of the user's `git status`
-    db = open_index(db_path or default_db_path(repo))
-    report = IndexReport(files=len(catalog.files) + len(catalog.skipped))
-    known = {
-        row[0]: row[1:] for row in db.execute("SELECT path, id, size, mtime_ns, hash, skipped FROM files")
-    }
-    listed = {e.path for e in catalog.files} | set(catalog.skipped)
-    gone = [known[p][0] for p in known if p not in listed]
-    with db.conn:
-        db.conn.executemany("DELETE FROM files WHERE id = ?", [(i,) for i in gone])
-    report.removed = len(gone)
+    with open_index(db_path or default_db_path(repo)) as db:
+        report = IndexReport(files=len(catalog.files) + len(catalog.skipped))
+        known = {
+            row[0]: row[1:] for row in db.execute("SELECT path, id, size, mtime_ns, hash, skipped FROM files")
+        }
+        listed = {e.path for e in catalog.files} | set(catalog.skipped)
+        gone = [known[p][0] for p in known if p not in listed]
+        with db.conn:
+            db.conn.executemany("DELETE FROM files WHERE id = ?", [(i,) for i in gone])
+        report.removed = len(gone)
 
-    todo = [e for e in catalog.files if _changed(e, known.get(e.path))]
-    report.unchanged = len(catalog.files) - len(todo)
-    with db.conn:
-        for path, reason in catalog.skipped.items():
-            _replace_file(db, path, Entry(path, 0, 0), known.get(path), None, reason)
-    with _analyzer(len(todo)) as analyze:
-        for first in range(0, len(todo), BATCH):
-            batch = todo[first : first + BATCH]
-            analyses = analyze(partial(analyze_file, catalog.root), batch)
-            with db.conn:
-                for entry, analysis in zip(batch, analyses, strict=True):
-                    _write(db, entry, known.get(entry.path), analysis, report)
-            if progress is not None:
-                progress(min(first + BATCH, len(todo)), len(todo))
-    _summarize(db, report)
-    report.seconds = time.perf_counter() - start
-    db.conn.close()
+        todo = [e for e in catalog.files if _changed(e, known.get(e.path))]
+        report.unchanged = len(catalog.files) - len(todo)
+        with db.conn:
+            for path, reason in catalog.skipped.items():
+                _replace_file(db, path, Entry(path, 0, 0), known.get(path), None, reason)
+        with _analyzer(len(todo)) as analyze:
+            for first in range(0, len(todo), BATCH):
+                batch = todo[first : first + BATCH]
+                analyses = analyze(partial(analyze_file, catalog.root), batch)
+                with db.conn:
+                    for entry, analysis in zip(batch, analyses, strict=True):
+                        _write(db, entry, known.get(entry.path), analysis, report)
+                if progress is not None:
+                    progress(min(first + BATCH, len(todo)), len(todo))
+        _summarize(db, report)
+        report.seconds = time.perf_counter() - start
     return report
 
 

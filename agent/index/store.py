@@ -69,7 +69,8 @@ class IndexDatabaseError(AgentError):
 
 def open_index(path: str | Path, write: bool = True) -> sqlite_utils.Database:
     """Opens the index database at `path`: for writing (creating or rebuilding it as needed), or for
-    reading only, which never waits on a writer and never changes the file."""
+    reading only, which never waits on a writer and never changes the file. Use it as a context
+    manager, `with open_index(path) as db:`, which closes the connection however the block ends."""
     path = Path(path)
     if not write:
         return _open_reader(path)

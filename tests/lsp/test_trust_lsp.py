@@ -21,8 +21,8 @@ from pygls.lsp.client import LanguageClient
 from pygls.uris import from_fs_path
 
 from ds4.agent.backends import BackendError
+from ds4.lsp.errors import reason
 from ds4.lsp.framing import MAX_BODY_BYTES, FrameError, FrameReader
-from ds4.lsp.server import _reason
 from tests.fakes import BUGGY, make_repo
 
 EXE = str(Path(sys.executable).parent / "ds4-agent")
@@ -174,8 +174,8 @@ def test_a_frame_over_the_limit_is_skipped_without_reading_it():
 
 
 def test_a_failure_without_a_message_still_names_its_reason():
-    assert _reason(BackendError()) == "BackendError"
+    assert reason(BackendError()) == "BackendError"
     try:
         raise BackendError() from TimeoutError("the endpoint did not answer in 60 s")
     except BackendError as e:
-        assert _reason(e) == "BackendError: the endpoint did not answer in 60 s"
+        assert reason(e) == "BackendError: the endpoint did not answer in 60 s"
