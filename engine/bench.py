@@ -53,13 +53,13 @@ def greedy(n: int) -> SamplingParams:
 
 
 def _decode_rate(generate, batch: int, new: int, runs: int, device: torch.device) -> float:
-    """Decode tokens/s: the median over runs of (generate(new + 1) - generate(1)), the prefill and its first
-    token taken out."""
+    """Decode tokens/s: (generate(new + 1) - generate(1)), the prefill and its first token taken out, each
+    the least of `runs` timings: other work on the machine only adds time, and a median of differences
+    of two noisy timings can even come out negative."""
     generate(2)  # warm-up
-    gaps = [
-        timed(lambda: generate(new + 1), device) - timed(lambda: generate(1), device) for _ in range(runs)
-    ]
-    return batch * new / statistics.median(gaps)
+    long = min(timed(lambda: generate(new + 1), device) for _ in range(runs))
+    short = min(timed(lambda: generate(1), device) for _ in range(runs))
+    return batch * new / (long - short)
 
 
 class _OpCounter(TorchDispatchMode):

@@ -96,6 +96,9 @@ def merge(deltas: list[dict]) -> list[dict]:
     return calls
 
 
+MAX_PARALLEL_CALLS = 16  # a forced answer's calls: a model that will not stop calling is cut off here
+
+
 def _marker(tokenizer: Tokenizer, marker: str) -> str:
     """A marker in llguidance's Lark: its control token by id, or its text where the tokenizer lacks it."""
     token_id = tokenizer.token_id(marker)
@@ -111,7 +114,7 @@ def call_grammar(tools: list[dict], parallel: bool, tokenizer: Tokenizer) -> Gra
         f = tool["function"]
         arguments = embedded_json(f.get("parameters") or {"type": "object"})
         rules.append(f"call_{i}: {begin} {json.dumps(f['name'])} {sep} {arguments} {end}")
-    calls = "call+" if parallel else "call"
+    calls = f"call{{1,{MAX_PARALLEL_CALLS}}}" if parallel else "call"
     head = f"start: {_marker(tokenizer, CALLS_BEGIN)} {calls} {_marker(tokenizer, CALLS_END)}"
     choice = "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))
     return Grammar.lark("\n".join([head, choice, *rules]))

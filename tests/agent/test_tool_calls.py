@@ -50,3 +50,28 @@ def test_garbled_output_is_content_and_bad_arguments_pass_through():
     assert content == "" and plain(found) == [("f", '{"a": ')]  # invalid JSON, as OpenAI passes it on
     cut = CALLS_BEGIN + CALL_BEGIN + "f" + CALL_SEP + '{"a'
     assert plain(parse(cut)[1]) == [("f", '{"a')]  # cut short by max_tokens: finish_reason says length
+
+
+def test_forced_parallel_calls_stop_at_the_bound(tiny_v3):
+    """With parallel calls, a forced answer holds up to MAX_PARALLEL_CALLS calls and then must close:
+    a model that would call forever is cut off by the grammar, not by max_tokens."""
+    from ds4.agent.api.tool_calls import MAX_PARALLEL_CALLS, call_grammar
+    from ds4.engine.config import ModelConfig
+    from ds4.engine.grammar import GrammarCompiler
+    from ds4.engine.tokenizer import Tokenizer
+
+    config = ModelConfig.from_dir(tiny_v3)
+    tokenizer = Tokenizer(tiny_v3, config.bos_token_id)
+    compiler = GrammarCompiler(tokenizer, config.vocab_size, tuple(config.eos_token_ids))
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    grammar = call_grammar([tool], True, tokenizer)
+    one = f"{CALL_BEGIN}f{CALL_SEP}{{}}{CALL_END}"
+
+    def accepts(n: int, closed: bool) -> bool:
+        text = CALLS_BEGIN + one * n + (CALLS_END if closed else "")
+        matcher = compiler.matcher(grammar)._m
+        return matcher.consume_tokens(tokenizer.encode_text(text)) and not matcher.is_error()
+
+    assert accepts(MAX_PARALLEL_CALLS, closed=True)
+    assert accepts(MAX_PARALLEL_CALLS, closed=False)
+    assert not accepts(MAX_PARALLEL_CALLS + 1, closed=False)
