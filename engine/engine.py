@@ -70,6 +70,7 @@ class LLMEngine:
         )
         self.cache = runner.new_paged_cache(self.num_blocks, bs, max_model_len)
         self.blocks.on_evict = self.cache.drop_block
+        self._check_workspace()
         self.disk = (
             DiskTier(config.prefix_cache_dir, runner.fingerprint)
             if config.prefix_cache_dir and caching
@@ -85,6 +86,20 @@ class LLMEngine:
         self._grammars_lock = threading.Lock()
         self._ids = itertools.count()
         self.counters = {"tokens_prefilled": 0, "tokens_decoded": 0, "tokens_loaded_from_disk": 0}
+
+    def _check_workspace(self) -> None:
+        """Refuses to start (ConfigError with the numbers) when a full prefill chunk at the longest context
+        would not fit in what the weights and the cache leave free on some device."""
+        from ds4.engine.workspace import available_bytes, check_fits
+
+        for device in dict.fromkeys(self.runner.devices):
+            check_fits(
+                self.runner.config,
+                self.config.max_num_batched_tokens,
+                self.max_model_len,
+                self.runner.dtype.itemsize,
+                available_bytes(device),
+            )
 
     def _default_num_blocks(self) -> int:
         """Enough for max_num_seqs sequences of max_model_len tokens, within the configured memory of
