@@ -14,6 +14,7 @@ from ds4.engine.grammar import Grammar, embedded_json
 
 NAME_END = '">'
 FLAG = '" string="'
+PARAM_END, INVOKE_END = PARAM_CLOSE + "\n", INVOKE_CLOSE + "\n"  # as the template lays them out
 
 
 @dataclass
@@ -138,7 +139,7 @@ def call_grammar(tools: list[dict], parallel: bool, tag: str) -> Grammar:
         f = tool["function"]
         params = _param_rules(i, f.get("parameters") or {"type": "object"}, rules)
         head = _lit(f"{INVOKE_OPEN}{f['name']}{NAME_END}\n")
-        rules.append(f"call_{i}: {head} {params} {_lit(INVOKE_CLOSE + chr(10))}")
+        rules.append(f"call_{i}: {head} {params} {_lit(INVOKE_END)}")
     calls = f"call{{1,{MAX_PARALLEL_CALLS}}}" if parallel else "call"
     # each literal ends where no other can go on: llguidance's lexer takes the longest match, so a
     # separator "\n" before "\n</｜DSML｜{tag}>" could never end
@@ -161,12 +162,12 @@ def _param_rules(i: int, schema: dict, rules: list[str]) -> str:
         choices = _string_choices(value_schema)
         if value_schema.get("type") == "string" and set(value_schema) <= RAW_STRING_KEYS:
             low, high = value_schema.get("minLength", 0), value_schema.get("maxLength", "")
-            rules.append(f"v_{i}_{j}[lazy]: /(?s:.{{{low},{high}}})/ {_lit(PARAM_CLOSE + chr(10))}")
+            rules.append(f"v_{i}_{j}[lazy]: /(?s:.{{{low},{high}}})/ {_lit(PARAM_END)}")
             flag, value = "true", f"v_{i}_{j}"
         elif choices:
-            flag, value = "true", "(" + " | ".join(_lit(c + PARAM_CLOSE + "\n") for c in choices) + ")"
+            flag, value = "true", "(" + " | ".join(_lit(c + PARAM_END) for c in choices) + ")"
         else:
-            flag, value = "false", f"{embedded_json(value_schema)} {_lit(PARAM_CLOSE + chr(10))}"
+            flag, value = "false", f"{embedded_json(value_schema)} {_lit(PARAM_END)}"
         header = _lit(PARAM_OPEN + name + FLAG + flag + NAME_END)
         rules.append(f"p_{i}_{j}: {header} {value}")
         sequence.append(f"p_{i}_{j}" + ("" if name in required else "?"))
