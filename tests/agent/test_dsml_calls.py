@@ -147,3 +147,35 @@ def test_forced_parallel_calls_stop_at_the_bound(compiled, tag):
     assert compiled(grammar, block(tag, *calls * MAX_PARALLEL_CALLS))
     over = block(tag, *calls * (MAX_PARALLEL_CALLS + 1))
     assert not compiled(grammar, over[: over.rindex("\n</｜DSML｜")], complete=False)
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_the_grammar_covers_parameterless_tools_and_json_valued_parameters(compiled, tag):
+    ls = {"type": "function", "function": {"name": "ls"}}
+    edit = {
+        "type": "function",
+        "function": {
+            "name": "edit",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "lines": {"type": "array", "items": {"type": "integer"}, "maxItems": 2},
+                    "mode": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+                    "tag": {"type": "string", "pattern": "^v[0-9]$"},
+                },
+                "required": ["lines", "note"],
+            },
+        },
+    }
+    grammar = call_grammar([ls, edit], True, tag)
+    assert compiled(grammar, block(tag, ("ls", {})))
+    assert compiled(grammar, block(tag, ("edit", {"lines": [], "mode": None, "note": 5}), ("ls", {})))
+    assert not compiled(grammar, block(tag, ("edit", {"lines": [1, 2, 3], "note": 5})))  # maxItems
+    assert not compiled(grammar, block(tag, ("edit", {"lines": []})))  # "note" is required, though untyped
+    # a string with a pattern is JSON (string="false"), held to the pattern; parsed, it is the string
+    note = '<｜DSML｜parameter name="note"'
+    tagged = '<｜DSML｜parameter name="tag" string="false">"v7"</｜DSML｜parameter>\n' + note
+    quoted = block(tag, ("edit", {"lines": [], "note": 0})).replace(note, tagged)
+    assert compiled(grammar, quoted)
+    assert json.loads(parse(quoted, DsmlCallStream(tag))[1][0]["function"]["arguments"])["tag"] == "v7"
+    assert not compiled(grammar, quoted.replace('"v7"', '"v77"'))
