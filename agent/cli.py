@@ -453,15 +453,20 @@ def _add_lsp(sub) -> None:
 def _add_plan(sub) -> None:
     p = sub.add_parser(
         "plan",
-        help="place a model on GPUs + host RAM (experts in RAM, hot ones in spare VRAM); predict tokens/s",
+        help="place a model on GPUs (+ host RAM for the routed experts when they do not fit); predict "
+        "tokens/s; print the flags that run it",
     )
     p.add_argument(
         "--model", required=True, help="a preset (deepseek-v3, deepseek-v4-flash, ...) or a checkpoint"
     )
     p.add_argument(
-        "--gpu", action="append", required=True, help="a GPU's memory, e.g. 24GB (repeat per card)"
+        "--gpu",
+        action="extend",
+        nargs="+",
+        required=True,
+        help="GPU memories, e.g. 24GB, 24GiB, '80GB x4' (repeat per card or give a count)",
     )
-    p.add_argument("--ram", required=True, help="host RAM, e.g. 512GB")
+    p.add_argument("--ram", default=None, help="host RAM, e.g. 512GB (default: report what is needed)")
     p.add_argument("--context", default="128K", help="tokens per sequence: 4096, 128K, 1M (default 128K)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument(
@@ -517,12 +522,13 @@ def _cmd_plan(args) -> int:
     from pathlib import Path
 
     from ds4.engine.config import ModelConfig
-    from ds4.engine.planner import Hardware, format_plan, parse_size, parse_tokens, plan
+    from ds4.engine.planner import Hardware, format_plan, parse_gpus, parse_size, parse_tokens, plan
     from ds4.engine.presets import load_preset
 
     try:
-        gpus = [parse_size(g) for g in args.gpu]
-        ram, context = parse_size(args.ram), parse_tokens(args.context)
+        gpus = parse_gpus(args.gpu)
+        ram = parse_size(args.ram) if args.ram is not None else None
+        context = parse_tokens(args.context)
         if Path(args.model).is_dir():
             config = ModelConfig.from_dir(args.model)
         else:
