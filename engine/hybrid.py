@@ -9,9 +9,13 @@ evicted, during generation. A step computes each expert where its weights are (t
 not the weights), except in long prefills (`stream_tokens` tokens or more in one pass), where the
 cold experts a pass uses are copied to the compute device once for that pass.
 
-Results do not depend on placement: every expert computes the same operations on the same values,
-summed in the same order. On a CPU-only machine every tier is the CPU, so the logic is tested
-everywhere; on a GPU it moves real bytes."""
+Quantized experts in host RAM run in ds4's CPU kernel (ds4.kernels.cpu_moe): every cold (token, expert)
+pair of a pass in one call, straight from the stored codes; hot pairs run on the compute device and are
+added. Float experts, and every expert where the kernel does not apply, run one call per expert.
+
+Float results do not depend on placement: every expert computes the same operations on the same values,
+summed in the same order (the kernel's sums differ from torch's by rounding only). On a CPU-only machine
+every tier is the CPU, so the logic is tested everywhere; on a GPU it moves real bytes."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 
 from ds4.engine.layers.moe import Experts, expert_forward
+from ds4.kernels import triton_enabled
 
 
 class TieredExperts(Experts):
@@ -40,6 +45,7 @@ class TieredExperts(Experts):
         self.counts = torch.zeros(self.w13.shape[0], dtype=torch.float64)
         self.hot: dict[int, tuple] = {}  # expert -> (w13, w13 scale, w2, w2 scale) on the compute device
         self.calls = 0
+        self.use_cpu_kernel = self.expert_device.type == "cpu" and self.cpu_kernel()
         self.stats = {"promoted": 0, "evicted": 0, "hot_rows": 0, "cold_rows": 0, "streamed": 0}
         self._streamed: dict[int, tuple] = {}
 
@@ -63,6 +69,11 @@ class TieredExperts(Experts):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         self.counts += torch.bincount(expert_ids.flatten().cpu(), minlength=self.counts.numel()).double()
+        if self.use_cpu_kernel and x.shape[0] < self.stream_tokens:
+            try:
+                return self._kernel_forward(x, weights, expert_ids)
+            finally:
+                self._count_call()
         if x.shape[0] >= self.stream_tokens:  # a long prefill: the cold experts it uses come over once
             used = [int(e) for e in expert_ids.flatten().unique().tolist() if int(e) not in self.hot]
             device = self.compute_device
@@ -72,9 +83,40 @@ class TieredExperts(Experts):
             return super().forward(x, weights, expert_ids)
         finally:
             self._streamed = {}
-            self.calls += 1
-            if self.calls % self.period == 0:
-                self.rebalance()
+            self._count_call()
+
+    def _count_call(self) -> None:
+        self.calls += 1
+        if self.calls % self.period == 0:
+            self.rebalance()
+
+    def _kernel_forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor):
+        """Cold pairs in one CPU kernel call; hot ones where their weights are, on the compute device. On a
+        CPU-only machine that is the same memory, so every pair goes to the kernel, unless the Triton path
+        is forced (tests run hot experts through it)."""
+        ids = expert_ids.cpu()
+        device_path = self.compute_device != self.expert_device or triton_enabled(self.compute_device)
+        on_device = device_path and bool(self.hot)
+        is_hot = torch.isin(ids, torch.tensor(sorted(self.hot), dtype=ids.dtype))
+        hot_pairs = int(is_hot.sum())
+        self.stats["hot_rows"] += hot_pairs
+        self.stats["cold_rows"] += ids.numel() - hot_pairs
+        cold = ids.masked_fill(is_hot, -1) if on_device else ids
+        y = self.cpu_forward(x, weights, cold).to(x.device)
+        if on_device and hot_pairs:
+            y = y + self._hot_forward(x, weights, ids, is_hot)
+        return y
+
+    def _hot_forward(self, x, weights, ids, is_hot) -> torch.Tensor:
+        """The hot pairs' weighted sum on the compute device, expert by expert in ascending id."""
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in sorted({int(e) for e in ids[is_hot].tolist()}):
+            tokens, ks = (ids == e).nonzero(as_tuple=True)
+            tokens, ks = tokens.to(x.device), ks.to(x.device)
+            w13, s13, w2, s2 = self.hot[e]
+            y = expert_forward(x[tokens], w13, w2, self.limit, self.quant, s13, s2)
+            out.index_add_(0, tokens, y.float() * weights[tokens, ks, None].float())
+        return out.to(x.dtype)
 
     def rebalance(self) -> None:
         """The `capacity` most popular experts are the hot ones; counts decay so popularity can move."""
