@@ -6,8 +6,9 @@
 //   0 int4: two codes per byte (even input in the low nibble), value (code - 8) * bf16 scale per 32 inputs
 //   1 fp4:  two e2m1 codes per byte, likewise, times an e8m0 (power-of-two) scale per 32 inputs
 //   2 fp8:  one e4m3 per byte, times a float32 scale per 128 x 128 block
-// A group is 32 inputs. 4-bit groups are decoded as 16 even then 16 odd inputs, so the activations are
-// laid out the same way once per call (`deinterleave`); FP8 groups are in order.
+// A group is 32 inputs. 4-bit groups are decoded as 16 even then 16 odd inputs (int4 rows of whole
+// 128-input blocks: as 8 interleaved sets of 16, the `OCTETS` path), so the activations are laid out the
+// same way once per call (`lay_out`); FP8 groups are in order.
 //
 // Threads: OpenMP, the same runtime torch uses (libgomp is loaded once per process), so the pool is
 // shared. Work items are (expert, block of 16 output rows); every sum runs in a fixed order, so results
@@ -55,6 +56,17 @@ struct Matrix {  // one expert's [out, in] matrix in its stored format
         return static_cast<const float*>(scales)[(n / 128) * cols + (g * GROUP) / 128] * 256.f;
     }
 };
+
+enum Layout { PLAIN, EVEN_ODD, OCTETS };
+
+// How a matrix's activations are laid out: int4 rows of whole 128-input blocks take the octet path
+// (AVX-512 only), other 4-bit rows decode group by group (even inputs, then odd), FP8 rows in order.
+Layout layout_for(int fmt, int64_t in) {
+#ifdef DS4_AVX512
+    if (fmt == 0 && in % 128 == 0) return OCTETS;
+#endif
+    return fmt == 2 ? PLAIN : EVEN_ODD;
+}
 
 float fp8_value(uint8_t b) {  // e4m3 -> float (the generic path; NaN codes never appear in weights)
     int sign = b >> 7, exp = (b >> 3) & 15, mant = b & 7;
@@ -142,8 +154,53 @@ void rows_dot(const Matrix& m, int64_t n0, const float* const* xs, float (*out)[
 #endif
 }
 
+#ifdef DS4_AVX512
+// int4 rows of whole 128-input blocks, without shuffles in the inner loop: the 64 bytes of a block are 16
+// 32-bit words of 8 codes; shifting out nibble k of every word gives inputs 8 i + k, turned into floats
+// exactly by the 2^23 trick ((2^23 + code) - (2^23 + 8) = code - 8). The block's four group scales are
+// applied once per block, spread over the words of their groups.
+template <int NR, int NT>
+void rows_dot_octets(const Matrix& m, int64_t n0, const float* const* xs, float (*out)[TOKENS]) {
+    const int64_t blocks = m.in / 128, groups = m.in / GROUP;
+    const __m512i nibble = _mm512_set1_epi32(0xF), exponent = _mm512_set1_epi32(0x4B000000);
+    const __m512 offset = _mm512_set1_ps(8388608.f + 8.f);
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const uint16_t* scales = static_cast<const uint16_t*>(m.scales);
+    __m512 acc[NR][NT];
+    for (int r = 0; r < NR; ++r)
+        for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+        for (int r = 0; r < NR; ++r) {
+            const __m512i words = _mm512_loadu_si512(m.codes + (n0 + r) * m.row_bytes() + b * 64);
+            const __m128i four = _mm_cvtepu16_epi32(
+                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + (n0 + r) * groups + 4 * b)));
+            const __m512 s = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_permutexvar_epi32(spread, _mm512_castsi128_si512(four)), 16));
+            __m512 block[NT];
+            for (int t = 0; t < NT; ++t) block[t] = _mm512_setzero_ps();
+            for (int k = 0; k < 8; ++k) {
+                const __m512i codes = _mm512_and_si512(_mm512_srli_epi32(words, 4 * k), nibble);
+                const __m512 w = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(codes, exponent)), offset);
+                for (int t = 0; t < NT; ++t)
+                    block[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs[t] + b * 128 + k * 16), block[t]);
+            }
+            for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_fmadd_ps(block[t], s, acc[r][t]);
+        }
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int t = 0; t < NT; ++t) out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+}
+#endif
+
 template <int NT>
 void rows_dot_tokens(const Matrix& m, int64_t n0, int nr, const float* const* xs, float (*out)[TOKENS]) {
+#ifdef DS4_AVX512
+    if (layout_for(m.fmt, m.in) == OCTETS) {
+        if (nr == 2) rows_dot_octets<2, NT>(m, n0, xs, out);
+        else rows_dot_octets<1, NT>(m, n0, xs, out);
+        return;
+    }
+#endif
     if (nr == 2) rows_dot<2, NT>(m, n0, xs, out);
     else rows_dot<1, NT>(m, n0, xs, out);
 }
@@ -170,17 +227,22 @@ void matmul_rows(const Matrix& m, int64_t n0, int64_t n1, const float* xs, int64
     }
 }
 
-// a 4-bit format's activations: per group of 32, the 16 even inputs then the 16 odd ones
-void deinterleave(const float* x, float* out, int64_t n, bool four_bit) {
-    if (!four_bit) {
+// x [n] laid out for `layout`: EVEN_ODD per group of 32 the 16 even inputs then the 16 odd ones; OCTETS
+// per block of 128, entry k * 16 + i holds input 8 i + k (nibble k of the block's 32-bit word i)
+void lay_out(const float* x, float* out, int64_t n, Layout layout) {
+    if (layout == PLAIN) {
         std::memcpy(out, x, n * sizeof(float));
-        return;
+    } else if (layout == EVEN_ODD) {
+        for (int64_t g = 0; g < n; g += GROUP)
+            for (int j = 0; j < 16; ++j) {
+                out[g + j] = x[g + 2 * j];
+                out[g + 16 + j] = x[g + 2 * j + 1];
+            }
+    } else {
+        for (int64_t b = 0; b < n; b += 128)
+            for (int k = 0; k < 8; ++k)
+                for (int i = 0; i < 16; ++i) out[b + k * 16 + i] = x[b + 8 * i + k];
     }
-    for (int64_t g = 0; g < n; g += GROUP)
-        for (int j = 0; j < 16; ++j) {
-            out[g + j] = x[g + 2 * j];
-            out[g + 16 + j] = x[g + 2 * j + 1];
-        }
 }
 
 float silu(float v) { return v / (1.f + std::exp(-v)); }
@@ -196,7 +258,7 @@ int ds4_moe(const float* x, const int64_t* ids, const float* weights, int64_t T,
             int64_t D, int64_t I, const uint8_t* w13, const void* s13, const uint8_t* w2, const void* s2,
             int fmt, float limit, float* out, float* work, int threads) {
     if (D % GROUP || I % GROUP || fmt < 0 || fmt > 2) return 1;
-    const bool four_bit = fmt != 2;
+    const Layout x_layout = layout_for(fmt, D), act_layout = layout_for(fmt, I);
     Matrix m13{nullptr, nullptr, 2 * I, D, fmt}, m2{nullptr, nullptr, D, I, fmt};
     const int scale_size = fmt == 0 ? 2 : (fmt == 1 ? 1 : 4);
     // the pairs grouped by expert, ascending, tokens in order within an expert
@@ -229,7 +291,7 @@ int ds4_moe(const float* x, const int64_t* ids, const float* weights, int64_t T,
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (int64_t s = 0; s < P; ++s) deinterleave(x + pair_token[s] * D, xs + s * D, D, four_bit);
+        for (int64_t s = 0; s < P; ++s) lay_out(x + pair_token[s] * D, xs + s * D, D, x_layout);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < n_items * blocks13; ++w) {
             int64_t e = items[w / blocks13], b = w % blocks13;
@@ -249,7 +311,7 @@ int ds4_moe(const float* x, const int64_t* ids, const float* weights, int64_t T,
                 }
                 gate[i] = silu(g) * u;  // in place, then laid out into act
             }
-            deinterleave(gate, act + s * I, I, four_bit);
+            lay_out(gate, act + s * I, I, act_layout);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < n_items * blocks2; ++w) {

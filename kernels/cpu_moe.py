@@ -24,6 +24,8 @@ import torch.nn.functional as F
 SOURCE = Path(__file__).with_name("cpu_moe.cpp")
 FORMATS = {"int4": 0, "fp4": 1, "fp8": 2}
 _SCALE_DTYPES = {"int4": torch.bfloat16, "fp4": torch.float8_e8m0fnu, "fp8": torch.float32}
+THREAD_BYTES = 512 << 10  # weight bytes per thread: below it, OpenMP's fork and barriers cost more than
+# they save, and far more when the cores are shared (a descheduled thread stalls every barrier)
 _libs: dict[bool, ctypes.CDLL | str] = {}  # generic? -> the library, or why it could not be built
 
 
@@ -113,7 +115,7 @@ def moe(
 ) -> torch.Tensor:
     """[T, D] in x's dtype: sum over k of weights[t, k] * expert_ids[t, k](x[t]), the experts of the stacks
     w13 [E, 2I, ...] and w2 [E, D, ...] stored in `fmt` with scales s13, s2. Pairs whose id is -1 are
-    skipped (their experts are computed elsewhere)."""
+    skipped (their experts are computed elsewhere). `threads`: default torch's, one per THREAD_BYTES read."""
     lib = _library(generic)
     assert not isinstance(lib, str), lib
     T, K = expert_ids.shape
@@ -125,14 +127,16 @@ def moe(
     xf = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
     ids = expert_ids.detach().to(device="cpu", dtype=torch.int64).contiguous()
     wf = weights.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    pairs = int((ids >= 0).sum()) if (ids < 0).any() else T * K
     out = torch.empty(T, D, dtype=torch.float32)
-    work = torch.empty(pairs * (2 * D + 3 * inter), dtype=torch.float32)
+    work = torch.empty(T * K * (2 * D + 3 * inter), dtype=torch.float32)  # activations only
+    if threads is None:  # a thread per 512 KB of codes: fewer forks and barriers for small layers
+        expert_bytes = w13[0].numel() + w2[0].numel()
+        threads = max(1, min(torch.get_num_threads(), min(T * K, E) * expert_bytes // THREAD_BYTES))
     rc = lib.ds4_moe(
         xf.data_ptr(), ids.data_ptr(), wf.data_ptr(), T, K, E, D, inter,
         w13.data_ptr(), s13.data_ptr(), w2.data_ptr(), s2.data_ptr(),
         FORMATS[fmt], float("nan") if limit is None else float(limit),
-        out.data_ptr(), work.data_ptr(), threads or torch.get_num_threads(),
+        out.data_ptr(), work.data_ptr(), threads,
     )  # fmt: skip
     assert rc == 0, f"ds4_moe returned {rc}"
     return out.to(x.dtype)

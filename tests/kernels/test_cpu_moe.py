@@ -1,6 +1,6 @@
-"""The CPU expert kernel (C++, from stored codes) against dequantize-then-matmul: int4, FP4 and FP8 at odd
-token, expert and width counts, V4's clamp, skipped pairs, bf16 activations, 1-3 threads, with and
-without its AVX-512 path; a failed build is reported and leaves the torch path."""
+"""The CPU expert kernel (C++, from stored codes) against dequantize-then-matmul: int4 (both of its AVX-512
+paths), FP4 and FP8 at odd token, expert and width counts, V4's clamp, skipped pairs, bf16 activations,
+1-3 threads, with and without its AVX-512 code; a failed build is reported and leaves the torch path."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("generic", [False, True], ids=["native", "generic"])
 @pytest.mark.parametrize("fmt", ["int4", "fp4", "fp8"])
 @pytest.mark.parametrize(
-    "tokens, topk, experts, hidden, inter", [(1, 2, 5, 96, 160), (3, 3, 7, 64, 32), (17, 4, 9, 160, 96)]
+    "tokens, topk, experts, hidden, inter",
+    # widths of whole 128-input blocks take int4's octet path; (5, ..., 128, 96) mixes both paths
+    [(1, 2, 5, 96, 160), (3, 3, 7, 64, 32), (17, 4, 9, 160, 96), (2, 3, 5, 256, 128), (5, 2, 4, 128, 96)],
 )
 def test_kernel_equals_dequantize_then_matmul(gen, fmt, tokens, topk, experts, hidden, inter, generic):
     x, weights, ids, stacks = case(gen, fmt, tokens, topk, experts, hidden, inter)
