@@ -19,6 +19,8 @@ every tier is the CPU, so the logic is tested everywhere; on a GPU it moves real
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -47,6 +49,9 @@ class TieredExperts(Experts):
         self.calls = 0
         self.use_cpu_kernel = self.expert_device.type == "cpu" and self.cpu_kernel()
         self.stats = {"promoted": 0, "evicted": 0, "hot_rows": 0, "cold_rows": 0, "streamed": 0}
+        # single-token passes: bytes of the cold experts they read, and their time (`bench hybrid`'s GB/s)
+        self.stats |= {"decode_expert_bytes": 0, "decode_expert_s": 0.0}
+        self.expert_bytes = sum(t.numel() * t.element_size() for t in self._weights(0) if t is not None)
         self._streamed: dict[int, tuple] = {}
 
     def _weights(self, e: int, device=None) -> tuple:
@@ -68,12 +73,22 @@ class TieredExperts(Experts):
         return expert_forward(x.to(device), w13, w2, self.limit, self.quant, s13, s2).to(x.device)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            return self._forward(x, weights, expert_ids)
+        finally:
+            if x.shape[0] == 1:
+                cold = {int(e) for e in expert_ids.flatten().tolist()} - self.hot.keys()
+                self.stats["decode_expert_bytes"] += len(cold) * self.expert_bytes
+                self.stats["decode_expert_s"] += time.perf_counter() - start
+            self.calls += 1
+            if self.calls % self.period == 0:
+                self.rebalance()
+
+    def _forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         self.counts += torch.bincount(expert_ids.flatten().cpu(), minlength=self.counts.numel()).double()
         if self.use_cpu_kernel and x.shape[0] < self.stream_tokens:
-            try:
-                return self._kernel_forward(x, weights, expert_ids)
-            finally:
-                self._count_call()
+            return self._kernel_forward(x, weights, expert_ids)
         if x.shape[0] >= self.stream_tokens:  # a long prefill: the cold experts it uses come over once
             used = [int(e) for e in expert_ids.flatten().unique().tolist() if int(e) not in self.hot]
             device = self.compute_device
@@ -83,29 +98,22 @@ class TieredExperts(Experts):
             return super().forward(x, weights, expert_ids)
         finally:
             self._streamed = {}
-            self._count_call()
-
-    def _count_call(self) -> None:
-        self.calls += 1
-        if self.calls % self.period == 0:
-            self.rebalance()
 
     def _kernel_forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor):
         """Cold pairs in one CPU kernel call; hot ones where their weights are, on the compute device. On a
         CPU-only machine that is the same memory, so every pair goes to the kernel, unless the Triton path
         is forced (tests run hot experts through it)."""
         ids = expert_ids.cpu()
-        device_path = self.compute_device != self.expert_device or triton_enabled(self.compute_device)
-        on_device = device_path and bool(self.hot)
-        is_hot = torch.isin(ids, torch.tensor(sorted(self.hot), dtype=ids.dtype))
-        hot_pairs = int(is_hot.sum())
+        id_list = ids.flatten().tolist()
+        hot_pairs = sum(1 for e in id_list if e in self.hot)
         self.stats["hot_rows"] += hot_pairs
-        self.stats["cold_rows"] += ids.numel() - hot_pairs
-        cold = ids.masked_fill(is_hot, -1) if on_device else ids
-        y = self.cpu_forward(x, weights, cold).to(x.device)
-        if on_device and hot_pairs:
-            y = y + self._hot_forward(x, weights, ids, is_hot)
-        return y
+        self.stats["cold_rows"] += len(id_list) - hot_pairs
+        device_path = self.compute_device != self.expert_device or triton_enabled(self.compute_device)
+        if not (device_path and hot_pairs):  # decode on a CPU-only machine: one call, nothing else
+            return self.cpu_forward(x, weights, ids)
+        is_hot = torch.isin(ids, torch.tensor(sorted(self.hot), dtype=ids.dtype))
+        y = self.cpu_forward(x, weights, ids.masked_fill(is_hot, -1)).to(x.device)
+        return y + self._hot_forward(x, weights, ids, is_hot)
 
     def _hot_forward(self, x, weights, ids, is_hot) -> torch.Tensor:
         """The hot pairs' weighted sum on the compute device, expert by expert in ascending id."""
