@@ -100,6 +100,13 @@ def _add_device_flags(parser) -> None:
     )
 
 
+def _expert_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f for f in text.split(",") if f and f != "none")
+    if any(f not in ("int4", "fp4", "fp8") for f in formats):
+        raise argparse.ArgumentTypeError(f"{text!r}: formats are int4, fp4, fp8 (comma-separated) or none")
+    return formats
+
+
 def _layer_split(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(n) for n in text.split(","))
@@ -185,9 +192,11 @@ def _add_bench(sub) -> None:
     hybrid.add_argument("--runs", type=int, default=3)
     hybrid.add_argument(
         "--experts",
-        choices=["int4", "fp4", "none"],
-        default="int4",
-        help="also measure the routed experts in this 4-bit format (kept as stored; dequantized at load)",
+        type=_expert_formats,
+        default=("int4", "fp8"),
+        metavar="FMT,FMT",
+        help="also measure the routed experts in these formats (int4, fp4, fp8; kept as stored, the first "
+        "also dequantized at load), or none (default int4,fp8)",
     )
     hybrid.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     hybrid.add_argument(
@@ -478,6 +487,14 @@ def _add_plan(sub) -> None:
     p.add_argument("--pcie-bandwidth", type=float, default=25, help="GB/s achieved (PCIe 4.0 x16: 25)")
     p.add_argument("--ram-bandwidth", type=float, default=70, help="GB/s achieved (dual-channel DDR5: 70)")
     p.add_argument("--cpu-tflops", type=float, default=1.5, help="CPU TFLOP/s for the experts in RAM")
+    p.add_argument(
+        "--layer-dispatch",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="ms per layer and decode step spent launching operations (0 with CUDA graphs; an eager CPU "
+        "run: what `bench hybrid` measures)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_plan)
 
@@ -542,6 +559,7 @@ def _cmd_plan(args) -> int:
         pcie_bandwidth=args.pcie_bandwidth * 1e9,
         ram_bandwidth=args.ram_bandwidth * 1e9,
         cpu_flops=args.cpu_tflops * 1e12,
+        layer_dispatch=args.layer_dispatch / 1e3,
     )
     result = plan(config, args.model, gpus, ram, context, args.batch, args.experts, args.attn, hw)
     print(json.dumps(result.as_json(), indent=2) if args.json else format_plan(result))
@@ -693,10 +711,9 @@ def _cmd_bench_hybrid(args) -> int:
     from ds4.engine.hybrid_bench import bench_hybrid, format_report
 
     _require_dir(args.model)
-    experts = None if args.experts == "none" else args.experts
     devices = tuple(args.device or ["cpu"])
     report = bench_hybrid(
-        args.model, args.tokens, args.prompt_tokens, args.runs, experts, devices, args.dtype
+        args.model, args.tokens, args.prompt_tokens, args.runs, args.experts, devices, args.dtype
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

@@ -39,6 +39,9 @@ class Hardware:
     gpu_reserve: float = 1.5e9  # per card: activations, workspaces, the CUDA context
     ram_reserve: float = 8e9  # the OS and the process
     layer_overhead: float = 20e-6  # per MoE layer and step: GPU -> CPU -> GPU hand-off
+    layer_dispatch: float = 0.0  # per layer and step: launching its operations (~0 with CUDA graphs);
+    # on a CPU, eager decode spends about as long dispatching small ops as reading weights: `bench
+    # hybrid` measures it on a tiny twin of the model
     prefill_chunk: int = 8192  # tokens per prefill chunk (routed experts stream to the GPU once per chunk)
 
 
@@ -360,7 +363,7 @@ def _predict(config, comps, context, batch, hot, total_experts, expert_bytes, mo
     cpu_time = max(expert_read * (1 - hot_share) / hw.ram_bandwidth, cpu_flops / hw.cpu_flops)
     gpu_time = (gpu_weights + attention + expert_read * hot_share) / hw.gpu_bandwidth
     handoffs = len(moe_layers) if hot_share < 1 else 0  # GPU -> CPU -> GPU, per MoE layer with cold experts
-    step = gpu_time + cpu_time + handoffs * hw.layer_overhead
+    step = gpu_time + cpu_time + handoffs * hw.layer_overhead + config.num_hidden_layers * hw.layer_dispatch
     decode = batch / step
     chunk = min(hw.prefill_chunk, context)
     active = _active_params(config)

@@ -55,7 +55,7 @@ def test_hybrid_settings_are_checked():
         EngineConfig(hot_period=0)
 
 
-def test_bench_hybrid_reports_each_placement_and_the_prediction(tmp_path):
+def test_bench_hybrid_reports_each_placement_the_expert_reads_and_the_prediction(tmp_path):
     import json
 
     path = tmp_path / "tiny"
@@ -68,15 +68,20 @@ def test_bench_hybrid_reports_each_placement_and_the_prediction(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)
-    assert [r["hot_experts"] for r in report["results"]] == [None, None, 8, 4, 0, 0, 0]
-    assert [r["stages"] for r in report["results"]] == [1, 2, 1, 1, 1, 1, 1]
+    assert [r["hot_experts"] for r in report["results"]] == [None, None, 8, 4, 0, 0, 0, 0]
+    assert [r["stages"] for r in report["results"]] == [1, 2, 1, 1, 1, 1, 1, 1]
     assert all(r["decode_tokens_per_s"] > 0 for r in report["results"])
-    stored, loaded = report["results"][-2:]  # int4 experts kept as stored / dequantized at load
-    assert (stored["weights"], loaded["weights"]) == ("stored", "dequantize")
+    stored, loaded, fp8 = report["results"][-3:]  # int4 kept as stored / dequantized at load; fp8 stored
+    assert (stored["weights"], loaded["weights"], fp8["weights"]) == ("stored", "dequantize", "stored")
+    assert [r.get("expert_format") for r in report["results"][-4:]] == ["fp32", "int4", "fp32", "fp8"]
     assert stored["expert_bytes"] * 6 < loaded["expert_bytes"]  # 4 bits + a scale per 32 against fp32
+    in_ram = [r for r in report["results"] if r["hot_experts"] == 0]
+    assert all(r["expert_gb_per_s"] > 0 and 0 < r["expert_read_share"] for r in in_ram)
     assert report["predicted_decode_tokens_per_s"] > 0 and report["machine"]["read_gb_per_s"] > 0
     predicted = report["predicted_by_expert_format"]
-    assert predicted["int4"] > predicted["fp32"]  # fewer expert bytes to read
+    assert set(predicted) == set(report["predicted_over_measured"]) == {"fp32", "int4", "fp8"}
+    assert all(ms > 0 for ms in report["layer_dispatch_ms"].values())
+    assert predicted["int4"] > 0 and predicted["fp8"] > 0
 
 
 def _quantized(checkpoint, experts: str):
