@@ -10,8 +10,9 @@ not the weights), except in long prefills (`stream_tokens` tokens or more in one
 cold experts a pass uses are copied to the compute device once for that pass.
 
 Quantized experts in host RAM run in ds4's CPU kernel (ds4.kernels.cpu_moe): every cold (token, expert)
-pair of a pass in one call, straight from the stored codes; hot pairs run on the compute device and are
-added. Float experts, and every expert where the kernel does not apply, run one call per expert.
+pair of a decode-shaped pass in one call, straight from the stored codes; hot pairs run on the compute
+device and are added. Float experts, prefills with many rows per expert, and every expert where the
+kernel does not apply, run one call per expert.
 
 Float results do not depend on placement: every expert computes the same operations on the same values,
 summed in the same order (the kernel's sums differ from torch's by rounding only). On a CPU-only machine
@@ -87,7 +88,7 @@ class TieredExperts(Experts):
 
     def _forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         self.counts += torch.bincount(expert_ids.flatten().cpu(), minlength=self.counts.numel()).double()
-        if self.use_cpu_kernel and x.shape[0] < self.stream_tokens:
+        if self.use_cpu_kernel and self.kernel_rows(expert_ids) and x.shape[0] < self.stream_tokens:
             return self._kernel_forward(x, weights, expert_ids)
         if x.shape[0] >= self.stream_tokens:  # a long prefill: the cold experts it uses come over once
             used = [int(e) for e in expert_ids.flatten().unique().tolist() if int(e) not in self.hot]

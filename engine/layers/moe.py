@@ -114,6 +114,12 @@ class Experts(nn.Module):
     fused = True  # the Triton path computes every expert in one kernel; tiered experts compute per expert
     quant = "none"
 
+    def kernel_rows(self, expert_ids: torch.Tensor) -> bool:
+        """Whether a pass is decode-shaped for the CPU kernel: about a block of 4 rows per expert at most.
+        Longer prefills dequantize each expert once for all its rows and multiply with torch's GEMM,
+        which is faster there (the copy is paid once per expert, not once per row)."""
+        return expert_ids.numel() <= 4 * self.w13.shape[0]
+
     def cpu_kernel(self) -> bool:
         """Whether the stack runs in ds4's CPU kernel: quantized, in host RAM, in a format and shape it
         takes, and built (a failed build is reported once, as a warning)."""
@@ -158,7 +164,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         T, K = expert_ids.shape
-        if self.fused and x.device.type == "cpu" and not triton_enabled(x.device) and self.cpu_kernel():
+        on_cpu = x.device.type == "cpu" and not triton_enabled(x.device)
+        if self.fused and on_cpu and self.kernel_rows(expert_ids) and self.cpu_kernel():
             return self.cpu_forward(x, weights, expert_ids)
         if self.fused and triton_enabled(x.device):
             from ds4.kernels.moe import fused_moe
