@@ -217,3 +217,13 @@ def test_the_printed_flags_passed_to_generate_give_the_planned_placement(tmp_pat
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     single = LLM(path).generate([[5, 6, 7]], greedy)[0].token_ids
     assert llm.generate([[5, 6, 7]], greedy)[0].token_ids == single
+
+
+def test_measured_dispatch_per_layer_is_counted_in_the_decode_prediction():
+    from ds4.engine.planner import Hardware
+
+    config = preset("deepseek-v4-flash")
+    fast = plan(config, "x", [24 * GB] * 2, 512 * GB, hardware=Hardware())
+    slow = plan(config, "x", [24 * GB] * 2, 512 * GB, hardware=Hardware(layer_dispatch=1e-3))
+    step = 1 / slow.decode_tokens_per_s - 1 / fast.decode_tokens_per_s
+    assert step == pytest.approx(config.num_hidden_layers * 1e-3)  # 43 layers at 1 ms each
