@@ -46,6 +46,7 @@ class TieredExperts(Experts):
         self.capacity, self.period, self.stream_tokens = hot, period, stream_tokens
         self.compute_device, self.expert_device = torch.device(compute_device), torch.device(expert_device)
         self.counts = torch.zeros(self.w13.shape[0], dtype=torch.float64)
+        self._routed: list[int] = []  # expert ids routed since the last rebalance, counted then
         self.hot: dict[int, tuple] = {}  # expert -> (w13, w13 scale, w2, w2 scale) on the compute device
         self.calls = 0
         self.use_cpu_kernel = self.expert_device.type == "cpu" and self.cpu_kernel()
@@ -75,21 +76,24 @@ class TieredExperts(Experts):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
+        ids = expert_ids.cpu()
+        id_list = ids.flatten().tolist()
+        self._routed += id_list
         try:
-            return self._forward(x, weights, expert_ids)
+            return self._forward(x, weights, ids, id_list)
         finally:
             if x.shape[0] == 1:
-                cold = {int(e) for e in expert_ids.flatten().tolist()} - self.hot.keys()
+                cold = set(id_list) - self.hot.keys()
                 self.stats["decode_expert_bytes"] += len(cold) * self.expert_bytes
                 self.stats["decode_expert_s"] += time.perf_counter() - start
             self.calls += 1
             if self.calls % self.period == 0:
                 self.rebalance()
 
-    def _forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        self.counts += torch.bincount(expert_ids.flatten().cpu(), minlength=self.counts.numel()).double()
-        if self.use_cpu_kernel and self.kernel_rows(expert_ids) and x.shape[0] < self.stream_tokens:
-            return self._kernel_forward(x, weights, expert_ids)
+    def _forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, id_list: list[int]):
+        if self.use_cpu_kernel and self.kernel_rows(ids) and x.shape[0] < self.stream_tokens:
+            return self._kernel_forward(x, weights, ids, id_list)
+        expert_ids = ids.to(x.device)
         if x.shape[0] >= self.stream_tokens:  # a long prefill: the cold experts it uses come over once
             used = [int(e) for e in expert_ids.flatten().unique().tolist() if int(e) not in self.hot]
             device = self.compute_device
@@ -100,12 +104,10 @@ class TieredExperts(Experts):
         finally:
             self._streamed = {}
 
-    def _kernel_forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor):
+    def _kernel_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, id_list: list[int]):
         """Cold pairs in one CPU kernel call; hot ones where their weights are, on the compute device. On a
         CPU-only machine that is the same memory, so every pair goes to the kernel, unless the Triton path
         is forced (tests run hot experts through it)."""
-        ids = expert_ids.cpu()
-        id_list = ids.flatten().tolist()
         hot_pairs = sum(1 for e in id_list if e in self.hot)
         self.stats["hot_rows"] += hot_pairs
         self.stats["cold_rows"] += len(id_list) - hot_pairs
@@ -129,6 +131,8 @@ class TieredExperts(Experts):
 
     def rebalance(self) -> None:
         """The `capacity` most popular experts are the hot ones; counts decay so popularity can move."""
+        routed, self._routed = self._routed, []
+        self.counts += torch.bincount(torch.tensor(routed, dtype=torch.long), minlength=self.counts.numel())
         if self.capacity <= 0:
             return
         ranked = torch.sort(self.counts, descending=True, stable=True).indices[: self.capacity].tolist()

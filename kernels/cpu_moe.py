@@ -130,7 +130,7 @@ def moe(
     out = torch.empty(T, D, dtype=torch.float32)
     work = torch.empty(T * K * (2 * D + 3 * inter), dtype=torch.float32)  # activations only
     if threads is None:  # a thread per 512 KB of codes: fewer forks and barriers for small layers
-        expert_bytes = w13[0].numel() + w2[0].numel()
+        expert_bytes = w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]
         threads = max(1, min(torch.get_num_threads(), min(T * K, E) * expert_bytes // THREAD_BYTES))
     rc = lib.ds4_moe(
         xf.data_ptr(), ids.data_ptr(), wf.data_ptr(), T, K, E, D, inter,
