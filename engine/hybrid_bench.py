@@ -35,11 +35,17 @@ TWIN_KEYS = (
 
 
 def measure_machine() -> dict:
-    """This CPU's streaming-read bandwidth (the engine bench's measure: decode reads weights) and its
-    fp32 matmul rate."""
+    """This CPU's streaming-read bandwidth (the best a weight read can do), the bandwidth a decode step's
+    matrix-vector products reach (what the planner predicts with), and its fp32 matmul rate."""
     a = torch.randn(1024, 1024)
     best_mm = min(_median_time(lambda: a @ a, 1) for _ in range(5))
-    return {"read_gb_per_s": read_bandwidth() / 1e9, "matmul_tflop_per_s": 2 * 1024**3 / best_mm / 1e12}
+    w, x = torch.randn(8192, 8192), torch.randn(1, 8192)  # 256 MB, far past the caches
+    gemv = _median_time(lambda: torch.nn.functional.linear(x, w), 5)
+    return {
+        "read_gb_per_s": read_bandwidth() / 1e9,
+        "gemv_gb_per_s": w.numel() * 4 / gemv / 1e9,
+        "matmul_tflop_per_s": 2 * 1024**3 / best_mm / 1e12,
+    }
 
 
 def _timed(fn) -> float:
@@ -170,8 +176,9 @@ def bench_hybrid(
 
 def _predict(config, model_dir, machine, fmt, float_format, dispatch, context) -> float:
     """The planner's decode rate for this machine: the model on one 'GPU' that is this CPU, every routed
-    expert in host RAM (the placement measured), the measured bandwidth, matmul rate and dispatch."""
-    bw, flops = machine["read_gb_per_s"] * 1e9, machine["matmul_tflop_per_s"] * 1e12
+    expert in host RAM (the placement measured), the measured matrix-vector bandwidth, matmul rate and
+    dispatch."""
+    bw, flops = machine["gemv_gb_per_s"] * 1e9, machine["matmul_tflop_per_s"] * 1e12
     hw = Hardware(
         gpu_bandwidth=bw,
         ram_bandwidth=bw,
@@ -192,7 +199,7 @@ def _predict(config, model_dir, machine, fmt, float_format, dispatch, context) -
 def format_report(report: dict) -> str:
     m = report["machine"]
     lines = [
-        f"this machine: read {m['read_gb_per_s']:.1f} GB/s, "
+        f"this machine: read {m['read_gb_per_s']:.1f} GB/s (matrix-vector {m['gemv_gb_per_s']:.1f}), "
         f"fp32 matmul {m['matmul_tflop_per_s']:.2f} TFLOP/s; model in {report['dtype']}"
     ]
     for r in report["results"]:
