@@ -199,6 +199,7 @@ def _add_bench(sub) -> None:
         "also dequantized at load), or none (default int4,fp8)",
     )
     hybrid.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    hybrid.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     hybrid.add_argument(
         "--device",
         action="append",
@@ -712,6 +713,10 @@ def _cmd_bench_hybrid(args) -> int:
 
     _require_dir(args.model)
     devices = tuple(args.device or ["cpu"])
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     report = bench_hybrid(
         args.model, args.tokens, args.prompt_tokens, args.runs, args.experts, devices, args.dtype
     )
