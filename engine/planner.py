@@ -36,7 +36,9 @@ class Hardware:
     pcie_bandwidth: float = 25e9  # PCIe 4.0 x16, achieved
     ram_bandwidth: float = 70e9  # dual-channel DDR5-5600, achieved (89.6 GB/s peak)
     cpu_flops: float = 1.5e12  # a 16-core desktop CPU, AVX-512 bf16/int8
-    gpu_reserve: float = 1.5e9  # per card: activations, workspaces, the CUDA context
+    gpu_reserve: float = 0.75e9  # per card: the CUDA context and the allocator's slack
+    engine_chunk: int = 2048  # tokens per engine step (max_num_batched_tokens): each card holds the
+    # activation workspace of a prefill chunk at the full context (ds4.engine.workspace); 0: none
     ram_reserve: float = 8e9  # the OS and the process
     layer_overhead: float = 20e-6  # per MoE layer and step: GPU -> CPU -> GPU hand-off
     layer_dispatch: float = 0.0  # per layer and step: launching its operations (~0 with CUDA graphs);
@@ -230,18 +232,19 @@ def plan(
         raise ValueError("give at least one GPU (--gpu 24GB)")
     comps = component_bytes(config, attn_format, expert_format)
     caches = [c * batch for c in layer_cache_bytes(config, context)]
+    reserve = hw.gpu_reserve + _activations(config, context, attn_format, hw)
     moe_layers = [i for i, lay in enumerate(comps["layers"]) if lay["experts"]]
     routed = sum(lay["experts"] for lay in comps["layers"])
     total_experts = len(moe_layers) * config.n_routed_experts
     expert_bytes = routed / total_experts if total_experts else 0.0
     devices = None
     if not experts_in_ram:  # everything on the GPUs, when it fits
-        devices = _place(comps, caches, gpus, hw, with_experts=True)
+        devices = _place(comps, caches, gpus, reserve, with_experts=True)
         if any(d.used > d.capacity for d in devices) and experts_in_ram is None:
             devices = None
     in_ram = devices is None and bool(routed)
     if devices is None:
-        devices = _place(comps, caches, gpus, hw, with_experts=False)
+        devices = _place(comps, caches, gpus, reserve, with_experts=False)
     ram_device = Device("ram", ram if ram is not None else 0.0, reserve=hw.ram_reserve)
     ram_device.weights = routed if in_ram else 0.0
     if ram is None:
@@ -301,13 +304,23 @@ def plan(
     )
 
 
-def _place(comps: dict, caches: list[float], gpus: list[float], hw: Hardware, with_experts: bool):
+def _activations(config: ModelConfig, context: int, attn_format: str, hw: Hardware) -> float:
+    """The workspace of one prefill chunk at the full context, as the engine checks it at start-up."""
+    from ds4.engine.workspace import prefill_workspace
+
+    if not hw.engine_chunk:
+        return 0.0
+    dtype_bytes = 4 if attn_format == "fp32" else 2  # activations run in bf16 unless the model is fp32
+    return float(prefill_workspace(config, min(hw.engine_chunk, context), context, dtype_bytes))
+
+
+def _place(comps: dict, caches: list[float], gpus: list[float], reserve: float, with_experts: bool):
     """The GPUs with their layers (split in order by bytes, every card running at least one layer as the
     engine's pipeline needs), weights and cache; the routed experts counted in when `with_experts`."""
     keys = ("attention", "router", "shared", "dense") + (("experts",) if with_experts else ())
     weights = [sum(lay[k] for k in keys) for lay in comps["layers"]]
     fixed = [w + c for w, c in zip(weights, caches, strict=True)]
-    devices = [Device(f"gpu{i}", cap, reserve=hw.gpu_reserve) for i, cap in enumerate(gpus)]
+    devices = [Device(f"gpu{i}", cap, reserve=reserve) for i, cap in enumerate(gpus)]
     devices[0].weights += comps["embed"]
     devices[-1].weights += comps["head"]
     every = len(fixed) >= len(devices)

@@ -10,7 +10,15 @@ import subprocess
 import pytest
 
 from ds4.engine.config import ModelConfig
-from ds4.engine.planner import component_bytes, layer_cache_bytes, parse_gpus, parse_size, parse_tokens, plan
+from ds4.engine.planner import (
+    Hardware,
+    component_bytes,
+    layer_cache_bytes,
+    parse_gpus,
+    parse_size,
+    parse_tokens,
+    plan,
+)
 from ds4.engine.presets import load_preset
 from ds4.engine.sizing import cache_bytes
 from tests.servers import EXE
@@ -205,7 +213,7 @@ def test_the_printed_flags_passed_to_generate_give_the_planned_placement(tmp_pat
     per_layer = max(lay["experts"] for lay in comps["layers"]) / config.n_routed_experts  # one expert
     layers = sum(sum(lay.values()) - lay["experts"] for lay in comps["layers"])
     total = comps["embed"] + comps["head"] + layers
-    hw = Hardware(gpu_reserve=0, ram_reserve=0)
+    hw = Hardware(gpu_reserve=0, ram_reserve=0, engine_chunk=0)
     card = total / 2 + comps["embed"] + 3 * per_layer  # the routed experts do not fit; 3 per layer do
     result = plan(config, "tiny", [card, card], 1e9, 64, 1, "fp32", "fp32", hw)
     assert result.fits and result.experts_in_ram and 0 < result.hot_experts_per_layer < 8
@@ -228,3 +236,18 @@ def test_measured_dispatch_per_layer_is_counted_in_the_decode_prediction():
     slow = plan(config, "x", [24 * GB] * 2, 512 * GB, hardware=Hardware(layer_dispatch=1e-3))
     step = 1 / slow.decode_tokens_per_s - 1 / fast.decode_tokens_per_s
     assert step == pytest.approx(config.num_hidden_layers * 1e-3)  # 43 layers at 1 ms each
+
+
+def test_each_card_reserves_the_engines_prefill_workspace_at_the_context():
+    """The reserve is what the engine checks at start-up: a chunk's activations at the full context
+    (ds4.engine.workspace): bounded whatever the context, larger with a larger chunk."""
+    from ds4.engine.workspace import prefill_workspace
+
+    config = preset("deepseek-v3")
+    short, long = (plan(config, "v3", [24e9] * 8, 512e9, context) for context in (4096, 131072))
+    for result, context in ((short, 4096), (long, 131072)):
+        workspace = prefill_workspace(config, 2048, context, 2)
+        assert all(d.reserve == Hardware().gpu_reserve + workspace for d in result.devices[:8])
+    assert long.devices[0].reserve == short.devices[0].reserve  # the blocked attention caps it
+    bigger = plan(config, "v3", [24e9] * 8, 512e9, 131072, hardware=Hardware(engine_chunk=8192))
+    assert bigger.devices[0].reserve > long.devices[0].reserve
