@@ -60,13 +60,18 @@ def chat_parts(
         parts.insert(at, (_tools_text(tools), False))
     if add_generation_prompt:
         parts.append((ASSISTANT, True))
-    merged: list[tuple[str, bool]] = []  # adjacent texts (two system messages) encode as one, as before
+    return merged(parts)  # adjacent texts (two system messages) encode as one, as before
+
+
+def merged(parts: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """Adjacent texts as one, empty pieces dropped."""
+    out: list[tuple[str, bool]] = []
     for text, is_marker in parts:
-        if merged and not is_marker and not merged[-1][1]:
-            merged[-1] = (merged[-1][0] + text, False)
+        if out and not is_marker and not out[-1][1]:
+            out[-1] = (out[-1][0] + text, False)
         elif text:
-            merged.append((text, is_marker))
-    return merged
+            out.append((text, is_marker))
+    return out
 
 
 def role_and_content(i: int, message) -> tuple[str, str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from ds4.engine.chat_template import ASSISTANT, BOS, EOS, USER, role_and_content
+from ds4.engine.chat_template import ASSISTANT, BOS, EOS, USER, merged, role_and_content
 from ds4.engine.errors import RequestError
 
 DSML = "｜DSML｜"
@@ -110,7 +110,7 @@ def chat_parts(
         opened = role in ("user", "tool") and not is_v4_unopened
     if add_generation_prompt and not opened:
         parts += _opening()
-    return _merged(parts)
+    return merged(parts)
 
 
 def _opening() -> list[tuple[str, bool]]:
@@ -182,14 +182,3 @@ def tools_text(tools: list[dict], model_type: str) -> str:
         tag=tag,
         schemas="\n".join(json.dumps(f, ensure_ascii=False) for f in functions),
     )
-
-
-def _merged(parts: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
-    """Adjacent texts as one, empty pieces dropped."""
-    merged: list[tuple[str, bool]] = []
-    for text, is_marker in parts:
-        if merged and not is_marker and not merged[-1][1]:
-            merged[-1] = (merged[-1][0] + text, False)
-        elif text:
-            merged.append((text, is_marker))
-    return merged
