@@ -17,12 +17,11 @@ from dataclasses import asdict, dataclass, field
 
 from ds4.engine.config import ModelConfig
 from ds4.engine.sizing import (
-    _HIGH_PRECISION,
-    FP4_GROUP,
-    FP8_BLOCK,
-    _index_row_bytes,
-    _row_bytes,
+    index_row_bytes,
+    layer_cache_bytes,
     parameter_shapes,
+    row_bytes,
+    tensor_bytes,
 )
 
 GB = 1e9
@@ -63,32 +62,6 @@ class Device:
         return self.weights + self.cache + self.reserve + self.hot_expert_bytes
 
 
-def _tensor_bytes(name: str, shape: tuple[int, ...], attn_fmt: str, expert_fmt: str) -> float:
-    numel = math.prod(shape)
-    if ".ffn.experts." in name:
-        return _matrix_bytes(shape, expert_fmt)
-    if attn_fmt == "fp32":  # a float32 run (ds4 on a CPU): everything else at 4 bytes
-        return 4 * numel
-    if len(shape) < 2 or any(x in name for x in _HIGH_PRECISION):
-        return 2 * numel
-    return _matrix_bytes(shape, attn_fmt)
-
-
-def _matrix_bytes(shape: tuple[int, ...], fmt: str) -> float:
-    *stack, out_dim, in_dim = shape
-    n = math.prod(stack) if stack else 1
-    if fmt == "bf16":
-        return 2 * n * out_dim * in_dim
-    if fmt == "fp32":
-        return 4 * n * out_dim * in_dim
-    if fmt == "fp4":  # e2m1 pairs per byte, one e8m0 scale per 32 inputs
-        return n * (out_dim * in_dim / 2 + out_dim * math.ceil(in_dim / FP4_GROUP))
-    if fmt == "int4":  # two per byte, one bf16 scale per 32 inputs
-        return n * (out_dim * in_dim / 2 + 2 * out_dim * math.ceil(in_dim / FP4_GROUP))
-    blocks = math.ceil(out_dim / FP8_BLOCK) * math.ceil(in_dim / FP8_BLOCK)  # fp8, a float32 scale per block
-    return n * (out_dim * in_dim + 4 * blocks)
-
-
 def component_bytes(config: ModelConfig, attn_fmt: str = "fp8", expert_fmt: str = "fp8") -> dict:
     """Weight bytes by component: embed, head (with the final norm and mixers), and per layer
     attention (norms and mHC included), router, shared experts, dense MLP, routed experts."""
@@ -98,7 +71,7 @@ def component_bytes(config: ModelConfig, attn_fmt: str = "fp8", expert_fmt: str 
     ]
     out = {"embed": 0.0, "head": 0.0, "layers": layers}
     for name, shape in parameter_shapes(config).items():
-        nbytes = _tensor_bytes(name, shape, attn_fmt, expert_fmt)
+        nbytes = tensor_bytes(name, shape, attn_fmt, expert_fmt)
         if not name.startswith("layers."):
             out["embed" if name.startswith("embed.") else "head"] += nbytes
             continue
@@ -116,35 +89,16 @@ def component_bytes(config: ModelConfig, attn_fmt: str = "fp8", expert_fmt: str 
     return out
 
 
-def layer_cache_bytes(config: ModelConfig, context: int, fmt: str = "fp8") -> list[float]:
-    """Decode-cache bytes of one sequence at `context` tokens, per layer (sums to sizing.cache_bytes)."""
-    if not config.is_v4:
-        row = _row_bytes(config.kv_lora_rank + config.qk_rope_head_dim, config.qk_rope_head_dim, fmt)
-        index = _index_row_bytes(config.index_head_dim, fmt) if config.has_indexer else 0
-        return [context * (row + index)] * config.num_hidden_layers
-    row = _row_bytes(config.head_dim, config.qk_rope_head_dim, fmt)
-    index_row = _index_row_bytes(config.index_head_dim, fmt)
-    out = []
-    for kind, ratio in zip(config.layer_types, config.compress_ratios, strict=True):
-        total = min(context, config.sliding_window) * row
-        if ratio:
-            total += context // ratio * row
-            if kind == "compressed_sparse_attention":
-                total += context // ratio * index_row
-        out.append(total)
-    return out
-
-
 def _attention_read_bytes(config: ModelConfig, context: int) -> float:
     """Cache bytes one decode token reads over all layers (sparse layers read their chosen rows only)."""
     if not config.is_v4:
-        row = _row_bytes(config.kv_lora_rank + config.qk_rope_head_dim, config.qk_rope_head_dim, "fp8")
+        row = row_bytes(config.kv_lora_rank + config.qk_rope_head_dim, config.qk_rope_head_dim, "fp8")
         if not config.has_indexer:
             return config.num_hidden_layers * context * row
-        index = _index_row_bytes(config.index_head_dim, "fp8")
+        index = index_row_bytes(config.index_head_dim, "fp8")
         return config.num_hidden_layers * (context * index + min(context, config.index_topk) * row)
-    row = _row_bytes(config.head_dim, config.qk_rope_head_dim, "fp8")
-    index_row = _index_row_bytes(config.index_head_dim, "fp8")
+    row = row_bytes(config.head_dim, config.qk_rope_head_dim, "fp8")
+    index_row = index_row_bytes(config.index_head_dim, "fp8")
     total = 0.0
     for kind, ratio in zip(config.layer_types, config.compress_ratios, strict=True):
         total += min(context, config.sliding_window) * row
