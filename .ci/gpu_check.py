@@ -26,7 +26,7 @@ FAMILIES = [a for a in sys.argv[3:] if not a.startswith("--")] or [
 ]
 
 from ds4.engine import LLM  # noqa: E402
-from ds4.engine.bench import bench_engine, format_report  # noqa: E402
+from ds4.engine.bench.engine import bench_engine, format_report  # noqa: E402
 from ds4.engine.random_checkpoint import init_checkpoint  # noqa: E402
 from ds4.kernels import forced  # noqa: E402
 
@@ -77,7 +77,7 @@ def main():
     for fam in FAMILIES:
         family(fam)
     if CUDA:
-        from ds4.engine.kernel_bench import bench_kernels, to_json
+        from ds4.engine.bench.kernels import bench_kernels, to_json
 
         rates, results = bench_kernels(DEVICE, small=False, runs=20, compile_refs=False)
         emit(step="bench_kernels", report=json.loads(to_json(torch.cuda.get_device_name(), rates, results)))

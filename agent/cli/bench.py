@@ -58,7 +58,7 @@ def _add_engine(sub) -> None:
 
 
 def _engine(args) -> int:
-    from ds4.engine.bench import bench_engine, format_report
+    from ds4.engine.bench.engine import bench_engine, format_report
 
     report = bench_engine(
         args.model,
@@ -100,7 +100,7 @@ def _token_counts(text: str) -> list[int]:
 
 
 def _long(args) -> int:
-    from ds4.engine.long_bench import bench_long, format_long_report
+    from ds4.engine.bench.long import bench_long, format_long_report
 
     report = bench_long(args.model, args.tokens, args.device, args.dtype, args.chunk, peer=not args.no_peer)
     print(json.dumps(report, indent=2) if args.json else format_long_report(report))
@@ -119,7 +119,7 @@ def _add_prefix(sub) -> None:
 
 
 def _prefix(args) -> int:
-    from ds4.engine.bench import bench_prefix, format_prefix_report
+    from ds4.engine.bench.engine import bench_prefix, format_prefix_report
 
     report = bench_prefix(
         args.model,
@@ -141,7 +141,7 @@ def _add_index(sub) -> None:
 
 
 def _index(args) -> int:
-    from ds4.agent.index.bench import bench_index, format_index_report
+    from ds4.agent.bench.index import bench_index, format_index_report
 
     require_dir(args.repo)
     report = bench_index(args.repo, runs=args.runs)
@@ -161,7 +161,7 @@ def _add_pack(sub) -> None:
 
 
 def _pack(args) -> int:
-    from ds4.agent.pack_bench import bench_pack, format_pack_report
+    from ds4.agent.bench.pack import bench_pack, format_pack_report
 
     require_dir(args.repo)
     tokenizer = args.tokenizer or os.path.join(args.model, "tokenizer.json")
@@ -186,7 +186,7 @@ def _kernels(args) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
     import torch
 
-    from ds4.engine.kernel_bench import bench_kernels, format_report, to_json
+    from ds4.engine.bench.kernels import bench_kernels, format_report, to_json
 
     try:
         rates, results = bench_kernels(args.device, args.small, args.runs, not args.no_compile)
@@ -237,7 +237,7 @@ def _add_hybrid(sub) -> None:
 
 
 def _hybrid(args) -> int:
-    from ds4.engine.hybrid_bench import bench_hybrid, format_report
+    from ds4.engine.bench.hybrid import bench_hybrid, format_report
 
     require_dir(args.model)
     devices = tuple(args.device or ["cpu"])
@@ -272,7 +272,7 @@ def _add_serve(sub) -> None:
 
 
 def _serve(args) -> int:
-    from ds4.agent.serve_bench import bench_serve, format_serve_report, to_json
+    from ds4.agent.bench.serve import bench_serve, format_serve_report, to_json
 
     require_dir(args.model)
     config = {

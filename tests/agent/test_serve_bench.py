@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from ds4.agent.serve_bench import percentile
+from ds4.agent.bench.serve import percentile
 from tests.servers import EXE, serving
 
 

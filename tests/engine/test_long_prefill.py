@@ -74,7 +74,7 @@ def test_v4_in_query_blocks_and_streamed_selection_matches_transformers(name, tm
 
 
 def test_bench_long_reports_each_length_next_to_transformers(tiny_v3):
-    from ds4.engine.long_bench import bench_long
+    from ds4.engine.bench.long import bench_long
 
     report = bench_long(str(tiny_v3), [300, 600], chunk=128, decode_tokens=4)
     assert list(report["lengths"]) == ["300", "600"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ds4.engine import LLM, SamplingParams
-from ds4.engine.bench import _median_time, read_bandwidth
+from ds4.engine.bench.engine import _median_time, read_bandwidth
 from ds4.engine.planner import Hardware, plan
 from ds4.engine.quantize import quantize_checkpoint
 from ds4.engine.random_checkpoint import init_checkpoint

@@ -13,7 +13,7 @@ import resource
 import torch
 
 from ds4.engine.activations import ActivationPeak
-from ds4.engine.bench import greedy, timed
+from ds4.engine.bench.engine import greedy, timed
 from ds4.engine.llm import LLM
 from ds4.engine.workspace import prefill_workspace
 
