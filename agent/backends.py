@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ds4.agent.errors import BackendError
+from ds4.agent.probe import choose_model, list_models
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class OpenAIBackend:
     def __init__(
         self,
         endpoint: str,
-        model: str = "default",
+        model: str | None = None,
         api_key: str | None = None,
         timeout: float = 600.0,
         retries: int = 3,
@@ -115,12 +116,25 @@ class OpenAIBackend:
         self.url = endpoint.rstrip("/")
         if not self.url.endswith("/chat/completions"):
             self.url += "/chat/completions" if self.url.endswith("/v1") else "/v1/chat/completions"
-        self.model, self.timeout, self.retries = model, timeout, retries
+        self.endpoint, self.model, self.timeout, self.retries = endpoint, model, timeout, retries
         self.api_key = api_key or os.environ.get("DS4_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        self.name = f"openai:{model}@{endpoint}"
         self.tokenizer_file = Path(tokenizer_file) if tokenizer_file else None
+        self.max_model_len: int | None = None  # known once probed, when the server lists it
+
+    @property
+    def name(self) -> str:
+        return f"openai:{self.model}@{self.endpoint}"
+
+    def probe(self) -> None:
+        """Asks the endpoint for its models before anything else runs: it is reachable, the key is
+        accepted, and the model named is served (unnamed: its first is chosen); keeps its context when
+        listed. A failure is a BackendError that says what to do."""
+        chosen = choose_model(list_models(self.url, self.api_key), self.model, self.endpoint)
+        self.model, self.max_model_len = chosen.id, chosen.max_model_len
 
     def complete(self, messages, params, on_text=None) -> Completion:
+        if self.model is None:
+            self.probe()
         body = {
             "model": self.model,
             "messages": messages,
@@ -145,6 +159,8 @@ class OpenAIBackend:
 
     def infill(self, prefix: str, suffix: str, params: GenerationParams) -> Completion:
         """POST /v1/completions with `suffix` (no retries: an editor asks again on the next keystroke)."""
+        if self.model is None:
+            self.probe()
         start = time.perf_counter()
         url = self.url.removesuffix("/chat/completions") + "/completions"
         body = {

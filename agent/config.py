@@ -62,7 +62,6 @@ KEYS: dict[str, type | tuple[type, ...]] = {
 PATHS = ("model", "tokenizer")
 USER_ONLY = ("model", "endpoint", "model_name", "sandbox")
 DEFAULTS = {  # what an unset flag and setting falls back to
-    "model_name": "default",
     "rounds": FixConfig.rounds,
     "samples": FixConfig.samples,
     "budget": FixConfig.budget,

@@ -90,10 +90,21 @@ class ScriptedBackend:
 
 
 class ScriptedChatServer(BaseHTTPRequestHandler):
-    """Test double: an OpenAI-compatible /v1/chat/completions on loopback that streams scripted answers."""
+    """Test double: an OpenAI-compatible server on loopback: /v1/chat/completions streams scripted answers,
+    /v1/models lists `models`."""
 
     answers: list[str] = []
     bodies: list[dict] = []
+    models: list[dict] = [{"id": "deepseek-v4", "object": "model"}, {"id": "deepseek-v4-flash"}]
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        if self.path.rstrip("/") != "/v1/models":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps({"object": "list", "data": type(self).models}).encode())
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

@@ -88,11 +88,12 @@ def _fix(args) -> int:
         raise InputError(
             "the issue is empty: give its text, a file, - for standard input, or a GitHub issue URL", "issue"
         )
+    model = backend(args)  # probed now: a server that cannot be used ends the run before any test runs
     config = _fix_config(args, Path(args.repo), issue, apply=args.apply, sandbox=sandbox(args))
     if filled.get("test_cmd", Path()).name == ".ds4.toml":
         _show_repo_test_cmd(filled["test_cmd"], args.test_cmd, config.sandbox)
     progress = None if args.json else ProgressView(sys.stderr)
-    result = fix(config, backend(args), progress)
+    result = fix(config, model, progress)
     if args.json:
         print(json.dumps(result.as_json(), indent=2))
     else:
