@@ -78,8 +78,7 @@ def git(repo: Path, *args: str, check: bool = True) -> str:
 def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | None = None) -> FixResult:
     emit = on_event or (lambda event: None)
     repo = config.repo.resolve()
-    if not git(repo, "rev-parse", "--is-inside-work-tree", check=False).strip() == "true":
-        raise FixError(f"{repo} is not a git repository: ds4 works in git worktrees")
+    check_repository(repo)
     try:
         folder = data_folder(repo, config.data_dir)
         sandbox = config.sandbox or choose()
@@ -149,6 +148,20 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
             git(repo, "worktree", "remove", "--force", str(tree), check=False)
             shutil.rmtree(tree, ignore_errors=True)
         os.close(lock)
+
+
+def check_repository(repo: Path) -> None:
+    """A FixError unless `repo` is a git repository with a commit: its worktrees start from HEAD."""
+    if not git(repo, "rev-parse", "--is-inside-work-tree", check=False).strip() == "true":
+        raise FixError(
+            f"{repo} is not a git repository: ds4 works in git worktrees; choose a repository, "
+            "or run `git init` there and commit"
+        )
+    if not git(repo, "rev-parse", "--verify", "--quiet", "HEAD", check=False).strip():
+        raise FixError(
+            f"{repo} has no commits yet: ds4 starts from your last commit; commit first "
+            "(git add -A && git commit -m start)"
+        )
 
 
 def _worktree(

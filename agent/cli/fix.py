@@ -46,29 +46,7 @@ def _add_fix(sub) -> None:
     fix.add_argument("--issue-text", default=None, help="the issue's text itself (instead of ISSUE)")
     fix.add_argument("--repo", default=".")
     add_backend_flags(fix)
-    fix.add_argument("--tokenizer", default=None, help="with --endpoint: a tokenizer.json for exact budgets")
-    fix.add_argument(
-        "--test-cmd", default=None, help="default: detected (pytest, npm test, go test, cargo test)"
-    )
-    fix.add_argument(
-        "--rounds", type=int, default=None, help=f"feedback rounds (default {DEFAULTS['rounds']})"
-    )
-    fix.add_argument("--samples", type=int, default=None, help=f"candidates (default {DEFAULTS['samples']})")
-    fix.add_argument(
-        "--budget",
-        type=int,
-        default=None,
-        help=f"prompt tokens for the repository and issue (default {DEFAULTS['budget']})",
-    )
-    fix.add_argument(
-        "--max-tokens", type=int, default=None, help=f"tokens per answer (default {DEFAULTS['max_tokens']})"
-    )
-    fix.add_argument(
-        "--test-timeout",
-        type=float,
-        default=None,
-        help=f"seconds per test run (default {DEFAULTS['test_timeout']:g})",
-    )
+    _add_fix_knobs(fix)
     add_sandbox_flag(fix)
     fix.add_argument(
         "--apply", action="store_true", help="write the selected patch to your tree if it applies"
@@ -76,12 +54,44 @@ def _add_fix(sub) -> None:
     fix.add_argument("--json", action="store_true")
 
 
+def _add_fix_knobs(parser) -> None:
+    """The flags of one fix, shared by `fix` and `swebench predict`; unset ones come from the settings."""
+    parser.add_argument(
+        "--tokenizer", default=None, help="with --endpoint: a tokenizer.json for exact budgets"
+    )
+    parser.add_argument(
+        "--test-cmd", default=None, help="default: detected (pytest, npm test, go test, cargo test)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help=f"feedback rounds (default {DEFAULTS['rounds']})"
+    )
+    parser.add_argument(
+        "--samples", type=int, default=None, help=f"candidates (default {DEFAULTS['samples']})"
+    )
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help=f"prompt tokens for the repository and issue (default {DEFAULTS['budget']})",
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help=f"tokens per answer (default {DEFAULTS['max_tokens']})"
+    )
+    parser.add_argument(
+        "--test-timeout",
+        type=float,
+        default=None,
+        help=f"seconds per test run (default {DEFAULTS['test_timeout']:g})",
+    )
+
+
 def _fix(args) -> int:
     from pathlib import Path
 
-    from ds4.agent.loop import fix
+    from ds4.agent.loop import check_repository, fix
 
     require_dir(args.repo)
+    check_repository(Path(args.repo).resolve())  # before the model loads or the endpoint is asked
     filled = merge_args(args, args.repo)
     issue = read_issue(args.issue or "", args.issue_text)
     if not issue.strip():
@@ -148,13 +158,7 @@ def _add_predict(sub) -> None:
     predict.add_argument("--repos-dir", required=True)
     predict.add_argument("--out", required=True)
     add_backend_flags(predict)
-    predict.add_argument("--tokenizer", default=None)
-    predict.add_argument("--rounds", type=int, default=None)
-    predict.add_argument("--samples", type=int, default=None)
-    predict.add_argument("--budget", type=int, default=None)
-    predict.add_argument("--max-tokens", type=int, default=None)
-    predict.add_argument("--test-timeout", type=float, default=None)
-    predict.add_argument("--test-cmd", default=None)
+    _add_fix_knobs(predict)
     add_sandbox_flag(predict)
 
 
