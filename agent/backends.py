@@ -41,6 +41,7 @@ class Completion:
 class Backend(Protocol):
     name: str
     tokenizer_file: Path | None  # for exact token budgets; None: estimate
+    max_model_len: int | None  # the context, prompt and answer together; None: not known
 
     def complete(
         self, messages: list[dict], params: GenerationParams, on_text: Callable[[str], None] | None = None

@@ -26,6 +26,7 @@ from ds4.agent.backends import Backend, BackendError, GenerationParams
 from ds4.agent.config import FixConfig
 from ds4.agent.errors import FixError
 from ds4.agent.events import Kind
+from ds4.agent.fit import budget_for, check_first, fit, message_tokens
 from ds4.agent.index.indexer import index_repo
 from ds4.agent.index.store import open_index
 from ds4.agent.pack import pack
@@ -102,8 +103,15 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
         event(Kind.INDEX)
         index_repo(repo, folder / "index.db")
         counter = TokenCounter(backend.tokenizer_file) if backend.tokenizer_file else ApproxCounter()
+        instructions = (PROMPTS / "fix.md").read_text()
+        context, max_tokens = backend.max_model_len, config.generation.max_tokens
+        budget = config.budget
+        if budget is None:  # what the model's context leaves, else DEFAULT_BUDGET
+            budget = budget_for(context, max_tokens, counter.count(instructions), config.rounds)
         with open_index(folder / "index.db") as db:
-            packed = pack(db, repo, config.issue, config.budget, counter, overlay=config.overlay)
+            packed = pack(db, repo, config.issue, budget, counter, overlay=config.overlay)
+        first = [{"role": "system", "content": instructions}, {"role": "user", "content": packed.prompt}]
+        check_first(first, context, max_tokens, counter)  # before the baseline: minutes on a real repository
         (run_dir / "prompt.txt").write_text(packed.prompt)
         (run_dir / "manifest.json").write_text(json.dumps(packed.manifest(), indent=2))
         if packed.secrets:
@@ -120,7 +128,7 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
             tree = _worktree(repo, run_dir / f"sample-{sample}", user_changes, worktrees, config.overlay)
             candidates.append(
                 _attempt(
-                    config, backend, packed.prompt, tree, command, sandbox, baseline, sample, run_dir, event
+                    config, backend, first, counter, tree, command, sandbox, baseline, sample, run_dir, event
                 )
             )
         best = select(candidates, baseline)
@@ -200,7 +208,8 @@ def _commit_all(tree: Path, message: str) -> None:
 def _attempt(
     config: FixConfig,
     backend: Backend,
-    prompt: str,
+    first: list[dict],
+    counter: TokenCounter,
     tree: Path,
     command: str,
     sandbox: Sandbox,
@@ -210,8 +219,7 @@ def _attempt(
     event,
 ) -> Candidate:
     candidate = Candidate(sample)
-    instructions = (PROMPTS / "fix.md").read_text()
-    messages = [{"role": "system", "content": instructions}, {"role": "user", "content": prompt}]
+    messages = list(first)
     params = (
         config.generation
         if sample == 1
@@ -224,9 +232,12 @@ def _attempt(
     for round_ in range(1, config.rounds + 1):
         candidate.rounds = round_
         tag = f"sample-{sample}-round-{round_}"
+        sent = _fitted(messages, backend.max_model_len, params.max_tokens, counter)
+        if sent != messages:
+            event(Kind.TRIMMED, sample=sample, round=round_, tokens=message_tokens(sent, counter))
         event(Kind.ASK, sample=sample, round=round_)
         try:
-            completion = backend.complete(messages, params)
+            completion = backend.complete(sent, params)
         except BackendError as e:
             if round_ == 1 and sample == 1:
                 raise  # the model cannot be used at all
@@ -276,6 +287,11 @@ def _attempt(
             break
         messages.append({"role": "user", "content": _feedback("tests", tests.feedback())})
     return candidate
+
+
+def _fitted(messages: list[dict], context: int | None, max_tokens: int, counter: TokenCounter) -> list[dict]:
+    """The messages as sent: fitted to the context beside the answer when the backend says its context."""
+    return messages if context is None else fit(messages, context - max_tokens, counter)
 
 
 def _feedback(kind: str, detail: str) -> str:

@@ -71,7 +71,11 @@ RIGHT_AFTER_WRONG = edit("    return a - b + 0", "    return a + b")  # round 2 
 def fix_config(repo: Path, **kw) -> FixConfig:
     """The fix of ISSUE in `repo` with pytest and a small budget; `kw` overrides."""
     return FixConfig(
-        repo=repo, issue=ISSUE, test_cmd=kw.pop("test_cmd", "python -m pytest -q -rf"), budget=4000, **kw
+        repo=repo,
+        issue=ISSUE,
+        test_cmd=kw.pop("test_cmd", "python -m pytest -q -rf"),
+        budget=kw.pop("budget", 4000),
+        **kw,
     )
 
 
@@ -81,8 +85,8 @@ class ScriptedBackend:
     name = "scripted"
     tokenizer_file = None
 
-    def __init__(self, answers: list[str]):
-        self.answers, self.asked = list(answers), []
+    def __init__(self, answers: list[str], max_model_len: int | None = None):
+        self.answers, self.asked, self.max_model_len = list(answers), [], max_model_len
 
     def complete(self, messages, params, on_text=None) -> Completion:
         self.asked.append([dict(m) for m in messages])

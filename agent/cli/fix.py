@@ -8,12 +8,13 @@ import sys
 import time
 
 from ds4.agent.backends import GenerationParams
-from ds4.agent.cli import DONE, NOT_RESOLVED
+from ds4.agent.cli import DONE, NOT_RESOLVED, USAGE
 from ds4.agent.cli.flags import add_backend_flags, add_sandbox_flag, backend, sandbox
 from ds4.agent.cli.inputs import read_issue, require_dir
 from ds4.agent.config import DEFAULTS, FixConfig, merge_args
 from ds4.agent.errors import InputError
 from ds4.agent.events import describe
+from ds4.agent.fit import DEFAULT_BUDGET
 
 SETTINGS_HELP = (
     "Unset flags come from REPO/.ds4.toml, then ~/.config/ds4/config.toml (same names, e.g. rounds); "
@@ -72,7 +73,8 @@ def _add_fix_knobs(parser) -> None:
         "--budget",
         type=int,
         default=None,
-        help=f"prompt tokens for the repository and issue (default {DEFAULTS['budget']})",
+        help="prompt tokens for the repository and issue (default: what the model's context leaves beside "
+        f"the answer and later rounds' feedback; {DEFAULT_BUDGET} where the context is not known)",
     )
     parser.add_argument(
         "--max-tokens", type=int, default=None, help=f"tokens per answer (default {DEFAULTS['max_tokens']})"
@@ -106,17 +108,18 @@ def _fix(args) -> int:
     result = fix(config, model, progress)
     if args.json:
         print(json.dumps(result.as_json(), indent=2))
+    elif result.status == "error":  # the loop could not run: one line, as every error that stops a command
+        print(f"ds4-agent: error: {result.message} (run folder {result.run_dir})", file=sys.stderr)
     else:
         if result.diff:
             print(result.diff)
         verdict = {
             "resolved": "resolved: the tests pass",
             "unresolved": "unresolved: no candidate passed the tests",
-            "error": f"error: {result.message}",
         }[result.status]
         applied = f"; {result.message}" if result.status == "resolved" and result.message else ""
         print(f"{verdict} ({result.rounds} round(s); run folder {result.run_dir}){applied}")
-    return DONE if result.status == "resolved" else NOT_RESOLVED
+    return {"resolved": DONE, "unresolved": NOT_RESOLVED, "error": USAGE}[result.status]
 
 
 def _fix_config(args, repo, issue: str, **more) -> FixConfig:

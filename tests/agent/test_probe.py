@@ -39,6 +39,7 @@ class RefusingKey(BaseHTTPRequestHandler):
 @pytest.fixture()
 def chat():
     ScriptedChatServer.answers, ScriptedChatServer.bodies = [RIGHT], []
+    listed = ScriptedChatServer.models
     ScriptedChatServer.models = [
         {"id": "deepseek-v4", "object": "model", "max_model_len": 16384},
         {"id": "deepseek-v4-flash", "object": "model"},
@@ -47,6 +48,7 @@ def chat():
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
     server.server_close()
+    ScriptedChatServer.models = listed
 
 
 @pytest.fixture()
@@ -129,3 +131,13 @@ def test_fix_without_a_model_name_asks_for_the_first_listed(repo, env, chat):
     assert tests_ran, done.stderr
     assert [body["model"] for body in ScriptedChatServer.bodies] == ["deepseek-v4"]
     assert json.loads(done.stdout)["status"] == "resolved"
+
+
+def test_fix_with_a_prompt_over_the_listed_context_ends_before_the_tests(repo, env, chat):
+    ScriptedChatServer.models = [{"id": "small", "object": "model", "max_model_len": 1000}]
+    done, tests_ran = _fix(repo, chat, env, "--budget", "4000")
+    assert (done.returncode, tests_ran) == (2, False), done.stderr
+    line = done.stderr.strip().splitlines()[-1]  # after the progress lines
+    assert line.startswith("ds4-agent: error: the prompt has ") and "tests-ran" not in done.stderr
+    assert "more than the model's context of 1,000; lower --max-tokens, or leave --budget unset" in line
+    assert ScriptedChatServer.bodies == []

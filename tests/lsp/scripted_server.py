@@ -17,6 +17,7 @@ from ds4.lsp.server import create_server
 class ScriptedBackend:
     name = "scripted"
     tokenizer_file = None
+    max_model_len = None
 
     def __init__(self, script: Path):
         data = json.loads(script.read_text())
