@@ -42,6 +42,7 @@ class Backend(Protocol):
     name: str
     tokenizer_file: Path | None  # for exact token budgets; None: estimate
     max_model_len: int | None  # the context, prompt and answer together; None: not known
+    can_run_concurrently: bool  # the fix loop may ask for several samples at once, from threads
 
     def complete(
         self, messages: list[dict], params: GenerationParams, on_text: Callable[[str], None] | None = None
@@ -54,6 +55,8 @@ class Backend(Protocol):
 
 class LocalBackend:
     """The engine in this process (torch is imported here, not before)."""
+
+    can_run_concurrently = False  # one generation at a time: the samples take turns
 
     def __init__(self, model_dir: str | Path, **engine_kwargs):
         from ds4.engine import LLM
@@ -105,6 +108,11 @@ def engine_sampling(params: GenerationParams, prompt_len: int, max_model_len: in
 
 
 class OpenAIBackend:
+    """An OpenAI-compatible /v1/chat/completions; a server batches concurrent requests, so samples run at
+    once (each request opens its own connection)."""
+
+    can_run_concurrently = True
+
     def __init__(
         self,
         endpoint: str,

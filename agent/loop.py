@@ -19,6 +19,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -123,14 +124,21 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
         (run_dir / "baseline-tests.log").write_text(baseline.output)
         event(Kind.BASELINE_DONE, exit_code=baseline.exit_code, failed=baseline.failed)
 
-        candidates = []
-        for sample in range(1, config.samples + 1):
-            tree = _worktree(repo, run_dir / f"sample-{sample}", user_changes, worktrees, config.overlay)
-            candidates.append(
-                _attempt(
-                    config, backend, first, counter, tree, command, sandbox, baseline, sample, run_dir, event
-                )
+        samples = range(1, config.samples + 1)
+        trees = [
+            _worktree(repo, run_dir / f"sample-{s}", user_changes, worktrees, config.overlay) for s in samples
+        ]
+
+        def attempt(sample: int, tree: Path) -> Candidate:
+            return _attempt(
+                config, backend, first, counter, tree, command, sandbox, baseline, sample, run_dir, event
             )
+
+        if backend.can_run_concurrently and config.samples > 1:  # each sample in its own thread and worktree
+            with ThreadPoolExecutor(config.samples) as pool:
+                candidates = list(pool.map(attempt, samples, trees))
+        else:
+            candidates = [attempt(sample, tree) for sample, tree in zip(samples, trees, strict=True)]
         best = select(candidates, baseline)
         result = FixResult(
             "resolved" if best and best.passed else "unresolved",

@@ -84,6 +84,7 @@ class ScriptedBackend:
 
     name = "scripted"
     tokenizer_file = None
+    can_run_concurrently = False  # it plays its answers back in order
 
     def __init__(self, answers: list[str], max_model_len: int | None = None):
         self.answers, self.asked, self.max_model_len = list(answers), [], max_model_len
@@ -110,10 +111,13 @@ class ScriptedChatServer(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(json.dumps({"object": "list", "data": type(self).models}).encode())
 
+    def answer_for(self, body: dict) -> str:
+        return type(self).answers.pop(0)
+
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).bodies.append(body)
-        answer = type(self).answers.pop(0)
+        answer = self.answer_for(body)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()

@@ -67,7 +67,10 @@ def _add_fix_knobs(parser) -> None:
         "--rounds", type=int, default=None, help=f"feedback rounds (default {DEFAULTS['rounds']})"
     )
     parser.add_argument(
-        "--samples", type=int, default=None, help=f"candidates (default {DEFAULTS['samples']})"
+        "--samples",
+        type=int,
+        default=None,
+        help=f"candidates (default {DEFAULTS['samples']}; against an endpoint they run at once)",
     )
     parser.add_argument(
         "--budget",

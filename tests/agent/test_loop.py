@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -273,3 +274,46 @@ def test_the_tiny_model_gets_prompts_that_fit_its_context_every_round(repo, tiny
     assert result.status == "unresolved" and len(answers) == 2, trajectory["events"]
     assert all(a["prompt_tokens"] + 32 <= backend.max_model_len for a in answers)
     assert not [e for e in trajectory["events"] if e["event"] == "backend_error"]
+
+
+class SeededChatServer(ScriptedChatServer):
+    """Test double: answers by the request's seed (sample 1 asks without one), slowly, and records the
+    most requests it held at once."""
+
+    by_seed = {None: WRONG, 2: RIGHT, 3: RIGHT}
+    num_in_flight = max_in_flight = 0
+    lock = threading.Lock()
+
+    def answer_for(self, body: dict) -> str:
+        cls = type(self)
+        with cls.lock:
+            cls.num_in_flight += 1
+            cls.max_in_flight = max(cls.max_in_flight, cls.num_in_flight)
+        time.sleep(0.5)  # long enough for the other samples' requests to arrive
+        with cls.lock:
+            cls.num_in_flight -= 1
+        return cls.by_seed[body.get("seed")]
+
+
+def test_samples_against_an_endpoint_run_at_once_with_the_same_results(repo):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SeededChatServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    results, max_in_flight = [], []
+    try:
+        for concurrent in (True, False):
+            SeededChatServer.max_in_flight = 0
+            backend = OpenAIBackend(f"http://127.0.0.1:{server.server_port}", "deepseek", retries=0)
+            backend.can_run_concurrently = concurrent
+            results.append(fix(fix_config(repo, rounds=1, samples=3), backend))
+            max_in_flight.append(SeededChatServer.max_in_flight)
+    finally:
+        server.shutdown()
+    assert max_in_flight == [3, 1]
+    concurrent, sequential = results
+    assert concurrent.status == "resolved" and "return a + b" in concurrent.diff
+
+    def content(result):
+        return result.status, result.diff, [(c.sample, c.diff, c.passed, c.failed) for c in result.candidates]
+
+    assert content(concurrent) == content(sequential)
+    assert [c.passed for c in concurrent.candidates] == [False, True, True]
