@@ -1,4 +1,4 @@
-"""ds4's inference engine: DeepSeek V3 / V3.2 checkpoints in torch, behind the `LLM` facade."""
+"""ds4's inference engine: DeepSeek V3, V3.2 and V4 checkpoints in torch, behind the `LLM` facade."""
 
 from ds4.engine.config import EngineConfig, ModelConfig
 from ds4.engine.engine import LLMEngine, RequestOutput

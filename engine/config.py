@@ -144,14 +144,9 @@ class ModelConfig:
             )
         if model_type == "deepseek_v4":
             return _v4_from_hf(cls, cfg, source)
-
-        def need(key):
-            if cfg.get(key) is None:
-                raise ConfigError(f"{source}: {model_type} needs {key!r}, which is missing")
-            return cfg[key]
-
-        num_layers = int(need("num_hidden_layers"))
-        heads = int(need("num_attention_heads"))
+        need = _needer(cfg, source, model_type)
+        common = _common_fields(cfg, source, need)
+        num_layers, heads = common["num_hidden_layers"], common["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or heads
         if kv_heads != heads:
             raise ConfigError(
@@ -175,17 +170,6 @@ class ModelConfig:
                 f"{source}: deepseek_v32's indexer reads the query latent; q_lora_rank is needed"
             )
 
-        eos = cfg.get("eos_token_id", 1)
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        quant = cfg.get("quantization_config") or {}
-        fp8_block = None
-        if quant:
-            if quant.get("quant_method") != "fp8":
-                raise ConfigError(
-                    f"{source}: quantization {quant.get('quant_method')!r} is not supported (fp8)"
-                )
-            fp8_block = tuple(quant.get("weight_block_size") or (128, 128))
-
         indexer = {}
         if model_type == "deepseek_v32":
             indexer = dict(
@@ -199,10 +183,7 @@ class ModelConfig:
         max_pos = int(cfg.get("max_position_embeddings", 4096))
         return cls(
             model_type=model_type,
-            vocab_size=int(need("vocab_size")),
-            hidden_size=int(need("hidden_size")),
-            num_hidden_layers=num_layers,
-            num_attention_heads=heads,
+            **common,
             q_lora_rank=None if q_lora_rank is None else int(q_lora_rank),
             kv_lora_rank=int(need("kv_lora_rank")),
             qk_nope_head_dim=int(need("qk_nope_head_dim")),
@@ -222,18 +203,43 @@ class ModelConfig:
             mlp_layer_types=_mlp_layer_types(cfg, num_layers, n_routed, source),
             rope=_rope_config(cfg, max_pos),
             rope_interleave=bool(cfg.get("rope_interleave", True)) or model_type == "deepseek_v32",
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=max_pos,
             attention_bias=bool(cfg.get("attention_bias", False)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=cfg.get("bos_token_id", 0),
-            eos_token_ids=eos_ids,
-            fp8_block_size=fp8_block,
-            int4_experts=(cfg.get("ds4_quantization") or {}).get("experts") == "int4",
-            torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
             extra={k: v for k, v in cfg.items() if k.startswith("ds4_")},
             **indexer,
         )
+
+
+def _needer(cfg: dict, source: str, model_type: str):
+    """need(key): the config's value, or a ConfigError naming the missing key."""
+
+    def need(key):
+        if cfg.get(key) is None:
+            raise ConfigError(f"{source}: {model_type} needs {key!r}, which is missing")
+        return cfg[key]
+
+    return need
+
+
+def _common_fields(cfg: dict, source: str, need) -> dict:
+    """The fields every family reads the same way: sizes, norms, special tokens, storage."""
+    quant = cfg.get("quantization_config") or {}
+    if quant and quant.get("quant_method") != "fp8":
+        raise ConfigError(f"{source}: quantization {quant.get('quant_method')!r} is not supported (fp8)")
+    eos = cfg.get("eos_token_id", 1)
+    return dict(
+        vocab_size=int(need("vocab_size")),
+        hidden_size=int(need("hidden_size")),
+        num_hidden_layers=int(need("num_hidden_layers")),
+        num_attention_heads=int(need("num_attention_heads")),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        bos_token_id=cfg.get("bos_token_id", 0),
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
+        fp8_block_size=tuple(quant.get("weight_block_size") or (128, 128)) if quant else None,
+        int4_experts=(cfg.get("ds4_quantization") or {}).get("experts") == "int4",
+        torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+    )
 
 
 def _mlp_layer_types(cfg: dict, num_layers: int, n_routed: int, source: str) -> tuple[str, ...]:
@@ -295,12 +301,9 @@ def _v4_from_hf(cls, cfg: dict, source: str) -> ModelConfig:
         if key in cfg and unsupported(cfg[key]):
             raise ConfigError(f"{source}: deepseek_v4 with {key}={cfg[key]!r} is not supported by ds4 yet")
 
-    def need(key):
-        if cfg.get(key) is None:
-            raise ConfigError(f"{source}: deepseek_v4 needs {key!r}, which is missing")
-        return cfg[key]
-
-    num_layers = int(need("num_hidden_layers"))
+    need = _needer(cfg, source, "deepseek_v4")
+    common = _common_fields(cfg, source, need)
+    num_layers = common["num_hidden_layers"]
     head_dim = int(need("head_dim"))
     factor = cfg.get("partial_rotary_factor")
     rope_dim = (
@@ -333,16 +336,9 @@ def _v4_from_hf(cls, cfg: dict, source: str) -> ModelConfig:
             f"{source}: scoring_func {scoring!r} is not supported (sqrtsoftplus, sigmoid, softmax)"
         )
     main_rope, compress_rope = _v4_ropes(cfg)
-    eos = cfg.get("eos_token_id", 1)
-    quant = cfg.get("quantization_config") or {}
-    if quant and quant.get("quant_method") != "fp8":
-        raise ConfigError(f"{source}: quantization {quant.get('quant_method')!r} is not supported (fp8)")
     return cls(
         model_type="deepseek_v4",
-        vocab_size=int(need("vocab_size")),
-        hidden_size=int(need("hidden_size")),
-        num_hidden_layers=num_layers,
-        num_attention_heads=int(need("num_attention_heads")),
+        **common,
         q_lora_rank=int(need("q_lora_rank")),
         kv_lora_rank=0,
         qk_nope_head_dim=head_dim - rope_dim,
@@ -362,17 +358,10 @@ def _v4_from_hf(cls, cfg: dict, source: str) -> ModelConfig:
         mlp_layer_types=mlp_types,
         rope=main_rope,
         rope_interleave=True,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 1 << 20)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        bos_token_id=cfg.get("bos_token_id", 0),
-        eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
         index_n_heads=int(need("index_n_heads")),
         index_head_dim=int(need("index_head_dim")),
         index_topk=int(need("index_topk")),
-        fp8_block_size=tuple(quant.get("weight_block_size") or (128, 128)) if quant else None,
-        int4_experts=(cfg.get("ds4_quantization") or {}).get("experts") == "int4",
-        torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
         head_dim=head_dim,
         sliding_window=int(need("sliding_window")),
         layer_types=layer_types,

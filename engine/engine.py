@@ -1,8 +1,9 @@
-"""The engine loop: requests in, one scheduled step at a time through the model, tokens out.
+"""The request engine: requests in, one scheduled step at a time through the model, tokens out.
 
 Owns the block manager, the scheduler, the paged cache and each request's sampling state. `step()` runs
 one batch (chunked prefills and decodes together) and reports the tokens it produced; the LLM facade and
-servers drive it. Single-threaded by design: one engine per process, callers submit between steps.
+servers drive it. Single-threaded by design: one engine per process, callers submit between steps (the
+engine thread that servers share, EngineLoop, is in engine_loop.py).
 """
 
 from __future__ import annotations

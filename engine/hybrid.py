@@ -9,16 +9,24 @@ evicted, during generation. A step computes each expert where its weights are (t
 not the weights), except in long prefills (`stream_tokens` tokens or more in one pass), where the
 cold experts a pass uses are copied to the compute device once for that pass.
 
-Results do not depend on placement: every expert computes the same operations on the same values,
-summed in the same order. On a CPU-only machine every tier is the CPU, so the logic is tested
-everywhere; on a GPU it moves real bytes."""
+Quantized experts in host RAM run in ds4's CPU kernel (ds4.kernels.cpu_moe): every cold (token, expert)
+pair of a decode-shaped pass in one call, straight from the stored codes; hot pairs run on the compute
+device and are added. Float experts, prefills with many rows per expert, and every expert where the
+kernel does not apply, run one call per expert.
+
+Float results do not depend on placement: every expert computes the same operations on the same values,
+summed in the same order (the kernel's sums differ from torch's by rounding only). On a CPU-only machine
+every tier is the CPU, so the logic is tested everywhere; on a GPU it moves real bytes."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 from torch import nn
 
 from ds4.engine.layers.moe import Experts, expert_forward
+from ds4.kernels import triton_enabled
 
 
 class TieredExperts(Experts):
@@ -38,9 +46,14 @@ class TieredExperts(Experts):
         self.capacity, self.period, self.stream_tokens = hot, period, stream_tokens
         self.compute_device, self.expert_device = torch.device(compute_device), torch.device(expert_device)
         self.counts = torch.zeros(self.w13.shape[0], dtype=torch.float64)
+        self._routed: list[int] = []  # expert ids routed since the last rebalance, counted then
         self.hot: dict[int, tuple] = {}  # expert -> (w13, w13 scale, w2, w2 scale) on the compute device
         self.calls = 0
+        self.use_cpu_kernel = self.expert_device.type == "cpu" and self.cpu_kernel()
         self.stats = {"promoted": 0, "evicted": 0, "hot_rows": 0, "cold_rows": 0, "streamed": 0}
+        # single-token passes: bytes of the cold experts they read, and their time (`bench hybrid`'s GB/s)
+        self.stats |= {"decode_expert_bytes": 0, "decode_expert_s": 0.0}
+        self.expert_bytes = sum(t.numel() * t.element_size() for t in self._weights(0) if t is not None)
         self._streamed: dict[int, tuple] = {}
 
     def _weights(self, e: int, device=None) -> tuple:
@@ -62,7 +75,25 @@ class TieredExperts(Experts):
         return expert_forward(x.to(device), w13, w2, self.limit, self.quant, s13, s2).to(x.device)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        self.counts += torch.bincount(expert_ids.flatten().cpu(), minlength=self.counts.numel()).double()
+        start = time.perf_counter()
+        ids = expert_ids.cpu()
+        id_list = ids.flatten().tolist()
+        self._routed += id_list
+        try:
+            return self._forward(x, weights, ids, id_list)
+        finally:
+            if x.shape[0] == 1:
+                cold = set(id_list) - self.hot.keys()
+                self.stats["decode_expert_bytes"] += len(cold) * self.expert_bytes
+                self.stats["decode_expert_s"] += time.perf_counter() - start
+            self.calls += 1
+            if self.calls % self.period == 0:
+                self.rebalance()
+
+    def _forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, id_list: list[int]):
+        if self.use_cpu_kernel and self.kernel_rows(ids) and x.shape[0] < self.stream_tokens:
+            return self._kernel_forward(x, weights, ids, id_list)
+        expert_ids = ids.to(x.device)
         if x.shape[0] >= self.stream_tokens:  # a long prefill: the cold experts it uses come over once
             used = [int(e) for e in expert_ids.flatten().unique().tolist() if int(e) not in self.hot]
             device = self.compute_device
@@ -72,12 +103,36 @@ class TieredExperts(Experts):
             return super().forward(x, weights, expert_ids)
         finally:
             self._streamed = {}
-            self.calls += 1
-            if self.calls % self.period == 0:
-                self.rebalance()
+
+    def _kernel_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, id_list: list[int]):
+        """Cold pairs in one CPU kernel call; hot ones where their weights are, on the compute device. On a
+        CPU-only machine that is the same memory, so every pair goes to the kernel, unless the Triton path
+        is forced (tests run hot experts through it)."""
+        hot_pairs = sum(1 for e in id_list if e in self.hot)
+        self.stats["hot_rows"] += hot_pairs
+        self.stats["cold_rows"] += len(id_list) - hot_pairs
+        device_path = self.compute_device != self.expert_device or triton_enabled(self.compute_device)
+        if not (device_path and hot_pairs):  # decode on a CPU-only machine: one call, nothing else
+            return self.cpu_forward(x, weights, ids)
+        is_hot = torch.isin(ids, torch.tensor(sorted(self.hot), dtype=ids.dtype))
+        y = self.cpu_forward(x, weights, ids.masked_fill(is_hot, -1)).to(x.device)
+        return y + self._hot_forward(x, weights, ids, is_hot)
+
+    def _hot_forward(self, x, weights, ids, is_hot) -> torch.Tensor:
+        """The hot pairs' weighted sum on the compute device, expert by expert in ascending id."""
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in sorted({int(e) for e in ids[is_hot].tolist()}):
+            tokens, ks = (ids == e).nonzero(as_tuple=True)
+            tokens, ks = tokens.to(x.device), ks.to(x.device)
+            w13, s13, w2, s2 = self.hot[e]
+            y = expert_forward(x[tokens], w13, w2, self.limit, self.quant, s13, s2)
+            out.index_add_(0, tokens, y.float() * weights[tokens, ks, None].float())
+        return out.to(x.dtype)
 
     def rebalance(self) -> None:
         """The `capacity` most popular experts are the hot ones; counts decay so popularity can move."""
+        routed, self._routed = self._routed, []
+        self.counts += torch.bincount(torch.tensor(routed, dtype=torch.long), minlength=self.counts.numel())
         if self.capacity <= 0:
             return
         ranked = torch.sort(self.counts, descending=True, stable=True).indices[: self.capacity].tolist()

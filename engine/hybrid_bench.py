@@ -1,10 +1,14 @@
 """`ds4-agent bench hybrid`: decode tokens/s of a checkpoint under several expert placements (single
-device; all, half or none of each layer's experts hot), then with its routed experts quantized to 4 bits
-(kept as stored and dequantized in each matmul, or dequantized at load), next to what the planner
-predicts for this machine from its measured read bandwidth and matmul rate."""
+device; all, half or none of each layer's experts hot), then with its routed experts quantized (kept as
+stored, computed by the CPU kernel from their codes; and for the first format dequantized at load). Rows
+with every expert in host RAM also give the GB/s of expert bytes their decode steps read, against this
+machine's measured read bandwidth. Next to them, what the planner predicts for this machine: its read
+bandwidth and matmul rate, plus the per-layer dispatch overhead of a decode step measured on a tiny twin
+of the model (same family, layers, routing and expert format; tiny widths, so its step is all overhead)."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -15,14 +19,33 @@ from ds4.engine import LLM, SamplingParams
 from ds4.engine.bench import _median_time, read_bandwidth
 from ds4.engine.planner import Hardware, plan
 from ds4.engine.quantize import quantize_checkpoint
+from ds4.engine.random_checkpoint import init_checkpoint
+
+# what a tiny twin copies from the model: the shape of a decode step (layers, routing), not its widths
+TWIN_KEYS = (
+    "num_hidden_layers",
+    "first_k_dense_replace",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "n_group",
+    "topk_group",
+    "layer_types",
+    "compress_ratios",
+)
 
 
 def measure_machine() -> dict:
-    """This CPU's streaming-read bandwidth (the engine bench's measure: decode reads weights) and its
-    fp32 matmul rate."""
+    """This CPU's streaming-read bandwidth (the best a weight read can do), the bandwidth a decode step's
+    matrix-vector products reach (what the planner predicts with), and its fp32 matmul rate."""
     a = torch.randn(1024, 1024)
     best_mm = min(_median_time(lambda: a @ a, 1) for _ in range(5))
-    return {"read_gb_per_s": read_bandwidth() / 1e9, "matmul_tflop_per_s": 2 * 1024**3 / best_mm / 1e12}
+    w, x = torch.randn(8192, 8192), torch.randn(1, 8192)  # 256 MB, far past the caches
+    gemv = _median_time(lambda: torch.nn.functional.linear(x, w), 5)
+    return {
+        "read_gb_per_s": read_bandwidth() / 1e9,
+        "gemv_gb_per_s": w.numel() * 4 / gemv / 1e9,
+        "matmul_tflop_per_s": 2 * 1024**3 / best_mm / 1e12,
+    }
 
 
 def _timed(fn) -> float:
@@ -45,19 +68,48 @@ def decode_rate(llm: LLM, prompt: list[int], tokens: int, runs: int) -> float:
     return sorted(rates)[len(rates) // 2]
 
 
+def _row(llm: LLM, label: str, prompt, tokens, runs, **fields) -> dict:
+    """A placement's decode rate; with its experts in host RAM, the GB/s their single-token passes read."""
+    row = {"placement": label, **fields}
+    before = [dict(t.stats) for t in llm.runner.tiered]
+    row["decode_tokens_per_s"] = decode_rate(llm, prompt, tokens, runs)
+    if llm.runner.tiered and fields.get("hot_experts") == 0:
+        pairs = list(zip([t.stats for t in llm.runner.tiered], before, strict=True))
+        nbytes = sum(a["decode_expert_bytes"] - b["decode_expert_bytes"] for a, b in pairs)
+        seconds = sum(a["decode_expert_s"] - b["decode_expert_s"] for a, b in pairs)
+        row["expert_gb_per_s"] = nbytes / max(seconds, 1e-12) / 1e9
+        row["expert_ms_per_token"] = 1e3 * seconds / max(1, (tokens - 1) * runs)
+    return row
+
+
+def twin_dispatch(model_dir: Path, fmt: str | None, tmp: Path, device: str, dtype: str, runs: int) -> float:
+    """Seconds per layer and decode step of the model's tiny twin with its experts in host RAM, stored in
+    `fmt` (None: float)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    overrides = {k: config[k] for k in TWIN_KEYS if k in config}
+    overrides["moe_intermediate_size"] = 128  # whole FP8 blocks once gate and up stack: kept as stored
+    path = init_checkpoint(config["model_type"], "tiny", tmp / f"twin-{fmt}-src", config_overrides=overrides)
+    if fmt is not None:
+        quantize_checkpoint(path, tmp / f"twin-{fmt}", experts=fmt, attn="bf16")
+        path = tmp / f"twin-{fmt}"
+    llm = LLM(path, device=device, dtype=dtype, hot_experts=0)
+    rate = decode_rate(llm, list(range(10, 74)), 32, runs)
+    return 1.0 / rate / config["num_hidden_layers"]
+
+
 def bench_hybrid(
     model_dir: str,
     tokens: int = 32,
     prompt_tokens: int = 64,
     runs: int = 3,
-    quantized: str | None = "int4",
+    formats: tuple[str, ...] = ("int4", "fp8"),
     devices: tuple[str, ...] = ("cpu",),
     dtype: str = "float32",
 ) -> dict:
     """`devices`: the compute device (the first; experts on the expert tier stay in host RAM) and the
-    stages of the pipelined row (two stages of the one device when only one is given). `quantized`:
-    also measure the checkpoint with its routed experts in this 4-bit format (None: don't). `dtype`:
-    the model's (what float weights are held and computed in)."""
+    stages of the pipelined row (two stages of the one device when only one is given). `formats`: also
+    measure the checkpoint with its routed experts in these formats (the first also dequantized at load).
+    `dtype`: the model's (what float weights are held and computed in)."""
     device = devices[0]
     stages = tuple(devices) if len(devices) > 1 else (device, device)
     float_format = "fp32" if dtype == "float32" else "bf16"  # the planner's name for its bytes
@@ -77,36 +129,56 @@ def bench_hybrid(
     for label, settings in rows:
         base = {"device": device, "dtype": dtype, "hot_period": 8}
         llm = probe if not settings else LLM(model_dir, **{**base, **settings})
-        results.append(
-            {
-                "placement": label,
-                "hot_experts": settings.get("hot_experts"),
-                "stages": len(settings.get("devices") or [device]),
-                "decode_tokens_per_s": decode_rate(llm, prompt, tokens, runs),
-            }
-        )
-    if quantized is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            quantized_dir = Path(tmp) / quantized
-            quantize_checkpoint(model_dir, quantized_dir, experts=quantized, attn="bf16")
-            for weights in ("stored", "dequantize"):
-                how = "stored 4-bit" if weights == "stored" else "dequantized at load"
+        stage_count = len(settings.get("devices") or [device])
+        fields = {"hot_experts": settings.get("hot_experts"), "stages": stage_count}
+        if settings.get("hot_experts") == 0:
+            fields["expert_format"] = float_format
+        results.append(_row(llm, label, prompt, tokens, runs, **fields))
+    dispatch = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        dispatch[float_format] = twin_dispatch(Path(model_dir), None, tmp, device, dtype, runs)
+        for i, fmt in enumerate(formats):
+            quantized_dir = tmp / fmt
+            quantize_checkpoint(model_dir, quantized_dir, experts=fmt, attn="bf16")
+            dispatch[fmt] = twin_dispatch(Path(model_dir), fmt, tmp, device, dtype, runs)
+            for weights in ("stored", "dequantize") if i == 0 else ("stored",):
+                how = "kept as stored" if weights == "stored" else "dequantized at load"
                 llm = LLM(quantized_dir, device=device, dtype=dtype, weights=weights, hot_experts=0)
-                results.append(
-                    {
-                        "placement": f"{quantized} experts {how}, none hot",
-                        "hot_experts": 0,
-                        "stages": 1,
-                        "weights": weights,
-                        "expert_bytes": sum(
-                            p.numel() * p.element_size()
-                            for n, p in llm.runner.model.named_parameters()
-                            if ".experts." in n
-                        ),
-                        "decode_tokens_per_s": decode_rate(llm, prompt, tokens, runs),
-                    }
+                fields = {"hot_experts": 0, "stages": 1, "weights": weights}
+                fields["expert_format"] = fmt if weights == "stored" else float_format
+                fields["expert_bytes"] = sum(
+                    p.numel() * p.element_size()
+                    for n, p in llm.runner.model.named_parameters()
+                    if ".experts." in n
                 )
-    bw, flops = machine["read_gb_per_s"] * 1e9, machine["matmul_tflop_per_s"] * 1e12
+                results.append(_row(llm, f"{fmt} experts {how}, none hot", prompt, tokens, runs, **fields))
+    bw = machine["read_gb_per_s"] * 1e9
+    for r in results:
+        if "expert_gb_per_s" in r:
+            r["expert_read_share"] = r["expert_gb_per_s"] * 1e9 / bw
+    context, name = prompt_tokens + tokens, model_dir
+    predicted = {f: _predict(config, name, machine, f, float_format, dispatch[f], context) for f in dispatch}
+    measured = {}
+    for r in results:  # the planned placement: every expert in host RAM, stored in the format
+        if r.get("hot_experts") == 0 and r.get("weights", "stored") == "stored":
+            measured.setdefault(r["expert_format"], r["decode_tokens_per_s"])
+    return {
+        "machine": machine,
+        "dtype": dtype,
+        "results": results,
+        "layer_dispatch_ms": {fmt: 1e3 * s for fmt, s in dispatch.items()},
+        "predicted_decode_tokens_per_s": predicted[float_format],
+        "predicted_by_expert_format": predicted,
+        "predicted_over_measured": {f: predicted[f] / measured[f] for f in predicted if f in measured},
+    }
+
+
+def _predict(config, model_dir, machine, fmt, float_format, dispatch, context) -> float:
+    """The planner's decode rate for this machine: the model on one 'GPU' that is this CPU, every routed
+    expert in host RAM (the placement measured), the measured matrix-vector bandwidth, matmul rate and
+    dispatch."""
+    bw, flops = machine["gemv_gb_per_s"] * 1e9, machine["matmul_tflop_per_s"] * 1e12
     hw = Hardware(
         gpu_bandwidth=bw,
         ram_bandwidth=bw,
@@ -115,38 +187,34 @@ def bench_hybrid(
         gpu_reserve=0,
         ram_reserve=0,
         layer_overhead=0,
+        layer_dispatch=dispatch,
     )
-    predicted = {
-        fmt: plan(
-            config,
-            model_dir,
-            [1e12],
-            1e12,
-            context=prompt_tokens + tokens,
-            batch=1,
-            expert_format=fmt,
-            attn_format=float_format,
-            hardware=hw,
-        ).decode_tokens_per_s
-        for fmt in [float_format] + ([quantized] if quantized else [])
-    }
-    return {
-        "machine": machine,
-        "dtype": dtype,
-        "results": results,
-        "predicted_decode_tokens_per_s": predicted[float_format],
-        "predicted_by_expert_format": predicted,
-    }
+    result = plan(
+        config, model_dir, [1e12], 1e12, context=context, batch=1, expert_format=fmt,
+        attn_format=float_format, hardware=hw, experts_in_ram=True,
+    )  # fmt: skip
+    return result.decode_tokens_per_s
 
 
 def format_report(report: dict) -> str:
     m = report["machine"]
     lines = [
-        f"this machine: read {m['read_gb_per_s']:.1f} GB/s, "
+        f"this machine: read {m['read_gb_per_s']:.1f} GB/s (matrix-vector {m['gemv_gb_per_s']:.1f}), "
         f"fp32 matmul {m['matmul_tflop_per_s']:.2f} TFLOP/s; model in {report['dtype']}"
     ]
     for r in report["results"]:
-        lines.append(f"  {r['placement']:<56} decode {r['decode_tokens_per_s']:8.1f} tok/s")
+        reads = ""
+        if "expert_gb_per_s" in r:
+            reads = (
+                f"  experts {r['expert_ms_per_token']:.2f} ms/token, {r['expert_gb_per_s']:.1f} GB/s "
+                f"({100 * r['expert_read_share']:.0f}% of read bandwidth)"
+            )
+        lines.append(f"  {r['placement']:<44} decode {r['decode_tokens_per_s']:7.1f} tok/s{reads}")
     for fmt, rate in report["predicted_by_expert_format"].items():
-        lines.append(f"  planner's prediction for this machine, {fmt} experts: {rate:.1f} tok/s")
+        ratio = report["predicted_over_measured"].get(fmt)
+        against = f" ({ratio:.2f}x the measured rate)" if ratio else ""
+        lines.append(
+            f"  planner's prediction, {fmt} experts in RAM: {rate:.1f} tok/s{against}; "
+            f"measured dispatch {report['layer_dispatch_ms'][fmt]:.3f} ms per layer and step"
+        )
     return "\n".join(lines)

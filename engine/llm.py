@@ -34,7 +34,9 @@ class LLM:
         self.runner = ModelRunner(model, self.engine_config)
         self.config = self.runner.config
         has_tokenizer = (Path(model) / "tokenizer.json").is_file()
-        self.tokenizer = Tokenizer(model, self.config.bos_token_id) if has_tokenizer else None
+        self.tokenizer = (
+            Tokenizer(model, self.config.bos_token_id, self.config.model_type) if has_tokenizer else None
+        )
         self.max_model_len = self.engine_config.max_model_len or self.config.max_position_embeddings
         self.engine = LLMEngine(self.runner, self.tokenizer, self.engine_config, self.max_model_len)
         self._scored = 0

@@ -1,7 +1,9 @@
 """`ds4-agent bench long`: one long prompt per length through the engine (chunked prefill, the prefix
 cache), next to transformers' one forward pass where it fits: prefill tokens/s, time to first token,
 decode tokens/s at that context, and peak memory (CUDA: the allocator's peak; CPU: the process's peak
-resident set growth). Transformers is reported as "out of memory" where its scores alone would not fit.
+resident set growth, and the activation workspace counted op by op on a second cold prompt, next to the
+one planned from the config). Transformers is reported as "out of memory" where its scores alone would
+not fit.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import resource
 
 import torch
 
+from ds4.engine.activations import ActivationPeak
 from ds4.engine.bench import greedy, timed
 from ds4.engine.llm import LLM
+from ds4.engine.workspace import prefill_workspace
 
 
 class _Peak:
@@ -41,13 +45,24 @@ def _ds4_row(llm: LLM, ids: list[int], decode_tokens: int) -> dict:
         first = timed(lambda: llm.generate([ids], greedy(1)), device)  # cold: the whole prompt
     cached = timed(lambda: llm.generate([ids], greedy(1)), device)  # the prefix from the cache
     decode = timed(lambda: llm.generate([ids], greedy(decode_tokens + 1)), device) - cached
-    return {
+    row = {
         "prefill_tokens_per_s": len(ids) / first,
         "ttft_s": first,
         "ttft_cached_s": cached,
         "decode_tokens_per_s": decode_tokens / decode,
         "peak_gb": peak.bytes / 1e9,
     }
+    if device.type == "cpu":  # the RSS moves with the allocator's arenas: count the activations too
+        other = [(t + 1) % llm.config.vocab_size or 2 for t in ids]  # a cold prompt of the same length
+        with ActivationPeak() as act:
+            llm.generate([other], greedy(1))
+        row["workspace_gb"] = act.workspace / 1e9
+        chunk, n = llm.engine_config.max_num_batched_tokens, len(ids)
+        planned = [
+            prefill_workspace(llm.config, min(chunk, n - a), min(n, a + chunk), 4) for a in range(0, n, chunk)
+        ]
+        row["planned_workspace_gb"] = max(planned) / 1e9  # the prompt's own chunks
+    return row
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -127,7 +142,7 @@ def format_long_report(r: dict) -> str:
         f"model {r['model']}  device {r['device']}  dtype {r['dtype']}  chunks of {r['chunk']}  "
         f"threads {r['threads']}",
         f"{'tokens':>9} {'engine':<13}{'prefill tok/s':>14}{'ttft s':>9}{'cached ttft s':>14}"
-        f"{'decode tok/s':>13}{'peak GB':>9}",
+        f"{'decode tok/s':>13}{'peak GB':>9}{'workspace GB':>14}{'planned GB':>12}",
     ]
     for n, row in r["lengths"].items():
         for name, m in row.items():
@@ -136,8 +151,11 @@ def format_long_report(r: dict) -> str:
                 continue
             cached = f"{m['ttft_cached_s']:.2f}" if "ttft_cached_s" in m else "-"
             decode = f"{m['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in m else "-"
+            counted = ""
+            if "workspace_gb" in m:
+                counted = f"{m['workspace_gb']:>14.3f}{m['planned_workspace_gb']:>12.3f}"
             lines.append(
                 f"{int(n):>9,} {name:<13}{m['prefill_tokens_per_s']:>14,.0f}{m['ttft_s']:>9.2f}"
-                f"{cached:>14}{decode:>13}{m['peak_gb']:>9.2f}"
+                f"{cached:>14}{decode:>13}{m['peak_gb']:>9.2f}{counted}"
             )
     return "\n".join(lines)

@@ -1,25 +1,27 @@
 """`ds4-agent plan`: where a model's bytes go on GPUs plus host RAM, and what speed that buys.
 
-Placement (KTransformers' recipe): embeddings, attention, norms, routers, shared experts, dense layers
-and the decode cache on the GPUs, layers split across the cards in order; every routed expert in host
-RAM, computed on the CPU in decode; the VRAM left over caches hot experts. Predictions come from
-bytes moved over bandwidths and FLOPs over compute rates (DESIGN.md's physics), with defaults for an
-RTX 4090, PCIe 4.0 x16 and dual-channel DDR5, each overridable.
+Placement: when the whole model fits the GPUs, every weight goes there, layers split across the cards in
+order by bytes. Otherwise KTransformers' recipe: embeddings, attention, norms, routers, shared experts,
+dense layers and the decode cache on the GPUs; every routed expert in host RAM, computed on the CPU in
+decode; the VRAM left over caches the same number of hot experts in every MoE layer. The plan names
+the `generate` flags that realise it. Predictions come from bytes moved over bandwidths and FLOPs over
+compute rates (DESIGN.md's physics), with defaults for an RTX 4090, PCIe 4.0 x16 and dual-channel
+DDR5, each overridable.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 
 from ds4.engine.config import ModelConfig
 from ds4.engine.sizing import (
-    _HIGH_PRECISION,
-    FP4_GROUP,
-    FP8_BLOCK,
-    _index_row_bytes,
-    _row_bytes,
+    index_row_bytes,
+    layer_cache_bytes,
     parameter_shapes,
+    row_bytes,
+    tensor_bytes,
 )
 
 GB = 1e9
@@ -33,9 +35,14 @@ class Hardware:
     pcie_bandwidth: float = 25e9  # PCIe 4.0 x16, achieved
     ram_bandwidth: float = 70e9  # dual-channel DDR5-5600, achieved (89.6 GB/s peak)
     cpu_flops: float = 1.5e12  # a 16-core desktop CPU, AVX-512 bf16/int8
-    gpu_reserve: float = 1.5e9  # per card: activations, workspaces, the CUDA context
+    gpu_reserve: float = 0.75e9  # per card: the CUDA context and the allocator's slack
+    engine_chunk: int = 2048  # tokens per engine step (max_num_batched_tokens): each card holds the
+    # activation workspace of a prefill chunk at the full context (ds4.engine.workspace); 0: none
     ram_reserve: float = 8e9  # the OS and the process
     layer_overhead: float = 20e-6  # per MoE layer and step: GPU -> CPU -> GPU hand-off
+    layer_dispatch: float = 0.0  # per layer and step: launching its operations (~0 with CUDA graphs);
+    # on a CPU, eager decode spends about as long dispatching small ops as reading weights: `bench
+    # hybrid` measures it on a tiny twin of the model
     prefill_chunk: int = 8192  # tokens per prefill chunk (routed experts stream to the GPU once per chunk)
 
 
@@ -55,32 +62,6 @@ class Device:
         return self.weights + self.cache + self.reserve + self.hot_expert_bytes
 
 
-def _tensor_bytes(name: str, shape: tuple[int, ...], attn_fmt: str, expert_fmt: str) -> float:
-    numel = math.prod(shape)
-    if ".ffn.experts." in name:
-        return _matrix_bytes(shape, expert_fmt)
-    if attn_fmt == "fp32":  # a float32 run (ds4 on a CPU): everything else at 4 bytes
-        return 4 * numel
-    if len(shape) < 2 or any(x in name for x in _HIGH_PRECISION):
-        return 2 * numel
-    return _matrix_bytes(shape, attn_fmt)
-
-
-def _matrix_bytes(shape: tuple[int, ...], fmt: str) -> float:
-    *stack, out_dim, in_dim = shape
-    n = math.prod(stack) if stack else 1
-    if fmt == "bf16":
-        return 2 * n * out_dim * in_dim
-    if fmt == "fp32":
-        return 4 * n * out_dim * in_dim
-    if fmt == "fp4":  # e2m1 pairs per byte, one e8m0 scale per 32 inputs
-        return n * (out_dim * in_dim / 2 + out_dim * math.ceil(in_dim / FP4_GROUP))
-    if fmt == "int4":  # two per byte, one bf16 scale per 32 inputs
-        return n * (out_dim * in_dim / 2 + 2 * out_dim * math.ceil(in_dim / FP4_GROUP))
-    blocks = math.ceil(out_dim / FP8_BLOCK) * math.ceil(in_dim / FP8_BLOCK)  # fp8, a float32 scale per block
-    return n * (out_dim * in_dim + 4 * blocks)
-
-
 def component_bytes(config: ModelConfig, attn_fmt: str = "fp8", expert_fmt: str = "fp8") -> dict:
     """Weight bytes by component: embed, head (with the final norm and mixers), and per layer
     attention (norms and mHC included), router, shared experts, dense MLP, routed experts."""
@@ -90,7 +71,7 @@ def component_bytes(config: ModelConfig, attn_fmt: str = "fp8", expert_fmt: str 
     ]
     out = {"embed": 0.0, "head": 0.0, "layers": layers}
     for name, shape in parameter_shapes(config).items():
-        nbytes = _tensor_bytes(name, shape, attn_fmt, expert_fmt)
+        nbytes = tensor_bytes(name, shape, attn_fmt, expert_fmt)
         if not name.startswith("layers."):
             out["embed" if name.startswith("embed.") else "head"] += nbytes
             continue
@@ -108,35 +89,16 @@ def component_bytes(config: ModelConfig, attn_fmt: str = "fp8", expert_fmt: str 
     return out
 
 
-def layer_cache_bytes(config: ModelConfig, context: int, fmt: str = "fp8") -> list[float]:
-    """Decode-cache bytes of one sequence at `context` tokens, per layer (sums to sizing.cache_bytes)."""
-    if not config.is_v4:
-        row = _row_bytes(config.kv_lora_rank + config.qk_rope_head_dim, config.qk_rope_head_dim, fmt)
-        index = _index_row_bytes(config.index_head_dim, fmt) if config.has_indexer else 0
-        return [context * (row + index)] * config.num_hidden_layers
-    row = _row_bytes(config.head_dim, config.qk_rope_head_dim, fmt)
-    index_row = _index_row_bytes(config.index_head_dim, fmt)
-    out = []
-    for kind, ratio in zip(config.layer_types, config.compress_ratios, strict=True):
-        total = min(context, config.sliding_window) * row
-        if ratio:
-            total += context // ratio * row
-            if kind == "compressed_sparse_attention":
-                total += context // ratio * index_row
-        out.append(total)
-    return out
-
-
 def _attention_read_bytes(config: ModelConfig, context: int) -> float:
     """Cache bytes one decode token reads over all layers (sparse layers read their chosen rows only)."""
     if not config.is_v4:
-        row = _row_bytes(config.kv_lora_rank + config.qk_rope_head_dim, config.qk_rope_head_dim, "fp8")
+        row = row_bytes(config.kv_lora_rank + config.qk_rope_head_dim, config.qk_rope_head_dim, "fp8")
         if not config.has_indexer:
             return config.num_hidden_layers * context * row
-        index = _index_row_bytes(config.index_head_dim, "fp8")
+        index = index_row_bytes(config.index_head_dim, "fp8")
         return config.num_hidden_layers * (context * index + min(context, config.index_topk) * row)
-    row = _row_bytes(config.head_dim, config.qk_rope_head_dim, "fp8")
-    index_row = _index_row_bytes(config.index_head_dim, "fp8")
+    row = row_bytes(config.head_dim, config.qk_rope_head_dim, "fp8")
+    index_row = index_row_bytes(config.index_head_dim, "fp8")
     total = 0.0
     for kind, ratio in zip(config.layer_types, config.compress_ratios, strict=True):
         total += min(context, config.sliding_window) * row
@@ -185,6 +147,9 @@ class Plan:
     expert_bytes: float  # one routed expert (w13 + w2)
     total_experts: int
     hot_experts: int
+    hot_experts_per_layer: int  # `--hot-experts N`; every expert in VRAM: None is passed, N = all
+    experts_in_ram: bool  # hybrid: routed experts in host RAM, computed on the CPU
+    ram_checked: bool  # False: no --ram given; the RAM row says what is needed
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
     shortfall: list[str]
@@ -194,6 +159,7 @@ class Plan:
     def as_json(self) -> dict:
         out = asdict(self)
         out["devices"] = [dict(asdict(d), used=d.used) for d in self.devices]
+        out["flags"] = engine_flags(self)
         return out
 
 
@@ -201,14 +167,17 @@ def plan(
     config: ModelConfig,
     name: str,
     gpus: list[float],
-    ram: float,
+    ram: float | None = None,
     context: int = 131072,
     batch: int = 1,
     expert_format: str | None = None,
     attn_format: str = "fp8",
     hardware: Hardware | None = None,
+    experts_in_ram: bool | None = None,
     _explore: bool = True,
 ) -> Plan:
+    """`ram`: host RAM in bytes, None when unknown (then what the plan needs is reported, not checked).
+    `experts_in_ram`: force the routed experts' placement (default: on the GPUs when everything fits)."""
     hw = hardware or Hardware()
     expert_format = expert_format or ("fp4" if config.is_v4 else "fp8")
     if expert_format not in EXPERT_FORMATS:
@@ -217,42 +186,38 @@ def plan(
         raise ValueError("give at least one GPU (--gpu 24GB)")
     comps = component_bytes(config, attn_format, expert_format)
     caches = [c * batch for c in layer_cache_bytes(config, context)]
-    fixed = [
-        lay["attention"] + lay["router"] + lay["shared"] + lay["dense"] + cache
-        for lay, cache in zip(comps["layers"], caches, strict=True)
-    ]
-    devices = [Device(f"gpu{i}", cap, reserve=hw.gpu_reserve) for i, cap in enumerate(gpus)]
-    devices[0].weights += comps["embed"]
-    devices[-1].weights += comps["head"]
-    stages = split_layers(fixed, comps["embed"], comps["head"], len(devices))
-    for device, layers in zip(devices, stages, strict=True):
-        for i in layers:
-            device.layers.append(i)
-            lay = comps["layers"][i]
-            device.weights += lay["attention"] + lay["router"] + lay["shared"] + lay["dense"]
-            device.cache += caches[i]
+    reserve = hw.gpu_reserve + _activations(config, context, attn_format, hw)
     moe_layers = [i for i, lay in enumerate(comps["layers"]) if lay["experts"]]
     routed = sum(lay["experts"] for lay in comps["layers"])
     total_experts = len(moe_layers) * config.n_routed_experts
     expert_bytes = routed / total_experts if total_experts else 0.0
-    ram_device = Device("ram", ram, weights=routed, reserve=hw.ram_reserve)
+    devices = None
+    if not experts_in_ram:  # everything on the GPUs, when it fits
+        devices = _place(comps, caches, gpus, reserve, with_experts=True)
+        if any(d.used > d.capacity for d in devices) and experts_in_ram is None:
+            devices = None
+    in_ram = devices is None and bool(routed)
+    if devices is None:
+        devices = _place(comps, caches, gpus, reserve, with_experts=False)
+    ram_device = Device("ram", ram if ram is not None else 0.0, reserve=hw.ram_reserve)
+    ram_device.weights = routed if in_ram else 0.0
+    if ram is None:
+        ram_device.capacity = ram_device.used
 
     shortfall = []
-    for d in devices:
+    for d in devices + [ram_device]:
         if d.used > d.capacity:
             short, need = (d.used - d.capacity) / GB, d.used / GB
-            shortfall.append(f"{d.name} is {short:.1f} GB short ({need:.1f} GB of {d.capacity / GB:.1f})")
-    if ram_device.used > ram:
-        short, need = (ram_device.used - ram) / GB, ram_device.used / GB
-        shortfall.append(f"host RAM is {short:.1f} GB short ({need:.1f} GB of {ram / GB:.1f})")
+            what = "host RAM" if d is ram_device else d.name
+            shortfall.append(f"{what} is {short:.1f} GB short ({need:.1f} GB of {d.capacity / GB:.1f})")
     fits = not shortfall
-    hot = 0
-    if fits and expert_bytes:
+    per_layer = config.n_routed_experts if not in_ram else 0
+    if fits and in_ram:
+        per_layer = _hot_per_layer(devices, comps, expert_bytes, config.n_routed_experts)
         for d in devices:
-            n = int((d.capacity - d.used) // expert_bytes)
-            n = min(n, total_experts - hot)
+            n = per_layer * sum(1 for i in d.layers if i in moe_layers)
             d.hot_experts, d.hot_expert_bytes = n, n * expert_bytes
-            hot += n
+    hot = per_layer * len(moe_layers)
     decode, prefill = _predict(
         config, comps, context, batch, hot, total_experts, expert_bytes, moe_layers, hw
     )
@@ -282,12 +247,68 @@ def plan(
         expert_bytes,
         total_experts,
         hot,
+        per_layer,
+        in_ram,
+        ram is not None,
         decode if fits else 0.0,
         prefill if fits else 0.0,
         shortfall,
         suggestions,
         hw,
     )
+
+
+def _activations(config: ModelConfig, context: int, attn_format: str, hw: Hardware) -> float:
+    """The workspace of one prefill chunk at the full context, as the engine checks it at start-up."""
+    from ds4.engine.workspace import prefill_workspace
+
+    if not hw.engine_chunk:
+        return 0.0
+    dtype_bytes = 4 if attn_format == "fp32" else 2  # activations run in bf16 unless the model is fp32
+    return float(prefill_workspace(config, min(hw.engine_chunk, context), context, dtype_bytes))
+
+
+def _place(comps: dict, caches: list[float], gpus: list[float], reserve: float, with_experts: bool):
+    """The GPUs with their layers (split in order by bytes, every card running at least one layer as the
+    engine's pipeline needs), weights and cache; the routed experts counted in when `with_experts`."""
+    keys = ("attention", "router", "shared", "dense") + (("experts",) if with_experts else ())
+    weights = [sum(lay[k] for k in keys) for lay in comps["layers"]]
+    fixed = [w + c for w, c in zip(weights, caches, strict=True)]
+    devices = [Device(f"gpu{i}", cap, reserve=reserve) for i, cap in enumerate(gpus)]
+    devices[0].weights += comps["embed"]
+    devices[-1].weights += comps["head"]
+    every = len(fixed) >= len(devices)
+    stages = split_layers(fixed, comps["embed"], comps["head"], len(devices), every)
+    for device, layers in zip(devices, stages, strict=True):
+        for i in layers:
+            device.layers.append(i)
+            device.weights += weights[i]
+            device.cache += caches[i]
+    return devices
+
+
+def _hot_per_layer(devices: list[Device], comps: dict, expert_bytes: float, experts: int) -> int:
+    """The hot experts every MoE layer can cache (the engine takes one `--hot-experts N` for all): the
+    most that the tightest card holds for each of its MoE layers."""
+    n = experts
+    for d in devices:
+        moe = sum(1 for i in d.layers if comps["layers"][i]["experts"])
+        if moe:
+            n = min(n, int(max(d.capacity - d.used, 0.0) // (moe * expert_bytes)))
+    return n
+
+
+def engine_flags(p: Plan) -> list[str]:
+    """The `ds4-agent generate` / `serve` flags that realise the plan: one --device per GPU in order, the
+    layers each runs, and the hot experts per layer when the routed experts live in host RAM."""
+    flags = []
+    for i in range(len(p.devices) - 1):  # the last device is host RAM
+        flags += ["--device", f"cuda:{i}"]
+    if len(p.devices) > 2:
+        flags += ["--layer-split", ",".join(str(len(d.layers)) for d in p.devices[:-1])]
+    if p.experts_in_ram:
+        flags += ["--hot-experts", str(p.hot_experts_per_layer)]
+    return flags
 
 
 def _predict(config, comps, context, batch, hot, total_experts, expert_bytes, moe_layers, hw):
@@ -308,7 +329,8 @@ def _predict(config, comps, context, batch, hot, total_experts, expert_bytes, mo
     cpu_flops = 2 * len(moe_layers) * batch * k * params_per_expert * (1 - hot_share)
     cpu_time = max(expert_read * (1 - hot_share) / hw.ram_bandwidth, cpu_flops / hw.cpu_flops)
     gpu_time = (gpu_weights + attention + expert_read * hot_share) / hw.gpu_bandwidth
-    step = gpu_time + cpu_time + len(moe_layers) * hw.layer_overhead
+    handoffs = len(moe_layers) if hot_share < 1 else 0  # GPU -> CPU -> GPU, per MoE layer with cold experts
+    step = gpu_time + cpu_time + handoffs * hw.layer_overhead + config.num_hidden_layers * hw.layer_dispatch
     decode = batch / step
     chunk = min(hw.prefill_chunk, context)
     active = _active_params(config)
@@ -376,13 +398,34 @@ def _suggest(config, name, gpus, ram, context, batch, expert_format, attn_format
     return out
 
 
+_UNITS = {"": GB, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+_UNITS |= {f"{k}I": 1024.0 ** (i + 1) for i, k in enumerate("KMGT")}  # KiB, MiB, GiB, TiB
+
+
 def parse_size(text: str) -> float:
-    """'24GB', '512GB', '1.5TB', '24' (GB) -> bytes."""
-    t = text.strip().upper().removesuffix("B")
-    scale = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-    if t and t[-1] in scale:
-        return float(t[:-1]) * scale[t[-1]]
-    return float(t) * GB
+    """'24GB', '24GiB', '512GB', '1.5TB', '24' (GB) -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?)?B?\s*", text.upper())
+    if not match:
+        raise ValueError(f"{text!r} is not a size: write e.g. 24GB, 24GiB or 1.5TB")
+    return float(match[1]) * _UNITS[match[2] or ""]
+
+
+_GPU = r"(?:(\d+)\s*X\s*)?([0-9.]+\s*(?:[KMGT]I?)?B?)(?:\s*X\s*(\d+))?"  # [N x] SIZE [x N]
+
+
+def parse_gpus(items: list[str]) -> list[float]:
+    """GPU memories from `--gpu` words: sizes, each optionally repeated by a count ('80GB x4', '80GBx4',
+    '4x80GB', '24GiB 24GiB') -> bytes per card."""
+    text = " ".join(items).strip().upper()
+    if not re.fullmatch(rf"{_GPU}(\s+{_GPU})*", text):
+        raise ValueError(f"{text!r} is not a list of GPU memories: write e.g. 24GB, 24GiB or 80GB x4")
+    gpus: list[float] = []
+    for before, size, after in re.findall(_GPU, text):
+        count = int(before or after or 1)
+        if count < 1:
+            raise ValueError(f"{text!r}: a GPU count must be at least 1")
+        gpus += [parse_size(size)] * count
+    return gpus
 
 
 def parse_tokens(text: str) -> int:
@@ -407,16 +450,23 @@ def format_plan(p: Plan) -> str:
     for d in p.devices:
         layers = f" layers {d.layers[0]}-{d.layers[-1]}" if d.layers else ""
         hot = f", {d.hot_experts} hot experts {d.hot_expert_bytes / GB:.2f} GB" if d.hot_experts else ""
+        of = f"{d.capacity / GB:7.2f} GB" if d.name != "ram" or p.ram_checked else "(no --ram given)"
         lines.append(
-            f"  {d.name:<5} {d.used / GB:7.2f} of {d.capacity / GB:7.2f} GB: weights {d.weights / GB:.2f}, "
+            f"  {d.name:<5} {d.used / GB:7.2f} of {of}: weights {d.weights / GB:.2f}, "
             f"cache {d.cache / GB:.2f}, reserve {d.reserve / GB:.2f}{hot}{layers}"
         )
     if p.fits:
+        placement = (
+            f"routed experts in host RAM, {p.hot_experts_per_layer} per layer hot in VRAM "
+            f"({p.hot_experts} of {p.total_experts})"
+            if p.experts_in_ram
+            else "every weight in VRAM"
+        )
         lines.append(
             f"  predicted: decode {p.decode_tokens_per_s:.1f} tokens/s, "
-            f"prefill {p.prefill_tokens_per_s:,.0f} tokens/s "
-            f"({p.hot_experts} of {p.total_experts} experts hot in VRAM)"
+            f"prefill {p.prefill_tokens_per_s:,.0f} tokens/s ({placement})"
         )
+        lines.append(f"  run it with: {' '.join(engine_flags(p))}")
     else:
         lines += [f"  does not fit: {s}" for s in p.shortfall]
         lines += [f"  to fit: {s}" for s in p.suggestions]

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ds4.engine.errors import CheckpointError
+from ds4.engine.loader import checkpoint_files
 from ds4.engine.quant import (
     FP4_GROUP,
     dequantize_fp4,
@@ -67,18 +67,6 @@ class QuantizeReport:
     max_rel_error: dict[str, float] = field(default_factory=dict)  # format -> worst tensor (Frobenius)
 
 
-def _files(src: Path) -> dict[str, Path]:
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: src / file for name, file in weight_map.items()}
-    single = src / "model.safetensors"
-    if not single.is_file():
-        raise CheckpointError(f"{src}: no model.safetensors or model.safetensors.index.json")
-    with safe_open(single, "pt") as f:
-        return {name: single for name in f.keys()}
-
-
 def _kind(name: str, shape: tuple[int, ...]) -> str:
     if len(shape) != 2 or not name.endswith(".weight") or any(k in name for k in KEEP):
         return "keep"
@@ -97,7 +85,7 @@ def quantize_checkpoint(
         raise ValueError(f"experts fp4|int4|fp8|bf16 and attn fp8|bf16, not {experts!r} / {attn!r}")
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} is not empty: quantize into a new folder")
-    files = _files(src)
+    files = checkpoint_files(src)
     source = json.loads((src / "config.json").read_text())
     source_int4 = (source.get("ds4_quantization") or {}).get("experts") == "int4"  # ds4's own output
     dst.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ CONTEXTS = {"4K": 4096, "128K": 131072, "1M": 1048576}
 FP8_BLOCK = 128
 FP4_GROUP = 32
 # Matrices DeepSeek keeps in high precision: embeddings, head, routers, mHC mixers, compressors, tables.
-_HIGH_PRECISION = (
+HIGH_PRECISION = (
     "embed.",
     "head.",
     "ffn.gate.",
@@ -46,32 +46,46 @@ def param_counts(config: ModelConfig) -> dict[str, int]:
     return {"params_total": total, "params_active": total - unused, "params_routed_experts": routed}
 
 
-def _matrix_bytes(shape: tuple[int, ...], fmt: str) -> float:
+def matrix_bytes(shape: tuple[int, ...], fmt: str) -> float:
+    """A weight matrix (or a stack of them) stored in `fmt`, scales included."""
     *stack, out_dim, in_dim = shape
     n = math.prod(stack) if stack else 1
+    if fmt == "bf16":
+        return 2 * n * out_dim * in_dim
+    if fmt == "fp32":
+        return 4 * n * out_dim * in_dim
     if fmt == "fp4":  # e2m1 pairs per byte, one e8m0 scale per 32 inputs
         return n * (out_dim * in_dim / 2 + out_dim * math.ceil(in_dim / FP4_GROUP))
-    # fp8: one float32 scale per block
-    blocks = math.ceil(out_dim / FP8_BLOCK) * math.ceil(in_dim / FP8_BLOCK)
+    if fmt == "int4":  # two per byte, one bf16 scale per 32 inputs
+        return n * (out_dim * in_dim / 2 + 2 * out_dim * math.ceil(in_dim / FP4_GROUP))
+    blocks = math.ceil(out_dim / FP8_BLOCK) * math.ceil(in_dim / FP8_BLOCK)  # fp8, a float32 scale per block
     return n * (out_dim * in_dim + 4 * blocks)
+
+
+def tensor_bytes(name: str, shape: tuple[int, ...], attn_fmt: str, expert_fmt: str) -> float:
+    """A parameter's bytes: routed experts in `expert_fmt`, other matrices in `attn_fmt`, the ones DeepSeek
+    keeps in high precision (and vectors) in bf16; everything at 4 bytes in a float32 run."""
+    numel = math.prod(shape)
+    if ".ffn.experts." in name:
+        return matrix_bytes(shape, expert_fmt)
+    if attn_fmt == "fp32":  # a float32 run (ds4 on a CPU): everything else at 4 bytes
+        return 4 * numel
+    if len(shape) < 2 or any(x in name for x in HIGH_PRECISION):
+        return 2 * numel
+    return matrix_bytes(shape, attn_fmt)
 
 
 def weight_bytes(config: ModelConfig) -> dict[str, int]:
     """Bytes of the weights stored as bf16; as fp8 (128x128 blocks); as fp8 with fp4 routed experts."""
-    out = {"bf16": 0.0, "fp8": 0.0, "fp8+fp4-experts": 0.0}
-    for name, shape in parameter_shapes(config).items():
-        numel = math.prod(shape)
-        high = len(shape) < 2 or any(x in name for x in _HIGH_PRECISION)
-        out["bf16"] += 2 * numel
-        out["fp8"] += 2 * numel if high else _matrix_bytes(shape, "fp8")
-        expert = ".ffn.experts." in name
-        out["fp8+fp4-experts"] += (
-            _matrix_bytes(shape, "fp4") if expert else (2 * numel if high else _matrix_bytes(shape, "fp8"))
-        )
-    return {k: int(v) for k, v in out.items()}
+    shapes = parameter_shapes(config).items()
+    formats = {"bf16": ("bf16", "bf16"), "fp8": ("fp8", "fp8"), "fp8+fp4-experts": ("fp8", "fp4")}
+    return {
+        label: int(sum(tensor_bytes(name, shape, attn, experts) for name, shape in shapes))
+        for label, (attn, experts) in formats.items()
+    }
 
 
-def _row_bytes(width: int, rope: int, fmt: str) -> int:
+def row_bytes(width: int, rope: int, fmt: str) -> int:
     """One cached row: bf16 throughout, or fp8 (its non-rope part with a float32 scale per 128, the
     rope part kept in bf16, as FlashMLA's 656-byte rows for V3)."""
     if fmt == "bf16":
@@ -80,28 +94,33 @@ def _row_bytes(width: int, rope: int, fmt: str) -> int:
     return nope + 4 * math.ceil(nope / FP8_BLOCK) + 2 * rope
 
 
-def _index_row_bytes(width: int, fmt: str) -> int:
+def index_row_bytes(width: int, fmt: str) -> int:
     return 2 * width if fmt == "bf16" else width + 4  # fp8 keys with one float32 scale
 
 
-def cache_bytes(config: ModelConfig, context: int, fmt: str = "fp8") -> int:
-    """Decode-cache bytes for one sequence of `context` tokens."""
+def layer_cache_bytes(config: ModelConfig, context: int, fmt: str = "fp8") -> list[int]:
+    """Decode-cache bytes of one sequence at `context` tokens, per layer."""
     assert fmt in ("bf16", "fp8"), fmt
-    layers = config.num_hidden_layers
     if not config.is_v4:
-        row = _row_bytes(config.kv_lora_rank + config.qk_rope_head_dim, config.qk_rope_head_dim, fmt)
-        index = _index_row_bytes(config.index_head_dim, fmt) if config.has_indexer else 0
-        return layers * context * (row + index)
-    row = _row_bytes(config.head_dim, config.qk_rope_head_dim, fmt)
-    index_row = _index_row_bytes(config.index_head_dim, fmt)
-    total = 0
+        row = row_bytes(config.kv_lora_rank + config.qk_rope_head_dim, config.qk_rope_head_dim, fmt)
+        index = index_row_bytes(config.index_head_dim, fmt) if config.has_indexer else 0
+        return [context * (row + index)] * config.num_hidden_layers
+    row = row_bytes(config.head_dim, config.qk_rope_head_dim, fmt)
+    index_row = index_row_bytes(config.index_head_dim, fmt)
+    out = []
     for kind, ratio in zip(config.layer_types, config.compress_ratios, strict=True):
-        total += min(context, config.sliding_window) * row
+        total = min(context, config.sliding_window) * row
         if ratio:
             total += context // ratio * row
             if kind == "compressed_sparse_attention":
                 total += context // ratio * index_row
-    return total
+        out.append(total)
+    return out
+
+
+def cache_bytes(config: ModelConfig, context: int, fmt: str = "fp8") -> int:
+    """Decode-cache bytes for one sequence of `context` tokens."""
+    return sum(layer_cache_bytes(config, context, fmt))
 
 
 def model_info(config: ModelConfig) -> dict:

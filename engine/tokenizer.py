@@ -1,47 +1,22 @@
-"""A checkpoint's tokenizer.json (byte-level BPE) through the `tokenizers` library, DeepSeek's chat
-template (with DeepSeek V3.1's tool calls), and incremental detokenization that never emits half a UTF-8
-character."""
+"""A checkpoint's tokenizer.json (byte-level BPE) through the `tokenizers` library, the family's chat
+template as token ids (chat_template.py: V3's, with V3.1's tool calls; dsml.py: V3.2's and V4's), and
+incremental detokenization that never emits half a UTF-8 character."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders
 
-from ds4.engine.errors import ConfigError, RequestError
-
-BOS, EOS, USER, ASSISTANT = (
-    "<｜begin▁of▁sentence｜>",
-    "<｜end▁of▁sentence｜>",
-    "<｜User｜>",
-    "<｜Assistant｜>",
-)
-ROLES = ("system", "user", "assistant", "tool")
-# DeepSeek V3.1's tool-call tokens; a tokenizer without them (the tiny test ones) gets them as text
-CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
-CALL_BEGIN, CALL_END, CALL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
-OUTPUT_BEGIN, OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
-TOOLS_PROMPT = """
-
-## Tools
-You have access to the following tools:
-{tools}
-IMPORTANT: ALWAYS adhere to this exact format for tool use:
-{calls_begin}{call_begin}tool_call_name{sep}tool_call_arguments{call_end}{{additional_tool_calls}}{calls_end}
-
-Where:
-
-- `tool_call_name` must be an exact match to one of the available tools
-- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema
-- For multiple tool calls, chain them directly without separators or spaces
-"""
+from ds4.engine import chat_template, dsml
+from ds4.engine.errors import ConfigError
 
 
 class Tokenizer:
-    def __init__(self, path: str | Path, bos_token_id: int | None):
+    def __init__(self, path: str | Path, bos_token_id: int | None, model_type: str = "deepseek_v3"):
+        """`model_type` (config.json's) chooses the chat template and its tool-call format."""
         file = Path(path) / "tokenizer.json"
         if not file.is_file():
             raise ConfigError(
@@ -49,6 +24,7 @@ class Tokenizer:
             )
         self._tok = HFTokenizer.from_file(str(file))
         self.bos_token_id = bos_token_id
+        self.model_type = model_type
         added_tokens = self._tok.get_added_tokens_decoder()
         self._added_ids = frozenset(added_tokens)
         added = sorted((t.content for t in added_tokens.values()), key=len, reverse=True)
@@ -134,56 +110,32 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
     ) -> str:
-        """DeepSeek's template: BOS, the system text (and the tools' descriptions), then <｜User｜>{user}
-        and <｜Assistant｜>{reply}[{tool calls}]<｜end▁of▁sentence｜> turns, tool results as
-        <｜tool▁output▁begin｜>{result}<｜tool▁output▁end｜>, ending with <｜Assistant｜> to prompt a reply.
-        `tools` are OpenAI's function tools ({"type": "function", "function": {name, description,
-        parameters}})."""
-        return "".join(text for text, _ in _chat_parts(messages, add_generation_prompt, tools))
+        """The family's template (V3's: BOS, the system text and the tools' descriptions, then
+        <｜User｜>{user} and <｜Assistant｜>{reply}[{tool calls}]<｜end▁of▁sentence｜> turns, tool results as
+        <｜tool▁output▁begin｜>{result}<｜tool▁output▁end｜>, ending with <｜Assistant｜> to prompt a reply;
+        V3.2's and V4's: see dsml.py). `tools` are OpenAI's function tools ({"type": "function",
+        "function": {name, description, parameters}})."""
+        return "".join(text for text, _ in self._chat_parts(messages, add_generation_prompt, tools))
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of the chat prompt (the template carries its own BOS): the template's markers as
         their control tokens (as text where this tokenizer lacks them), the messages' contents as text
         only."""
         ids = []
-        for text, is_marker in _chat_parts(messages, True, tools):
+        for text, is_marker in self._chat_parts(messages, True, tools):
             marker_id = self.token_id(text) if is_marker else None
-            ids += [marker_id] if marker_id is not None else self.encode_text(text)
+            if marker_id is not None:
+                ids.append(marker_id)
+            else:  # a marker spanning several tokens (DSML's tags) is the template's own text
+                ids += self._plain(text) if is_marker else self.encode_text(text)
         return ids
 
-
-def _chat_parts(
-    messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None
-) -> list[tuple[str, bool]]:
-    """The chat prompt as (text, is it a template marker) pieces, in order."""
-    parts = [(BOS, True)]
-    for i, message in enumerate(messages):
-        role, content = _role_and_content(i, message)
-        if role == "system":
-            parts.append((content, False))
-        elif role == "user":
-            parts += [(USER, True), (content, False)]
-        elif role == "tool":
-            parts += [(OUTPUT_BEGIN, True), (content, False), (OUTPUT_END, True)]
-        else:
-            parts += [
-                (ASSISTANT, True),
-                (content, False),
-                *_call_parts(message.get("tool_calls")),
-                (EOS, True),
-            ]
-    if tools:
-        at = 2 if len(parts) > 1 and not parts[1][1] else 1  # after the system text, or as one
-        parts.insert(at, (_tools_text(tools), False))
-    if add_generation_prompt:
-        parts.append((ASSISTANT, True))
-    merged: list[tuple[str, bool]] = []  # adjacent texts (two system messages) encode as one, as before
-    for text, is_marker in parts:
-        if merged and not is_marker and not merged[-1][1]:
-            merged[-1] = (merged[-1][0] + text, False)
-        elif text:
-            merged.append((text, is_marker))
-    return merged
+    def _chat_parts(
+        self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None
+    ) -> list[tuple[str, bool]]:
+        if self.model_type in dsml.CALLS_TAG:
+            return dsml.chat_parts(messages, add_generation_prompt, tools, self.model_type)
+        return chat_template.chat_parts(messages, add_generation_prompt, tools)
 
 
 def _byte_alphabet() -> dict[str, int]:
@@ -201,52 +153,6 @@ def _byte_alphabet() -> dict[str, int]:
 
 
 _BYTE_OF_CHAR = _byte_alphabet()
-
-
-def _role_and_content(i: int, message) -> tuple[str, str]:
-    """A message's role and text: an assistant message that only calls tools may have no content."""
-    role = message.get("role") if isinstance(message, dict) else None
-    content = message.get("content") if isinstance(message, dict) else None
-    if role == "assistant" and content is None and message.get("tool_calls"):
-        content = ""
-    if role not in ROLES or not isinstance(content, str):
-        shape = f"{{'role': one of {', '.join(ROLES)}, 'content': a string}}"
-        raise RequestError(f"messages[{i}] must be {shape}, got {message!r}")
-    return role, content
-
-
-def _call_parts(calls: list[dict] | None) -> list[tuple[str, bool]]:
-    """An assistant turn's tool calls: <｜tool▁calls▁begin｜>, then per call
-    <｜tool▁call▁begin｜>{name}<｜tool▁sep｜>{arguments}<｜tool▁call▁end｜>, then <｜tool▁calls▁end｜>."""
-    if not calls:
-        return []
-    parts = [(CALLS_BEGIN, True)]
-    for call in calls:
-        function = call.get("function") or {}
-        name, arguments = function.get("name"), function.get("arguments")
-        if not isinstance(name, str) or not isinstance(arguments, str):
-            raise RequestError(f"a tool call needs a function name and arguments as strings, got {call!r}")
-        parts += [(CALL_BEGIN, True), (name, False), (CALL_SEP, True), (arguments, False), (CALL_END, True)]
-    return [*parts, (CALLS_END, True)]
-
-
-def _tools_text(tools: list[dict]) -> str:
-    """The system prompt's tool section, as DeepSeek V3.1's template writes it."""
-    described = []
-    for tool in tools:
-        f = tool.get("function") or {}
-        params = json.dumps(f.get("parameters") or {"type": "object", "properties": {}}, ensure_ascii=False)
-        described.append(
-            f"\n### {f.get('name')}\nDescription: {f.get('description') or ''}\n\nParameters: {params}\n"
-        )
-    return TOOLS_PROMPT.format(
-        tools="".join(described),
-        calls_begin=CALLS_BEGIN,
-        calls_end=CALLS_END,
-        call_begin=CALL_BEGIN,
-        call_end=CALL_END,
-        sep=CALL_SEP,
-    )
 
 
 class IncrementalDetokenizer:

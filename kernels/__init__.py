@@ -2,7 +2,10 @@
 
 One switch decides which path the engine runs: Triton on CUDA devices, torch elsewhere.
 `DS4_KERNELS=triton|torch` overrides it for a process; `forced(True)` does so for a block of code
-(tests run the Triton path on the CPU through Triton's interpreter, TRITON_INTERPRET=1)."""
+(tests run the Triton path on the CPU through Triton's interpreter, TRITON_INTERPRET=1).
+
+Quantized routed experts on the CPU run ds4's C++ kernel (cpu_moe) where it builds;
+`DS4_CPU_KERNELS=torch` (or `cpu_kernels(False)` for a block) keeps the torch path."""
 
 from __future__ import annotations
 
@@ -32,3 +35,24 @@ def forced(on: bool):
         yield
     finally:
         _forced = before
+
+
+_cpu_forced: bool | None = None
+
+
+def cpu_kernels_enabled() -> bool:
+    """Whether quantized routed experts on the CPU take the C++ kernel (when it builds) or torch."""
+    if _cpu_forced is not None:
+        return _cpu_forced
+    return os.environ.get("DS4_CPU_KERNELS", "").lower() != "torch"
+
+
+@contextmanager
+def cpu_kernels(on: bool):
+    """Within the block, quantized CPU experts take the C++ kernel (on) or the torch path (off)."""
+    global _cpu_forced
+    before, _cpu_forced = _cpu_forced, on
+    try:
+        yield
+    finally:
+        _cpu_forced = before

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import msgspec
 
+from ds4.agent.api import dsml_calls
 from ds4.agent.api.errors import APIError
 from ds4.agent.api.openai_bodies import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from ds4.agent.api.tool_calls import ToolCallStream, call_grammar, parse
+from ds4.engine.dsml import CALLS_TAG
 from ds4.engine.grammar import Grammar
 from ds4.engine.tokenizer import Tokenizer
 
@@ -64,16 +66,28 @@ def chat_grammar(
     comes first, then response_format."""
     choice = data.tool_choice
     if tools and choice == "required":
-        return call_grammar(tools, data.parallel_tool_calls, tokenizer), "tools"
+        return _call_grammar(tools, data.parallel_tool_calls, tokenizer), "tools"
     if tools and isinstance(choice, NamedToolChoice):
         named = [t for t in tools if t["function"]["name"] == choice.function.name]
-        return call_grammar(named, data.parallel_tool_calls, tokenizer), "tools"
+        return _call_grammar(named, data.parallel_tool_calls, tokenizer), "tools"
     fmt = data.response_format
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_schema" and fmt.json_schema is not None and fmt.json_schema.schema is not None:
         return Grammar.json_schema(fmt.json_schema.schema), "response_format"
     return Grammar.json_object(), "response_format"
+
+
+def _call_grammar(tools: list[dict], parallel: bool, tokenizer: Tokenizer) -> Grammar:
+    """The forced-call grammar in the served family's format: V3.2's and V4's DSML, else V3.1's."""
+    tag = CALLS_TAG.get(tokenizer.model_type)
+    return dsml_calls.call_grammar(tools, parallel, tag) if tag else call_grammar(tools, parallel, tokenizer)
+
+
+def calls_stream(tokenizer: Tokenizer) -> ToolCallStream | dsml_calls.DsmlCallStream:
+    """A reader of the model's calls in the served family's format."""
+    tag = CALLS_TAG.get(tokenizer.model_type)
+    return dsml_calls.DsmlCallStream(tag) if tag else ToolCallStream()
 
 
 def finish_reason(engine_reason: str, calls: bool) -> str:
@@ -84,7 +98,7 @@ def finish_reason(engine_reason: str, calls: bool) -> str:
 def reply(out, tools: list[dict] | None, tokenizer: Tokenizer) -> tuple[dict, str]:
     """(the assistant message, finish_reason) of a finished output."""
     if tools:
-        content, calls = parse(tokenizer.decode(out.token_ids, keep_special=True))
+        content, calls = parse(tokenizer.decode(out.token_ids, keep_special=True), calls_stream(tokenizer))
         if calls:
             message = {"role": "assistant", "content": content or None, "tool_calls": calls}
             return message, finish_reason(out.finish_reason, True)
@@ -98,7 +112,7 @@ class StreamedReply:
     def __init__(self, tools: list[dict] | None, tokenizer: Tokenizer):
         self.tools, self.tokenizer = tools, tokenizer
         self.token_ids: list[int] = []
-        self.calls = ToolCallStream()
+        self.calls = calls_stream(tokenizer)
 
     def delta(self, event) -> dict:
         if not self.tools:

@@ -8,11 +8,12 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
+from ds4.engine.chat_template import CALL_BEGIN, CALL_END, CALL_SEP, CALLS_BEGIN, CALLS_END
 from ds4.engine.grammar import Grammar, embedded_json
-from ds4.engine.tokenizer import CALL_BEGIN, CALL_END, CALL_SEP, CALLS_BEGIN, CALLS_END, Tokenizer
+from ds4.engine.tokenizer import Tokenizer
 
 
-def _held_back(text: str, marker: str) -> str:
+def held_back(text: str, marker: str) -> str:
     """`text` less a tail that could be the start of `marker` (the next token may complete it)."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-n:]):
@@ -21,7 +22,9 @@ def _held_back(text: str, marker: str) -> str:
 
 
 @dataclass
-class _Call:
+class StreamedCall:
+    """A call announced to the client: its id, and how much of its arguments was sent."""
+
     id: str
     name: str
     arguments_sent: int = 0
@@ -35,12 +38,12 @@ class ToolCallStream:
     whole, its arguments as they arrive."""
 
     content_sent: int = 0
-    calls: list[_Call] = field(default_factory=list)
+    calls: list[StreamedCall] = field(default_factory=list)
 
     def update(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
         head, begun, rest = text.partition(CALLS_BEGIN)
         if not begun:
-            content = head if final else _held_back(head, CALLS_BEGIN)
+            content = head if final else held_back(head, CALLS_BEGIN)
             return self._content(content), []
         deltas = [
             d for i, piece in enumerate(rest.split(CALL_BEGIN)[1:]) for d in self._call(i, piece, final)
@@ -60,10 +63,10 @@ class ToolCallStream:
             return []
         arguments, ended, _ = arguments.partition(CALL_END)
         if not ended and not final:
-            arguments = _held_back(_held_back(arguments, CALL_END), CALLS_END)
+            arguments = held_back(held_back(arguments, CALL_END), CALLS_END)
         deltas = []
         if index == len(self.calls):
-            self.calls.append(_Call(f"call_{uuid.uuid4().hex[:24]}", name))
+            self.calls.append(StreamedCall(f"call_{uuid.uuid4().hex[:24]}", name))
             function = {"name": name, "arguments": ""}
             deltas.append(
                 {"index": index, "id": self.calls[index].id, "type": "function", "function": function}
@@ -76,10 +79,11 @@ class ToolCallStream:
         return deltas
 
 
-def parse(text: str) -> tuple[str, list[dict]]:
-    """(content, OpenAI tool_calls) of a whole output; arguments are passed on as the model wrote them,
-    valid JSON or not, as OpenAI does."""
-    stream = ToolCallStream()
+def parse(text: str, stream=None) -> tuple[str, list[dict]]:
+    """(content, OpenAI tool_calls) of a whole output, read by `stream` (a fresh ToolCallStream or
+    DsmlCallStream; V3.1's by default); arguments are passed on as the model wrote them, valid JSON or
+    not, as OpenAI does."""
+    stream = stream or ToolCallStream()
     content, deltas = stream.update(text, final=True)
     return content, merge(deltas)
 

@@ -36,7 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "plan": (
         "plan",
-        "place a model on GPUs + host RAM (experts in RAM, hot ones in spare VRAM); predict tokens/s",
+        "place a model on GPUs (+ host RAM for the routed experts when they do not fit); predict "
+        "tokens/s; print the flags that run it",
     ),
     "bench": ("bench", "measure ds4 side by side with a peer"),
 }

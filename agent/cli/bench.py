@@ -202,6 +202,13 @@ def _kernels(args) -> int:
     return DONE
 
 
+def _expert_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f for f in text.split(",") if f and f != "none")
+    if any(f not in ("int4", "fp4", "fp8") for f in formats):
+        raise argparse.ArgumentTypeError(f"{text!r}: formats are int4, fp4, fp8 (comma-separated) or none")
+    return formats
+
+
 def _add_hybrid(sub) -> None:
     hybrid = sub.add_parser(
         "hybrid",
@@ -213,11 +220,14 @@ def _add_hybrid(sub) -> None:
     hybrid.add_argument("--runs", type=int, default=3)
     hybrid.add_argument(
         "--experts",
-        choices=["int4", "fp4", "none"],
-        default="int4",
-        help="also measure the routed experts in this 4-bit format (kept as stored; dequantized at load)",
+        type=_expert_formats,
+        default=("int4", "fp8"),
+        metavar="FMT,FMT",
+        help="also measure the routed experts in these formats (int4, fp4, fp8; kept as stored, the first "
+        "also dequantized at load), or none (default int4,fp8)",
     )
     hybrid.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    hybrid.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     hybrid.add_argument(
         "--device",
         action="append",
@@ -230,10 +240,13 @@ def _hybrid(args) -> int:
     from ds4.engine.hybrid_bench import bench_hybrid, format_report
 
     require_dir(args.model)
-    experts = None if args.experts == "none" else args.experts
     devices = tuple(args.device or ["cpu"])
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     report = bench_hybrid(
-        args.model, args.tokens, args.prompt_tokens, args.runs, experts, devices, args.dtype
+        args.model, args.tokens, args.prompt_tokens, args.runs, args.experts, devices, args.dtype
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return DONE

@@ -14,9 +14,13 @@ def add_parser(sub) -> None:
         "--model", required=True, help="a preset (deepseek-v3, deepseek-v4-flash, ...) or a checkpoint"
     )
     p.add_argument(
-        "--gpu", action="append", required=True, help="a GPU's memory, e.g. 24GB (repeat per card)"
+        "--gpu",
+        action="extend",
+        nargs="+",
+        required=True,
+        help="GPU memories, e.g. 24GB, 24GiB, '80GB x4' (repeat per card or give a count)",
     )
-    p.add_argument("--ram", required=True, help="host RAM, e.g. 512GB")
+    p.add_argument("--ram", default=None, help="host RAM, e.g. 512GB (default: report what is needed)")
     p.add_argument("--context", default="128K", help="tokens per sequence: 4096, 128K, 1M (default 128K)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument(
@@ -28,16 +32,25 @@ def add_parser(sub) -> None:
     p.add_argument("--pcie-bandwidth", type=float, default=25, help="GB/s achieved (PCIe 4.0 x16: 25)")
     p.add_argument("--ram-bandwidth", type=float, default=70, help="GB/s achieved (dual-channel DDR5: 70)")
     p.add_argument("--cpu-tflops", type=float, default=1.5, help="CPU TFLOP/s for the experts in RAM")
+    p.add_argument(
+        "--layer-dispatch",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="ms per layer and decode step spent launching operations (0 with CUDA graphs; an eager CPU "
+        "run: what `bench hybrid` measures)",
+    )
     p.add_argument("--json", action="store_true")
 
 
 def run(args) -> int:
     from ds4.agent.cli.model import model_config
-    from ds4.engine.planner import Hardware, format_plan, parse_size, parse_tokens, plan
+    from ds4.engine.planner import Hardware, format_plan, parse_gpus, parse_size, parse_tokens, plan
 
     try:
-        gpus = [parse_size(g) for g in args.gpu]
-        ram, context = parse_size(args.ram), parse_tokens(args.context)
+        gpus = parse_gpus(args.gpu)
+        ram = parse_size(args.ram) if args.ram is not None else None
+        context = parse_tokens(args.context)
         config = model_config(args.model)
     except (ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -48,6 +61,7 @@ def run(args) -> int:
         pcie_bandwidth=args.pcie_bandwidth * 1e9,
         ram_bandwidth=args.ram_bandwidth * 1e9,
         cpu_flops=args.cpu_tflops * 1e12,
+        layer_dispatch=args.layer_dispatch / 1e3,
     )
     result = plan(config, args.model, gpus, ram, context, args.batch, args.experts, args.attn, hw)
     print(json.dumps(result.as_json(), indent=2) if args.json else format_plan(result))

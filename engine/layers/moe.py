@@ -14,7 +14,7 @@ from torch import nn
 
 from ds4.engine.config import ModelConfig
 from ds4.engine.layers.quantized import quantized_linear, stored_shapes
-from ds4.kernels import triton_enabled
+from ds4.kernels import cpu_kernels_enabled, triton_enabled
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
@@ -114,6 +114,34 @@ class Experts(nn.Module):
     fused = True  # the Triton path computes every expert in one kernel; tiered experts compute per expert
     quant = "none"
 
+    def kernel_rows(self, expert_ids: torch.Tensor) -> bool:
+        """Whether a pass is decode-shaped for the CPU kernel: about a block of 4 rows per expert at most.
+        Longer prefills dequantize each expert once for all its rows and multiply with torch's GEMM,
+        which is faster there (the copy is paid once per expert, not once per row)."""
+        return expert_ids.numel() <= 4 * self.w13.shape[0]
+
+    def cpu_kernel(self) -> bool:
+        """Whether the stack runs in ds4's CPU kernel: quantized, in host RAM, in a format and shape it
+        takes, and built (a failed build is reported once, as a warning)."""
+        if self.quant == "none" or self.w13.device.type != "cpu" or not cpu_kernels_enabled():
+            return False
+        from ds4.kernels import cpu_moe
+
+        return cpu_moe.supports(self.quant, self.w2.shape[1], self.moe_inter) and cpu_moe.available()
+
+    @property
+    def moe_inter(self) -> int:
+        """I, the expert intermediate size (w2 holds two 4-bit codes per byte)."""
+        return self.w2.shape[-1] * (1 if self.quant in ("none", "fp8") else 2)
+
+    def cpu_forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of the pairs' experts in the CPU kernel, from the stored codes (pairs whose id is
+        -1 skipped); on x's device."""
+        from ds4.kernels.cpu_moe import moe
+
+        args = (self.w13, self.w13_scale, self.w2, self.w2_scale, self.quant, self.limit)
+        return moe(x, weights, expert_ids, *args).to(x.device)
+
     def keep_quantized(self, fmt: str, stored: torch.dtype, scale_dtype: torch.dtype) -> None:
         """Makes a meta-device stack hold its experts as the checkpoint stores them: `fmt` (fp8, fp4 or
         int4) values of dtype `stored`, scales of dtype `scale_dtype`."""
@@ -136,6 +164,9 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         T, K = expert_ids.shape
+        on_cpu = x.device.type == "cpu" and not triton_enabled(x.device)
+        if self.fused and on_cpu and self.kernel_rows(expert_ids) and self.cpu_kernel():
+            return self.cpu_forward(x, weights, expert_ids)
         if self.fused and triton_enabled(x.device):
             from ds4.kernels.moe import fused_moe
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ds4.agent.api.tool_calls import ToolCallStream, merge, parse
-from ds4.engine.tokenizer import CALL_BEGIN, CALL_END, CALL_SEP, CALLS_BEGIN, CALLS_END
+from ds4.engine.chat_template import CALL_BEGIN, CALL_END, CALL_SEP, CALLS_BEGIN, CALLS_END
 
 
 def calls(*pairs: tuple[str, str]) -> str:

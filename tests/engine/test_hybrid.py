@@ -1,7 +1,8 @@
 """Hybrid execution: routed experts in host RAM, the popular ones cached on the compute device, moved
 by popularity during generation, long prefills streaming their cold experts. On this CPU-only machine
 every tier is the CPU; what is checked is the logic: the same greedy tokens as single-device
-execution for every family, with experts really moving between tiers."""
+execution for every family, with experts really moving between tiers, and quantized experts in RAM
+computed by the CPU kernel from their codes (no full-precision copy) with the same greedy tokens."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def test_hybrid_settings_are_checked():
         EngineConfig(hot_period=0)
 
 
-def test_bench_hybrid_reports_each_placement_and_the_prediction(tmp_path):
+def test_bench_hybrid_reports_each_placement_the_expert_reads_and_the_prediction(tmp_path):
     import json
 
     path = tmp_path / "tiny"
@@ -67,12 +68,73 @@ def test_bench_hybrid_reports_each_placement_and_the_prediction(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)
-    assert [r["hot_experts"] for r in report["results"]] == [None, None, 8, 4, 0, 0, 0]
-    assert [r["stages"] for r in report["results"]] == [1, 2, 1, 1, 1, 1, 1]
+    assert [r["hot_experts"] for r in report["results"]] == [None, None, 8, 4, 0, 0, 0, 0]
+    assert [r["stages"] for r in report["results"]] == [1, 2, 1, 1, 1, 1, 1, 1]
     assert all(r["decode_tokens_per_s"] > 0 for r in report["results"])
-    stored, loaded = report["results"][-2:]  # int4 experts kept as stored / dequantized at load
-    assert (stored["weights"], loaded["weights"]) == ("stored", "dequantize")
+    stored, loaded, fp8 = report["results"][-3:]  # int4 kept as stored / dequantized at load; fp8 stored
+    assert (stored["weights"], loaded["weights"], fp8["weights"]) == ("stored", "dequantize", "stored")
+    assert [r.get("expert_format") for r in report["results"][-4:]] == ["fp32", "int4", "fp32", "fp8"]
     assert stored["expert_bytes"] * 6 < loaded["expert_bytes"]  # 4 bits + a scale per 32 against fp32
+    in_ram = [r for r in report["results"] if r["hot_experts"] == 0]
+    assert all(r["expert_gb_per_s"] > 0 and 0 < r["expert_read_share"] for r in in_ram)
     assert report["predicted_decode_tokens_per_s"] > 0 and report["machine"]["read_gb_per_s"] > 0
     predicted = report["predicted_by_expert_format"]
-    assert predicted["int4"] > predicted["fp32"]  # fewer expert bytes to read
+    assert set(predicted) == set(report["predicted_over_measured"]) == {"fp32", "int4", "fp8"}
+    assert all(ms > 0 for ms in report["layer_dispatch_ms"].values())
+    assert predicted["int4"] > 0 and predicted["fp8"] > 0
+
+
+def _quantized(checkpoint, experts: str):
+    from ds4.engine.quantize import quantize_checkpoint
+
+    path = checkpoint.parent / f"{experts}-experts"
+    if not path.exists():
+        quantize_checkpoint(checkpoint, path, experts, "bf16")
+    return path
+
+
+@pytest.mark.parametrize("experts", ["int4", "fp4"])
+def test_quantized_experts_in_ram_run_in_the_cpu_kernel_with_the_same_greedy_tokens(checkpoint, experts):
+    from ds4 import kernels
+    from ds4.kernels import cpu_moe
+
+    if not cpu_moe.available():
+        pytest.skip("the CPU expert kernel did not build (a RuntimeWarning says why)")
+    path = _quantized(checkpoint, experts)
+    with kernels.cpu_kernels(False):  # the reference: each expert dequantized for its call
+        want = [o.token_ids for o in LLM(path, hot_experts=0).generate(PROMPTS, GREEDY)]
+    hybrid = LLM(path, hot_experts=2, hot_period=1)
+    assert all(t.use_cpu_kernel and t.quant == experts for t in hybrid.runner.tiered)
+    assert [o.token_ids for o in hybrid.generate(PROMPTS, GREEDY)] == want
+    stats = [t.stats for t in hybrid.runner.tiered]
+    assert sum(s["promoted"] for s in stats) > 0 and sum(s["cold_rows"] for s in stats) > 0
+
+
+def _largest_allocation(fn) -> int:
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+def test_the_cpu_kernel_allocates_no_full_precision_copy_of_an_expert(tmp_path):
+    import torch
+
+    from ds4 import kernels
+    from ds4.kernels import cpu_moe
+
+    if not cpu_moe.available():
+        pytest.skip("the CPU expert kernel did not build (a RuntimeWarning says why)")
+    init_checkpoint("deepseek_v3", "tiny", tmp_path / "src", seed=2)
+    llm = LLM(_quantized(tmp_path / "src", "int4"), hot_experts=0)
+    config = llm.config
+    smallest = 4 * config.hidden_size * config.moe_intermediate_size  # w2 of one expert in float32
+    x = torch.randn(3, config.hidden_size)
+    weights, ids = torch.rand(3, 2), torch.tensor([[1, 5], [0, 5], [7, 2]])
+    for tiered in llm.runner.tiered:
+        assert _largest_allocation(lambda t=tiered: t(x, weights, ids)) < smallest
+    with kernels.cpu_kernels(False):  # the torch path does copy: the check can fail
+        torch_path = LLM(_quantized(tmp_path / "src", "int4"), hot_experts=0).runner.tiered[0]
+        assert _largest_allocation(lambda: torch_path(x, weights, ids)) >= smallest

@@ -82,6 +82,7 @@ def test_bench_long_reports_each_length_next_to_transformers(tiny_v3):
         ds4, peer = row["ds4"], row["transformers"]
         assert ds4["prefill_tokens_per_s"] > 0 and ds4["decode_tokens_per_s"] > 0 and ds4["peak_gb"] >= 0
         assert ds4["ttft_cached_s"] > 0
+        assert 0 < ds4["workspace_gb"] <= ds4["planned_workspace_gb"]
         assert peer["prefill_tokens_per_s"] > 0
 
 

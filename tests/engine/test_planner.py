@@ -10,7 +10,15 @@ import subprocess
 import pytest
 
 from ds4.engine.config import ModelConfig
-from ds4.engine.planner import component_bytes, layer_cache_bytes, parse_size, parse_tokens, plan
+from ds4.engine.planner import (
+    Hardware,
+    component_bytes,
+    layer_cache_bytes,
+    parse_gpus,
+    parse_size,
+    parse_tokens,
+    plan,
+)
 from ds4.engine.presets import load_preset
 from ds4.engine.sizing import cache_bytes
 from tests.servers import EXE
@@ -72,7 +80,9 @@ def test_v4_flash_on_two_4090s_and_512_gb():
     assert all(d.used <= d.capacity for d in (gpu0, gpu1, ram))
     assert ram.weights == result.routed_expert_bytes  # every routed expert in host RAM
     assert 0 < result.hot_experts < result.total_experts == 43 * 256
-    assert gpu0.capacity - gpu0.used < result.expert_bytes  # the spare VRAM is full of hot experts
+    n = result.hot_experts_per_layer  # the same in every layer: the tightest card has no room for one more
+    assert result.hot_experts == 43 * n
+    assert min((d.capacity - d.used) / len(d.layers) for d in (gpu0, gpu1)) < result.expert_bytes
     assert 1 < result.decode_tokens_per_s < 200 and result.prefill_tokens_per_s > 100
     faster = plan(config, "x", [24 * GB, 24 * GB, 24 * GB, 24 * GB], 512 * GB, context=131072)
     assert faster.hot_experts > result.hot_experts and faster.decode_tokens_per_s > result.decode_tokens_per_s
@@ -136,3 +146,108 @@ def test_sizes_and_contexts_parse():
     assert parse_tokens("1M") == MIB and parse_tokens("128K") == 131072 and parse_tokens("4096") == 4096
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+def test_sizes_take_binary_and_decimal_units_and_gpu_counts():
+    assert parse_size("24GiB") == 24 * 2**30 and parse_size("1.5TiB") == 1.5 * 2**40
+    assert parse_size("1TB") == 1e12 and parse_size("512MB") == 512e6 and parse_size("64 gb") == 64e9
+    assert parse_gpus(["80GB", "x4"]) == parse_gpus(["80GBx4"]) == parse_gpus(["4x80GB"]) == [80e9] * 4
+    assert parse_gpus(["24GiB", "24GiB"]) == [24 * 2**30] * 2
+    assert parse_gpus(["24GB x2", "48GB"]) == [24e9, 24e9, 48e9]
+    for bad in (["lots"], ["24GB", "x"], ["24XB"], ["0x80GB"]):
+        with pytest.raises(ValueError):
+            parse_gpus(bad)
+
+
+def test_a_machine_with_vram_for_everything_places_every_expert_on_the_gpus():
+    run = subprocess.run(
+        [EXE, "plan", "--model", "deepseek-v4-flash", "--gpu", "80GB", "x4", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout)
+    gpus, ram = report["devices"][:-1], report["devices"][-1]
+    assert report["fits"] and not report["experts_in_ram"] and len(gpus) == 4
+    assert ram["weights"] == 0  # no expert in host RAM, and no --ram needed to say so
+    assert sum(d["weights"] for d in gpus) > report["routed_expert_bytes"]
+    assert report["hot_experts"] == report["total_experts"] == 43 * 256
+    assert sorted(i for d in gpus for i in d["layers"]) == list(range(43)) and all(d["layers"] for d in gpus)
+    split = ",".join(str(len(d["layers"])) for d in gpus)
+    assert report["flags"] == [
+        *("--device", "cuda:0", "--device", "cuda:1", "--device", "cuda:2", "--device", "cuda:3"),
+        *("--layer-split", split),
+    ]
+    text = subprocess.run(
+        [EXE, "plan", "--model", "deepseek-v4-flash", "--gpu", "80GB", "x4"], capture_output=True, text=True
+    ).stdout
+    assert "every weight in VRAM" in text and f"run it with: {' '.join(report['flags'])}" in text
+
+
+def test_two_24gib_cards_without_ram_report_the_ram_needed_and_the_hot_experts_per_layer():
+    run = subprocess.run(
+        [EXE, "plan", "--model", "deepseek-v4-flash", "--gpu", "24GiB", "x2"], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    config = preset("deepseek-v4-flash")
+    result = plan(config, "deepseek-v4-flash", [24 * 2**30] * 2)
+    assert result.experts_in_ram and result.fits and not result.ram_checked
+    n = result.hot_experts_per_layer
+    assert 0 < n < 256 and result.hot_experts == n * 43
+    assert result.devices[-1].weights == result.routed_expert_bytes
+    assert f"--hot-experts {n}" in run.stdout and "(no --ram given)" in run.stdout
+
+
+def test_the_printed_flags_passed_to_generate_give_the_planned_placement(tmp_path):
+    """A tiny model on two small 'GPUs': the plan's flags, on CPU devices, build the engine it planned."""
+    from ds4.agent.cli import build_parser
+    from ds4.agent.cli.flags import device_kwargs
+    from ds4.engine import LLM, SamplingParams
+    from ds4.engine.planner import Hardware, component_bytes, engine_flags
+    from ds4.engine.random_checkpoint import init_checkpoint
+
+    path = init_checkpoint("deepseek_v3", "tiny", tmp_path / "tiny")
+    config = ModelConfig.from_dir(path)
+    comps = component_bytes(config, "fp32", "fp32")
+    per_layer = max(lay["experts"] for lay in comps["layers"]) / config.n_routed_experts  # one expert
+    layers = sum(sum(lay.values()) - lay["experts"] for lay in comps["layers"])
+    total = comps["embed"] + comps["head"] + layers
+    hw = Hardware(gpu_reserve=0, ram_reserve=0, engine_chunk=0)
+    card = total / 2 + comps["embed"] + 3 * per_layer  # the routed experts do not fit; 3 per layer do
+    result = plan(config, "tiny", [card, card], 1e9, 64, 1, "fp32", "fp32", hw)
+    assert result.fits and result.experts_in_ram and 0 < result.hot_experts_per_layer < 8
+    flags = [f.replace("cuda:0", "cpu").replace("cuda:1", "cpu") for f in engine_flags(result)]
+    args = build_parser().parse_args(["generate", "hi", "--model", str(path), *flags])
+    llm = LLM(path, **device_kwargs(args))
+    stages = llm.runner.pipeline.layer_stages
+    assert [stages.count(k) for k in range(2)] == [len(d.layers) for d in result.devices[:2]]
+    assert [t.capacity for t in llm.runner.tiered] == [result.hot_experts_per_layer] * 2  # 2 MoE layers
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    single = LLM(path).generate([[5, 6, 7]], greedy)[0].token_ids
+    assert llm.generate([[5, 6, 7]], greedy)[0].token_ids == single
+
+
+def test_measured_dispatch_per_layer_is_counted_in_the_decode_prediction():
+    from ds4.engine.planner import Hardware
+
+    config = preset("deepseek-v4-flash")
+    fast = plan(config, "x", [24 * GB] * 2, 512 * GB, hardware=Hardware())
+    slow = plan(config, "x", [24 * GB] * 2, 512 * GB, hardware=Hardware(layer_dispatch=1e-3))
+    step = 1 / slow.decode_tokens_per_s - 1 / fast.decode_tokens_per_s
+    assert step == pytest.approx(config.num_hidden_layers * 1e-3)  # 43 layers at 1 ms each
+
+
+def test_each_card_reserves_the_engines_prefill_workspace_at_the_context():
+    """The reserve is what the engine checks at start-up: a chunk's activations at the full context
+    (ds4.engine.workspace): bounded whatever the context, larger with a larger chunk."""
+    from ds4.engine.workspace import prefill_workspace
+
+    config = preset("deepseek-v3")
+    short, long = (plan(config, "v3", [24e9] * 8, 512e9, context) for context in (4096, 131072))
+    for result, context in ((short, 4096), (long, 131072)):
+        workspace = prefill_workspace(config, 2048, context, 2)
+        assert all(d.reserve == Hardware().gpu_reserve + workspace for d in result.devices[:8])
+    assert long.devices[0].reserve == short.devices[0].reserve  # the blocked attention caps it
+    bigger = plan(config, "v3", [24e9] * 8, 512e9, 131072, hardware=Hardware(engine_chunk=8192))
+    assert bigger.devices[0].reserve > long.devices[0].reserve

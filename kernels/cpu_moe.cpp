@@ -1,0 +1,346 @@
+// Routed experts on the CPU straight from their stored codes: all (token, expert) pairs of a layer in one
+// call, no full-precision copy of any weight. Built by cpu_moe.py at first use (g++ -O3 -march=native
+// -fopenmp); its torch reference is cpu_moe.reference_moe.
+//
+// Formats (as ds4.engine.quant stores them):
+//   0 int4: two codes per byte (even input in the low nibble), value (code - 8) * bf16 scale per 32 inputs
+//   1 fp4:  two e2m1 codes per byte, likewise, times an e8m0 (power-of-two) scale per 32 inputs
+//   2 fp8:  one e4m3 per byte, times a float32 scale per 128 x 128 block
+// A group is 32 inputs. 4-bit groups are decoded as 16 even then 16 odd inputs (int4 rows of whole
+// 128-input blocks: as 8 interleaved sets of 16, the `OCTETS` path), so the activations are laid out the
+// same way once per call (`lay_out`); FP8 groups are in order.
+//
+// Threads: OpenMP, the same runtime torch uses (libgomp is loaded once per process), so the pool is
+// shared. Work items are (expert, block of 16 output rows); every sum runs in a fixed order, so results
+// do not depend on the number of threads.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+#if defined(__AVX512F__) && !defined(DS4_GENERIC)
+#include <immintrin.h>
+#define DS4_AVX512 1
+#endif
+
+namespace {
+
+constexpr int GROUP = 32;
+constexpr int ROWS = 16;   // output rows per work item
+constexpr int TOKENS = 4;  // token rows sharing one decode of a group
+
+const float E2M1[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+const float INT4[16] = {-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f};
+
+struct Matrix {  // one expert's [out, in] matrix in its stored format
+    const uint8_t* codes;
+    const void* scales;
+    int64_t out, in;
+    int fmt;
+    int64_t code_bytes() const { return fmt == 2 ? out * in : out * in / 2; }
+    int64_t scale_count() const {
+        return fmt == 2 ? ((out + 127) / 128) * ((in + 127) / 128) : out * (in / GROUP);
+    }
+    int64_t row_bytes() const { return fmt == 2 ? in : in / 2; }
+    float scale(int64_t n, int64_t g) const {  // the scale of output row n, input group g
+        if (fmt == 0) {
+            uint32_t bits = uint32_t(static_cast<const uint16_t*>(scales)[n * (in / GROUP) + g]) << 16;
+            float f;
+            std::memcpy(&f, &bits, 4);
+            return f;
+        }
+        if (fmt == 1) return std::ldexp(1.f, int(static_cast<const uint8_t*>(scales)[n * (in / GROUP) + g]) - 127);
+        int64_t cols = (in + 127) / 128;
+        // e4m3 decoded through fp16 bits is the value times 2^-8: folded into the scale
+        return static_cast<const float*>(scales)[(n / 128) * cols + (g * GROUP) / 128] * 256.f;
+    }
+};
+
+enum Layout { PLAIN, EVEN_ODD, OCTETS };
+
+// How a matrix's activations are laid out: int4 rows of whole 128-input blocks take the octet path
+// (AVX-512 only), other 4-bit rows decode group by group (even inputs, then odd), FP8 rows in order.
+Layout layout_for(int fmt, int64_t in) {
+#ifdef DS4_AVX512
+    if (fmt == 0 && in % 128 == 0) return OCTETS;
+#endif
+    return fmt == 2 ? PLAIN : EVEN_ODD;
+}
+
+float fp8_value(uint8_t b) {  // e4m3 -> float (the generic path; NaN codes never appear in weights)
+    int sign = b >> 7, exp = (b >> 3) & 15, mant = b & 7;
+    float v = exp ? std::ldexp(1.f + mant / 8.f, exp - 7) : std::ldexp(mant / 8.f, -6);
+    return sign ? -v : v;
+}
+
+// Decodes group g of row n into 32 floats, scale applied: w0 = the group's first 16 (4-bit: even) inputs
+#ifdef DS4_AVX512
+inline void decode_group(const Matrix& m, const uint8_t* row, int64_t n, int64_t g, __m512& w0, __m512& w1) {
+    const __m512 s = _mm512_set1_ps(m.scale(n, g));
+    if (m.fmt == 2) {
+        const __m256i mask7 = _mm256_set1_epi16(0x7f), mask8 = _mm256_set1_epi16(0x80);
+        __m256i a = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 32)));
+        __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 32 + 16)));
+        a = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(a, mask8), 8),
+                            _mm256_slli_epi16(_mm256_and_si256(a, mask7), 7));
+        b = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, mask8), 8),
+                            _mm256_slli_epi16(_mm256_and_si256(b, mask7), 7));
+        w0 = _mm512_mul_ps(_mm512_cvtph_ps(a), s);
+        w1 = _mm512_mul_ps(_mm512_cvtph_ps(b), s);
+        return;
+    }
+    const __m512 lut = _mm512_loadu_ps(m.fmt == 0 ? INT4 : E2M1);
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 16));
+    const __m128i low = _mm_set1_epi8(0x0f);
+    w0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low)), lut), s);
+    w1 = _mm512_mul_ps(
+        _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low)), lut), s);
+}
+#else
+inline void decode_group(const Matrix& m, const uint8_t* row, int64_t n, int64_t g, float* w) {
+    const float s = m.scale(n, g);
+    if (m.fmt == 2) {
+        for (int j = 0; j < GROUP; ++j) w[j] = fp8_value(row[g * 32 + j]) * (s / 256.f);
+        return;
+    }
+    const float* lut = m.fmt == 0 ? INT4 : E2M1;
+    for (int j = 0; j < 16; ++j) {
+        uint8_t b = row[g * 16 + j];
+        w[j] = lut[b & 15] * s;
+        w[16 + j] = lut[b >> 4] * s;
+    }
+}
+#endif
+
+// out[r][t] = dot(row n0 + r of m, xs[t]) for NR rows and NT token rows: constant trip counts keep the
+// accumulators in registers, and NR * NT * 2 independent chains hide the FMA latency
+template <int NR, int NT>
+void rows_dot(const Matrix& m, int64_t n0, const float* const* xs, float (*out)[TOKENS]) {
+    const int64_t groups = m.in / GROUP;
+#ifdef DS4_AVX512
+    __m512 acc[NR][NT][2];
+    for (int r = 0; r < NR; ++r)
+        for (int t = 0; t < NT; ++t) acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+        for (int r = 0; r < NR; ++r) {
+            __m512 w0, w1;
+            decode_group(m, m.codes + (n0 + r) * m.row_bytes(), n0 + r, g, w0, w1);
+            for (int t = 0; t < NT; ++t) {
+                acc[r][t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[t] + g * GROUP), acc[r][t][0]);
+                acc[r][t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs[t] + g * GROUP + 16), acc[r][t][1]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int t = 0; t < NT; ++t) out[r][t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]));
+#else
+    float acc[NR][NT][GROUP] = {};
+    float w[GROUP];
+    for (int64_t g = 0; g < groups; ++g)
+        for (int r = 0; r < NR; ++r) {
+            decode_group(m, m.codes + (n0 + r) * m.row_bytes(), n0 + r, g, w);
+            for (int t = 0; t < NT; ++t) {
+                const float* x = xs[t] + g * GROUP;
+                for (int j = 0; j < GROUP; ++j) acc[r][t][j] += w[j] * x[j];
+            }
+        }
+    for (int r = 0; r < NR; ++r)
+        for (int t = 0; t < NT; ++t) {
+            float sum = 0.f;
+            for (int j = 0; j < GROUP; ++j) sum += acc[r][t][j];
+            out[r][t] = sum;
+        }
+#endif
+}
+
+#ifdef DS4_AVX512
+// int4 rows of whole 128-input blocks, without shuffles in the inner loop: the 64 bytes of a block are 16
+// 32-bit words of 8 codes; shifting out nibble k of every word gives inputs 8 i + k, turned into floats
+// exactly by the 2^23 trick ((2^23 + code) - (2^23 + 8) = code - 8). The block's four group scales are
+// applied once per block, spread over the words of their groups.
+template <int NR, int NT>
+void rows_dot_octets(const Matrix& m, int64_t n0, const float* const* xs, float (*out)[TOKENS]) {
+    const int64_t blocks = m.in / 128, groups = m.in / GROUP;
+    const __m512i nibble = _mm512_set1_epi32(0xF), exponent = _mm512_set1_epi32(0x4B000000);
+    const __m512 offset = _mm512_set1_ps(8388608.f + 8.f);
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const uint16_t* scales = static_cast<const uint16_t*>(m.scales);
+    __m512 acc[NR][NT];
+    for (int r = 0; r < NR; ++r)
+        for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+        for (int r = 0; r < NR; ++r) {
+            const __m512i words = _mm512_loadu_si512(m.codes + (n0 + r) * m.row_bytes() + b * 64);
+            const __m128i four = _mm_cvtepu16_epi32(
+                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + (n0 + r) * groups + 4 * b)));
+            const __m512 s = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_permutexvar_epi32(spread, _mm512_castsi128_si512(four)), 16));
+            __m512 block[NT];
+            for (int t = 0; t < NT; ++t) block[t] = _mm512_setzero_ps();
+            for (int k = 0; k < 8; ++k) {
+                const __m512i codes = _mm512_and_si512(_mm512_srli_epi32(words, 4 * k), nibble);
+                const __m512 w = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(codes, exponent)), offset);
+                for (int t = 0; t < NT; ++t)
+                    block[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs[t] + b * 128 + k * 16), block[t]);
+            }
+            for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_fmadd_ps(block[t], s, acc[r][t]);
+        }
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int t = 0; t < NT; ++t) out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+}
+#endif
+
+template <int NT>
+void rows_dot_tokens(const Matrix& m, int64_t n0, int nr, const float* const* xs, float (*out)[TOKENS]) {
+#ifdef DS4_AVX512
+    if (layout_for(m.fmt, m.in) == OCTETS) {
+        if (nr == 2) rows_dot_octets<2, NT>(m, n0, xs, out);
+        else rows_dot_octets<1, NT>(m, n0, xs, out);
+        return;
+    }
+#endif
+    if (nr == 2) rows_dot<2, NT>(m, n0, xs, out);
+    else rows_dot<1, NT>(m, n0, xs, out);
+}
+
+// rows [n0, n1) of y[t] = m @ xs[t] for every token row of one expert, TOKENS at a time
+void matmul_rows(const Matrix& m, int64_t n0, int64_t n1, const float* xs, int64_t x_stride, int64_t nrows,
+                 float* ys, int64_t y_stride) {
+    for (int64_t r0 = 0; r0 < nrows; r0 += TOKENS) {
+        int nt = int(std::min<int64_t>(TOKENS, nrows - r0));
+        const float* rows[TOKENS];
+        for (int t = 0; t < nt; ++t) rows[t] = xs + (r0 + t) * x_stride;
+        float out[2][TOKENS];
+        for (int64_t n = n0; n < n1; n += 2) {
+            int nr = int(std::min<int64_t>(2, n1 - n));
+            switch (nt) {
+                case 1: rows_dot_tokens<1>(m, n, nr, rows, out); break;
+                case 2: rows_dot_tokens<2>(m, n, nr, rows, out); break;
+                case 3: rows_dot_tokens<3>(m, n, nr, rows, out); break;
+                default: rows_dot_tokens<4>(m, n, nr, rows, out); break;
+            }
+            for (int r = 0; r < nr; ++r)
+                for (int t = 0; t < nt; ++t) ys[(r0 + t) * y_stride + n + r] = out[r][t];
+        }
+    }
+}
+
+// x [n] laid out for `layout`: EVEN_ODD per group of 32 the 16 even inputs then the 16 odd ones; OCTETS
+// per block of 128, entry k * 16 + i holds input 8 i + k (nibble k of the block's 32-bit word i)
+void lay_out(const float* x, float* out, int64_t n, Layout layout) {
+    if (layout == PLAIN) {
+        std::memcpy(out, x, n * sizeof(float));
+    } else if (layout == EVEN_ODD) {
+        for (int64_t g = 0; g < n; g += GROUP)
+            for (int j = 0; j < 16; ++j) {
+                out[g + j] = x[g + 2 * j];
+                out[g + 16 + j] = x[g + 2 * j + 1];
+            }
+    } else {
+        for (int64_t b = 0; b < n; b += 128)
+            for (int k = 0; k < 8; ++k)
+                for (int i = 0; i < 16; ++i) out[b + k * 16 + i] = x[b + 8 * i + k];
+    }
+}
+
+float silu(float v) { return v / (1.f + std::exp(-v)); }
+
+}  // namespace
+
+extern "C" {
+
+// out[T, D] = sum over k of weights[t, k] * expert_{ids[t, k]}(x[t]), experts summed in ascending id order
+// (pairs with id < 0 are skipped: computed elsewhere). w13: [E, 2I, D], w2: [E, D, I] in `fmt`, with
+// their scales; limit: V4's swiglu clamp (NaN: none). work: T*K*(D + 3I + D) floats of scratch.
+int ds4_moe(const float* x, const int64_t* ids, const float* weights, int64_t T, int64_t K, int64_t E,
+            int64_t D, int64_t I, const uint8_t* w13, const void* s13, const uint8_t* w2, const void* s2,
+            int fmt, float limit, float* out, float* work, int threads) {
+    if (D % GROUP || I % GROUP || fmt < 0 || fmt > 2) return 1;
+    const Layout x_layout = layout_for(fmt, D), act_layout = layout_for(fmt, I);
+    Matrix m13{nullptr, nullptr, 2 * I, D, fmt}, m2{nullptr, nullptr, D, I, fmt};
+    const int scale_size = fmt == 0 ? 2 : (fmt == 1 ? 1 : 4);
+    // the pairs grouped by expert, ascending, tokens in order within an expert
+    std::vector<int64_t> counts(E + 1, 0), pair_token(T * K), pair_slot(T * K);
+    for (int64_t p = 0; p < T * K; ++p)
+        if (ids[p] >= 0) counts[ids[p] + 1]++;
+    for (int64_t e = 0; e < E; ++e) counts[e + 1] += counts[e];
+    const int64_t P = counts[E];
+    std::vector<int64_t> fill(counts.begin(), counts.end() - 1), slot_of(T * K, -1);
+    for (int64_t p = 0; p < T * K; ++p)
+        if (ids[p] >= 0) {
+            int64_t s = fill[ids[p]]++;
+            pair_token[s] = p / K;
+            slot_of[p] = s;
+        }
+    float* xs = work;             // [P, D] inputs, laid out for the format
+    float* h = xs + P * D;        // [P, 2I] gate and up
+    float* act = h + P * 2 * I;   // [P, I] swiglu, laid out for the format
+    float* ys = act + P * I;      // [P, D] each pair's expert output
+    std::vector<int64_t> items;   // (expert, row block) work items of both phases
+    for (int64_t e = 0; e < E; ++e)
+        if (counts[e + 1] > counts[e]) items.push_back(e);
+    const int64_t blocks13 = (2 * I + ROWS - 1) / ROWS, blocks2 = (D + ROWS - 1) / ROWS;
+    const int64_t n_items = int64_t(items.size());
+    auto expert_matrix = [&](Matrix m, const uint8_t* base, const void* scales, int64_t e) {
+        m.codes = base + e * m.code_bytes();
+        m.scales = static_cast<const uint8_t*>(scales) + e * m.scale_count() * scale_size;
+        return m;
+    };
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < P; ++s) lay_out(x + pair_token[s] * D, xs + s * D, D, x_layout);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t w = 0; w < n_items * blocks13; ++w) {
+            int64_t e = items[w / blocks13], b = w % blocks13;
+            Matrix m = expert_matrix(m13, w13, s13, e);
+            int64_t n0 = b * ROWS, n1 = std::min(2 * I, n0 + ROWS);
+            matmul_rows(m, n0, n1, xs + counts[e] * D, D, counts[e + 1] - counts[e], h + counts[e] * 2 * I, 2 * I);
+        }
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < P; ++s) {
+            float* gate = h + s * 2 * I;
+            float* up = gate + I;
+            for (int64_t i = 0; i < I; ++i) {
+                float g = gate[i], u = up[i];
+                if (!std::isnan(limit)) {
+                    g = std::min(g, limit);
+                    u = std::max(std::min(u, limit), -limit);
+                }
+                gate[i] = silu(g) * u;  // in place, then laid out into act
+            }
+            lay_out(gate, act + s * I, I, act_layout);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t w = 0; w < n_items * blocks2; ++w) {
+            int64_t e = items[w / blocks2], b = w % blocks2;
+            Matrix m = expert_matrix(m2, w2, s2, e);
+            int64_t n0 = b * ROWS, n1 = std::min(D, n0 + ROWS);
+            matmul_rows(m, n0, n1, act + counts[e] * I, I, counts[e + 1] - counts[e], ys + counts[e] * D, D);
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+            float* o = out + t * D;
+            for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+            for (int64_t e = 0; e < E; ++e)  // ascending expert id, the order the torch path sums in
+                for (int64_t k = 0; k < K; ++k) {
+                    int64_t p = t * K + k;
+                    if (ids[p] != e) continue;
+                    const float* y = ys + slot_of[p] * D;
+                    for (int64_t d = 0; d < D; ++d) o[d] += weights[p] * y[d];
+                }
+        }
+    }
+    return 0;
+}
+
+int ds4_moe_isa() {  // 1: the AVX-512 path was compiled in; 0: the generic one
+#ifdef DS4_AVX512
+    return 1;
+#else
+    return 0;
+#endif
+}
+}

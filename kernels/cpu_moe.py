@@ -1,0 +1,169 @@
+"""Routed experts on the CPU from their stored codes (int4, FP4, FP8): the C++ kernel in cpu_moe.cpp, beside
+its torch reference (dequantize, then matmul).
+
+The kernel is compiled with the system's g++ at first use (about a second: it includes no torch headers)
+into a cache folder keyed by the source, the compiler and this CPU, then loaded with ctypes. Where it
+cannot be built, `available()` says why once, as a warning, and the engine keeps the torch path (which
+dequantizes each expert it uses for the call). Owns nothing else: callers pick the path."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("cpu_moe.cpp")
+FORMATS = {"int4": 0, "fp4": 1, "fp8": 2}
+_SCALE_DTYPES = {"int4": torch.bfloat16, "fp4": torch.float8_e8m0fnu, "fp8": torch.float32}
+THREAD_BYTES = 512 << 10  # weight bytes per thread: below it, OpenMP's fork and barriers cost more than
+# they save, and far more when the cores are shared (a descheduled thread stalls every barrier)
+_libs: dict[bool, ctypes.CDLL | str] = {}  # generic? -> the library, or why it could not be built
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "ds4" / "kernels"
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(lines[:2])
+
+
+def build(generic: bool = False) -> ctypes.CDLL:
+    """The compiled kernel (built once per source, compiler and CPU). `generic`: without the AVX-512 path."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    flags += ["-DDS4_GENERIC"] if generic else []
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, _cpu_id()]).encode()).hexdigest()
+    target = _cache_dir() / f"cpu_moe-{key[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            command = [compiler, *flags, str(SOURCE), "-o", str(out)]
+            run = subprocess.run(command, capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"g++ failed: {run.stderr.strip()[-1000:]}")
+            os.replace(out, target)  # atomic: concurrent builders agree
+    lib = ctypes.CDLL(str(target))
+    lib.ds4_moe.restype = ctypes.c_int
+    lib.ds4_moe.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4
+    lib.ds4_moe.argtypes += [ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+def _library(generic: bool = False) -> ctypes.CDLL | str:
+    if generic not in _libs:
+        try:
+            _libs[generic] = build(generic)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            _libs[generic] = str(e)
+            warnings.warn(
+                f"the CPU expert kernel could not be built ({e}); routed experts on the CPU are dequantized "
+                "for each call instead (slower, same results)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _libs[generic]
+
+
+def available(generic: bool = False) -> bool:
+    """Whether the kernel is built and loaded; the first failure is reported as a RuntimeWarning."""
+    return not isinstance(_library(generic), str)
+
+
+def isa(generic: bool = False) -> str:
+    lib = _library(generic)
+    assert not isinstance(lib, str), lib
+    return "avx512" if lib.ds4_moe_isa() else "generic"
+
+
+def supports(fmt: str, hidden: int, inter: int) -> bool:
+    """The kernel's formats and shapes: inputs in whole groups of 32."""
+    return fmt in FORMATS and hidden % 32 == 0 and inter % 32 == 0
+
+
+def moe(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    w13: torch.Tensor,
+    s13: torch.Tensor,
+    w2: torch.Tensor,
+    s2: torch.Tensor,
+    fmt: str,
+    limit: float | None,
+    threads: int | None = None,
+    generic: bool = False,
+) -> torch.Tensor:
+    """[T, D] in x's dtype: sum over k of weights[t, k] * expert_ids[t, k](x[t]), the experts of the stacks
+    w13 [E, 2I, ...] and w2 [E, D, ...] stored in `fmt` with scales s13, s2. Pairs whose id is -1 are
+    skipped (their experts are computed elsewhere). `threads`: default torch's, one per THREAD_BYTES read."""
+    lib = _library(generic)
+    assert not isinstance(lib, str), lib
+    T, K = expert_ids.shape
+    E, D, inter = w13.shape[0], x.shape[1], w2.shape[-1] * (1 if fmt == "fp8" else 2)
+    assert supports(fmt, D, inter), f"format {fmt} with hidden {D}, intermediate {inter}"
+    assert w13.device.type == w2.device.type == "cpu" and w13.is_contiguous() and w2.is_contiguous()
+    assert s13.dtype == s2.dtype == _SCALE_DTYPES[fmt], f"{fmt} scales {s13.dtype}, {s2.dtype}"
+    assert s13.is_contiguous() and s2.is_contiguous() and w13.element_size() == 1
+    xf = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    ids = expert_ids.detach().to(device="cpu", dtype=torch.int64).contiguous()
+    wf = weights.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    out = torch.empty(T, D, dtype=torch.float32)
+    work = torch.empty(T * K * (2 * D + 3 * inter), dtype=torch.float32)  # activations only
+    if threads is None:  # a thread per 512 KB of codes: fewer forks and barriers for small layers
+        expert_bytes = w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]
+        threads = max(1, min(torch.get_num_threads(), min(T * K, E) * expert_bytes // THREAD_BYTES))
+    rc = lib.ds4_moe(
+        xf.data_ptr(), ids.data_ptr(), wf.data_ptr(), T, K, E, D, inter,
+        w13.data_ptr(), s13.data_ptr(), w2.data_ptr(), s2.data_ptr(),
+        FORMATS[fmt], float("nan") if limit is None else float(limit),
+        out.data_ptr(), work.data_ptr(), threads,
+    )  # fmt: skip
+    assert rc == 0, f"ds4_moe returned {rc}"
+    return out.to(x.dtype)
+
+
+def reference_moe(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    w13: torch.Tensor,
+    s13: torch.Tensor,
+    w2: torch.Tensor,
+    s2: torch.Tensor,
+    fmt: str,
+    limit: float | None,
+) -> torch.Tensor:
+    """The same sum in float32, each expert dequantized and multiplied (pairs with id -1 skipped)."""
+    from ds4.engine.quant import dequantize
+
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t, k in sorted(
+        ((t, k) for t in range(x.shape[0]) for k in range(expert_ids.shape[1]) if expert_ids[t, k] >= 0),
+        key=lambda tk: (int(expert_ids[tk]), tk[0]),
+    ):
+        e = int(expert_ids[t, k])
+        gate, up = F.linear(x[t].float(), dequantize(fmt, w13[e], s13[e])).chunk(2)
+        if limit is not None:
+            gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+        out[t] += weights[t, k].float() * F.linear(F.silu(gate) * up, dequantize(fmt, w2[e], s2[e]))
+    return out.to(x.dtype)

@@ -1,0 +1,85 @@
+"""The CPU expert kernel (C++, from stored codes) against dequantize-then-matmul: int4 (both of its AVX-512
+paths), FP4 and FP8 at odd token, expert and width counts, V4's clamp, skipped pairs, bf16 activations,
+1-3 threads, with and without its AVX-512 code; a failed build is reported and leaves the torch path."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from ds4.engine.quant import quantize_fp4, quantize_fp8_blocks, quantize_int4
+from ds4.kernels import cpu_moe
+
+QUANTIZE = {"int4": quantize_int4, "fp4": quantize_fp4, "fp8": quantize_fp8_blocks}
+
+pytestmark = pytest.mark.skipif(not cpu_moe.available(), reason="the CPU expert kernel did not build")
+
+
+def stack(gen, fmt: str, experts: int, out_dim: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [QUANTIZE[fmt](torch.randn(out_dim, in_dim, generator=gen) * 0.05) for _ in range(experts)]
+    return torch.stack([w for w, _ in pairs]).contiguous(), torch.stack([s for _, s in pairs]).contiguous()
+
+
+def case(gen, fmt, tokens, topk, experts, hidden, inter):
+    w13, s13 = stack(gen, fmt, experts, 2 * inter, hidden)
+    w2, s2 = stack(gen, fmt, experts, hidden, inter)
+    x = torch.randn(tokens, hidden, generator=gen)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:topk] for _ in range(tokens)])
+    weights = torch.rand(tokens, topk, generator=gen)
+    return x, weights, ids, (w13, s13, w2, s2)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["native", "generic"])
+@pytest.mark.parametrize("fmt", ["int4", "fp4", "fp8"])
+@pytest.mark.parametrize(
+    "tokens, topk, experts, hidden, inter",
+    # widths of whole 128-input blocks take int4's octet path; (5, ..., 128, 96) mixes both paths
+    [(1, 2, 5, 96, 160), (3, 3, 7, 64, 32), (17, 4, 9, 160, 96), (2, 3, 5, 256, 128), (5, 2, 4, 128, 96)],
+)
+def test_kernel_equals_dequantize_then_matmul(gen, fmt, tokens, topk, experts, hidden, inter, generic):
+    x, weights, ids, stacks = case(gen, fmt, tokens, topk, experts, hidden, inter)
+    for limit in (None, 0.5):  # V4 clamps the SwiGLU inputs; 0.5 clamps many of these
+        want = cpu_moe.reference_moe(x, weights, ids, *stacks, fmt, limit)
+        for threads in (1, 2, 3):
+            got = cpu_moe.moe(x, weights, ids, *stacks, fmt, limit, threads=threads, generic=generic)
+            assert relative_error(got, want) < 2e-6, (fmt, limit, threads)
+
+
+def test_skipped_pairs_and_bf16_activations(gen):
+    x, weights, ids, stacks = case(gen, "int4", 6, 3, 8, 64, 64)
+    ids[1, 0] = ids[4, 2] = -1  # computed elsewhere (hot experts on the device)
+    got = cpu_moe.moe(x, weights, ids, *stacks, "int4", None)
+    assert relative_error(got, cpu_moe.reference_moe(x, weights, ids, *stacks, "int4", None)) < 2e-6
+    xb = x.bfloat16()
+    got = cpu_moe.moe(xb, weights, ids, *stacks, "int4", None)
+    assert got.dtype == torch.bfloat16
+    assert relative_error(got, cpu_moe.reference_moe(xb, weights, ids, *stacks, "int4", None)) < 1e-2
+
+
+def test_thread_counts_give_identical_bits(gen):
+    x, weights, ids, stacks = case(gen, "fp4", 5, 4, 6, 128, 96)
+    runs = [cpu_moe.moe(x, weights, ids, *stacks, "fp4", None, threads=n) for n in (1, 2, 3)]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def test_a_failed_build_is_reported_and_leaves_the_torch_path(monkeypatch):
+    from ds4.engine.config import ModelConfig
+    from ds4.engine.layers.moe import Experts
+    from ds4.engine.presets import init_preset
+
+    monkeypatch.setattr(cpu_moe, "_libs", {})
+    monkeypatch.setattr(cpu_moe.shutil, "which", lambda name: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not cpu_moe.available()
+    assert any("could not be built" in str(w.message) for w in caught)
+    experts = Experts(ModelConfig.from_hf(init_preset("deepseek_v3", "tiny")))
+    experts.keep_quantized("int4", torch.uint8, torch.bfloat16)
+    experts.to_empty(device="cpu")
+    assert not experts.cpu_kernel()  # the engine keeps dequantizing per call
