@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ds4.agent.errors import BackendError
+from ds4.agent.probe import choose_model, list_models
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class Completion:
 class Backend(Protocol):
     name: str
     tokenizer_file: Path | None  # for exact token budgets; None: estimate
+    max_model_len: int | None  # the context, prompt and answer together; None: not known
+    can_run_concurrently: bool  # the fix loop may ask for several samples at once, from threads
 
     def complete(
         self, messages: list[dict], params: GenerationParams, on_text: Callable[[str], None] | None = None
@@ -52,6 +55,8 @@ class Backend(Protocol):
 
 class LocalBackend:
     """The engine in this process (torch is imported here, not before)."""
+
+    can_run_concurrently = False  # one generation at a time: the samples take turns
 
     def __init__(self, model_dir: str | Path, **engine_kwargs):
         from ds4.engine import LLM
@@ -103,10 +108,15 @@ def engine_sampling(params: GenerationParams, prompt_len: int, max_model_len: in
 
 
 class OpenAIBackend:
+    """An OpenAI-compatible /v1/chat/completions; a server batches concurrent requests, so samples run at
+    once (each request opens its own connection)."""
+
+    can_run_concurrently = True
+
     def __init__(
         self,
         endpoint: str,
-        model: str = "default",
+        model: str | None = None,
         api_key: str | None = None,
         timeout: float = 600.0,
         retries: int = 3,
@@ -115,12 +125,25 @@ class OpenAIBackend:
         self.url = endpoint.rstrip("/")
         if not self.url.endswith("/chat/completions"):
             self.url += "/chat/completions" if self.url.endswith("/v1") else "/v1/chat/completions"
-        self.model, self.timeout, self.retries = model, timeout, retries
+        self.endpoint, self.model, self.timeout, self.retries = endpoint, model, timeout, retries
         self.api_key = api_key or os.environ.get("DS4_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        self.name = f"openai:{model}@{endpoint}"
         self.tokenizer_file = Path(tokenizer_file) if tokenizer_file else None
+        self.max_model_len: int | None = None  # known once probed, when the server lists it
+
+    @property
+    def name(self) -> str:
+        return f"openai:{self.model}@{self.endpoint}"
+
+    def probe(self) -> None:
+        """Asks the endpoint for its models before anything else runs: it is reachable, the key is
+        accepted, and the model named is served (unnamed: its first is chosen); keeps its context when
+        listed. A failure is a BackendError that says what to do."""
+        chosen = choose_model(list_models(self.url, self.api_key), self.model, self.endpoint)
+        self.model, self.max_model_len = chosen.id, chosen.max_model_len
 
     def complete(self, messages, params, on_text=None) -> Completion:
+        if self.model is None:
+            self.probe()
         body = {
             "model": self.model,
             "messages": messages,
@@ -145,6 +168,8 @@ class OpenAIBackend:
 
     def infill(self, prefix: str, suffix: str, params: GenerationParams) -> Completion:
         """POST /v1/completions with `suffix` (no retries: an editor asks again on the next keystroke)."""
+        if self.model is None:
+            self.probe()
         start = time.perf_counter()
         url = self.url.removesuffix("/chat/completions") + "/completions"
         body = {

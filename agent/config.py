@@ -29,14 +29,15 @@ if TYPE_CHECKING:
 @dataclass(kw_only=True)
 class FixConfig:
     """One run of the fix loop. Its defaults are read, never restated, by every face: FixConfig.rounds,
-    .samples, .budget and .test_timeout, and GenerationParams.max_tokens for the tokens per answer."""
+    .samples and .test_timeout, GenerationParams.max_tokens for the tokens per answer, and fit.DEFAULT_BUDGET
+    where a face needs a budget before it knows the model's context."""
 
     repo: Path
     issue: str
     test_cmd: str | None = None  # None: the repository's detected test command
     rounds: int = 3
     samples: int = 1
-    budget: int = 32_000  # prompt tokens for the repository and the issue
+    budget: int | None = None  # prompt tokens for the repository and issue; None: what the context leaves
     test_timeout: float = 600.0  # seconds per test run
     apply: bool = False  # write the selected patch to the user's tree
     generation: GenerationParams = field(default_factory=GenerationParams)
@@ -62,10 +63,8 @@ KEYS: dict[str, type | tuple[type, ...]] = {
 PATHS = ("model", "tokenizer")
 USER_ONLY = ("model", "endpoint", "model_name", "sandbox")
 DEFAULTS = {  # what an unset flag and setting falls back to
-    "model_name": "default",
     "rounds": FixConfig.rounds,
     "samples": FixConfig.samples,
-    "budget": FixConfig.budget,
     "max_tokens": GenerationParams.max_tokens,
     "test_timeout": FixConfig.test_timeout,
     "sandbox": True,

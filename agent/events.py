@@ -12,6 +12,7 @@ class Kind(StrEnum):
     SECRETS = "secrets"  # found: possible secrets in packed files
     BASELINE = "baseline"  # command, sandbox: the tests run before any change
     BASELINE_DONE = "baseline_done"  # exit_code, failed
+    TRIMMED = "trimmed"  # sample, round, tokens: earlier rounds' turns dropped or cut to fit the context
     ASK = "ask"  # sample, round: the model is asked
     ANSWER = "answer"  # sample, round, tokens, prompt_tokens, cached_tokens, seconds
     REFUSED = "refused"  # sample, round, reason: the edits did not apply; feedback sent
@@ -36,6 +37,10 @@ def describe(event: dict) -> str:
         return f"baseline tests: {event['command']}{bare}"
     if kind == Kind.BASELINE_DONE:
         return _baseline(event)
+    if kind == Kind.TRIMMED:
+        return (
+            where + f"earlier feedback trimmed to fit the model's context ({event['tokens']:,} prompt tokens)"
+        )
     if kind == Kind.ASK:
         return where + "asking the model"
     if kind == Kind.ANSWER:

@@ -19,6 +19,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ds4.agent.backends import Backend, BackendError, GenerationParams
 from ds4.agent.config import FixConfig
 from ds4.agent.errors import FixError
 from ds4.agent.events import Kind
+from ds4.agent.fit import budget_for, check_first, fit, message_tokens
 from ds4.agent.index.indexer import index_repo
 from ds4.agent.index.store import open_index
 from ds4.agent.pack import pack
@@ -78,8 +80,7 @@ def git(repo: Path, *args: str, check: bool = True) -> str:
 def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | None = None) -> FixResult:
     emit = on_event or (lambda event: None)
     repo = config.repo.resolve()
-    if not git(repo, "rev-parse", "--is-inside-work-tree", check=False).strip() == "true":
-        raise FixError(f"{repo} is not a git repository: ds4 works in git worktrees")
+    check_repository(repo)
     try:
         folder = data_folder(repo, config.data_dir)
         sandbox = config.sandbox or choose()
@@ -103,8 +104,15 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
         event(Kind.INDEX)
         index_repo(repo, folder / "index.db")
         counter = TokenCounter(backend.tokenizer_file) if backend.tokenizer_file else ApproxCounter()
+        instructions = (PROMPTS / "fix.md").read_text()
+        context, max_tokens = backend.max_model_len, config.generation.max_tokens
+        budget = config.budget
+        if budget is None:  # what the model's context leaves, else DEFAULT_BUDGET
+            budget = budget_for(context, max_tokens, counter.count(instructions), config.rounds)
         with open_index(folder / "index.db") as db:
-            packed = pack(db, repo, config.issue, config.budget, counter, overlay=config.overlay)
+            packed = pack(db, repo, config.issue, budget, counter, overlay=config.overlay)
+        first = [{"role": "system", "content": instructions}, {"role": "user", "content": packed.prompt}]
+        check_first(first, context, max_tokens, counter)  # before the baseline: minutes on a real repository
         (run_dir / "prompt.txt").write_text(packed.prompt)
         (run_dir / "manifest.json").write_text(json.dumps(packed.manifest(), indent=2))
         if packed.secrets:
@@ -116,14 +124,21 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
         (run_dir / "baseline-tests.log").write_text(baseline.output)
         event(Kind.BASELINE_DONE, exit_code=baseline.exit_code, failed=baseline.failed)
 
-        candidates = []
-        for sample in range(1, config.samples + 1):
-            tree = _worktree(repo, run_dir / f"sample-{sample}", user_changes, worktrees, config.overlay)
-            candidates.append(
-                _attempt(
-                    config, backend, packed.prompt, tree, command, sandbox, baseline, sample, run_dir, event
-                )
+        samples = range(1, config.samples + 1)
+        trees = [
+            _worktree(repo, run_dir / f"sample-{s}", user_changes, worktrees, config.overlay) for s in samples
+        ]
+
+        def attempt(sample: int, tree: Path) -> Candidate:
+            return _attempt(
+                config, backend, first, counter, tree, command, sandbox, baseline, sample, run_dir, event
             )
+
+        if backend.can_run_concurrently and config.samples > 1:  # each sample in its own thread and worktree
+            with ThreadPoolExecutor(config.samples) as pool:
+                candidates = list(pool.map(attempt, samples, trees))
+        else:
+            candidates = [attempt(sample, tree) for sample, tree in zip(samples, trees, strict=True)]
         best = select(candidates, baseline)
         result = FixResult(
             "resolved" if best and best.passed else "unresolved",
@@ -149,6 +164,20 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
             git(repo, "worktree", "remove", "--force", str(tree), check=False)
             shutil.rmtree(tree, ignore_errors=True)
         os.close(lock)
+
+
+def check_repository(repo: Path) -> None:
+    """A FixError unless `repo` is a git repository with a commit: its worktrees start from HEAD."""
+    if not git(repo, "rev-parse", "--is-inside-work-tree", check=False).strip() == "true":
+        raise FixError(
+            f"{repo} is not a git repository: ds4 works in git worktrees; choose a repository, "
+            "or run `git init` there and commit"
+        )
+    if not git(repo, "rev-parse", "--verify", "--quiet", "HEAD", check=False).strip():
+        raise FixError(
+            f"{repo} has no commits yet: ds4 starts from your last commit; commit first "
+            "(git add -A && git commit -m start)"
+        )
 
 
 def _worktree(
@@ -187,7 +216,8 @@ def _commit_all(tree: Path, message: str) -> None:
 def _attempt(
     config: FixConfig,
     backend: Backend,
-    prompt: str,
+    first: list[dict],
+    counter: TokenCounter,
     tree: Path,
     command: str,
     sandbox: Sandbox,
@@ -197,8 +227,7 @@ def _attempt(
     event,
 ) -> Candidate:
     candidate = Candidate(sample)
-    instructions = (PROMPTS / "fix.md").read_text()
-    messages = [{"role": "system", "content": instructions}, {"role": "user", "content": prompt}]
+    messages = list(first)
     params = (
         config.generation
         if sample == 1
@@ -211,9 +240,12 @@ def _attempt(
     for round_ in range(1, config.rounds + 1):
         candidate.rounds = round_
         tag = f"sample-{sample}-round-{round_}"
+        sent = _fitted(messages, backend.max_model_len, params.max_tokens, counter)
+        if sent != messages:
+            event(Kind.TRIMMED, sample=sample, round=round_, tokens=message_tokens(sent, counter))
         event(Kind.ASK, sample=sample, round=round_)
         try:
-            completion = backend.complete(messages, params)
+            completion = backend.complete(sent, params)
         except BackendError as e:
             if round_ == 1 and sample == 1:
                 raise  # the model cannot be used at all
@@ -263,6 +295,11 @@ def _attempt(
             break
         messages.append({"role": "user", "content": _feedback("tests", tests.feedback())})
     return candidate
+
+
+def _fitted(messages: list[dict], context: int | None, max_tokens: int, counter: TokenCounter) -> list[dict]:
+    """The messages as sent: fitted to the context beside the answer when the backend says its context."""
+    return messages if context is None else fit(messages, context - max_tokens, counter)
 
 
 def _feedback(kind: str, detail: str) -> str:

@@ -11,6 +11,7 @@ from torch import nn
 from ds4.engine.cache import PagedLatentCache, WindowCache
 from ds4.engine.config import EngineConfig, ModelConfig
 from ds4.engine.context import ForwardContext, SeqSlice, forward_context
+from ds4.engine.errors import ParamError
 from ds4.engine.layers.engram import normalized_token_map
 from ds4.engine.loader import keep_stored, load_weights, materialize, model_fingerprint
 from ds4.engine.models import build_model
@@ -19,11 +20,37 @@ from ds4.engine.step_inputs import StepInputs
 from ds4.kernels import triton_enabled
 
 
+def open_device(name: str) -> torch.device:
+    """The device `name` names, checked before any weight is placed: a name torch does not know, or a CUDA
+    device this torch or machine does not have, is a ParamError that says what to pass instead."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ParamError(
+            f"--device {name}: not a device; use cpu, cuda or cuda:N (e.g. cuda:0)", "device"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "a CPU-only build of torch" if torch.version.cuda is None else "no GPU is visible"
+            raise ParamError(
+                f"--device {name}: no CUDA device here ({why}): use --device cpu, or a torch built for CUDA "
+                "on a machine with a GPU",
+                "device",
+            )
+        if device.index is not None and device.index >= count:
+            raise ParamError(
+                f"--device {name}: there are {count} CUDA device(s) here (cuda:0 to cuda:{count - 1})",
+                "device",
+            )
+    return device
+
+
 class ModelRunner:
     def __init__(self, path: str | Path, engine_config: EngineConfig):
         self.engine_config = engine_config
         self.config = ModelConfig.from_dir(path)
-        self.devices = [torch.device(d) for d in engine_config.devices or (engine_config.device,)]
+        self.devices = [open_device(d) for d in engine_config.devices or (engine_config.device,)]
         self.device = self.devices[0]  # where the inputs go; the layers' devices are `layer_devices`
         self.dtype = getattr(torch, engine_config.dtype)
         engram_tokens = None

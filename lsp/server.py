@@ -38,7 +38,7 @@ def make_backend(settings: Settings):
     from ds4.agent.backends import LocalBackend, OpenAIBackend
 
     if settings.endpoint:
-        return OpenAIBackend(settings.endpoint, settings.model_name or "default", settings.api_key)
+        return OpenAIBackend(settings.endpoint, settings.model_name, settings.api_key)
     if settings.model:
         if not Path(settings.model).is_dir():
             raise BackendError(f"the ds4 setting 'model' is not a folder: {settings.model}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from ds4.agent.backends import GenerationParams
 from ds4.agent.config import FixConfig
+from ds4.agent.fit import DEFAULT_BUDGET
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,7 @@ class Settings:
     endpoint: str | None = None  # or an OpenAI-compatible server
     model_name: str | None = None  # with endpoint
     api_key: str | None = None  # with endpoint
-    budget: int = FixConfig.budget  # prompt tokens the packer fills
+    budget: int = DEFAULT_BUDGET  # prompt tokens the packer fills
     test_command: str | None = None  # else the repository's .ds4.toml, else detected
     rounds: int = FixConfig.rounds
     max_tokens: int = GenerationParams.max_tokens  # per answer in the fix loop

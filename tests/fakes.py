@@ -71,7 +71,11 @@ RIGHT_AFTER_WRONG = edit("    return a - b + 0", "    return a + b")  # round 2 
 def fix_config(repo: Path, **kw) -> FixConfig:
     """The fix of ISSUE in `repo` with pytest and a small budget; `kw` overrides."""
     return FixConfig(
-        repo=repo, issue=ISSUE, test_cmd=kw.pop("test_cmd", "python -m pytest -q -rf"), budget=4000, **kw
+        repo=repo,
+        issue=ISSUE,
+        test_cmd=kw.pop("test_cmd", "python -m pytest -q -rf"),
+        budget=kw.pop("budget", 4000),
+        **kw,
     )
 
 
@@ -80,9 +84,10 @@ class ScriptedBackend:
 
     name = "scripted"
     tokenizer_file = None
+    can_run_concurrently = False  # it plays its answers back in order
 
-    def __init__(self, answers: list[str]):
-        self.answers, self.asked = list(answers), []
+    def __init__(self, answers: list[str], max_model_len: int | None = None):
+        self.answers, self.asked, self.max_model_len = list(answers), [], max_model_len
 
     def complete(self, messages, params, on_text=None) -> Completion:
         self.asked.append([dict(m) for m in messages])
@@ -90,15 +95,29 @@ class ScriptedBackend:
 
 
 class ScriptedChatServer(BaseHTTPRequestHandler):
-    """Test double: an OpenAI-compatible /v1/chat/completions on loopback that streams scripted answers."""
+    """Test double: an OpenAI-compatible server on loopback: /v1/chat/completions streams scripted answers,
+    /v1/models lists `models`."""
 
     answers: list[str] = []
     bodies: list[dict] = []
+    models: list[dict] = [{"id": "deepseek-v4", "object": "model"}, {"id": "deepseek-v4-flash"}]
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        if self.path.rstrip("/") != "/v1/models":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps({"object": "list", "data": type(self).models}).encode())
+
+    def answer_for(self, body: dict) -> str:
+        return type(self).answers.pop(0)
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).bodies.append(body)
-        answer = type(self).answers.pop(0)
+        answer = self.answer_for(body)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()

@@ -30,6 +30,7 @@ from ds4.agent.backends import GenerationParams
 from ds4.agent.config import ConfigError, FixConfig
 from ds4.agent.errors import Cancelled
 from ds4.agent.events import describe
+from ds4.agent.fit import DEFAULT_BUDGET
 from ds4.agent.sandbox import SandboxError
 
 log = logging.getLogger("ds4.api")
@@ -45,7 +46,7 @@ class FixRequest(msgspec.Struct, kw_only=True):
     rounds: Annotated[int, msgspec.Meta(ge=1, le=20)] = FixConfig.rounds
     samples: Annotated[int, msgspec.Meta(ge=1, le=16)] = FixConfig.samples
     budget: Annotated[int, msgspec.Meta(ge=256, le=1_048_576, description="prompt tokens to pack")] = (
-        FixConfig.budget
+        DEFAULT_BUDGET
     )
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = GenerationParams.max_tokens
     test_cmd: str | None = None

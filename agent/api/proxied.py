@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 
 import httpx
 
 from ds4.agent.api.errors import APIError
+from ds4.agent.probe import choose_model, list_models
 
 
 class ProxiedModel:
@@ -40,17 +39,7 @@ class ProxiedModel:
 
     def _first_model(self) -> str:
         """The upstream's first model, asked once at start-up (so a wrong URL fails now, not later)."""
-        request = urllib.request.Request(self.base + "/models", headers=self._headers())
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                models = json.load(response).get("data") or []
-        except urllib.error.HTTPError as e:
-            raise ConnectionError(f"{self.base}/models answered {e.code}: pass --api-key-upstream?") from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise ConnectionError(f"cannot list models at {self.base}/models: {e}") from None
-        if not models or not isinstance(models[0], dict) or not models[0].get("id"):
-            raise ConnectionError(f"{self.base}/models lists no model: pass --model-name")
-        return models[0]["id"]
+        return choose_model(list_models(self.base, self.api_key, "--endpoint-key"), None, self.base).id
 
     def stats(self) -> None:
         return None  # no engine here: /metrics reports what the responses' usage says

@@ -51,6 +51,8 @@ class LoopBackend:
         self.served, self.cancel = served, cancel
         self.name = f"ds4:{served.name}"
         self.tokenizer_file = served.model_dir / "tokenizer.json"
+        self.max_model_len = served.max_model_len
+        self.can_run_concurrently = False  # fix jobs already share the engine thread with API clients
 
     def with_cancel(self, cancel: threading.Event) -> LoopBackend:
         return LoopBackend(self.served, cancel)

@@ -78,7 +78,28 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         else:
             action.add_parser(name, help=help_line)
     assert list(action.choices) == list(COMMANDS), f"commands out of order: {list(action.choices)}"
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's help, in every command, ends with its default where it has one and does not say it
+    already (an option whose default is computed says so in its own help)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _show_defaults(command)
+            continue
+        default = action.default
+        if default is None or isinstance(default, bool) or default in ("", [], argparse.SUPPRESS):
+            continue
+        if not action.option_strings or "default" in (action.help or ""):
+            continue
+        if isinstance(default, (list, tuple)):
+            default = ",".join(map(str, default))
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        said = f"default {shown}".replace("%", "%%")
+        action.help = f"{action.help} ({said})" if action.help else said
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,7 +114,7 @@ def _add_prefix(sub) -> None:
     prefix.add_argument("--suffix-tokens", type=int, default=16)
     prefix.add_argument("--runs", type=int, default=3)
     prefix.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    prefix.add_argument("--threads", type=int, default=None)
+    prefix.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     prefix.add_argument("--json", action="store_true")
 
 

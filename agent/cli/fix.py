@@ -8,12 +8,13 @@ import sys
 import time
 
 from ds4.agent.backends import GenerationParams
-from ds4.agent.cli import DONE, NOT_RESOLVED
+from ds4.agent.cli import DONE, NOT_RESOLVED, USAGE
 from ds4.agent.cli.flags import add_backend_flags, add_sandbox_flag, backend, sandbox
 from ds4.agent.cli.inputs import read_issue, require_dir
 from ds4.agent.config import DEFAULTS, FixConfig, merge_args
 from ds4.agent.errors import InputError
 from ds4.agent.events import describe
+from ds4.agent.fit import DEFAULT_BUDGET
 
 SETTINGS_HELP = (
     "Unset flags come from REPO/.ds4.toml, then ~/.config/ds4/config.toml (same names, e.g. rounds); "
@@ -46,29 +47,7 @@ def _add_fix(sub) -> None:
     fix.add_argument("--issue-text", default=None, help="the issue's text itself (instead of ISSUE)")
     fix.add_argument("--repo", default=".")
     add_backend_flags(fix)
-    fix.add_argument("--tokenizer", default=None, help="with --endpoint: a tokenizer.json for exact budgets")
-    fix.add_argument(
-        "--test-cmd", default=None, help="default: detected (pytest, npm test, go test, cargo test)"
-    )
-    fix.add_argument(
-        "--rounds", type=int, default=None, help=f"feedback rounds (default {DEFAULTS['rounds']})"
-    )
-    fix.add_argument("--samples", type=int, default=None, help=f"candidates (default {DEFAULTS['samples']})")
-    fix.add_argument(
-        "--budget",
-        type=int,
-        default=None,
-        help=f"prompt tokens for the repository and issue (default {DEFAULTS['budget']})",
-    )
-    fix.add_argument(
-        "--max-tokens", type=int, default=None, help=f"tokens per answer (default {DEFAULTS['max_tokens']})"
-    )
-    fix.add_argument(
-        "--test-timeout",
-        type=float,
-        default=None,
-        help=f"seconds per test run (default {DEFAULTS['test_timeout']:g})",
-    )
+    _add_fix_knobs(fix)
     add_sandbox_flag(fix)
     fix.add_argument(
         "--apply", action="store_true", help="write the selected patch to your tree if it applies"
@@ -76,36 +55,74 @@ def _add_fix(sub) -> None:
     fix.add_argument("--json", action="store_true")
 
 
+def _add_fix_knobs(parser) -> None:
+    """The flags of one fix, shared by `fix` and `swebench predict`; unset ones come from the settings."""
+    parser.add_argument(
+        "--tokenizer", default=None, help="with --endpoint: a tokenizer.json for exact budgets"
+    )
+    parser.add_argument(
+        "--test-cmd", default=None, help="default: detected (pytest, npm test, go test, cargo test)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help=f"feedback rounds (default {DEFAULTS['rounds']})"
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help=f"candidates (default {DEFAULTS['samples']}; against an endpoint they run at once)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="prompt tokens for the repository and issue (default: what the model's context leaves beside "
+        f"the answer and later rounds' feedback; {DEFAULT_BUDGET} where the context is not known)",
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help=f"tokens per answer (default {DEFAULTS['max_tokens']})"
+    )
+    parser.add_argument(
+        "--test-timeout",
+        type=float,
+        default=None,
+        help=f"seconds per test run (default {DEFAULTS['test_timeout']:g})",
+    )
+
+
 def _fix(args) -> int:
     from pathlib import Path
 
-    from ds4.agent.loop import fix
+    from ds4.agent.loop import check_repository, fix
 
     require_dir(args.repo)
+    check_repository(Path(args.repo).resolve())  # before the model loads or the endpoint is asked
     filled = merge_args(args, args.repo)
     issue = read_issue(args.issue or "", args.issue_text)
     if not issue.strip():
         raise InputError(
             "the issue is empty: give its text, a file, - for standard input, or a GitHub issue URL", "issue"
         )
+    model = backend(args)  # probed now: a server that cannot be used ends the run before any test runs
     config = _fix_config(args, Path(args.repo), issue, apply=args.apply, sandbox=sandbox(args))
     if filled.get("test_cmd", Path()).name == ".ds4.toml":
         _show_repo_test_cmd(filled["test_cmd"], args.test_cmd, config.sandbox)
     progress = None if args.json else ProgressView(sys.stderr)
-    result = fix(config, backend(args), progress)
+    result = fix(config, model, progress)
     if args.json:
         print(json.dumps(result.as_json(), indent=2))
+    elif result.status == "error":  # the loop could not run: one line, as every error that stops a command
+        print(f"ds4-agent: error: {result.message} (run folder {result.run_dir})", file=sys.stderr)
     else:
         if result.diff:
             print(result.diff)
         verdict = {
             "resolved": "resolved: the tests pass",
             "unresolved": "unresolved: no candidate passed the tests",
-            "error": f"error: {result.message}",
         }[result.status]
         applied = f"; {result.message}" if result.status == "resolved" and result.message else ""
         print(f"{verdict} ({result.rounds} round(s); run folder {result.run_dir}){applied}")
-    return DONE if result.status == "resolved" else NOT_RESOLVED
+    return {"resolved": DONE, "unresolved": NOT_RESOLVED, "error": USAGE}[result.status]
 
 
 def _fix_config(args, repo, issue: str, **more) -> FixConfig:
@@ -147,13 +164,7 @@ def _add_predict(sub) -> None:
     predict.add_argument("--repos-dir", required=True)
     predict.add_argument("--out", required=True)
     add_backend_flags(predict)
-    predict.add_argument("--tokenizer", default=None)
-    predict.add_argument("--rounds", type=int, default=None)
-    predict.add_argument("--samples", type=int, default=None)
-    predict.add_argument("--budget", type=int, default=None)
-    predict.add_argument("--max-tokens", type=int, default=None)
-    predict.add_argument("--test-timeout", type=float, default=None)
-    predict.add_argument("--test-cmd", default=None)
+    _add_fix_knobs(predict)
     add_sandbox_flag(predict)
 
 

@@ -65,17 +65,24 @@ def add_backend_flags(parser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--model", help="a checkpoint folder: the engine runs in this process")
     where.add_argument("--endpoint", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8484")
-    parser.add_argument("--model-name", default=None, help="with --endpoint: the model to ask for")
+    parser.add_argument(
+        "--model-name",
+        default=None,
+        help="with --endpoint: the model to ask for (default: the server's first)",
+    )
     add_device_flags(parser)
 
 
 def backend(args):
-    """The backend --model (the engine in this process) or --endpoint names."""
+    """The backend --model (the engine in this process) or --endpoint names, ready to be asked: the engine
+    loaded, or the endpoint probed (reachable, key accepted, model served or chosen) before any test runs."""
     from ds4.agent.backends import LocalBackend, OpenAIBackend
 
     if args.model:
         return LocalBackend(args.model, **device_kwargs(args))
-    return OpenAIBackend(args.endpoint, args.model_name, tokenizer_file=args.tokenizer)
+    chosen = OpenAIBackend(args.endpoint, args.model_name, tokenizer_file=args.tokenizer)
+    chosen.probe()
+    return chosen
 
 
 def add_sandbox_flag(parser) -> None:

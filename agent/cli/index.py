@@ -86,7 +86,7 @@ def _add_search(sub) -> None:
     search = sub.add_parser("search")
     search.add_argument("query")
     search.add_argument("--repo", default=".")
-    search.add_argument("--db", default=None)
+    search.add_argument("--db", default=None, help="index database (default: REPO/.ds4/index.db)")
     search.add_argument("--kind", default=None, help="function, method, class, interface, struct, ...")
     search.add_argument("--limit", type=int, default=20)
     search.add_argument("--json", action="store_true")
@@ -104,7 +104,7 @@ def _add_symbols(sub) -> None:
     symbols = sub.add_parser("symbols")
     symbols.add_argument("path", nargs="?", default=None, help="a file, relative to the repository")
     symbols.add_argument("--repo", default=".")
-    symbols.add_argument("--db", default=None)
+    symbols.add_argument("--db", default=None, help="index database (default: REPO/.ds4/index.db)")
     symbols.add_argument("--json", action="store_true")
 
 

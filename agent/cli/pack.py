@@ -14,7 +14,7 @@ from ds4.agent.errors import InputError
 def add_parser(sub) -> None:
     pack = sub.add_parser("pack")
     pack.add_argument("--repo", default=".")
-    pack.add_argument("--db", default=None)
+    pack.add_argument("--db", default=None, help="index database (default: REPO/.ds4/index.db)")
     pack.add_argument("--issue", default="", help="the issue: a file, or - for standard input")
     pack.add_argument("--issue-text", default=None, help="the issue's text itself (instead of --issue)")
     pack.add_argument("--budget", type=int, default=128_000, help="tokens")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ds4.agent.cli import DONE, USAGE
+from ds4.agent.cli import DONE
 from ds4.agent.cli.flags import add_device_flags, device_kwargs
 from ds4.agent.config import DEFAULTS
 
@@ -89,11 +89,7 @@ def run(args) -> int:
     from ds4.agent.api.app import create_app
     from ds4.agent.api.lifecycle import serve
 
-    try:
-        model, backend = _served(args)
-    except ConnectionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USAGE
+    model, backend = _served(args)  # an endpoint that cannot be used is a BackendError, before serving
     app = create_app(
         model,
         ServerConfig(

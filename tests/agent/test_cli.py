@@ -138,3 +138,43 @@ def test_bench_engine_json(model_dir):
     assert all(v > 0 for v in report["ratio"].values())
     # the CPU path's decode step waits for nothing but copies its ids back; its aten calls are counted
     assert report["ds4"]["host_syncs_per_token"] >= 1 and report["ds4"]["aten_ops_per_token"] > 100
+
+
+def test_device_mistakes_are_one_line_errors(model_dir):
+    import torch
+
+    result = run_cli("generate", "--model", model_dir, "--device", "gpu", "hi")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "ds4-agent: error: --device gpu: not a device; use cpu, cuda or cuda:N (e.g. cuda:0)"
+    ]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    result = run_cli("generate", "--model", model_dir, "--device", f"cuda:{count}", "hi")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    if count == 0:  # this torch or this machine has no CUDA
+        assert "--device cuda:0: no CUDA device here" in result.stderr and "use --device cpu" in result.stderr
+    else:
+        assert f"there are {count} CUDA device(s) here (cuda:0 to cuda:{count - 1})" in result.stderr
+
+
+def test_apply_json_says_which_edits_went_to_which_files(tmp_path):
+    from tests.fakes import BUGGY, RIGHT, make_repo
+
+    repo = make_repo(tmp_path / "r", BUGGY)
+    (tmp_path / "answer.md").write_text(RIGHT)
+    (tmp_path / "bad.md").write_text(RIGHT.replace("return a - b", "return a ^ b"))
+    checked = run_cli("apply", tmp_path / "answer.md", "--repo", repo, "--check", "--json")
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout) == {
+        "status": "checked",
+        "edits": [{"block": 1, "path": "calc.py", "how": "exact"}],
+        "files": [{"path": "calc.py", "deleted": False}],
+        "error": None,
+    }
+    assert "a - b" in (repo / "calc.py").read_text()
+    applied = run_cli("apply", tmp_path / "answer.md", "--repo", repo, "--json")
+    assert json.loads(applied.stdout)["status"] == "applied" and "a + b" in (repo / "calc.py").read_text()
+    refused = run_cli("apply", tmp_path / "bad.md", "--repo", repo, "--json")
+    answer = json.loads(refused.stdout)
+    assert refused.returncode == 1 and (answer["status"], answer["edits"]) == ("refused", [])
+    assert "block 1 (calc.py): the SEARCH lines are not in the file" in answer["error"]

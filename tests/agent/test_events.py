@@ -12,6 +12,10 @@ EXAMPLES = {
     ),
     Kind.BASELINE: ({"command": "pytest", "sandbox": "none"}, "baseline tests: pytest (WITHOUT a sandbox)"),
     Kind.BASELINE_DONE: ({"exit_code": 1, "failed": ["t.py::test_a"]}, "baseline: 1 failing (test_a)"),
+    Kind.TRIMMED: (
+        {"sample": 1, "round": 3, "tokens": 1900},
+        "sample 1 round 3: earlier feedback trimmed to fit the model's context (1,900 prompt tokens)",
+    ),
     Kind.ASK: ({"sample": 1, "round": 2}, "sample 1 round 2: asking the model"),
     Kind.ANSWER: (
         {

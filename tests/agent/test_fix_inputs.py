@@ -214,3 +214,33 @@ def test_a_mistyped_issue_file_is_an_error_and_issue_text_is_literal(repo, env):
 
     assert read_issue("", "ISSSUE.md") == "ISSSUE.md"
     assert read_issue("add() returns the wrong sign") == "add() returns the wrong sign"
+
+
+@pytest.mark.parametrize(
+    "commits, message",
+    [
+        (
+            None,
+            "is not a git repository: ds4 works in git worktrees; choose a repository, or run `git init`",
+        ),
+        (
+            False,
+            "has no commits yet: ds4 starts from your last commit; commit first (git add -A && git commit",
+        ),
+    ],
+)
+def test_a_repository_ds4_cannot_start_from_is_one_line_before_the_model(tmp_path, env, commits, message):
+    from tests.fakes import BUGGY, git, make_repo
+
+    repo = make_repo(tmp_path / "r", BUGGY, use_git=False)
+    if commits is not None:
+        git(repo, "init", "-q")
+    done = subprocess.run(  # nothing listens at the endpoint: the repository is checked first
+        [EXE, "fix", "--issue-text", "add is wrong", "--repo", str(repo), "--endpoint", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"ds4-agent: error: {repo.resolve()} {message}")

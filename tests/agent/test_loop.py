@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -217,3 +218,102 @@ def test_a_passing_baseline_is_reported_as_unable_to_confirm_a_fix(repo):
     baseline = next(e for e in events if e["event"] == "baseline_done")
     assert "cannot confirm a fix" in describe(baseline)
     assert describe({**baseline, "exit_code": 1}) == "baseline: the tests fail (exit code 1)"
+
+
+LONG_FAILURE = (  # a test command whose failure log is far longer than a small context
+    "python -c \"import sys; print('\\n'.join(f'line {i}: AssertionError: add(2, 3) == -1, expected 5' "
+    'for i in range(400))); sys.exit(1)"'
+)
+
+
+def test_the_budget_fits_the_context_and_later_rounds_are_trimmed_not_ended(repo):
+    from ds4.agent.fit import budget_for, message_tokens
+    from ds4.agent.loop import PROMPTS
+    from ds4.agent.tokens import ApproxCounter
+
+    counter, context, max_tokens = ApproxCounter(), 2500, 200
+    answers = [WRONG, edit("    return a - b + 0", "    return a - b + 1")]
+    answers.append(edit("    return a - b + 1", "    return a - b + 2"))
+    backend = ScriptedBackend(answers, max_model_len=context)
+    config = fix_config(
+        repo, budget=None, test_cmd=LONG_FAILURE, generation=GenerationParams(max_tokens=max_tokens)
+    )
+    result = fix(config, backend)
+    assert (result.status, result.rounds, result.candidates[0].error) == ("unresolved", 3, None)
+    manifest = json.loads((Path(result.run_dir) / "manifest.json").read_text())
+    instructions = counter.count((PROMPTS / "fix.md").read_text())
+    assert manifest["budget"] == budget_for(context, max_tokens, instructions, 3)
+    sizes = [message_tokens(asked, counter) for asked in backend.asked]
+    assert len(sizes) == 3 and max(sizes) <= context - max_tokens, sizes
+    assert all(asked[:2] == backend.asked[0] for asked in backend.asked)  # the packed prompt whole
+    assert "characters cut to fit the model's context" in backend.asked[1][-1]["content"]
+    assert len(backend.asked[2]) == 4  # round 3: round 1's answer and feedback dropped, round 2's kept
+    trajectory = json.loads((Path(result.run_dir) / "trajectory.json").read_text())
+    assert [e["round"] for e in trajectory["events"] if e["event"] == "trimmed"] == [2, 3]
+
+
+def test_a_prompt_over_the_context_ends_before_any_test_runs(repo, tmp_path):
+    marker = tmp_path / "tests-ran"
+    backend = ScriptedBackend([RIGHT], max_model_len=1000)
+    result = fix(fix_config(repo, budget=4000, test_cmd=f"touch {marker}"), backend)
+    assert result.status == "error" and not marker.exists() and backend.asked == []
+    assert "more than the model's context of 1,000; lower --max-tokens" in result.message
+
+
+@pytest.mark.slow
+def test_the_tiny_model_gets_prompts_that_fit_its_context_every_round(repo, tiny_v3):
+    from ds4.agent.backends import LocalBackend
+
+    backend = LocalBackend(tiny_v3)
+    config = fix_config(
+        repo, budget=None, test_cmd=LONG_FAILURE, rounds=2, generation=GenerationParams(max_tokens=32)
+    )
+    result = fix(config, backend)
+    trajectory = json.loads((Path(result.run_dir) / "trajectory.json").read_text())
+    answers = [e for e in trajectory["events"] if e["event"] == "answer"]
+    assert result.status == "unresolved" and len(answers) == 2, trajectory["events"]
+    assert all(a["prompt_tokens"] + 32 <= backend.max_model_len for a in answers)
+    assert not [e for e in trajectory["events"] if e["event"] == "backend_error"]
+
+
+class SeededChatServer(ScriptedChatServer):
+    """Test double: answers by the request's seed (sample 1 asks without one), slowly, and records the
+    most requests it held at once."""
+
+    by_seed = {None: WRONG, 2: RIGHT, 3: RIGHT}
+    num_in_flight = max_in_flight = 0
+    lock = threading.Lock()
+
+    def answer_for(self, body: dict) -> str:
+        cls = type(self)
+        with cls.lock:
+            cls.num_in_flight += 1
+            cls.max_in_flight = max(cls.max_in_flight, cls.num_in_flight)
+        time.sleep(0.5)  # long enough for the other samples' requests to arrive
+        with cls.lock:
+            cls.num_in_flight -= 1
+        return cls.by_seed[body.get("seed")]
+
+
+def test_samples_against_an_endpoint_run_at_once_with_the_same_results(repo):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SeededChatServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    results, max_in_flight = [], []
+    try:
+        for concurrent in (True, False):
+            SeededChatServer.max_in_flight = 0
+            backend = OpenAIBackend(f"http://127.0.0.1:{server.server_port}", "deepseek", retries=0)
+            backend.can_run_concurrently = concurrent
+            results.append(fix(fix_config(repo, rounds=1, samples=3), backend))
+            max_in_flight.append(SeededChatServer.max_in_flight)
+    finally:
+        server.shutdown()
+    assert max_in_flight == [3, 1]
+    concurrent, sequential = results
+    assert concurrent.status == "resolved" and "return a + b" in concurrent.diff
+
+    def content(result):
+        return result.status, result.diff, [(c.sample, c.diff, c.passed, c.failed) for c in result.candidates]
+
+    assert content(concurrent) == content(sequential)
+    assert [c.passed for c in concurrent.candidates] == [False, True, True]

@@ -17,6 +17,8 @@ from ds4.lsp.server import create_server
 class ScriptedBackend:
     name = "scripted"
     tokenizer_file = None
+    max_model_len = None
+    can_run_concurrently = False
 
     def __init__(self, script: Path):
         data = json.loads(script.read_text())
