@@ -52,14 +52,51 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
 
-def _decode_rate(generate, batch: int, new: int, runs: int, device: torch.device) -> float:
-    """Decode tokens/s: (generate(new + 1) - generate(1)), the prefill and its first token taken out, each
-    the least of `runs` timings: other work on the machine only adds time, and a median of differences
-    of two noisy timings can even come out negative."""
-    generate(2)  # warm-up
-    long = min(timed(lambda: generate(new + 1), device) for _ in range(runs))
-    short = min(timed(lambda: generate(1), device) for _ in range(runs))
-    return batch * new / (long - short)
+def _ds4_decode_rate(llm: LLM, prompts: list[list[int]], new: int, runs: int) -> float:
+    """Decode tokens/s through the engine: the tokens of the steps after every prompt has its first one,
+    over their time (median of `runs`), so no prefill has to be subtracted out."""
+    device = llm.runner.device
+    engine = llm.engine
+    llm.generate(prompts, greedy(2))  # warm-up: the prompts are in the prefix cache from here on
+    rates = []
+    for _ in range(runs):
+        requests = [engine.add_request(p, greedy(new + 1)) for p in prompts]
+        outs = [engine.output(r) for r in requests]
+        while any(not o.token_ids and o.finish_reason is None for o in outs):
+            engine.step()
+        _sync(device)
+        start, before = time.perf_counter(), sum(len(o.token_ids) for o in outs)
+        while engine.has_unfinished:
+            engine.step()
+        _sync(device)
+        rates.append((sum(len(o.token_ids) for o in outs) - before) / (time.perf_counter() - start))
+        for r in requests:
+            engine.release(r)
+    return statistics.median(rates)
+
+
+class _StepClock:
+    """A transformers logits processor that notes the time of each generation step (after syncing)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores):
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _hf_decode_rate(generate, batch: int, new: int, runs: int, device: torch.device) -> float:
+    """Decode tokens/s of transformers' generate: from the step after the prefill to the last, as noted by
+    a logits processor (median of `runs`)."""
+    generate(2, None)  # warm-up
+    gaps = []
+    for _ in range(runs):
+        clock = _StepClock(device)
+        generate(new + 1, clock)
+        gaps.append(clock.times[new] - clock.times[0])  # `new` decode forwards between the two
+    return batch * new / statistics.median(gaps)
 
 
 class _OpCounter(TorchDispatchMode):
@@ -113,11 +150,8 @@ def _step_profile(llm: LLM, prompt: list[int], steps: int, rate: float) -> dict:
 def _ds4(llm: LLM, prompt: list[int], batch_prompts: list[list[int]], decode_tokens: int, runs: int) -> dict:
     device = llm.runner.device
     prefill = _median_time(lambda: llm.generate([prompt], greedy(1)), runs, device)
-    rate = _decode_rate(lambda n: llm.generate([prompt], greedy(n)), 1, decode_tokens, runs, device)
-    batch = len(batch_prompts)
-    batched = _decode_rate(
-        lambda n: llm.generate(batch_prompts, greedy(n)), batch, decode_tokens, runs, device
-    )
+    rate = _ds4_decode_rate(llm, [prompt], decode_tokens, runs)
+    batched = _ds4_decode_rate(llm, batch_prompts, decode_tokens, runs)
     return {
         "prefill_tokens_per_s": len(prompt) / prefill,
         "decode_tokens_per_s": rate,
@@ -131,10 +165,17 @@ def _transformers(model, prompt: list[int], batch_prompts: list[list[int]], deco
     ids, batch_ids = torch.tensor([prompt], device=device), torch.tensor(batch_prompts, device=device)
 
     @torch.inference_mode()
-    def generate(inputs, n):
+    def generate(inputs, n, clock):
+        from transformers import LogitsProcessorList
+
         mask = torch.ones_like(inputs)  # no padding: every prompt has the same length
         return model.generate(
-            inputs, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False
+            inputs,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock] if clock else []),
         )
 
     @torch.inference_mode()
@@ -143,9 +184,11 @@ def _transformers(model, prompt: list[int], batch_prompts: list[list[int]], deco
 
     return {
         "prefill_tokens_per_s": len(prompt) / _median_time(prefill, runs, device),
-        "decode_tokens_per_s": _decode_rate(lambda n: generate(ids, n), 1, decode_tokens, runs, device),
-        "batch_decode_tokens_per_s": _decode_rate(
-            lambda n: generate(batch_ids, n), len(batch_prompts), decode_tokens, runs, device
+        "decode_tokens_per_s": _hf_decode_rate(
+            lambda n, clock: generate(ids, n, clock), 1, decode_tokens, runs, device
+        ),
+        "batch_decode_tokens_per_s": _hf_decode_rate(
+            lambda n, clock: generate(batch_ids, n, clock), len(batch_prompts), decode_tokens, runs, device
         ),
     }
 
