@@ -94,9 +94,11 @@ def _fix(args) -> int:
     from pathlib import Path
 
     from ds4.agent.loop import check_repository, fix
+    from ds4.agent.runs import checked
 
     require_dir(args.repo)
     check_repository(Path(args.repo).resolve())  # before the model loads or the endpoint is asked
+    checked(Path(args.repo) / ".ds4")  # a committed .ds4 symlink is refused before anything else too
     filled = merge_args(args, args.repo)
     issue = read_issue(args.issue or "", args.issue_text)
     if not issue.strip():

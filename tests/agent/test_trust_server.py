@@ -318,7 +318,8 @@ def test_a_corrupted_jobs_database_is_a_one_line_error(tiny_v3, tmp_path):
 
 def test_cancelling_a_job_stops_its_generation(agent, served):
     running, repo_id, _ = agent
-    fix = {"repo_id": repo_id, "issue": "add(2, 3) returns -1", "max_tokens": 1800, "budget": 1024}
+    # a long answer to cut, with a prompt that fits the tiny model's 2,048-token context beside it
+    fix = {"repo_id": repo_id, "issue": "add(2, 3) returns -1", "max_tokens": 1200, "budget": 400}
     status, job = running.call("POST", "/v1/fix", fix)
     assert status == 202
     wait_for(lambda: served.num_in_flight == 1, timeout=60, what="the job to ask the model")
@@ -335,7 +336,8 @@ def test_cancelling_a_job_stops_its_generation(agent, served):
 
 def test_fix_jobs_beyond_the_queue_limit_get_429(agent, served):
     running, repo_id, _ = agent
-    fix = {"repo_id": repo_id, "issue": "add(2, 3) returns -1", "max_tokens": 1800, "budget": 1024}
+    # a long answer to cut, with a prompt that fits the tiny model's 2,048-token context beside it
+    fix = {"repo_id": repo_id, "issue": "add(2, 3) returns -1", "max_tokens": 1200, "budget": 400}
     _, first = running.call("POST", "/v1/fix", fix)
     wait_for(lambda: running.call("GET", f"/v1/jobs/{first['id']}")[1]["status"] == "running")
     status, second = running.call("POST", "/v1/fix", fix)  # waits: the queue holds one
