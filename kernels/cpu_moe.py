@@ -89,6 +89,12 @@ def available(generic: bool = False) -> bool:
     return not isinstance(_library(generic), str)
 
 
+def build_error(generic: bool = False) -> str | None:
+    """Why the kernel could not be built, or None when it is loaded."""
+    lib = _library(generic)
+    return lib if isinstance(lib, str) else None
+
+
 def isa(generic: bool = False) -> str:
     lib = _library(generic)
     assert not isinstance(lib, str), lib

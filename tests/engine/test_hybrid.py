@@ -98,8 +98,7 @@ def test_quantized_experts_in_ram_run_in_the_cpu_kernel_with_the_same_greedy_tok
     from ds4 import kernels
     from ds4.kernels import cpu_moe
 
-    if not cpu_moe.available():
-        pytest.skip("the CPU expert kernel did not build (a RuntimeWarning says why)")
+    assert cpu_moe.available(), f"the CPU expert kernel did not build: {cpu_moe.build_error()}"
     path = _quantized(checkpoint, experts)
     with kernels.cpu_kernels(False):  # the reference: each expert dequantized for its call
         want = [o.token_ids for o in LLM(path, hot_experts=0).generate(PROMPTS, GREEDY)]
@@ -125,8 +124,7 @@ def test_the_cpu_kernel_allocates_no_full_precision_copy_of_an_expert(tmp_path):
     from ds4 import kernels
     from ds4.kernels import cpu_moe
 
-    if not cpu_moe.available():
-        pytest.skip("the CPU expert kernel did not build (a RuntimeWarning says why)")
+    assert cpu_moe.available(), f"the CPU expert kernel did not build: {cpu_moe.build_error()}"
     init_checkpoint("deepseek_v3", "tiny", tmp_path / "src", seed=2)
     llm = LLM(_quantized(tmp_path / "src", "int4"), hot_experts=0)
     config = llm.config
