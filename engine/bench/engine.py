@@ -52,7 +52,7 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
 
-def _ds4_decode_rate(llm: LLM, prompts: list[list[int]], new: int, runs: int) -> float:
+def decode_rate(llm: LLM, prompts: list[list[int]], new: int, runs: int) -> float:
     """Decode tokens/s through the engine: the tokens of the steps after every prompt has its first one,
     over their time (median of `runs`), so no prefill has to be subtracted out."""
     device = llm.runner.device
@@ -150,8 +150,8 @@ def _step_profile(llm: LLM, prompt: list[int], steps: int, rate: float) -> dict:
 def _ds4(llm: LLM, prompt: list[int], batch_prompts: list[list[int]], decode_tokens: int, runs: int) -> dict:
     device = llm.runner.device
     prefill = _median_time(lambda: llm.generate([prompt], greedy(1)), runs, device)
-    rate = _ds4_decode_rate(llm, [prompt], decode_tokens, runs)
-    batched = _ds4_decode_rate(llm, batch_prompts, decode_tokens, runs)
+    rate = decode_rate(llm, [prompt], decode_tokens, runs)
+    batched = decode_rate(llm, batch_prompts, decode_tokens, runs)
     return {
         "prefill_tokens_per_s": len(prompt) / prefill,
         "decode_tokens_per_s": rate,

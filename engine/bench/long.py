@@ -13,7 +13,7 @@ import resource
 import torch
 
 from ds4.engine.activations import ActivationPeak
-from ds4.engine.bench.engine import _sync, greedy, timed
+from ds4.engine.bench.engine import decode_rate, greedy, timed
 from ds4.engine.llm import LLM
 from ds4.engine.workspace import prefill_workspace
 
@@ -39,38 +39,16 @@ class _Peak:
             self.bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.start
 
 
-def _decode_seconds(llm: LLM, ids: list[int], tokens: int) -> float:
-    """Seconds of `tokens` decode steps after the prompt (from the prefix cache) and its first token,
-    timed step by step: no difference of two runs that noise could turn negative."""
-    import time
-
-    engine = llm.engine
-    request = engine.add_request(ids, greedy(tokens + 1))
-    out = engine.output(request)
-    try:
-        while not out.token_ids and out.finish_reason is None:
-            engine.step()  # the prompt, and its first token
-        _sync(llm.runner.device)
-        start = time.perf_counter()
-        while out.finish_reason is None:
-            engine.step()
-        _sync(llm.runner.device)
-        return time.perf_counter() - start
-    finally:
-        engine.release(request)
-
-
 def _ds4_row(llm: LLM, ids: list[int], decode_tokens: int) -> dict:
     device = llm.runner.device
     with _Peak(device) as peak:
         first = timed(lambda: llm.generate([ids], greedy(1)), device)  # cold: the whole prompt
     cached = timed(lambda: llm.generate([ids], greedy(1)), device)  # the prefix from the cache
-    decode = _decode_seconds(llm, ids, decode_tokens)
     row = {
         "prefill_tokens_per_s": len(ids) / first,
         "ttft_s": first,
         "ttft_cached_s": cached,
-        "decode_tokens_per_s": decode_tokens / decode,
+        "decode_tokens_per_s": decode_rate(llm, [ids], decode_tokens, 1),
         "peak_gb": peak.bytes / 1e9,
     }
     if device.type == "cpu":  # the RSS moves with the allocator's arenas: count the activations too
