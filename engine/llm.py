@@ -14,9 +14,9 @@ import torch
 
 from ds4.engine.config import EngineConfig
 from ds4.engine.context import SeqSlice
-from ds4.engine.engine import LLMEngine, RequestOutput
-from ds4.engine.engine_loop import EngineLoop, stable_text
+from ds4.engine.engine_thread import EngineLoop, stable_text
 from ds4.engine.errors import RequestError
+from ds4.engine.request_engine import LLMEngine, RequestOutput
 from ds4.engine.runner import ModelRunner
 from ds4.engine.sampler import SamplingParams
 from ds4.engine.tokenizer import Tokenizer

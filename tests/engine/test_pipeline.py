@@ -260,7 +260,7 @@ def test_the_cache_budget_holds_for_each_device_of_a_split(tiny_v3):
     holds half of every block, so the same per-device budget fits twice the blocks."""
     from types import SimpleNamespace
 
-    from ds4.engine.engine import LLMEngine
+    from ds4.engine.request_engine import LLMEngine
 
     config = ModelConfig.from_dir(tiny_v3)
     n = config.num_hidden_layers

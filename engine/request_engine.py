@@ -3,7 +3,7 @@
 Owns the block manager, the scheduler, the paged cache and each request's sampling state. `step()` runs
 one batch (chunked prefills and decodes together) and reports the tokens it produced; the LLM facade and
 servers drive it. Single-threaded by design: one engine per process, callers submit between steps (the
-engine thread that servers share, EngineLoop, is in engine_loop.py).
+engine thread that servers share, EngineLoop, is in engine_thread.py).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ds4.engine.engine import LLMEngine, RequestOutput
 from ds4.engine.errors import EngineError, EngineStopped, RequestError, StepFailed
+from ds4.engine.request_engine import LLMEngine, RequestOutput
 from ds4.engine.sampler import SamplingParams
 
 log = logging.getLogger("ds4.engine.loop")
