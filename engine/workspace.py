@@ -54,17 +54,17 @@ def _per_token(config: ModelConfig, b: int) -> tuple[int, int, int]:
 
 
 def _mla_attention(config: ModelConfig, T: int, S: int, b: int) -> int:
-    """MLA prefill: past the workspace, a key block's scores [H, T, keys] in float32 (the score, its
-    exponent and the masked copy; whole, SDPA's fused
-    kernels never hold them), the keys' latent rows and their per-head K/V, the masks, the queries and
-    the running output."""
+    """MLA prefill: past the workspace, a key block's scores [H, T, keys] in float32 (one tensor: the
+    mask, the exponent and the sum run in place on it; in bf16 the matmul's output precedes its float32
+    copy; whole, SDPA's fused kernels never hold them), the keys' latent rows and their per-head K/V,
+    the masks, the queries and the running output."""
     from ds4.engine.layers import mla
 
     H, C, R = config.num_attention_heads, config.kv_lora_rank, config.qk_rope_head_dim
     N, V = config.qk_nope_head_dim, config.v_head_dim
     blocked = T * S * H > mla.WORKSPACE
     keys = min(S, max(64, mla.WORKSPACE // (T * H))) if blocked else S
-    scores = 3 * T * H * keys * F32 if blocked else 0  # whole, SDPA's fused kernels never hold them
+    scores = T * H * keys * (F32 + (b if b < F32 else 0)) if blocked else 0
     rows = 2 * keys * (C + R) * b + keys * H * (2 * N + R + V) * b
     masks = 2 * T * keys  # [T, keys] booleans (causal, and V3.2's selection)
     queries = 2 * T * H * (N + R + V) * F32

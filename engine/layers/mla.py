@@ -127,7 +127,7 @@ class MLA(nn.Module):
             latent, k_pe = rows.split([C, R], dim=-1)
             k_nope, v = self.wkv_b(latent).view(b, H, N + V).split([N, V], dim=-1)  # [b, H, N], [b, H, V]
             k = torch.cat([k_nope, k_pe[:, None, :].expand(b, H, R)], dim=-1)  # [b, H, N + R]
-            scores = torch.matmul(q, k.permute(1, 2, 0)).float() * self.scale  # [H, T, b]
+            scores = torch.matmul(q, k.permute(1, 2, 0)).float().mul_(self.scale)  # [H, T, b]
             key_pos = torch.arange(first, first + b, device=q.device)
             hidden = key_pos[None, :] > q_pos[:, None]  # [T, b]: causal
             if chosen is not None:  # V3.2: only the indexer's picks
@@ -138,11 +138,12 @@ class MLA(nn.Module):
             scores.masked_fill_(hidden[None], float("-inf"))
             new_top = torch.maximum(top, scores.amax(-1))
             base = torch.where(torch.isinf(new_top), 0.0, new_top)  # a query with nothing yet: no inf - inf
-            probs = torch.exp(scores - base[..., None])  # [H, T, b]
+            probs = scores.sub_(base[..., None]).exp_()  # in place: a block's one [H, T, b] tensor
             rescale = torch.exp(top - base)  # earlier sums to the new maximum
             total = total * rescale + probs.sum(-1)
             acc = acc * rescale[..., None] + torch.matmul(probs.to(v.dtype), v.transpose(0, 1)).float()
             top = new_top
+            del scores, probs  # freed before the next block's scores exist
         return (acc / total[..., None]).transpose(0, 1).to(q_nope.dtype)  # [T, H, V]
 
     def _naive(self, q_nope, q_pe, cached, allowed):

@@ -19,12 +19,15 @@ from ds4.engine.workspace import check_fits, prefill_workspace
 
 
 @pytest.mark.parametrize("family", ["tiny_v3", "tiny_v32", "tiny_v4"])
-@pytest.mark.parametrize("blocked", [False, True])
-def test_the_planned_workspace_bounds_the_counted_one_within_2x(request, family, blocked, monkeypatch):
-    if blocked:  # the key-blocked / query-blocked / streamed paths at these small sizes
-        monkeypatch.setattr(mla, "WORKSPACE", 1 << 14)
-        monkeypatch.setattr(compressed, "WORKSPACE", 1 << 14)
-        monkeypatch.setattr(indexer, "STREAMING", 1 << 13)
+@pytest.mark.parametrize("workspace", [None, 1 << 14, 1 << 18])
+def test_the_planned_workspace_bounds_the_counted_one_within_2x(request, family, workspace, monkeypatch):
+    """None: whole attention; 1 << 14: the key-blocked / query-blocked / streamed paths at these sizes;
+    1 << 18: blocks large enough that their scores outweigh the per-token activations (where a block's
+    scores copied four times once went past the plan)."""
+    if workspace:
+        monkeypatch.setattr(mla, "WORKSPACE", workspace)
+        monkeypatch.setattr(compressed, "WORKSPACE", workspace)
+        monkeypatch.setattr(indexer, "STREAMING", workspace // 2)
     llm = LLM(request.getfixturevalue(family))
     for tokens, context in ((64, 64), (64, 1024), (256, 1024)):
         cache = llm.runner.new_cache(1, context)
