@@ -10,15 +10,15 @@ over all its files.
 
 Coverage: a commit is covered at a budget when every hunk of `git diff -U0 PARENT COMMIT` in its source
 files shows its pre-image verbatim, adjacent and in order, inside that file's block of the prompt: the
-removed lines; for a hunk that only adds, the line before and the line after the insertion point. A
-pre-image of blank lines only is widened a line at a time on both sides until it holds a non-blank one.
+removed lines; for a hunk that only adds, the line before and the line after the insertion point. Blank
+lines say nothing of where an edit goes: a pre-image of blank lines only is widened a line at a time
+on both sides until it holds a non-blank one, and blank lines at either end are left out.
 The report also counts the commits covered with the hunks of their test and doc files required too.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import os
 import re
 import shutil
@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ds4.agent.bm25 import bm25
 from ds4.agent.errors import InputError
 from ds4.agent.index.indexer import index_repo
 from ds4.agent.index.languages import language_of
@@ -43,7 +44,6 @@ from ds4.agent.tokens import TokenCounter, token_counts
 MAX_FILES, MAX_CHANGED_LINES = 3, 60
 HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+\d+(?:,\d+)? @@", re.MULTILINE)
 WORD = re.compile(r"\w+")
-BM25_K1, BM25_B = 1.2, 0.75
 
 
 @dataclass(frozen=True)
@@ -152,10 +152,15 @@ def hunks(repo: Path, fix: Fix, tree: Path) -> list[Hunk]:
 
 def pre_image(old: list[str], start: int, count: int) -> tuple[str, ...]:
     """Lines `start`..`start + count - 1` (1-based) of `old`; for an insertion after line `start`
-    (count 0), that line and the next; widened while all of them are blank."""
+    (count 0), that line and the next; widened while all of them are blank, then blank lines trimmed
+    from both ends (a blank line says nothing of where the edit goes)."""
     lo, hi = (start - 1, start - 1 + count) if count else (max(start - 1, 0), min(start + 1, len(old)))
     while not any(line.strip() for line in old[lo:hi]) and (lo > 0 or hi < len(old)):
         lo, hi = max(lo - 1, 0), min(hi + 1, len(old))
+    while hi > lo and not old[hi - 1].strip():
+        hi -= 1
+    while lo < hi and not old[lo].strip():
+        lo += 1
     return tuple(old[lo:hi])
 
 
@@ -188,17 +193,8 @@ def bm25_order(texts: dict[str, str], issue: str) -> list[str]:
     """Paths by plain Okapi BM25 of their whole text (lowercased \\w+ words) against the issue's words,
     best first; ties by path."""
     docs = {path: Counter(w.lower() for w in WORD.findall(text)) for path, text in texts.items()}
-    average = sum(sum(d.values()) for d in docs.values()) / max(len(docs), 1)
-    query = {w.lower() for w in WORD.findall(issue)}
-    holding = Counter(w for d in docs.values() for w in query & d.keys())
-    idf = {w: math.log(1 + (len(docs) - n + 0.5) / (n + 0.5)) for w, n in holding.items()}
-
-    def score(d: Counter) -> float:
-        norm = BM25_K1 * (1 - BM25_B + BM25_B * sum(d.values()) / max(average, 1))
-        return sum(idf[w] * d[w] * (BM25_K1 + 1) / (d[w] + norm) for w in idf if w in d)
-
-    scores = {path: score(d) for path, d in docs.items()}
-    return sorted(texts, key=lambda p: (-scores[p], p))
+    scores = bm25(docs, {w.lower() for w in WORD.findall(issue)})
+    return sorted(texts, key=lambda p: (-scores.get(p, 0.0), p))
 
 
 def bm25_pack(texts: dict[str, str], tokens: dict[str, int], issue: str, room: int) -> dict[str, str]:

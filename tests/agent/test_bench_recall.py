@@ -108,11 +108,13 @@ def test_the_selection_rule_keeps_small_fixes_of_existing_source_files(ledger):
 
 
 def test_pre_image_is_the_removed_lines_or_the_insertion_point():
-    old = ["a", "b", "", "", "c"]
+    old = ["a", "b", "", "", "c", ""]
     assert pre_image(old, 2, 1) == ("b",)  # one removed line
     assert pre_image(old, 1, 0) == ("a", "b")  # insertion after line 1: the lines around it
     assert pre_image(old, 0, 0) == ("a",)  # insertion at the top
-    assert pre_image(old, 3, 1) == ("b", "", "")  # a blank line, widened until it holds a non-blank one
+    assert pre_image(old, 3, 1) == ("b",)  # a blank line: the nearest non-blank one instead
+    assert pre_image(old, 5, 0) == ("c",)  # insertion before a blank line: blank ends left out
+    assert pre_image(old, 2, 3) == ("b",)  # removed "b" and two blank lines
     assert shows("x\nb\n\n\nc\n", ("b", "", "", "c")) and not shows("x\nbb\n", ("b",))
 
 

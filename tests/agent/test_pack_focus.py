@@ -87,8 +87,7 @@ def test_more_budget_never_shows_less_of_an_earlier_step(shop, tokenizer_file):
     first = packed(shop, 4_000, tokenizer_file)
     order = [f.path for f in first.files]
     scores = rank(db, ISSUE, order)
-    text_of = {p: (shop / p).read_text() for p in order}
-    steps = offers(order, scores, focus(db, ISSUE, scores, text_of), set())
+    steps = offers(order, scores, focus(db, ISSUE, scores), set())
     budgets = sorted(random.Random(7).sample(range(3_000, 70_000), 9))
     shown_at = []
     for budget in budgets:
