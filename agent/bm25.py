@@ -42,11 +42,11 @@ def bm25(docs: dict[Hashable, Counter], query: set[str]) -> dict[Hashable, float
     lengths = {key: sum(d.values()) for key, d in docs.items()}
     average = sum(lengths.values()) / len(docs) or 1.0
     holding = Counter(w for d in docs.values() for w in query & d.keys())
-    idf = {w: math.log(1 + (len(docs) - n + 0.5) / (n + 0.5)) for w, n in holding.items()}
+    idf = {w: math.log(1 + (len(docs) - n + 0.5) / (n + 0.5)) for w, n in sorted(holding.items())}
     scores = {}
     for key, d in docs.items():
         norm = K1 * (1 - B + B * lengths[key] / average)
-        score = sum(idf[w] * d[w] * (K1 + 1) / (d[w] + norm) for w in idf.keys() & d.keys())
+        score = sum(idf[w] * d[w] * (K1 + 1) / (d[w] + norm) for w in idf if w in d)  # in a fixed order
         if score > 0:
             scores[key] = score
     return scores

@@ -40,6 +40,7 @@ MANIFESTS = {
 PROSE = re.compile(r"\.(md|markdown|rst|adoc)$|(^|/)(changes|changelog|history|news)(\.\w+)?$")
 SECONDARY_WEIGHT = 0.5
 PLAIN_WORD_WEIGHT = 0.5  # a definition's name written as a plain word, against 2.0 written as code
+PAGERANK_WEIGHT = 4.0
 MAX_CALLERS = 6  # per named definition: callers beyond these say little more
 MAX_BODY_FILES = 200  # files whose bodies are scored: the ones full-text search ranks best
 MIN_BODY_WORDS = 2  # distinct issue words a body must hold to be matched at all
@@ -98,12 +99,15 @@ def rank(
     for p, s in best.items():
         reasons[p].append(f"a body matches the issue's words ({s:.2f})")
     pagerank = _pagerank(db, paths, seeds)
+    # the graph spreads what the seeds say, no more: full weight from a name written as code or a path
+    graph_weight = PAGERANK_WEIGHT * min(1.0, max(seeds.values(), default=0.0) / 2.0)
     scores = {}
     for p in paths:
         boost = 0.5 if p in MANIFESTS else 0.0  # the repository's own, not every example's README
         if boost:
             reasons[p].append("README or manifest")
-        score = seeds.get(p, 0.0) + bm25.get(p, 0.0) + best.get(p, 0.0) + 4.0 * pagerank.get(p, 0.0) + boost
+        graph = graph_weight * pagerank.get(p, 0.0)
+        score = seeds.get(p, 0.0) + bm25.get(p, 0.0) + best.get(p, 0.0) + graph + boost
         if is_secondary(p, issue):
             score *= SECONDARY_WEIGHT
             reasons[p].append("test, doc or example")
@@ -193,9 +197,9 @@ def focus(
     scores: dict[str, tuple[float, list[str]]],
     bodies: Bodies | None = None,
 ) -> dict[str, Focus]:
-    """Per file, the definitions to show in full: named in the issue, holding a traceback's line, calling
-    a named one, or among the bodies that match the issue's words best (BM25). `bodies`: body_matches(),
-    when already computed."""
+    """Per file, the definitions to show in full: named in the issue (written as code), holding a
+    traceback's line, calling a named one, or among the bodies that match the issue's words best
+    (BM25). `bodies`: body_matches(), when already computed."""
     spans = _spans(db)
     out: dict[str, Focus] = {}
 
@@ -204,7 +208,8 @@ def focus(
             out.setdefault(path, Focus()).add(line, why)
 
     words = sorted(set(IDENT.findall(issue)))
-    named = _defining(db, words)
+    code = code_names(issue)
+    named = {name: where for name, where in _defining(db, words).items() if name in code}
     for name, where in sorted(named.items()):
         for path in where:
             for first, _, kind, def_name in spans.get(path, []):
@@ -246,8 +251,8 @@ def _callers(db, spans, named: dict[str, set[str]], scores) -> list[tuple[str, i
         return []
     rows = references_to(db, sorted(named))
     found: dict[str, list[tuple[str, int]]] = {}
-    for path, name, lines in sorted(rows, key=lambda r: (-scores.get(r[0], (0.0,))[0], r[0])):
-        for line in (int(x) for x in lines.split(",") if x):
+    for path, name, lines in sorted(rows, key=lambda r: (-scores.get(r[0], (0.0,))[0], r[0], r[1])):
+        for line in sorted(int(x) for x in lines.split(",") if x):  # stored in capture order
             inner = _innermost(spans.get(path, []), line)
             chosen = found.setdefault(name, [])
             if inner is not None and (path, inner) not in chosen and len(chosen) < MAX_CALLERS:
