@@ -18,18 +18,20 @@ STOP_WORDS = frozenset(
     "which what who how why does did done been being out via per our your you get set add fix".split()
 )
 K1, B = 1.2, 0.75
+STEM = 6  # parts are cut to their first letters, a crude stemmer that needs no word list
 
 
 def code_words(text: str) -> list[str]:
-    """`text`'s identifiers, each whole and as its parts: "echo_via_pager" -> echo_via_pager, echo, via,
-    pager (words of three letters or more, stop words out)."""
+    """`text`'s identifiers, each whole and as its parts cut to STEM letters: "echo_via_pager" ->
+    echo_via_pager, echo, via, pager; "deprecated" -> deprecated, deprec (words of three letters or more,
+    stop words out)."""
     return [word for ident in IDENTIFIER.findall(text) for word in _split(ident)]
 
 
 @lru_cache(maxsize=1 << 16)
 def _split(ident: str) -> tuple[str, ...]:
     whole = ident.lower()
-    parts = [p.lower() for p in PARTS.findall(ident)]
+    parts = [p.lower()[:STEM] for p in PARTS.findall(ident)]  # "deprecation", "deprecated": "deprec"
     return tuple(
         w for w in dict.fromkeys([whole, *parts]) if len(w) >= 3 and w not in STOP_WORDS and w != "_" * len(w)
     )

@@ -80,12 +80,13 @@ def rank(
     for p in _framed(issue, paths):
         seeds[p] = seeds.get(p, 0) + 3.0
         reasons[p].append("named in a traceback or path")
+    code = code_names(issue)
     for name, where in sorted(_modules(issue, paths).items()):
+        weight = 3.0 if "." in name or name in code else PLAIN_WORD_WEIGHT  # "in the parser": parser.py
         for p in where:
-            seeds[p] = seeds.get(p, 0) + 3.0 / len(where)
+            seeds[p] = seeds.get(p, 0) + weight / len(where)
             reasons[p].append(f"its module is named: {name}")
     words = sorted(set(IDENT.findall(issue)))
-    code = code_names(issue)
     for name, where in sorted(_defining(db, words).items()):
         weight = 2.0 if name in code else PLAIN_WORD_WEIGHT  # "output" in prose may not mean output()
         for path in sorted(where & reasons.keys()):
@@ -163,13 +164,14 @@ def code_names(issue: str) -> set[str]:
 
 
 def _modules(issue: str, paths: list[str]) -> dict[str, list[str]]:
-    """Dotted names in the issue whose leading parts name a module (`pkg.module.func`, `_impl.open()`):
-    the longest leading part that a file's path (without its extension) ends with, and those files."""
+    """Dotted names and words in the issue whose leading parts name a module (`pkg.module.func`,
+    `_impl.open()`, "parser"): the longest leading part that a file's path (without its extension) ends
+    with, and those files."""
     stems: dict[str, list[str]] = {}
     for p in paths:
         stems.setdefault(p.rsplit(".", 1)[0] if "." in p.rsplit("/", 1)[-1] else p, []).append(p)
     found: dict[str, list[str]] = {}
-    for dotted in set(DOTTED.findall(issue)):
+    for dotted in sorted(set(DOTTED.findall(issue)) | set(IDENT.findall(issue))):
         parts = dotted.split(".")
         for k in range(len(parts), 0, -1):
             tail = "/".join(parts[:k])
