@@ -4,9 +4,9 @@ Each parent is exported with `git archive` into a temporary folder and indexed t
 repository, work tree and index are never touched.
 
 Selection, newest first along `git log --no-merges` from HEAD: a commit with one parent that modifies 1 to
-3 files which existed before (none added, deleted, renamed or binary), at least one of them source (a
-language with a tag query, outside tests, docs and examples), with at most 60 lines added plus removed
-over all its files.
+3 files which existed before (none added, deleted, renamed, binary, a link or a submodule), at least one
+of them source (a language with a tag query, outside tests, docs and examples), with at most 60 lines
+added plus removed over all its files.
 
 Coverage: a commit is covered at a budget when every hunk of `git diff -U0 PARENT COMMIT` in its source
 files shows its pre-image verbatim, adjacent and in order, inside that file's block of the prompt: the
@@ -44,6 +44,7 @@ from ds4.agent.tokens import TokenCounter, token_counts
 MAX_FILES, MAX_CHANGED_LINES = 3, 60
 HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+\d+(?:,\d+)? @@", re.MULTILINE)
 WORD = re.compile(r"\w+")
+NOT_FILES = ("120000", "160000")  # git modes of symbolic links and submodules
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Hunk:
 
 @dataclass
 class Fix:
+    """A commit the selection rule keeps: its id, its parent's, its subject and the files it modifies."""
+
     sha: str
     parent: str
     subject: str
@@ -128,7 +131,7 @@ def _matching(commit: list[str]) -> Fix | None:
         len(ids) != 2
         or not 1 <= len(paths) <= MAX_FILES
         or changed > MAX_CHANGED_LINES
-        or any(status != "M" or mode == "160000" for status, mode in statuses.values())
+        or any(status != "M" or mode in NOT_FILES for status, mode in statuses.values())
         or not any(is_source(p) for p in paths)
     ):
         return None
