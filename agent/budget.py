@@ -1,6 +1,7 @@
 """Fitting files into a token budget: the order in which views of files are offered (the bodies an issue
-is about, by priority and file rank; then whole files; then skeletons) and taking each that shows more and
-fits the room left; the token sizes of views, counted once. It reads ranks (rank.py) and never ranks."""
+is about, by priority and file rank; then whole files and skeletons, source before tests and docs before
+what the issue does not reach) and taking each that shows more and fits the room left; the token sizes
+of views, counted once. It reads ranks (rank.py) and never ranks."""
 
 from __future__ import annotations
 
@@ -55,9 +56,12 @@ def steps(
     scores: dict[str, tuple[float, list[str]]],
     focuses: dict[str, Focus],
     whole_only: set[str],
+    secondary: frozenset[str] = frozenset(),
 ) -> list[tuple[str, View]]:
     """The order in which content is offered: focused bodies by priority (named or traceback, callers,
-    shared words) and file rank, then whole files by rank, then skeletons by rank."""
+    matching words) and file rank; then files in tiers, source the issue reaches (a score above 0), then
+    the tests and docs (`secondary`) it reaches, then the files it does not reach: each tier's whole
+    files by rank, then its skeletons by rank."""
     by_rank = sorted(order, key=lambda p: (-scores[p][0], p))
     offers: list[tuple[str, View]] = []
     for level in range(len(FOCUS_LEVELS)):
@@ -65,8 +69,15 @@ def steps(
             lines = [line for line, why in focuses[path].lines.items() if _level(why) == level]
             if lines:
                 offers.append((path, Part(frozenset(lines), outline=False)))
-    offers += [(p, WHOLE) for p in by_rank]
-    offers += [(p, SKELETON) for p in by_rank if p not in whole_only]
+    reached = [p for p in by_rank if scores[p][0] > 0]
+    tiers = (
+        [p for p in reached if p not in secondary],
+        [p for p in reached if p in secondary],
+        [p for p in by_rank if scores[p][0] <= 0],
+    )
+    for tier in tiers:
+        offers += [(p, WHOLE) for p in tier]
+        offers += [(p, SKELETON) for p in tier if p not in whole_only]
     return offers
 
 

@@ -18,12 +18,17 @@ def message_tokens(messages: list[dict], counter: TokenCounter) -> int:
     return sum(counter.count(m["content"]) + MESSAGE_TOKENS for m in messages)
 
 
+def prompt_room(context: int, max_tokens: int, instructions_tokens: int) -> int:
+    """The tokens a context leaves for the packed prompt beside the instructions and one answer."""
+    return context - max_tokens - instructions_tokens - 2 * MESSAGE_TOKENS
+
+
 def budget_for(context: int | None, max_tokens: int, instructions_tokens: int, rounds: int) -> int:
     """The repository budget that leaves room for the answer and, with later rounds, a reserve of at most
     a third of the rest for the previous answer and its feedback; DEFAULT_BUDGET when `context` is None."""
     if context is None:
         return DEFAULT_BUDGET
-    room = context - max_tokens - instructions_tokens - 2 * MESSAGE_TOKENS
+    room = prompt_room(context, max_tokens, instructions_tokens)
     reserve = 0 if rounds == 1 else min(room // 3, max_tokens + FEEDBACK_TOKENS)
     if room - reserve < MIN_BUDGET:
         raise FixError(

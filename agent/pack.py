@@ -27,7 +27,7 @@ from ds4.agent.budget import Sizer, allocate, steps
 from ds4.agent.errors import InputError
 from ds4.agent.index.languages import language_of
 from ds4.agent.index.query import indexed_files
-from ds4.agent.rank import Focus, focus, rank
+from ds4.agent.rank import Focus, body_matches, focus, is_secondary, rank
 from ds4.agent.tokens import TokenCounter, token_counts
 from ds4.agent.views import SKELETON, WHOLE, FileBlock, Part, View, from_manifest, mode_of
 
@@ -236,13 +236,15 @@ def _choose(
         kept = {f["path"]: from_manifest(f) for f in previous.get("files", [])}
         plan.shown = {p: kept.get(p) for p in order}
     else:
-        scores = rank(db, issue, order)
+        bodies = body_matches(db, issue, order)
+        scores = rank(db, issue, order, bodies)
         for path in overlay:
             if path in scores:
                 scores[path] = (float("inf"), scores[path][1])
         plan.scores = scores
-        plan.focuses = {p: f for p, f in focus(db, issue, scores, sizer.text_of).items() if p not in overlay}
-        offers = steps(order, scores, plan.focuses, set(overlay))
+        plan.focuses = {p: f for p, f in focus(db, issue, scores, bodies).items() if p not in overlay}
+        secondary = frozenset(p for p in order if is_secondary(p, issue))
+        offers = steps(order, scores, plan.focuses, set(overlay), secondary)
         plan.shown = allocate(offers, plan.budget - fixed, sizer)
 
 

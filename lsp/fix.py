@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 from lsprotocol import types
 
 from ds4.agent.backends import BackendError, GenerationParams
-from ds4.agent.errors import Cancelled
+from ds4.agent.errors import Cancelled, FixError
 from ds4.agent.events import describe
+from ds4.agent.fit import budget_for
 from ds4.agent.index.indexer import default_db_path, index_repo
 from ds4.agent.index.store import IndexDatabaseError, open_index
 from ds4.lsp.edits import workspace_edit
@@ -125,17 +126,18 @@ async def ask_model(ls: Ds4Server, root: Path, question: str, prompt: str, title
 
         def work() -> str:
             counter = TokenCounter(backend.tokenizer_file) if backend.tokenizer_file else ApproxCounter()
+            system, max_tokens = instructions(prompt), ls.settings.max_tokens
+            budget = ls.settings.budget or budget_for(
+                backend.max_model_len, max_tokens, counter.count(system), rounds=1
+            )
             index_repo(root)
             with open_index(default_db_path(root)) as db:
-                packed = pack(db, root, question, ls.settings.budget, counter, overlay=unsaved)
-            messages = [
-                {"role": "system", "content": instructions(prompt)},
-                {"role": "user", "content": packed.prompt},
-            ]
-            return backend.complete(messages, GenerationParams(max_tokens=ls.settings.max_tokens)).text
+                packed = pack(db, root, question, budget, counter, overlay=unsaved)
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": packed.prompt}]
+            return backend.complete(messages, GenerationParams(max_tokens=max_tokens)).text
 
         text = await asyncio.to_thread(work)
-    except (BackendError, IndexDatabaseError, OSError) as e:
+    except (BackendError, FixError, IndexDatabaseError, OSError) as e:
         progress.end(f"failed: {reason(e)}")
         raise RequestFailed(f"the model failed: {reason(e)}") from None
     progress.end("done")

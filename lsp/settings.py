@@ -7,7 +7,6 @@ from dataclasses import dataclass, replace
 
 from ds4.agent.backends import GenerationParams
 from ds4.agent.config import FixConfig
-from ds4.agent.fit import DEFAULT_BUDGET
 
 
 @dataclass(frozen=True)
@@ -16,7 +15,7 @@ class Settings:
     endpoint: str | None = None  # or an OpenAI-compatible server
     model_name: str | None = None  # with endpoint
     api_key: str | None = None  # with endpoint
-    budget: int = DEFAULT_BUDGET  # prompt tokens the packer fills
+    budget: int | None = None  # prompt tokens the packer fills; None: what the model's context leaves
     test_command: str | None = None  # else the repository's .ds4.toml, else detected
     rounds: int = FixConfig.rounds
     max_tokens: int = GenerationParams.max_tokens  # per answer in the fix loop

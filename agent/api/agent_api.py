@@ -28,9 +28,9 @@ from ds4.agent.api.jobs import ACTIVE, JobStore
 from ds4.agent.api.paths import PathRefused, confine, recheck, repo_data_dir
 from ds4.agent.backends import GenerationParams
 from ds4.agent.config import ConfigError, FixConfig
-from ds4.agent.errors import Cancelled
+from ds4.agent.errors import Cancelled, FixError
 from ds4.agent.events import describe
-from ds4.agent.fit import DEFAULT_BUDGET
+from ds4.agent.fit import MIN_BUDGET, budget_for, prompt_room
 from ds4.agent.sandbox import SandboxError
 
 log = logging.getLogger("ds4.api")
@@ -40,14 +40,15 @@ class RepoRequest(msgspec.Struct):
     path: Annotated[str, msgspec.Meta(min_length=1)]
 
 
+BUDGET_HELP = "prompt tokens to pack; unset: what the model's context leaves beside the answers"
+
+
 class FixRequest(msgspec.Struct, kw_only=True):
     repo_id: str
     issue: Annotated[str, msgspec.Meta(pattern=r"\S", description="the issue text; not blank")]
     rounds: Annotated[int, msgspec.Meta(ge=1, le=20)] = FixConfig.rounds
     samples: Annotated[int, msgspec.Meta(ge=1, le=16)] = FixConfig.samples
-    budget: Annotated[int, msgspec.Meta(ge=256, le=1_048_576, description="prompt tokens to pack")] = (
-        DEFAULT_BUDGET
-    )
+    budget: Annotated[int, msgspec.Meta(ge=256, le=1_048_576, description=BUDGET_HELP)] | None = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = GenerationParams.max_tokens
     test_cmd: str | None = None
 
@@ -304,7 +305,7 @@ async def start_fix(request: Request, data: JSONBody[FixRequest]) -> dict:
         "issue": data.issue,
         "rounds": data.rounds,
         "samples": data.samples,
-        "budget": data.budget,
+        "budget": job_budget(runner.backend, data),
         "max_tokens": data.max_tokens,
         **_test_cmd(data.test_cmd, config.test_cmd, repo["path"]),
     }
@@ -320,6 +321,44 @@ async def start_fix(request: Request, data: JSONBody[FixRequest]) -> dict:
     job_id = store.create_job(data.repo_id, data.issue, spec)
     runner.submit(job_id)
     return {"id": job_id, "status": "queued"}
+
+
+def job_budget(backend, data: FixRequest) -> int | None:
+    """A fix job's budget, settled at submission as the CLI settles it (fit.py): the request's, or what
+    the model's context leaves beside the instructions, the answers and later rounds' feedback (None
+    while the context is not known: the loop fits it). A 400 with the numbers when the prompt cannot fit
+    the context, instead of a job that fails later."""
+    from ds4.agent.pack import PROMPTS
+    from ds4.agent.tokens import ApproxCounter, TokenCounter
+
+    context = backend.max_model_len
+    if context is None:  # not known yet: the loop fits the budget once it knows (fit.DEFAULT_BUDGET else)
+        return data.budget
+    counter = TokenCounter(backend.tokenizer_file) if backend.tokenizer_file else ApproxCounter()
+    instructions = counter.count((PROMPTS / "fix.md").read_text())
+    room = prompt_room(context, data.max_tokens, instructions)
+    if data.budget is not None and data.budget > room:
+        raise APIError(
+            400,
+            f"a prompt of up to {data.budget:,} tokens, the instructions' {instructions:,} and an answer of "
+            f"up to {data.max_tokens:,} exceed the model's context of {context:,} tokens: ask for a budget "
+            f"of at most {room:,}, or leave it unset to fit the context",
+            "budget",
+            "context_exceeded",
+        )
+    if data.budget is not None:
+        return data.budget
+    try:
+        return budget_for(context, data.max_tokens, instructions, data.rounds)
+    except FixError:
+        raise APIError(
+            400,
+            f"the model's context of {context:,} tokens leaves {max(room, 0):,} for a prompt beside the "
+            f"instructions' {instructions:,} and answers of up to {data.max_tokens:,} (at least "
+            f"{MIN_BUDGET:,} needed): lower max_tokens",
+            "max_tokens",
+            "context_exceeded",
+        ) from None
 
 
 def _test_cmd(requested: str | None, served: str | None, path: str) -> dict:

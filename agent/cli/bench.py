@@ -10,6 +10,7 @@ import sys
 
 from ds4.agent.cli import DONE, USAGE
 from ds4.agent.cli.inputs import read_issue, require_dir
+from ds4.agent.errors import InputError
 
 
 def add_parser(sub) -> None:
@@ -150,23 +151,63 @@ def _index(args) -> int:
 
 
 def _add_pack(sub) -> None:
-    packing = sub.add_parser("pack", help="pack time at 100K and 1M budgets; prefix kept after edits")
+    packing = sub.add_parser(
+        "pack", help="pack time at 100K and 1M budgets; prefix kept after edits; --recall over real fixes"
+    )
     packing.add_argument("--repo", default=".")
     which = packing.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="checkpoint folder (its tokenizer.json counts tokens)")
     which.add_argument("--tokenizer", help="a tokenizer.json")
     packing.add_argument("--issue", default="", help="issue text used for ranking")
     packing.add_argument("--runs", type=int, default=3)
+    packing.add_argument(
+        "--recall",
+        action="store_true",
+        help="instead: over the repository's recent small fixes (1-3 modified files, one or more of them "
+        "source, at most 60 changed lines), with each commit's message as the issue, how many packs show "
+        "every hunk's original lines, next to whole files ranked by BM25",
+    )
+    packing.add_argument("--commits", type=int, default=30, help="with --recall: fixes to measure")
+    packing.add_argument(
+        "--budgets",
+        type=_token_counts,
+        default=[32_000, 128_000],
+        help="with --recall: token budgets, e.g. 32000,128K",
+    )
     packing.add_argument("--json", action="store_true")
 
 
 def _pack(args) -> int:
-    from ds4.agent.bench.pack import bench_pack, format_pack_report
-
     require_dir(args.repo)
     tokenizer = args.tokenizer or os.path.join(args.model, "tokenizer.json")
+    if not os.path.isfile(tokenizer):
+        raise InputError(f"{tokenizer}: no tokenizer.json to count tokens with", "tokenizer")
+    if args.recall:
+        return _recall(args, tokenizer)
+    from ds4.agent.bench.pack import bench_pack, format_pack_report
+
     report = bench_pack(args.repo, tokenizer, runs=args.runs, issue=read_issue(args.issue))
     print(json.dumps(report, indent=2) if args.json else format_pack_report(report))
+    return DONE
+
+
+def _recall(args, tokenizer: str) -> int:
+    from ds4.agent.bench.recall import bench_recall, format_recall_report
+
+    if args.commits < 1:
+        raise InputError(f"--commits {args.commits}: give 1 or more", "commits")
+
+    def progress(i: int, n: int, fix) -> None:
+        print(f"[{i + 1}/{n}] {fix.sha[:10]} {fix.subject[:70]}", file=sys.stderr, flush=True)
+
+    report = bench_recall(args.repo, tokenizer, args.commits, tuple(args.budgets), progress)
+    if len(report["commits"]) < args.commits:
+        print(
+            f"ds4-agent: note: only {len(report['commits'])} commits match the selection rule "
+            f"({args.commits} asked); measured those",
+            file=sys.stderr,
+        )
+    print(json.dumps(report, indent=2) if args.json else format_recall_report(report))
     return DONE
 
 

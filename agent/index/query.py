@@ -64,6 +64,17 @@ def indexed_files(db: sqlite_utils.Database) -> list[tuple[int, str, str, str]]:
     ).fetchall()
 
 
+def file_texts(db: sqlite_utils.Database, paths: list[str]) -> dict[str, str]:
+    """path -> text of those of `paths` that are indexed text files."""
+    return dict(
+        db.execute(
+            f"SELECT f.path, c.text FROM files f JOIN contents c ON c.file_id = f.id "
+            f"WHERE f.path IN ({_marks(len(paths))})",
+            paths,
+        ).fetchall()
+    )
+
+
 def file_definitions(db: sqlite_utils.Database, path: str) -> list[tuple[str, int, int, str]]:
     """(kind, line, end line, doc) of a file's definitions, by line: what a skeleton keeps."""
     return db.execute(

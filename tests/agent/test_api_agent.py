@@ -90,3 +90,35 @@ def test_a_queued_job_can_be_cancelled(served, roots, tmp_path):
         assert store_server.call("GET", f"/v1/jobs/{second['id']}")[1]["status"] == cancelled["status"]
     finally:
         store_server.stop()
+
+
+def test_a_fix_job_gets_the_budget_its_models_context_leaves(served, roots, tmp_path):
+    """As the CLI: unset, the budget is what the context leaves beside the instructions, the answers and
+    later rounds' feedback; a prompt that cannot fit is a 400 with the numbers at submission."""
+    from ds4.agent.fit import budget_for
+    from ds4.agent.pack import PROMPTS
+    from ds4.agent.tokens import ApproxCounter
+
+    root, repo = roots
+    backend = ScriptedBackend([], max_model_len=4096)  # no tokenizer: budgets from the character estimate
+    server = Server(create_app(served, config(tmp_path, root), backend=backend))
+    try:
+        _, registered = server.call("POST", "/v1/repos", {"path": str(repo)})
+        fix = {"repo_id": registered["id"], "issue": "add(2, 3) returns -1", "max_tokens": 500, "rounds": 2}
+        status, answer = server.call("POST", "/v1/fix", {**fix, "budget": 4000})
+        assert status == 400 and answer["error"]["param"] == "budget", answer
+        message = answer["error"]["message"]
+        assert "4,000 tokens" in message and "context of 4,096 tokens" in message and "at most" in message
+        status, answer = server.call("POST", "/v1/fix", {**fix, "max_tokens": 4000})
+        assert status == 400 and answer["error"]["param"] == "max_tokens", answer
+        assert "lower max_tokens" in answer["error"]["message"]
+
+        status, job = server.call("POST", "/v1/fix", fix)
+        assert status == 202
+        instructions = ApproxCounter().count((PROMPTS / "fix.md").read_text())
+        expected = budget_for(4096, 500, instructions, rounds=2)
+        assert server.call("GET", f"/v1/jobs/{job['id']}")[1]["spec"]["budget"] == expected < 4096 - 500
+        status, job = server.call("POST", "/v1/fix", {**fix, "budget": 1000})
+        assert status == 202 and server.call("GET", f"/v1/jobs/{job['id']}")[1]["spec"]["budget"] == 1000
+    finally:
+        server.stop()

@@ -12,7 +12,7 @@ from ds4.agent.budget import steps as offers
 from ds4.agent.index.indexer import index_repo
 from ds4.agent.index.store import open_index
 from ds4.agent.pack import pack, tree_listing
-from ds4.agent.rank import focus, rank
+from ds4.agent.rank import focus, is_secondary, rank
 from ds4.agent.tokens import TokenCounter
 from ds4.agent.views import covers, from_manifest
 from tests.fakes import git
@@ -87,8 +87,8 @@ def test_more_budget_never_shows_less_of_an_earlier_step(shop, tokenizer_file):
     first = packed(shop, 4_000, tokenizer_file)
     order = [f.path for f in first.files]
     scores = rank(db, ISSUE, order)
-    text_of = {p: (shop / p).read_text() for p in order}
-    steps = offers(order, scores, focus(db, ISSUE, scores, text_of), set())
+    secondary = frozenset(p for p in order if is_secondary(p, ISSUE))
+    steps = offers(order, scores, focus(db, ISSUE, scores), set(), secondary)
     budgets = sorted(random.Random(7).sample(range(3_000, 70_000), 9))
     shown_at = []
     for budget in budgets:

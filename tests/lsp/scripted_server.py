@@ -1,6 +1,7 @@
 """`python -m tests.lsp.scripted_server SCRIPT.json`: ds4's language server over stdio with a scripted
-backend, the named test double for the model. SCRIPT.json: {"answers": [...], "infill": "..."}; each
-chat request takes the next answer, each fill-in-the-middle request gets `infill`. What it was asked
+backend, the named test double for the model. SCRIPT.json: {"answers": [...], "infill": "...",
+"max_model_len": N (optional)}; each chat request takes the next answer, each fill-in-the-middle request
+gets `infill`. What it was asked
 is appended to SCRIPT.json.asked.jsonl, for the test to read."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class ScriptedBackend:
     def __init__(self, script: Path):
         data = json.loads(script.read_text())
         self.answers, self.infill_text = list(data.get("answers", [])), data.get("infill", "")
+        self.max_model_len = data.get("max_model_len")  # the model's context, when the script gives one
         self.log = script.with_suffix(".asked.jsonl")
 
     def _record(self, kind: str, payload) -> None:

@@ -40,6 +40,11 @@ def test_fix_config_takes_the_settings_and_falls_back_to_the_repository_test_com
     assert fix_config(tmp_path, "issue", Settings(test_command="pytest -x"), {}).test_cmd == "pytest -x"
 
 
+def test_without_a_budget_setting_the_loop_fits_the_budget_to_the_models_context(tmp_path):
+    """No fixed 32K: the loop computes what the context leaves (fit.budget_for), as the CLI's fix does."""
+    assert Settings().budget is None and fix_config(tmp_path, "issue", Settings(), {}).budget is None
+
+
 def test_the_system_prompts_read_as_written():
     assert instructions("explain") == (
         "You explain code to a developer who works in this repository. Answer in Markdown: what the "

@@ -302,6 +302,29 @@ def test_ask_and_explain_answer_with_the_repository_in_the_prompt(repo, tmp_path
     assert asyncio.run(scenario()) == 0
 
 
+def test_without_a_budget_the_prompt_fits_the_models_context(repo, tmp_path):
+    """No budget setting: the question's prompt is packed to what the context leaves beside the answer
+    (a fixed 32K would send the whole of a module far larger than this context)."""
+    from ds4.agent.tokens import ApproxCounter
+
+    (repo / "helpers").mkdir()
+    for n in range(60):  # 60 small modules, together far past this context
+        text = "\n\n".join(f"def helper_{n}_{i}(x):\n    return x * {i} + {n * 7} % 13\n" for i in range(5))
+        (repo / "helpers" / f"h{n}.py").write_text(text)
+
+    async def scenario():
+        editor = Editor(repo, {"answers": ["ok"], "max_model_len": 1500}, tmp_path)
+        await editor.start({"testCommand": "python -m pytest -q", "maxTokens": 200})
+        assert (await editor.command("ds4.ask", {"question": "where is add tested?"}))["answer"] == "ok"
+        messages = asked(editor)[-1]["payload"]
+        used = sum(ApproxCounter().count(m["content"]) for m in messages)
+        assert 1000 < used <= 1500 - 200, used  # filled up to what the context leaves, and no further
+        return await editor.stop()
+
+    assert sum(ApproxCounter().count(p.read_text()) for p in (repo / "helpers").iterdir()) > 4000
+    assert asyncio.run(scenario()) == 0
+
+
 def test_a_fix_cancelled_from_its_progress_leaves_everything_as_it_was(repo, tmp_path):
     async def scenario():
         # the scripted model answers, but the tests it would run are slow: cancel while they run
