@@ -8,8 +8,6 @@ not fit.
 
 from __future__ import annotations
 
-import resource
-
 import torch
 
 from ds4.engine.activations import ActivationPeak
@@ -19,7 +17,9 @@ from ds4.engine.workspace import prefill_workspace
 
 
 class _Peak:
-    """Peak memory of what runs inside: the CUDA allocator's, or the growth of the process's peak RSS."""
+    """Peak memory of what runs inside: the CUDA allocator's, or on the CPU the growth of the process's
+    resident set to its high-water mark, which Linux resets on entry (/proc/self/clear_refs), so each
+    length is measured on its own rather than against the peak an earlier one left."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -28,7 +28,10 @@ class _Peak:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+            self.start = _status_bytes("VmRSS")
         return self
 
     def __exit__(self, *exc):
@@ -36,7 +39,13 @@ class _Peak:
             torch.cuda.synchronize(self.device)
             self.bytes = torch.cuda.max_memory_allocated(self.device)
         else:
-            self.bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.start
+            self.bytes = _status_bytes("VmHWM") - self.start
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
 
 
 def _ds4_row(llm: LLM, ids: list[int], decode_tokens: int) -> dict:

@@ -86,6 +86,19 @@ def test_bench_long_reports_each_length_next_to_transformers(tiny_v3):
         assert peer["prefill_tokens_per_s"] > 0
 
 
+def test_the_cpu_peak_of_each_length_is_its_own():
+    """A later, smaller run's peak is measured from its own start, not hidden under an earlier one's."""
+    from ds4.engine.bench.long import _Peak
+
+    sizes = []
+    for n in (128_000_000, 48_000_000):  # bytes; past glibc's largest mmap threshold: fresh pages each
+        with _Peak(torch.device("cpu")) as peak:
+            x = torch.ones(n // 4)
+            del x
+        sizes.append(peak.bytes)
+    assert sizes[0] >= 120_000_000 and 45_000_000 <= sizes[1] < 100_000_000, sizes
+
+
 @pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v32", "deepseek_v4"])
 def test_a_chunks_workspace_does_not_grow_with_the_context(family, tmp_path, monkeypatch):
     """The activation workspace of a chunk (ds4.engine.activations: bytes of the tensors a step creates,
