@@ -4,7 +4,9 @@ its torch reference (dequantize, then matmul).
 The kernel is compiled with the system's g++ at first use (about a second: it includes no torch headers)
 into a cache folder keyed by the source, the compiler and this CPU, then loaded with ctypes. Where it
 cannot be built, `available()` says why once, as a warning, and the engine keeps the torch path (which
-dequantizes each expert it uses for the call). Owns nothing else: callers pick the path."""
+dequantizes each expert it uses for the call). int4 activations go in as int8 where the CPU has VNNI and
+`DS4_CPU_ACTIVATIONS` does not say float (`fake_int8` is what the reference does to match). Owns nothing else:
+callers pick the path."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ds4.kernels import cpu_activations_int8
 
 SOURCE = Path(__file__).with_name("cpu_moe.cpp")
 FORMATS = {"int4": 0, "fp4": 1, "fp8": 2}
@@ -65,7 +69,9 @@ def build(generic: bool = False) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.ds4_moe.restype = ctypes.c_int
     lib.ds4_moe.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4
-    lib.ds4_moe.argtypes += [ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.ds4_moe.argtypes += [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+    lib.ds4_moe.argtypes += [ctypes.c_int]
+    lib.ds4_moe_act8.argtypes = [ctypes.c_int]
     return lib
 
 
@@ -98,7 +104,13 @@ def build_error(generic: bool = False) -> str | None:
 def isa(generic: bool = False) -> str:
     lib = _library(generic)
     assert not isinstance(lib, str), lib
-    return "avx512" if lib.ds4_moe_isa() else "generic"
+    return ("generic", "avx512", "avx512-vnni")[lib.ds4_moe_isa()]
+
+
+def takes_int8(fmt: str, generic: bool = False) -> bool:
+    """Whether the kernel can take `fmt`'s activations quantized to int8 (int4 where the CPU has VNNI)."""
+    lib = _library(generic)
+    return not isinstance(lib, str) and bool(lib.ds4_moe_act8(FORMATS[fmt]))
 
 
 def supports(fmt: str, hidden: int, inter: int) -> bool:
@@ -118,12 +130,17 @@ def moe(
     limit: float | None,
     threads: int | None = None,
     generic: bool = False,
+    int8: bool | None = None,
 ) -> torch.Tensor:
     """[T, D] in x's dtype: sum over k of weights[t, k] * expert_ids[t, k](x[t]), the experts of the stacks
     w13 [E, 2I, ...] and w2 [E, D, ...] stored in `fmt` with scales s13, s2. Pairs whose id is -1 are
-    skipped (their experts are computed elsewhere). `threads`: default torch's, one per THREAD_BYTES read."""
+    skipped (their experts are computed elsewhere). `threads`: default torch's, one per THREAD_BYTES read.
+    `int8`: the activations (x, and SwiGLU's output) quantized to int8 per group of 32, as
+    reference_moe(int8=True) does; by default where the kernel can, unless DS4_CPU_ACTIVATIONS=float."""
     lib = _library(generic)
     assert not isinstance(lib, str), lib
+    if int8 is None:
+        int8 = cpu_activations_int8() and takes_int8(fmt, generic)
     T, K = expert_ids.shape
     E, D, inter = w13.shape[0], x.shape[1], w2.shape[-1] * (1 if fmt == "fp8" else 2)
     assert supports(fmt, D, inter), f"format {fmt} with hidden {D}, intermediate {inter}"
@@ -141,7 +158,7 @@ def moe(
     rc = lib.ds4_moe(
         xf.data_ptr(), ids.data_ptr(), wf.data_ptr(), T, K, E, D, inter,
         w13.data_ptr(), s13.data_ptr(), w2.data_ptr(), s2.data_ptr(),
-        FORMATS[fmt], float("nan") if limit is None else float(limit),
+        FORMATS[fmt], int(int8), float("nan") if limit is None else float(limit),
         out.data_ptr(), work.data_ptr(), threads,
     )  # fmt: skip
     assert rc == 0, f"ds4_moe returned {rc}"
@@ -158,18 +175,30 @@ def reference_moe(
     s2: torch.Tensor,
     fmt: str,
     limit: float | None,
+    int8: bool = False,
 ) -> torch.Tensor:
-    """The same sum in float32, each expert dequantized and multiplied (pairs with id -1 skipped)."""
+    """The same sum in float32, each expert dequantized and multiplied (pairs with id -1 skipped); `int8`:
+    each expert's inputs and SwiGLU outputs first rounded to int8 per group of 32 (fake_int8)."""
     from ds4.engine.quant import dequantize
 
+    act = fake_int8 if int8 else (lambda v: v.float())
     out = torch.zeros(x.shape, dtype=torch.float32)
     for t, k in sorted(
         ((t, k) for t in range(x.shape[0]) for k in range(expert_ids.shape[1]) if expert_ids[t, k] >= 0),
         key=lambda tk: (int(expert_ids[tk]), tk[0]),
     ):
         e = int(expert_ids[t, k])
-        gate, up = F.linear(x[t].float(), dequantize(fmt, w13[e], s13[e])).chunk(2)
+        gate, up = F.linear(act(x[t]), dequantize(fmt, w13[e], s13[e])).chunk(2)
         if limit is not None:
             gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
-        out[t] += weights[t, k].float() * F.linear(F.silu(gate) * up, dequantize(fmt, w2[e], s2[e]))
+        out[t] += weights[t, k].float() * F.linear(act(F.silu(gate) * up), dequantize(fmt, w2[e], s2[e]))
     return out.to(x.dtype)
+
+
+def fake_int8(v: torch.Tensor) -> torch.Tensor:
+    """v [..., n] in float32 as the kernel's int8 activations hold it: per group of 32, scaled so the
+    largest magnitude maps to 127 and rounded to nearest (even), then scaled back."""
+    g = v.float().reshape(-1, 32)
+    amax = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return ((g * inv).round() * (amax / 127.0)).view(v.shape)

@@ -104,7 +104,8 @@ def test_quantized_experts_in_ram_run_in_the_cpu_kernel_with_the_same_greedy_tok
         want = [o.token_ids for o in LLM(path, hot_experts=0).generate(PROMPTS, GREEDY)]
     hybrid = LLM(path, hot_experts=2, hot_period=1)
     assert all(t.use_cpu_kernel and t.quant == experts for t in hybrid.runner.tiered)
-    assert [o.token_ids for o in hybrid.generate(PROMPTS, GREEDY)] == want
+    with kernels.cpu_activations("float"):  # int8 activations (the default for int4) round differently
+        assert [o.token_ids for o in hybrid.generate(PROMPTS, GREEDY)] == want
     stats = [t.stats for t in hybrid.runner.tiered]
     assert sum(s["promoted"] for s in stats) > 0 and sum(s["cold_rows"] for s in stats) > 0
 

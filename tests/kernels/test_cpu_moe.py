@@ -1,6 +1,7 @@
-"""The CPU expert kernel (C++, from stored codes) against dequantize-then-matmul: int4 (both of its AVX-512
-paths), FP4 and FP8 at odd token, expert and width counts, V4's clamp, skipped pairs, bf16 activations,
-1-3 threads, with and without its AVX-512 code; a failed build is reported and leaves the torch path."""
+"""The CPU expert kernel (C++, from stored codes) against dequantize-then-matmul: int4 (its AVX-512 paths with
+float activations, and with int8 activations where the CPU has VNNI), FP4 and FP8 at odd token, expert and
+width counts, V4's clamp, skipped pairs, bf16 activations, 1-3 threads, with and without its AVX-512 code;
+a failed build is reported and leaves the torch path."""
 
 from __future__ import annotations
 
@@ -51,25 +52,50 @@ def test_kernel_equals_dequantize_then_matmul(gen, fmt, tokens, topk, experts, h
     for limit in (None, 0.5):  # V4 clamps the SwiGLU inputs; 0.5 clamps many of these
         want = cpu_moe.reference_moe(x, weights, ids, *stacks, fmt, limit)
         for threads in (1, 2, 3):
-            got = cpu_moe.moe(x, weights, ids, *stacks, fmt, limit, threads=threads, generic=generic)
+            got = cpu_moe.moe(x, weights, ids, *stacks, fmt, limit, threads, generic, int8=False)
             assert relative_error(got, want) < 2e-6, (fmt, limit, threads)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp4", "fp8"])
+@pytest.mark.parametrize(
+    "tokens, topk, experts, hidden, inter",
+    # 4-group chunks and trailing groups: 96 = 3 groups, 160 = 4 + 1, 544 = 16 + 1
+    [(1, 2, 5, 96, 160), (3, 3, 7, 64, 32), (17, 4, 9, 160, 96), (2, 4, 6, 544, 256), (5, 2, 4, 128, 96)],
+)
+def test_int8_activations_equal_their_reference(gen, fmt, tokens, topk, experts, hidden, inter):
+    """Where the kernel quantizes activations (int4 with VNNI), it computes reference_moe(int8=True) and
+    stays within 3% (of the largest output) of float activations; elsewhere its default is float."""
+    x, weights, ids, stacks = case(gen, fmt, tokens, topk, experts, hidden, inter)
+    exact = cpu_moe.reference_moe(x, weights, ids, *stacks, fmt, None)
+    if not cpu_moe.takes_int8(fmt):
+        assert relative_error(cpu_moe.moe(x, weights, ids, *stacks, fmt, None), exact) < 2e-6
+        return
+    for limit in (None, 0.5):
+        want = cpu_moe.reference_moe(x, weights, ids, *stacks, fmt, limit, int8=True)
+        for threads in (1, 2, 3):
+            got = cpu_moe.moe(x, weights, ids, *stacks, fmt, limit, threads=threads, int8=True)
+            assert relative_error(got, want) < 2e-6, (limit, threads)
+    got = cpu_moe.moe(x, weights, ids, *stacks, fmt, None)  # the default
+    assert 1e-4 < relative_error(got, exact) < 3e-2
 
 
 def test_skipped_pairs_and_bf16_activations(gen):
     x, weights, ids, stacks = case(gen, "int4", 6, 3, 8, 64, 64)
     ids[1, 0] = ids[4, 2] = -1  # computed elsewhere (hot experts on the device)
+    int8 = cpu_moe.takes_int8("int4")
     got = cpu_moe.moe(x, weights, ids, *stacks, "int4", None)
-    assert relative_error(got, cpu_moe.reference_moe(x, weights, ids, *stacks, "int4", None)) < 2e-6
+    assert relative_error(got, cpu_moe.reference_moe(x, weights, ids, *stacks, "int4", None, int8)) < 2e-6
     xb = x.bfloat16()
     got = cpu_moe.moe(xb, weights, ids, *stacks, "int4", None)
     assert got.dtype == torch.bfloat16
-    assert relative_error(got, cpu_moe.reference_moe(xb, weights, ids, *stacks, "int4", None)) < 1e-2
+    assert relative_error(got, cpu_moe.reference_moe(xb, weights, ids, *stacks, "int4", None, int8)) < 1e-2
 
 
 def test_thread_counts_give_identical_bits(gen):
-    x, weights, ids, stacks = case(gen, "fp4", 5, 4, 6, 128, 96)
-    runs = [cpu_moe.moe(x, weights, ids, *stacks, "fp4", None, threads=n) for n in (1, 2, 3)]
-    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    for fmt in ("fp4", "int4"):
+        x, weights, ids, stacks = case(gen, fmt, 5, 4, 6, 128, 96)
+        runs = [cpu_moe.moe(x, weights, ids, *stacks, fmt, None, threads=n) for n in (1, 2, 3)]
+        assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
 def test_a_failed_build_is_reported_and_leaves_the_torch_path(monkeypatch):
