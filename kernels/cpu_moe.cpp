@@ -403,10 +403,12 @@ int ds4_moe_act8(int fmt) {  // whether `fmt` can run against int8 activations (
 
 // out[T, D] = sum over k of weights[t, k] * expert_{ids[t, k]}(x[t]), experts summed in ascending id order
 // (pairs with id < 0 are skipped: computed elsewhere). w13: [E, 2I, D], w2: [E, D, I] in `fmt`, with
-// their scales; limit: V4's swiglu clamp (NaN: none). work: T*K*(D + 3I + D) floats of scratch.
+// their scales; limit: V4's swiglu clamp (NaN: none). work: T*K*(D + 3I + D) floats of scratch. seconds[0]
+// adds the call's time (what `bench hybrid` reports as the expert products' time).
 int ds4_moe(const float* x, const int64_t* ids, const float* weights, int64_t T, int64_t K, int64_t E,
             int64_t D, int64_t I, const uint8_t* w13, const void* s13, const uint8_t* w2, const void* s2,
-            int fmt, int act8, float limit, float* out, float* work, int threads) {
+            int fmt, int act8, float limit, float* out, float* work, int threads, double* seconds) {
+    const double start = omp_get_wtime();
     if (D % GROUP || I % GROUP || fmt < 0 || fmt > 2) return 1;
     if (act8 && !ds4_moe_act8(fmt)) return 2;
     const Layout x_layout = layout_for(fmt, D, act8), act_layout = layout_for(fmt, I, act8);
@@ -484,6 +486,7 @@ int ds4_moe(const float* x, const int64_t* ids, const float* weights, int64_t T,
                 }
         }
     }
+    seconds[0] += omp_get_wtime() - start;
     return 0;
 }
 

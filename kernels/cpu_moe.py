@@ -70,7 +70,7 @@ def build(generic: bool = False) -> ctypes.CDLL:
     lib.ds4_moe.restype = ctypes.c_int
     lib.ds4_moe.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4
     lib.ds4_moe.argtypes += [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
-    lib.ds4_moe.argtypes += [ctypes.c_int]
+    lib.ds4_moe.argtypes += [ctypes.c_int, ctypes.c_void_p]
     lib.ds4_moe_act8.argtypes = [ctypes.c_int]
     return lib
 
@@ -131,12 +131,14 @@ def moe(
     threads: int | None = None,
     generic: bool = False,
     int8: bool | None = None,
+    seconds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[T, D] in x's dtype: sum over k of weights[t, k] * expert_ids[t, k](x[t]), the experts of the stacks
     w13 [E, 2I, ...] and w2 [E, D, ...] stored in `fmt` with scales s13, s2. Pairs whose id is -1 are
     skipped (their experts are computed elsewhere). `threads`: default torch's, one per THREAD_BYTES read.
     `int8`: the activations (x, and SwiGLU's output) quantized to int8 per group of 32, as
-    reference_moe(int8=True) does; by default where the kernel can, unless DS4_CPU_ACTIVATIONS=float."""
+    reference_moe(int8=True) does; by default where the kernel can, unless DS4_CPU_ACTIVATIONS=float.
+    `seconds`: a float64 [1] the kernel adds its time to (its own clock: no Python in it)."""
     lib = _library(generic)
     assert not isinstance(lib, str), lib
     if int8 is None:
@@ -147,9 +149,10 @@ def moe(
     assert w13.device.type == w2.device.type == "cpu" and w13.is_contiguous() and w2.is_contiguous()
     assert s13.dtype == s2.dtype == _SCALE_DTYPES[fmt], f"{fmt} scales {s13.dtype}, {s2.dtype}"
     assert s13.is_contiguous() and s2.is_contiguous() and w13.element_size() == 1
-    xf = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    ids = expert_ids.detach().to(device="cpu", dtype=torch.int64).contiguous()
-    wf = weights.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    xf, ids, wf = _plain(x, torch.float32), _plain(expert_ids, torch.int64), _plain(weights, torch.float32)
+    if seconds is None:
+        seconds = torch.zeros(1, dtype=torch.float64)
+    assert seconds.dtype == torch.float64 and seconds.device.type == "cpu", seconds
     out = torch.empty(T, D, dtype=torch.float32)
     work = torch.empty(T * K * (2 * D + 3 * inter), dtype=torch.float32)  # activations only
     if threads is None:  # a thread per 512 KB of codes: fewer forks and barriers for small layers
@@ -159,10 +162,17 @@ def moe(
         xf.data_ptr(), ids.data_ptr(), wf.data_ptr(), T, K, E, D, inter,
         w13.data_ptr(), s13.data_ptr(), w2.data_ptr(), s2.data_ptr(),
         FORMATS[fmt], int(int8), float("nan") if limit is None else float(limit),
-        out.data_ptr(), work.data_ptr(), threads,
+        out.data_ptr(), work.data_ptr(), threads, seconds.data_ptr(),
     )  # fmt: skip
     assert rc == 0, f"ds4_moe returned {rc}"
     return out.to(x.dtype)
+
+
+def _plain(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as a contiguous CPU tensor of dtype, without a copy (or a dispatch) when it already is one."""
+    if t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous():
+        return t
+    return t.detach().to(device="cpu", dtype=dtype).contiguous()
 
 
 def reference_moe(

@@ -71,14 +71,19 @@ def decode_rate(llm: LLM, prompt: list[int], tokens: int, runs: int) -> float:
 def _row(llm: LLM, label: str, prompt, tokens, runs, **fields) -> dict:
     """A placement's decode rate; with its experts in host RAM, the GB/s their single-token passes read."""
     row = {"placement": label, **fields}
-    before = [dict(t.stats) for t in llm.runner.tiered]
+    tiered = llm.runner.tiered
+    before = [dict(t.stats) for t in tiered]
+    kernel_before = sum(float(t.kernel_seconds) for t in tiered)
     row["decode_tokens_per_s"] = decode_rate(llm, prompt, tokens, runs)
-    if llm.runner.tiered and fields.get("hot_experts") == 0:
-        pairs = list(zip([t.stats for t in llm.runner.tiered], before, strict=True))
+    if tiered and fields.get("hot_experts") == 0:
+        pairs = list(zip([t.stats for t in tiered], before, strict=True))
         nbytes = sum(a["decode_expert_bytes"] - b["decode_expert_bytes"] for a, b in pairs)
         seconds = sum(a["decode_expert_s"] - b["decode_expert_s"] for a, b in pairs)
         row["expert_gb_per_s"] = nbytes / max(seconds, 1e-12) / 1e9
         row["expert_ms_per_token"] = 1e3 * seconds / max(1, (tokens - 1) * runs)
+        kernel = sum(float(t.kernel_seconds) for t in tiered) - kernel_before
+        if kernel > 0:  # the CPU kernel's own clock: the products, without the Python pass around them
+            row["kernel_gb_per_s"] = nbytes / kernel / 1e9
     return row
 
 
@@ -157,6 +162,8 @@ def bench_hybrid(
     for r in results:
         if "expert_gb_per_s" in r:
             r["expert_read_share"] = r["expert_gb_per_s"] * 1e9 / bw
+        if "kernel_gb_per_s" in r:
+            r["kernel_read_share"] = r["kernel_gb_per_s"] * 1e9 / bw
     context, name = prompt_tokens + tokens, model_dir
     predicted = {f: _predict(config, name, machine, f, float_format, dispatch[f], context) for f in dispatch}
     measured = {}
@@ -209,6 +216,8 @@ def format_report(report: dict) -> str:
                 f"  experts {r['expert_ms_per_token']:.2f} ms/token, {r['expert_gb_per_s']:.1f} GB/s "
                 f"({100 * r['expert_read_share']:.0f}% of read bandwidth)"
             )
+        if "kernel_gb_per_s" in r:
+            reads += f"; in the kernel {r['kernel_gb_per_s']:.1f} GB/s ({100 * r['kernel_read_share']:.0f}%)"
         lines.append(f"  {r['placement']:<44} decode {r['decode_tokens_per_s']:7.1f} tok/s{reads}")
     for fmt, rate in report["predicted_by_expert_format"].items():
         ratio = report["predicted_over_measured"].get(fmt)
