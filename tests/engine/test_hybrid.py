@@ -77,8 +77,8 @@ def test_bench_hybrid_reports_each_placement_the_expert_reads_and_the_prediction
     assert stored["expert_bytes"] * 6 < loaded["expert_bytes"]  # 4 bits + a scale per 32 against fp32
     in_ram = [r for r in report["results"] if r["hot_experts"] == 0]
     assert all(r["expert_gb_per_s"] > 0 and 0 < r["expert_read_share"] for r in in_ram)
-    for r in (stored, fp8):  # the kernel's own clock counts part of the pass: it reads at least as fast
-        assert r["kernel_gb_per_s"] >= r["expert_gb_per_s"] and r["kernel_read_share"] > 0
+    # int4 experts run in the CPU kernel, whose own clock counts part of the pass: it reads at least as fast
+    assert stored["kernel_gb_per_s"] >= stored["expert_gb_per_s"] and stored["kernel_read_share"] > 0
     assert "kernel_gb_per_s" not in loaded  # float experts run in torch, not the kernel
     assert report["predicted_decode_tokens_per_s"] > 0 and report["machine"]["read_gb_per_s"] > 0
     predicted = report["predicted_by_expert_format"]
