@@ -17,7 +17,8 @@ import torch
 
 from ds4.engine import LLM, SamplingParams
 from ds4.engine.bench.engine import _median_time, read_bandwidth
-from ds4.engine.planner import Hardware, plan
+from ds4.engine.planner import plan
+from ds4.engine.prediction import Hardware
 from ds4.engine.quantize import quantize_checkpoint
 from ds4.engine.random_checkpoint import init_checkpoint
 
