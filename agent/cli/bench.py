@@ -119,7 +119,7 @@ def _add_prefix(sub) -> None:
 
 
 def _prefix(args) -> int:
-    from ds4.engine.bench.engine import bench_prefix, format_prefix_report
+    from ds4.engine.bench.prefix import bench_prefix, format_prefix_report
 
     report = bench_prefix(
         args.model,
