@@ -45,7 +45,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ds4.agent.cli.model import model_config
-    from ds4.engine.planner import Hardware, format_plan, parse_gpus, parse_size, parse_tokens, plan
+    from ds4.engine.planner import format_plan, parse_gpus, parse_size, parse_tokens, plan
+    from ds4.engine.prediction import Hardware
 
     try:
         gpus = parse_gpus(args.gpu)

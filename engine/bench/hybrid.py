@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ds4.engine import LLM, SamplingParams
-from ds4.engine.bench.engine import _median_time, read_bandwidth
-from ds4.engine.planner import Hardware, plan
+from ds4.engine.bench.engine import median_time, read_bandwidth
+from ds4.engine.planner import plan
+from ds4.engine.prediction import Hardware
 from ds4.engine.quantize import quantize_checkpoint
 from ds4.engine.random_checkpoint import init_checkpoint
 
@@ -38,9 +39,9 @@ def measure_machine() -> dict:
     """This CPU's streaming-read bandwidth (the best a weight read can do), the bandwidth a decode step's
     matrix-vector products reach (what the planner predicts with), and its fp32 matmul rate."""
     a = torch.randn(1024, 1024)
-    best_mm = min(_median_time(lambda: a @ a, 1) for _ in range(5))
+    best_mm = min(median_time(lambda: a @ a, 1) for _ in range(5))
     w, x = torch.randn(8192, 8192), torch.randn(1, 8192)  # 256 MB, far past the caches
-    gemv = _median_time(lambda: torch.nn.functional.linear(x, w), 5)
+    gemv = median_time(lambda: torch.nn.functional.linear(x, w), 5)
     return {
         "read_gb_per_s": read_bandwidth() / 1e9,
         "gemv_gb_per_s": w.numel() * 4 / gemv / 1e9,

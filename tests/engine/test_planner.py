@@ -10,17 +10,10 @@ import subprocess
 import pytest
 
 from ds4.engine.config import ModelConfig
-from ds4.engine.planner import (
-    Hardware,
-    component_bytes,
-    layer_cache_bytes,
-    parse_gpus,
-    parse_size,
-    parse_tokens,
-    plan,
-)
+from ds4.engine.planner import component_bytes, parse_gpus, parse_size, parse_tokens, plan
+from ds4.engine.prediction import Hardware
 from ds4.engine.presets import load_preset
-from ds4.engine.sizing import cache_bytes
+from ds4.engine.sizing import cache_bytes, layer_cache_bytes
 from tests.servers import EXE
 
 GB = 1e9
@@ -204,7 +197,7 @@ def test_the_printed_flags_passed_to_generate_give_the_planned_placement(tmp_pat
     from ds4.agent.cli import build_parser
     from ds4.agent.cli.flags import device_kwargs
     from ds4.engine import LLM, SamplingParams
-    from ds4.engine.planner import Hardware, component_bytes, engine_flags
+    from ds4.engine.planner import engine_flags
     from ds4.engine.random_checkpoint import init_checkpoint
 
     path = init_checkpoint("deepseek_v3", "tiny", tmp_path / "tiny")
@@ -229,8 +222,6 @@ def test_the_printed_flags_passed_to_generate_give_the_planned_placement(tmp_pat
 
 
 def test_measured_dispatch_per_layer_is_counted_in_the_decode_prediction():
-    from ds4.engine.planner import Hardware
-
     config = preset("deepseek-v4-flash")
     fast = plan(config, "x", [24 * GB] * 2, 512 * GB, hardware=Hardware())
     slow = plan(config, "x", [24 * GB] * 2, 512 * GB, hardware=Hardware(layer_dispatch=1e-3))
