@@ -2,9 +2,11 @@
 device; all, half or none of each layer's experts hot), then with its routed experts quantized (kept as
 stored, computed by the CPU kernel from their codes; and for the first format dequantized at load). Rows
 with every expert in host RAM also give the GB/s of expert bytes their decode steps read, against this
-machine's measured read bandwidth. Next to them, what the planner predicts for this machine: its read
-bandwidth and matmul rate, plus the per-layer dispatch overhead of a decode step measured on a tiny twin
-of the model (same family, layers, routing and expert format; tiny widths, so its step is all overhead)."""
+machine's measured read bandwidth. Next to them, what the planner predicts for this machine from parts
+measured on their own (bench/calibration.py): the bandwidth of the model's matrices one row at a time, the
+CPU expert kernel's at the model's expert shapes, and the per-layer dispatch overhead of a decode step
+measured on a tiny twin of the model (same family, layers, routing and expert format; tiny widths, so its
+step is all overhead)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from ds4.engine import LLM, SamplingParams
-from ds4.engine.bench.engine import median_time, read_bandwidth
+from ds4.engine.bench.calibration import expert_kernel_bandwidth, measure_machine, model_gemv_bandwidth
 from ds4.engine.planner import plan
 from ds4.engine.prediction import Hardware
 from ds4.engine.quantize import quantize_checkpoint
@@ -33,20 +33,6 @@ TWIN_KEYS = (
     "layer_types",
     "compress_ratios",
 )
-
-
-def measure_machine() -> dict:
-    """This CPU's streaming-read bandwidth (the best a weight read can do), the bandwidth a decode step's
-    matrix-vector products reach (what the planner predicts with), and its fp32 matmul rate."""
-    a = torch.randn(1024, 1024)
-    best_mm = min(median_time(lambda: a @ a, 1) for _ in range(5))
-    w, x = torch.randn(8192, 8192), torch.randn(1, 8192)  # 256 MB, far past the caches
-    gemv = median_time(lambda: torch.nn.functional.linear(x, w), 5)
-    return {
-        "read_gb_per_s": read_bandwidth() / 1e9,
-        "gemv_gb_per_s": w.numel() * 4 / gemv / 1e9,
-        "matmul_tflop_per_s": 2 * 1024**3 / best_mm / 1e12,
-    }
 
 
 def _timed(fn) -> float:
@@ -124,6 +110,9 @@ def bench_hybrid(
     experts = config.n_routed_experts
     prompt = list(range(10, 10 + prompt_tokens))
     machine = measure_machine()
+    machine["model_gemv_gb_per_s"] = model_gemv_bandwidth(probe.runner.model) / 1e9
+    kernel_rates = {fmt: expert_kernel_bandwidth(config, fmt) for fmt in formats}
+    machine["expert_kernel_gb_per_s"] = {f: rate / 1e9 for f, rate in kernel_rates.items() if rate}
     rows = [
         ("single device", {}),
         (f"layers over {len(stages)} stages ({', '.join(stages)})", {"devices": stages, "device": None}),
@@ -184,14 +173,17 @@ def bench_hybrid(
 
 def _predict(config, model_dir, machine, fmt, float_format, dispatch, context) -> float:
     """The planner's decode rate for this machine: the model on one 'GPU' that is this CPU, every routed
-    expert in host RAM (the placement measured), the measured matrix-vector bandwidth, matmul rate and
-    dispatch."""
-    bw, flops = machine["gemv_gb_per_s"] * 1e9, machine["matmul_tflop_per_s"] * 1e12
+    expert in host RAM (the placement measured). Each part at what it was measured to reach on its own:
+    the model's matrices at their matrix-vector bandwidth, quantized experts at the CPU kernel's (float
+    ones, in torch, at the matrices'), and the twin's dispatch per layer. The measured bandwidths include
+    their arithmetic, so no separate compute bound applies."""
+    bw, flops = machine["model_gemv_gb_per_s"] * 1e9, machine["matmul_tflop_per_s"] * 1e12
+    experts_bw = machine["expert_kernel_gb_per_s"].get(fmt, machine["model_gemv_gb_per_s"]) * 1e9
     hw = Hardware(
         gpu_bandwidth=bw,
-        ram_bandwidth=bw,
+        ram_bandwidth=experts_bw,
         gpu_flops=flops,
-        cpu_flops=flops,
+        cpu_flops=float("inf"),
         gpu_reserve=0,
         ram_reserve=0,
         layer_overhead=0,
@@ -207,9 +199,12 @@ def _predict(config, model_dir, machine, fmt, float_format, dispatch, context) -
 def format_report(report: dict) -> str:
     m = report["machine"]
     lines = [
-        f"this machine: read {m['read_gb_per_s']:.1f} GB/s (matrix-vector {m['gemv_gb_per_s']:.1f}), "
-        f"fp32 matmul {m['matmul_tflop_per_s']:.2f} TFLOP/s; model in {report['dtype']}"
+        f"this machine: read {m['read_gb_per_s']:.1f} GB/s (matrix-vector {m['gemv_gb_per_s']:.1f}, at the "
+        f"model's widths {m['model_gemv_gb_per_s']:.1f}), fp32 matmul {m['matmul_tflop_per_s']:.2f} TFLOP/s; "
+        f"model in {report['dtype']}"
     ]
+    for fmt, rate in m["expert_kernel_gb_per_s"].items():
+        lines.append(f"  CPU expert kernel, {fmt} at the model's expert shapes: {rate:.1f} GB/s")
     for r in report["results"]:
         reads = ""
         if "expert_gb_per_s" in r:
