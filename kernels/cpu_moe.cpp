@@ -27,6 +27,12 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define DS4_VNNI 1  // int4 experts take int8 activations and vpdpbusd (the `q8` path)
 #endif
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(DS4_GENERIC)
+#include <immintrin.h>
+#define DS4_AVX2 1  // int4 experts take int8 activations: AVX-VNNI's vpdpbusd where built in, else vpmaddubsw
+#endif
+#if defined(DS4_VNNI) || defined(DS4_AVX2)
+#define DS4_Q8 1
 #endif
 
 namespace {
@@ -70,7 +76,7 @@ enum Layout { PLAIN, EVEN_ODD, OCTETS, Q8 };
 // else rows of whole 128-input blocks take the octet path (AVX-512 only); other 4-bit rows decode group by
 // group (even inputs, then odd), FP8 rows in order.
 Layout layout_for(int fmt, int64_t in, bool act8) {
-#ifdef DS4_VNNI
+#ifdef DS4_Q8
     if (fmt == 0 && act8) return Q8;
 #endif
 #ifdef DS4_AVX512
@@ -204,7 +210,7 @@ void rows_dot_octets(const Matrix& m, int64_t n0, const float* const* xs, float 
 #endif
 
 
-#ifdef DS4_VNNI
+#ifdef DS4_Q8
 // int4 rows against int8 activations (`Q8` layout, quantize_q8): vpdpbusd multiplies the unsigned codes
 // (0..15) by the signed int8 inputs, four products per 32-bit lane, 64 per instruction; the codes' offset
 // of 8 is folded into each lane's starting value (`corr`: -8 times the sum of its eight inputs). A chunk
@@ -216,6 +222,21 @@ struct Q8Row {  // one activation row laid out for rows_dot_q8 (see quantize_q8)
     const float* scale;
 };
 
+// group g of a row (a trailing group, not in a whole chunk) against x: 16 bytes of codes, 4 lanes
+inline float group_dot_q8(const Matrix& m, const uint8_t* row, int64_t n, int64_t g, const Q8Row& x) {
+    const __m128i low = _mm_set1_epi8(0x0f), ones = _mm_set1_epi16(1);
+    const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 16));
+    const __m128i lo = _mm_and_si128(codes, low), hi = _mm_and_si128(_mm_srli_epi16(codes, 4), low);
+    const __m128i xlo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x.q + g * 32));
+    const __m128i xhi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x.q + g * 32 + 16));
+    __m128i dot = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x.corr + g * 4));
+    dot = _mm_add_epi32(dot, _mm_madd_epi16(_mm_maddubs_epi16(lo, xlo), ones));
+    dot = _mm_add_epi32(dot, _mm_madd_epi16(_mm_maddubs_epi16(hi, xhi), ones));
+    const int32_t* d = reinterpret_cast<const int32_t*>(&dot);
+    return float(d[0] + d[1] + d[2] + d[3]) * (m.scale(n, g) * x.scale[g * 4]);
+}
+
+#ifdef DS4_VNNI
 // the 4 bf16 scales of a chunk, spread to the 16 lanes as floats (lane i: scale i / 4)
 inline __m512 chunk_scales(const uint16_t* s) {
     const __m512i idx = _mm512_set_epi16(3, 0, 3, 0, 3, 0, 3, 0, 2, 0, 2, 0, 2, 0, 2, 0,
@@ -251,20 +272,69 @@ void rows_dot_q8(const Matrix& m, int64_t n0, const Q8Row* xs, float (*out)[TOKE
     for (int r = 0; r < NR; ++r)
         for (int t = 0; t < NT; ++t) {
             float sum = _mm512_reduce_add_ps(acc[r][t]);
-            for (int64_t g = chunks * 4; g < groups; ++g) {  // trailing groups, one at a time (4 lanes)
-                const uint8_t* row = m.codes + (n0 + r) * m.row_bytes();
-                const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 16));
-                const __m128i lo = _mm_and_si128(codes, _mm_set1_epi8(0x0f));
-                const __m128i hi = _mm_and_si128(_mm_srli_epi16(codes, 4), _mm_set1_epi8(0x0f));
-                __m128i dot = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs[t].corr + g * 4));
-                dot = _mm_dpbusd_epi32(dot, lo, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs[t].q + g * 32)));
-                dot = _mm_dpbusd_epi32(dot, hi, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs[t].q + g * 32 + 16)));
-                const int32_t* d = reinterpret_cast<const int32_t*>(&dot);
-                sum += float(d[0] + d[1] + d[2] + d[3]) * (m.scale(n0 + r, g) * xs[t].scale[g * 4]);
-            }
+            for (int64_t g = chunks * 4; g < groups; ++g)  // trailing groups, one at a time
+                sum += group_dot_q8(m, m.codes + (n0 + r) * m.row_bytes(), n0 + r, g, xs[t]);
             out[r][t] = sum;
         }
 }
+#else
+// AVX2: a chunk in two halves of 2 groups (32 code bytes, 8 lanes: lanes 0-3 one group, 4-7 the next)
+inline __m256i dot_u8s8(__m256i acc, __m256i codes, __m256i x) {
+#ifdef __AVXVNNI__
+    return _mm256_dpbusd_avx_epi32(acc, codes, x);
+#else  // pairs of u8 * s8 products as int16 (at most 2 * 15 * 127: no saturation), then pairs of those
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1)));
+#endif
+}
+
+// the 2 bf16 scales of a half chunk, spread to the 8 lanes as floats (lanes 0-3: the first)
+inline __m256 half_chunk_scales(const uint16_t* s) {
+    uint32_t two;
+    std::memcpy(&two, s, 4);
+    const __m256i both = _mm256_set1_epi32(int(two));
+    const __m256i first = _mm256_slli_epi32(both, 16), second = _mm256_and_si256(both, _mm256_set1_epi32(int(0xFFFF0000u)));
+    return _mm256_castsi256_ps(_mm256_blend_epi32(first, second, 0xF0));
+}
+
+template <int NR, int NT>
+void rows_dot_q8(const Matrix& m, int64_t n0, const Q8Row* xs, float (*out)[TOKENS]) {
+    const int64_t groups = m.in / GROUP, chunks = groups / 4;
+    const uint16_t* scales = static_cast<const uint16_t*>(m.scales);
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    __m256 acc[NR][NT];
+    for (int r = 0; r < NR; ++r)
+        for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+        for (int r = 0; r < NR; ++r) {
+            const uint8_t* row = m.codes + (n0 + r) * m.row_bytes();
+            _mm_prefetch(reinterpret_cast<const char*>(row + c * 64 + PREFETCH), _MM_HINT_T0);
+            for (int h = 0; h < 2; ++h) {
+                const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 64 + h * 32));
+                const __m256i lo = _mm256_and_si256(codes, low);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low);
+                const __m256 sw = half_chunk_scales(scales + (n0 + r) * groups + 4 * c + 2 * h);
+                for (int t = 0; t < NT; ++t) {
+                    const int8_t* q = xs[t].q + c * 128 + h * 32;
+                    __m256i dot = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs[t].corr + c * 16 + h * 8));
+                    dot = dot_u8s8(dot, lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+                    dot = dot_u8s8(dot, hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64)));
+                    const __m256 s = _mm256_mul_ps(sw, _mm256_loadu_ps(xs[t].scale + c * 16 + h * 8));
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[r][t]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int t = 0; t < NT; ++t) {
+            const __m128 four = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
+            const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+            float sum = _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
+            for (int64_t g = chunks * 4; g < groups; ++g)  // trailing groups, one at a time
+                sum += group_dot_q8(m, m.codes + (n0 + r) * m.row_bytes(), n0 + r, g, xs[t]);
+            out[r][t] = sum;
+        }
+}
+#endif
 
 // a row of n inputs quantized by quantize_q8 (n / 2 floats of scratch): n int8 codes, then n / 8 lane
 // offsets, then n / 8 lane scales
@@ -334,7 +404,7 @@ void rows_dot_tokens(const Matrix& m, int64_t n0, int nr, const float* const* xs
 // rows [n0, n1) of y[t] = m @ xs[t] for every token row of one expert, TOKENS at a time
 void matmul_rows(const Matrix& m, int64_t n0, int64_t n1, const float* xs, int64_t x_stride, int64_t nrows,
                  float* ys, int64_t y_stride) {
-#ifdef DS4_VNNI
+#ifdef DS4_Q8
     const bool q8 = layout_for(m.fmt, m.in, m.act8) == Q8;
 #endif
     for (int64_t r0 = 0; r0 < nrows; r0 += TOKENS) {
@@ -344,7 +414,7 @@ void matmul_rows(const Matrix& m, int64_t n0, int64_t n1, const float* xs, int64
         float out[4][TOKENS];
         for (int64_t n = n0; n < n1;) {
             int nr = int(std::min<int64_t>(2, n1 - n));
-#ifdef DS4_VNNI
+#ifdef DS4_Q8
             if (q8) {
                 Q8Row qs[TOKENS];
                 for (int t = 0; t < nt; ++t) qs[t] = q8_row(rows[t], m.in);
@@ -368,7 +438,7 @@ void matmul_rows(const Matrix& m, int64_t n0, int64_t n1, const float* xs, int64
 // x [n] laid out for `layout`: EVEN_ODD per group of 32 the 16 even inputs then the 16 odd ones; OCTETS
 // per block of 128, entry k * 16 + i holds input 8 i + k (nibble k of the block's 32-bit word i)
 void lay_out(const float* x, float* out, int64_t n, Layout layout) {
-#ifdef DS4_VNNI
+#ifdef DS4_Q8
     if (layout == Q8) return quantize_q8(x, out, n);
 #endif
     if (layout == PLAIN) {
@@ -392,8 +462,8 @@ float silu(float v) { return v / (1.f + std::exp(-v)); }
 
 extern "C" {
 
-int ds4_moe_act8(int fmt) {  // whether `fmt` can run against int8 activations (int4 with VNNI)
-#ifdef DS4_VNNI
+int ds4_moe_act8(int fmt) {  // whether `fmt` can run against int8 activations (int4 with AVX2 or AVX-512 VNNI)
+#ifdef DS4_Q8
     return fmt == 0;
 #else
     (void)fmt;
@@ -490,11 +560,15 @@ int ds4_moe(const float* x, const int64_t* ids, const float* weights, int64_t T,
     return 0;
 }
 
-int ds4_moe_isa() {  // 2: AVX-512 with VNNI; 1: AVX-512; 0: the generic path
+int ds4_moe_isa() {  // 4: AVX-VNNI (256-bit); 3: AVX2; 2: AVX-512 with VNNI; 1: AVX-512; 0: the generic path
 #ifdef DS4_VNNI
     return 2;
 #elif defined(DS4_AVX512)
     return 1;
+#elif defined(DS4_AVX2) && defined(__AVXVNNI__)
+    return 4;
+#elif defined(DS4_AVX2)
+    return 3;
 #else
     return 0;
 #endif

@@ -4,9 +4,9 @@ its torch reference (dequantize, then matmul).
 The kernel is compiled with the system's g++ at first use (about a second: it includes no torch headers)
 into a cache folder keyed by the source, the compiler and this CPU, then loaded with ctypes. Where it
 cannot be built, `available()` says why once, as a warning, and the engine keeps the torch path (which
-dequantizes each expert it uses for the call). int4 activations go in as int8 where the CPU has VNNI and
-`DS4_CPU_ACTIVATIONS` does not say float (`fake_int8` is what the reference does to match). Owns nothing else:
-callers pick the path."""
+dequantizes each expert it uses for the call). int4 activations go in as int8 where the CPU has AVX2 or
+AVX-512 VNNI and `DS4_CPU_ACTIVATIONS` does not say float (`fake_int8` is what the reference does to match).
+Owns nothing else: callers pick the path."""
 
 from __future__ import annotations
 
@@ -30,7 +30,11 @@ FORMATS = {"int4": 0, "fp4": 1, "fp8": 2}
 _SCALE_DTYPES = {"int4": torch.bfloat16, "fp4": torch.float8_e8m0fnu, "fp8": torch.float32}
 THREAD_BYTES = 512 << 10  # weight bytes per thread: below it, OpenMP's fork and barriers cost more than
 # they save, and far more when the cores are shared (a descheduled thread stalls every barrier)
-_libs: dict[bool, ctypes.CDLL | str] = {}  # generic? -> the library, or why it could not be built
+# builds of the kernel: this CPU's best ("native"), and for tests the narrower paths it also has
+VARIANTS = {"native": [], "avx2": ["-mno-avx512f", "-mno-avxvnni"], "avx-vnni": ["-mno-avx512f"]}
+VARIANTS["generic"] = ["-DDS4_GENERIC"]
+ISAS = ("generic", "avx512", "avx512-vnni", "avx2", "avx-vnni")  # ds4_moe_isa's codes
+_libs: dict[str, ctypes.CDLL | str] = {}  # variant -> the library, or why it could not be built
 
 
 def _cache_dir() -> Path:
@@ -47,13 +51,14 @@ def _cpu_id() -> str:
     return "\n".join(lines[:2])
 
 
-def build(generic: bool = False) -> ctypes.CDLL:
-    """The compiled kernel (built once per source, compiler and CPU). `generic`: without the AVX-512 path."""
+def build(variant: str = "native") -> ctypes.CDLL:
+    """The compiled kernel (built once per source, flags, compiler and CPU). `variant`: one of VARIANTS (what
+    -march=native gives, less AVX-512, less AVX-512 and AVX-VNNI, or no intrinsics at all)."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) on PATH")
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-    flags += ["-DDS4_GENERIC"] if generic else []
+    flags += VARIANTS[variant]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, _cpu_id()]).encode()).hexdigest()
     target = _cache_dir() / f"cpu_moe-{key[:16]}.so"
@@ -75,41 +80,41 @@ def build(generic: bool = False) -> ctypes.CDLL:
     return lib
 
 
-def _library(generic: bool = False) -> ctypes.CDLL | str:
-    if generic not in _libs:
+def _library(variant: str = "native") -> ctypes.CDLL | str:
+    if variant not in _libs:
         try:
-            _libs[generic] = build(generic)
+            _libs[variant] = build(variant)
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-            _libs[generic] = str(e)
+            _libs[variant] = str(e)
             warnings.warn(
                 f"the CPU expert kernel could not be built ({e}); routed experts on the CPU are dequantized "
                 "for each call instead (slower, same results)",
                 RuntimeWarning,
                 stacklevel=3,
             )
-    return _libs[generic]
+    return _libs[variant]
 
 
-def available(generic: bool = False) -> bool:
+def available(variant: str = "native") -> bool:
     """Whether the kernel is built and loaded; the first failure is reported as a RuntimeWarning."""
-    return not isinstance(_library(generic), str)
+    return not isinstance(_library(variant), str)
 
 
-def build_error(generic: bool = False) -> str | None:
+def build_error(variant: str = "native") -> str | None:
     """Why the kernel could not be built, or None when it is loaded."""
-    lib = _library(generic)
+    lib = _library(variant)
     return lib if isinstance(lib, str) else None
 
 
-def isa(generic: bool = False) -> str:
-    lib = _library(generic)
+def isa(variant: str = "native") -> str:
+    lib = _library(variant)
     assert not isinstance(lib, str), lib
-    return ("generic", "avx512", "avx512-vnni")[lib.ds4_moe_isa()]
+    return ISAS[lib.ds4_moe_isa()]
 
 
-def takes_int8(fmt: str, generic: bool = False) -> bool:
-    """Whether the kernel can take `fmt`'s activations quantized to int8 (int4 where the CPU has VNNI)."""
-    lib = _library(generic)
+def takes_int8(fmt: str, variant: str = "native") -> bool:
+    """Whether the kernel can take `fmt`'s activations quantized to int8 (int4, with AVX2 or AVX-512 VNNI)."""
+    lib = _library(variant)
     return not isinstance(lib, str) and bool(lib.ds4_moe_act8(FORMATS[fmt]))
 
 
@@ -129,7 +134,7 @@ def moe(
     fmt: str,
     limit: float | None,
     threads: int | None = None,
-    generic: bool = False,
+    variant: str = "native",
     int8: bool | None = None,
     seconds: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -139,10 +144,10 @@ def moe(
     `int8`: the activations (x, and SwiGLU's output) quantized to int8 per group of 32, as
     reference_moe(int8=True) does; by default where the kernel can, unless DS4_CPU_ACTIVATIONS=float.
     `seconds`: a float64 [1] the kernel adds its time to (its own clock: no Python in it)."""
-    lib = _library(generic)
+    lib = _library(variant)
     assert not isinstance(lib, str), lib
     if int8 is None:
-        int8 = cpu_activations_int8() and takes_int8(fmt, generic)
+        int8 = cpu_activations_int8() and takes_int8(fmt, variant)
     T, K = expert_ids.shape
     E, D, inter = w13.shape[0], x.shape[1], w2.shape[-1] * (1 if fmt == "fp8" else 2)
     assert supports(fmt, D, inter), f"format {fmt} with hidden {D}, intermediate {inter}"
