@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ds4.engine import LLM, SamplingParams
 from ds4.engine.bench.calibration import expert_kernel_bandwidth, measure_machine, model_gemv_bandwidth
+from ds4.engine.bench.engine import read_bandwidth
 from ds4.engine.planner import plan
 from ds4.engine.prediction import Hardware
 from ds4.engine.quantize import quantize_checkpoint
@@ -110,9 +111,6 @@ def bench_hybrid(
     experts = config.n_routed_experts
     prompt = list(range(10, 10 + prompt_tokens))
     machine = measure_machine()
-    machine["model_gemv_gb_per_s"] = model_gemv_bandwidth(probe.runner.model) / 1e9
-    kernel_rates = {fmt: expert_kernel_bandwidth(config, fmt) for fmt in formats}
-    machine["expert_kernel_gb_per_s"] = {f: rate / 1e9 for f, rate in kernel_rates.items() if rate}
     rows = [
         ("single device", {}),
         (f"layers over {len(stages)} stages ({', '.join(stages)})", {"devices": stages, "device": None}),
@@ -120,23 +118,22 @@ def bench_hybrid(
     rows += [
         (f"{h} of {experts} experts hot per layer", {"hot_experts": h}) for h in (experts, experts // 2, 0)
     ]
-    results = []
-    for label, settings in rows:
-        base = {"device": device, "dtype": dtype, "hot_period": 8}
-        llm = probe if not settings else LLM(model_dir, **{**base, **settings})
-        stage_count = len(settings.get("devices") or [device])
-        fields = {"hot_experts": settings.get("hot_experts"), "stages": stage_count}
-        if settings.get("hot_experts") == 0:
-            fields["expert_format"] = float_format
-        results.append(_row(llm, label, prompt, tokens, runs, **fields))
-    dispatch = {}
+    results, parts = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        dispatch[float_format] = twin_dispatch(Path(model_dir), None, tmp, device, dtype, runs)
+        for label, settings in rows:
+            base = {"device": device, "dtype": dtype, "hot_period": 8}
+            llm = probe if not settings else LLM(model_dir, **{**base, **settings})
+            stage_count = len(settings.get("devices") or [device])
+            fields = {"hot_experts": settings.get("hot_experts"), "stages": stage_count}
+            if settings.get("hot_experts") == 0:
+                fields["expert_format"] = float_format
+                parts[float_format] = _parts(probe, model_dir, None, tmp, device, dtype, runs)
+                fields["read_gb_per_s"] = read_bandwidth(runs=3) / 1e9
+            results.append(_row(llm, label, prompt, tokens, runs, **fields))
         for i, fmt in enumerate(formats):
             quantized_dir = tmp / fmt
             quantize_checkpoint(model_dir, quantized_dir, experts=fmt, attn="bf16")
-            dispatch[fmt] = twin_dispatch(Path(model_dir), fmt, tmp, device, dtype, runs)
             for weights in ("stored", "dequantize") if i == 0 else ("stored",):
                 how = "kept as stored" if weights == "stored" else "dequantized at load"
                 llm = LLM(quantized_dir, device=device, dtype=dtype, weights=weights, hot_experts=0)
@@ -147,15 +144,18 @@ def bench_hybrid(
                     for n, p in llm.runner.model.named_parameters()
                     if ".experts." in n
                 )
+                if weights == "stored":
+                    parts[fmt] = _parts(probe, model_dir, fmt, tmp, device, dtype, runs)
+                fields["read_gb_per_s"] = read_bandwidth(runs=3) / 1e9
                 results.append(_row(llm, f"{fmt} experts {how}, none hot", prompt, tokens, runs, **fields))
-    bw = machine["read_gb_per_s"] * 1e9
-    for r in results:
+    for r in results:  # against the read bandwidth measured just before the row
         if "expert_gb_per_s" in r:
-            r["expert_read_share"] = r["expert_gb_per_s"] * 1e9 / bw
+            r["expert_read_share"] = r["expert_gb_per_s"] / r["read_gb_per_s"]
         if "kernel_gb_per_s" in r:
-            r["kernel_read_share"] = r["kernel_gb_per_s"] * 1e9 / bw
+            r["kernel_read_share"] = r["kernel_gb_per_s"] / r["read_gb_per_s"]
     context, name = prompt_tokens + tokens, model_dir
-    predicted = {f: _predict(config, name, machine, f, float_format, dispatch[f], context) for f in dispatch}
+    flops = machine["matmul_tflop_per_s"] * 1e12  # prefill's; decode is predicted from the parts
+    predicted = {f: _predict(config, name, parts[f], flops, f, float_format, context) for f in parts}
     measured = {}
     for r in results:  # the planned placement: every expert in host RAM, stored in the format
         if r.get("hot_experts") == 0 and r.get("weights", "stored") == "stored":
@@ -164,21 +164,34 @@ def bench_hybrid(
         "machine": machine,
         "dtype": dtype,
         "results": results,
-        "layer_dispatch_ms": {fmt: 1e3 * s for fmt, s in dispatch.items()},
+        "parts": parts,
+        "layer_dispatch_ms": {fmt: 1e3 * p["dispatch_s"] for fmt, p in parts.items()},
         "predicted_decode_tokens_per_s": predicted[float_format],
         "predicted_by_expert_format": predicted,
         "predicted_over_measured": {f: predicted[f] / measured[f] for f in predicted if f in measured},
     }
 
 
-def _predict(config, model_dir, machine, fmt, float_format, dispatch, context) -> float:
+def _parts(probe: LLM, model_dir, fmt: str | None, tmp: Path, device: str, dtype: str, runs: int) -> dict:
+    """What the prediction for experts in `fmt` (None: float) is made of, measured on their own just
+    before the row it predicts (the load on a shared machine moves): the model's matrices at their
+    matrix-vector bandwidth, the CPU kernel's bandwidth at the model's expert shapes, the twin's dispatch."""
+    kernel = expert_kernel_bandwidth(probe.config, fmt) if fmt else None
+    return {
+        "model_gemv_gb_per_s": model_gemv_bandwidth(probe.runner.model) / 1e9,
+        "expert_kernel_gb_per_s": kernel / 1e9 if kernel else None,
+        "dispatch_s": twin_dispatch(Path(model_dir), fmt, tmp, device, dtype, runs),
+    }
+
+
+def _predict(config, model_dir, parts, flops, fmt, float_format, context) -> float:
     """The planner's decode rate for this machine: the model on one 'GPU' that is this CPU, every routed
     expert in host RAM (the placement measured). Each part at what it was measured to reach on its own:
     the model's matrices at their matrix-vector bandwidth, quantized experts at the CPU kernel's (float
     ones, in torch, at the matrices'), and the twin's dispatch per layer. The measured bandwidths include
-    their arithmetic, so no separate compute bound applies."""
-    bw, flops = machine["model_gemv_gb_per_s"] * 1e9, machine["matmul_tflop_per_s"] * 1e12
-    experts_bw = machine["expert_kernel_gb_per_s"].get(fmt, machine["model_gemv_gb_per_s"]) * 1e9
+    their arithmetic, so no compute bound applies."""
+    bw = parts["model_gemv_gb_per_s"] * 1e9
+    experts_bw = (parts["expert_kernel_gb_per_s"] or parts["model_gemv_gb_per_s"]) * 1e9
     hw = Hardware(
         gpu_bandwidth=bw,
         ram_bandwidth=experts_bw,
@@ -187,7 +200,7 @@ def _predict(config, model_dir, machine, fmt, float_format, dispatch, context) -
         gpu_reserve=0,
         ram_reserve=0,
         layer_overhead=0,
-        layer_dispatch=dispatch,
+        layer_dispatch=parts["dispatch_s"],
     )
     result = plan(
         config, model_dir, [1e12], 1e12, context=context, batch=1, expert_format=fmt,
@@ -199,18 +212,15 @@ def _predict(config, model_dir, machine, fmt, float_format, dispatch, context) -
 def format_report(report: dict) -> str:
     m = report["machine"]
     lines = [
-        f"this machine: read {m['read_gb_per_s']:.1f} GB/s (matrix-vector {m['gemv_gb_per_s']:.1f}, at the "
-        f"model's widths {m['model_gemv_gb_per_s']:.1f}), fp32 matmul {m['matmul_tflop_per_s']:.2f} TFLOP/s; "
-        f"model in {report['dtype']}"
+        f"this machine: read {m['read_gb_per_s']:.1f} GB/s (matrix-vector {m['gemv_gb_per_s']:.1f}), "
+        f"fp32 matmul {m['matmul_tflop_per_s']:.2f} TFLOP/s; model in {report['dtype']}"
     ]
-    for fmt, rate in m["expert_kernel_gb_per_s"].items():
-        lines.append(f"  CPU expert kernel, {fmt} at the model's expert shapes: {rate:.1f} GB/s")
     for r in report["results"]:
         reads = ""
         if "expert_gb_per_s" in r:
             reads = (
                 f"  experts {r['expert_ms_per_token']:.2f} ms/token, {r['expert_gb_per_s']:.1f} GB/s "
-                f"({100 * r['expert_read_share']:.0f}% of read bandwidth)"
+                f"({100 * r['expert_read_share']:.0f}% of the {r['read_gb_per_s']:.1f} GB/s read just before)"
             )
         if "kernel_gb_per_s" in r:
             reads += f"; in the kernel {r['kernel_gb_per_s']:.1f} GB/s ({100 * r['kernel_read_share']:.0f}%)"
@@ -218,8 +228,10 @@ def format_report(report: dict) -> str:
     for fmt, rate in report["predicted_by_expert_format"].items():
         ratio = report["predicted_over_measured"].get(fmt)
         against = f" ({ratio:.2f}x the measured rate)" if ratio else ""
+        p = report["parts"][fmt]
+        kernel = f", CPU kernel {p['expert_kernel_gb_per_s']:.1f} GB/s" if p["expert_kernel_gb_per_s"] else ""
         lines.append(
-            f"  planner's prediction, {fmt} experts in RAM: {rate:.1f} tok/s{against}; "
-            f"measured dispatch {report['layer_dispatch_ms'][fmt]:.3f} ms per layer and step"
+            f"  planner's prediction, {fmt} experts in RAM: {rate:.1f} tok/s{against}; from matrices at "
+            f"{p['model_gemv_gb_per_s']:.1f} GB/s{kernel}, dispatch {1e3 * p['dispatch_s']:.3f} ms per layer"
         )
     return "\n".join(lines)

@@ -81,9 +81,10 @@ def test_bench_hybrid_reports_each_placement_the_expert_reads_and_the_prediction
     assert stored["kernel_gb_per_s"] >= stored["expert_gb_per_s"] and stored["kernel_read_share"] > 0
     assert "kernel_gb_per_s" not in loaded  # float experts run in torch, not the kernel
     assert report["predicted_decode_tokens_per_s"] > 0 and report["machine"]["read_gb_per_s"] > 0
-    machine = report["machine"]  # the parts the prediction is made of, each measured on its own
-    assert machine["model_gemv_gb_per_s"] > 0 and set(machine["expert_kernel_gb_per_s"]) <= {"int4", "fp8"}
-    assert machine["expert_kernel_gb_per_s"]["int4"] > 0
+    parts = report["parts"]  # what each prediction is made of, each measured on its own
+    assert set(parts) == {"fp32", "int4", "fp8"} and all(p["model_gemv_gb_per_s"] > 0 for p in parts.values())
+    assert parts["int4"]["expert_kernel_gb_per_s"] > 0 and parts["fp32"]["expert_kernel_gb_per_s"] is None
+    assert all(r["read_gb_per_s"] > 0 for r in in_ram)  # each share against a read measured next to it
     predicted = report["predicted_by_expert_format"]
     assert set(predicted) == set(report["predicted_over_measured"]) == {"fp32", "int4", "fp8"}
     assert all(ms > 0 for ms in report["layer_dispatch_ms"].values())
