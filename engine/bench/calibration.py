@@ -27,11 +27,11 @@ def measure_machine() -> dict:
     }
 
 
-def model_gemv_bandwidth(model: torch.nn.Module, runs: int = 5) -> float:
-    """Bytes/s of one row through each of the model's matrices (every 2-D weight but the embedding and the
-    routed experts) in turn, as a decode step reads them, without the rest of the step between them.
-    A decode step's matrices are mostly small: each pays a call and a cold start, which one 256 MB
-    product does not show."""
+def model_gemv_bandwidth(model: torch.nn.Module, runs: int = 5) -> tuple[float, int]:
+    """(bytes/s, bytes) of one row through each of the model's matrices (every 2-D weight but the
+    embedding and the routed experts) in turn, as a decode step reads them, without the rest of the step
+    between them. A decode step's matrices are mostly small: each pays a call and a cold start, which one
+    256 MB product does not show."""
     mats = [
         p for n, p in model.named_parameters() if p.dim() == 2 and ".experts." not in n and "embed" not in n
     ]
@@ -42,7 +42,7 @@ def model_gemv_bandwidth(model: torch.nn.Module, runs: int = 5) -> float:
         for p in mats:
             F.linear(rows[p.shape[1], p.dtype], p)
 
-    return nbytes / median_time(step, runs)
+    return nbytes / median_time(step, runs), nbytes
 
 
 def expert_kernel_bandwidth(config, fmt: str, runs: int = 5) -> float | None:

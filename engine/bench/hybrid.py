@@ -15,9 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from ds4.engine import LLM, SamplingParams
 from ds4.engine.bench.calibration import expert_kernel_bandwidth, measure_machine, model_gemv_bandwidth
-from ds4.engine.bench.engine import read_bandwidth
+from ds4.engine.bench.engine import median_time, read_bandwidth
 from ds4.engine.planner import plan
 from ds4.engine.prediction import Hardware
 from ds4.engine.quantize import quantize_checkpoint
@@ -75,9 +77,14 @@ def _row(llm: LLM, label: str, prompt, tokens, runs, **fields) -> dict:
     return row
 
 
-def twin_dispatch(model_dir: Path, fmt: str | None, tmp: Path, device: str, dtype: str, runs: int) -> float:
+def twin_dispatch(
+    model_dir: Path, fmt: str | None, tmp: Path, device: str, dtype: str, runs: int, stream_bytes: int = 0
+) -> float:
     """Seconds per layer and decode step of the model's tiny twin with its experts in host RAM, stored in
-    `fmt` (None: float)."""
+    `fmt` (None: float). With `stream_bytes`, each twin layer first reads its share of that many bytes of
+    a separate buffer, as the model's layers read their weights, and the reads' own time (timed alone,
+    right after) is taken out: what is left is dispatch with the caches as a real step leaves them, full
+    of weights, not of the interpreter's and torch's working set."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     overrides = {k: config[k] for k in TWIN_KEYS if k in config}
     overrides["moe_intermediate_size"] = 128  # whole FP8 blocks once gate and up stack: kept as stored
@@ -86,8 +93,21 @@ def twin_dispatch(model_dir: Path, fmt: str | None, tmp: Path, device: str, dtyp
         quantize_checkpoint(path, tmp / f"twin-{fmt}", experts=fmt, attn="bf16")
         path = tmp / f"twin-{fmt}"
     llm = LLM(path, device=device, dtype=dtype, hot_experts=0)
-    rate = decode_rate(llm, list(range(10, 74)), 32, runs)
-    return 1.0 / rate / config["num_hidden_layers"]
+    layers = llm.runner.model.layers
+    shares = list(torch.ones(max(stream_bytes // 4, len(layers)), device=device).chunk(len(layers)))
+    if stream_bytes:
+        for layer, share in zip(layers, shares, strict=True):
+            layer.register_forward_pre_hook(_reader(share))
+    step = 1.0 / decode_rate(llm, list(range(10, 74)), 32, runs)
+    stream = median_time(lambda: [share.sum() for share in shares], 3 * runs) if stream_bytes else 0.0
+    return max(step - stream, 0.0) / config["num_hidden_layers"]
+
+
+def _reader(share: torch.Tensor):
+    def read(module, args) -> None:  # a pre-hook's result would replace the layer's inputs: none
+        share.sum()
+
+    return read
 
 
 def bench_hybrid(
@@ -175,12 +195,16 @@ def bench_hybrid(
 def _parts(probe: LLM, model_dir, fmt: str | None, tmp: Path, device: str, dtype: str, runs: int) -> dict:
     """What the prediction for experts in `fmt` (None: float) is made of, measured on their own just
     before the row it predicts (the load on a shared machine moves): the model's matrices at their
-    matrix-vector bandwidth, the CPU kernel's bandwidth at the model's expert shapes, the twin's dispatch."""
+    matrix-vector bandwidth, the CPU kernel's bandwidth at the model's expert shapes, the twin's dispatch
+    with as many bytes streamed per step as the model's matrices hold."""
     kernel = expert_kernel_bandwidth(probe.config, fmt) if fmt else None
+    gemv, matrix_bytes = model_gemv_bandwidth(probe.runner.model)
     return {
-        "model_gemv_gb_per_s": model_gemv_bandwidth(probe.runner.model) / 1e9,
+        "model_gemv_gb_per_s": gemv / 1e9,
         "expert_kernel_gb_per_s": kernel / 1e9 if kernel else None,
-        "dispatch_s": twin_dispatch(Path(model_dir), fmt, tmp, device, dtype, runs),
+        "dispatch_s": twin_dispatch(
+            Path(model_dir), fmt, tmp, device, dtype, runs, stream_bytes=matrix_bytes
+        ),
     }
 
 

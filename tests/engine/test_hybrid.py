@@ -87,7 +87,8 @@ def test_bench_hybrid_reports_each_placement_the_expert_reads_and_the_prediction
     assert all(r["read_gb_per_s"] > 0 for r in in_ram)  # each share against a read measured next to it
     predicted = report["predicted_by_expert_format"]
     assert set(predicted) == set(report["predicted_over_measured"]) == {"fp32", "int4", "fp8"}
-    assert all(ms > 0 for ms in report["layer_dispatch_ms"].values())
+    # dispatch with the streamed reads taken out: a one-run tiny twin can leave nothing (never below 0)
+    assert all(ms >= 0 for ms in report["layer_dispatch_ms"].values())
     assert predicted["int4"] > 0 and predicted["fp8"] > 0
 
 
