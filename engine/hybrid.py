@@ -15,7 +15,8 @@ device and are added. Float experts, prefills with many rows per expert, and eve
 kernel does not apply, run one call per expert.
 
 Float results do not depend on placement: every expert computes the same operations on the same values,
-summed in the same order (the kernel's sums differ from torch's by rounding only). On a CPU-only machine
+summed in the same order (the kernel's sums differ from torch's by rounding only, and by about 1% where
+int4 experts take int8 activations, its default with AVX2 or AVX-512 VNNI). On a CPU-only machine
 every tier is the CPU, so the logic is tested everywhere; on a GPU it moves real bytes."""
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class TieredExperts(Experts):
         self.calls = 0
         self.use_cpu_kernel = self.expert_device.type == "cpu" and self.cpu_kernel()
         self.stats = {"promoted": 0, "evicted": 0, "hot_rows": 0, "cold_rows": 0, "streamed": 0}
-        # single-token passes: bytes of the cold experts they read, and their time (`bench hybrid`'s GB/s)
+        # single-token passes: bytes of the cold experts they read, their time (`bench hybrid`'s GB/s) and
+        # in kernel_seconds, of that time, the CPU kernel's (the expert products, no Python around them)
         self.stats |= {"decode_expert_bytes": 0, "decode_expert_s": 0.0}
+        self.kernel_seconds = torch.zeros(1, dtype=torch.float64)  # the CPU kernel adds its own time
         self.expert_bytes = sum(t.numel() * t.element_size() for t in self._weights(0) if t is not None)
         self._streamed: dict[int, tuple] = {}
 
@@ -112,10 +115,11 @@ class TieredExperts(Experts):
         self.stats["hot_rows"] += hot_pairs
         self.stats["cold_rows"] += len(id_list) - hot_pairs
         device_path = self.compute_device != self.expert_device or triton_enabled(self.compute_device)
+        seconds = self.kernel_seconds if x.shape[0] == 1 else None
         if not (device_path and hot_pairs):  # decode on a CPU-only machine: one call, nothing else
-            return self.cpu_forward(x, weights, ids)
+            return self.cpu_forward(x, weights, ids, seconds)
         is_hot = torch.isin(ids, torch.tensor(sorted(self.hot), dtype=ids.dtype))
-        y = self.cpu_forward(x, weights, ids.masked_fill(is_hot, -1)).to(x.device)
+        y = self.cpu_forward(x, weights, ids.masked_fill(is_hot, -1), seconds).to(x.device)
         return y + self._hot_forward(x, weights, ids, is_hot)
 
     def _hot_forward(self, x, weights, ids, is_hot) -> torch.Tensor:

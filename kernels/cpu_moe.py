@@ -4,7 +4,9 @@ its torch reference (dequantize, then matmul).
 The kernel is compiled with the system's g++ at first use (about a second: it includes no torch headers)
 into a cache folder keyed by the source, the compiler and this CPU, then loaded with ctypes. Where it
 cannot be built, `available()` says why once, as a warning, and the engine keeps the torch path (which
-dequantizes each expert it uses for the call). Owns nothing else: callers pick the path."""
+dequantizes each expert it uses for the call). int4 activations go in as int8 where the CPU has AVX2 or
+AVX-512 VNNI and `DS4_CPU_ACTIVATIONS` does not say float (`fake_int8` is what the reference does to match).
+Owns nothing else: callers pick the path."""
 
 from __future__ import annotations
 
@@ -21,12 +23,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ds4.kernels import cpu_activations_int8
+
 SOURCE = Path(__file__).with_name("cpu_moe.cpp")
 FORMATS = {"int4": 0, "fp4": 1, "fp8": 2}
 _SCALE_DTYPES = {"int4": torch.bfloat16, "fp4": torch.float8_e8m0fnu, "fp8": torch.float32}
 THREAD_BYTES = 512 << 10  # weight bytes per thread: below it, OpenMP's fork and barriers cost more than
 # they save, and far more when the cores are shared (a descheduled thread stalls every barrier)
-_libs: dict[bool, ctypes.CDLL | str] = {}  # generic? -> the library, or why it could not be built
+# builds of the kernel: this CPU's best ("native"), and for tests the narrower paths it also has
+VARIANTS = {"native": [], "avx2": ["-mno-avx512f", "-mno-avxvnni"], "avx-vnni": ["-mno-avx512f"]}
+VARIANTS["generic"] = ["-DDS4_GENERIC"]
+ISAS = ("generic", "avx512", "avx512-vnni", "avx2", "avx-vnni")  # ds4_moe_isa's codes
+_libs: dict[str, ctypes.CDLL | str] = {}  # variant -> the library, or why it could not be built
 
 
 def _cache_dir() -> Path:
@@ -43,13 +51,14 @@ def _cpu_id() -> str:
     return "\n".join(lines[:2])
 
 
-def build(generic: bool = False) -> ctypes.CDLL:
-    """The compiled kernel (built once per source, compiler and CPU). `generic`: without the AVX-512 path."""
+def build(variant: str = "native") -> ctypes.CDLL:
+    """The compiled kernel (built once per source, flags, compiler and CPU). `variant`: one of VARIANTS (what
+    -march=native gives, less AVX-512, less AVX-512 and AVX-VNNI, or no intrinsics at all)."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) on PATH")
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-    flags += ["-DDS4_GENERIC"] if generic else []
+    flags += VARIANTS[variant]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, _cpu_id()]).encode()).hexdigest()
     target = _cache_dir() / f"cpu_moe-{key[:16]}.so"
@@ -65,40 +74,48 @@ def build(generic: bool = False) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.ds4_moe.restype = ctypes.c_int
     lib.ds4_moe.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4
-    lib.ds4_moe.argtypes += [ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.ds4_moe.argtypes += [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+    lib.ds4_moe.argtypes += [ctypes.c_int, ctypes.c_void_p]
+    lib.ds4_moe_act8.argtypes = [ctypes.c_int]
     return lib
 
 
-def _library(generic: bool = False) -> ctypes.CDLL | str:
-    if generic not in _libs:
+def _library(variant: str = "native") -> ctypes.CDLL | str:
+    if variant not in _libs:
         try:
-            _libs[generic] = build(generic)
+            _libs[variant] = build(variant)
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-            _libs[generic] = str(e)
+            _libs[variant] = str(e)
             warnings.warn(
                 f"the CPU expert kernel could not be built ({e}); routed experts on the CPU are dequantized "
                 "for each call instead (slower, same results)",
                 RuntimeWarning,
                 stacklevel=3,
             )
-    return _libs[generic]
+    return _libs[variant]
 
 
-def available(generic: bool = False) -> bool:
+def available(variant: str = "native") -> bool:
     """Whether the kernel is built and loaded; the first failure is reported as a RuntimeWarning."""
-    return not isinstance(_library(generic), str)
+    return not isinstance(_library(variant), str)
 
 
-def build_error(generic: bool = False) -> str | None:
+def build_error(variant: str = "native") -> str | None:
     """Why the kernel could not be built, or None when it is loaded."""
-    lib = _library(generic)
+    lib = _library(variant)
     return lib if isinstance(lib, str) else None
 
 
-def isa(generic: bool = False) -> str:
-    lib = _library(generic)
+def isa(variant: str = "native") -> str:
+    lib = _library(variant)
     assert not isinstance(lib, str), lib
-    return "avx512" if lib.ds4_moe_isa() else "generic"
+    return ISAS[lib.ds4_moe_isa()]
+
+
+def takes_int8(fmt: str, variant: str = "native") -> bool:
+    """Whether the kernel can take `fmt`'s activations quantized to int8 (int4, with AVX2 or AVX-512 VNNI)."""
+    lib = _library(variant)
+    return not isinstance(lib, str) and bool(lib.ds4_moe_act8(FORMATS[fmt]))
 
 
 def supports(fmt: str, hidden: int, inter: int) -> bool:
@@ -117,22 +134,30 @@ def moe(
     fmt: str,
     limit: float | None,
     threads: int | None = None,
-    generic: bool = False,
+    variant: str = "native",
+    int8: bool | None = None,
+    seconds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[T, D] in x's dtype: sum over k of weights[t, k] * expert_ids[t, k](x[t]), the experts of the stacks
     w13 [E, 2I, ...] and w2 [E, D, ...] stored in `fmt` with scales s13, s2. Pairs whose id is -1 are
-    skipped (their experts are computed elsewhere). `threads`: default torch's, one per THREAD_BYTES read."""
-    lib = _library(generic)
+    skipped (their experts are computed elsewhere). `threads`: default torch's, one per THREAD_BYTES read.
+    `int8`: the activations (x, and SwiGLU's output) quantized to int8 per group of 32, as
+    reference_moe(int8=True) does; by default where the kernel can, unless DS4_CPU_ACTIVATIONS=float.
+    `seconds`: a float64 [1] the kernel adds its time to (its own clock: no Python in it)."""
+    lib = _library(variant)
     assert not isinstance(lib, str), lib
+    if int8 is None:
+        int8 = cpu_activations_int8() and takes_int8(fmt, variant)
     T, K = expert_ids.shape
     E, D, inter = w13.shape[0], x.shape[1], w2.shape[-1] * (1 if fmt == "fp8" else 2)
     assert supports(fmt, D, inter), f"format {fmt} with hidden {D}, intermediate {inter}"
     assert w13.device.type == w2.device.type == "cpu" and w13.is_contiguous() and w2.is_contiguous()
     assert s13.dtype == s2.dtype == _SCALE_DTYPES[fmt], f"{fmt} scales {s13.dtype}, {s2.dtype}"
     assert s13.is_contiguous() and s2.is_contiguous() and w13.element_size() == 1
-    xf = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    ids = expert_ids.detach().to(device="cpu", dtype=torch.int64).contiguous()
-    wf = weights.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    xf, ids, wf = _plain(x, torch.float32), _plain(expert_ids, torch.int64), _plain(weights, torch.float32)
+    if seconds is None:
+        seconds = torch.zeros(1, dtype=torch.float64)
+    assert seconds.dtype == torch.float64 and seconds.device.type == "cpu", seconds
     out = torch.empty(T, D, dtype=torch.float32)
     work = torch.empty(T * K * (2 * D + 3 * inter), dtype=torch.float32)  # activations only
     if threads is None:  # a thread per 512 KB of codes: fewer forks and barriers for small layers
@@ -141,11 +166,18 @@ def moe(
     rc = lib.ds4_moe(
         xf.data_ptr(), ids.data_ptr(), wf.data_ptr(), T, K, E, D, inter,
         w13.data_ptr(), s13.data_ptr(), w2.data_ptr(), s2.data_ptr(),
-        FORMATS[fmt], float("nan") if limit is None else float(limit),
-        out.data_ptr(), work.data_ptr(), threads,
+        FORMATS[fmt], int(int8), float("nan") if limit is None else float(limit),
+        out.data_ptr(), work.data_ptr(), threads, seconds.data_ptr(),
     )  # fmt: skip
     assert rc == 0, f"ds4_moe returned {rc}"
     return out.to(x.dtype)
+
+
+def _plain(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as a contiguous CPU tensor of dtype, without a copy (or a dispatch) when it already is one."""
+    if t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous():
+        return t
+    return t.detach().to(device="cpu", dtype=dtype).contiguous()
 
 
 def reference_moe(
@@ -158,18 +190,30 @@ def reference_moe(
     s2: torch.Tensor,
     fmt: str,
     limit: float | None,
+    int8: bool = False,
 ) -> torch.Tensor:
-    """The same sum in float32, each expert dequantized and multiplied (pairs with id -1 skipped)."""
+    """The same sum in float32, each expert dequantized and multiplied (pairs with id -1 skipped); `int8`:
+    each expert's inputs and SwiGLU outputs first rounded to int8 per group of 32 (fake_int8)."""
     from ds4.engine.quant import dequantize
 
+    act = fake_int8 if int8 else (lambda v: v.float())
     out = torch.zeros(x.shape, dtype=torch.float32)
     for t, k in sorted(
         ((t, k) for t in range(x.shape[0]) for k in range(expert_ids.shape[1]) if expert_ids[t, k] >= 0),
         key=lambda tk: (int(expert_ids[tk]), tk[0]),
     ):
         e = int(expert_ids[t, k])
-        gate, up = F.linear(x[t].float(), dequantize(fmt, w13[e], s13[e])).chunk(2)
+        gate, up = F.linear(act(x[t]), dequantize(fmt, w13[e], s13[e])).chunk(2)
         if limit is not None:
             gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
-        out[t] += weights[t, k].float() * F.linear(F.silu(gate) * up, dequantize(fmt, w2[e], s2[e]))
+        out[t] += weights[t, k].float() * F.linear(act(F.silu(gate) * up), dequantize(fmt, w2[e], s2[e]))
     return out.to(x.dtype)
+
+
+def fake_int8(v: torch.Tensor) -> torch.Tensor:
+    """v [..., n] in float32 as the kernel's int8 activations hold it: per group of 32, scaled so the
+    largest magnitude maps to 127 and rounded to nearest (even), then scaled back."""
+    g = v.float().reshape(-1, 32)
+    amax = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return ((g * inv).round() * (amax / 127.0)).view(v.shape)

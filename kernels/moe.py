@@ -96,26 +96,37 @@ def _weight_tile(
 
 
 @triton.jit
-def _gate_up_kernel(
-    x_ptr,
+def _block_pairs(sorted_ptr, block_expert_ptr, num_pairs, pid_m, BLOCK_M: tl.constexpr):
+    """Block `pid_m` of the aligned pairs: its expert, its slots, their pair ids, which of them are real."""
+    e = tl.load(block_expert_ptr + pid_m)
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + slots)
+    return e, slots, pair, pair < num_pairs
+
+
+@triton.jit
+def _expert_gemm_kernel(
+    a_ptr,
     w_ptr,
     s_ptr,
     sorted_ptr,
     block_expert_ptr,
-    h_ptr,
+    routing_ptr,
+    out_ptr,
     num_pairs,
-    dim,
-    inter,
+    n_out,
+    k_in,
     limit,
-    stride_x,
+    stride_a,
     stride_we,
     stride_wn,
     stride_wk,
     stride_se,
     stride_sn,
-    stride_h,
+    stride_out,
     TOPK: tl.constexpr,
     QUANT: tl.constexpr,
+    GATE_UP: tl.constexpr,
     HAS_LIMIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -123,102 +134,60 @@ def _gate_up_kernel(
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """One [BLOCK_M, BLOCK_N] tile of a grouped GEMM: a block's rows times its expert's weight. GATE_UP:
+    the rows are the pairs' tokens of x, multiplied by the gate and the up rows, SwiGLU'd into the slots'
+    rows of h; else (down) the rows are h's slots, and the products, scaled by each pair's routing
+    weight, go to the pairs' rows of out."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if tl.load(sorted_ptr + pid_m * BLOCK_M) >= num_pairs:
         return  # past the used blocks: sentinels only (a used block starts with a real pair)
-    e = tl.load(block_expert_ptr + pid_m)
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + slots)
-    valid = pair < num_pairs
-    token = tl.where(valid, pair // TOPK, 0).to(tl.int64)
+    e, slots, pair, valid = _block_pairs(sorted_ptr, block_expert_ptr, num_pairs, pid_m, BLOCK_M)
+    if GATE_UP:
+        rows = tl.where(valid, pair // TOPK, 0).to(tl.int64)  # the pair's token
+    else:
+        rows = slots
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < inter
-    gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    nmask = n < n_out
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # gate, or down
     up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, dim, BLOCK_K):
+    for k0 in range(0, k_in, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < dim
-        x = tl.load(
-            x_ptr + token[:, None] * stride_x + k[None, :], mask=valid[:, None] & kmask[None, :], other=0.0
+        kmask = k < k_in
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_a + k[None, :], mask=valid[:, None] & kmask[None, :], other=0.0
         )
-        x = x.to(tl.float32)
+        a = a.to(tl.float32)
         wmask = nmask[:, None] & kmask[None, :]
-        wg = _weight_tile(
+        w = _weight_tile(
             w_ptr, s_ptr, e, n, k, wmask, stride_we, stride_wn, stride_wk, stride_se, stride_sn, QUANT
         )
-        wu = _weight_tile(
-            w_ptr, s_ptr, e, n + inter, k, wmask, stride_we, stride_wn, stride_wk, stride_se, stride_sn, QUANT
-        )
-        gate += dot(x, tl.trans(wg), DOT, PRECISION)
-        up += dot(x, tl.trans(wu), DOT, PRECISION)
-    if HAS_LIMIT:  # V4's clamped SwiGLU
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-    h = gate * tl.sigmoid(gate) * up
-    tl.store(h_ptr + slots[:, None] * stride_h + n[None, :], h, mask=valid[:, None] & nmask[None, :])
-
-
-@triton.jit
-def _down_kernel(
-    h_ptr,
-    w_ptr,
-    s_ptr,
-    sorted_ptr,
-    block_expert_ptr,
-    weights_ptr,
-    out_ptr,
-    num_pairs,
-    dim,
-    inter,
-    stride_h,
-    stride_we,
-    stride_wn,
-    stride_wk,
-    stride_se,
-    stride_sn,
-    stride_out,
-    QUANT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    if tl.load(sorted_ptr + pid_m * BLOCK_M) >= num_pairs:
-        return  # past the used blocks: sentinels only (a used block starts with a real pair)
-    e = tl.load(block_expert_ptr + pid_m)
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + slots)
-    valid = pair < num_pairs
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < dim
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < inter
-        h = tl.load(
-            h_ptr + slots[:, None] * stride_h + k[None, :], mask=valid[:, None] & kmask[None, :], other=0.0
-        )
-        w = _weight_tile(
-            w_ptr,
-            s_ptr,
-            e,
-            n,
-            k,
-            nmask[:, None] & kmask[None, :],
-            stride_we,
-            stride_wn,
-            stride_wk,
-            stride_se,
-            stride_sn,
-            QUANT,
-        )
-        acc += dot(h, tl.trans(w), DOT, PRECISION)
-    routing = tl.load(weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
-    acc = acc * routing[:, None]
-    safe = tl.where(valid, pair, 0).to(tl.int64)
-    tl.store(out_ptr + safe[:, None] * stride_out + n[None, :], acc, mask=valid[:, None] & nmask[None, :])
+        acc += dot(a, tl.trans(w), DOT, PRECISION)
+        if GATE_UP:  # the up rows follow the gate rows
+            wu = _weight_tile(
+                w_ptr,
+                s_ptr,
+                e,
+                n + n_out,
+                k,
+                wmask,
+                stride_we,
+                stride_wn,
+                stride_wk,
+                stride_se,
+                stride_sn,
+                QUANT,
+            )
+            up += dot(a, tl.trans(wu), DOT, PRECISION)
+    mask = valid[:, None] & nmask[None, :]
+    if GATE_UP:
+        if HAS_LIMIT:  # V4's clamped SwiGLU
+            acc = tl.minimum(acc, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        tl.store(out_ptr + slots[:, None] * stride_out + n[None, :], acc * tl.sigmoid(acc) * up, mask=mask)
+    else:
+        routing = tl.load(routing_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+        safe = tl.where(valid, pair, 0).to(tl.int64)
+        tl.store(out_ptr + safe[:, None] * stride_out + n[None, :], acc * routing[:, None], mask=mask)
 
 
 def fused_moe(
@@ -255,67 +224,72 @@ def fused_moe(
     if padded == 0:
         return torch.zeros_like(x)
 
-    def scales(w, s):
-        if code == 0:
-            return w, 0, 0
-        s = s.view(torch.uint8) if code == 2 else s if code == 3 else s.float().contiguous()
-        return s, s.stride(0), s.stride(1)
+    launch = dict(
+        aligned=(sorted_ids, block_expert),
+        num_pairs=tokens * topk,
+        topk=topk,
+        quant=code,
+        blocks=(block_m, block_n, block_k),
+        dots=dot_args(x.dtype),  # both GEMMs multiply at the model's precision (h is float32)
+    )
+    _expert_gemm(x, w13, w13_scale, h, n_out=inter, k_in=dim, limit=limit, **launch)  # gate, up, SwiGLU
+    weights = topk_weights.float().contiguous().flatten()
+    _expert_gemm(h, w2, w2_scale, out_pairs, n_out=dim, k_in=inter, routing=weights, **launch)  # down
+    return out_pairs.view(tokens, topk, dim).sum(1).to(x.dtype)
 
-    s13, se13, sn13 = scales(w13, w13_scale)
-    s2, se2, sn2 = scales(w2, w2_scale)
-    w13_arg = w13.view(torch.uint8) if code in PACKED else w13
-    w2_arg = w2.view(torch.uint8) if code in PACKED else w2
-    grid = (padded // block_m, triton.cdiv(inter, block_n))
-    _gate_up_kernel[grid](
-        x,
-        w13_arg,
-        s13,
+
+def _expert_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor | None,
+    out: torch.Tensor,
+    n_out: int,
+    k_in: int,
+    aligned: tuple[torch.Tensor, torch.Tensor],
+    num_pairs: int,
+    topk: int,
+    quant: int,
+    blocks: tuple[int, int, int],
+    dots: dict,
+    limit: float | None = None,
+    routing: torch.Tensor | None = None,
+) -> None:
+    """Launches `_expert_gemm_kernel` over every aligned block: the gate/up GEMM when `routing` is None
+    (rows of `a` by token, into `out`'s slots), else the down GEMM (rows by slot, into `out`'s pairs)."""
+    sorted_ids, block_expert = aligned
+    block_m, block_n, block_k = blocks
+    if quant == 0:
+        s, stride_se, stride_sn = w, 0, 0
+    else:
+        s = scale.view(torch.uint8) if quant == 2 else scale if quant == 3 else scale.float().contiguous()
+        stride_se, stride_sn = s.stride(0), s.stride(1)
+    gate_up = routing is None
+    grid = (sorted_ids.numel() // block_m, triton.cdiv(n_out, block_n))
+    _expert_gemm_kernel[grid](
+        a,
+        w.view(torch.uint8) if quant in PACKED else w,
+        s,
         sorted_ids,
         block_expert,
-        h,
-        tokens * topk,
-        dim,
-        inter,
+        a if gate_up else routing,  # the gate/up GEMM reads no routing weight
+        out,
+        num_pairs,
+        n_out,
+        k_in,
         float(limit) if limit is not None else 0.0,
-        x.stride(0),
-        w13.stride(0),
-        w13.stride(1),
-        w13.stride(2),
-        se13,
-        sn13,
-        h.stride(0),
+        a.stride(0),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
+        stride_se,
+        stride_sn,
+        out.stride(0),
         TOPK=topk,
-        QUANT=code,
+        QUANT=quant,
+        GATE_UP=gate_up,
         HAS_LIMIT=limit is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        **dot_args(x.dtype),
+        **dots,
     )
-    weights = topk_weights.float().contiguous().flatten()
-    grid = (padded // block_m, triton.cdiv(dim, block_n))
-    _down_kernel[grid](
-        h,
-        w2_arg,
-        s2,
-        sorted_ids,
-        block_expert,
-        weights,
-        out_pairs,
-        tokens * topk,
-        dim,
-        inter,
-        h.stride(0),
-        w2.stride(0),
-        w2.stride(1),
-        w2.stride(2),
-        se2,
-        sn2,
-        out_pairs.stride(0),
-        QUANT=code,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        **dot_args(x.dtype),
-    )
-    return out_pairs.view(tokens, topk, dim).sum(1).to(x.dtype)

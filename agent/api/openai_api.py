@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import anyio
 import msgspec
@@ -45,6 +46,23 @@ def _check_model(served: ServedModel, asked: str | None) -> None:
             "model",
             "model_not_found",
         )
+
+
+T = TypeVar("T", ChatCompletionRequest, CompletionRequest)
+
+
+def _generation_route(path: str, summary: str):
+    """A generation endpoint's POST route: 200 when it answers, and every error a generation can meet."""
+    errors = responses(400, 401, 404, 413, 415, 429, 500, 502, 503, 504)
+    return post(path, summary=summary, status_code=200, responses=errors)
+
+
+async def _generation_request(request: Request, kind: type[T]) -> tuple[T, ServedModel | ProxiedModel]:
+    """The body decoded strictly as `kind`, and the served model, which must be the one the body names."""
+    data = await strict_body(request, kind)
+    served = _model(request)
+    _check_model(served, data.model)
+    return data, served
 
 
 def _sampling(
@@ -228,16 +246,9 @@ def _model_card(served: ServedModel) -> dict:
     }
 
 
-@post(
-    "/v1/chat/completions",
-    summary="Chat completion (streams with stream=true)",
-    status_code=200,
-    responses=responses(400, 401, 404, 413, 415, 429, 500, 502, 503, 504),
-)
+@_generation_route("/v1/chat/completions", "Chat completion (streams with stream=true)")
 async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest]) -> object:
-    data = await strict_body(request, ChatCompletionRequest)
-    served = _model(request)
-    _check_model(served, data.model)
+    data, served = await _generation_request(request, ChatCompletionRequest)
     messages = chat_messages(data.messages)
     if isinstance(served, ProxiedModel):
         return await _proxy(request, served, "/chat/completions", data.stream)
@@ -292,16 +303,9 @@ async def chat_completions(request: Request, data: JSONBody[ChatCompletionReques
     return EventStream(stream())
 
 
-@post(
-    "/v1/completions",
-    summary="Text completion; `suffix` asks for fill-in-the-middle",
-    status_code=200,
-    responses=responses(400, 401, 404, 413, 415, 429, 500, 502, 503, 504),
-)
+@_generation_route("/v1/completions", "Text completion; `suffix` asks for fill-in-the-middle")
 async def completions(request: Request, data: JSONBody[CompletionRequest]) -> object:
-    data = await strict_body(request, CompletionRequest)
-    served = _model(request)
-    _check_model(served, data.model)
+    data, served = await _generation_request(request, CompletionRequest)
     if isinstance(served, ProxiedModel):
         return await _proxy(request, served, "/completions", data.stream)
     if not isinstance(data.prompt, str) and any(t >= served.tokenizer.vocab_size for t in data.prompt):

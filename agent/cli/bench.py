@@ -61,17 +61,23 @@ def _add_engine(sub) -> None:
 def _engine(args) -> int:
     from ds4.engine.bench.engine import bench_engine, format_report
 
-    report = bench_engine(
-        args.model,
-        prompt_tokens=args.prompt_tokens,
-        decode_tokens=args.decode_tokens,
-        runs=args.runs,
-        dtype=args.dtype,
-        threads=args.threads,
-        device=args.device,
-        batch=args.batch,
-        batch_prompt_tokens=args.batch_prompt_tokens,
+    options = (
+        "prompt_tokens",
+        "decode_tokens",
+        "runs",
+        "dtype",
+        "threads",
+        "device",
+        "batch",
+        "batch_prompt_tokens",
     )
+    return _report(args, bench_engine, format_report, options)
+
+
+def _report(args, bench, format_report, options: tuple[str, ...]) -> int:
+    """Runs `bench` on --model with the parsed `options` (each flag named as its parameter), then prints
+    the report, as JSON with --json."""
+    report = bench(args.model, **{name: getattr(args, name) for name in options})
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return DONE
 
@@ -120,18 +126,10 @@ def _add_prefix(sub) -> None:
 
 
 def _prefix(args) -> int:
-    from ds4.engine.bench.engine import bench_prefix, format_prefix_report
+    from ds4.engine.bench.prefix import bench_prefix, format_prefix_report
 
-    report = bench_prefix(
-        args.model,
-        prompt_tokens=args.prompt_tokens,
-        suffix_tokens=args.suffix_tokens,
-        runs=args.runs,
-        dtype=args.dtype,
-        threads=args.threads,
-    )
-    print(json.dumps(report, indent=2) if args.json else format_prefix_report(report))
-    return DONE
+    options = ("prompt_tokens", "suffix_tokens", "runs", "dtype", "threads")
+    return _report(args, bench_prefix, format_prefix_report, options)
 
 
 def _add_index(sub) -> None:

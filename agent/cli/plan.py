@@ -40,12 +40,19 @@ def add_parser(sub) -> None:
         help="ms per layer and decode step spent launching operations (0 with CUDA graphs; an eager CPU "
         "run: what `bench hybrid` measures)",
     )
+    p.add_argument(
+        "--measure-cpu-experts",
+        action="store_true",
+        help="time ds4's CPU expert kernel here, at the model's expert shapes and format, and predict the "
+        "experts in RAM at the bandwidth it reaches (instead of --ram-bandwidth and --cpu-tflops)",
+    )
     p.add_argument("--json", action="store_true")
 
 
 def run(args) -> int:
     from ds4.agent.cli.model import model_config
-    from ds4.engine.planner import Hardware, format_plan, parse_gpus, parse_size, parse_tokens, plan
+    from ds4.engine.planner import format_plan, parse_gpus, parse_size, parse_tokens, plan
+    from ds4.engine.prediction import Hardware
 
     try:
         gpus = parse_gpus(args.gpu)
@@ -63,6 +70,16 @@ def run(args) -> int:
         cpu_flops=args.cpu_tflops * 1e12,
         layer_dispatch=args.layer_dispatch / 1e3,
     )
+    if args.measure_cpu_experts:
+        from ds4.engine.bench.calibration import expert_kernel_bandwidth
+
+        fmt = args.experts or ("fp4" if config.is_v4 else "fp8")
+        measured = expert_kernel_bandwidth(config, fmt)
+        if measured is None:
+            print(f"error: ds4's CPU kernel does not run {fmt} experts of this model here", file=sys.stderr)
+            return USAGE
+        print(f"CPU expert kernel here: {measured / 1e9:.1f} GB/s ({fmt})", file=sys.stderr)
+        hw.ram_bandwidth, hw.cpu_flops = measured, float("inf")  # the measured rate includes its compute
     result = plan(config, args.model, gpus, ram, context, args.batch, args.experts, args.attn, hw)
     print(json.dumps(result.as_json(), indent=2) if args.json else format_plan(result))
     return DONE if result.fits else NOT_RESOLVED

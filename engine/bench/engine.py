@@ -38,7 +38,8 @@ def timed(fn, device: torch.device) -> float:
 CPU = torch.device("cpu")
 
 
-def _median_time(fn, runs: int, device: torch.device = CPU) -> float:
+def median_time(fn, runs: int, device: torch.device = CPU) -> float:
+    """Median seconds of `runs` calls of `fn`, after one warm-up call."""
     fn()  # warm-up
     return statistics.median(timed(fn, device) for _ in range(runs))
 
@@ -46,6 +47,11 @@ def _median_time(fn, runs: int, device: torch.device = CPU) -> float:
 def _prompts(vocab: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(2, vocab, (length,), generator=gen).tolist() for _ in range(count)]
+
+
+def machine() -> str:
+    """This machine in a line: architecture, processor and CPU count."""
+    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip()
 
 
 def greedy(n: int) -> SamplingParams:
@@ -149,7 +155,7 @@ def _step_profile(llm: LLM, prompt: list[int], steps: int, rate: float) -> dict:
 
 def _ds4(llm: LLM, prompt: list[int], batch_prompts: list[list[int]], decode_tokens: int, runs: int) -> dict:
     device = llm.runner.device
-    prefill = _median_time(lambda: llm.generate([prompt], greedy(1)), runs, device)
+    prefill = median_time(lambda: llm.generate([prompt], greedy(1)), runs, device)
     rate = decode_rate(llm, [prompt], decode_tokens, runs)
     batched = decode_rate(llm, batch_prompts, decode_tokens, runs)
     return {
@@ -183,7 +189,7 @@ def _transformers(model, prompt: list[int], batch_prompts: list[list[int]], deco
         return model(ids, logits_to_keep=1)
 
     return {
-        "prefill_tokens_per_s": len(prompt) / _median_time(prefill, runs, device),
+        "prefill_tokens_per_s": len(prompt) / median_time(prefill, runs, device),
         "decode_tokens_per_s": _hf_decode_rate(
             lambda n, clock: generate(ids, n, clock), 1, decode_tokens, runs, device
         ),
@@ -199,7 +205,7 @@ def read_bandwidth(nbytes: int = 256 << 20, runs: int = 5, device: str = "cpu") 
     dev = torch.device(device)
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
     src.sum()
-    best = min(_median_time(src.sum, 1, dev) for _ in range(runs))  # a bound: the best run
+    best = min(median_time(src.sum, 1, dev) for _ in range(runs))  # a bound: the best run
     return nbytes / best
 
 
@@ -270,7 +276,7 @@ def bench_engine(
         "batch_prompt_tokens": batch_prompt_tokens,
         "runs": runs,
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
+        "machine": machine(),
         "torch": torch.__version__,
         **results,
         "ratio": {k: results["ds4"][k] / results["transformers"][k] for k in keys},
@@ -314,101 +320,3 @@ def format_report(r: dict) -> str:
         f"ds4 reaches {100 * f['ds4_fraction_of_floor']:.0f}% of it"
     )
     return "\n".join(lines)
-
-
-def _ttft(llm: LLM, tokens: list[int]) -> tuple[float, int]:
-    """Seconds to the first generated token, and how many prompt tokens came from the prefix cache."""
-    from ds4.engine.sampler import SamplingParams
-
-    start = time.perf_counter()
-    out = llm.generate(tokens, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))[0]
-    return time.perf_counter() - start, out.num_cached_tokens
-
-
-_DISK_RUN = """
-import json, sys, time
-from ds4.engine import LLM, SamplingParams
-model, tier, tokens = sys.argv[1], sys.argv[2], json.loads(sys.stdin.read())
-llm = LLM(model, prefix_cache_dir=tier)
-start = time.perf_counter()
-out = llm.generate(tokens, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))[0]
-print(json.dumps({"seconds": time.perf_counter() - start, "cached": out.num_cached_tokens}))
-"""
-
-
-def bench_prefix(
-    model_dir: str,
-    prompt_tokens: int = 8192,
-    suffix_tokens: int = 16,
-    runs: int = 3,
-    dtype: str = "float32",
-    threads: int | None = None,
-) -> dict:
-    """Time to first token for a prompt whose prefix is cold, warm in memory, and on disk in a new process."""
-    import json
-    import subprocess
-    import sys
-    import tempfile
-
-    if threads:
-        torch.set_num_threads(threads)
-    gen = torch.Generator().manual_seed(0)
-    probe = LLM(model_dir, dtype=dtype, enable_prefix_caching=False, num_cache_blocks=1)
-    vocab = probe.config.vocab_size
-    del probe
-    prefix = torch.randint(2, vocab, (prompt_tokens,), generator=gen).tolist()
-
-    def suffix():
-        return torch.randint(2, vocab, (suffix_tokens,), generator=gen).tolist()
-
-    cold, warm, disk = [], [], []
-    with tempfile.TemporaryDirectory() as tier:
-        for run in range(runs):
-            run_tier = f"{tier}/{run}"
-            llm = LLM(model_dir, dtype=dtype, prefix_cache_dir=run_tier)
-            seconds, cached = _ttft(llm, prefix + suffix())
-            cold.append(seconds)
-            assert cached == 0, cached
-            seconds, cached = _ttft(llm, prefix + suffix())
-            warm.append(seconds)
-            warm_cached = cached
-            del llm
-            done = subprocess.run(
-                [sys.executable, "-c", _DISK_RUN, model_dir, run_tier],
-                input=json.dumps(prefix + suffix()),
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            disk.append(result["seconds"])
-            disk_cached = result["cached"]
-    med = {name: statistics.median(v) for name, v in (("cold", cold), ("warm", warm), ("disk", disk))}
-    return {
-        "model": str(model_dir),
-        "dtype": dtype,
-        "prompt_tokens": prompt_tokens + suffix_tokens,
-        "prefix_tokens": prompt_tokens,
-        "runs": runs,
-        "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
-        "ttft_s": med,
-        "cached_tokens": {"warm": warm_cached, "disk": disk_cached},
-        "speedup": {"warm": med["cold"] / med["warm"], "disk": med["cold"] / med["disk"]},
-    }
-
-
-def format_prefix_report(r: dict) -> str:
-    t, c, x = r["ttft_s"], r["cached_tokens"], r["speedup"]
-    pad = " " * 21
-    return "\n".join(
-        [
-            f"model {r['model']}  dtype {r['dtype']}  prompt {r['prompt_tokens']} tokens "
-            f"({r['prefix_tokens']} shared)  runs {r['runs']} (medians)  threads {r['threads']}",
-            f"machine {r['machine']}",
-            f"time to first token: cold {t['cold'] * 1e3:,.0f} ms",
-            f"{pad}warm {t['warm'] * 1e3:,.0f} ms ({x['warm']:.1f}x faster, {c['warm']} tokens reused)",
-            f"{pad}disk {t['disk'] * 1e3:,.0f} ms ({x['disk']:.1f}x faster, "
-            f"{c['disk']} tokens from the disk tier, new process)",
-        ]
-    )

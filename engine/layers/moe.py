@@ -134,13 +134,13 @@ class Experts(nn.Module):
         """I, the expert intermediate size (w2 holds two 4-bit codes per byte)."""
         return self.w2.shape[-1] * (1 if self.quant in ("none", "fp8") else 2)
 
-    def cpu_forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def cpu_forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, seconds=None):
         """The weighted sum of the pairs' experts in the CPU kernel, from the stored codes (pairs whose id is
-        -1 skipped); on x's device."""
+        -1 skipped); on x's device. `seconds`: a float64 [1] the kernel adds its own time to."""
         from ds4.kernels.cpu_moe import moe
 
         args = (self.w13, self.w13_scale, self.w2, self.w2_scale, self.quant, self.limit)
-        return moe(x, weights, expert_ids, *args).to(x.device)
+        return moe(x, weights, expert_ids, *args, seconds=seconds).to(x.device)
 
     def keep_quantized(self, fmt: str, stored: torch.dtype, scale_dtype: torch.dtype) -> None:
         """Makes a meta-device stack hold its experts as the checkpoint stores them: `fmt` (fp8, fp4 or

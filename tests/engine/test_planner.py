@@ -10,17 +10,10 @@ import subprocess
 import pytest
 
 from ds4.engine.config import ModelConfig
-from ds4.engine.planner import (
-    Hardware,
-    component_bytes,
-    layer_cache_bytes,
-    parse_gpus,
-    parse_size,
-    parse_tokens,
-    plan,
-)
+from ds4.engine.planner import component_bytes, parse_gpus, parse_size, parse_tokens, plan
+from ds4.engine.prediction import Hardware
 from ds4.engine.presets import load_preset
-from ds4.engine.sizing import cache_bytes
+from ds4.engine.sizing import cache_bytes, layer_cache_bytes
 from tests.servers import EXE
 
 GB = 1e9
@@ -204,7 +197,7 @@ def test_the_printed_flags_passed_to_generate_give_the_planned_placement(tmp_pat
     from ds4.agent.cli import build_parser
     from ds4.agent.cli.flags import device_kwargs
     from ds4.engine import LLM, SamplingParams
-    from ds4.engine.planner import Hardware, component_bytes, engine_flags
+    from ds4.engine.planner import engine_flags
     from ds4.engine.random_checkpoint import init_checkpoint
 
     path = init_checkpoint("deepseek_v3", "tiny", tmp_path / "tiny")
@@ -229,8 +222,6 @@ def test_the_printed_flags_passed_to_generate_give_the_planned_placement(tmp_pat
 
 
 def test_measured_dispatch_per_layer_is_counted_in_the_decode_prediction():
-    from ds4.engine.planner import Hardware
-
     config = preset("deepseek-v4-flash")
     fast = plan(config, "x", [24 * GB] * 2, 512 * GB, hardware=Hardware())
     slow = plan(config, "x", [24 * GB] * 2, 512 * GB, hardware=Hardware(layer_dispatch=1e-3))
@@ -251,3 +242,30 @@ def test_each_card_reserves_the_engines_prefill_workspace_at_the_context():
     assert long.devices[0].reserve == short.devices[0].reserve  # the blocked attention caps it
     bigger = plan(config, "v3", [24e9] * 8, 512e9, 131072, hardware=Hardware(engine_chunk=8192))
     assert bigger.devices[0].reserve > long.devices[0].reserve
+
+
+def test_plan_can_time_the_cpu_expert_kernel_here_and_predict_the_experts_in_ram_with_it():
+    import re
+
+    args = [
+        EXE,
+        "plan",
+        "--model",
+        "deepseek-v3",
+        "--gpu",
+        "24GB",
+        "x2",
+        "--ram",
+        "512GB",
+        "--experts",
+        "int4",
+    ]
+    run = subprocess.run(
+        [*args, "--json", "--measure-cpu-experts"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    measured = float(re.search(r"CPU expert kernel here: ([\d.]+) GB/s \(int4\)", run.stderr).group(1))
+    assert measured > 0
+    hw = Hardware(ram_bandwidth=measured * 1e9, cpu_flops=float("inf"))  # the kernel's rate, compute included
+    want = plan(preset("deepseek-v3"), "x", [24 * GB] * 2, 512 * GB, expert_format="int4", hardware=hw)
+    assert json.loads(run.stdout)["decode_tokens_per_s"] == pytest.approx(want.decode_tokens_per_s, rel=0.05)

@@ -1,6 +1,8 @@
-"""The CPU expert kernel (C++, from stored codes) against dequantize-then-matmul: int4 (both of its AVX-512
-paths), FP4 and FP8 at odd token, expert and width counts, V4's clamp, skipped pairs, bf16 activations,
-1-3 threads, with and without its AVX-512 code; a failed build is reported and leaves the torch path."""
+"""The CPU expert kernel (C++, from stored codes) against dequantize-then-matmul: int4 (its AVX-512 paths with
+float activations, and with int8 activations where the CPU has AVX-512 VNNI, AVX-VNNI or AVX2), FP4 and FP8
+at odd token, expert and width counts, V4's clamp, skipped pairs, bf16 activations, 1-3 threads, in every
+build this CPU can run (native, without AVX-512, without AVX-512 and AVX-VNNI, generic); a failed build is
+reported and leaves the torch path."""
 
 from __future__ import annotations
 
@@ -15,10 +17,14 @@ from ds4.kernels import cpu_moe
 QUANTIZE = {"int4": quantize_int4, "fp4": quantize_fp4, "fp8": quantize_fp8_blocks}
 
 
+VARIANTS = list(cpu_moe.VARIANTS)
+
+
 @pytest.fixture(autouse=True)
 def built():
     """The kernel builds wherever ds4 is installed with g++ (CI installs it): a failed build is a finding."""
-    assert cpu_moe.available(), f"the CPU expert kernel did not build: {cpu_moe.build_error()}"
+    for variant in VARIANTS:
+        assert cpu_moe.available(variant), f"{variant} kernel did not build: {cpu_moe.build_error(variant)}"
 
 
 def stack(gen, fmt: str, experts: int, out_dim: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,37 +45,78 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
 
-@pytest.mark.parametrize("generic", [False, True], ids=["native", "generic"])
+@pytest.mark.parametrize("variant", ["native", "generic"])
 @pytest.mark.parametrize("fmt", ["int4", "fp4", "fp8"])
 @pytest.mark.parametrize(
     "tokens, topk, experts, hidden, inter",
     # widths of whole 128-input blocks take int4's octet path; (5, ..., 128, 96) mixes both paths
     [(1, 2, 5, 96, 160), (3, 3, 7, 64, 32), (17, 4, 9, 160, 96), (2, 3, 5, 256, 128), (5, 2, 4, 128, 96)],
 )
-def test_kernel_equals_dequantize_then_matmul(gen, fmt, tokens, topk, experts, hidden, inter, generic):
+def test_kernel_equals_dequantize_then_matmul(gen, fmt, tokens, topk, experts, hidden, inter, variant):
     x, weights, ids, stacks = case(gen, fmt, tokens, topk, experts, hidden, inter)
     for limit in (None, 0.5):  # V4 clamps the SwiGLU inputs; 0.5 clamps many of these
         want = cpu_moe.reference_moe(x, weights, ids, *stacks, fmt, limit)
         for threads in (1, 2, 3):
-            got = cpu_moe.moe(x, weights, ids, *stacks, fmt, limit, threads=threads, generic=generic)
+            got = cpu_moe.moe(x, weights, ids, *stacks, fmt, limit, threads, variant, int8=False)
             assert relative_error(got, want) < 2e-6, (fmt, limit, threads)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt", ["int4", "fp4", "fp8"])
+@pytest.mark.parametrize(
+    "tokens, topk, experts, hidden, inter",
+    # 4-group chunks and trailing groups: 96 = 3 groups, 160 = 4 + 1, 544 = 16 + 1
+    [(1, 2, 5, 96, 160), (3, 3, 7, 64, 32), (17, 4, 9, 160, 96), (2, 4, 6, 544, 256), (5, 2, 4, 128, 96)],
+)
+def test_int8_activations_equal_their_reference(gen, fmt, tokens, topk, experts, hidden, inter, variant):
+    """Where the kernel quantizes activations (int4 with AVX2 or AVX-512 VNNI), it computes
+    reference_moe(int8=True) and stays within 3% (of the largest output) of float activations; elsewhere
+    its default is float."""
+    x, weights, ids, stacks = case(gen, fmt, tokens, topk, experts, hidden, inter)
+    exact = cpu_moe.reference_moe(x, weights, ids, *stacks, fmt, None)
+    if not cpu_moe.takes_int8(fmt, variant):
+        assert relative_error(cpu_moe.moe(x, weights, ids, *stacks, fmt, None, variant=variant), exact) < 2e-6
+        return
+    for limit in (None, 0.5):
+        want = cpu_moe.reference_moe(x, weights, ids, *stacks, fmt, limit, int8=True)
+        for threads in (1, 2, 3):
+            got = cpu_moe.moe(x, weights, ids, *stacks, fmt, limit, threads, variant, int8=True)
+            assert relative_error(got, want) < 2e-6, (limit, threads)
+    got = cpu_moe.moe(x, weights, ids, *stacks, fmt, None, variant=variant)  # the default
+    assert 1e-4 < relative_error(got, exact) < 3e-2
+
+
+def test_each_build_runs_the_path_its_flags_allow():
+    """Where the CPU has AVX-512 VNNI, native is that; without AVX-512, the AVX-VNNI or AVX2 int8 path."""
+    import re
+
+    flags = set(re.findall(r"\S+", open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0]))
+    native = "avx512-vnni" if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags else None
+    if native:
+        assert cpu_moe.isa("native") == native
+    if "avx2" in flags and "fma" in flags:
+        assert cpu_moe.isa("avx2") == "avx2" and cpu_moe.takes_int8("int4", "avx2")
+        assert cpu_moe.isa("avx-vnni") == ("avx-vnni" if "avx_vnni" in flags else "avx2")
+    assert cpu_moe.isa("generic") == "generic" and not cpu_moe.takes_int8("int4", "generic")
 
 
 def test_skipped_pairs_and_bf16_activations(gen):
     x, weights, ids, stacks = case(gen, "int4", 6, 3, 8, 64, 64)
     ids[1, 0] = ids[4, 2] = -1  # computed elsewhere (hot experts on the device)
+    int8 = cpu_moe.takes_int8("int4")
     got = cpu_moe.moe(x, weights, ids, *stacks, "int4", None)
-    assert relative_error(got, cpu_moe.reference_moe(x, weights, ids, *stacks, "int4", None)) < 2e-6
+    assert relative_error(got, cpu_moe.reference_moe(x, weights, ids, *stacks, "int4", None, int8)) < 2e-6
     xb = x.bfloat16()
     got = cpu_moe.moe(xb, weights, ids, *stacks, "int4", None)
     assert got.dtype == torch.bfloat16
-    assert relative_error(got, cpu_moe.reference_moe(xb, weights, ids, *stacks, "int4", None)) < 1e-2
+    assert relative_error(got, cpu_moe.reference_moe(xb, weights, ids, *stacks, "int4", None, int8)) < 1e-2
 
 
 def test_thread_counts_give_identical_bits(gen):
-    x, weights, ids, stacks = case(gen, "fp4", 5, 4, 6, 128, 96)
-    runs = [cpu_moe.moe(x, weights, ids, *stacks, "fp4", None, threads=n) for n in (1, 2, 3)]
-    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    for fmt in ("fp4", "int4"):
+        x, weights, ids, stacks = case(gen, fmt, 5, 4, 6, 128, 96)
+        runs = [cpu_moe.moe(x, weights, ids, *stacks, fmt, None, threads=n) for n in (1, 2, 3)]
+        assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
 def test_a_failed_build_is_reported_and_leaves_the_torch_path(monkeypatch):
