@@ -6,7 +6,7 @@ One switch decides which path the engine runs: Triton on CUDA devices, torch els
 
 Quantized routed experts on the CPU run ds4's C++ kernel (cpu_moe) where it builds;
 `DS4_CPU_KERNELS=torch` (or `cpu_kernels(False)` for a block) keeps the torch path. There, int4 experts take
-their activations quantized to int8 per group of 32 where the CPU has VNNI (several times faster, about 1%
+their activations quantized to int8 per group of 32 where the CPU has VNNI (faster: docs/perf.md, issue 21; about 1%
 off the float result); `DS4_CPU_ACTIVATIONS=float` (or `cpu_activations("float")`) keeps them in float32."""
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ _cpu_activations: str | None = None
 def cpu_activations_int8() -> bool:
     """Whether the CPU kernel quantizes the activations of int4 experts to int8 (where the CPU can)."""
     choice = _cpu_activations or os.environ.get("DS4_CPU_ACTIVATIONS", "int8").lower()
-    assert choice in ("int8", "float"), f"DS4_CPU_ACTIVATIONS={choice!r}: int8 or float"
+    if choice not in ("int8", "float"):
+        raise ValueError(f"DS4_CPU_ACTIVATIONS={choice!r}: set it to int8 or float")
     return choice == "int8"
 
 
