@@ -7,7 +7,8 @@ One switch decides which path the engine runs: Triton on CUDA devices, torch els
 Quantized routed experts on the CPU run ds4's C++ kernel (cpu_moe) where it builds;
 `DS4_CPU_KERNELS=torch` (or `cpu_kernels(False)` for a block) keeps the torch path. There, int4 experts take
 their activations quantized to int8 per group of 32 where the CPU has VNNI (faster: docs/perf.md,
-issue 21; about 1% off the float result); `DS4_CPU_ACTIVATIONS=float` (or `cpu_activations("float")`) keeps them in float32."""
+issue 21; about 1% off the float result); `DS4_CPU_ACTIVATIONS=float` (or `cpu_activations("float")`)
+keeps them in float32."""
 
 from __future__ import annotations
 
