@@ -23,9 +23,10 @@ KEY = "test-key-1"  # the API key the served tests use
 MODEL = "tiny-test"  # the served name of the tiny checkpoint
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
+def run_cli(*args, env: dict = ENV, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`ds4-agent` with `args`, its output captured as text."""
     return subprocess.run(
-        [EXE, *map(str, args)], capture_output=True, text=True, encoding="utf-8", env=ENV, timeout=300
+        [EXE, *map(str, args)], capture_output=True, text=True, encoding="utf-8", env=env, timeout=timeout
     )
 
 
