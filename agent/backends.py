@@ -13,7 +13,7 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -105,6 +105,18 @@ def engine_sampling(params: GenerationParams, prompt_len: int, max_model_len: in
     return SamplingParams(
         temperature=params.temperature, max_tokens=min(params.max_tokens, room), seed=params.seed
     )
+
+
+def sse_chunks(lines: Iterable[str]) -> Iterator[dict]:
+    """The JSON chunks of an OpenAI-style event stream: each `data:` line's, up to `data: [DONE]`."""
+    for line in lines:
+        line = line.strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
 
 
 class OpenAIBackend:
@@ -231,14 +243,7 @@ class OpenAIBackend:
             raise error from None
         text, usage = "", {}
         with response:
-            for raw in response:
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            for chunk in sse_chunks(raw.decode("utf-8", "replace") for raw in response):
                 if chunk.get("error"):
                     raise BackendError(f"{self.url}: {chunk['error']}")
                 usage = chunk.get("usage") or usage
