@@ -107,16 +107,19 @@ def engine_sampling(params: GenerationParams, prompt_len: int, max_model_len: in
     )
 
 
+def sse_data(line: str) -> str | None:
+    """The payload of an event stream's `data:` line; None for any other line."""
+    line = line.strip()
+    return line[5:].strip() if line.startswith("data:") else None
+
+
 def sse_chunks(lines: Iterable[str]) -> Iterator[dict]:
     """The JSON chunks of an OpenAI-style event stream: each `data:` line's, up to `data: [DONE]`."""
-    for line in lines:
-        line = line.strip()
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
+    for data in map(sse_data, lines):
         if data == "[DONE]":
             return
-        yield json.loads(data)
+        if data is not None:
+            yield json.loads(data)
 
 
 class OpenAIBackend:
