@@ -13,7 +13,7 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -105,6 +105,21 @@ def engine_sampling(params: GenerationParams, prompt_len: int, max_model_len: in
     return SamplingParams(
         temperature=params.temperature, max_tokens=min(params.max_tokens, room), seed=params.seed
     )
+
+
+def sse_data(line: str) -> str | None:
+    """The payload of an event stream's `data:` line; None for any other line."""
+    line = line.strip()
+    return line[5:].strip() if line.startswith("data:") else None
+
+
+def sse_chunks(lines: Iterable[str]) -> Iterator[dict]:
+    """The JSON chunks of an OpenAI-style event stream: each `data:` line's, up to `data: [DONE]`."""
+    for data in map(sse_data, lines):
+        if data == "[DONE]":
+            return
+        if data is not None:
+            yield json.loads(data)
 
 
 class OpenAIBackend:
@@ -231,14 +246,7 @@ class OpenAIBackend:
             raise error from None
         text, usage = "", {}
         with response:
-            for raw in response:
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            for chunk in sse_chunks(raw.decode("utf-8", "replace") for raw in response):
                 if chunk.get("error"):
                     raise BackendError(f"{self.url}: {chunk['error']}")
                 usage = chunk.get("usage") or usage

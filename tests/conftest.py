@@ -152,6 +152,31 @@ def save_hf_checkpoint(path, family: str, seed: int = 0, **overrides):
     return path, model
 
 
+def oracle_case(path, family: str, overrides: dict, seed: int, seq_len: int, ids_seed: int):
+    """(checkpoint path, transformers model, `seq_len` random token ids, transformers' logits for them at
+    every position): a checkpoint and the oracle's answer to check the engine against."""
+    path, hf = save_hf_checkpoint(path, family, seed=seed, **overrides)
+    gen = torch.Generator().manual_seed(ids_seed)
+    ids = torch.randint(2, hf.config.vocab_size, (seq_len,), generator=gen)
+    with torch.no_grad(), stable_indexer_topk():
+        ref = hf(ids[None]).logits[0].float()
+    return path, hf, ids, ref
+
+
+def chunked_logits(llm, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Every position's logits from one sequence prefilled `chunk` tokens a step into a fresh cache."""
+    from ds4.engine.context import SeqSlice
+
+    n = len(ids)
+    cache = llm.runner.new_cache(1, n)
+    step = llm.runner.step
+    rows = [
+        step(ids[a : a + chunk].tolist(), [SeqSlice(0, a, min(chunk, n - a), 0)], cache, all_logits=True)
+        for a in range(0, n, chunk)
+    ]
+    return torch.cat(rows)
+
+
 def _randomize_zero_initialized(model) -> None:
     """transformers zero-inits router biases, V4's sinks, gate position terms and mHC biases, and fills
     tid2eid with zeros (every token to expert 0, twice): random values exercise what they steer."""

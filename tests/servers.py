@@ -23,9 +23,10 @@ KEY = "test-key-1"  # the API key the served tests use
 MODEL = "tiny-test"  # the served name of the tiny checkpoint
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
+def run_cli(*args, env: dict = ENV, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`ds4-agent` with `args`, its output captured as text."""
     return subprocess.run(
-        [EXE, *map(str, args)], capture_output=True, text=True, encoding="utf-8", env=ENV, timeout=300
+        [EXE, *map(str, args)], capture_output=True, text=True, encoding="utf-8", env=env, timeout=timeout
     )
 
 
@@ -89,19 +90,22 @@ class Server:
 
     def call(self, method, path, body=None):
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            self.base + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=120) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+        return request_json(self.base + path, data, {"Content-Type": "application/json"}, method)
 
     def events(self, path):
         with urllib.request.urlopen(self.base + path, timeout=120) as r:
             lines = r.read().decode().splitlines()
         return [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
+
+
+def request_json(url: str, body: bytes | None, headers: dict, method=None, timeout: float = 120):
+    """(status, the JSON body) of one HTTP request, error statuses included."""
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def serve_in_thread(handler) -> ThreadingHTTPServer:

@@ -374,7 +374,9 @@ def _test_cmd(requested: str | None, served: str | None, path: str) -> dict:
     return {"test_cmd": chosen, "test_cmd_from": "repo" if chosen else None}
 
 
-def _job(store: JobStore, job_id: str) -> dict:
+def _job(request: Request, job_id: str) -> dict:
+    """The job `job_id` of the store (a 404 when there is none)."""
+    store, _ = _state(request)
     job = store.job(job_id)
     if job is None:
         raise APIError(404, f"no job {job_id!r}", "job_id", "not_found")
@@ -387,8 +389,7 @@ def _job(store: JobStore, job_id: str) -> dict:
     responses=responses(400, 401, 404, 429, 500),
 )
 async def get_job(request: Request, job_id: FromPath[str]) -> dict:
-    store, _ = _state(request)
-    return _job(store, job_id)
+    return _job(request, job_id)
 
 
 @post(
@@ -398,8 +399,8 @@ async def get_job(request: Request, job_id: FromPath[str]) -> dict:
     responses=responses(400, 401, 404, 429, 500),
 )
 async def cancel_job(request: Request, job_id: FromPath[str]) -> dict:
+    _job(request, job_id)
     store, runner = _state(request)
-    _job(store, job_id)
     status = store.cancel(job_id)
     running = runner.running.get(job_id)
     if running is not None:
@@ -413,8 +414,8 @@ async def cancel_job(request: Request, job_id: FromPath[str]) -> dict:
     responses=responses(400, 401, 404, 429, 500),
 )
 async def job_events(request: Request, job_id: FromPath[str]) -> ServerSentEvent:
+    _job(request, job_id)
     store, _ = _state(request)
-    _job(store, job_id)
 
     async def stream():
         seen = -1

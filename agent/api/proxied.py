@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import httpx
 
 from ds4.agent.api.errors import APIError
+from ds4.agent.backends import sse_data
 from ds4.agent.probe import choose_model, list_models
 
 
@@ -71,12 +72,11 @@ class ProxiedModel:
         async def chunks() -> AsyncIterator[dict | str]:
             try:
                 async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
+                    data = sse_data(line)
                     if data == "[DONE]":
                         break
-                    yield json.loads(data)
+                    if data is not None:
+                        yield json.loads(data)
                 yield "[DONE]"
             finally:
                 self.num_in_flight -= 1

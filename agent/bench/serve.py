@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from ds4.agent.backends import sse_chunks
 from ds4.agent.errors import BenchError, InputError
 
 
@@ -116,13 +117,7 @@ def _one(client: httpx.Client, url: str, body: dict) -> tuple[float, float, int,
     first, tokens, chunks, prompt, cached = None, 0, 0, 0, 0
     with client.stream("POST", url, json=body) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
+        for chunk in sse_chunks(response.iter_lines()):
             if chunk.get("choices") and first is None:
                 first = time.perf_counter() - start
             if chunk.get("choices"):

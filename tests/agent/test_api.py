@@ -12,7 +12,7 @@ import jsonschema_rs
 import openai
 import pytest
 
-from tests.servers import EXE, KEY, MODEL, free_port, serving
+from tests.servers import EXE, KEY, MODEL, free_port, request_json, serving
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +31,7 @@ def raw(server, path, body: bytes | None = None, key: str | None = KEY, method=N
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(server + path, data=body, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return request_json(server + path, body, headers, method, timeout=60)
 
 
 def test_models_list_the_served_checkpoint(client, tiny_v3):

@@ -9,7 +9,7 @@ import json
 import openai
 import pytest
 
-from tests.agent.test_api_openai_extras import ASK, READ, WEATHER
+from tests.agent.tool_calls import ASK, READ, WEATHER, check_required_tool_calls, check_tool_result_is_read
 from tests.schema_check import errors
 from tests.servers import KEY, MODEL, serving
 
@@ -25,23 +25,7 @@ def client(request, tmp_path_factory):
 
 
 def test_a_required_tool_choice_yields_a_well_formed_call(client):
-    for seed in range(4):
-        answer = client.chat.completions.create(
-            model=MODEL,
-            messages=ASK,
-            tools=[WEATHER, READ],
-            tool_choice="required",
-            parallel_tool_calls=False,
-            temperature=1.0,
-            seed=seed,
-            max_tokens=MAX_TOKENS,
-        )
-        choice = answer.choices[0]
-        assert (choice.finish_reason, len(choice.message.tool_calls or [])) == ("tool_calls", 1), choice
-        call = choice.message.tool_calls[0]
-        assert call.type == "function" and call.id.startswith("call_")
-        tool = {"get_weather": WEATHER, "read_file": READ}[call.function.name]
-        assert errors(json.loads(call.function.arguments), tool["function"]["parameters"]) == []
+    check_required_tool_calls(client, seeds=4, max_tokens=MAX_TOKENS)
 
 
 def test_a_named_tool_streams_as_deltas_that_reassemble_to_the_same_call(client):
@@ -82,10 +66,4 @@ def test_a_tool_result_round_trips(client):
         max_tokens=MAX_TOKENS,
     )
     assert answer.choices[0].finish_reason == "tool_calls"
-    call = answer.choices[0].message
-    history = [*ASK, call.model_dump(exclude_none=True)]
-    history.append({"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": "sunny, 21 C"})
-    follow = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], max_tokens=8)
-    assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    bare = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=1)
-    assert follow.usage.prompt_tokens > bare.usage.prompt_tokens + 10  # the call and its result were read
+    check_tool_result_is_read(client, answer.choices[0].message)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ds4.engine import LLM, SamplingParams
+from tests.agent.tool_calls import ASK, READ, WEATHER, check_required_tool_calls, check_tool_result_is_read
 from tests.schema_check import errors
 from tests.servers import KEY, MODEL, serving
 
@@ -113,32 +114,6 @@ SCHEMA = {
     "required": ["title", "severity", "line"],
     "additionalProperties": False,
 }
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city now",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 10}, "celsius": {"type": "boolean"}},
-            "required": ["city", "celsius"],
-            "additionalProperties": False,
-        },
-    },
-}
-READ = {
-    "type": "function",
-    "function": {
-        "name": "read_file",
-        "parameters": {
-            "type": "object",
-            "properties": {"path": {"type": "string", "maxLength": 12}},
-            "required": ["path"],
-            "additionalProperties": False,
-        },
-    },
-}
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def test_strict_json_schema_answers_parse_and_conform(client):
@@ -158,23 +133,7 @@ def test_strict_json_schema_answers_parse_and_conform(client):
 
 
 def test_a_required_tool_choice_yields_a_well_formed_call(client):
-    for seed in range(6):
-        answer = client.chat.completions.create(
-            model=MODEL,
-            messages=ASK,
-            tools=[WEATHER, READ],
-            tool_choice="required",
-            parallel_tool_calls=False,
-            temperature=1.0,
-            seed=seed,
-            max_tokens=200,
-        )
-        choice = answer.choices[0]
-        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
-        call = choice.message.tool_calls[0]
-        assert call.type == "function" and call.id.startswith("call_")
-        tool = {"get_weather": WEATHER, "read_file": READ}[call.function.name]
-        assert errors(json.loads(call.function.arguments), tool["function"]["parameters"]) == []
+    check_required_tool_calls(client, seeds=6, max_tokens=200)
 
 
 def test_a_named_tool_streams_as_deltas_that_reassemble_to_the_same_call(client):
@@ -215,16 +174,11 @@ def test_a_tool_result_round_trips(client):
         .choices[0]
         .message
     )
-    history = [*ASK, call.model_dump(exclude_none=True)]
-    history.append({"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": "sunny, 21 C"})
-    follow = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], max_tokens=8)
-    assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    bare = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=1)
-    assert follow.usage.prompt_tokens > bare.usage.prompt_tokens + 10  # the call and its result were read
+    bare = check_tool_result_is_read(client, call)
     none = client.chat.completions.create(
         model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="none", max_tokens=1
     )
-    assert none.usage.prompt_tokens < bare.usage.prompt_tokens  # "none": the tools are not offered
+    assert none.usage.prompt_tokens < bare  # "none": the tools are not offered
 
 
 @pytest.mark.parametrize(

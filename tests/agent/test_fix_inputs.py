@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from ds4.agent.config import ConfigError, settings
 from ds4.agent.events import describe
 from ds4.agent.github import GitHubError, fetch_issue, is_issue_url
 from tests.fakes import RIGHT, ScriptedChatServer
-from tests.servers import EXE, serve_in_thread
+from tests.servers import run_cli, serve_in_thread
 
 
 class ScriptedGitHub(BaseHTTPRequestHandler):
@@ -65,23 +64,18 @@ def test_fix_fetches_a_github_issue_with_its_comments(repo, env):
     chat = serve_in_thread(ScriptedChatServer)
     env = {**env, "DS4_GITHUB_API": f"http://127.0.0.1:{github.server_port}", "GITHUB_TOKEN": "ghp_test"}
     try:
-        done = subprocess.run(
-            [
-                EXE,
-                "fix",
-                "https://github.com/acme/calc/issues/7",
-                "--repo",
-                str(repo),
-                "--endpoint",
-                f"http://127.0.0.1:{chat.server_port}",
-                "--test-cmd",
-                "python -m pytest -q -rf",
-                "--budget",
-                "4000",
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
+        done = run_cli(
+            "fix",
+            "https://github.com/acme/calc/issues/7",
+            "--repo",
+            str(repo),
+            "--endpoint",
+            f"http://127.0.0.1:{chat.server_port}",
+            "--test-cmd",
+            "python -m pytest -q -rf",
+            "--budget",
+            "4000",
+            "--json",
             timeout=120,
             env=env,
         )
@@ -123,13 +117,7 @@ def test_the_user_settings_choose_the_endpoint_and_the_repository_how_to_test(re
     user.write_text(f'endpoint = "http://127.0.0.1:{chat.server_port}"\nmodel_name = "deepseek-v4"\n')
     (repo / ".ds4.toml").write_text('test_cmd = "python -m pytest -q -rf"\nrounds = 1\nbudget = 4000\n')
     try:
-        done = subprocess.run(
-            [EXE, "fix", "add(2, 3) returns -1", "--repo", str(repo), "--json"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env,
-        )
+        done = run_cli("fix", "add(2, 3) returns -1", "--repo", str(repo), "--json", timeout=120, env=env)
     finally:
         chat.shutdown()
     assert done.returncode == 0, done.stderr
@@ -166,9 +154,7 @@ def test_bad_settings_are_clear_errors(tmp_path, env, text, message):
 
 
 def test_no_model_anywhere_says_how_to_choose_one(repo, env):
-    done = subprocess.run(
-        [EXE, "fix", "add(2, 3) returns -1", "--repo", str(repo)], capture_output=True, text=True, env=env
-    )
+    done = run_cli("fix", "add(2, 3) returns -1", "--repo", str(repo), env=env)
     assert done.returncode == 2
     assert "no model: pass --model DIR" in done.stderr and "config.toml" in done.stderr
 
@@ -199,12 +185,7 @@ def test_progress_lines_say_what_happened():
 
 
 def test_a_mistyped_issue_file_is_an_error_and_issue_text_is_literal(repo, env):
-    done = subprocess.run(
-        [EXE, "fix", "ISSSUE.md", "--repo", str(repo), "--endpoint", "http://127.0.0.1:9"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    done = run_cli("fix", "ISSSUE.md", "--repo", str(repo), "--endpoint", "http://127.0.0.1:9", env=env)
     assert (
         done.returncode == 2
         and "ISSSUE.md: no such file; to give the issue as text, use --issue-text" in done.stderr
@@ -235,10 +216,15 @@ def test_a_repository_ds4_cannot_start_from_is_one_line_before_the_model(tmp_pat
     repo = make_repo(tmp_path / "r", BUGGY, use_git=False)
     if commits is not None:
         git(repo, "init", "-q")
-    done = subprocess.run(  # nothing listens at the endpoint: the repository is checked first
-        [EXE, "fix", "--issue-text", "add is wrong", "--repo", str(repo), "--endpoint", "http://127.0.0.1:9"],
-        capture_output=True,
-        text=True,
+    # nothing listens at the endpoint: the repository is checked first
+    done = run_cli(
+        "fix",
+        "--issue-text",
+        "add is wrong",
+        "--repo",
+        str(repo),
+        "--endpoint",
+        "http://127.0.0.1:9",
         env=env,
     )
     assert done.returncode == 2, done.stderr

@@ -25,6 +25,7 @@ from tests.fakes import (
     edit,
     fix_config,
 )
+from tests.servers import run_cli, serve_in_thread
 
 
 def test_a_correct_patch_in_round_two_resolves(repo):
@@ -123,29 +124,12 @@ def test_unreachable_endpoint_is_an_error_not_a_crash(repo):
 
 
 def test_fix_cli_json(repo):
-    import sys
-
-    exe = Path(sys.executable).parent / "ds4-agent"
     ScriptedChatServer.answers, ScriptedChatServer.bodies = [RIGHT], []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedChatServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_in_thread(ScriptedChatServer)
     try:
-        done = subprocess.run(
-            [
-                str(exe),
-                "fix",
-                ISSUE,
-                "--repo",
-                str(repo),
-                "--endpoint",
-                f"http://127.0.0.1:{server.server_port}",
-                "--budget",
-                "4000",
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
+        endpoint = f"http://127.0.0.1:{server.server_port}"
+        done = run_cli(
+            "fix", ISSUE, "--repo", repo, "--endpoint", endpoint, "--budget", "4000", "--json", timeout=120
         )
     finally:
         server.shutdown()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -21,9 +20,7 @@ from ds4.agent.api.paths import repo_data_dir
 from ds4.agent.config import ConfigError, settings
 from ds4.agent.sandbox import bubblewrap_problem
 from tests.fakes import BUGGY, RIGHT, ScriptedBackend, ScriptedChatServer, make_repo
-from tests.servers import Server, processes_with, serve_in_thread, wait_for
-
-EXE = str(Path(sys.executable).parent / "ds4-agent")
+from tests.servers import Server, processes_with, run_cli, serve_in_thread, wait_for
 
 
 class Listener(BaseHTTPRequestHandler):
@@ -70,13 +67,7 @@ def test_a_repository_endpoint_gets_nothing_and_the_cli_says_why(repo, env):
     user.write_text(f'endpoint = "http://127.0.0.1:{good.server_port}"\n')
     (repo / ".ds4.toml").write_text(f'endpoint = "http://127.0.0.1:{evil.server_port}"\n')
     try:
-        done = subprocess.run(
-            [EXE, "fix", "add(2, 3) returns -1", "--repo", str(repo)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env,
-        )
+        done = run_cli("fix", "add(2, 3) returns -1", "--repo", str(repo), timeout=120, env=env)
     finally:
         evil.shutdown()
         good.shutdown()
@@ -93,18 +84,13 @@ def test_a_repository_test_command_is_shown_before_it_runs(repo, env):
     chat = serve_in_thread(ScriptedChatServer)
     (repo / ".ds4.toml").write_text('test_cmd = "python -m pytest -q -rf"\nbudget = 4000\n')
     try:
-        done = subprocess.run(
-            [
-                EXE,
-                "fix",
-                "add(2, 3) returns -1",
-                "--repo",
-                str(repo),
-                "--endpoint",
-                f"http://127.0.0.1:{chat.server_port}",
-            ],
-            capture_output=True,
-            text=True,
+        done = run_cli(
+            "fix",
+            "add(2, 3) returns -1",
+            "--repo",
+            str(repo),
+            "--endpoint",
+            f"http://127.0.0.1:{chat.server_port}",
             timeout=120,
             env=env,
         )
@@ -121,10 +107,15 @@ def test_a_committed_ds4_symlink_is_refused_by_the_cli(repo, env, tmp_path, link
     elsewhere.mkdir()
     (repo / link).parent.mkdir(exist_ok=True)
     (repo / link).symlink_to(elsewhere / "target" if link.endswith(".db") else elsewhere)
-    done = subprocess.run(
-        [EXE, "fix", "x", "--repo", str(repo), "--endpoint", "http://127.0.0.1:9", "--test-cmd", "true"],
-        capture_output=True,
-        text=True,
+    done = run_cli(
+        "fix",
+        "x",
+        "--repo",
+        str(repo),
+        "--endpoint",
+        "http://127.0.0.1:9",
+        "--test-cmd",
+        "true",
         timeout=120,
         env=env,
     )

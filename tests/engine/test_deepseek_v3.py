@@ -8,7 +8,7 @@ import torch
 
 from ds4.engine import LLM, SamplingParams
 from ds4.engine.context import SeqSlice
-from tests.conftest import max_rel_err, save_hf_checkpoint, stable_indexer_topk, until_eos
+from tests.conftest import chunked_logits, max_rel_err, oracle_case, stable_indexer_topk, until_eos
 
 SEQ_LEN = 72
 YARN = dict(
@@ -59,13 +59,8 @@ CASES = {
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
     family, overrides = CASES[request.param]
-    path, hf = save_hf_checkpoint(
-        tmp_path_factory.mktemp(request.param), family, seed=len(request.param), **overrides
-    )
-    ids = torch.randint(2, hf.config.vocab_size, (SEQ_LEN,), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad(), stable_indexer_topk():
-        ref = hf(ids[None]).logits[0].float()
-    return path, hf, ids, ref
+    folder = tmp_path_factory.mktemp(request.param)
+    return oracle_case(folder, family, overrides, seed=len(request.param), seq_len=SEQ_LEN, ids_seed=7)
 
 
 @pytest.mark.parametrize("mla_mode", ["naive", "absorbed"])
@@ -108,14 +103,7 @@ def test_chunked_prefill_equals_full_scoring(case):
     path, _, ids, _ = case
     llm = LLM(path)
     full = llm.score(ids.tolist())
-    cache = llm.runner.new_cache(1, SEQ_LEN)
-    rows = [
-        llm.runner.step(
-            ids[a : a + 20].tolist(), [SeqSlice(0, a, min(20, SEQ_LEN - a), 0)], cache, all_logits=True
-        )
-        for a in range(0, SEQ_LEN, 20)
-    ]
-    assert max_rel_err(torch.cat(rows), full) < 1e-5
+    assert max_rel_err(chunked_logits(llm, ids, 20), full) < 1e-5
 
 
 def test_bfloat16_is_as_accurate_as_transformers_bfloat16(case):

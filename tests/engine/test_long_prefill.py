@@ -12,7 +12,7 @@ import ds4.engine.layers.mla as mla
 from ds4.engine import LLM
 from ds4.engine.context import SeqSlice
 from ds4.kernels import forced
-from tests.conftest import max_rel_err, save_hf_checkpoint, stable_indexer_topk
+from tests.conftest import chunked_logits, max_rel_err, oracle_case, save_hf_checkpoint, stable_indexer_topk
 from tests.engine.test_deepseek_v3 import CASES
 
 SEQ_LEN = 72
@@ -21,10 +21,9 @@ SEQ_LEN = 72
 @pytest.fixture(scope="module", params=["v3-groups-yarn", "v32-yarn-dense2", "v32-sparse"])
 def case(request, tmp_path_factory):
     family, overrides = CASES[request.param]
-    path, hf = save_hf_checkpoint(tmp_path_factory.mktemp(request.param), family, seed=5, **overrides)
-    ids = torch.randint(2, hf.config.vocab_size, (SEQ_LEN,), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad(), stable_indexer_topk():
-        ref = hf(ids[None]).logits[0].float()
+    path, _, ids, ref = oracle_case(
+        tmp_path_factory.mktemp(request.param), family, overrides, seed=5, seq_len=SEQ_LEN, ids_seed=3
+    )
     return path, ids, ref
 
 
@@ -40,15 +39,9 @@ def test_blocked_prefill_matches_transformers_whole_and_chunked(case, small_work
     llm = LLM(path)
     with forced(triton):
         whole = llm.score(ids.tolist())
-        cache = llm.runner.new_cache(1, SEQ_LEN)
-        chunks = [
-            llm.runner.step(
-                ids[a : a + 17].tolist(), [SeqSlice(0, a, min(17, SEQ_LEN - a), 0)], cache, all_logits=True
-            )
-            for a in range(0, SEQ_LEN, 17)
-        ]
+        chunked = chunked_logits(llm, ids, 17)
     assert max_rel_err(whole, ref) < 1e-5
-    assert max_rel_err(torch.cat(chunks), ref) < 1e-5
+    assert max_rel_err(chunked, ref) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["mixed-hc2", "hc4-csa2"])

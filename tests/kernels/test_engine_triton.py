@@ -12,7 +12,7 @@ import torch
 from ds4.engine import LLM
 from ds4.engine.context import SeqSlice
 from ds4.kernels import forced
-from tests.conftest import max_rel_err, save_hf_checkpoint, stable_indexer_topk
+from tests.conftest import max_rel_err, oracle_case, save_hf_checkpoint, stable_indexer_topk
 from tests.engine.test_deepseek_v3 import CASES
 from tests.kernels.conftest import DEVICE
 
@@ -23,10 +23,9 @@ PICKED = ["v3-groups-yarn", "v32-yarn-dense2"]
 @pytest.fixture(scope="module", params=PICKED)
 def case(request, tmp_path_factory):
     family, overrides = CASES[request.param]
-    path, hf = save_hf_checkpoint(tmp_path_factory.mktemp(request.param), family, seed=3, **overrides)
-    ids = torch.randint(2, hf.config.vocab_size, (SEQ_LEN,), generator=torch.Generator().manual_seed(11))
-    with torch.no_grad(), stable_indexer_topk():
-        ref = hf(ids[None]).logits[0].float()
+    path, _, ids, ref = oracle_case(
+        tmp_path_factory.mktemp(request.param), family, overrides, seed=3, seq_len=SEQ_LEN, ids_seed=11
+    )
     return path, ids, ref
 
 
