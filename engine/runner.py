@@ -162,6 +162,8 @@ class ModelRunner:
 
     def _decode(self, token_ids: list[int], seqs: list[SeqSlice], cache) -> torch.Tensor:
         if isinstance(cache, WindowCache):  # V4: each sequence's row in the pooled state
+            for s in seqs:
+                cache.reserve(s.slot, s.end)
             input_ids, positions, batch = self.inputs.decode_rows(
                 token_ids, seqs, [cache.row(s.slot) for s in seqs]
             )
@@ -184,6 +186,8 @@ class ModelRunner:
             return "the torch kernel path reads device values on the host"
         if len(self.devices) > 1 or self.tiered:
             return "pipelines and tiered experts run their decode steps eagerly"
+        if isinstance(cache, WindowCache):
+            return "V4's compressed rows grow with its sequences (their buffers are reallocated)"
         if isinstance(cache, PagedLatentCache) and self.engine_config.mla_mode == "naive":
             return "mla_mode naive decodes per sequence"
         return None

@@ -81,7 +81,15 @@ class WindowCache:
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}  # block id -> its contribution
 
     def prepare(self, seq):
+        self.reserve(seq.slot, seq.end)
         return seq
+
+    def reserve(self, slot: int, end: int) -> None:
+        """Room in every compressor's emitted rows for sequence `slot` up to position `end` (before the
+        step that writes there)."""
+        row = self.row(slot)
+        for pool in self.compressors.values():
+            pool.reserve(row, end)
 
     def row(self, slot: int) -> int:
         """Sequence `slot`'s row in the pools, taken from the free rows on first use (Engram's history
@@ -154,6 +162,7 @@ class WindowCache:
                 pool = self.compressors.get((layer, name))
                 if pool is None:
                     continue
+                pool.reserve(row, end)
                 pool.entries[row, : end // pool.ratio] = torch.cat([s[f"{name}_rows.{layer}"] for s in snaps])
                 if pool.overlap:
                     pool.overlap_kv[row] = last[f"{name}_overlap_kv.{layer}"]

@@ -44,19 +44,35 @@ class CompressorState:
 class CompressorPool:
     """One compressor's state for every slot, in float32: the unfinished window's projected rows
     [slots, r, width] (how many are live follows from the position: position % r), the last finished
-    window's Ca half [slots, r, d] (overlap kind), and the emitted rows [slots, max_entries, d] (entry i is
+    window's Ca half [slots, r, d] (overlap kind), and the emitted rows [rows, entries, d] (entry i is
     final once the position passes (i + 1) * r - 1; a decode step writes the unfinished window's entry
-    too, which stays invisible until then)."""
+    too, which stays invisible until then). The emitted rows grow with use (`reserve`, before a step):
+    the rows in use times the longest sequence's entries, never every slot times the longest context."""
 
     def __init__(self, num_slots: int, ratio: int, dim: int, overlap: bool, max_len: int, device):
         width = 2 * dim if overlap else dim
         f32 = dict(dtype=torch.float32, device=device)
-        self.ratio, self.overlap = ratio, overlap
+        self.ratio, self.overlap, self.dim = ratio, overlap, dim
         self.buffer_kv = torch.zeros(num_slots, ratio, width, **f32)
         self.buffer_gate = torch.zeros(num_slots, ratio, width, **f32)
         self.overlap_kv = torch.zeros(num_slots, ratio, dim, **f32) if overlap else None
         self.overlap_gate = torch.zeros(num_slots, ratio, dim, **f32) if overlap else None
-        self.entries = torch.zeros(num_slots, -(-max_len // ratio), dim, **f32)  # position // r < this
+        self.max_entries = -(-max_len // ratio)  # position // r < this
+        self.entries = torch.zeros(0, 0, dim, **f32)  # [rows in use, entries reserved, d]
+
+    def reserve(self, row: int, end: int) -> None:
+        """Room for row `row` and the entries of positions before `end` (doubling, up to max_len), the
+        earlier rows copied over. Called on the host before a step writes there."""
+        rows, have = self.entries.shape[:2]
+        need = min(self.max_entries, -(-end // self.ratio))
+        if row < rows and need <= have:
+            return
+        with torch.inference_mode(False):  # a normal tensor: restoring a prefix writes it outside steps
+            room = have if need <= have else min(self.max_entries, max(need, 2 * have))
+            shape = (max(rows, row + 1), room, self.dim)
+            grown = self.entries.new_zeros(shape)
+            grown[:rows, :have] = self.entries
+        self.entries = grown
 
     def load(self, row: int, start: int) -> CompressorState:
         """Slot `row`'s state as it stands before position `start`, for a prefill to continue from."""

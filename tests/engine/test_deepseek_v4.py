@@ -134,3 +134,20 @@ def test_ds4_written_v4_checkpoint_loads_in_transformers(tmp_path):
     with torch.no_grad(), stable_indexer_topk():
         ref = hf(ids[None]).logits[0]
     assert max_rel_err(LLM(path).score(ids.tolist()), ref) < 1e-4
+
+
+def test_compressed_rows_are_reserved_as_sequences_grow_not_for_every_slot_at_full_length(tiny_v4):
+    """16 slots at a 1M context hold nothing until used; one sequence at 4K holds one row of 4K's entries
+    (preallocated, V4-Flash's pools were 219 GiB at its default 16 sequences of 1M)."""
+    from ds4.engine.config import ModelConfig
+    from ds4.engine.window_cache import WindowCache
+
+    config = ModelConfig.from_dir(tiny_v4)
+    cache = WindowCache(config, 1 << 20, torch.float32, "cpu", num_slots=16)
+    assert all(pool.entries.numel() == 0 for pool in cache.compressors.values())
+    cache.reserve(slot=5, end=4096)
+    for pool in cache.compressors.values():
+        assert pool.entries.shape[:2] == (1, 4096 // pool.ratio)
+    cache.reserve(slot=7, end=100)  # a second, shorter sequence: one more row, room unchanged
+    for pool in cache.compressors.values():
+        assert pool.entries.shape[:2] == (2, 4096 // pool.ratio)
