@@ -32,10 +32,11 @@ class DecodeBatch:
     """A step in which every sequence adds one token, as device tensors: built on the host and copied in
     one go (ds4.engine.step_inputs), read by batched attention over the paged cache, and the static
     buffers a captured decode graph replays over. Rows past the real sequences (a graph's padding) have
-    length 0 and write their row to the cache's scratch row."""
+    length 0 and write their row to the cache's scratch row (V4: their state to its scratch row)."""
 
-    slot_rows: torch.Tensor  # [B] int64: the cache row each new token's latent row goes to
-    block_table: torch.Tensor  # [B, max_blocks] int32: each sequence's cache blocks, in order
+    slot_rows: torch.Tensor  # [B] int64: the cache row each new token's latent row goes to (V4: the row of
+    # each sequence's pooled state)
+    block_table: torch.Tensor  # [B, max_blocks] int32: each sequence's cache blocks, in order (V4: none)
     seq_lens: torch.Tensor  # [B] int32: tokens each sequence attends to, the new one included
     max_len: int  # the longest of seq_lens, known on the host (the torch path's gather width)
 

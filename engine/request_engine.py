@@ -69,7 +69,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.blocks, config.max_num_seqs, config.max_num_batched_tokens, align_chunks=runner.config.is_v4
         )
-        self.cache = runner.new_paged_cache(self.num_blocks, bs, max_model_len)
+        self.cache = runner.new_paged_cache(self.num_blocks, bs, max_model_len, config.max_num_seqs)
         self.blocks.on_evict = self.cache.drop_block
         self._check_workspace()
         self.disk = (

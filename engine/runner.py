@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ds4.engine.cache import PagedLatentCache, WindowCache
+from ds4.engine.cache import PagedLatentCache
 from ds4.engine.config import EngineConfig, ModelConfig
 from ds4.engine.context import ForwardContext, SeqSlice, forward_context
 from ds4.engine.errors import ParamError
@@ -17,6 +17,7 @@ from ds4.engine.loader import keep_stored, load_weights, materialize, model_fing
 from ds4.engine.models import build_model
 from ds4.engine.pipeline import Pipeline, current_device, stage_sizes
 from ds4.engine.step_inputs import StepInputs
+from ds4.engine.window_cache import WindowCache
 from ds4.kernels import triton_enabled
 
 
@@ -101,7 +102,12 @@ class ModelRunner:
         """A cache for callers that manage no blocks: slot s owns positions [0, max_len) of its own."""
         if self.config.is_v4:
             return WindowCache(
-                self.config, max_len, self.dtype, self.device, layer_devices=self.layer_devices
+                self.config,
+                max_len,
+                self.dtype,
+                self.device,
+                layer_devices=self.layer_devices,
+                num_slots=num_slots,
             )
         per_slot = -(-max_len // block_size)
         blocks = num_slots * per_slot
@@ -110,10 +116,14 @@ class ModelRunner:
         )
 
     def new_paged_cache(
-        self, num_blocks: int, block_size: int, max_len: int
+        self, num_blocks: int, block_size: int, max_len: int, max_num_seqs: int = 1
     ) -> PagedLatentCache | WindowCache:
+        """The engine's cache: paged blocks (V3, V3.2), or V4's pooled state for `max_num_seqs` sequences
+        (its prefix blocks are snapshots of that state)."""
         if self.config.is_v4:
-            return WindowCache(self.config, max_len, self.dtype, self.device, block_size, self.layer_devices)
+            return WindowCache(
+                self.config, max_len, self.dtype, self.device, block_size, self.layer_devices, max_num_seqs
+            )
         return PagedLatentCache(
             self.config, num_blocks, block_size, self.dtype, self.device, layer_devices=self.layer_devices
         )
@@ -141,17 +151,25 @@ class ModelRunner:
             return self.model.logits(hidden)
 
     def decodes_batched(self, seqs: list[SeqSlice], cache) -> bool:
-        """Every sequence adds one token over a paged latent cache (V3, V3.2): attention runs for the whole
-        batch at once from device tensors alone, a step that can be captured as a graph."""
-        return (
-            isinstance(cache, PagedLatentCache)
-            and self.mla_mode(seqs) == "absorbed"
-            and all(s.num_tokens == 1 for s in seqs)
-        )
+        """Every sequence adds one token, over a paged latent cache (V3, V3.2, absorbed) or V4's pooled
+        window state: attention runs for the whole batch at once from device tensors alone, a step that
+        can be captured as a graph."""
+        if not all(s.num_tokens == 1 for s in seqs):
+            return False
+        if isinstance(cache, WindowCache):
+            return True
+        return isinstance(cache, PagedLatentCache) and self.mla_mode(seqs) == "absorbed"
 
     def _decode(self, token_ids: list[int], seqs: list[SeqSlice], cache) -> torch.Tensor:
-        seqs = [cache.with_blocks(s) for s in seqs]
-        input_ids, positions, batch = self.inputs.decode(token_ids, seqs, cache.block_size)
+        if isinstance(cache, WindowCache):  # V4: each sequence's row in the pooled state
+            for s in seqs:
+                cache.reserve(s.slot, s.end)
+            input_ids, positions, batch = self.inputs.decode_rows(
+                token_ids, seqs, [cache.row(s.slot) for s in seqs]
+            )
+        else:
+            seqs = [cache.with_blocks(s) for s in seqs]
+            input_ids, positions, batch = self.inputs.decode(token_ids, seqs, cache.block_size)
         if self.graphs is not None and cache is self.graphs.cache:
             logits = self.graphs.run(input_ids, positions, batch)
             if logits is not None:
@@ -166,11 +184,11 @@ class ModelRunner:
             return "not on a CUDA device"
         if not triton_enabled(self.device):
             return "the torch kernel path reads device values on the host"
-        if not isinstance(cache, PagedLatentCache):
-            return "V4's window and compressor state decode per sequence so far"
         if len(self.devices) > 1 or self.tiered:
             return "pipelines and tiered experts run their decode steps eagerly"
-        if self.engine_config.mla_mode == "naive":
+        if isinstance(cache, WindowCache):
+            return "V4's compressed rows grow with its sequences (their buffers are reallocated)"
+        if isinstance(cache, PagedLatentCache) and self.engine_config.mla_mode == "naive":
             return "mla_mode naive decodes per sequence"
         return None
 

@@ -40,6 +40,19 @@ class StepInputs:
         batch = DecodeBatch(slot_rows, table, lens.to(torch.int32), max(ends))
         return ids, positions, batch
 
+    def decode_rows(
+        self, token_ids: list[int], seqs: list[SeqSlice], rows: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, DecodeBatch]:
+        """(input ids [B], positions [B], the batch) for sequences adding one token each over pooled
+        per-sequence state (V4): `rows` are their rows in the pools, the block table is empty."""
+        ends = [s.end for s in seqs]
+        host = self._stage([*token_ids, *(s.start for s in seqs), *rows, *ends])
+        data = host.to(self.device, non_blocking=True)
+        B = len(seqs)
+        ids, positions, slot_rows, lens = data[:B], data[B : 2 * B], data[2 * B : 3 * B], data[3 * B :]
+        table = torch.zeros(B, 0, dtype=torch.int32, device=self.device)
+        return ids, positions, DecodeBatch(slot_rows, table, lens.to(torch.int32), max(ends))
+
     def _stage(self, values: list[int]) -> torch.Tensor:
         if self.staging.numel() < len(values):
             self.staging = torch.empty(

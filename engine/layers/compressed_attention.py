@@ -73,16 +73,24 @@ class CompressedAttention(nn.Module):
         q = apply_rope_tail(q, cos, sin)  # [T, H, Dh]
         kv = apply_rope_tail(self.norm(self.wkv(x)), cos, sin)  # [T, Dh]: key and value alike
 
-        outs = []
-        for seq in ctx.seqs:
-            new = slice(seq.offset, seq.offset + seq.num_tokens)
-            positions = ctx.positions[new]  # [n]
-            keys, allowed = self._window(ctx.cache, seq, kv[new], positions)
-            if self.compressor is not None:
-                rows, visible = self._compressed(ctx.cache, seq, x[new], q_latent[new], ropes, positions, new)
-                keys, allowed = torch.cat([keys, rows.to(keys.dtype)]), torch.cat([allowed, visible], dim=1)
-            outs.append(self._attend(q[new], keys, allowed))
-        out = torch.cat(outs) if len(outs) > 1 else outs[0]  # [T, H, Dh]
+        if ctx.decode is not None:  # decode: every sequence's one token at once, from the pooled state
+            out = self._decode(x, q, q_latent, kv, ropes, ctx)
+        else:  # prefill: sequence by sequence, reading and writing the pooled state
+            outs = []
+            for seq in ctx.seqs:
+                new = slice(seq.offset, seq.offset + seq.num_tokens)
+                positions = ctx.positions[new]  # [n]
+                keys, allowed = self._window(ctx.cache, seq, kv[new], positions)
+                if self.compressor is not None:
+                    rows, visible = self._compressed(
+                        ctx.cache, seq, x[new], q_latent[new], ropes, positions, new
+                    )
+                    keys, allowed = (
+                        torch.cat([keys, rows.to(keys.dtype)]),
+                        torch.cat([allowed, visible], dim=1),
+                    )
+                outs.append(self._attend(q[new], keys, allowed))
+            out = torch.cat(outs) if len(outs) > 1 else outs[0]  # [T, H, Dh]
         out = apply_rope_tail(out, cos, -sin)  # rotate the values' rope slice back to the query's frame
         grouped = out.reshape(T, self.o_groups, -1)  # [T, G, H * Dh / G]
         w_a = dense_weight(self.wo_a).unflatten(0, (self.o_groups, -1))  # [G, o_lora_rank, H * Dh / G]
@@ -100,17 +108,84 @@ class CompressedAttention(nn.Module):
 
     def _compressed(self, cache, seq, x, q_latent, ropes, positions, new):
         """Compressed rows so far and, per query, which of them it attends to."""
-        rows = self.compressor(x, cache.compressor_state(self.layer_id, seq.slot, "attn"))  # [N, Dh]
+        rows = self._compress(self.compressor, cache, "attn", seq, x)  # [N, Dh]
         N = rows.shape[0]
         if self.indexer is None:  # every complete window is visible
             ratio = self.compressor.ratio
             return rows, torch.arange(N, device=x.device)[None, :] < ((positions + 1) // ratio)[:, None]
-        index_keys = self.indexer.compressor(x, cache.compressor_state(self.layer_id, seq.slot, "index"))
+        index_keys = self._compress(self.indexer.compressor, cache, "index", seq, x)
         q_rope = (ropes["compress"][0][new], ropes["compress"][1][new])
         chosen = self.indexer.select(x, q_latent, q_rope, index_keys, positions)  # [n, k], -1 = none
         visible = torch.zeros(x.shape[0], N + 1, dtype=torch.bool, device=x.device)
         visible.scatter_(1, chosen.masked_fill(chosen < 0, N), True)
         return rows, visible[:, :N]
+
+    def _compress(self, compressor: Compressor, cache, name: str, seq, x: torch.Tensor) -> torch.Tensor:
+        """Feeds one sequence's new tokens to a compressor from its pooled state; every row so far."""
+        pool, row = cache.compressor(self.layer_id, name), cache.row(seq.slot)
+        state = pool.load(row, seq.start)
+        rows = compressor(x, state)
+        pool.store(row, seq.start, state)
+        return rows
+
+    def _decode(self, x, q, q_latent, kv, ropes, ctx) -> torch.Tensor:
+        """B sequences' new tokens (one each) over their window and compressed rows in the pooled state,
+        read through each sequence's row (ctx.decode.slot_rows) and masked by position: fixed shapes,
+        no host read, so the step can be captured. The compressed rows considered are those the longest
+        sequence can see (batch.max_len // ratio, a host value)."""
+        cache, batch, positions = ctx.cache, ctx.decode, ctx.positions
+        rows = batch.slot_rows
+        ring = cache.windows[self.layer_id]  # [slots, W, Dh]: position p at p % W
+        ring[rows, positions % self.window] = kv.to(ring.dtype)
+        keys = ring[rows]  # [B, W, Dh]
+        W = self.window
+        ring_pos = positions[:, None] - (positions[:, None] - torch.arange(W, device=x.device)) % W  # [B, W]
+        allowed = ring_pos >= 0
+        if self.compressor is not None:
+            ratio = self.compressor.ratio
+            pool = cache.compressor(self.layer_id, "attn")
+            self.compressor.decode(x, pool, rows, positions)
+            width = min(batch.max_len // ratio, pool.entries.shape[1])
+            entries = pool.entries[rows, :width]  # [B, E, Dh]
+            visible = (positions + 1) // ratio  # [B]: entries whose window is complete
+            if self.indexer is None:  # every complete window
+                seen = torch.arange(width, device=x.device)[None, :] < visible[:, None]
+            else:  # the indexer's top-k of them
+                index_pool = cache.compressor(self.layer_id, "index")
+                self.indexer.compressor.decode(x, index_pool, rows, positions)
+                chosen = self.indexer.select_decode(
+                    x, q_latent, ropes["compress"], index_pool.entries[rows, :width], visible
+                )  # [B, k], -1 = none
+                entries = entries.gather(1, chosen.clamp(min=0)[..., None].expand(-1, -1, entries.shape[-1]))
+                seen = chosen >= 0
+            keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
+            allowed = torch.cat([allowed, seen], dim=1)
+        return self._attend_batch(q, keys, allowed)
+
+    def _attend_batch(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """One query per sequence q [B, H, Dh] over its own keys [B, S, Dh] where `allowed` [B, S]."""
+        if triton_enabled(q.device):
+            from ds4.kernels.sparse_attention import sparse_attention
+
+            B, S = allowed.shape
+            flat = torch.arange(B * S, device=q.device).view(B, S)  # row s of sequence b in keys [B * S, Dh]
+            out, _ = sparse_attention(
+                q.contiguous(),
+                keys.reshape(B * S, -1),
+                torch.where(allowed, flat, -1),
+                self.scale,
+                keys.shape[-1],
+                self.attn_sink,
+            )
+            return out.to(keys.dtype)
+        H = self.n_heads
+        scores = torch.bmm(q, keys.transpose(1, 2)).mul_(self.scale)  # bhd,bsd->bhs [B, H, S]
+        scores.masked_fill_(~allowed[:, None, :], float("-inf"))
+        sinks = self.attn_sink.to(scores.dtype).view(1, H, 1)
+        top = torch.maximum(scores.amax(dim=-1, keepdim=True), sinks)  # [B, H, 1]: the sink is a column
+        probs = scores.sub_(top).exp_()
+        total = probs.sum(dim=-1, keepdim=True) + (sinks - top).exp()
+        return torch.bmm(probs.to(keys.dtype), keys) / total.to(keys.dtype)  # bhs,bsd->bhd [B, H, Dh]
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """softmax over [scores, sink] per head, sink dropped, times the keys (which are the values)."""

@@ -7,6 +7,10 @@ With `overlap` (the ratio-4 kind) each token projects two halves: Ca feeds the *
 Cb the current one, so entry w pools 2r slots (window w-1's Ca, window w's Cb). Across calls the state
 keeps the tokens of the unfinished window and the last finished window's Ca, so chunked prefill and
 decode emit exactly the rows a whole-sequence pass does.
+
+Between steps the state of every sequence lives in a `CompressorPool` (fixed-size tensors indexed by slot):
+prefill loads a sequence's state from it and stores it back; a decode step (`Compressor.decode`) feeds one
+token per sequence for the whole batch at once, with shapes that never depend on positions.
 """
 
 from __future__ import annotations
@@ -35,6 +39,67 @@ class CompressorState:
     @property
     def num_entries(self) -> int:
         return 0 if self.entries is None else self.entries.shape[0]
+
+
+class CompressorPool:
+    """One compressor's state for every slot, in float32: the unfinished window's projected rows
+    [slots, r, width] (how many are live follows from the position: position % r), the last finished
+    window's Ca half [slots, r, d] (overlap kind), and the emitted rows [rows, entries, d] (entry i is
+    final once the position passes (i + 1) * r - 1; a decode step writes the unfinished window's entry
+    too, which stays invisible until then). The emitted rows grow with use (`reserve`, before a step):
+    the rows in use times the longest sequence's entries, never every slot times the longest context."""
+
+    def __init__(self, num_slots: int, ratio: int, dim: int, overlap: bool, max_len: int, device):
+        width = 2 * dim if overlap else dim
+        f32 = dict(dtype=torch.float32, device=device)
+        self.ratio, self.overlap, self.dim = ratio, overlap, dim
+        self.buffer_kv = torch.zeros(num_slots, ratio, width, **f32)
+        self.buffer_gate = torch.zeros(num_slots, ratio, width, **f32)
+        self.overlap_kv = torch.zeros(num_slots, ratio, dim, **f32) if overlap else None
+        self.overlap_gate = torch.zeros(num_slots, ratio, dim, **f32) if overlap else None
+        self.max_entries = -(-max_len // ratio)  # position // r < this
+        self.entries = torch.zeros(0, 0, dim, **f32)  # [rows in use, entries reserved, d]
+
+    def reserve(self, row: int, end: int) -> None:
+        """Room for row `row` and the entries of positions before `end` (doubling, up to max_len), the
+        earlier rows copied over. Called on the host before a step writes there."""
+        rows, have = self.entries.shape[:2]
+        need = min(self.max_entries, -(-end // self.ratio))
+        if row < rows and need <= have:
+            return
+        with torch.inference_mode(False):  # a normal tensor: restoring a prefix writes it outside steps
+            room = have if need <= have else min(self.max_entries, max(need, 2 * have))
+            shape = (max(rows, row + 1), room, self.dim)
+            grown = self.entries.new_zeros(shape)
+            grown[:rows, :have] = self.entries
+        self.entries = grown
+
+    def load(self, row: int, start: int) -> CompressorState:
+        """Slot `row`'s state as it stands before position `start`, for a prefill to continue from."""
+        done, live = divmod(start, self.ratio)
+        return CompressorState(
+            buffer_kv=self.buffer_kv[row, :live],
+            buffer_gate=self.buffer_gate[row, :live],
+            overlap_kv=self.overlap_kv[row].clone() if self.overlap and done else None,
+            overlap_gate=self.overlap_gate[row].clone() if self.overlap and done else None,
+            entries=self.entries[row, :done] if done else None,
+        )
+
+    def store(self, row: int, start: int, state: CompressorState) -> None:
+        """Writes back what a prefill from `start` added to `state`."""
+        first, live = start // self.ratio, state.buffer_kv.shape[0]
+        if state.num_entries > first:
+            self.entries[row, first : state.num_entries] = state.entries[first:]
+        self.buffer_kv[row, :live], self.buffer_gate[row, :live] = state.buffer_kv, state.buffer_gate
+        if state.overlap_kv is not None:
+            self.overlap_kv[row], self.overlap_gate[row] = state.overlap_kv, state.overlap_gate
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [
+            t
+            for t in (self.buffer_kv, self.buffer_gate, self.overlap_kv, self.overlap_gate, self.entries)
+            if t is not None
+        ]
 
 
 class Compressor(nn.Module):
@@ -81,6 +146,33 @@ class Compressor(nn.Module):
         rows = apply_rope_tail(pooled, cos, sin)
         state.entries = rows if state.entries is None else torch.cat([state.entries, rows])
         return state.entries
+
+    def decode(
+        self, x: torch.Tensor, pool: CompressorPool, rows: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        """Feeds one new token per sequence, x [B, D] at `positions` [B], into the pooled state of slots
+        `rows` [B]: the token joins its window's buffer, and the window's entry is pooled from the buffer
+        as it stands and written at index position // r (complete, hence visible, once position % r is
+        r - 1). Every shape is fixed by B: no host read of a position."""
+        r, d = self.ratio, self.dim
+        x = x.to(compute_dtype(self.wkv))
+        live = positions % r  # [B]: this token's place in its window
+        pool.buffer_kv[rows, live], pool.buffer_gate[rows, live] = self.wkv(x), self.wgate(x)
+        kv, gate = pool.buffer_kv[rows], pool.buffer_gate[rows] + self.ape  # [B, r, width]
+        if self.overlap:  # entry w pools window w-1's Ca (slots :r) with window w's Cb (slots r:)
+            earlier_kv, earlier_gate = pool.overlap_kv[rows], pool.overlap_gate[rows]  # [B, r, d]
+            first = (positions < r)[:, None, None]  # the first window has no earlier one: its slots weigh 0
+            chunk_kv = torch.cat([earlier_kv.masked_fill(first, 0.0), kv[..., d:]], dim=1)  # [B, 2r, d]
+            chunk_gate = torch.cat([earlier_gate.masked_fill(first, float("-inf")), gate[..., d:]], dim=1)
+            complete = (live == r - 1)[:, None, None]  # a finished window's Ca half feeds the next entry
+            pool.overlap_kv[rows] = torch.where(complete, kv[..., :d], earlier_kv)
+            pool.overlap_gate[rows] = torch.where(complete, gate[..., :d], earlier_gate)
+        else:
+            chunk_kv, chunk_gate = kv, gate
+        weights = chunk_gate.softmax(dim=1, dtype=torch.float32).to(chunk_kv.dtype)
+        pooled = self.norm((chunk_kv * weights).sum(dim=1))  # [B, d]
+        cos, sin = self.rotary(positions // r * r, pooled.dtype)  # roped at the window's first position
+        pool.entries[rows, positions // r] = apply_rope_tail(pooled, cos, sin)
 
     def _overlap(self, chunk_kv, chunk_gate, state: CompressorState):
         """Entry w pools window w-1's Ca (slots :r) with window w's Cb (slots r:)."""

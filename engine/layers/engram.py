@@ -88,8 +88,28 @@ class _ShortConv(nn.Module):
 class EngramState:
     """Per sequence and layer: the earlier normalized ids and gated values the next step reads."""
 
-    ids: torch.Tensor | None = None  # [<= max_ngram - 1]
+    ids: torch.Tensor | None = None  # [<= max_ngram - 1], -1 before the sequence's first token
     values: torch.Tensor | None = None  # [<= context, N, D]
+
+
+class EngramPool:
+    """One Engram layer's state for every slot, fixed-size: the last max_ngram - 1 normalized ids
+    [slots, max_ngram - 1] (-1 before the sequence: hashed as the pad id) and the last `context` gated
+    values [slots, context, N, D] (zeros before the sequence: what the causal convolution pads with)."""
+
+    def __init__(self, num_slots: int, cfg: EngramConfig, hc_mult: int, hidden_size: int, dtype, device):
+        context = (cfg.kernel_size - 1) * cfg.max_ngram
+        self.ids = torch.full((num_slots, cfg.max_ngram - 1), -1, dtype=torch.int64, device=device)
+        self.values = torch.zeros(num_slots, context, hc_mult, hidden_size, dtype=dtype, device=device)
+
+    def reset(self, row: int) -> None:
+        self.ids[row], self.values[row] = -1, 0.0
+
+    def load(self, row: int) -> EngramState:
+        return EngramState(self.ids[row].clone(), self.values[row].clone())
+
+    def store(self, row: int, state: EngramState) -> None:
+        self.ids[row], self.values[row] = state.ids, state.values
 
 
 class Engram(nn.Module):
@@ -124,15 +144,22 @@ class Engram(nn.Module):
         """Earlier value rows one step's convolution reads."""
         return (self.cfg.kernel_size - 1) * self.cfg.max_ngram
 
+    def _tables_on(self, device: torch.device) -> None:
+        if self.primes.device != device:
+            self.primes, self.offsets = self.primes.to(device), self.offsets.to(device)
+
     def hash_ids(self, ids: torch.Tensor, earlier_ids: torch.Tensor) -> torch.Tensor:
         """Table rows [T, G * Hn] of normalized ids [T], preceded by up to max_ngram - 1 earlier ones."""
         n_prev = self.cfg.max_ngram - 1
-        if self.primes.device != ids.device:
-            self.primes, self.offsets = self.primes.to(ids.device), self.offsets.to(ids.device)
-        pad = torch.full((n_prev - earlier_ids.shape[0],), self.pad_id, dtype=torch.long, device=ids.device)
-        history = torch.cat([pad, earlier_ids.long(), ids.long()])  # [n_prev + T]
+        self._tables_on(ids.device)
+        pad = torch.full((n_prev - earlier_ids.shape[0],), -1, dtype=torch.long, device=ids.device)
+        history = torch.cat([pad, earlier_ids.long(), ids.long()])  # [n_prev + T], -1 before the sequence
         T = ids.shape[0]
-        shifted = [history[n_prev - k : n_prev - k + T] for k in range(self.cfg.max_ngram)]  # token t - k
+        return self._hash([history[n_prev - k : n_prev - k + T] for k in range(self.cfg.max_ngram)])
+
+    def _hash(self, shifted: list[torch.Tensor]) -> torch.Tensor:
+        """Table rows [T, G * Hn] from the ids of tokens t, t - 1, ... (shifted[k] [T], -1: none)."""
+        shifted = [torch.where(s < 0, self.pad_id, s) for s in shifted]
         rows, mix = [], shifted[0] * self.multipliers[0]
         for order in range(2, self.cfg.max_ngram + 1):
             mix = torch.bitwise_xor(mix, shifted[order - 1] * self.multipliers[order - 1])
@@ -151,18 +178,41 @@ class Engram(nn.Module):
         state.values = torch.cat([earlier, values])[-self.context :]
         return out
 
+    def decode(self, streams: torch.Tensor, ids: torch.Tensor, pool: EngramPool, rows: torch.Tensor):
+        """What to add to the streams [B, N, D] of B sequences adding one token each (normalized ids [B]),
+        their state at `rows` [B] of the pool, which advances by one token: fixed shapes throughout."""
+        self._tables_on(ids.device)
+        history = torch.cat([pool.ids[rows], ids[:, None]], dim=1)  # [B, max_ngram]: oldest first
+        n_prev = self.cfg.max_ngram - 1
+        table_rows = self._hash([history[:, n_prev - k] for k in range(self.cfg.max_ngram)])  # [B, G * Hn]
+        values = self._gated_values(streams, table_rows)  # [B, N, D]
+        earlier = pool.values[rows]  # [B, context, N, D]
+        B, N, D = values.shape
+        window = torch.cat([earlier, values[:, None]], dim=1)  # [B, context + 1, N, D]
+        norms, eps = self.short_conv.norms, self.cfg.conv_norm_eps
+        normed = torch.cat([_rms_norm(window[:, :, h], norms[h].weight, eps) for h in range(N)], dim=-1)
+        y = F.conv1d(
+            normed.transpose(1, 2), self.short_conv.conv.weight, groups=N * D, dilation=self.cfg.max_ngram
+        )
+        pool.ids[rows], pool.values[rows] = history[:, 1:], window[:, 1:]
+        return values + F.silu(y[..., 0]).view(B, N, D)
+
     def forward(self, streams, ids, earlier_ids, earlier_values) -> tuple[torch.Tensor, torch.Tensor]:
         """streams [T, N, D]; returns (what to add to them [T, N, D], the gated values [T, N, D])."""
+        values = self._gated_values(streams, self.hash_ids(ids, earlier_ids))
+        return values + self._short_conv(values, earlier_values), values
+
+    def _gated_values(self, streams: torch.Tensor, table_rows: torch.Tensor) -> torch.Tensor:
+        """Per stream, sigmoid-gated value projections of the looked-up memory: [T, N, D]."""
         D = streams.shape[-1]
-        memory = self.multi_head_embedding.embedding(self.hash_ids(ids, earlier_ids)).flatten(1)  # [T, G * E]
+        memory = self.multi_head_embedding.embedding(table_rows).flatten(1)  # [T, G * E]
         gates = []
         for h in range(self.hc):
             key = _rms_norm(self.key_projs[h](memory), self.norm1[h].weight, self.cfg.norm_eps)
             query = _rms_norm(streams[:, h], self.norm2[h].weight, self.cfg.norm_eps)
             gate = (key * query).sum(-1) / math.sqrt(D)
             gates.append(torch.sigmoid(gate.abs().clamp_min(1e-6).sqrt() * gate.sign()))
-        values = torch.stack(gates, dim=1).unsqueeze(-1) * self.value_proj(memory).unsqueeze(1)  # [T, N, D]
-        return values + self._short_conv(values, earlier_values), values
+        return torch.stack(gates, dim=1).unsqueeze(-1) * self.value_proj(memory).unsqueeze(1)  # [T, N, D]
 
     def _short_conv(self, values: torch.Tensor, earlier: torch.Tensor) -> torch.Tensor:
         """SiLU(causal depthwise conv over time of the per-stream-normed values), dilation = max_ngram."""

@@ -191,3 +191,16 @@ class CompressedIndexer(nn.Module):
         future = torch.arange(N, device=x.device)[None, :] >= visible[:, None]
         chosen = stable_topk_indices(index_scores.masked_fill(future, float("-inf")), min(self.topk, N))
         return chosen.masked_fill(chosen >= visible[:, None], -1)
+
+    @torch.no_grad()
+    def select_decode(self, x, q_latent, q_rope, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """For B sequences adding one token each: indices [B, k] into each one's `keys` [B, E, Di] (-1 =
+        none), of its first `visible` [B] rows; k = min(index_topk, E) whatever the positions."""
+        B, E = x.shape[0], keys.shape[1]
+        q = apply_rope_tail(self.wq_b(q_latent).view(B, self.n_heads, self.head_dim), *q_rope)  # [B, Hi, Di]
+        scores = torch.relu(torch.matmul(q.float(), keys.float().transpose(1, 2))) * self.head_dim**-0.5
+        weights = self.weights_proj(x.float()).float() * self.n_heads**-0.5  # [B, Hi]
+        index_scores = (scores * weights.unsqueeze(-1)).sum(dim=1)  # [B, E]
+        future = torch.arange(E, device=x.device)[None, :] >= visible[:, None]
+        chosen = stable_topk_indices(index_scores.masked_fill(future, float("-inf")), min(self.topk, E))
+        return chosen.masked_fill(chosen >= visible[:, None], -1)

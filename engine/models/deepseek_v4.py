@@ -53,12 +53,15 @@ class Block(nn.Module):
 
     def _engram(self, streams: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
+        pool = ctx.cache.engram[self.layer_id]
+        if ctx.decode is not None:  # decode: every sequence at once
+            return self.engram.decode(streams, ids, pool, ctx.decode.slot_rows)
         outs = []
-        for seq in ctx.seqs:
-            new = slice(seq.offset, seq.offset + seq.num_tokens)
-            outs.append(
-                self.engram.step(streams[new], ids[new], ctx.cache.engram_state(self.layer_id, seq.slot))
-            )
+        for seq in ctx.seqs:  # prefill
+            new, row = slice(seq.offset, seq.offset + seq.num_tokens), ctx.cache.row(seq.slot)
+            state = pool.load(row)
+            outs.append(self.engram.step(streams[new], ids[new], state))
+            pool.store(row, state)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 

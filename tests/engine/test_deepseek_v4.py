@@ -105,6 +105,23 @@ def test_batched_generation_equals_one_at_a_time(case):
     assert together == [llm.generate(p, params)[0].token_ids for p in prompts]
 
 
+def test_a_batch_with_a_prefix_hit_decodes_each_prompt_as_alone(case):
+    """Batched decode over the pooled state: one prompt resumes from cached blocks (32 tokens, a multiple
+    of every ratio here), the others are shorter, decode crosses block boundaries (snapshots taken from
+    the pools mid-decode); each gets the tokens it gets alone without a cache."""
+    path, _, ids, _ = case
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    shared = ids[:100].tolist()
+    prompts = [shared + ids[150:153].tolist(), ids[100:105].tolist(), ids[110:147].tolist()]
+    cold = LLM(path, enable_prefix_caching=False)
+    alone = [cold.generate(p, params)[0].token_ids for p in prompts]
+    llm = LLM(path, block_size=32)
+    llm.generate(shared + [5], params)
+    outs = llm.generate(prompts, params)
+    assert outs[0].num_cached_tokens == 96
+    assert [o.token_ids for o in outs] == alone
+
+
 def test_ds4_written_v4_checkpoint_loads_in_transformers(tmp_path):
     """`model init --family deepseek_v4` writes DeepSeek's reference names; transformers reads them."""
     from transformers import AutoModelForCausalLM
@@ -117,3 +134,20 @@ def test_ds4_written_v4_checkpoint_loads_in_transformers(tmp_path):
     with torch.no_grad(), stable_indexer_topk():
         ref = hf(ids[None]).logits[0]
     assert max_rel_err(LLM(path).score(ids.tolist()), ref) < 1e-4
+
+
+def test_compressed_rows_are_reserved_as_sequences_grow_not_for_every_slot_at_full_length(tiny_v4):
+    """16 slots at a 1M context hold nothing until used; one sequence at 4K holds one row of 4K's entries
+    (preallocated, V4-Flash's pools were 219 GiB at its default 16 sequences of 1M)."""
+    from ds4.engine.config import ModelConfig
+    from ds4.engine.window_cache import WindowCache
+
+    config = ModelConfig.from_dir(tiny_v4)
+    cache = WindowCache(config, 1 << 20, torch.float32, "cpu", num_slots=16)
+    assert all(pool.entries.numel() == 0 for pool in cache.compressors.values())
+    cache.reserve(slot=5, end=4096)
+    for pool in cache.compressors.values():
+        assert pool.entries.shape[:2] == (1, 4096 // pool.ratio)
+    cache.reserve(slot=7, end=100)  # a second, shorter sequence: one more row, room unchanged
+    for pool in cache.compressors.values():
+        assert pool.entries.shape[:2] == (2, 4096 // pool.ratio)

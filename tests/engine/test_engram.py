@@ -12,7 +12,7 @@ from torch import nn
 
 from ds4.engine import LLM
 from ds4.engine.config import EngramConfig, ModelConfig
-from ds4.engine.layers.engram import Engram, EngramState, layer_multipliers, table_primes
+from ds4.engine.layers.engram import Engram, EngramPool, EngramState, layer_multipliers, table_primes
 from ds4.engine.presets import init_preset
 from ds4.engine.random_checkpoint import init_checkpoint
 from tests.conftest import max_rel_err
@@ -130,6 +130,29 @@ def test_token_by_token_equals_whole_sequence_with_bounded_state():
             assert state.ids.shape[0] <= CFG.max_ngram - 1
             assert state.values.shape[0] <= engram.context == (CFG.kernel_size - 1) * CFG.max_ngram
     torch.testing.assert_close(torch.cat(rows), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_batched_decode_equals_each_sequence_step_by_step():
+    """Engram.decode over a pool: sequences at different positions (one with fewer earlier tokens than an
+    n-gram needs) add a token each, as `step` adds it to each alone, and the pool advances by that token."""
+    engram = make_engram(layer_id=1)
+    gen = torch.Generator().manual_seed(4)
+    lengths, rows = (1, 5, 13), torch.tensor([2, 0, 3])  # tokens before the decoded one; pool rows
+    streams = [torch.randn(n + 1, STREAMS, HIDDEN, generator=gen) for n in lengths]
+    ids = [torch.randint(0, VOCAB, (n + 1,), generator=gen) for n in lengths]
+    pool, want = EngramPool(4, CFG, STREAMS, HIDDEN, torch.float32, "cpu"), []
+    with torch.no_grad():
+        for row, n, x, t in zip(rows.tolist(), lengths, streams, ids, strict=True):
+            pool.reset(row)
+            state = pool.load(row)
+            engram.step(x[:n], t[:n], state)  # the prompt
+            pool.store(row, state)
+            want.append(engram.step(x[n:], t[n:], EngramState(state.ids, state.values)))
+        got = engram.decode(
+            torch.stack([x[-1] for x in streams]), torch.stack([t[-1] for t in ids]), pool, rows
+        )
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-6)
+    assert pool.ids[rows].tolist() == [t[-(CFG.max_ngram - 1) :].tolist() for t in ids]
 
 
 def test_off_by_default():

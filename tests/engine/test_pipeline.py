@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ds4.engine import LLM, SamplingParams
-from ds4.engine.cache import PagedLatentCache, WindowCache
+from ds4.engine.cache import PagedLatentCache
 from ds4.engine.config import EngineConfig, ModelConfig
 from ds4.engine.context import (
     ForwardContext,
@@ -29,6 +29,7 @@ from ds4.engine.pipeline import Pipeline, layer_of
 from ds4.engine.planner import split_layers
 from ds4.engine.presets import init_preset
 from ds4.engine.random_checkpoint import init_checkpoint
+from ds4.engine.window_cache import WindowCache
 from tests.engine.test_engram import ENGRAM_FIELDS
 from tests.servers import run_cli
 

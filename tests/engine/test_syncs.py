@@ -1,7 +1,8 @@
 """A decode step is a device program: between its inputs and its sampled ids nothing makes the host wait
 for the device (ds4.engine.syncs records every op that would, on the CPU as on a GPU), apart from the
 one copy of the sampled ids back. Checked on the path a GPU runs (the Triton kernels, through the
-interpreter here; on a CUDA machine, the card with its decode graphs), over sequences of different lengths."""
+interpreter here; on a CUDA machine, the card with its decode graphs), over sequences of different lengths,
+for every family (V4 with and without Engram) and after a prefix hit."""
 
 from __future__ import annotations
 
@@ -9,24 +10,58 @@ import pytest
 
 from ds4.engine import LLM, SamplingParams
 from ds4.engine.context import SeqSlice
+from ds4.engine.random_checkpoint import init_checkpoint
 from ds4.engine.syncs import SyncRecorder
 from ds4.kernels import forced
 from tests.kernels.conftest import DEVICE
 
 
-@pytest.mark.parametrize("checkpoint", ["tiny_v3", "tiny_v32"])
+@pytest.fixture(scope="module")
+def tiny_v4_engram(tmp_path_factory):
+    overrides = dict(
+        engram_layers=[0, 2],
+        engram_vocab_size=[211, 307],
+        engram_max_ngram_size=3,
+        engram_n_embed_per_ngram=16,
+        engram_n_head_per_ngram=2,
+        engram_kernel_size=3,
+    )
+    return init_checkpoint(
+        "deepseek_v4", "tiny", tmp_path_factory.mktemp("v4-engram"), seed=1, config_overrides=overrides
+    )
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_v3", "tiny_v32", "tiny_v4", "tiny_v4_engram"])
 def test_a_decode_step_never_waits_for_the_device(request, checkpoint):
     llm = LLM(request.getfixturevalue(checkpoint), device=DEVICE)
     runner = llm.runner
     cache = runner.new_cache(3, 300)
-    with forced(True):
-        for slot, length in enumerate((37, 5, 260)):  # the last spans two blocks
-            runner.step(list(range(2, 2 + length)), [SeqSlice(slot, 0, length, 0)], cache)
-        seqs = [SeqSlice(0, 37, 1, 0), SeqSlice(1, 5, 1, 1), SeqSlice(2, 260, 1, 2)]
-        with SyncRecorder() as recorder:
-            logits = runner.step([7, 8, 9], seqs, cache)
+    for slot, length in enumerate((37, 5, 260)):  # the last spans two blocks; prompts on the torch path
+        runner.step(list(range(2, 2 + length)), [SeqSlice(slot, 0, length, 0)], cache)
+    seqs = [SeqSlice(0, 37, 1, 0), SeqSlice(1, 5, 1, 1), SeqSlice(2, 260, 1, 2)]
+    with forced(True), SyncRecorder() as recorder:
+        logits = runner.step([7, 8, 9], seqs, cache)
     assert recorder.found == []
     assert logits.shape == (3, llm.config.vocab_size)
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_v4", "tiny_v4_engram"])
+def test_a_v4_decode_step_after_a_prefix_hit_never_waits(request, checkpoint):
+    """V4's pooled state restored from a prefix block, beside sequences of other lengths: the batch's
+    decode step (on the GPU's path) copies back its ids and nothing else. (The prompts run on the torch
+    path, which the interpreter would make slow; test_deepseek_v4 checks such batches' tokens.)"""
+    llm = LLM(request.getfixturevalue(checkpoint), device=DEVICE)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    shared = [(7 * i) % 500 + 2 for i in range(270)]
+    llm.generate(shared + [11], params)  # its first block stays in the prefix cache
+    ids = [llm.engine.add_request(p, params) for p in (shared + [5, 6, 7], [0, 9], list(range(3, 40)))]
+    while any(not llm.engine.output(i).token_ids for i in ids):
+        llm.engine.step()  # the prompts, the first one from the cached block on
+    with forced(True), SyncRecorder() as recorder:
+        produced = llm.engine.step()  # all three decode
+    assert llm.engine.requests[ids[0]].seq.num_cached_tokens == 256
+    assert sorted(i for i, _ in produced) == sorted(ids)
+    assert recorder.found == [("Tensor.tolist", "a device value read on the host")]  # the ids, once
 
 
 def test_an_engine_step_copies_back_only_its_sampled_ids(tiny_v3):
