@@ -17,9 +17,9 @@ from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 
 from ds4.agent.api.agent_api import BODIES as AGENT_BODIES
 from ds4.agent.api.agent_api import ROUTES as AGENT_ROUTES
-from ds4.agent.api.agent_api import JobRunner
 from ds4.agent.api.errors import HANDLERS, APIError
 from ds4.agent.api.guard import WebPolicy, guard
+from ds4.agent.api.job_runner import JobRunner
 from ds4.agent.api.jobs import JobStore
 from ds4.agent.api.metrics import Metrics, RateLimiter
 from ds4.agent.api.openai_api import BODIES as OPENAI_BODIES

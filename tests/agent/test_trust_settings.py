@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ds4.agent.api.agent_api import JobRunner
 from ds4.agent.api.app import ServerConfig, create_app
+from ds4.agent.api.job_runner import JobRunner
 from ds4.agent.api.jobs import JobStore
 from ds4.agent.api.paths import repo_data_dir
 from ds4.agent.config import ConfigError, settings
