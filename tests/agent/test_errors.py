@@ -32,10 +32,10 @@ def test_every_agent_error_is_an_agent_error():
 
 
 def test_one_cancelled_for_the_api_and_the_editor():
-    from ds4.agent.api import agent_api
+    from ds4.agent.api import job_runner
     from ds4.lsp import fix
 
-    assert agent_api.Cancelled is Cancelled and fix.Cancelled is Cancelled
+    assert job_runner.Cancelled is Cancelled and fix.Cancelled is Cancelled
 
 
 def test_input_errors_name_their_field_and_stay_value_errors():
