@@ -150,23 +150,23 @@ def test_fp8_weight_without_scale_names_both(tmp_path):
     assert f"FP8 tensor {name} in model.safetensors" in msg
 
 
-def test_fp8_scale_with_wrong_shape_names_scale_and_shapes(tmp_path):
+def _scale_error(tmp_path: Path, name: str, scale: torch.Tensor) -> str:
+    """The load error of an FP8 checkpoint given the tensor `name`: `scale`; it names the tensor and file."""
     path = _init(tmp_path, fp8=True)
-    name = "model.layers.1.self_attn.kv_b_proj.weight" + SCALE
-    _edit_tensors(path, lambda sd: sd.update({name: torch.ones(2, 2)}))
+    _edit_tensors(path, lambda sd: sd.update({name: scale}))
     msg = _load_error(path)
     assert name in msg
     assert "model.safetensors" in msg
+    return msg
+
+
+def test_fp8_scale_with_wrong_shape_names_scale_and_shapes(tmp_path):
+    msg = _scale_error(tmp_path, "model.layers.1.self_attn.kv_b_proj.weight" + SCALE, torch.ones(2, 2))
     assert "(2, 2)" in msg and "(1, 1)" in msg
 
 
 def test_scale_without_weight_is_unexpected(tmp_path):
-    path = _init(tmp_path, fp8=True)
-    name = "model.layers.0.self_attn.bogus.weight" + SCALE
-    _edit_tensors(path, lambda sd: sd.update({name: torch.ones(1, 1)}))
-    msg = _load_error(path)
-    assert name in msg
-    assert "model.safetensors" in msg
+    _scale_error(tmp_path, "model.layers.0.self_attn.bogus.weight" + SCALE, torch.ones(1, 1))
 
 
 # -- checkpoints that load -------------------------------------------------------------------------
