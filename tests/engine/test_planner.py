@@ -5,7 +5,6 @@ cannot fit refused with the shortfall and the ways out named."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
@@ -14,7 +13,7 @@ from ds4.engine.planner import component_bytes, parse_gpus, parse_size, parse_to
 from ds4.engine.prediction import Hardware
 from ds4.engine.presets import load_preset
 from ds4.engine.sizing import cache_bytes, layer_cache_bytes
-from tests.servers import EXE
+from tests.servers import run_cli
 
 GB = 1e9
 MIB = 1024 * 1024  # a 1M context is 1,048,576 tokens
@@ -82,24 +81,8 @@ def test_v4_flash_on_two_4090s_and_512_gb():
 
 
 def test_an_impossible_plan_is_refused_with_the_shortfall_and_the_ways_out():
-    run = subprocess.run(
-        [
-            EXE,
-            "plan",
-            "--model",
-            "deepseek-v3",
-            "--gpu",
-            "24GB",
-            "--gpu",
-            "24GB",
-            "--ram",
-            "512GB",
-            "--context",
-            "1M",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    run = run_cli(
+        *"plan --model deepseek-v3 --gpu 24GB --gpu 24GB --ram 512GB --context 1M".split(), timeout=120
     )
     assert run.returncode == 1
     out = run.stdout
@@ -110,23 +93,8 @@ def test_an_impossible_plan_is_refused_with_the_shortfall_and_the_ways_out():
 
 
 def test_plan_json_has_the_predictions():
-    run = subprocess.run(
-        [
-            EXE,
-            "plan",
-            "--model",
-            "deepseek-v4-flash",
-            "--gpu",
-            "24GB",
-            "--gpu",
-            "24GB",
-            "--ram",
-            "256GB",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    run = run_cli(
+        *"plan --model deepseek-v4-flash --gpu 24GB --gpu 24GB --ram 256GB --json".split(), timeout=120
     )
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(run.stdout)
@@ -153,12 +121,7 @@ def test_sizes_take_binary_and_decimal_units_and_gpu_counts():
 
 
 def test_a_machine_with_vram_for_everything_places_every_expert_on_the_gpus():
-    run = subprocess.run(
-        [EXE, "plan", "--model", "deepseek-v4-flash", "--gpu", "80GB", "x4", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = run_cli("plan", "--model", "deepseek-v4-flash", "--gpu", "80GB", "x4", "--json", timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(run.stdout)
     gpus, ram = report["devices"][:-1], report["devices"][-1]
@@ -172,16 +135,12 @@ def test_a_machine_with_vram_for_everything_places_every_expert_on_the_gpus():
         *("--device", "cuda:0", "--device", "cuda:1", "--device", "cuda:2", "--device", "cuda:3"),
         *("--layer-split", split),
     ]
-    text = subprocess.run(
-        [EXE, "plan", "--model", "deepseek-v4-flash", "--gpu", "80GB", "x4"], capture_output=True, text=True
-    ).stdout
+    text = run_cli("plan", "--model", "deepseek-v4-flash", "--gpu", "80GB", "x4").stdout
     assert "every weight in VRAM" in text and f"run it with: {' '.join(report['flags'])}" in text
 
 
 def test_two_24gib_cards_without_ram_report_the_ram_needed_and_the_hot_experts_per_layer():
-    run = subprocess.run(
-        [EXE, "plan", "--model", "deepseek-v4-flash", "--gpu", "24GiB", "x2"], capture_output=True, text=True
-    )
+    run = run_cli("plan", "--model", "deepseek-v4-flash", "--gpu", "24GiB", "x2")
     assert run.returncode == 0, run.stdout + run.stderr
     config = preset("deepseek-v4-flash")
     result = plan(config, "deepseek-v4-flash", [24 * 2**30] * 2)
@@ -247,22 +206,8 @@ def test_each_card_reserves_the_engines_prefill_workspace_at_the_context():
 def test_plan_can_time_the_cpu_expert_kernel_here_and_predict_the_experts_in_ram_with_it():
     import re
 
-    args = [
-        EXE,
-        "plan",
-        "--model",
-        "deepseek-v3",
-        "--gpu",
-        "24GB",
-        "x2",
-        "--ram",
-        "512GB",
-        "--experts",
-        "int4",
-    ]
-    run = subprocess.run(
-        [*args, "--json", "--measure-cpu-experts"], capture_output=True, text=True, timeout=300
-    )
+    args = ["plan", "--model", "deepseek-v3", "--gpu", "24GB", "x2", "--ram", "512GB", "--experts", "int4"]
+    run = run_cli(*args, "--json", "--measure-cpu-experts", timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     measured = float(re.search(r"CPU expert kernel here: ([\d.]+) GB/s \(int4\)", run.stderr).group(1))
     assert measured > 0
