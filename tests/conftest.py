@@ -18,41 +18,38 @@ if not torch.cuda.is_available():  # Triton kernels run through its interpreter;
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # Small geometry shared by the transformers-written test checkpoints; tests override pieces of it.
-BASE_GEOMETRY = dict(
+SHARED_GEOMETRY = dict(
     vocab_size=96,
     hidden_size=48,
-    intermediate_size=80,
     moe_intermediate_size=24,
-    num_hidden_layers=3,
     num_attention_heads=4,
-    num_key_value_heads=4,
+    q_lora_rank=32,
     n_routed_experts=8,
-    n_shared_experts=1,
     num_experts_per_tok=2,
+    initializer_range=0.1,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+BASE_GEOMETRY = dict(
+    SHARED_GEOMETRY,
+    intermediate_size=80,
+    num_hidden_layers=3,
+    num_key_value_heads=4,
+    n_shared_experts=1,
     n_group=1,
     topk_group=1,
     kv_lora_rank=24,
-    q_lora_rank=32,
     qk_rope_head_dim=8,
     qk_nope_head_dim=12,
     v_head_dim=12,
     first_k_dense_replace=1,
     max_position_embeddings=512,
-    initializer_range=0.1,
-    bos_token_id=0,
-    eos_token_id=1,
 )
 INDEXER_GEOMETRY = dict(index_n_heads=4, index_head_dim=16, index_topk=8)
 V4_GEOMETRY = dict(
-    vocab_size=96,
-    hidden_size=48,
-    moe_intermediate_size=24,
+    SHARED_GEOMETRY,
     num_hidden_layers=4,
-    num_attention_heads=4,
     head_dim=32,
-    q_lora_rank=32,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
     o_groups=2,
     o_lora_rank=16,
     sliding_window=8,
@@ -73,14 +70,15 @@ V4_GEOMETRY = dict(
         rope_type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32, beta_slow=1
     ),
     max_position_embeddings=1024,
-    initializer_range=0.1,
-    bos_token_id=0,
-    eos_token_id=1,
 )
 
 
-def until_eos(token_ids: list[int], eos: int) -> list[int]:
-    """transformers' generated ids up to (not including) the first EOS, as ds4 reports them."""
+def greedy_reference(hf, prompt: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation of `prompt` up to (not including) the first EOS, as ds4 reports
+    generated ids."""
+    with torch.no_grad(), stable_indexer_topk():
+        out = hf.generate(prompt[None], max_new_tokens=max_new_tokens, do_sample=False)
+    token_ids, eos = out[0, len(prompt) :].tolist(), hf.config.eos_token_id
     return token_ids[: token_ids.index(eos)] if eos in token_ids else token_ids
 
 
@@ -177,6 +175,20 @@ def chunked_logits(llm, ids: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
+def stepwise_logits(llm, ids: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Every position's logits from one sequence: the first `prefix` tokens prefilled into a fresh cache,
+    then one token a decode step."""
+    from ds4.engine.context import SeqSlice
+
+    n = len(ids)
+    cache = llm.runner.new_cache(1, n)
+    step = llm.runner.step
+    rows = [step(ids[:prefix].tolist(), [SeqSlice(0, 0, prefix, 0)], cache, all_logits=True)]
+    for pos in range(prefix, n):
+        rows.append(step([int(ids[pos])], [SeqSlice(0, pos, 1, 0)], cache))
+    return torch.cat(rows)
+
+
 def _randomize_zero_initialized(model) -> None:
     """transformers zero-inits router biases, V4's sinks, gate position terms and mHC biases, and fills
     tid2eid with zeros (every token to expert 0, twice): random values exercise what they steer."""
@@ -213,3 +225,22 @@ def tiny_v4(tmp_path_factory):
     from ds4.engine.random_checkpoint import init_checkpoint
 
     return init_checkpoint("deepseek_v4", "tiny", tmp_path_factory.mktemp("tiny-v4"), seed=0)
+
+
+# V4 with Engram at two layers (the tiny preset has none).
+ENGRAM_FIELDS = dict(
+    engram_layers=[0, 2],
+    engram_vocab_size=[211, 307],
+    engram_max_ngram_size=3,
+    engram_n_embed_per_ngram=16,
+    engram_n_head_per_ngram=2,
+    engram_kernel_size=3,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_v4_engram(tmp_path_factory):
+    from ds4.engine.random_checkpoint import init_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny-v4-engram")
+    return init_checkpoint("deepseek_v4", "tiny", folder, seed=1, config_overrides=ENGRAM_FIELDS)

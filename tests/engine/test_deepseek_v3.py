@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from ds4.engine import LLM, SamplingParams
-from ds4.engine.context import SeqSlice
-from tests.conftest import chunked_logits, max_rel_err, oracle_case, stable_indexer_topk, until_eos
+from tests.conftest import (
+    chunked_logits,
+    greedy_reference,
+    max_rel_err,
+    oracle_case,
+    stable_indexer_topk,
+    stepwise_logits,
+)
 
 SEQ_LEN = 72
 YARN = dict(
@@ -81,22 +87,15 @@ def test_absorbed_and_naive_mla_agree(case):
 def test_greedy_generate_matches_transformers(case):
     path, hf, ids, _ = case
     prompt = ids[:12]
-    with torch.no_grad(), stable_indexer_topk():
-        ref = hf.generate(prompt[None], max_new_tokens=24, do_sample=False)[0, 12:].tolist()
     out = LLM(path).generate(prompt.tolist(), SamplingParams(temperature=0.0, max_tokens=24))
-    assert out[0].token_ids == until_eos(ref, hf.config.eos_token_id)
+    assert out[0].token_ids == greedy_reference(hf, prompt, 24)
 
 
 def test_step_by_step_decode_equals_full_scoring(case):
     path, _, ids, _ = case
     llm = LLM(path)
     full = llm.score(ids.tolist())
-    runner, prefix = llm.runner, 5
-    cache = runner.new_cache(1, SEQ_LEN)
-    rows = [runner.step(ids[:prefix].tolist(), [SeqSlice(0, 0, prefix, 0)], cache, all_logits=True)]
-    for pos in range(prefix, SEQ_LEN):
-        rows.append(runner.step([int(ids[pos])], [SeqSlice(0, pos, 1, 0)], cache))
-    assert max_rel_err(torch.cat(rows), full) < 1e-5
+    assert max_rel_err(stepwise_logits(llm, ids, prefix=5), full) < 1e-5
 
 
 def test_chunked_prefill_equals_full_scoring(case):

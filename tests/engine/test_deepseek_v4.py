@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from ds4.engine import LLM, SamplingParams
-from ds4.engine.context import SeqSlice
-from tests.conftest import max_rel_err, save_hf_checkpoint, stable_indexer_topk, until_eos
+from tests.conftest import (
+    chunked_logits,
+    greedy_reference,
+    max_rel_err,
+    oracle_case,
+    stable_indexer_topk,
+    stepwise_logits,
+)
 
 SEQ_LEN = 160  # with window 8 and ratios 4 / 8: 20 sliding windows, 40 CSA rows, 20 HCA rows
 ALL_KINDS = [
@@ -44,13 +50,8 @@ CASES = {
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
-    path, hf = save_hf_checkpoint(
-        tmp_path_factory.mktemp(request.param), "deepseek_v4", seed=3, **CASES[request.param]
-    )
-    ids = torch.randint(2, hf.config.vocab_size, (SEQ_LEN,), generator=torch.Generator().manual_seed(11))
-    with torch.no_grad(), stable_indexer_topk():
-        ref = hf(ids[None]).logits[0].float()
-    return path, hf, ids, ref
+    folder = tmp_path_factory.mktemp(request.param)
+    return oracle_case(folder, "deepseek_v4", CASES[request.param], seed=3, seq_len=SEQ_LEN, ids_seed=11)
 
 
 def test_score_matches_transformers_at_every_position(case):
@@ -64,12 +65,7 @@ def test_step_by_step_decode_equals_full_scoring(case):
     path, _, ids, _ = case
     llm = LLM(path)
     full = llm.score(ids.tolist())
-    runner, prefix = llm.runner, 3
-    cache = runner.new_cache(1, SEQ_LEN)
-    rows = [runner.step(ids[:prefix].tolist(), [SeqSlice(0, 0, prefix, 0)], cache, all_logits=True)]
-    for pos in range(prefix, SEQ_LEN):
-        rows.append(runner.step([int(ids[pos])], [SeqSlice(0, pos, 1, 0)], cache))
-    assert max_rel_err(torch.cat(rows), full) < 1e-5
+    assert max_rel_err(stepwise_logits(llm, ids, prefix=3), full) < 1e-5
 
 
 @pytest.mark.parametrize("chunk", [5, 16, 37])  # chunks that straddle windows and compression blocks
@@ -77,23 +73,14 @@ def test_chunked_prefill_equals_full_scoring(case, chunk):
     path, _, ids, _ = case
     llm = LLM(path)
     full = llm.score(ids.tolist())
-    cache = llm.runner.new_cache(1, SEQ_LEN)
-    rows = [
-        llm.runner.step(
-            ids[a : a + chunk].tolist(), [SeqSlice(0, a, min(chunk, SEQ_LEN - a), 0)], cache, all_logits=True
-        )
-        for a in range(0, SEQ_LEN, chunk)
-    ]
-    assert max_rel_err(torch.cat(rows), full) < 1e-5
+    assert max_rel_err(chunked_logits(llm, ids, chunk), full) < 1e-5
 
 
 def test_greedy_generate_matches_transformers(case):
     path, hf, ids, _ = case
     prompt = ids[:21]
-    with torch.no_grad(), stable_indexer_topk():
-        ref = hf.generate(prompt[None], max_new_tokens=40, do_sample=False)[0, 21:].tolist()
     out = LLM(path).generate(prompt.tolist(), SamplingParams(temperature=0.0, max_tokens=40))
-    assert out[0].token_ids == until_eos(ref, hf.config.eos_token_id)
+    assert out[0].token_ids == greedy_reference(hf, prompt, 40)
 
 
 def test_batched_generation_equals_one_at_a_time(case):
