@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -14,8 +13,7 @@ from ds4.engine import LLM
 from ds4.engine.config import EngramConfig, ModelConfig
 from ds4.engine.layers.engram import Engram, EngramPool, EngramState, layer_multipliers, table_primes
 from ds4.engine.presets import init_preset
-from ds4.engine.random_checkpoint import init_checkpoint
-from tests.conftest import max_rel_err
+from tests.conftest import ENGRAM_FIELDS, max_rel_err, stepwise_logits
 
 CFG = EngramConfig(
     layer_ids=(1, 3),
@@ -165,37 +163,15 @@ def test_off_by_default():
     assert not any("engram" in n for n in names)
 
 
-ENGRAM_FIELDS = dict(
-    engram_layers=[0, 2],
-    engram_vocab_size=[211, 307],
-    engram_max_ngram_size=3,
-    engram_n_embed_per_ngram=16,
-    engram_n_head_per_ngram=2,
-    engram_kernel_size=3,
-)
-
-
-@pytest.fixture(scope="module")
-def engram_checkpoint(tmp_path_factory):
-    return init_checkpoint(
-        "deepseek_v4", "tiny", tmp_path_factory.mktemp("engram"), seed=1, config_overrides=ENGRAM_FIELDS
-    )
-
-
-def test_model_with_engram_decodes_like_it_scores(engram_checkpoint):
-    from ds4.engine.context import SeqSlice
-
-    llm = LLM(engram_checkpoint)
+def test_model_with_engram_decodes_like_it_scores(tiny_v4_engram):
+    llm = LLM(tiny_v4_engram)
     assert llm.config.engram.layer_ids == (0, 2)
-    ids = torch.randint(2, 512, (40,), generator=torch.Generator().manual_seed(3)).tolist()
-    full = llm.score(ids)
-    cache = llm.runner.new_cache(1, 40)
-    rows = [llm.runner.step(ids[:4], [SeqSlice(0, 0, 4, 0)], cache, all_logits=True)]
-    rows += [llm.runner.step([ids[p]], [SeqSlice(0, p, 1, 0)], cache) for p in range(4, 40)]
-    assert max_rel_err(torch.cat(rows), full) < 1e-5
+    ids = torch.randint(2, 512, (40,), generator=torch.Generator().manual_seed(3))
+    full = llm.score(ids.tolist())
+    assert max_rel_err(stepwise_logits(llm, ids, prefix=4), full) < 1e-5
 
 
-def test_engram_only_adds_to_the_residual(engram_checkpoint, tmp_path):
+def test_engram_only_adds_to_the_residual(tiny_v4_engram, tmp_path):
     """With its value projection zeroed, an Engram model scores exactly as the model without Engram."""
     import json
     import shutil
@@ -204,7 +180,7 @@ def test_engram_only_adds_to_the_residual(engram_checkpoint, tmp_path):
 
     def variant(name, edit_tensors, edit_config):
         path = tmp_path / name
-        shutil.copytree(engram_checkpoint, path)
+        shutil.copytree(tiny_v4_engram, path)
         tensors = load_file(path / "model.safetensors")
         edit_tensors(tensors)
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -227,18 +203,18 @@ def test_engram_only_adds_to_the_residual(engram_checkpoint, tmp_path):
     ids = list(range(2, 30))
     base = LLM(without).score(ids)
     assert max_rel_err(LLM(silent).score(ids), base) < 1e-6
-    assert max_rel_err(LLM(engram_checkpoint).score(ids), base) > 1e-3
+    assert max_rel_err(LLM(tiny_v4_engram).score(ids), base) > 1e-3
 
 
-def test_prefix_cache_restores_engram_state(engram_checkpoint):
+def test_prefix_cache_restores_engram_state(tiny_v4_engram):
     from ds4.engine import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     gen = torch.Generator().manual_seed(9)
     shared = torch.randint(2, 512, (300,), generator=gen).tolist()
     prompt = shared + [5, 6, 7]
-    cold = LLM(engram_checkpoint, enable_prefix_caching=False).generate(prompt, params)[0]
-    llm = LLM(engram_checkpoint)
+    cold = LLM(tiny_v4_engram, enable_prefix_caching=False).generate(prompt, params)[0]
+    llm = LLM(tiny_v4_engram)
     llm.generate(shared + [9], params)
     warm = llm.generate(prompt, params)[0]
     assert warm.num_cached_tokens == 256 and warm.token_ids == cold.token_ids

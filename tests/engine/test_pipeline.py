@@ -28,21 +28,14 @@ from ds4.engine.models import build_model
 from ds4.engine.pipeline import Pipeline, layer_of
 from ds4.engine.planner import split_layers
 from ds4.engine.presets import init_preset
-from ds4.engine.random_checkpoint import init_checkpoint
 from ds4.engine.window_cache import WindowCache
-from tests.engine.test_engram import ENGRAM_FIELDS
+from tests.conftest import ENGRAM_FIELDS
 from tests.servers import run_cli
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3)
 PROMPTS = [list(range(5, 40)), list(range(100, 112))]
 HIT = PROMPTS[0][:32] + [7, 8, 9]  # two full 16-token blocks of the first prompt, then its own tail
 CPU, META = torch.device("cpu"), torch.device("meta")
-
-
-@pytest.fixture(scope="module")
-def engram_v4(tmp_path_factory):
-    path = tmp_path_factory.mktemp("engram") / "ckpt"
-    return init_checkpoint("deepseek_v4", "tiny", path, seed=1, config_overrides=ENGRAM_FIELDS)
 
 
 @pytest.fixture(params=["tiny_v3", "tiny_v32", "tiny_v4"])
@@ -77,7 +70,7 @@ def activation_bytes(llm: LLM, num_tokens: int) -> int:
 
 
 @pytest.mark.parametrize("stages", [2, 3])
-@pytest.mark.parametrize("family", ["tiny_v3", "tiny_v32", "tiny_v4", "engram_v4"])
+@pytest.mark.parametrize("family", ["tiny_v3", "tiny_v32", "tiny_v4", "tiny_v4_engram"])
 def test_a_split_model_gives_the_logits_and_tokens_of_one_device(request, family, stages):
     path = request.getfixturevalue(family)
     single = LLM(path, block_size=16)

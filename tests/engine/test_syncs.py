@@ -10,25 +10,9 @@ import pytest
 
 from ds4.engine import LLM, SamplingParams
 from ds4.engine.context import SeqSlice
-from ds4.engine.random_checkpoint import init_checkpoint
 from ds4.engine.syncs import SyncRecorder
 from ds4.kernels import forced
 from tests.kernels.conftest import DEVICE
-
-
-@pytest.fixture(scope="module")
-def tiny_v4_engram(tmp_path_factory):
-    overrides = dict(
-        engram_layers=[0, 2],
-        engram_vocab_size=[211, 307],
-        engram_max_ngram_size=3,
-        engram_n_embed_per_ngram=16,
-        engram_n_head_per_ngram=2,
-        engram_kernel_size=3,
-    )
-    return init_checkpoint(
-        "deepseek_v4", "tiny", tmp_path_factory.mktemp("v4-engram"), seed=1, config_overrides=overrides
-    )
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_v3", "tiny_v32", "tiny_v4", "tiny_v4_engram"])
