@@ -79,26 +79,14 @@ def stability_order(repo: Path, paths: list[str]) -> list[str]:
     """Oldest change first: last commit time (uncommitted edits count as now), else mtime; then path."""
     when: dict[str, float] = {}
     try:
-        log = subprocess.run(
-            ["git", "-C", str(repo), "log", "--format=%x00%ct", "--name-only", "--no-renames"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        ).stdout
+        log = _git_output(repo, "log", "--format=%x00%ct", "--name-only", "--no-renames")
         stamp = 0.0
         for line in log.splitlines():
             if line.startswith("\0"):
                 stamp = float(line[1:])
             elif line and line not in when:
                 when[line] = stamp
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "-z", "--untracked-files=all"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        ).stdout
+        dirty = _git_output(repo, "status", "--porcelain", "-z", "--untracked-files=all")
         for item in dirty.split("\0"):
             if len(item) > 3:
                 when.pop(item[3:], None)  # fall through to mtime, newer than any commit
@@ -114,6 +102,13 @@ def stability_order(repo: Path, paths: list[str]) -> list[str]:
             return (1, 0.0, path)
 
     return sorted(paths, key=key)
+
+
+def _git_output(repo: Path, *args: str) -> str:
+    """The stdout of `git -C repo args`; raises CalledProcessError where git fails."""
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
 
 
 # -- assembly ---------------------------------------------------------------------------------------
