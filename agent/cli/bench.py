@@ -78,6 +78,11 @@ def _report(args, bench, format_report, options: tuple[str, ...]) -> int:
     """Runs `bench` on --model with the parsed `options` (each flag named as its parameter), then prints
     the report, as JSON with --json."""
     report = bench(args.model, **{name: getattr(args, name) for name in options})
+    return _print_report(args, report, format_report)
+
+
+def _print_report(args, report: dict, format_report) -> int:
+    """Prints `report`, as JSON with --json, else as `format_report` writes it."""
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return DONE
 
@@ -110,8 +115,7 @@ def _long(args) -> int:
     from ds4.engine.bench.long import bench_long, format_long_report
 
     report = bench_long(args.model, args.tokens, args.device, args.dtype, args.chunk, peer=not args.no_peer)
-    print(json.dumps(report, indent=2) if args.json else format_long_report(report))
-    return DONE
+    return _print_report(args, report, format_long_report)
 
 
 def _add_prefix(sub) -> None:
@@ -144,8 +148,7 @@ def _index(args) -> int:
 
     require_dir(args.repo)
     report = bench_index(args.repo, runs=args.runs)
-    print(json.dumps(report, indent=2) if args.json else format_index_report(report))
-    return DONE
+    return _print_report(args, report, format_index_report)
 
 
 def _add_pack(sub) -> None:
@@ -185,8 +188,7 @@ def _pack(args) -> int:
     from ds4.agent.bench.pack import bench_pack, format_pack_report
 
     report = bench_pack(args.repo, tokenizer, runs=args.runs, issue=read_issue(args.issue))
-    print(json.dumps(report, indent=2) if args.json else format_pack_report(report))
-    return DONE
+    return _print_report(args, report, format_pack_report)
 
 
 def _recall(args, tokenizer: str) -> int:
@@ -205,8 +207,7 @@ def _recall(args, tokenizer: str) -> int:
             f"({args.commits} asked); measured those",
             file=sys.stderr,
         )
-    print(json.dumps(report, indent=2) if args.json else format_recall_report(report))
-    return DONE
+    return _print_report(args, report, format_recall_report)
 
 
 def _add_kernels(sub) -> None:
@@ -287,8 +288,7 @@ def _hybrid(args) -> int:
     report = bench_hybrid(
         args.model, args.tokens, args.prompt_tokens, args.runs, args.experts, devices, args.dtype
     )
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return DONE
+    return _print_report(args, report, format_report)
 
 
 def _add_serve(sub) -> None:
