@@ -129,3 +129,12 @@ def dequantize(
     direct = dtype if dtype == torch.bfloat16 else torch.float32
     unpack = dequantize_int4 if fmt == "int4" else dequantize_fp4
     return unpack(weight, scale, FP4_GROUP, direct).to(dtype)
+
+
+# format -> (quantize, dequantize), each the pair's inverse up to rounding; `model quantize` and the tests
+# and benchmarks that round-trip weights pick by name here.
+CODECS = {
+    "fp8": (quantize_fp8_blocks, dequantize_fp8_blocks),
+    "fp4": (quantize_fp4, dequantize_fp4),
+    "int4": (quantize_int4, dequantize_int4),
+}

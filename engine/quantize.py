@@ -21,15 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ds4.engine.loader import checkpoint_files
-from ds4.engine.quant import (
-    FP4_GROUP,
-    dequantize_fp4,
-    dequantize_fp8_blocks,
-    dequantize_int4,
-    quantize_fp4,
-    quantize_fp8_blocks,
-    quantize_int4,
-)
+from ds4.engine.quant import CODECS, FP4_GROUP
 
 KEEP = (
     "norm",
@@ -47,11 +39,6 @@ KEEP = (
     "bias",
 )
 SCALE_SUFFIXES = ("_scale_inv", ".scale")
-FORMATS = {  # format -> (quantize, dequantize); the scales are written as NAME_scale_inv
-    "fp8": (quantize_fp8_blocks, dequantize_fp8_blocks),
-    "fp4": (quantize_fp4, dequantize_fp4),
-    "int4": (quantize_int4, dequantize_int4),
-}
 
 
 @dataclass
@@ -132,7 +119,7 @@ def quantize_checkpoint(
                 report.bytes_in += scales.numel() * scales.element_size()
                 packed = "int4" if source_int4 and _kind(name, (0, 0)) == "expert" else "fp4"
                 fmt = "fp8" if tensor.dtype == torch.float8_e4m3fn else packed
-                tensor = FORMATS[fmt][1](tensor, scales)
+                tensor = CODECS[fmt][1](tensor, scales)
             kind = _kind(name, tuple(tensor.shape))
             fmt = {"expert": experts, "matrix": attn}.get(kind, "keep")
             if fmt in ("fp4", "int4") and tensor.shape[1] % FP4_GROUP:
@@ -140,8 +127,8 @@ def quantize_checkpoint(
                     f"{name} {tuple(tensor.shape)}: inputs not a multiple of {FP4_GROUP}"
                 )
                 fmt = "bf16"
-            if fmt in FORMATS:
-                quantize, dequantize = FORMATS[fmt]
+            if fmt in CODECS:
+                quantize, dequantize = CODECS[fmt]
                 values, scales = quantize(tensor)
                 _worst(report, fmt, _rel(dequantize(values, scales), tensor.float()))
                 put(name, values)

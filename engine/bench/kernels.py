@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ds4.engine.quantize import FORMATS
+from ds4.engine.quant import CODECS
 from ds4.kernels import reference
 from ds4.kernels.indexer import indexer_scores
 from ds4.kernels.mla_decode import paged_mla_decode
@@ -196,7 +196,7 @@ def cases(device: str, small: bool):
             s13 = s2 = None
             deq13, deq2 = w13, w2
         else:
-            quantize, dequantize = FORMATS[quant]
+            quantize, dequantize = CODECS[quant]
             p13, p2 = [quantize(w) for w in experts13], [quantize(w) for w in experts2]
             w13, s13 = (torch.stack([p[i] for p in p13]).to(device) for i in (0, 1))
             w2, s2 = (torch.stack([p[i] for p in p2]).to(device) for i in (0, 1))
@@ -222,7 +222,7 @@ def cases(device: str, small: bool):
     x_lin = rand(rows, k_in)
     dense = torch.randn(n_out, k_in, generator=g) * 0.02
     for quant, per in (("fp8", 1), ("fp4", 0.5), ("int4", 0.5)):
-        quantize, dequantize = FORMATS[quant]
+        quantize, dequantize = CODECS[quant]
         stored, scales = quantize(dense)
         deq = dequantize(stored, scales).to(dt).to(device)
         stored, scales = stored.to(device), scales.to(device)

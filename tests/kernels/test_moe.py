@@ -7,14 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds4.engine.quant import (
-    dequantize_fp4,
-    dequantize_fp8_blocks,
-    dequantize_int4,
-    quantize_fp4,
-    quantize_fp8_blocks,
-    quantize_int4,
-)
+from ds4.engine.quant import CODECS
 from ds4.kernels import reference
 from ds4.kernels.moe import align, fused_moe
 from tests.kernels.conftest import DEVICE, randn
@@ -73,17 +66,17 @@ def _per_expert(quantize, weight):
 
 
 @pytest.mark.parametrize(
-    "quant, shape, quantize, dequantize, tol",
+    "quant, shape, tol",
     [
-        # partial 128 x 128 blocks on both axes
-        ("fp8", (6, 2, 5, 160, 136), quantize_fp8_blocks, dequantize_fp8_blocks, 1e-4),
-        ("fp4", (7, 3, 4, 64, 96), quantize_fp4, dequantize_fp4, 1e-3),
-        ("int4", (5, 2, 3, 96, 64), quantize_int4, dequantize_int4, 1e-3),
+        ("fp8", (6, 2, 5, 160, 136), 1e-4),  # partial 128 x 128 blocks on both axes
+        ("fp4", (7, 3, 4, 64, 96), 1e-3),
+        ("int4", (5, 2, 3, 96, 64), 1e-3),
     ],
 )
-def test_fused_moe_quantized_experts(gen, quant, shape, quantize, dequantize, tol):
+def test_fused_moe_quantized_experts(gen, quant, shape, tol):
     """FP8 block-scaled, FP4 e2m1 and int4 experts, dequantized in the kernel: the reference gets the same
     dequantized weights, so what is compared is the kernel, not the format."""
+    quantize, dequantize = CODECS[quant]
     tokens, topk, experts, dim, inter = shape
     x = randn(gen, tokens, dim)
     w13, s13 = _per_expert(quantize, torch.randn(experts, 2 * inter, dim, generator=gen) * 0.1)
