@@ -78,11 +78,25 @@ def indexer_scores(
     pos = positions.to(torch.int64).contiguous()
     grid = (tokens, triton.cdiv(k.shape[0], block_s))
     _indexer_kernel[grid](
-        q, w, k, pos, out, heads, k.shape[0], key_offset,
-        q.stride(0), q.stride(1), w.stride(0), k.stride(0), out.stride(0),
-        D=dim, BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_S=block_s,
-        BLOCK_D=max(16, triton.next_power_of_2(dim)), **dot_args(q.dtype),
-    )  # fmt: skip
+        q,
+        w,
+        k,
+        pos,
+        out,
+        heads,
+        k.shape[0],
+        key_offset,
+        q.stride(0),
+        q.stride(1),
+        w.stride(0),
+        k.stride(0),
+        out.stride(0),
+        D=dim,
+        BLOCK_H=max(16, triton.next_power_of_2(heads)),
+        BLOCK_S=block_s,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        **dot_args(q.dtype),
+    )
     return out
 
 
@@ -193,11 +207,27 @@ def paged_indexer_scores(
     lens = seq_lens.to(torch.int32).contiguous()
     grid = (batch, triton.cdiv(width, block_s))
     _paged_indexer_kernel[grid](
-        q, w, pool, table, lens, out, heads, width,
-        q.stride(0), q.stride(1), w.stride(0), pool.stride(0), table.stride(0), out.stride(0),
-        D=dim, PAGE=block_size, BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_S=block_s,
-        BLOCK_D=max(16, triton.next_power_of_2(dim)), **dot_args(q.dtype),
-    )  # fmt: skip
+        q,
+        w,
+        pool,
+        table,
+        lens,
+        out,
+        heads,
+        width,
+        q.stride(0),
+        q.stride(1),
+        w.stride(0),
+        pool.stride(0),
+        table.stride(0),
+        out.stride(0),
+        D=dim,
+        PAGE=block_size,
+        BLOCK_H=max(16, triton.next_power_of_2(heads)),
+        BLOCK_S=block_s,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        **dot_args(q.dtype),
+    )
     return out
 
 

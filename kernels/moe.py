@@ -266,10 +266,30 @@ def _expert_gemm(
     gate_up = routing is None
     grid = (sorted_ids.numel() // block_m, triton.cdiv(n_out, block_n))
     _expert_gemm_kernel[grid](
-        a, w.view(torch.uint8) if quant in PACKED else w, s, sorted_ids, block_expert,
+        a,
+        w.view(torch.uint8) if quant in PACKED else w,
+        s,
+        sorted_ids,
+        block_expert,
         a if gate_up else routing,  # the gate/up GEMM reads no routing weight
-        out, num_pairs, n_out, k_in, float(limit) if limit is not None else 0.0,
-        a.stride(0), w.stride(0), w.stride(1), w.stride(2), stride_se, stride_sn, out.stride(0),
-        TOPK=topk, QUANT=quant, GATE_UP=gate_up, HAS_LIMIT=limit is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, **dots,
-    )  # fmt: skip
+        out,
+        num_pairs,
+        n_out,
+        k_in,
+        float(limit) if limit is not None else 0.0,
+        a.stride(0),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
+        stride_se,
+        stride_sn,
+        out.stride(0),
+        TOPK=topk,
+        QUANT=quant,
+        GATE_UP=gate_up,
+        HAS_LIMIT=limit is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        **dots,
+    )

@@ -95,8 +95,22 @@ def quant_linear(
     if x2.shape[0]:
         grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(dim_out, block_n))
         _quant_linear_kernel[grid](
-            x2, weight, scale, out, x2.shape[0], dim_in, dim_out,
-            x2.stride(0), weight.stride(0), weight.stride(1), scale.stride(0), out.stride(0),
-            QUANT=code, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **dot_args(x2.dtype),
-        )  # fmt: skip
+            x2,
+            weight,
+            scale,
+            out,
+            x2.shape[0],
+            dim_in,
+            dim_out,
+            x2.stride(0),
+            weight.stride(0),
+            weight.stride(1),
+            scale.stride(0),
+            out.stride(0),
+            QUANT=code,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            **dot_args(x2.dtype),
+        )
     return out.to(x.dtype).reshape(*lead, dim_out)

@@ -60,10 +60,18 @@ def rmsnorm(
     rows, cols = x2.shape
     if rows:
         _rmsnorm_kernel[(rows,)](
-            x2, res2 if res2 is not None else x2, weight, out, res_out if res_out is not None else out,
-            cols, eps,
-            x2.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0),
+            x2,
+            res2 if res2 is not None else x2,
+            weight,
+            out,
+            res_out if res_out is not None else out,
+            cols,
+            eps,
+            x2.stride(0),
+            res2.stride(0) if res2 is not None else 0,
+            out.stride(0),
             res_out.stride(0) if res_out is not None else 0,
-            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(cols),
-        )  # fmt: skip
+            HAS_RESIDUAL=residual is not None,
+            BLOCK=triton.next_power_of_2(cols),
+        )
     return out.view(shape), (res_out.view(shape) if res_out is not None else None)

@@ -58,10 +58,21 @@ def rope(
     if tokens:
         block_h = min(16, triton.next_power_of_2(heads))
         _rope_kernel[(tokens, triton.cdiv(heads, block_h))](
-            x3, c, s, out3, heads,
-            x3.stride(0), x3.stride(1), c.stride(0), out3.stride(0), out3.stride(1),
-            HALF=dim // 2, INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_P=triton.next_power_of_2(dim // 2),
-        )  # fmt: skip
+            x3,
+            c,
+            s,
+            out3,
+            heads,
+            x3.stride(0),
+            x3.stride(1),
+            c.stride(0),
+            out3.stride(0),
+            out3.stride(1),
+            HALF=dim // 2,
+            INTERLEAVED=interleaved,
+            BLOCK_H=block_h,
+            BLOCK_P=triton.next_power_of_2(dim // 2),
+        )
     return out3[:, 0, :] if squeeze else out3
 
 
@@ -146,10 +157,22 @@ def mhc_mix(
     collapsed = torch.empty(tokens, dim, dtype=streams.dtype, device=streams.device)
     if tokens:
         _mhc_kernel[(tokens,)](
-            mix, base.float().contiguous(), scale.float().contiguous(), streams, post, comb, collapsed,
-            dim, eps,
-            mix.stride(0), streams.stride(0), streams.stride(1), collapsed.stride(0),
-            N=hc, ITERS=iters, BLOCK_N=max(2, triton.next_power_of_2(hc)),
+            mix,
+            base.float().contiguous(),
+            scale.float().contiguous(),
+            streams,
+            post,
+            comb,
+            collapsed,
+            dim,
+            eps,
+            mix.stride(0),
+            streams.stride(0),
+            streams.stride(1),
+            collapsed.stride(0),
+            N=hc,
+            ITERS=iters,
+            BLOCK_N=max(2, triton.next_power_of_2(hc)),
             BLOCK_D=min(1024, triton.next_power_of_2(dim)),
-        )  # fmt: skip
+        )
     return post, comb, collapsed

@@ -131,10 +131,29 @@ def sparse_attention(
         return out, lse
     grid = (tokens, triton.cdiv(heads, block_h))
     _sparse_attention_kernel[grid](
-        q, kv, idx, sink if sink is not None else q, out, lse, scale, heads, idx.shape[1],
-        q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        V=value_dim, REST=rest, HAS_SINK=sink is not None, BLOCK_H=block_h, BLOCK_N=block_n,
+        q,
+        kv,
+        idx,
+        sink if sink is not None else q,
+        out,
+        lse,
+        scale,
+        heads,
+        idx.shape[1],
+        q.stride(0),
+        q.stride(1),
+        kv.stride(0),
+        idx.stride(0),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        V=value_dim,
+        REST=rest,
+        HAS_SINK=sink is not None,
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
         BLOCK_V=max(16, triton.next_power_of_2(value_dim)),
-        BLOCK_R=max(16, triton.next_power_of_2(max(rest, 1))), **dot_args(q.dtype),
-    )  # fmt: skip
+        BLOCK_R=max(16, triton.next_power_of_2(max(rest, 1))),
+        **dot_args(q.dtype),
+    )
     return out, lse
