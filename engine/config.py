@@ -6,6 +6,7 @@ through `ds4.engine.hf_config`, the only module that knows Hugging Face key name
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +160,8 @@ class EngineConfig:
     stream_tokens: int = 4096  # prefill passes this long stream their cold experts to the device once
     weights: str = "stored"  # quantized tensors kept as stored (dequantized in the matmul), or "dequantize"
     cuda_graphs: bool = True  # decode steps replay captured CUDA graphs (on a GPU, where the model allows)
+    # decode steps on the CPU run a compiled forward (ds4.engine.compiled); DS4_COMPILE=0 sets it off
+    compile_decode: bool = field(default_factory=lambda: os.environ.get("DS4_COMPILE", "1") != "0")
 
     def __post_init__(self):
         self._check_devices()

@@ -38,12 +38,17 @@ class DecodeBatch:
     # each sequence's pooled state)
     block_table: torch.Tensor  # [B, max_blocks] int32: each sequence's cache blocks, in order (V4: none)
     seq_lens: torch.Tensor  # [B] int32: tokens each sequence attends to, the new one included
-    max_len: int  # the longest of seq_lens, known on the host (the torch path's gather width)
+    span: torch.Tensor  # [max_len] int64 0, 1, ...: the positions up to the longest of seq_lens (its length
+    # is the torch path's gather width, known on the host; a compiled step sees it as a dynamic size)
+
+    @property
+    def max_len(self) -> int:
+        return self.span.shape[0]
 
     def pool_rows(self, block_size: int) -> torch.Tensor:
         """[B, max_len] the cache rows of each sequence's positions [0, max_len) through its block table
         (positions past a sequence's length point into its table's padding: mask them)."""
-        pos = torch.arange(self.max_len, device=self.block_table.device)
+        pos = self.span
         return self.block_table.long()[:, pos // block_size] * block_size + pos % block_size
 
     def to(self, device: torch.device) -> DecodeBatch:
@@ -53,6 +58,7 @@ class DecodeBatch:
             slot_rows=move(self.slot_rows),
             block_table=move(self.block_table),
             seq_lens=move(self.seq_lens),
+            span=move(self.span),
         )
 
 

@@ -41,6 +41,7 @@ class DecodeGraphs:
         self.slot_rows = torch.full((B,), cache.scratch_row, dtype=torch.int64, device=device)
         self.block_table = torch.zeros(B, max_blocks, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(B, dtype=torch.int32, device=device)
+        self.span = torch.arange(max_blocks * cache.block_size, device=device)  # the whole block table
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.capture_seconds, self.memory_bytes = self._capture()
@@ -50,7 +51,7 @@ class DecodeGraphs:
             self.slot_rows[:b],
             self.block_table[:b],
             self.seq_lens[:b],
-            self.max_blocks * self.cache.block_size,
+            self.span,
         )
         ctx = ForwardContext(
             seqs=[], positions=self.positions[:b], cache=self.cache, mla_mode="absorbed", decode=batch

@@ -26,7 +26,7 @@ import time
 import torch
 from torch import nn
 
-from ds4.engine.layers.moe import Experts, expert_forward
+from ds4.engine.layers.moe import Experts, expert_forward, register_stack
 from ds4.kernels import triton_enabled
 
 
@@ -37,6 +37,7 @@ class TieredExperts(Experts):
         self, base: Experts, hot: int, compute_device, expert_device, period: int, stream_tokens: int
     ):
         nn.Module.__init__(self)
+        self.handle = register_stack(self, base.handle)  # a compiled step now calls this stack
         self.limit, self.quant = base.limit, base.quant  # quantized experts move and stay quantized
         self.w13 = nn.Parameter(base.w13.data.to(expert_device), requires_grad=False)
         self.w2 = nn.Parameter(base.w2.data.to(expert_device), requires_grad=False)

@@ -82,6 +82,8 @@ class LLMEngine:
             runner.capture_decode_graphs(self.cache, config.max_num_seqs, max_model_len)
         elif runner.device.type == "cuda":
             log.info("decode steps run eagerly: %s", blocker)
+        elif config.compile_decode:
+            runner.compile_decode()
         self.requests: dict[int, Request] = {}
         self._grammars: GrammarCompiler | None = None  # built on first use: it reads the whole vocabulary
         self._grammars_lock = threading.Lock()

@@ -3,6 +3,7 @@ order), and runs one forward step over a flat token batch."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from ds4.engine.pipeline import Pipeline, current_device, stage_sizes
 from ds4.engine.step_inputs import StepInputs
 from ds4.engine.window_cache import WindowCache
 from ds4.kernels import triton_enabled
+
+log = logging.getLogger("ds4.engine")
 
 
 def open_device(name: str) -> torch.device:
@@ -88,6 +91,7 @@ class ModelRunner:
         self.fingerprint = model_fingerprint(path, self.dtype)
         self.inputs = StepInputs(self.device)
         self.graphs = None  # DecodeGraphs over the engine's cache, once captured
+        self.decode_forward = self._eager_decode
 
     def _split(self) -> Pipeline:
         """The layers over `devices` in order, each running its `layer_split` count of them (default:
@@ -176,7 +180,10 @@ class ModelRunner:
                 return logits.clone()  # the graph's output buffer is overwritten by the next replay
         ctx = ForwardContext(seqs=seqs, positions=positions, cache=cache, mla_mode="absorbed", decode=batch)
         with forward_context(ctx), current_device(self.device):
-            return self.model.logits(self.model(input_ids, positions))  # [B, V]: every token is a last one
+            return self.decode_forward(input_ids, positions)  # [B, V]: every token is a last one
+
+    def _eager_decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(self.model(input_ids, positions))
 
     def graph_blocker(self, cache) -> str | None:
         """Why decode steps over `cache` cannot be captured as CUDA graphs here, or None."""
@@ -191,6 +198,16 @@ class ModelRunner:
         if isinstance(cache, PagedLatentCache) and self.engine_config.mla_mode == "naive":
             return "mla_mode naive decodes per sequence"
         return None
+
+    def compile_decode(self) -> None:
+        """Decode steps run compiled (ds4.engine.compiled) where this runner allows; else says why, once."""
+        from ds4.engine.compiled import CompiledDecode, compile_blocker
+
+        blocker = compile_blocker(self)
+        if blocker is None:
+            self.decode_forward = CompiledDecode(self._eager_decode)
+        else:
+            log.info("decode steps run uncompiled: %s", blocker)
 
     def capture_decode_graphs(self, cache, max_batch: int, max_len: int) -> None:
         """Captures the decode graphs over `cache` where this model and device allow (see graph_blocker)."""

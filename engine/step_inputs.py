@@ -20,6 +20,13 @@ class StepInputs:
         self.device = device
         self.pinned = device.type == "cuda"
         self.staging = torch.empty(0, dtype=torch.int64)
+        self.positions = torch.arange(0, device=device)  # 0, 1, ...: spans are views of it
+
+    def span(self, length: int) -> torch.Tensor:
+        """[length] positions 0, 1, ... on the device (a view of one buffer, grown by doubling)."""
+        if self.positions.shape[0] < length:
+            self.positions = torch.arange(max(length, 2 * self.positions.shape[0]), device=self.device)
+        return self.positions[:length]
 
     def decode(
         self, token_ids: list[int], seqs: list[SeqSlice], block_size: int, width: int = 0
@@ -37,7 +44,7 @@ class StepInputs:
         B = len(seqs)
         ids, positions, slot_rows, lens = data[:B], data[B : 2 * B], data[2 * B : 3 * B], data[3 * B : 4 * B]
         table = data[4 * B :].view(B, width).to(torch.int32)
-        batch = DecodeBatch(slot_rows, table, lens.to(torch.int32), max(ends))
+        batch = DecodeBatch(slot_rows, table, lens.to(torch.int32), self.span(max(ends)))
         return ids, positions, batch
 
     def decode_rows(
@@ -51,7 +58,7 @@ class StepInputs:
         B = len(seqs)
         ids, positions, slot_rows, lens = data[:B], data[B : 2 * B], data[2 * B : 3 * B], data[3 * B :]
         table = torch.zeros(B, 0, dtype=torch.int32, device=self.device)
-        return ids, positions, DecodeBatch(slot_rows, table, lens.to(torch.int32), max(ends))
+        return ids, positions, DecodeBatch(slot_rows, table, lens.to(torch.int32), self.span(max(ends)))
 
     def _stage(self, values: list[int]) -> torch.Tensor:
         if self.staging.numel() < len(values):

@@ -8,6 +8,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS4_COMPILE", "0")  # compiling takes tens of seconds: test_compiled.py asks for it
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

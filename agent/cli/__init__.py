@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from ds4.agent.errors import AgentError
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     and agent errors become one line on standard error; anything else is a bug and shows its traceback."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv else "").parse_args(argv)
+    _show_engine_progress()
     try:
         return _module(COMMANDS[args.command][0]).run(args)
     except Exception as e:
@@ -114,6 +116,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ds4-agent: error: {e}", file=sys.stderr)
         return USAGE
+
+
+def _show_engine_progress() -> None:
+    """The engine's progress lines (its decode step compiling, graphs captured) on standard error, once."""
+    engine_log = logging.getLogger("ds4.engine")
+    if not engine_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("ds4-agent: %(message)s"))
+        engine_log.addHandler(handler)
+        engine_log.setLevel(logging.INFO)
 
 
 def _engine_error() -> type[Exception]:

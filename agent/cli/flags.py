@@ -42,6 +42,14 @@ def add_device_flags(parser) -> None:
         action="store_false",
         help="run decode steps eagerly on a GPU instead of replaying captured CUDA graphs (for debugging)",
     )
+    parser.add_argument(
+        "--no-compile",
+        dest="compile_decode",
+        action="store_false",
+        default=None,  # unset: the engine's default (DS4_COMPILE)
+        help="run decode steps on the CPU uncompiled instead of compiling the step at the first one "
+        "(which takes tens of seconds; DS4_COMPILE=0 sets this default)",
+    )
 
 
 def _layer_split(text: str) -> tuple[int, ...]:
@@ -55,7 +63,13 @@ def device_kwargs(args) -> dict:
     """The engine's placement from --device (once: that device; repeated: a pipeline), --layer-split,
     --hot-experts and --weights."""
     devices = args.device or ["cpu"]
-    memory = {"hot_experts": args.hot_experts, "weights": args.weights, "cuda_graphs": args.cuda_graphs}
+    memory = {
+        "hot_experts": args.hot_experts,
+        "weights": args.weights,
+        "cuda_graphs": args.cuda_graphs,
+    }
+    if args.compile_decode is False:
+        memory["compile_decode"] = False
     if len(devices) == 1 and args.layer_split is None:
         return {"device": devices[0], **memory}
     return {"devices": tuple(devices), "layer_split": args.layer_split, **memory}

@@ -142,7 +142,7 @@ def _step_profile(llm: LLM, prompt: list[int], steps: int, rate: float) -> dict:
             gpu_ms_per_token=1e3 * gpu_s,
             device_busy_share=gpu_s * rate,  # of an unprofiled step
         )
-    else:
+    elif getattr(llm.runner.decode_forward, "compile_seconds", None) is None:  # compiled: no aten ops
         counter = _OpCounter()
         with counter:
             for _ in range(steps):
@@ -258,6 +258,12 @@ def bench_engine(
         eager = LLM(model_dir, cuda_graphs=False, **kwargs)
         results["ds4_eager"] = _ds4(eager, prompt, batch_prompts, decode_tokens, runs)
         del eager
+    compiled = getattr(llm.runner.decode_forward, "compile_seconds", None)
+    if compiled is not None:  # the same engine with its decode step uncompiled
+        results["ds4"].update(compile_s=compiled, compile_failure=llm.runner.decode_forward.failure)
+        eager = LLM(model_dir, compile_decode=False, **kwargs)
+        results["ds4_eager"] = _ds4(eager, prompt, batch_prompts, decode_tokens, runs)
+        del eager
     active = active_bytes_per_token(llm)
     del llm
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
@@ -305,8 +311,16 @@ def format_report(r: dict) -> str:
         lines.append(
             f"{name:14}{row['prefill_tokens_per_s']:15.1f}{row['decode_tokens_per_s']:14.1f}"
             f"{row['batch_decode_tokens_per_s']:13.1f}"
-            + (f"{syncs:11.2f}{ops:9.0f}" if syncs is not None else "")
+            + (f"{syncs:11.2f}" if syncs is not None else "")
+            + (f"{ops:9.0f}" if ops is not None else f"{'-':>9}" if syncs is not None else "")
             + (f"  device busy {100 * row['device_busy_share']:.0f}%" if "device_busy_share" in row else "")
+        )
+    ds4 = r["ds4"]
+    if "compile_s" in ds4:
+        failed = ds4.get("compile_failure")
+        lines.append(
+            f"ds4's decode step compiled in {ds4['compile_s']:.1f} s (ds4_eager: the same engine uncompiled)"
+            + (f"; then fell back to eager: {failed}" if failed else "")
         )
     ratio = r["ratio"]
     lines.append(

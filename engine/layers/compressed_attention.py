@@ -131,8 +131,8 @@ class CompressedAttention(nn.Module):
     def _decode(self, x, q, q_latent, kv, ropes, ctx) -> torch.Tensor:
         """B sequences' new tokens (one each) over their window and compressed rows in the pooled state,
         read through each sequence's row (ctx.decode.slot_rows) and masked by position: fixed shapes,
-        no host read, so the step can be captured. The compressed rows considered are those the longest
-        sequence can see (batch.max_len // ratio, a host value)."""
+        no host read, so the step can be captured. The compressed rows considered are all those reserved
+        (at most twice what the longest sequence can see), each sequence's unfinished ones masked."""
         cache, batch, positions = ctx.cache, ctx.decode, ctx.positions
         rows = batch.slot_rows
         ring = cache.windows[self.layer_id]  # [slots, W, Dh]: position p at p % W
@@ -145,7 +145,8 @@ class CompressedAttention(nn.Module):
             ratio = self.compressor.ratio
             pool = cache.compressor(self.layer_id, "attn")
             self.compressor.decode(x, pool, rows, positions)
-            width = min(batch.max_len // ratio, pool.entries.shape[1])
+            width = pool.entries.shape[1]  # as reserved for the longest (at most twice its entries): the
+            # rows past each sequence's `visible` are masked, and a compiled step sees one dynamic size
             entries = pool.entries[rows, :width]  # [B, E, Dh]
             visible = (positions + 1) // ratio  # [B]: entries whose window is complete
             if self.indexer is None:  # every complete window

@@ -68,8 +68,8 @@ class CompressorPool:
         if row < rows and need <= have:
             return
         with torch.inference_mode(False):  # a normal tensor: restoring a prefix writes it outside steps
-            room = have if need <= have else min(self.max_entries, max(need, 2 * have))
-            shape = (max(rows, row + 1), room, self.dim)
+            room = have if need <= have else max(2, min(self.max_entries, max(need, 2 * have)))
+            shape = (max(rows, row + 1, 2), room, self.dim)  # sizes of 0 or 1 would fix a compiled step's
             grown = self.entries.new_zeros(shape)
             grown[:rows, :have] = self.entries
         self.entries = grown

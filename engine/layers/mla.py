@@ -225,7 +225,7 @@ class MLA(nn.Module):
         """The paged decode on torch: each sequence's rows gathered through its block table up to the
         batch's longest, the rest masked."""
         C = self.kv_lora_rank
-        pos = torch.arange(batch.max_len, device=pool.device)  # [S]
+        pos = batch.span  # [S]
         cached = pool[batch.pool_rows(block_size)]  # [B, S, C + R]
         q = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, C + R]: one product over latent and rope
         scores = torch.bmm(q, cached.transpose(1, 2)) * self.scale  # bhd,bsd->bhs [B, H, S]

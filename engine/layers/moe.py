@@ -8,6 +8,9 @@ Dispatch is batched: (token, expert) pairs are sorted by expert and each active 
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -110,6 +113,7 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, D, I))
         self.w13_scale = self.w2_scale = None
         self.limit = config.swiglu_limit
+        self.handle = register_stack(self)  # how a compiled step's `routed_experts` op finds this stack
 
     fused = True  # the Triton path computes every expert in one kernel; tiered experts compute per expert
     quant = "none"
@@ -165,6 +169,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         T, K = expert_ids.shape
         on_cpu = x.device.type == "cpu" and not triton_enabled(x.device)
+        if on_cpu and torch.compiler.is_compiling():  # a compiled step calls the eager path below as one op
+            return routed_experts(x, weights, expert_ids, self.handle)
         if self.fused and on_cpu and self.kernel_rows(expert_ids) and self.cpu_kernel():
             return self.cpu_forward(x, weights, expert_ids)
         if self.fused and triton_enabled(x.device):
@@ -222,3 +228,28 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
+
+
+_STACKS: weakref.WeakValueDictionary[int, Experts] = weakref.WeakValueDictionary()  # by handle, for
+_HANDLES = itertools.count()  # `routed_experts`: a compiled step calls back into the stack it names
+
+
+def register_stack(stack: Experts, handle: int | None = None) -> int:
+    """`stack`'s handle: a new one, or `handle` taken over from the stack it replaces."""
+    handle = next(_HANDLES) if handle is None else handle
+    _STACKS[handle] = stack
+    return handle
+
+
+@torch.library.custom_op("ds4::routed_experts", mutates_args=())
+def routed_experts(
+    x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, stack: int
+) -> torch.Tensor:
+    """The routed experts of stack `stack` on the host, run eagerly: to a compiled step, one opaque op (its
+    dispatch reads expert ids on the host, which a traced graph cannot)."""
+    return _STACKS[stack](x, weights, expert_ids)
+
+
+@routed_experts.register_fake
+def _(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, stack: int) -> torch.Tensor:
+    return torch.empty_like(x)

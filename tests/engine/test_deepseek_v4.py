@@ -124,8 +124,9 @@ def test_ds4_written_v4_checkpoint_loads_in_transformers(tmp_path):
 
 
 def test_compressed_rows_are_reserved_as_sequences_grow_not_for_every_slot_at_full_length(tiny_v4):
-    """16 slots at a 1M context hold nothing until used; one sequence at 4K holds one row of 4K's entries
-    (preallocated, V4-Flash's pools were 219 GiB at its default 16 sequences of 1M)."""
+    """16 slots at a 1M context hold nothing until used; one sequence at 4K holds rows (two at least: a
+    size of 1 would fix a compiled step's shapes) of 4K's entries (preallocated, V4-Flash's pools were
+    219 GiB at its default 16 sequences of 1M)."""
     from ds4.engine.config import ModelConfig
     from ds4.engine.window_cache import WindowCache
 
@@ -134,7 +135,8 @@ def test_compressed_rows_are_reserved_as_sequences_grow_not_for_every_slot_at_fu
     assert all(pool.entries.numel() == 0 for pool in cache.compressors.values())
     cache.reserve(slot=5, end=4096)
     for pool in cache.compressors.values():
-        assert pool.entries.shape[:2] == (1, 4096 // pool.ratio)
-    cache.reserve(slot=7, end=100)  # a second, shorter sequence: one more row, room unchanged
-    for pool in cache.compressors.values():
         assert pool.entries.shape[:2] == (2, 4096 // pool.ratio)
+    cache.reserve(slot=7, end=100)  # shorter sequences: a row each, room unchanged
+    cache.reserve(slot=9, end=10)
+    for pool in cache.compressors.values():
+        assert pool.entries.shape[:2] == (3, 4096 // pool.ratio)

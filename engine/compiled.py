@@ -1,0 +1,68 @@
+"""The decode step compiled for the CPU: `torch.compile` (inductor's generated C++ loops, torch's own GEMMs)
+of the model's forward over a decode batch, so a step stops paying Python and aten dispatch per small op.
+
+One graph holds the whole step, every layer included (fullgraph): the batch size and the longest
+sequence (the length of `DecodeBatch.span`) are dynamic sizes, so one compile serves every batch and
+context length. The routed experts are one opaque op (`ds4::routed_experts`): their dispatch reads
+expert ids on the host, which a traced graph cannot. Prefill and mixed steps run eagerly.
+
+The first decode step compiles (tens of seconds on two cores; inductor caches its kernels on disk, so a
+later process reuses them); a compile that fails is reported once and the runner decodes eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+log = logging.getLogger("ds4.engine")
+
+# The weights frozen into the graph (they never change after load: the routed experts, which may, stay in
+# their eager op), so inductor packs them once and its C++ GEMM template, chosen against torch's own by
+# timing each shape once (`max_autotune`), reads them at about twice the GB/s of torch's matrix-vector
+# product at batch 1 (docs/perf.md). The packed copies take memory beside the module's weights.
+OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+def compile_blocker(runner) -> str | None:
+    """Why this runner's decode steps cannot run compiled, or None."""
+    from ds4.kernels import triton_enabled
+
+    if any(d.type != "cpu" for d in runner.devices):
+        return "not on the CPU (a GPU replays CUDA graphs instead)"
+    if triton_enabled(runner.device):
+        return "the Triton kernels run under their interpreter"
+    return None
+
+
+class CompiledDecode:
+    """The runner's decode forward, compiled at its first call; eager again if compiling fails."""
+
+    def __init__(self, eager):
+        self.eager = eager
+        self.compiled = torch.compile(eager, dynamic=True, fullgraph=True, options=OPTIONS)
+        self.compile_seconds: float | None = None  # the first call's time (tracing and code generation)
+        self.failure: str | None = None
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.failure is not None or _get_current_dispatch_mode() is not None:
+            return self.eager(input_ids, positions)  # a dispatch mode (sync recorder, op counter) sees ops
+        first = self.compile_seconds is None
+        if first:
+            log.info("compiling the decode step (once per process; inductor's cache keeps the kernels)")
+        start = time.perf_counter()
+        try:
+            logits = self.compiled(input_ids, positions)
+        except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as e:
+            # raised while tracing or generating code (or past the recompile limit), before the graph ran:
+            # the cache is untouched
+            self.failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("the decode step could not be compiled; decoding eagerly (%s)", self.failure)
+            return self.eager(input_ids, positions)
+        if first:
+            self.compile_seconds = time.perf_counter() - start
+            log.info("compiled the decode step in %.1f s", self.compile_seconds)
+        return logits

@@ -1,0 +1,40 @@
+"""The compiled CPU decode step (ds4.engine.compiled) gives the eager engine's tokens, with logprobs within
+float32 rounding (1e-5), for every family, over batches of one and of several sequences of different
+lengths (the batch size and the longest sequence are dynamic sizes of one graph) and a prefix hit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds4.engine import LLM, SamplingParams
+from ds4.engine.compiled import CompiledDecode
+
+pytestmark = pytest.mark.slow  # each engine compiles its step: tens of seconds on two cores
+
+
+def _runs(path, compile_decode: bool):
+    llm = LLM(path, dtype="float32", max_num_seqs=4, compile_decode=compile_decode)
+    compiled = isinstance(llm.runner.decode_forward, CompiledDecode)
+    assert compiled == compile_decode
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randint(2, 90, (270,), generator=gen).tolist()  # a full block: a prefix hit later
+    alone = llm.generate([shared + [5]], params)  # batch 1
+    batch = [shared + torch.randint(2, 90, (n,), generator=gen).tolist() for n in (3, 1)] + [[0, 7, 9]]
+    together = llm.generate(batch, params)  # three sequences of different lengths, two from the cache
+    assert llm.stats()["tokens_reused"] >= 256
+    if compiled:
+        assert llm.runner.decode_forward.failure is None
+        assert llm.runner.decode_forward.compile_seconds is not None
+    return alone + together
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_v3", "tiny_v32", "tiny_v4", "tiny_v4_engram"])
+def test_the_compiled_step_gives_the_eager_tokens(request, checkpoint):
+    path = request.getfixturevalue(checkpoint)
+    compiled, eager = _runs(path, True), _runs(path, False)
+    for a, b in zip(compiled, eager, strict=True):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert abs(x["logprob"] - y["logprob"]) < 1e-5
