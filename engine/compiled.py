@@ -38,6 +38,12 @@ def compile_blocker(runner) -> str | None:
     return None
 
 
+def _own_symbols():
+    """Every dynamic size its own symbol: by default dynamo gives sizes equal when traced one symbol and
+    recompiles when they part (V4's compressed entries and the sequence lengths did, 40 tokens in)."""
+    return torch.fx.experimental._config.patch(use_duck_shape=False)
+
+
 class CompiledDecode:
     """The runner's decode forward, compiled at its first call; eager again if compiling fails."""
 
@@ -55,7 +61,8 @@ class CompiledDecode:
             log.info("compiling the decode step (once per process; inductor's cache keeps the kernels)")
         start = time.perf_counter()
         try:
-            logits = self.compiled(input_ids, positions)
+            with _own_symbols():
+                logits = self.compiled(input_ids, positions)
         except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as e:
             # raised while tracing or generating code (or past the recompile limit), before the graph ran:
             # the cache is untouched
