@@ -13,6 +13,7 @@ later process reuses them); a compile that fails is reported once and the runner
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -23,8 +24,12 @@ log = logging.getLogger("ds4.engine")
 # The weights frozen into the graph (they never change after load: the routed experts, which may, stay in
 # their eager op), so inductor packs them once and its C++ GEMM template, chosen against torch's own by
 # timing each shape once (`max_autotune`), reads them at about twice the GB/s of torch's matrix-vector
-# product at batch 1 (docs/perf.md). The packed copies take memory beside the module's weights.
+# product at batch 1 (docs/perf.md). The packed copies take memory beside the module's weights. On a
+# small machine the code is built in this process: a pool of compile workers would start (importing torch)
+# beside the engine and slow its first steps for seconds, for a graph compiled once.
 OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+if (os.cpu_count() or 1) <= 8:
+    OPTIONS["compile_threads"] = 1
 
 
 def compile_blocker(runner) -> str | None:
@@ -49,7 +54,7 @@ class CompiledDecode:
 
     def __init__(self, eager):
         self.eager = eager
-        self.compiled = torch.compile(eager, dynamic=True, fullgraph=True, options=OPTIONS)
+        self.compiled = None  # made at the first call: torch.compile starts inductor's worker processes
         self.compile_seconds: float | None = None  # the first call's time (tracing and code generation)
         self.failure: str | None = None
 
@@ -59,6 +64,7 @@ class CompiledDecode:
         first = self.compile_seconds is None
         if first:
             log.info("compiling the decode step (once per process; inductor's cache keeps the kernels)")
+            self.compiled = torch.compile(self.eager, dynamic=True, fullgraph=True, options=OPTIONS)
         start = time.perf_counter()
         try:
             with _own_symbols():
