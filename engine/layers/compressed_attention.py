@@ -145,9 +145,10 @@ class CompressedAttention(nn.Module):
             ratio = self.compressor.ratio
             pool = cache.compressor(self.layer_id, "attn")
             self.compressor.decode(x, pool, rows, positions)
-            width = pool.entries.shape[1]  # as reserved for the longest (at most twice its entries): the
-            # rows past each sequence's `visible` are masked, and a compiled step sees one dynamic size
-            entries = pool.entries[rows, :width]  # [B, E, Dh]
+            # every entry reserved (at most twice the longest sequence's): the rows past each sequence's
+            # `visible` are masked, and a compiled step sees one dynamic size
+            entries = pool.entries[rows]  # [B, E, Dh]
+            width = entries.shape[1]
             visible = (positions + 1) // ratio  # [B]: entries whose window is complete
             if self.indexer is None:  # every complete window
                 seen = torch.arange(width, device=x.device)[None, :] < visible[:, None]

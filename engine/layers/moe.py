@@ -230,8 +230,9 @@ class MoE(nn.Module):
         return y
 
 
-_STACKS: weakref.WeakValueDictionary[int, Experts] = weakref.WeakValueDictionary()  # by handle, for
-_HANDLES = itertools.count()  # `routed_experts`: a compiled step calls back into the stack it names
+# The expert stacks by handle: a compiled step's `routed_experts` op calls back into the stack it names.
+_STACKS: weakref.WeakValueDictionary[int, Experts] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
 
 
 def register_stack(stack: Experts, handle: int | None = None) -> int:
