@@ -111,7 +111,8 @@ def materialize(
     embeddings) to the first layer's device, and what comes after them (final norm, head) to the last's.
 
     On the CPU, matrices are stored input-major (a transposed view keeps their [out, in] shape): MKL's
-    matrix-vector products read that layout about twice as fast, which is what decode is made of.
+    matrix-vector products read that layout about twice as fast, which is what decode is made of. Routed
+    expert stacks stay output-major: the CPU expert kernel (ds4.kernels.cpu_moe) reads them row by row.
     """
     home = torch.device(device)
     stages = [torch.device(d) for d in layer_devices] if layer_devices else None
@@ -137,9 +138,7 @@ def materialize(
                 else dtype
             )
             shape = tuple(param.shape)
-            is_matrix = (
-                len(shape) == 2 and not name.endswith("embed.weight") or name.endswith((".w13", ".w2"))
-            )
+            is_matrix = len(shape) == 2 and not name.endswith("embed.weight")
             if device.type == "cpu" and is_matrix and want.is_floating_point and not stored:
                 swapped = shape[:-2] + (shape[-1], shape[-2])
                 data = torch.empty(swapped, dtype=want, device=device).transpose(-1, -2)

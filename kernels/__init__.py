@@ -4,7 +4,7 @@ One switch decides which path the engine runs: Triton on CUDA devices, torch els
 `DS4_KERNELS=triton|torch` overrides it for a process; `forced(True)` does so for a block of code
 (tests run the Triton path on the CPU through Triton's interpreter, TRITON_INTERPRET=1).
 
-Quantized routed experts on the CPU run ds4's C++ kernel (cpu_moe) where it builds;
+Routed experts on the CPU (quantized, or float32 / bfloat16) run ds4's C++ kernel (cpu_moe) where it builds;
 `DS4_CPU_KERNELS=torch` (or `cpu_kernels(False)` for a block) keeps the torch path. There, int4 experts take
 their activations quantized to int8 per group of 32 where the CPU has VNNI (faster: docs/perf.md,
 issue 21; about 1% off the float result); `DS4_CPU_ACTIVATIONS=float` (or `cpu_activations("float")`)
@@ -44,7 +44,7 @@ _cpu_forced: bool | None = None
 
 
 def cpu_kernels_enabled() -> bool:
-    """Whether quantized routed experts on the CPU take the C++ kernel (when it builds) or torch."""
+    """Whether routed experts on the CPU take the C++ kernel (when it builds) or torch."""
     if _cpu_forced is not None:
         return _cpu_forced
     return os.environ.get("DS4_CPU_KERNELS", "").lower() != "torch"
@@ -52,7 +52,7 @@ def cpu_kernels_enabled() -> bool:
 
 @contextmanager
 def cpu_kernels(on: bool):
-    """Within the block, quantized CPU experts take the C++ kernel (on) or the torch path (off)."""
+    """Within the block, CPU experts take the C++ kernel (on) or the torch path (off)."""
     global _cpu_forced
     before, _cpu_forced = _cpu_forced, on
     try:

@@ -6,6 +6,7 @@
 //   0 int4: two codes per byte (even input in the low nibble), value (code - 8) * bf16 scale per 32 inputs
 //   1 fp4:  two e2m1 codes per byte, likewise, times an e8m0 (power-of-two) scale per 32 inputs
 //   2 fp8:  one e4m3 per byte, times a float32 scale per 128 x 128 block
+//   3 fp32, 4 bf16: the weights as they are (float experts: no scales), read with rows_dot_float
 // A group is 32 inputs. 4-bit groups are decoded as 16 even then 16 odd inputs (int4 rows of whole
 // 128-input blocks: as 8 interleaved sets of 16, the `OCTETS` path), so the activations are laid out the
 // same way once per call (`lay_out`); FP8 groups are in order. Where the CPU has AVX-512 VNNI and the caller
@@ -51,11 +52,12 @@ struct Matrix {  // one expert's [out, in] matrix in its stored format
     int64_t out, in;
     int fmt;
     bool act8;  // int4 against int8 activations (the Q8 layout)
-    int64_t code_bytes() const { return fmt == 2 ? out * in : out * in / 2; }
+    int64_t code_bytes() const { return out * row_bytes(); }
     int64_t scale_count() const {
+        if (fmt >= 3) return 0;
         return fmt == 2 ? ((out + 127) / 128) * ((in + 127) / 128) : out * (in / GROUP);
     }
-    int64_t row_bytes() const { return fmt == 2 ? in : in / 2; }
+    int64_t row_bytes() const { return fmt == 3 ? in * 4 : fmt == 4 ? in * 2 : fmt == 2 ? in : in / 2; }
     __attribute__((always_inline)) float scale(int64_t n, int64_t g) const {  // of output row n, input group g
         if (fmt == 0) {
             uint32_t bits = uint32_t(static_cast<const uint16_t*>(scales)[n * (in / GROUP) + g]) << 16;
@@ -82,7 +84,7 @@ Layout layout_for(int fmt, int64_t in, bool act8) {
 #ifdef DS4_AVX512
     if (fmt == 0 && in % 128 == 0) return OCTETS;
 #endif
-    return fmt == 2 ? PLAIN : EVEN_ODD;
+    return fmt >= 2 ? PLAIN : EVEN_ODD;
 }
 
 float fp8_value(uint8_t b) {  // e4m3 -> float (the generic path; NaN codes never appear in weights)
@@ -118,6 +120,19 @@ __attribute__((always_inline)) inline void decode_group(const Matrix& m, const u
 }
 #else
 inline void decode_group(const Matrix& m, const uint8_t* row, int64_t n, int64_t g, float* w) {
+    if (m.fmt == 3) {
+        std::memcpy(w, row + g * GROUP * 4, GROUP * 4);
+        return;
+    }
+    if (m.fmt == 4) {
+        for (int j = 0; j < GROUP; ++j) {
+            uint16_t half;
+            std::memcpy(&half, row + (g * GROUP + j) * 2, 2);
+            const uint32_t bits = uint32_t(half) << 16;
+            std::memcpy(w + j, &bits, 4);
+        }
+        return;
+    }
     const float s = m.scale(n, g);
     if (m.fmt == 2) {
         for (int j = 0; j < GROUP; ++j) w[j] = fp8_value(row[g * 32 + j]) * (s / 256.f);
@@ -211,6 +226,88 @@ void rows_dot_octets(const Matrix& m, int64_t n0, const float* const* xs, float 
 }
 #endif
 
+
+#if defined(DS4_AVX512) || defined(DS4_AVX2)
+// Float experts (fp32, bf16): plain multiply-adds, a vector of inputs per step and row, each (row, token)
+// summed in the same order whatever else is in the call. bf16 widens to f32 by a 16-bit shift.
+#ifdef DS4_AVX512
+using Vec = __m512;
+constexpr int LANES = 16;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vload_bf16(const uint8_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
+#else
+using Vec = __m256;
+constexpr int LANES = 8;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vload_bf16(const uint8_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(Vec a) {
+    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
+}
+#endif
+
+template <bool BF16>
+__attribute__((always_inline)) inline Vec load_weights(const uint8_t* row, int64_t i) {
+    if constexpr (BF16) return vload_bf16(row + i * 2);
+    else return vload(reinterpret_cast<const float*>(row) + i);
+}
+
+template <int NR, int NT, bool BF16>
+void rows_dot_float(const Matrix& m, int64_t n0, const float* const* xs, float (*out)[TOKENS]) {
+    const int64_t stride = m.row_bytes();
+    const uint8_t* row0 = m.codes + n0 * stride;
+    Vec acc[NR][NT];  // one vector per (row, token): NR * NT chains (at least 4) hide the FMA latency
+    for (int r = 0; r < NR; ++r)
+        for (int t = 0; t < NT; ++t) acc[r][t] = vzero();
+    for (int64_t i = 0; i < m.in; i += LANES) {
+        Vec x[NT];
+        for (int t = 0; t < NT; ++t) x[t] = vload(xs[t] + i);
+        for (int r = 0; r < NR; ++r) {
+            const uint8_t* row = row0 + r * stride;
+            _mm_prefetch(reinterpret_cast<const char*>(row + i * (BF16 ? 2 : 4) + PREFETCH), _MM_HINT_T0);
+            const Vec w = load_weights<BF16>(row, i);
+            for (int t = 0; t < NT; ++t) acc[r][t] = vfma(w, x[t], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int t = 0; t < NT; ++t) out[r][t] = vsum(acc[r][t]);
+}
+
+// rows per call for nt token rows: NR * NT accumulators, NT inputs and a weight vector fit the registers
+constexpr int float_rows(int nt) { return nt <= 2 ? 4 : nt == 3 ? 3 : 2; }
+
+template <bool BF16>
+void rows_dot_float_tokens(const Matrix& m, int64_t n0, int nr, int nt, const float* const* xs,
+                           float (*out)[TOKENS]) {
+#define DS4_ROWS(NT)                                                         \
+    switch (nr) {                                                            \
+        case 4: rows_dot_float<4, NT, BF16>(m, n0, xs, out); break;          \
+        case 3: rows_dot_float<3, NT, BF16>(m, n0, xs, out); break;          \
+        case 2: rows_dot_float<2, NT, BF16>(m, n0, xs, out); break;          \
+        default: rows_dot_float<1, NT, BF16>(m, n0, xs, out); break;         \
+    }
+    switch (nt) {
+        case 1: DS4_ROWS(1) break;
+        case 2: DS4_ROWS(2) break;
+        case 3: DS4_ROWS(3) break;
+        default: DS4_ROWS(4) break;
+    }
+#undef DS4_ROWS
+}
+#define DS4_FLOAT_ROWS 1
+#endif
 
 #ifdef DS4_Q8
 // int4 rows against int8 activations (`Q8` layout, quantize_q8): vpdpbusd multiplies the unsigned codes
@@ -416,6 +513,13 @@ void matmul_rows(const Matrix& m, int64_t n0, int64_t n1, const float* xs, int64
         float out[4][TOKENS];
         for (int64_t n = n0; n < n1;) {
             int nr = int(std::min<int64_t>(2, n1 - n));
+#ifdef DS4_FLOAT_ROWS
+            if (m.fmt >= 3) {
+                nr = int(std::min<int64_t>(float_rows(nt), n1 - n));
+                if (m.fmt == 3) rows_dot_float_tokens<false>(m, n, nr, nt, rows, out);
+                else rows_dot_float_tokens<true>(m, n, nr, nt, rows, out);
+            } else
+#endif
 #ifdef DS4_Q8
             if (q8) {
                 Q8Row qs[TOKENS];
@@ -481,11 +585,11 @@ int ds4_moe(const float* x, const int64_t* ids, const float* weights, int64_t T,
             int64_t D, int64_t I, const uint8_t* w13, const void* s13, const uint8_t* w2, const void* s2,
             int fmt, int act8, float limit, float* out, float* work, int threads, double* seconds) {
     const double start = omp_get_wtime();
-    if (D % GROUP || I % GROUP || fmt < 0 || fmt > 2) return 1;
+    if (D % GROUP || I % GROUP || fmt < 0 || fmt > 4) return 1;
     if (act8 && !ds4_moe_act8(fmt)) return 2;
     const Layout x_layout = layout_for(fmt, D, act8), act_layout = layout_for(fmt, I, act8);
     Matrix m13{nullptr, nullptr, 2 * I, D, fmt, bool(act8)}, m2{nullptr, nullptr, D, I, fmt, bool(act8)};
-    const int scale_size = fmt == 0 ? 2 : (fmt == 1 ? 1 : 4);
+    const int scale_size = fmt == 0 ? 2 : (fmt == 1 ? 1 : fmt == 2 ? 4 : 0);
     // the pairs grouped by expert, ascending, tokens in order within an expert
     std::vector<int64_t> counts(E + 1, 0), pair_token(T * K), pair_slot(T * K);
     for (int64_t p = 0; p < T * K; ++p)

@@ -1,5 +1,5 @@
-"""Routed experts on the CPU from their stored codes (int4, FP4, FP8): the C++ kernel in cpu_moe.cpp, beside
-its torch reference (dequantize, then matmul).
+"""Routed experts on the CPU from their stored codes (int4, FP4, FP8) or float weights (fp32, bf16): the C++
+kernel in cpu_moe.cpp, beside its torch reference (dequantize, then matmul).
 
 The kernel is compiled with the system's g++ at first use (about a second: it includes no torch headers)
 into a cache folder keyed by the source, the compiler and this CPU, then loaded with ctypes. Where it
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from ds4.kernels import cpu_activations_int8
 
 SOURCE = Path(__file__).with_name("cpu_moe.cpp")
-FORMATS = {"int4": 0, "fp4": 1, "fp8": 2}
+FORMATS = {"int4": 0, "fp4": 1, "fp8": 2, "fp32": 3, "bf16": 4}
+FLOAT_FORMATS = {torch.float32: "fp32", torch.bfloat16: "bf16"}  # float experts' weight dtypes
 _SCALE_DTYPES = {"int4": torch.bfloat16, "fp4": torch.float8_e8m0fnu, "fp8": torch.float32}
 THREAD_BYTES = 512 << 10  # weight bytes per thread: below it, OpenMP's fork and barriers cost more than
 # they save, and far more when the cores are shared (a descheduled thread stalls every barrier)
@@ -139,7 +140,8 @@ def moe(
     seconds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[T, D] in x's dtype: sum over k of weights[t, k] * expert_ids[t, k](x[t]), the experts of the stacks
-    w13 [E, 2I, ...] and w2 [E, D, ...] stored in `fmt` with scales s13, s2. Pairs whose id is -1 are
+    w13 [E, 2I, ...] and w2 [E, D, ...] stored in `fmt` with scales s13, s2 (float formats: the weights
+    themselves, in fp32 or bf16, and no scales). Pairs whose id is -1 are
     skipped (their experts are computed elsewhere). `threads`: default torch's, one per THREAD_BYTES read.
     `int8`: the activations (x, and SwiGLU's output) quantized to int8 per group of 32, as
     reference_moe(int8=True) does; by default where the kernel can, unless DS4_CPU_ACTIVATIONS=float.
@@ -149,11 +151,15 @@ def moe(
     if int8 is None:
         int8 = cpu_activations_int8() and takes_int8(fmt, variant)
     T, K = expert_ids.shape
-    E, D, inter = w13.shape[0], x.shape[1], w2.shape[-1] * (1 if fmt == "fp8" else 2)
+    E, D, inter = w13.shape[0], x.shape[1], w2.shape[-1] * (2 if fmt in ("int4", "fp4") else 1)
     assert supports(fmt, D, inter), f"format {fmt} with hidden {D}, intermediate {inter}"
     assert w13.device.type == w2.device.type == "cpu" and w13.is_contiguous() and w2.is_contiguous()
-    assert s13.dtype == s2.dtype == _SCALE_DTYPES[fmt], f"{fmt} scales {s13.dtype}, {s2.dtype}"
-    assert s13.is_contiguous() and s2.is_contiguous() and w13.element_size() == 1
+    if fmt in _SCALE_DTYPES:
+        assert s13.dtype == s2.dtype == _SCALE_DTYPES[fmt], f"{fmt} scales {s13.dtype}, {s2.dtype}"
+        assert s13.is_contiguous() and s2.is_contiguous() and w13.element_size() == 1
+    else:
+        assert FLOAT_FORMATS.get(w13.dtype) == FLOAT_FORMATS.get(w2.dtype) == fmt, (fmt, w13.dtype, w2.dtype)
+        assert s13 is None and s2 is None, "float experts have no scales"
     xf, ids, wf = _plain(x, torch.float32), _plain(expert_ids, torch.int64), _plain(weights, torch.float32)
     if seconds is None:
         seconds = torch.zeros(1, dtype=torch.float64)
@@ -161,16 +167,20 @@ def moe(
     out = torch.empty(T, D, dtype=torch.float32)
     work = torch.empty(T * K * (2 * D + 3 * inter), dtype=torch.float32)  # activations only
     if threads is None:  # a thread per 512 KB of codes: fewer forks and barriers for small layers
-        expert_bytes = w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]
+        expert_bytes = (w13[0].nbytes if E else 0) + (w2[0].nbytes if E else 0)
         threads = max(1, min(torch.get_num_threads(), min(T * K, E) * expert_bytes // THREAD_BYTES))
     rc = lib.ds4_moe(
         xf.data_ptr(), ids.data_ptr(), wf.data_ptr(), T, K, E, D, inter,
-        w13.data_ptr(), s13.data_ptr(), w2.data_ptr(), s2.data_ptr(),
+        w13.data_ptr(), _address(s13), w2.data_ptr(), _address(s2),
         FORMATS[fmt], int(int8), float("nan") if limit is None else float(limit),
         out.data_ptr(), work.data_ptr(), threads, seconds.data_ptr(),
     )  # fmt: skip
     assert rc == 0, f"ds4_moe returned {rc}"
     return out.to(x.dtype)
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def _plain(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -192,9 +202,13 @@ def reference_moe(
     limit: float | None,
     int8: bool = False,
 ) -> torch.Tensor:
-    """The same sum in float32, each expert dequantized and multiplied (pairs with id -1 skipped); `int8`:
-    each expert's inputs and SwiGLU outputs first rounded to int8 per group of 32 (fake_int8)."""
+    """The same sum in float32, each expert dequantized (float formats: widened) and multiplied (pairs with
+    id -1 skipped); `int8`: each expert's inputs and SwiGLU outputs first rounded to int8 per group of 32
+    (fake_int8)."""
     from ds4.engine.quant import dequantize
+
+    def weight(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        return w.float() if fmt in FLOAT_FORMATS.values() else dequantize(fmt, w, scale)
 
     act = fake_int8 if int8 else (lambda v: v.float())
     out = torch.zeros(x.shape, dtype=torch.float32)
@@ -203,10 +217,10 @@ def reference_moe(
         key=lambda tk: (int(expert_ids[tk]), tk[0]),
     ):
         e = int(expert_ids[t, k])
-        gate, up = F.linear(act(x[t]), dequantize(fmt, w13[e], s13[e])).chunk(2)
+        gate, up = F.linear(act(x[t]), weight(w13[e], None if s13 is None else s13[e])).chunk(2)
         if limit is not None:
             gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
-        out[t] += weights[t, k].float() * F.linear(act(F.silu(gate) * up), dequantize(fmt, w2[e], s2[e]))
+        out[t] += weights[t, k].float() * F.linear(act(F.silu(gate) * up), weight(w2[e], None if s2 is None else s2[e]))
     return out.to(x.dtype)
 
 

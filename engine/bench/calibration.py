@@ -46,21 +46,22 @@ def model_gemv_bandwidth(model: torch.nn.Module, runs: int = 5) -> tuple[float, 
 
 
 def expert_kernel_bandwidth(config, fmt: str, runs: int = 5) -> float | None:
-    """Bytes/s of expert codes the CPU kernel reads (its own clock) for single-token calls at the model's
-    expert shapes in `fmt`: one stack of random experts per MoE layer, called in turn with top-k experts
-    each, as a decode step does, so the experts come from memory and not the caches."""
+    """Bytes/s of expert codes (or float weights) the CPU kernel reads (its own clock) for single-token calls
+    at the model's expert shapes in `fmt`: one stack of random experts per MoE layer, called in turn with
+    top-k experts each, as a decode step does, so the experts come from memory and not the caches."""
     from ds4.kernels import cpu_moe
 
     D, inter, k = config.hidden_size, config.moe_intermediate_size, config.num_experts_per_tok
     if not (cpu_moe.supports(fmt, D, inter) and cpu_moe.available()):
         return None  # such experts run in torch: the matrix-vector bandwidth is theirs
     (w13, s13), (w2, s2) = _random_expert(fmt, 2 * inter, D), _random_expert(fmt, D, inter)
-    expert_bytes = sum(t.numel() * t.element_size() for t in (w13, s13, w2, s2))
+    expert_bytes = sum(t.numel() * t.element_size() for t in (w13, s13, w2, s2) if t is not None)
     moe_layers = sum(1 for kind in config.mlp_layer_types if kind != "dense")
     experts = min(config.n_routed_experts, max(k, KERNEL_SET_BYTES // expert_bytes))
     layers = max(1, min(moe_layers, KERNEL_SET_BYTES // (experts * expert_bytes)))
     stacks = [
-        tuple(t.expand(experts, *t.shape).contiguous() for t in (w13, s13, w2, s2)) for _ in range(layers)
+        tuple(t if t is None else t.expand(experts, *t.shape).contiguous() for t in (w13, s13, w2, s2))
+        for _ in range(layers)
     ]
     gen = torch.Generator().manual_seed(0)
     x, weights = torch.randn(1, D, generator=gen), torch.rand(1, k, generator=gen)
@@ -74,8 +75,11 @@ def expert_kernel_bandwidth(config, fmt: str, runs: int = 5) -> float | None:
     return runs * layers * k * expert_bytes / float(seconds)
 
 
-def _random_expert(fmt: str, out_dim: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_expert(fmt: str, out_dim: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A random [out_dim, in_dim] matrix as `fmt` stores it: (codes, scales), or (weights, None) for float."""
     from ds4.engine.quant import quantize_fp4, quantize_fp8_blocks, quantize_int4
 
-    quantize = {"int4": quantize_int4, "fp4": quantize_fp4, "fp8": quantize_fp8_blocks}[fmt]
-    return quantize(torch.randn(out_dim, in_dim) * 0.05)
+    w = torch.randn(out_dim, in_dim) * 0.05
+    if fmt in ("fp32", "bf16"):
+        return w.to(torch.float32 if fmt == "fp32" else torch.bfloat16), None
+    return {"int4": quantize_int4, "fp4": quantize_fp4, "fp8": quantize_fp8_blocks}[fmt](w)

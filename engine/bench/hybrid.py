@@ -197,7 +197,8 @@ def _parts(probe: LLM, model_dir, fmt: str | None, tmp: Path, device: str, dtype
     before the row it predicts (the load on a shared machine moves): the model's matrices at their
     matrix-vector bandwidth, the CPU kernel's bandwidth at the model's expert shapes, the twin's dispatch
     with as many bytes streamed per step as the model's matrices hold."""
-    kernel = expert_kernel_bandwidth(probe.config, fmt) if fmt else None
+    float_format = "fp32" if dtype == "float32" else "bf16"
+    kernel = expert_kernel_bandwidth(probe.config, fmt or float_format)
     gemv, matrix_bytes = model_gemv_bandwidth(probe.runner.model)
     return {
         "model_gemv_gb_per_s": gemv / 1e9,
@@ -211,8 +212,8 @@ def _parts(probe: LLM, model_dir, fmt: str | None, tmp: Path, device: str, dtype
 def _predict(config, model_dir, parts, flops, fmt, float_format, context) -> float:
     """The planner's decode rate for this machine: the model on one 'GPU' that is this CPU, every routed
     expert in host RAM (the placement measured). Each part at what it was measured to reach on its own:
-    the model's matrices at their matrix-vector bandwidth, quantized experts at the CPU kernel's (float
-    ones, in torch, at the matrices'), and the twin's dispatch per layer. The measured bandwidths include
+    the model's matrices at their matrix-vector bandwidth, the experts at the CPU kernel's (where it
+    cannot run them, in torch, at the matrices'), and the twin's dispatch per layer. The measured bandwidths include
     their arithmetic, so no compute bound applies."""
     bw = parts["model_gemv_gb_per_s"] * 1e9
     experts_bw = (parts["expert_kernel_gb_per_s"] or parts["model_gemv_gb_per_s"]) * 1e9

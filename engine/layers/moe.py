@@ -124,14 +124,22 @@ class Experts(nn.Module):
         which is faster there (the copy is paid once per expert, not once per row)."""
         return expert_ids.numel() <= 4 * self.w13.shape[0]
 
+    @property
+    def kernel_format(self) -> str | None:
+        """The CPU kernel's name for how the experts are stored: the quantized format, or fp32 / bf16 for
+        float weights (None for other dtypes)."""
+        from ds4.kernels.cpu_moe import FLOAT_FORMATS
+
+        return self.quant if self.quant != "none" else FLOAT_FORMATS.get(self.w13.dtype)
+
     def cpu_kernel(self) -> bool:
-        """Whether the stack runs in ds4's CPU kernel: quantized, in host RAM, in a format and shape it
-        takes, and built (a failed build is reported once, as a warning)."""
-        if self.quant == "none" or self.w13.device.type != "cpu" or not cpu_kernels_enabled():
+        """Whether the stack runs in ds4's CPU kernel: in host RAM, quantized or float (fp32, bf16), in a
+        shape it takes, and built (a failed build is reported once, as a warning)."""
+        if self.w13.device.type != "cpu" or not cpu_kernels_enabled() or self.kernel_format is None:
             return False
         from ds4.kernels import cpu_moe
 
-        return cpu_moe.supports(self.quant, self.w2.shape[1], self.moe_inter) and cpu_moe.available()
+        return cpu_moe.supports(self.kernel_format, self.w2.shape[1], self.moe_inter) and cpu_moe.available()
 
     @property
     def moe_inter(self) -> int:
@@ -143,7 +151,7 @@ class Experts(nn.Module):
         -1 skipped); on x's device. `seconds`: a float64 [1] the kernel adds its own time to."""
         from ds4.kernels.cpu_moe import moe
 
-        args = (self.w13, self.w13_scale, self.w2, self.w2_scale, self.quant, self.limit)
+        args = (self.w13, self.w13_scale, self.w2, self.w2_scale, self.kernel_format, self.limit)
         return moe(x, weights, expert_ids, *args, seconds=seconds).to(x.device)
 
     def keep_quantized(self, fmt: str, stored: torch.dtype, scale_dtype: torch.dtype) -> None:

@@ -77,13 +77,14 @@ def test_bench_hybrid_reports_each_placement_the_expert_reads_and_the_prediction
     assert stored["expert_bytes"] * 6 < loaded["expert_bytes"]  # 4 bits + a scale per 32 against fp32
     in_ram = [r for r in report["results"] if r["hot_experts"] == 0]
     assert all(r["expert_gb_per_s"] > 0 and 0 < r["expert_read_share"] for r in in_ram)
-    # int4 experts run in the CPU kernel, whose own clock counts part of the pass: it reads at least as fast
-    assert stored["kernel_gb_per_s"] >= stored["expert_gb_per_s"] and stored["kernel_read_share"] > 0
-    assert "kernel_gb_per_s" not in loaded  # float experts run in torch, not the kernel
+    # int4 and float experts run in the CPU kernel, whose own clock counts part of the pass: it reads at
+    # least as fast
+    for row in (stored, loaded):
+        assert row["kernel_gb_per_s"] >= row["expert_gb_per_s"] and row["kernel_read_share"] > 0
     assert report["predicted_decode_tokens_per_s"] > 0 and report["machine"]["read_gb_per_s"] > 0
     parts = report["parts"]  # what each prediction is made of, each measured on its own
     assert set(parts) == {"fp32", "int4", "fp8"} and all(p["model_gemv_gb_per_s"] > 0 for p in parts.values())
-    assert parts["int4"]["expert_kernel_gb_per_s"] > 0 and parts["fp32"]["expert_kernel_gb_per_s"] is None
+    assert parts["int4"]["expert_kernel_gb_per_s"] > 0 and parts["fp32"]["expert_kernel_gb_per_s"] > 0
     assert all(r["read_gb_per_s"] > 0 for r in in_ram)  # each share against a read measured next to it
     predicted = report["predicted_by_expert_format"]
     assert set(predicted) == set(report["predicted_over_measured"]) == {"fp32", "int4", "fp8"}

@@ -97,3 +97,33 @@ def test_dispatch_equals_per_token_loop(num_tokens):
             gate, up = gate_up.chunk(2)
             ref[t] += weights[t, k] * (experts.w2[e] @ (F.silu(gate) * up))
     torch.testing.assert_close(experts(x, weights, ids), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 5])
+def test_float_experts_run_in_the_cpu_kernel(monkeypatch, dtype, num_tokens):
+    """Float stacks in host RAM take the C++ expert kernel at decode shapes (one call for every pair). It
+    sums in float32 whatever the weights' dtype, so it matches the torch path on the same weights widened
+    to float32 (bf16: to the output's rounding)."""
+    import copy
+
+    from ds4.kernels import cpu_kernels, cpu_moe
+
+    config = make_config(hidden_size=64, moe_intermediate_size=32)  # the kernel's widths: groups of 32
+    experts = Experts(config)
+    random_(experts, seed=7)
+    experts.to(dtype)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(num_tokens, config.hidden_size, generator=gen).to(dtype)
+    ids = torch.stack([torch.randperm(config.n_routed_experts, generator=gen)[:3] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, 3, generator=gen)
+    with cpu_kernels(False):
+        want = copy.deepcopy(experts).float()(x.float(), weights, ids)
+    calls, real = [], cpu_moe.moe
+    monkeypatch.setattr(cpu_moe, "moe", lambda *a, **k: calls.append(a[7]) or real(*a, **k))
+    assert experts.kernel_format == {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    assert experts.cpu_kernel() and experts.kernel_rows(ids)
+    got = experts(x, weights, ids)
+    assert calls == [experts.kernel_format] and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2 * want.abs().max().item()
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)

@@ -1,6 +1,6 @@
 """The CPU expert kernel (C++, from stored codes) against dequantize-then-matmul: int4 (its AVX-512 paths with
-float activations, and with int8 activations where the CPU has AVX-512 VNNI, AVX-VNNI or AVX2), FP4 and FP8
-at odd token, expert and width counts, V4's clamp, skipped pairs, bf16 activations, 1-3 threads, in every
+float activations, and with int8 activations where the CPU has AVX-512 VNNI, AVX-VNNI or AVX2), FP4, FP8 and
+float experts (fp32, bf16) at odd token, expert and width counts, V4's clamp, skipped pairs, bf16 activations, 1-3 threads, in every
 build this CPU can run (native, without AVX-512, without AVX-512 and AVX-VNNI, generic); a failed build is
 reported and leaves the torch path."""
 
@@ -15,6 +15,7 @@ from ds4.engine.quant import quantize_fp4, quantize_fp8_blocks, quantize_int4
 from ds4.kernels import cpu_moe
 
 QUANTIZE = {"int4": quantize_int4, "fp4": quantize_fp4, "fp8": quantize_fp8_blocks}
+QUANTIZE |= {"fp32": lambda w: (w, None), "bf16": lambda w: (w.bfloat16(), None)}  # float experts: no scales
 
 
 VARIANTS = list(cpu_moe.VARIANTS)
@@ -29,7 +30,8 @@ def built():
 
 def stack(gen, fmt: str, experts: int, out_dim: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = [QUANTIZE[fmt](torch.randn(out_dim, in_dim, generator=gen) * 0.05) for _ in range(experts)]
-    return torch.stack([w for w, _ in pairs]).contiguous(), torch.stack([s for _, s in pairs]).contiguous()
+    scales = None if pairs[0][1] is None else torch.stack([s for _, s in pairs]).contiguous()
+    return torch.stack([w for w, _ in pairs]).contiguous(), scales
 
 
 def case(gen, fmt, tokens, topk, experts, hidden, inter):
@@ -46,7 +48,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("variant", ["native", "generic"])
-@pytest.mark.parametrize("fmt", ["int4", "fp4", "fp8"])
+@pytest.mark.parametrize("fmt", ["int4", "fp4", "fp8", "fp32", "bf16"])
 @pytest.mark.parametrize(
     "tokens, topk, experts, hidden, inter",
     # widths of whole 128-input blocks take int4's octet path; (5, ..., 128, 96) mixes both paths
@@ -113,10 +115,21 @@ def test_skipped_pairs_and_bf16_activations(gen):
 
 
 def test_thread_counts_give_identical_bits(gen):
-    for fmt in ("fp4", "int4"):
+    for fmt in ("fp4", "int4", "fp32"):
         x, weights, ids, stacks = case(gen, fmt, 5, 4, 6, 128, 96)
         runs = [cpu_moe.moe(x, weights, ids, *stacks, fmt, None, threads=n) for n in (1, 2, 3)]
         assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp32", "bf16"])
+def test_a_tokens_result_does_not_depend_on_its_batch(gen, fmt):
+    """Each token's sums run in one order whatever shares the call: a sequence decodes the same bits alone
+    or in a batch (the engine's greedy tokens do not depend on what else is scheduled)."""
+    x, weights, ids, stacks = case(gen, fmt, 11, 3, 6, 128, 96)
+    batch = cpu_moe.moe(x, weights, ids, *stacks, fmt, None)
+    for t in (0, 5, 10):
+        alone = cpu_moe.moe(x[t : t + 1], weights[t : t + 1], ids[t : t + 1], *stacks, fmt, None)
+        assert torch.equal(alone[0], batch[t]), t
 
 
 def test_a_failed_build_is_reported_and_leaves_the_torch_path(monkeypatch):
