@@ -207,8 +207,8 @@ def reference_moe(
     (fake_int8)."""
     from ds4.engine.quant import dequantize
 
-    def weight(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        return w.float() if fmt in FLOAT_FORMATS.values() else dequantize(fmt, w, scale)
+    def weight(stack: torch.Tensor, scales: torch.Tensor | None, e: int) -> torch.Tensor:
+        return stack[e].float() if scales is None else dequantize(fmt, stack[e], scales[e])
 
     act = fake_int8 if int8 else (lambda v: v.float())
     out = torch.zeros(x.shape, dtype=torch.float32)
@@ -217,10 +217,10 @@ def reference_moe(
         key=lambda tk: (int(expert_ids[tk]), tk[0]),
     ):
         e = int(expert_ids[t, k])
-        gate, up = F.linear(act(x[t]), weight(w13[e], None if s13 is None else s13[e])).chunk(2)
+        gate, up = F.linear(act(x[t]), weight(w13, s13, e)).chunk(2)
         if limit is not None:
             gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
-        out[t] += weights[t, k].float() * F.linear(act(F.silu(gate) * up), weight(w2[e], None if s2 is None else s2[e]))
+        out[t] += weights[t, k].float() * F.linear(act(F.silu(gate) * up), weight(w2, s2, e))
     return out.to(x.dtype)
 
 

@@ -213,8 +213,8 @@ def _predict(config, model_dir, parts, flops, fmt, float_format, context) -> flo
     """The planner's decode rate for this machine: the model on one 'GPU' that is this CPU, every routed
     expert in host RAM (the placement measured). Each part at what it was measured to reach on its own:
     the model's matrices at their matrix-vector bandwidth, the experts at the CPU kernel's (where it
-    cannot run them, in torch, at the matrices'), and the twin's dispatch per layer. The measured bandwidths include
-    their arithmetic, so no compute bound applies."""
+    cannot run them, in torch, at the matrices'), and the twin's dispatch per layer. The measured
+    bandwidths include their arithmetic, so no compute bound applies."""
     bw = parts["model_gemv_gb_per_s"] * 1e9
     experts_bw = (parts["expert_kernel_gb_per_s"] or parts["model_gemv_gb_per_s"]) * 1e9
     hw = Hardware(

@@ -1,8 +1,9 @@
 """The CPU expert kernel (C++, from stored codes) against dequantize-then-matmul: int4 (its AVX-512 paths with
 float activations, and with int8 activations where the CPU has AVX-512 VNNI, AVX-VNNI or AVX2), FP4, FP8 and
-float experts (fp32, bf16) at odd token, expert and width counts, V4's clamp, skipped pairs, bf16 activations, 1-3 threads, in every
-build this CPU can run (native, without AVX-512, without AVX-512 and AVX-VNNI, generic); a failed build is
-reported and leaves the torch path."""
+float experts (fp32, bf16) at odd token, expert and width counts, V4's clamp, skipped pairs, bf16
+activations, 1-3 threads, a token's bits alone and in a batch, in every build this CPU can run (native,
+without AVX-512, without AVX-512 and AVX-VNNI, generic); a failed build is reported and leaves the torch
+path."""
 
 from __future__ import annotations
 
