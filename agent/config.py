@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from ds4.agent.backends import GenerationParams
 from ds4.agent.errors import ConfigError
+from ds4.agent.fit import CLI_SETTINGS
 
 if TYPE_CHECKING:
     from ds4.agent.sandbox import Sandbox
@@ -45,6 +46,8 @@ class FixConfig:
     cancel: threading.Event | None = None  # set: a running test command is killed at once
     sandbox: Sandbox | None = None  # where tests run; None: bubblewrap, or unsandboxed with a warning
     data_dir: Path | None = None  # the index and run folders; None: REPO/.ds4 (never through a symlink)
+    setting_names: dict[str, str] = field(default_factory=lambda: dict(CLI_SETTINGS))  # how errors name
+    # the budget and max_tokens to this face's user (fit.CLI_SETTINGS, EDITOR_SETTINGS, API_SETTINGS)
 
 
 KEYS: dict[str, type | tuple[type, ...]] = {

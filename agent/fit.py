@@ -13,6 +13,12 @@ MIN_BUDGET = 256  # a pack smaller than this shows too little to be worth a run
 MESSAGE_TOKENS = 8  # what a chat template adds around each message (role markers), counted generously
 FEEDBACK_TOKENS = 2048  # a later round's feedback, reserved beside the previous answer
 
+# How each face names the two settings its user can change when a prompt does not fit: advice names the
+# user's own knob (a command-line flag, an editor setting, a request field).
+CLI_SETTINGS = {"budget": "--budget", "max_tokens": "--max-tokens"}
+EDITOR_SETTINGS = {"budget": "the ds4 `budget` setting", "max_tokens": "the ds4 `maxTokens` setting"}
+API_SETTINGS = {"budget": "the request's `budget`", "max_tokens": "the request's `max_tokens`"}
+
 
 def message_tokens(messages: list[dict], counter: TokenCounter) -> int:
     return sum(counter.count(m["content"]) + MESSAGE_TOKENS for m in messages)
@@ -23,9 +29,12 @@ def prompt_room(context: int, max_tokens: int, instructions_tokens: int) -> int:
     return context - max_tokens - instructions_tokens - 2 * MESSAGE_TOKENS
 
 
-def budget_for(context: int | None, max_tokens: int, instructions_tokens: int, rounds: int) -> int:
+def budget_for(
+    context: int | None, max_tokens: int, instructions_tokens: int, rounds: int, names: dict = CLI_SETTINGS
+) -> int:
     """The repository budget that leaves room for the answer and, with later rounds, a reserve of at most
-    a third of the rest for the previous answer and its feedback; DEFAULT_BUDGET when `context` is None."""
+    a third of the rest for the previous answer and its feedback; DEFAULT_BUDGET when `context` is None.
+    `names`: the settings as the caller's user knows them (CLI_SETTINGS, EDITOR_SETTINGS, API_SETTINGS)."""
     if context is None:
         return DEFAULT_BUDGET
     room = prompt_room(context, max_tokens, instructions_tokens)
@@ -33,22 +42,30 @@ def budget_for(context: int | None, max_tokens: int, instructions_tokens: int, r
     if room - reserve < MIN_BUDGET:
         raise FixError(
             f"the model's context ({context:,} tokens) leaves no room for a prompt beside answers of "
-            f"{max_tokens:,} tokens: lower --max-tokens"
+            f"{max_tokens:,} tokens: lower {names['max_tokens']}"
         )
     return room - reserve
 
 
-def check_first(messages: list[dict], context: int | None, max_tokens: int, counter: TokenCounter) -> None:
-    """A FixError, before any test runs, when the first round's prompt and answer exceed the context."""
+def check_first(
+    messages: list[dict],
+    context: int | None,
+    max_tokens: int,
+    counter: TokenCounter,
+    names: dict = CLI_SETTINGS,
+) -> None:
+    """A FixError, before any test runs, when the first round's prompt and answer exceed the context;
+    its advice names the settings as `names` does."""
     if context is None:
         return
     used = message_tokens(messages, counter)
     if used + max_tokens > context:
         fits = context - max_tokens - (used - counter.count(messages[-1]["content"]))
-        advice = f"lower --budget (at most {fits:,})" if fits >= MIN_BUDGET else "lower --max-tokens"
+        budget, answer = names["budget"], names["max_tokens"]
+        advice = f"lower {budget} (at most {fits:,})" if fits >= MIN_BUDGET else f"lower {answer}"
         raise FixError(
             f"the prompt has {used:,} tokens and an answer may take {max_tokens:,}: more than the model's "
-            f"context of {context:,}; {advice}, or leave --budget unset to fit the context"
+            f"context of {context:,}; {advice}, or leave {budget} unset to fit the context"
         )
 
 

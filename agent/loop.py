@@ -108,11 +108,14 @@ def fix(config: FixConfig, backend: Backend, on_event: Callable[[dict], None] | 
         context, max_tokens = backend.max_model_len, config.generation.max_tokens
         budget = config.budget
         if budget is None:  # what the model's context leaves, else DEFAULT_BUDGET
-            budget = budget_for(context, max_tokens, counter.count(instructions), config.rounds)
+            budget = budget_for(
+                context, max_tokens, counter.count(instructions), config.rounds, config.setting_names
+            )
         with open_index(folder / "index.db") as db:
             packed = pack(db, repo, config.issue, budget, counter, overlay=config.overlay)
         first = [{"role": "system", "content": instructions}, {"role": "user", "content": packed.prompt}]
-        check_first(first, context, max_tokens, counter)  # before the baseline: minutes on a real repository
+        # before the baseline: minutes on a real repository
+        check_first(first, context, max_tokens, counter, config.setting_names)
         (run_dir / "prompt.txt").write_text(packed.prompt)
         (run_dir / "manifest.json").write_text(json.dumps(packed.manifest(), indent=2))
         if packed.secrets:

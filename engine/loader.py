@@ -20,10 +20,12 @@ from safetensors import SafetensorError, safe_open
 
 from ds4.engine.config import ModelConfig
 from ds4.engine.errors import CheckpointError
+from ds4.engine.layers.linear import Linear
 from ds4.engine.layers.quantized import FP8_BLOCK, QuantizedLinear, quantize_module
 from ds4.engine.names import LAYER_PATTERN, Target, ds4_to_hf, hf_to_ds4
 from ds4.engine.pipeline import layer_of
 from ds4.engine.quant import FP4_GROUP, dequantize, scale_shape
+from ds4.kernels.cpu_moe import FLOAT_FORMATS
 
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn}
@@ -110,14 +112,17 @@ def materialize(
     parameters of layer i go to layer_devices[i], what the model registers before its layers (the
     embeddings) to the first layer's device, and what comes after them (final norm, head) to the last's.
 
-    On the CPU, matrices are stored input-major (a transposed view keeps their [out, in] shape): MKL's
-    matrix-vector products read that layout about twice as fast, which is what decode is made of. Routed
-    expert stacks stay output-major: the CPU expert kernel (ds4.kernels.cpu_moe) reads them row by row.
+    On the CPU, the dense layers' weights and the routed expert stacks are stored row by row for ds4's C++
+    kernel (ds4.kernels.cpu_moe), which computes decode's products at close to the read bandwidth; other
+    matrices, and all of them where the kernel does not build, are stored input-major (a transposed view
+    keeps their [out, in] shape): MKL's matrix-vector products read that layout about twice as fast.
     """
     home = torch.device(device)
     stages = [torch.device(d) for d in layer_devices] if layer_devices else None
     keep_float32 = FLOAT32_PARAMS_V4 if config.is_v4 else FLOAT32_PARAMS
     seen_layers = False
+    on_cpu = home.type == "cpu" or any(d.type == "cpu" for d in stages or [])
+    cpu_kernel = on_cpu and _cpu_kernel_builds()  # built once per machine, only where it may run
     for module_name, module in model.named_modules():
         device, layer = home, layer_of(module_name)
         seen_layers = seen_layers or layer is not None
@@ -139,12 +144,30 @@ def materialize(
             )
             shape = tuple(param.shape)
             is_matrix = len(shape) == 2 and not name.endswith("embed.weight")
-            if device.type == "cpu" and is_matrix and want.is_floating_point and not stored:
+            rows = (  # a dense layer's weight the CPU kernel reads row by row at decode
+                cpu_kernel
+                and device.type == "cpu"
+                and isinstance(module, Linear)
+                and key == "weight"
+                and want in FLOAT_FORMATS
+                and shape[1] % 32 == 0
+            )
+            if key == "weight" and isinstance(module, Linear):
+                module.use_cpu_kernel = rows
+            if device.type == "cpu" and is_matrix and want.is_floating_point and not stored and not rows:
                 swapped = shape[:-2] + (shape[-1], shape[-2])
                 data = torch.empty(swapped, dtype=want, device=device).transpose(-1, -2)
             else:
                 data = torch.empty(shape, dtype=want, device=device)
             module._parameters[key] = torch.nn.Parameter(data, requires_grad=False)
+
+
+def _cpu_kernel_builds() -> bool:
+    """Whether dense layers on the CPU take ds4's C++ kernel at decode (its build, once per machine, and a
+    failure reported once as a warning; DS4_CPU_KERNELS=torch keeps torch's products)."""
+    from ds4.kernels import cpu_kernels_enabled, cpu_moe
+
+    return cpu_kernels_enabled() and cpu_moe.available()
 
 
 def _is_stored(module: torch.nn.Module) -> bool:

@@ -668,6 +668,20 @@ int ds4_moe(const float* x, const int64_t* ids, const float* weights, int64_t T,
     return 0;
 }
 
+// y[T, out] = x[T, in] @ W^T for a float matrix W [out, in] (fmt 3 fp32 or 4 bf16, rows contiguous):
+// the dense layers' products at decode shapes (a few rows of x), each thread one contiguous range of
+// blocks of 16 output rows, every sum in the same order as the expert products'.
+int ds4_linear(const float* x, int64_t T, int64_t in, int64_t out, const uint8_t* w, int fmt, float* y,
+               int threads) {
+    if (in % GROUP || (fmt != 3 && fmt != 4)) return 1;
+    const Matrix m{w, nullptr, out, in, fmt, false};
+    const int64_t blocks = (out + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; ++b)
+        matmul_rows(m, b * ROWS, std::min(out, (b + 1) * ROWS), x, in, T, y, out);
+    return 0;
+}
+
 int ds4_moe_isa() {  // 4: AVX-VNNI (256-bit); 3: AVX2; 2: AVX-512 with VNNI; 1: AVX-512; 0: the generic path
 #ifdef DS4_VNNI
     return 2;

@@ -78,6 +78,9 @@ def build(variant: str = "native") -> ctypes.CDLL:
     lib.ds4_moe.argtypes += [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
     lib.ds4_moe.argtypes += [ctypes.c_int, ctypes.c_void_p]
     lib.ds4_moe_act8.argtypes = [ctypes.c_int]
+    lib.ds4_linear.restype = ctypes.c_int
+    lib.ds4_linear.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
+    lib.ds4_linear.argtypes += [ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -176,6 +179,24 @@ def moe(
         out.data_ptr(), work.data_ptr(), threads, seconds.data_ptr(),
     )  # fmt: skip
     assert rc == 0, f"ds4_moe returned {rc}"
+    return out.to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, threads: int | None = None, variant: str = "native"):
+    """x [T, in] @ weight.T in x's dtype, for a float32 or bfloat16 weight [out, in] stored row by row
+    (contiguous) on the CPU, in the kernel (decode shapes: a few rows; the weight is read once per 4)."""
+    lib = _library(variant)
+    assert not isinstance(lib, str), lib
+    fmt = FLOAT_FORMATS[weight.dtype]
+    (T, n_in), n_out = x.shape, weight.shape[0]
+    assert weight.is_contiguous() and weight.device.type == "cpu" and n_in == weight.shape[1], weight.shape
+    xf = _plain(x, torch.float32)
+    out = torch.empty(T, n_out, dtype=torch.float32)
+    if threads is None:
+        threads = max(1, min(torch.get_num_threads(), weight.nbytes // THREAD_BYTES))
+    w, y = weight.data_ptr(), out.data_ptr()
+    rc = lib.ds4_linear(xf.data_ptr(), T, n_in, n_out, w, FORMATS[fmt], y, threads)
+    assert rc == 0, f"ds4_linear returned {rc}"
     return out.to(x.dtype)
 
 

@@ -14,7 +14,7 @@ from lsprotocol import types
 from ds4.agent.backends import BackendError, GenerationParams
 from ds4.agent.errors import Cancelled, FixError
 from ds4.agent.events import describe
-from ds4.agent.fit import budget_for
+from ds4.agent.fit import EDITOR_SETTINGS, budget_for
 from ds4.agent.index.indexer import default_db_path, index_repo
 from ds4.agent.index.store import IndexDatabaseError, open_index
 from ds4.lsp.edits import workspace_edit
@@ -63,6 +63,7 @@ def fix_config(root: Path, issue: str, settings: Settings, unsaved: dict[str, st
         budget=settings.budget,
         generation=GenerationParams(max_tokens=settings.max_tokens),
         overlay=unsaved,
+        setting_names=EDITOR_SETTINGS,
     )
 
 
@@ -128,7 +129,7 @@ async def ask_model(ls: Ds4Server, root: Path, question: str, prompt: str, title
             counter = TokenCounter(backend.tokenizer_file) if backend.tokenizer_file else ApproxCounter()
             system, max_tokens = instructions(prompt), ls.settings.max_tokens
             budget = ls.settings.budget or budget_for(
-                backend.max_model_len, max_tokens, counter.count(system), rounds=1
+                backend.max_model_len, max_tokens, counter.count(system), rounds=1, names=EDITOR_SETTINGS
             )
             index_repo(root)
             with open_index(default_db_path(root)) as db:

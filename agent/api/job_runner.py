@@ -13,6 +13,7 @@ from ds4.agent.api.paths import PathRefused, recheck, repo_data_dir
 from ds4.agent.backends import GenerationParams
 from ds4.agent.config import FixConfig
 from ds4.agent.errors import Cancelled
+from ds4.agent.fit import API_SETTINGS
 from ds4.agent.sandbox import SandboxError
 
 log = logging.getLogger("ds4.api")
@@ -130,6 +131,7 @@ class JobRunner:
             cancel=cancel,  # a running test command dies with it, its whole process tree
             sandbox=sandbox,
             data_dir=repo_data_dir(self.config.jobs_db, job["repo_id"]),
+            setting_names=API_SETTINGS,
         )
         try:
             result = fix(config, backend, on_event)

@@ -21,6 +21,7 @@ from ds4.engine.context import get_forward_context
 from ds4.engine.layers.compressor import Compressor
 from ds4.engine.layers.hyper import unweighted_rms_norm
 from ds4.engine.layers.indexer import CompressedIndexer
+from ds4.engine.layers.linear import Linear
 from ds4.engine.layers.norm import RMSNorm
 from ds4.engine.layers.quantized import dense_weight
 from ds4.engine.layers.rope import apply_rope_tail
@@ -40,13 +41,13 @@ class CompressedAttention(nn.Module):
         D, H, Dh = config.hidden_size, config.num_attention_heads, config.head_dim
         self.n_heads, self.head_dim, self.window = H, Dh, config.sliding_window
         self.o_groups, self.eps = config.o_groups, config.rms_norm_eps
-        self.wq_a = nn.Linear(D, config.q_lora_rank, bias=False)
+        self.wq_a = Linear(D, config.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps, cast_after_weight=True)
-        self.wq_b = nn.Linear(config.q_lora_rank, H * Dh, bias=False)
-        self.wkv = nn.Linear(D, Dh, bias=False)
+        self.wq_b = Linear(config.q_lora_rank, H * Dh, bias=False)
+        self.wkv = Linear(D, Dh, bias=False)
         self.norm = RMSNorm(Dh, config.rms_norm_eps, cast_after_weight=True)
-        self.wo_a = nn.Linear(H * Dh // config.o_groups, config.o_groups * config.o_lora_rank, bias=False)
-        self.wo_b = nn.Linear(config.o_groups * config.o_lora_rank, D, bias=False)
+        self.wo_a = Linear(H * Dh // config.o_groups, config.o_groups * config.o_lora_rank, bias=False)
+        self.wo_b = Linear(config.o_groups * config.o_lora_rank, D, bias=False)
         self.attn_sink = nn.Parameter(torch.empty(H))
         self.compressor = (
             Compressor(

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ds4.engine.config import RopeConfig
+from ds4.engine.layers.linear import Linear
 from ds4.engine.layers.norm import RMSNorm
 from ds4.engine.layers.quantized import compute_dtype
 from ds4.engine.layers.rope import RotaryEmbedding, apply_rope_tail
@@ -116,8 +117,8 @@ class Compressor(nn.Module):
         super().__init__()
         self.dim, self.ratio, self.overlap = dim, ratio, overlap
         width = 2 * dim if overlap else dim
-        self.wkv = nn.Linear(hidden_size, width, bias=False)
-        self.wgate = nn.Linear(hidden_size, width, bias=False)
+        self.wkv = Linear(hidden_size, width, bias=False)
+        self.wgate = Linear(hidden_size, width, bias=False)
         self.ape = nn.Parameter(torch.empty(ratio, width))  # learned position term of the gate
         self.norm = RMSNorm(dim, eps, cast_after_weight=True)
         self.rotary = RotaryEmbedding(rope, rope_dim)  # the "compress" rope, at each window's first position

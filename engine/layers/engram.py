@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds4.engine.config import EngramConfig
+from ds4.engine.layers.linear import Linear
 
 SEED_PRIME = 10007  # per-layer multiplier seeds: seed + 10007 * layer_id, as published
 
@@ -133,8 +134,8 @@ class Engram(nn.Module):
         memory_dim = (cfg.max_ngram - 1) * cfg.n_embed_per_ngram
         # Module names follow the published design, so its checkpoints load as they are.
         self.multi_head_embedding = _Embedding(sum(primes), head_dim)
-        self.value_proj = nn.Linear(memory_dim, hidden_size)
-        self.key_projs = nn.ModuleList(nn.Linear(memory_dim, hidden_size) for _ in range(hc_mult))
+        self.value_proj = Linear(memory_dim, hidden_size)
+        self.key_projs = nn.ModuleList(Linear(memory_dim, hidden_size) for _ in range(hc_mult))
         self.norm1 = nn.ModuleList(_Norm(hidden_size) for _ in range(hc_mult))  # keys
         self.norm2 = nn.ModuleList(_Norm(hidden_size) for _ in range(hc_mult))  # queries
         self.short_conv = _ShortConv(hc_mult * hidden_size, cfg.kernel_size, hc_mult, hidden_size)

@@ -13,6 +13,7 @@ from torch import nn
 
 from ds4.engine.config import ModelConfig
 from ds4.engine.layers.compressor import Compressor
+from ds4.engine.layers.linear import Linear
 from ds4.engine.layers.quantized import compute_dtype
 from ds4.engine.layers.rope import apply_rope, apply_rope_tail
 from ds4.kernels import triton_enabled
@@ -45,10 +46,10 @@ class Indexer(nn.Module):
         self.head_dim = config.index_head_dim
         self.rope_dim = config.qk_rope_head_dim
         self.topk = config.index_topk
-        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(config.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
-        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)  # kept in float32
+        self.weights_proj = Linear(config.hidden_size, self.n_heads, bias=False)  # kept in float32
 
     def _rope(self, x: torch.Tensor, rope) -> torch.Tensor:
         x_pe, x_rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
@@ -153,8 +154,8 @@ class CompressedIndexer(nn.Module):
             config.index_topk,
             ratio,
         )
-        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
-        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)  # kept in float32
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = Linear(config.hidden_size, self.n_heads, bias=False)  # kept in float32
         self.compressor = Compressor(
             config.hidden_size,
             self.head_dim,

@@ -18,6 +18,7 @@ from torch import nn
 from ds4.engine.config import ModelConfig
 from ds4.engine.context import get_forward_context
 from ds4.engine.layers.indexer import Indexer
+from ds4.engine.layers.linear import Linear
 from ds4.engine.layers.norm import RMSNorm
 from ds4.engine.layers.quantized import dense_weight
 from ds4.engine.layers.rope import apply_rope, softmax_scale
@@ -41,17 +42,15 @@ class MLA(nn.Module):
         self.rope_interleave = config.rope_interleave
         dim, heads, bias = config.hidden_size, config.num_attention_heads, config.attention_bias
         if self.q_lora_rank is None:
-            self.wq = nn.Linear(dim, heads * config.qk_head_dim, bias=False)
+            self.wq = Linear(dim, heads * config.qk_head_dim, bias=False)
         else:
-            self.wq_a = nn.Linear(dim, self.q_lora_rank, bias=bias)
+            self.wq_a = Linear(dim, self.q_lora_rank, bias=bias)
             self.q_norm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
-            self.wq_b = nn.Linear(self.q_lora_rank, heads * config.qk_head_dim, bias=False)
-        self.wkv_a = nn.Linear(dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+            self.wq_b = Linear(self.q_lora_rank, heads * config.qk_head_dim, bias=False)
+        self.wkv_a = Linear(dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
         self.kv_norm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
-        self.wkv_b = nn.Linear(
-            self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
-        )
-        self.wo = nn.Linear(heads * self.v_head_dim, dim, bias=bias)
+        self.wkv_b = Linear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.wo = Linear(heads * self.v_head_dim, dim, bias=bias)
         self.indexer = Indexer(config) if config.has_indexer else None
         self.scale = softmax_scale(config.rope, config.qk_head_dim)
 

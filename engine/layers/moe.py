@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds4.engine.config import ModelConfig
+from ds4.engine.layers.linear import Linear
 from ds4.engine.layers.quantized import quantized_linear, stored_shapes
 from ds4.kernels import cpu_kernels_enabled, triton_enabled
 
@@ -33,9 +34,9 @@ class MLP(nn.Module):
     def __init__(self, dim: int, inter_dim: int, limit: float | None = None):
         super().__init__()
         self.limit = limit
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
+        self.w1 = Linear(dim, inter_dim, bias=False)  # gate
+        self.w2 = Linear(inter_dim, dim, bias=False)  # down
+        self.w3 = Linear(dim, inter_dim, bias=False)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))

@@ -71,7 +71,7 @@ def quantize_module(model: nn.Module, name: str, fmt: str, stored, scale_dtype, 
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     linear = getattr(parent, child, None)
-    if type(linear) is not nn.Linear or linear.bias is not None:
+    if not isinstance(linear, nn.Linear) or linear.bias is not None:
         return False
     if fmt != "fp8" and linear.in_features % FP4_GROUP:
         return False

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ds4.engine.config import ModelConfig
+from ds4.engine.layers.linear import Linear
 from ds4.engine.layers.mla import MLA
 from ds4.engine.layers.moe import MLP, MoE
 from ds4.engine.layers.norm import RMSNorm
@@ -46,7 +47,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.rope, config.qk_rope_head_dim)
         self.pipeline = Pipeline([0] * config.num_hidden_layers)  # one stage unless the runner splits it
 

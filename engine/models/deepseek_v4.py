@@ -21,6 +21,7 @@ from ds4.engine.context import get_forward_context
 from ds4.engine.layers.compressed_attention import CompressedAttention
 from ds4.engine.layers.engram import Engram
 from ds4.engine.layers.hyper import HyperConnection, HyperHead, hyper_update
+from ds4.engine.layers.linear import Linear
 from ds4.engine.layers.moe import MoE
 from ds4.engine.layers.norm import RMSNorm
 from ds4.engine.layers.rope import RotaryEmbedding
@@ -84,7 +85,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.layers = nn.ModuleList(Block(config, i, engram_vocab) for i in range(config.num_hidden_layers))
         self.hc_head = HyperHead(D, config.hc_mult, config.hc_eps, config.rms_norm_eps)
         self.norm = RMSNorm(D, config.rms_norm_eps, cast_after_weight=True)
-        self.head = nn.Linear(D, config.vocab_size, bias=False)
+        self.head = Linear(D, config.vocab_size, bias=False)
         self.rotary = nn.ModuleDict(
             {
                 "main": RotaryEmbedding(config.rope, config.qk_rope_head_dim),  # window-only layers

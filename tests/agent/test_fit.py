@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 
 from ds4.agent.errors import FixError
-from ds4.agent.fit import DEFAULT_BUDGET, budget_for, check_first, cut, fit, message_tokens
+from ds4.agent.fit import (
+    API_SETTINGS,
+    DEFAULT_BUDGET,
+    EDITOR_SETTINGS,
+    budget_for,
+    check_first,
+    cut,
+    fit,
+    message_tokens,
+)
 from ds4.agent.tokens import ApproxCounter
 
 COUNTER = ApproxCounter()
@@ -48,6 +57,19 @@ def test_a_first_prompt_over_the_context_says_how_much_budget_fits():
         check_first(first, size + 99, 100, COUNTER)
     with pytest.raises(FixError, match=r"of 1,000; lower --max-tokens, or leave --budget unset"):
         check_first(first, 1000, 900, COUNTER)
+
+
+def test_advice_names_the_settings_of_the_users_face():
+    """The editor's user sets maxTokens and budget in settings, a client sends fields: no CLI flags."""
+    first = [{"role": "system", "content": "Answer with edits."}, {"role": "user", "content": "x" * 3500}]
+    with pytest.raises(
+        FixError, match=r"lower the ds4 `maxTokens` setting, or leave the ds4 `budget` setting"
+    ):
+        check_first(first, 1000, 900, COUNTER, EDITOR_SETTINGS)
+    with pytest.raises(FixError, match=r"lower the request's `budget` \(at most 999\)"):
+        check_first(first, message_tokens(first, COUNTER) + 99, 100, COUNTER, API_SETTINGS)
+    with pytest.raises(FixError, match=r"answers of 2,048 tokens: lower the ds4 `maxTokens` setting$"):
+        budget_for(2048, 2048, 150, 1, EDITOR_SETTINGS)
 
 
 def test_what_fits_is_sent_whole():

@@ -16,6 +16,8 @@ from ds4.engine import LLM
 from ds4.engine.errors import CheckpointError, ConfigError
 from ds4.engine.quant import dequantize_fp4, dequantize_fp8_blocks
 from ds4.engine.random_checkpoint import init_checkpoint
+from ds4.engine.sampler import SamplingParams
+from ds4.kernels import cpu_kernels
 
 IDS = list(range(2, 22))  # 20 tokens: more than the V3.2 index_topk of 16
 SHARD_BYTES = 100_000
@@ -209,7 +211,8 @@ def test_fp8_checkpoint_scores_like_dequantized_float(tmp_path, family):
         tensors[name] = dequantize_fp8_blocks(tensors[name], tensors.pop(scale_name), (128, 128))
     save_file(tensors, str(ref / "model.safetensors"), metadata={"format": "pt"})
     _edit_config(ref, quantization_config=None)
-    got, want = LLM(fp8).score(IDS), LLM(ref).score(IDS)
+    with cpu_kernels(False):  # both through torch's products: the same bits where the values are the same
+        got, want = LLM(fp8).score(IDS), LLM(ref).score(IDS)
     assert (got - want).abs().max().item() == 0.0
     assert torch.equal(got, want)
 
@@ -302,3 +305,21 @@ def test_v4_unsupported_config_field_is_named(tmp_path):
     _edit_config(path, attention_bias=True)
     msg = _load_error(path, ConfigError)
     assert "attention_bias" in msg
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v4"])
+def test_dense_layers_on_the_cpu_take_the_kernel_with_torchs_results(tmp_path, family):
+    """Loaded on the CPU, every dense layer (widths in groups of 32) holds its weight row by row for the C++
+    kernel and runs in it at decode shapes; scores and greedy tokens match torch's products."""
+    from ds4.engine.layers.linear import Linear
+
+    path = _init(tmp_path, family=family)
+    llm = LLM(path)
+    dense = [m for m in llm.runner.model.modules() if isinstance(m, Linear)]
+    assert dense and all(m.use_cpu_kernel and m.weight.is_contiguous() for m in dense)
+    with cpu_kernels(False):
+        torch_llm = LLM(path)
+    assert not any(m.use_cpu_kernel for m in torch_llm.runner.model.modules() if isinstance(m, Linear))
+    torch.testing.assert_close(llm.score(IDS), torch_llm.score(IDS), atol=1e-5, rtol=1e-5)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    assert llm.generate([IDS], greedy)[0].token_ids == torch_llm.generate([IDS], greedy)[0].token_ids

@@ -138,8 +138,8 @@ def test_a_given_layer_split_places_weights_and_cache_rows_on_its_stages(tiny_v4
 
 def test_materialize_puts_each_layer_on_its_own_device():
     """Layer i on layer_devices[i], the embeddings on the first, the final norm and head (V4: the mHC
-    head) on the last; CPU matrices input-major (routed experts output-major: the CPU expert kernel reads
-    their rows), wherever the other layers are."""
+    head) on the last; on the CPU, dense layers and routed experts row by row for the CPU kernels, other
+    matrices input-major, wherever the other layers are."""
     for cfg in (
         init_preset("deepseek_v3", "tiny"),
         dict(init_preset("deepseek_v4", "tiny"), **ENGRAM_FIELDS),
@@ -153,10 +153,12 @@ def test_materialize_puts_each_layer_on_its_own_device():
             layer = layer_of(name)
             want = CPU if name.startswith("embed.") else layer_devices[-1 if layer is None else layer]
             assert p.device == want, name
-            if name.endswith("wkv_b.weight"):
+            if name.endswith("ffn.gate.weight"):
                 assert (p.stride()[-2] == 1) == (want == CPU), name  # input-major on the CPU only
-            if name.endswith("ffn.experts.w13") and want == CPU:
-                assert p.is_contiguous(), name
+            if name.endswith(("wkv_b.weight", "ffn.experts.w13")) and want == CPU:
+                assert p.is_contiguous(), name  # read row by row by the CPU kernels
+        q_b = [model.get_submodule(f"layers.{i}.attn.wq_b") for i in (0, 1)]
+        assert q_b[0].use_cpu_kernel and not q_b[1].use_cpu_kernel  # only where the layer is on the CPU
         assert any(".engram." in n for n, _ in model.named_parameters()) == config.is_v4
 
 

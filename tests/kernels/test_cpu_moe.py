@@ -133,6 +133,21 @@ def test_a_tokens_result_does_not_depend_on_its_batch(gen, fmt):
         assert torch.equal(alone[0], batch[t]), t
 
 
+@pytest.mark.parametrize("variant", ["native", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_products_equal_torchs(gen, dtype, variant):
+    """The dense layers' decode products: x [T, in] @ W.T for 1-9 rows and output widths that are not
+    whole blocks of 16 rows, in 1-3 threads, the same bits whatever the thread count."""
+    for rows, n_in, n_out in [(1, 64, 77), (3, 96, 16), (4, 160, 130), (9, 32, 5)]:
+        weight = (torch.randn(n_out, n_in, generator=gen) * 0.1).to(dtype)
+        x = torch.randn(rows, n_in, generator=gen)
+        want = x @ weight.float().T
+        runs = [cpu_moe.linear(x, weight, threads, variant) for threads in (1, 2, 3)]
+        assert relative_error(runs[0], want) < 2e-6, (rows, n_in, n_out)
+        assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+        assert cpu_moe.linear(x.bfloat16(), weight, variant=variant).dtype == torch.bfloat16
+
+
 def test_a_failed_build_is_reported_and_leaves_the_torch_path(monkeypatch):
     from ds4.engine.config import ModelConfig
     from ds4.engine.layers.moe import Experts

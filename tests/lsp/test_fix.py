@@ -37,6 +37,7 @@ def test_fix_config_takes_the_settings_and_falls_back_to_the_repository_test_com
     assert (config.repo, config.issue, config.test_cmd) == (tmp_path, "issue", "make check")
     assert (config.rounds, config.budget, config.generation.max_tokens) == (2, 5000, 99)
     assert config.overlay == {"a.py": "x"}
+    assert config.setting_names["max_tokens"] == "the ds4 `maxTokens` setting"  # what the loop's errors name
     assert fix_config(tmp_path, "issue", Settings(test_command="pytest -x"), {}).test_cmd == "pytest -x"
 
 

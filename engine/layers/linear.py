@@ -1,0 +1,43 @@
+"""`Linear`: the model's dense layers. An nn.Linear, except that on the CPU, where the loader has laid its
+weight out row by row for it (`use_cpu_kernel`), products of a few rows (decode) run in ds4's C++ kernel
+(ds4.kernels.cpu_moe.linear): torch's matrix-vector product reads a weight at 13-25 GB/s on the machines
+measured, the kernel at close to the machine's read bandwidth (docs/perf.md). Longer products (prefill)
+stay with torch's GEMM. A compiled decode step sees the choice as one opaque op (`ds4::cpu_linear`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNEL_ROWS = 32  # rows of x up to which the kernel runs; past them, torch's GEMM (measured: docs/perf.md)
+
+
+class Linear(nn.Linear):
+    use_cpu_kernel = False  # set by the loader where the weight is on the CPU, row by row, in a kernel format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_cpu_kernel or x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        y = cpu_linear(x, self.weight) if torch.compiler.is_compiling() else _product(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > KERNEL_ROWS:
+        return F.linear(x, weight)
+    from ds4.kernels.cpu_moe import linear
+
+    return linear(rows, weight).view(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("ds4::cpu_linear", mutates_args=())
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T on the CPU: in ds4's kernel for up to KERNEL_ROWS rows, else torch's GEMM."""
+    return _product(x, weight)
+
+
+@cpu_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
