@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from ds4.engine.config import ModelConfig
 from ds4.engine.errors import CheckpointError
-from ds4.engine.layers.linear import Linear
+from ds4.engine.layers.linear import Linear, kernel_min_bytes
 from ds4.engine.layers.quantized import FP8_BLOCK, QuantizedLinear, quantize_module
 from ds4.engine.names import LAYER_PATTERN, Target, ds4_to_hf, hf_to_ds4
 from ds4.engine.pipeline import layer_of
@@ -112,10 +112,11 @@ def materialize(
     parameters of layer i go to layer_devices[i], what the model registers before its layers (the
     embeddings) to the first layer's device, and what comes after them (final norm, head) to the last's.
 
-    On the CPU, the dense layers' weights and the routed expert stacks are stored row by row for ds4's C++
-    kernel (ds4.kernels.cpu_moe), which computes decode's products at close to the read bandwidth; other
-    matrices, and all of them where the kernel does not build, are stored input-major (a transposed view
-    keeps their [out, in] shape): MKL's matrix-vector products read that layout about twice as fast.
+    On the CPU, the dense layers' weights (of at least kernel_min_bytes()) and the routed expert stacks are
+    stored row by row for ds4's C++ kernel (ds4.kernels.cpu_moe), which computes decode's products at
+    close to the read bandwidth; other matrices, and all of them where the kernel does not build, are
+    stored input-major (a transposed view keeps their [out, in] shape): MKL's matrix-vector products read
+    that layout about twice as fast.
     """
     home = torch.device(device)
     stages = [torch.device(d) for d in layer_devices] if layer_devices else None
@@ -123,6 +124,7 @@ def materialize(
     seen_layers = False
     on_cpu = home.type == "cpu" or any(d.type == "cpu" for d in stages or [])
     cpu_kernel = on_cpu and _cpu_kernel_builds()  # built once per machine, only where it may run
+    min_bytes = kernel_min_bytes()
     for module_name, module in model.named_modules():
         device, layer = home, layer_of(module_name)
         seen_layers = seen_layers or layer is not None
@@ -151,6 +153,7 @@ def materialize(
                 and key == "weight"
                 and want in FLOAT_FORMATS
                 and shape[1] % 32 == 0
+                and shape[0] * shape[1] * want.itemsize >= min_bytes
             )
             if key == "weight" and isinstance(module, Linear):
                 module.use_cpu_kernel = rows

@@ -1,16 +1,27 @@
 """`Linear`: the model's dense layers. An nn.Linear, except that on the CPU, where the loader has laid its
-weight out row by row for it (`use_cpu_kernel`), products of a few rows (decode) run in ds4's C++ kernel
-(ds4.kernels.cpu_moe.linear): torch's matrix-vector product reads a weight at 13-25 GB/s on the machines
-measured, the kernel at close to the machine's read bandwidth (docs/perf.md). Longer products (prefill)
-stay with torch's GEMM. A compiled decode step sees the choice as one opaque op (`ds4::cpu_linear`)."""
+weight out row by row for it (`use_cpu_kernel`: weights of `kernel_min_bytes()` or more), products of a
+few rows (decode) run in ds4's C++ kernel (ds4.kernels.cpu_moe.linear): torch's matrix-vector product
+reads a weight at 13-25 GB/s on the machines measured, the kernel at close to the machine's read
+bandwidth (docs/perf.md). Longer products (prefill) stay with torch's GEMM. A compiled decode step sees
+the choice as one opaque op (`ds4::cpu_linear`)."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 KERNEL_ROWS = 32  # rows of x up to which the kernel runs; past them, torch's GEMM (measured: docs/perf.md)
+
+
+def kernel_min_bytes() -> int:
+    """The smallest weight the kernel takes: a call into it costs 30-40 us more than torch's own (the op's
+    Python and ctypes), which a matrix of a few hundred KB does not win back (docs/perf.md). Every real
+    DeepSeek matrix is far larger; `DS4_CPU_DENSE_MIN_BYTES` overrides it (the tests set 0, so the tiny
+    models' layers run in the kernel too)."""
+    return int(os.environ.get("DS4_CPU_DENSE_MIN_BYTES", 2 << 20))
 
 
 class Linear(nn.Linear):
