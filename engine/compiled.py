@@ -4,7 +4,8 @@ of the model's forward over a decode batch, so a step stops paying Python and at
 One graph holds the whole step, every layer included (fullgraph): the batch size and the longest
 sequence (the length of `DecodeBatch.span`) are dynamic sizes, so one compile serves every batch and
 context length. The routed experts are one opaque op (`ds4::routed_experts`): their dispatch reads
-expert ids on the host, which a traced graph cannot. Prefill and mixed steps run eagerly.
+expert ids on the host, which a traced graph cannot. The dense layers whose weights the CPU kernel
+reads are another (`ds4::cpu_linear`, engine/layers/linear.py). Prefill and mixed steps run eagerly.
 
 The first decode step compiles (tens of seconds on two cores; inductor caches its kernels on disk, so a
 later process reuses them); a compile that fails is reported once and the runner decodes eagerly.
