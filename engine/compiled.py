@@ -39,6 +39,8 @@ def compile_blocker(runner) -> str | None:
 
     if any(d.type != "cpu" for d in runner.devices):
         return "not on the CPU (a GPU replays CUDA graphs instead)"
+    if len(runner.devices) > 1:  # its hand-off counters are Python ints: a recompile at every step
+        return "a layer pipeline counts its hand-offs on the host"
     if triton_enabled(runner.device):
         return "the Triton kernels run under their interpreter"
     return None
@@ -70,7 +72,11 @@ class CompiledDecode:
         try:
             with _own_symbols():
                 logits = self.compiled(input_ids, positions)
-        except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as e:
+        except (
+            torch._dynamo.exc.TorchDynamoException,
+            torch._dynamo.exc.FailOnRecompileLimitHit,  # not a TorchDynamoException in torch 2.13
+            torch._inductor.exc.InductorError,
+        ) as e:
             # raised while tracing or generating code (or past the recompile limit), before the graph ran:
             # the cache is untouched
             self.failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
