@@ -38,3 +38,18 @@ def test_the_compiled_step_gives_the_eager_tokens(request, checkpoint):
         assert a.token_ids == b.token_ids
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             assert abs(x["logprob"] - y["logprob"]) < 1e-5
+
+
+def test_tiered_experts_decode_compiled_with_the_eager_tokens(tiny_v3):
+    """Hot experts on the compute device, the rest in host RAM (`hot_experts`): the tiered stack is the
+    compiled step's opaque expert op, as a plain stack is, and the tokens are the eager engine's."""
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    prompts = [list(range(3, 40)), list(range(5, 20))]
+    runs = []
+    for compile_decode in (True, False):
+        llm = LLM(tiny_v3, hot_experts=2, compile_decode=compile_decode, max_num_seqs=4)
+        runs.append([out.token_ids for out in llm.generate(prompts, params)])
+        if compile_decode:
+            step = llm.runner.decode_forward
+            assert step.failure is None and step.compile_seconds is not None
+    assert runs[0] == runs[1]
