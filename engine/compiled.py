@@ -13,6 +13,7 @@ later process reuses them); a compile that fails is reported once and the runner
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -46,10 +47,18 @@ def compile_blocker(runner) -> str | None:
     return None
 
 
+# graphs dynamo keeps for the decode step's code, which every runner of the process shares (each model is
+# its own guard): its default of 8 failed the ninth compiled engine of a process (a test suite, benches)
+RECOMPILE_LIMIT = 64
+
+
+@contextlib.contextmanager
 def _own_symbols():
     """Every dynamic size its own symbol: by default dynamo gives sizes equal when traced one symbol and
     recompiles when they part (V4's compressed entries and the sequence lengths did, 40 tokens in)."""
-    return torch.fx.experimental._config.patch(use_duck_shape=False)
+    with torch.fx.experimental._config.patch(use_duck_shape=False):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            yield
 
 
 class CompiledDecode:
