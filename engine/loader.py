@@ -25,6 +25,7 @@ from ds4.engine.layers.quantized import FP8_BLOCK, QuantizedLinear, quantize_mod
 from ds4.engine.names import LAYER_PATTERN, Target, ds4_to_hf, hf_to_ds4
 from ds4.engine.pipeline import layer_of
 from ds4.engine.quant import FP4_GROUP, dequantize, scale_shape
+from ds4.kernels import cpu_moe
 from ds4.kernels.cpu_moe import FLOAT_FORMATS
 
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -123,7 +124,7 @@ def materialize(
     keep_float32 = FLOAT32_PARAMS_V4 if config.is_v4 else FLOAT32_PARAMS
     seen_layers = False
     on_cpu = home.type == "cpu" or any(d.type == "cpu" for d in stages or [])
-    cpu_kernel = on_cpu and _cpu_kernel_builds()  # built once per machine, only where it may run
+    cpu_kernel = on_cpu and cpu_moe.usable()  # built once per machine, only where it may run
     min_bytes = kernel_min_bytes()
     for module_name, module in model.named_modules():
         device, layer = home, layer_of(module_name)
@@ -163,14 +164,6 @@ def materialize(
             else:
                 data = torch.empty(shape, dtype=want, device=device)
             module._parameters[key] = torch.nn.Parameter(data, requires_grad=False)
-
-
-def _cpu_kernel_builds() -> bool:
-    """Whether dense layers on the CPU take ds4's C++ kernel at decode (its build, once per machine, and a
-    failure reported once as a warning; DS4_CPU_KERNELS=torch keeps torch's products)."""
-    from ds4.kernels import cpu_kernels_enabled, cpu_moe
-
-    return cpu_kernels_enabled() and cpu_moe.available()
 
 
 def _is_stored(module: torch.nn.Module) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ds4.kernels import cpu_activations_int8
+from ds4.kernels import cpu_activations_int8, cpu_kernels_enabled
 
 SOURCE = Path(__file__).with_name("cpu_moe.cpp")
 FORMATS = {"int4": 0, "fp4": 1, "fp8": 2, "fp32": 3, "bf16": 4}
@@ -102,6 +102,12 @@ def _library(variant: str = "native") -> ctypes.CDLL | str:
 def available(variant: str = "native") -> bool:
     """Whether the kernel is built and loaded; the first failure is reported as a RuntimeWarning."""
     return not isinstance(_library(variant), str)
+
+
+def usable() -> bool:
+    """Whether the engine takes the kernel: not turned off (DS4_CPU_KERNELS=torch, `cpu_kernels(False)`)
+    and built (the build, once per machine, and a failure reported once as a warning)."""
+    return cpu_kernels_enabled() and available()
 
 
 def build_error(variant: str = "native") -> str | None:

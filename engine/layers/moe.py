@@ -18,7 +18,7 @@ from torch import nn
 from ds4.engine.config import ModelConfig
 from ds4.engine.layers.linear import Linear
 from ds4.engine.layers.quantized import quantized_linear, stored_shapes
-from ds4.kernels import cpu_kernels_enabled, triton_enabled
+from ds4.kernels import triton_enabled
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
@@ -136,11 +136,11 @@ class Experts(nn.Module):
     def cpu_kernel(self) -> bool:
         """Whether the stack runs in ds4's CPU kernel: in host RAM, quantized or float (fp32, bf16), in a
         shape it takes, and built (a failed build is reported once, as a warning)."""
-        if self.w13.device.type != "cpu" or not cpu_kernels_enabled() or self.kernel_format is None:
+        if self.w13.device.type != "cpu" or self.kernel_format is None:
             return False
         from ds4.kernels import cpu_moe
 
-        return cpu_moe.supports(self.kernel_format, self.w2.shape[1], self.moe_inter) and cpu_moe.available()
+        return cpu_moe.supports(self.kernel_format, self.w2.shape[1], self.moe_inter) and cpu_moe.usable()
 
     @property
     def moe_inter(self) -> int:
