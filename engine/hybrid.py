@@ -9,10 +9,13 @@ evicted, during generation. A step computes each expert where its weights are (t
 not the weights), except in long prefills (`stream_tokens` tokens or more in one pass), where the
 cold experts a pass uses are copied to the compute device once for that pass.
 
-Quantized experts in host RAM run in ds4's CPU kernel (ds4.kernels.cpu_moe): every cold (token, expert)
-pair of a decode-shaped pass in one call, straight from the stored codes; hot pairs run on the compute
-device and are added. Float experts, prefills with many rows per expert, and every expert where the
-kernel does not apply, run one call per expert.
+Experts in host RAM run in ds4's CPU kernel (ds4.kernels.cpu_moe), quantized or float: every cold (token,
+expert) pair of a decode-shaped pass in one call, straight from the stored codes; hot pairs run on the
+compute device and are added. Prefills with many rows per expert, and experts in a format or shape the
+kernel does not take, run one call per expert. With the model on a GPU, a decode-shaped pass overlaps:
+its inputs and routing go to pinned host memory behind the work that computes them, the device computes
+the shared expert (and the hot experts) while the host computes the cold ones, and the host waits for
+that hand-off alone (`TieredExperts.begin`).
 
 Float results do not depend on placement: every expert computes the same operations on the same values,
 summed in the same order (the kernel's sums differ from torch's by rounding only, and by about 1% where
@@ -22,6 +25,7 @@ every tier is the CPU, so the logic is tested everywhere; on a GPU it moves real
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -59,6 +63,7 @@ class TieredExperts(Experts):
         self.kernel_seconds = torch.zeros(1, dtype=torch.float64)  # the CPU kernel adds its own time
         self.expert_bytes = sum(t.numel() * t.element_size() for t in self._weights(0) if t is not None)
         self._streamed: dict[int, tuple] = {}
+        self.overlap: bool | None = None  # see `overlaps`
 
     def _weights(self, e: int, device=None) -> tuple:
         """Expert e's (w13, w13 scale, w2, w2 scale), scales None for float experts; copied to `device`."""
@@ -78,14 +83,48 @@ class TieredExperts(Experts):
         w13, s13, w2, s2 = weights
         return expert_forward(x.to(device), w13, w2, self.limit, self.quant, s13, s2).to(x.device)
 
+    @property
+    def overlaps(self) -> bool:
+        """Whether a decode-shaped pass hands its cold experts to the host while the compute device goes on
+        with what the caller queues meanwhile (MoE queues the shared expert): experts in host RAM computed
+        by the CPU kernel, the rest of the model on a GPU. `overlap` True or False decides instead (the
+        tests run the overlapped order on the CPU)."""
+        if self.overlap is not None:
+            return self.overlap and self.use_cpu_kernel
+        return self.use_cpu_kernel and self.compute_device.type == "cuda"
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # a compiled step calls this forward, run eagerly, as one op
             return routed_experts(x, weights, expert_ids, self.handle)
+        return self.begin(x, weights, expert_ids)()
+
+    def begin(
+        self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
+    ) -> Callable[[], torch.Tensor]:
+        """Starts a pass; the call it returns finishes it. Overlapped (a decode-shaped pass on a GPU with its
+        experts in host RAM), the pass's inputs and routing are copied to pinned host memory behind the work
+        that computes them, without waiting; what the caller queues on the device before calling the result
+        runs while the host computes, since the call waits for that copy alone. Otherwise the whole pass
+        runs in the call."""
+        if not (self.overlaps and self.kernel_rows(expert_ids) and x.shape[0] < self.stream_tokens):
+            return lambda: self._pass(x, weights, expert_ids)
+        host = [_to_host(t) for t in (x, weights, expert_ids)]
+        copied = None
+        if x.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+        return lambda: self._pass(x, weights, expert_ids, host, copied)
+
+    def _pass(self, x, weights, expert_ids, host=None, copied=None) -> torch.Tensor:
+        if copied is not None:
+            copied.synchronize()  # the hand-off alone: the device may still be computing what came after
         start = time.perf_counter()
-        ids = expert_ids.cpu()
+        ids = host[2] if host else expert_ids.cpu()
         id_list = ids.flatten().tolist()
         self._routed += id_list
         try:
+            if host:
+                return self._kernel_forward(x, weights, ids, id_list, host[:2])
             return self._forward(x, weights, ids, id_list)
         finally:
             if x.shape[0] == 1:
@@ -110,20 +149,23 @@ class TieredExperts(Experts):
         finally:
             self._streamed = {}
 
-    def _kernel_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, id_list: list[int]):
-        """Cold pairs in one CPU kernel call; hot ones where their weights are, on the compute device. On a
-        CPU-only machine that is the same memory, so every pair goes to the kernel, unless the Triton path
-        is forced (tests run hot experts through it)."""
+    def _kernel_forward(self, x, weights, ids: torch.Tensor, id_list: list[int], host=None) -> torch.Tensor:
+        """Cold pairs in one CPU kernel call; hot ones where their weights are, on the compute device, queued
+        first so that they run while the host computes. On a CPU-only machine that is the same memory, so
+        every pair goes to the kernel, unless the Triton path is forced (tests run hot experts through it).
+        `host`: x and weights already copied to host memory."""
         hot_pairs = sum(1 for e in id_list if e in self.hot)
         self.stats["hot_rows"] += hot_pairs
         self.stats["cold_rows"] += len(id_list) - hot_pairs
         device_path = self.compute_device != self.expert_device or triton_enabled(self.compute_device)
         seconds = self.kernel_seconds if x.shape[0] == 1 else None
+        host_x, host_weights = host or (x, weights)
         if not (device_path and hot_pairs):  # decode on a CPU-only machine: one call, nothing else
-            return self.cpu_forward(x, weights, ids, seconds)
+            return self.cpu_forward(host_x, host_weights, ids, seconds).to(x.device)
         is_hot = torch.isin(ids, torch.tensor(sorted(self.hot), dtype=ids.dtype))
-        y = self.cpu_forward(x, weights, ids.masked_fill(is_hot, -1), seconds).to(x.device)
-        return y + self._hot_forward(x, weights, ids, is_hot)
+        hot = self._hot_forward(x, weights, ids, is_hot)
+        y = self.cpu_forward(host_x, host_weights, ids.masked_fill(is_hot, -1), seconds).to(x.device)
+        return y + hot
 
     def _hot_forward(self, x, weights, ids, is_hot) -> torch.Tensor:
         """The hot pairs' weighted sum on the compute device, expert by expert in ascending id."""
@@ -167,3 +209,10 @@ def make_hybrid(
             module.experts = TieredExperts(experts, hot, compute_device, expert_device, period, stream_tokens)
             tiered.append(module.experts)
     return tiered
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """t in pinned host memory, copied without waiting (t itself where it is on the CPU already)."""
+    if t.device.type == "cpu":
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)

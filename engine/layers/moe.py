@@ -233,10 +233,13 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         weights, expert_ids = self.gate(x, input_ids)
-        y = self.experts(x, weights, expert_ids)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
+        if self.shared_experts is None:
+            return self.experts(x, weights, expert_ids)
+        if getattr(self.experts, "overlaps", False) and not torch.compiler.is_compiling():
+            routed = self.experts.begin(x, weights, expert_ids)  # hybrid: the host takes the routed experts
+            shared = self.shared_experts(x)  # queued on the device, which runs it while the host computes
+            return routed() + shared
+        return self.experts(x, weights, expert_ids) + self.shared_experts(x)
 
 
 # The expert stacks by handle: a compiled step's `routed_experts` op calls back into the stack it names.

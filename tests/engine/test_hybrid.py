@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+import torch
 
 from ds4.engine import LLM, SamplingParams
 from ds4.engine.random_checkpoint import init_checkpoint
@@ -120,8 +121,6 @@ def test_quantized_experts_in_ram_run_in_the_cpu_kernel_with_the_same_greedy_tok
 
 
 def _largest_allocation(fn) -> int:
-    import torch
-
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         fn()
@@ -129,8 +128,6 @@ def _largest_allocation(fn) -> int:
 
 
 def test_the_cpu_kernel_allocates_no_full_precision_copy_of_an_expert(tmp_path):
-    import torch
-
     from ds4 import kernels
     from ds4.kernels import cpu_moe
 
@@ -146,3 +143,55 @@ def test_the_cpu_kernel_allocates_no_full_precision_copy_of_an_expert(tmp_path):
     with kernels.cpu_kernels(False):  # the torch path does copy: the check can fail
         torch_path = LLM(_quantized(tmp_path / "src", "int4"), hot_experts=0).runner.tiered[0]
         assert _largest_allocation(lambda: torch_path(x, weights, ids)) >= smallest
+
+
+def test_overlapped_passes_queue_the_shared_expert_before_the_host_computes_with_the_same_tokens(tmp_path):
+    """With experts in host RAM and the model on a GPU, a layer's cold experts go to the host while the
+    device computes the shared expert. The order is what overlaps, so it is checked here, where every
+    tier is the CPU: the shared expert is called before the routed experts' kernel, in every MoE layer and
+    step, and the tokens do not change."""
+    init_checkpoint("deepseek_v3", "tiny", tmp_path / "src", seed=2)
+    llm = LLM(_quantized(tmp_path / "src", "int4"), hot_experts=0)
+    assert not any(t.overlaps for t in llm.runner.tiered)  # CPU-only: nothing to overlap with by default
+    want = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    calls = []  # (what, layer) of the decode steps (prefills have too many rows for the kernel)
+    layers = [m for m in llm.runner.model.modules() if hasattr(m, "shared_experts") and m.shared_experts]
+    assert len(layers) == len(llm.runner.tiered) > 1
+
+    def record(what, i, x):
+        if x.shape[0] <= len(PROMPTS):
+            calls.append((what, i))
+
+    for i, layer in enumerate(layers):
+        layer.shared_experts.register_forward_hook(lambda _, args, __, i=i: record("shared", i, args[0]))
+        kernel = layer.experts.cpu_forward
+        layer.experts.cpu_forward = lambda *a, i=i, kernel=kernel: record("routed", i, a[0]) or kernel(*a)
+        layer.experts.overlap = True
+    assert all(t.overlaps for t in llm.runner.tiered)
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+    steps = len(calls) // (2 * len(layers))
+    assert steps >= GREEDY.max_tokens - 1
+    assert calls == [
+        (kind, i) for _ in range(steps) for i in range(len(layers)) for kind in ("shared", "routed")
+    ]
+    for layer in layers:
+        layer.experts.overlap = False
+    calls.clear()
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+    assert calls[:2] == [("routed", 0), ("shared", 0)]  # the order the test tells apart
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_overlapped_passes_give_the_tokens_of_the_plain_ones(tmp_path):
+    """On a GPU with int4 experts in host RAM, overlap is on by default; its pinned, non-blocking hand-off
+    gives the tokens of the blocking one."""
+    init_checkpoint("deepseek_v3", "tiny", tmp_path / "src", seed=2)
+    llm = LLM(_quantized(tmp_path / "src", "int4"), device="cuda", hot_experts=1, hot_period=1)
+    assert all(t.overlaps for t in llm.runner.tiered)
+    got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    for tiered in llm.runner.tiered:
+        tiered.overlap = False
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == got
+    stats = [t.stats for t in llm.runner.tiered]
+    assert sum(s["cold_rows"] for s in stats) > 0 and sum(s["hot_rows"] for s in stats) > 0
