@@ -1,10 +1,11 @@
 """The engine on a GPU machine, one JSON object per line (and the readable reports): per family, fp32
 agreement with transformers on the forced-Triton path, then `bench engine` (prefill, decode at batch 1
 and batch 32 through the scheduler with CUDA graphs on and off, next to transformers, host syncs and
-kernels per token, the device-busy share, the bandwidth floor); then `bench kernels`.
+kernels per token, the device-busy share, the bandwidth floor); then `bench long` (32K and 128K in 8K
+chunks: prefill tok/s and peak memory; `--long-1m` adds V4 at 1,048,576 tokens); then `bench kernels`.
 `make gpu-check` runs it after the kernel tests.
 
-usage: gpu_check.py DEVICE WORKDIR [FAMILY ...] [--quick]   (--quick: tiny presets, a CPU dry run)
+usage: gpu_check.py DEVICE WORKDIR [FAMILY ...] [--quick] [--long-1m]   (--quick: tiny presets, a CPU dry run)
 """
 
 import json
@@ -16,6 +17,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEVICE, WORK = sys.argv[1], sys.argv[2]
 QUICK = "--quick" in sys.argv
+LONG = [2048, 4096] if QUICK else [32768, 131072]
 CUDA = DEVICE.startswith("cuda")
 PRESET = "tiny" if QUICK else "small"
 PROMPT, NEW, BATCH, RUNS = (16, 8, 4, 1) if QUICK else (512, 64, 32, 3)
@@ -69,6 +71,23 @@ def family(fam):
         print(format_report(report), flush=True)
     except Exception as e:
         emit(step="bench_engine", family=fam, error=f"{type(e).__name__}: {e}"[:400])
+    if CUDA:
+        torch.cuda.empty_cache()
+    long_prompts(path, fam, LONG + ([1 << 20] if "--long-1m" in sys.argv and fam == "deepseek_v4" else []))
+
+
+def long_prompts(path, fam, lengths):
+    from ds4.engine.bench.long import bench_long, format_long_report
+
+    try:
+        dtype = "bfloat16" if CUDA else "float32"
+        report = bench_long(
+            path, lengths, DEVICE, dtype, chunk=512 if QUICK else 8192, decode_tokens=4, peer=False
+        )
+        emit(step="bench_long", family=fam, **report)
+        print(format_long_report(report), flush=True)
+    except Exception as e:
+        emit(step="bench_long", family=fam, error=f"{type(e).__name__}: {e}"[:400])
     if CUDA:
         torch.cuda.empty_cache()
 

@@ -15,6 +15,26 @@ from ds4.kernels.dot import dot, dot_args
 
 
 @triton.jit
+def load_rows(pool_ptr, row, pmask, c, r, cmask, rmask, stride_pool, C: tl.constexpr, FP8: tl.constexpr):
+    """Pool rows `row` [N] as float32: their latent [N, BLOCK_C] and roped key [N, BLOCK_R] (masked by
+    pmask, cmask, rmask). FP8: 656-byte rows, e4m3 latent with a float32 scale per 128, bf16 rope."""
+    lmask = pmask[:, None] & cmask[None, :]
+    rmask2 = pmask[:, None] & rmask[None, :]
+    base = pool_ptr + row[:, None] * stride_pool
+    if FP8:
+        codes = tl.load(base + c[None, :], mask=lmask, other=0)
+        scales = tl.load(
+            (base + C).to(tl.pointer_type(tl.float32)) + c[None, :] // 128, mask=lmask, other=0.0
+        )
+        latent = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scales
+        roped = tl.load((base + C + 16).to(tl.pointer_type(tl.bfloat16)) + r[None, :], mask=rmask2, other=0.0)
+    else:
+        latent = tl.load(base + c[None, :], mask=lmask, other=0.0).to(tl.float32)
+        roped = tl.load(base + C + r[None, :], mask=rmask2, other=0.0)
+    return latent, roped.to(tl.float32)
+
+
+@triton.jit
 def _mla_decode_kernel(
     ql_ptr,
     qr_ptr,
@@ -69,24 +89,7 @@ def _mla_decode_kernel(
         pmask = pos < n
         page = tl.load(table_ptr + b * stride_tb + pos // PAGE, mask=pmask, other=0)
         row = page.to(tl.int64) * PAGE + pos % PAGE
-        lmask = pmask[:, None] & cmask[None, :]
-        rmask2 = pmask[:, None] & rmask[None, :]
-        if FP8:  # 656-byte rows: e4m3 latent, a float32 scale per 128, bf16 rope
-            base = pool_ptr + row[:, None] * stride_pool
-            codes = tl.load(base + c[None, :], mask=lmask, other=0)
-            scales = tl.load(
-                (base + C).to(tl.pointer_type(tl.float32)) + c[None, :] // 128, mask=lmask, other=0.0
-            )
-            latent = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scales
-            roped = tl.load(
-                (base + C + 16).to(tl.pointer_type(tl.bfloat16)) + r[None, :], mask=rmask2, other=0.0
-            )
-            roped = roped.to(tl.float32)
-        else:
-            latent = tl.load(pool_ptr + row[:, None] * stride_pool + c[None, :], mask=lmask, other=0.0)
-            latent = latent.to(tl.float32)
-            roped = tl.load(pool_ptr + row[:, None] * stride_pool + C + r[None, :], mask=rmask2, other=0.0)
-            roped = roped.to(tl.float32)
+        latent, roped = load_rows(pool_ptr, row, pmask, c, r, cmask, rmask, stride_pool, C, FP8)
         s = (dot(ql, tl.trans(latent), DOT, PRECISION) + dot(qr, tl.trans(roped), DOT, PRECISION)) * scale
         s = tl.where(pmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))

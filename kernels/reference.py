@@ -65,6 +65,31 @@ def paged_mla_decode(
     return out, lse
 
 
+def mla_prefill(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    pool: torch.Tensor,
+    blocks: torch.Tensor,
+    start: int,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed, causal MLA prefill of one sequence's chunk: queries q_latent [T, H, C], q_rope [T, H, R]
+    at positions start .. start + T - 1 over the rows of positions 0 .. start + T - 1 in the pool (its
+    `blocks` in order); query t sees the positions up to start + t. Returns the softmax-weighted latent
+    [T, H, C] and the log-sum-exp [T, H], as paged_mla_decode."""
+    tokens, _, latent = q_latent.shape
+    end = start + tokens
+    rows = pool[gather_rows(blocks, end, block_size)].float()  # [S, C + R]
+    scores = torch.einsum("thc,sc->ths", q_latent.float(), rows[:, :latent])
+    scores = (scores + torch.einsum("thr,sr->ths", q_rope.float(), rows[:, latent:])) * scale
+    hidden = (
+        torch.arange(end, device=pool.device)[None, :] > torch.arange(start, end, device=pool.device)[:, None]
+    )
+    scores = scores.masked_fill(hidden[:, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1) @ rows[:, :latent], torch.logsumexp(scores, dim=-1)
+
+
 def sparse_attention(
     q: torch.Tensor,
     kv: torch.Tensor,

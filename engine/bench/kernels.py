@@ -19,6 +19,7 @@ from ds4.engine.quant import CODECS
 from ds4.kernels import reference
 from ds4.kernels.indexer import indexer_scores
 from ds4.kernels.mla_decode import paged_mla_decode
+from ds4.kernels.mla_prefill import mla_prefill
 from ds4.kernels.moe import fused_moe
 from ds4.kernels.quant_linear import quant_linear
 from ds4.kernels.rmsnorm import rmsnorm
@@ -134,6 +135,23 @@ def cases(device: str, small: bool):
                 2 * B * H * S * (2 * C + R),
             )
         )
+    # MLA prefill (V3, absorbed, causal): a chunk of T tokens over a cached prefix, flash-style
+    T, S = (16, 80) if small else (512, 4096)
+    end, pages = S + T, -(-(S + T) // page)
+    chunk_pool = rand(pages * page, C + R)
+    chunk_blocks = torch.randperm(pages, generator=g).to(torch.int32).to(device)
+    pql, pqr = rand(T, H, C), rand(T, H, R)
+    out.append(
+        (
+            "MLA prefill (V3, absorbed)",
+            f"T={T} H={H} C={C}+{R} S={S}+{T}",
+            lambda S=S: mla_prefill(pql, pqr, chunk_pool, chunk_blocks, S, page, scale),
+            lambda S=S: reference.mla_prefill(pql, pqr, chunk_pool, chunk_blocks, S, page, scale),
+            None,
+            end * (C + R) * bpe + 2 * T * H * (C + R) * bpe,
+            2 * T * H * (S + T / 2) * (2 * C + R),
+        )
+    )
     # sparse attention: V3.2 MLA top-k and V4-Flash (K = V head with sink)
     for name, T, H, D, V, K, rows, with_sink in (
         (

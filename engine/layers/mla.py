@@ -3,9 +3,11 @@
 Legend: T new tokens, S cached tokens (keys), H heads, C kv latent rank, R rope dim, N nope dim, V value dim.
 
 Two paths, same function:
-- naive: per-head K/V materialized from the latent by W_UKV (cheap for long query chunks: prefill);
+- naive: per-head K/V materialized from the latent by W_UKV (cheap for long query chunks: prefill); past
+  WORKSPACE score elements, in key blocks with an online softmax, so memory stays flat in the context;
 - absorbed: W_UK folded into the query and W_UV applied after attention, so attention runs in the
-  latent space and reads only the cached [C + R] rows (decode).
+  latent space and reads only the cached [C + R] rows (decode; and on the Triton path, prefill chunks
+  past WORKSPACE, in the flash-style kernel ds4.kernels.mla_prefill: nothing expanded, no score matrix).
 Only the normalized latent and the roped key are cached.
 """
 
@@ -89,7 +91,10 @@ class MLA(nn.Module):
                     chosen = self.indexer.select_streaming(
                         x[new], q_latent[new], rope_slice(rope, new), index_keys, ctx.positions[new]
                     )
-                outs.append(self._prefill_blocked(q_nope[new], q_pe[new], ctx.cache, seq, chosen))
+                if triton_enabled(x.device):  # flash-style over the cached latent rows, nothing expanded
+                    outs.append(self._absorbed_triton(q_nope[new], q_pe[new], ctx.cache, seq, chosen=chosen))
+                else:
+                    outs.append(self._prefill_blocked(q_nope[new], q_pe[new], ctx.cache, seq, chosen))
                 continue
             cached = ctx.cache.read(self.layer_id, seq)  # [S, C + R]
             allowed = _causal_mask(seq.start, seq.num_tokens, seq.end, x.device)  # [T, S]
@@ -99,7 +104,8 @@ class MLA(nn.Module):
                     x[new], q_latent[new], rope_slice(rope, new), index_keys, allowed
                 )
             if ctx.mla_mode == "absorbed" and triton_enabled(x.device):
-                outs.append(self._absorbed_triton(q_nope[new], q_pe[new], ctx.cache, seq, allowed))
+                selected = allowed if self.indexer is not None else None
+                outs.append(self._absorbed_triton(q_nope[new], q_pe[new], ctx.cache, seq, selected))
             elif ctx.mla_mode == "absorbed":
                 outs.append(self._absorbed(q_nope[new], q_pe[new], cached, allowed))
             else:
@@ -232,27 +238,27 @@ class MLA(nn.Module):
         probs = scores.float().masked_fill(hidden, float("-inf")).softmax(-1).to(cached.dtype)
         return torch.bmm(probs, cached[..., :C])  # bhs,bsc->bhc [B, H, C]
 
-    def _absorbed_triton(self, q_nope, q_pe, cache, seq, allowed):
-        """The absorbed path on the paged pool with ds4's kernels: causal queries run as decode queries
-        of growing lengths over the sequence's block table; with V3.2's selection, attention runs
-        over the chosen rows only."""
-        from ds4.kernels.mla_decode import paged_mla_decode
+    def _absorbed_triton(self, q_nope, q_pe, cache, seq, allowed=None, chosen=None):
+        """The absorbed path on the paged pool with ds4's kernels: the chunk's causal queries in the
+        flash-style prefill kernel over the sequence's blocks; with V3.2's selection (a mask `allowed`
+        [T, S], or the positions `chosen` [T, k], -1 none), attention over the chosen rows only."""
+        from ds4.kernels.mla_prefill import mla_prefill
         from ds4.kernels.sparse_attention import sparse_attention
 
         C = self.kv_lora_rank
         w_uk, w_uv = self._absorbed_weights()
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk).contiguous()  # [T, H, C]
         pool = cache.kv[self.layer_id]
-        if self.indexer is None:
+        if allowed is None and chosen is None:
             blocks = torch.tensor(seq.block_ids, dtype=torch.int32, device=pool.device)
-            T = q_latent.shape[0]
-            table = blocks[None].expand(T, -1).contiguous()
-            lens = torch.arange(seq.start + 1, seq.end + 1, dtype=torch.int32, device=pool.device)
-            out_latent, _ = paged_mla_decode(
-                q_latent, q_pe.contiguous(), pool, table, lens, cache.block_size, self.scale
+            out_latent, _ = mla_prefill(
+                q_latent, q_pe.contiguous(), pool, blocks, seq.start, cache.block_size, self.scale
             )
         else:
-            indices = allowed_rows(allowed, seq.rows)  # pool rows of positions [0, end)
+            if chosen is None:
+                indices = allowed_rows(allowed, seq.rows)  # pool rows of positions [0, end)
+            else:
+                indices = torch.where(chosen >= 0, seq.rows[chosen.clamp(min=0)], -1)
             q = torch.cat([q_latent, q_pe], dim=-1).contiguous()
             out_latent, _ = sparse_attention(q, pool, indices, self.scale, C)
         return torch.einsum("thc,hvc->thv", out_latent.to(q_nope.dtype), w_uv)  # [T, H, V]

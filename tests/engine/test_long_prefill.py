@@ -34,7 +34,19 @@ def small_workspace(monkeypatch):
 
 
 @pytest.mark.parametrize("triton", [False, True])
-def test_blocked_prefill_matches_transformers_whole_and_chunked(case, small_workspace, triton):
+def test_blocked_prefill_matches_transformers_whole_and_chunked(case, small_workspace, triton, monkeypatch):
+    """Triton: the flash-style prefill kernel over the cached latent rows (V3.2 past its top-k: attention
+    over the chosen rows) instead of key blocks on torch."""
+    import ds4.kernels.mla_prefill as mla_prefill
+    import ds4.kernels.sparse_attention as sparse_attention
+
+    calls = []
+    for module, name in [(mla_prefill, "mla_prefill"), (sparse_attention, "sparse_attention")]:
+        kernel = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw)
+        )
+    monkeypatch.setattr(mla.MLA, "_prefill_blocked", _spied(mla.MLA._prefill_blocked, calls))
     path, ids, ref = case
     llm = LLM(path)
     with forced(triton):
@@ -42,6 +54,11 @@ def test_blocked_prefill_matches_transformers_whole_and_chunked(case, small_work
         chunked = chunked_logits(llm, ids, 17)
     assert max_rel_err(whole, ref) < 1e-5
     assert max_rel_err(chunked, ref) < 1e-5
+    assert calls and set(calls) <= ({"mla_prefill", "sparse_attention"} if triton else {"_prefill_blocked"})
+
+
+def _spied(method, calls):
+    return lambda *a, **kw: calls.append(method.__name__) or method(*a, **kw)
 
 
 @pytest.mark.parametrize("name", ["mixed-hc2", "hc4-csa2"])

@@ -1,5 +1,5 @@
 """The engine's oracle tests with the Triton path forced on (Triton's interpreter on the CPU): the
-absorbed MLA attention runs in ds4's kernels (paged decode for V3, attention over the indexer's
+absorbed MLA attention runs in ds4's kernels (the flash-style prefill for V3, attention over the indexer's
 chosen rows for V3.2), and logits still match transformers at every position; step-by-step decode
 over the paged cache still equals full scoring. On a CUDA machine the engine runs on the card: the kernels
 compiled for real, fp32 dots in IEEE precision."""
@@ -32,6 +32,7 @@ def case(request, tmp_path_factory):
 def test_score_matches_transformers_with_the_triton_path(case, monkeypatch):
     import ds4.kernels.indexer as indexer
     import ds4.kernels.mla_decode as mla_decode
+    import ds4.kernels.mla_prefill as mla_prefill
     import ds4.kernels.moe as moe
     import ds4.kernels.rmsnorm as rmsnorm
     import ds4.kernels.small_ops as small_ops
@@ -40,6 +41,7 @@ def test_score_matches_transformers_with_the_triton_path(case, monkeypatch):
     calls = []
     spied = [
         (mla_decode, "paged_mla_decode"),
+        (mla_prefill, "mla_prefill"),
         (sparse_attention, "sparse_attention"),
         (moe, "fused_moe"),
         (rmsnorm, "rmsnorm"),
@@ -55,8 +57,8 @@ def test_score_matches_transformers_with_the_triton_path(case, monkeypatch):
     with forced(True):
         got = LLM(path, device=DEVICE, mla_mode="absorbed").score(ids.tolist()).cpu()
     assert max_rel_err(got, ref) < 1e-4
-    attention = {"paged_mla_decode", "sparse_attention"} & set(calls)
-    assert len(attention) == 1  # every layer's attention ran in one kernel: the paged one or the sparse one
+    attention = {"paged_mla_decode", "mla_prefill", "sparse_attention"} & set(calls)
+    assert len(attention) == 1  # every layer's attention ran in one kernel: the prefill one or the sparse one
     assert {"fused_moe", "rmsnorm", "rope"} <= set(calls)
     assert ("indexer_topk" in calls) == ("sparse_attention" in calls)  # V3.2 selects through the kernel too
 
