@@ -65,10 +65,7 @@ class LLMEngine:
         self.num_blocks = config.num_cache_blocks or self._default_num_blocks()
         caching = config.enable_prefix_caching
         self.blocks = BlockManager(self.num_blocks, bs, runner.fingerprint, enable_prefix_caching=caching)
-        # V4 keeps per-sequence state that is snapshotted at block boundaries: chunks must end there
-        self.scheduler = Scheduler(
-            self.blocks, config.max_num_seqs, config.max_num_batched_tokens, align_chunks=runner.config.is_v4
-        )
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.cache = runner.new_paged_cache(self.num_blocks, bs, max_model_len, config.max_num_seqs)
         self.blocks.on_evict = self.cache.drop_block
         self._check_workspace()
@@ -247,7 +244,8 @@ class LLMEngine:
             tokens += seq.token_ids[start : start + n]
         logits = self.runner.step(tokens, slices, self.cache)
         for seq, block_id in self.scheduler.advance(batch):
-            self.cache.store_block(block_id, seq.seq_id, seq.num_computed_tokens)
+            end = (seq.table.block_ids.index(block_id) + 1) * self.config.block_size
+            self.cache.store_block(block_id, seq.seq_id, end)
             if self.disk is not None:
                 block = self.blocks.blocks[block_id]
                 self.disk.save(block.hash, block.parent, block.token_ids, self.cache.block_tensors(block_id))

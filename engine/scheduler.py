@@ -43,13 +43,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(
-        self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, align_chunks: bool = False
-    ):
-        """`align_chunks`: prefill chunks end at block boundaries, where state that is not per token (V4's)
-        is snapshotted for the prefix cache."""
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         assert max_num_seqs > 0 and max_num_batched_tokens > 0, (max_num_seqs, max_num_batched_tokens)
-        self.blocks, self.align_chunks = blocks, align_chunks
+        self.blocks = blocks
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -151,10 +147,7 @@ class Scheduler:
         return n
 
     def _chunk(self, seq: Sequence, computed: int, budget: int) -> int:
-        n = min(seq.num_tokens - computed, budget)
-        if self.align_chunks:
-            n = min(n, self.blocks.block_size - computed % self.blocks.block_size)
-        return n
+        return min(seq.num_tokens - computed, budget)
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1

@@ -24,8 +24,11 @@ class WindowCache:
 
     Prefix blocks: at a block boundary (a multiple of every compression ratio, so no window is half
     done) the state a block contributes is snapshotted: its compressed rows, and the window tail,
-    overlaps and Engram context as they stand at its end. A sequence that hits cached blocks is
-    restored from their snapshots and resumes exactly where a full computation would be.
+    overlaps and Engram context as they stand at its end. A prefill chunk may span many blocks: as the
+    layers pass a block end inside the chunk (`boundaries`) they `keep` what the state is there, and
+    `store_block` snapshots from that; at the chunk's own end the state is the live one. A sequence that
+    hits cached blocks is restored from their snapshots and resumes exactly where a full computation
+    would be.
 
     Each layer's state and snapshots live on that layer's device (`layer_devices`, default `device`).
     """
@@ -79,10 +82,22 @@ class WindowCache:
                     rows, config.engram, config.hc_mult, config.hidden_size, dtype, d
                 )
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}  # block id -> its contribution
+        self.kept: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (slot, block end) -> state there
 
     def prepare(self, seq):
         self.reserve(seq.slot, seq.end)
+        for key in [k for k in self.kept if k[0] == seq.slot]:  # a step's boundaries are its own
+            del self.kept[key]
         return seq
+
+    def boundaries(self, seq) -> range:
+        """The block ends strictly inside prefill slice `seq` (its own end is the live state's)."""
+        bs = self.block_size
+        return range((seq.start // bs + 1) * bs, seq.end, bs)
+
+    def keep(self, slot: int, end: int, name: str, tensor: torch.Tensor) -> None:
+        """Part `name` of sequence `slot`'s state as it stands at block end `end`, for `store_block`."""
+        self.kept.setdefault((slot, end), {})[name] = tensor
 
     def reserve(self, slot: int, end: int) -> None:
         """Room in every compressor's emitted rows for sequence `slot` up to position `end` (before the
@@ -133,15 +148,20 @@ class WindowCache:
         """Snapshots what the block ending at position `end` contributes to sequence `slot`'s state."""
         assert end % self.block_size == 0, f"snapshots are taken at block boundaries, not at {end}"
         row, snap = self.rows[slot], {}
+        kept = self.kept.pop((slot, end), None)  # a block that ended inside the last chunk: its kept state
         for layer in range(self.config.num_hidden_layers):
+            for name in ("attn", "index"):  # emitted rows stay in the pool: read there for any block
+                pool = self.compressors.get((layer, name))
+                if pool is not None:
+                    done, per_block = end // pool.ratio, self.block_size // pool.ratio
+                    snap[f"{name}_rows.{layer}"] = pool.entries[row, done - per_block : done].clone()
+            if kept is not None:
+                snap |= {k: v for k, v in kept.items() if k.endswith(f".{layer}")}
+                continue
             snap[f"window.{layer}"] = self.read_window(layer, slot, end).clone()
             for name in ("attn", "index"):
                 pool = self.compressors.get((layer, name))
-                if pool is None:
-                    continue
-                done, per_block = end // pool.ratio, self.block_size // pool.ratio
-                snap[f"{name}_rows.{layer}"] = pool.entries[row, done - per_block : done].clone()
-                if pool.overlap:
+                if pool is not None and pool.overlap:
                     snap[f"{name}_overlap_kv.{layer}"] = pool.overlap_kv[row].clone()
                     snap[f"{name}_overlap_gate.{layer}"] = pool.overlap_gate[row].clone()
             if layer in self.engram:

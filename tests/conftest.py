@@ -246,3 +246,22 @@ def tiny_v4_engram(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny-v4-engram")
     return init_checkpoint("deepseek_v4", "tiny", folder, seed=1, config_overrides=ENGRAM_FIELDS)
+
+
+def block_snapshots(path, prompt: list[int], block_size: int, chunk: int) -> dict[tuple, dict]:
+    """V4's prefix-block snapshots after prefilling `prompt` in chunks of `chunk` tokens, keyed by each
+    block's tokens."""
+    from ds4.engine import LLM, SamplingParams
+
+    llm = LLM(path, block_size=block_size, max_num_batched_tokens=chunk)
+    llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    blocks, snapshots = llm.engine.blocks.blocks, llm.engine.cache.snapshots
+    return {blocks[b].token_ids: snap for b, snap in snapshots.items()}
+
+
+def assert_same_snapshots(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys() and len(want) > 1
+    for block, snap in want.items():
+        assert got[block].keys() == snap.keys()
+        for name, tensor in snap.items():
+            torch.testing.assert_close(got[block][name], tensor, atol=1e-5, rtol=1e-5, msg=name)

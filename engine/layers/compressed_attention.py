@@ -102,6 +102,10 @@ class CompressedAttention(nn.Module):
         earlier = cache.read_window(self.layer_id, seq.slot, seq.start)  # [P, Dh]
         cache.write_window(self.layer_id, seq.slot, seq.start, new_rows)
         keys = torch.cat([earlier, new_rows])  # positions start - P .. end - 1
+        first, dtype = seq.start - earlier.shape[0], earlier.dtype
+        for end in cache.boundaries(seq):  # the window as it stands at each block end inside the chunk
+            tail = keys[max(0, end - cache.size + 1) - first : end - first]
+            cache.keep(seq.slot, end, f"window.{self.layer_id}", tail.to(dtype, copy=True))
         key_pos = torch.arange(seq.start - earlier.shape[0], seq.end, device=positions.device)
         q_pos = positions[:, None]
         allowed = (key_pos[None, :] <= q_pos) & (key_pos[None, :] > q_pos - self.window)  # [n, S_w]
@@ -125,8 +129,12 @@ class CompressedAttention(nn.Module):
         """Feeds one sequence's new tokens to a compressor from its pooled state; every row so far."""
         pool, row = cache.compressor(self.layer_id, name), cache.row(seq.slot)
         state = pool.load(row, seq.start)
+        state.keep_at = tuple(cache.boundaries(seq)) if compressor.overlap else ()
         rows = compressor(x, state)
         pool.store(row, seq.start, state)
+        for end, (kv, gate) in state.kept.items():  # the overlap state at each block end inside the chunk
+            cache.keep(seq.slot, end, f"{name}_overlap_kv.{self.layer_id}", kv)
+            cache.keep(seq.slot, end, f"{name}_overlap_gate.{self.layer_id}", gate)
         return rows
 
     def _decode(self, x, q, q_latent, kv, ropes, ctx) -> torch.Tensor:

@@ -15,7 +15,7 @@ token per sequence for the whole batch at once, with shapes that never depend on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,6 +36,8 @@ class CompressorState:
     overlap_kv: torch.Tensor | None = None  # [r, d] Ca half of the last finished window
     overlap_gate: torch.Tensor | None = None
     entries: torch.Tensor | None = None  # [num_entries, d] compressed, roped rows emitted so far
+    keep_at: tuple[int, ...] = ()  # block ends inside the call's tokens: the overlap state there is kept
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # end -> (Ca kv, gate)
 
     @property
     def num_entries(self) -> int:
@@ -138,6 +140,9 @@ class Compressor(nn.Module):
         n_windows = usable // r
         chunk_kv = kv[:usable].view(n_windows, r, -1)  # [W, r, width]
         chunk_gate = gate[:usable].view(n_windows, r, -1) + self.ape
+        for end in state.keep_at:  # the overlap state at a block end: the Ca half of the window ending there
+            w = (end - first_position) // r - 1
+            state.kept[end] = chunk_kv[w, :, : self.dim].clone(), chunk_gate[w, :, : self.dim].clone()
         if self.overlap:
             chunk_kv, chunk_gate = self._overlap(chunk_kv, chunk_gate, state)  # [W, 2r, d]
         weights = chunk_gate.softmax(dim=1, dtype=torch.float32).to(chunk_kv.dtype)

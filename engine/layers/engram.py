@@ -13,7 +13,7 @@ the last max_ngram - 1 token ids and (kernel - 1) * dilation earlier values.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -91,6 +91,7 @@ class EngramState:
 
     ids: torch.Tensor | None = None  # [<= max_ngram - 1], -1 before the sequence's first token
     values: torch.Tensor | None = None  # [<= context, N, D]
+    kept: dict[int, EngramState] = field(default_factory=dict)  # tokens into a chunk -> the state there
 
 
 class EngramPool:
@@ -170,13 +171,24 @@ class Engram(nn.Module):
             rows.append(torch.remainder(mix[:, None], heads))  # [T, Hn]
         return torch.cat(rows, dim=1) + self.offsets  # [T, G * Hn]
 
-    def step(self, streams: torch.Tensor, ids: torch.Tensor, state: EngramState) -> torch.Tensor:
-        """What to add to one sequence's streams [T, N, D] for its normalized ids [T]; advances `state`."""
+    def step(
+        self, streams: torch.Tensor, ids: torch.Tensor, state: EngramState, keep_at: tuple[int, ...] = ()
+    ) -> torch.Tensor:
+        """What to add to one sequence's streams [T, N, D] for its normalized ids [T]; advances `state`,
+        and keeps in `state.kept` the state as it stands after each count of tokens in `keep_at` (the
+        block ends inside the chunk)."""
         earlier_ids = ids[:0] if state.ids is None else state.ids
         earlier = streams[:0] if state.values is None else state.values
         out, values = self(streams, ids, earlier_ids, earlier)
-        state.ids = torch.cat([earlier_ids, ids])[-(self.cfg.max_ngram - 1) :]
-        state.values = torch.cat([earlier, values])[-self.context :]
+        all_ids, all_values = torch.cat([earlier_ids, ids]), torch.cat([earlier, values])
+        n_ids, n_values = self.cfg.max_ngram - 1, self.context
+
+        def after(n: int) -> EngramState:  # a copy: the chunk's tensors are not kept alive by it
+            kept_ids = all_ids[: earlier_ids.shape[0] + n][-n_ids:]
+            return EngramState(kept_ids.clone(), all_values[: earlier.shape[0] + n][-n_values:].clone())
+
+        state.kept = {n: after(n) for n in keep_at}
+        state.ids, state.values = all_ids[-n_ids:], all_values[-n_values:]
         return out
 
     def decode(self, streams: torch.Tensor, ids: torch.Tensor, pool: EngramPool, rows: torch.Tensor):

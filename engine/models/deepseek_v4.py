@@ -61,8 +61,13 @@ class Block(nn.Module):
         for seq in ctx.seqs:  # prefill
             new, row = slice(seq.offset, seq.offset + seq.num_tokens), ctx.cache.row(seq.slot)
             state = pool.load(row)
-            outs.append(self.engram.step(streams[new], ids[new], state))
+            ends = tuple(ctx.cache.boundaries(seq))  # block ends inside the chunk: the state there is kept
+            outs.append(self.engram.step(streams[new], ids[new], state, tuple(e - seq.start for e in ends)))
             pool.store(row, state)
+            for end in ends:
+                kept = state.kept[end - seq.start]
+                ctx.cache.keep(seq.slot, end, f"engram_ids.{self.layer_id}", kept.ids)
+                ctx.cache.keep(seq.slot, end, f"engram_values.{self.layer_id}", kept.values)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 

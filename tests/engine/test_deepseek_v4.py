@@ -8,6 +8,8 @@ import torch
 
 from ds4.engine import LLM, SamplingParams
 from tests.conftest import (
+    assert_same_snapshots,
+    block_snapshots,
     chunked_logits,
     greedy_reference,
     max_rel_err,
@@ -107,6 +109,17 @@ def test_a_batch_with_a_prefix_hit_decodes_each_prompt_as_alone(case):
     outs = llm.generate(prompts, params)
     assert outs[0].num_cached_tokens == 96
     assert [o.token_ids for o in outs] == alone
+
+
+@pytest.mark.parametrize("chunk", [37, 160])  # chunks ending inside blocks; one chunk over every block
+def test_a_chunk_over_many_blocks_snapshots_each_as_one_block_chunks_do(case, chunk):
+    """A prefill chunk keeps the state at each block end it passes (window tail, compressors' overlap),
+    so its blocks' snapshots equal those of a prefill in chunks of one block, which end where the blocks
+    do and snapshot the live state."""
+    path, _, ids, _ = case
+    prompt = ids[:150].tolist()
+    want = block_snapshots(path, prompt, 32, 32)
+    assert_same_snapshots(block_snapshots(path, prompt, 32, chunk), want)
 
 
 def test_ds4_written_v4_checkpoint_loads_in_transformers(tmp_path):

@@ -218,3 +218,13 @@ def test_prefix_cache_restores_engram_state(tiny_v4_engram):
     llm.generate(shared + [9], params)
     warm = llm.generate(prompt, params)[0]
     assert warm.num_cached_tokens == 256 and warm.token_ids == cold.token_ids
+
+
+def test_a_chunk_over_many_blocks_keeps_the_engram_state_at_each(tiny_v4_engram):
+    """Engram's ids and values at each block end inside a chunk are what a chunk ending there leaves."""
+    from tests.conftest import assert_same_snapshots, block_snapshots
+
+    prompt = torch.randint(2, 512, (150,), generator=torch.Generator().manual_seed(4)).tolist()
+    want = block_snapshots(tiny_v4_engram, prompt, 32, 32)
+    assert any(name.startswith("engram_values.") for name in next(iter(want.values())))
+    assert_same_snapshots(block_snapshots(tiny_v4_engram, prompt, 32, 150), want)
