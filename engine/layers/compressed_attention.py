@@ -13,6 +13,8 @@ projection is grouped and low-rank: each of G head groups to `o_lora_rank`, then
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -82,6 +84,7 @@ class CompressedAttention(nn.Module):
                 new = slice(seq.offset, seq.offset + seq.num_tokens)
                 positions = ctx.positions[new]  # [n]
                 keys, allowed = self._window(ctx.cache, seq, kv[new], positions)
+                window_keys = keys.shape[0]  # the earlier rows, then the new: key k at position end - S_w + k
                 if self.compressor is not None:
                     rows, visible = self._compressed(
                         ctx.cache, seq, x[new], q_latent[new], ropes, positions, new
@@ -90,7 +93,7 @@ class CompressedAttention(nn.Module):
                         torch.cat([keys, rows.to(keys.dtype)]),
                         torch.cat([allowed, visible], dim=1),
                     )
-                outs.append(self._attend(q[new], keys, allowed))
+                outs.append(self._attend(q[new], keys, allowed, window_keys, seq.start))
             out = torch.cat(outs) if len(outs) > 1 else outs[0]  # [T, H, Dh]
         out = apply_rope_tail(out, cos, -sin)  # rotate the values' rope slice back to the query's frame
         grouped = out.reshape(T, self.o_groups, -1)  # [T, G, H * Dh / G]
@@ -198,8 +201,12 @@ class CompressedAttention(nn.Module):
         total = probs.sum(dim=-1, keepdim=True) + (sinks - top).exp()
         return torch.bmm(probs.to(keys.dtype), keys) / total.to(keys.dtype)  # bhs,bsd->bhd [B, H, Dh]
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """softmax over [scores, sink] per head, sink dropped, times the keys (which are the values)."""
+    def _attend(self, q, keys: torch.Tensor, allowed: torch.Tensor, window_keys: int, start: int):
+        """softmax over [scores, sink] per head, sink dropped, times the keys (which are the values). The
+        first `window_keys` keys are the sliding window's (the last of them at the last query's
+        position), the rest compressed rows; the first query is at position `start`. On the torch path
+        queries run in blocks, each over the window keys and the compressed rows that it can see: a chunk
+        costs what its queries attend to, whatever its length."""
         n, H = q.shape[0], self.n_heads
         if triton_enabled(q.device):
             from ds4.engine.layers.mla import allowed_rows
@@ -210,18 +217,41 @@ class CompressedAttention(nn.Module):
                 q.contiguous(), keys.contiguous(), indices, self.scale, keys.shape[1], self.attn_sink
             )
             return out.to(keys.dtype)
-        step = max(1, WORKSPACE // (H * keys.shape[0]))  # queries per block: scores stay within the workspace
-        return torch.cat(
-            [self._attend_rows(q[a : a + step], keys, allowed[a : a + step]) for a in range(0, n, step)]
-        )
+        earlier, rows = window_keys - n, keys.shape[0] - window_keys  # window keys before the chunk
+        step = _block(WORKSPACE // H, rows + self.window)  # queries per block: scores within the workspace
+        outs = []
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            lo, hi = max(0, a + earlier - self.window + 1), b + earlier  # the window keys these queries see
+            parts = [(keys[lo:hi], allowed[a:b, lo:hi])]
+            done = window_keys + min(rows, (start + b) // self.compressor.ratio) if rows else 0
+            if done > window_keys:  # the compressed rows complete by the block's last query
+                parts.append((keys[window_keys:done], allowed[a:b, window_keys:done]))
+            outs.append(self._attend_rows(q[a:b], parts))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-    def _attend_rows(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """One block of queries; the [n, H, S] scores are the one workspace-sized tensor (in place)."""
+    def _attend_rows(self, q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One block of queries over parts of the keys (keys [S_i, Dh], allowed [n, S_i]) with an online
+        softmax; a part's [n, H, S_i] scores are the one workspace-sized tensor (in place)."""
         H = self.n_heads
-        scores = torch.einsum("thd,sd->ths", q, keys).mul_(self.scale)  # [n, H, S]
-        scores.masked_fill_(~allowed[:, None, :], float("-inf"))
-        sinks = self.attn_sink.to(scores.dtype).view(1, H, 1)
-        top = torch.maximum(scores.amax(dim=-1, keepdim=True), sinks)  # [n, H, 1]: the sink is a column
-        probs = scores.sub_(top).exp_()
-        total = probs.sum(dim=-1, keepdim=True) + (sinks - top).exp()
-        return torch.einsum("ths,sd->thd", probs.to(keys.dtype), keys) / total.to(keys.dtype)  # [n, H, Dh]
+        top = self.attn_sink.float().view(1, H, 1).expand(q.shape[0], H, 1)  # the sink is a column
+        total, acc = None, None
+        for keys, allowed in parts:
+            scores = torch.einsum("thd,sd->ths", q, keys).float().mul_(self.scale)  # [n, H, S_i]
+            scores.masked_fill_(~allowed[:, None, :], float("-inf"))
+            new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
+            probs = scores.sub_(new_top).exp_()
+            rescale = (top - new_top).exp()
+            part = torch.einsum("ths,sd->thd", probs.to(keys.dtype), keys).float()
+            total = probs.sum(dim=-1, keepdim=True) + (0 if total is None else total * rescale)
+            acc = part if acc is None else acc * rescale + part
+            top = new_top
+            del scores, probs
+        total = total + (self.attn_sink.float().view(1, H, 1) - top).exp()
+        return (acc / total).to(q.dtype)  # [n, H, Dh]
+
+
+def _block(budget: int, fixed: int) -> int:
+    """The most queries s with s * (s + fixed) <= budget (keys of a block: its own window span and a
+    fixed count), at least 1."""
+    return max(1, (math.isqrt(fixed * fixed + 4 * budget) - fixed) // 2)
