@@ -79,29 +79,28 @@ class CompressedAttention(nn.Module):
         if ctx.decode is not None:  # decode: every sequence's one token at once, from the pooled state
             out = self._decode(x, q, q_latent, kv, ropes, ctx)
         else:  # prefill: sequence by sequence, reading and writing the pooled state
-            outs = []
+            outs, masks = [], not triton_enabled(x.device)  # the Triton path names its keys instead
             for seq in ctx.seqs:
                 new = slice(seq.offset, seq.offset + seq.num_tokens)
                 positions = ctx.positions[new]  # [n]
-                keys, allowed = self._window(ctx.cache, seq, kv[new], positions)
+                keys, allowed = self._window(ctx.cache, seq, kv[new], positions, masks)
                 window_keys = keys.shape[0]  # the earlier rows, then the new: key k at position end - S_w + k
+                chosen = None
                 if self.compressor is not None:
-                    rows, visible = self._compressed(
-                        ctx.cache, seq, x[new], q_latent[new], ropes, positions, new
+                    rows, visible, chosen = self._compressed(
+                        ctx.cache, seq, x[new], q_latent[new], ropes, positions, new, masks
                     )
-                    keys, allowed = (
-                        torch.cat([keys, rows.to(keys.dtype)]),
-                        torch.cat([allowed, visible], dim=1),
-                    )
-                outs.append(self._attend(q[new], keys, allowed, window_keys, seq.start))
+                    keys = torch.cat([keys, rows.to(keys.dtype)])
+                    allowed = torch.cat([allowed, visible], dim=1) if masks else None
+                outs.append(self._attend(q[new], keys, allowed, window_keys, seq.start, chosen))
             out = torch.cat(outs) if len(outs) > 1 else outs[0]  # [T, H, Dh]
         out = apply_rope_tail(out, cos, -sin)  # rotate the values' rope slice back to the query's frame
         grouped = out.reshape(T, self.o_groups, -1)  # [T, G, H * Dh / G]
         w_a = dense_weight(self.wo_a).unflatten(0, (self.o_groups, -1))  # [G, o_lora_rank, H * Dh / G]
         return self.wo_b(torch.einsum("tgi,goi->tgo", grouped, w_a).flatten(1))
 
-    def _window(self, cache, seq, new_rows, positions):
-        """Keys of the sliding window: cached earlier rows + the new ones, and who may see whom."""
+    def _window(self, cache, seq, new_rows, positions, masks: bool = True):
+        """Keys of the sliding window: cached earlier rows + the new ones, and (`masks`) who may see whom."""
         earlier = cache.read_window(self.layer_id, seq.slot, seq.start)  # [P, Dh]
         cache.write_window(self.layer_id, seq.slot, seq.start, new_rows)
         keys = torch.cat([earlier, new_rows])  # positions start - P .. end - 1
@@ -109,24 +108,31 @@ class CompressedAttention(nn.Module):
         for end in cache.boundaries(seq):  # the window as it stands at each block end inside the chunk
             tail = keys[max(0, end - cache.size + 1) - first : end - first]
             cache.keep(seq.slot, end, f"window.{self.layer_id}", tail.to(dtype, copy=True))
+        if not masks:
+            return keys, None
         key_pos = torch.arange(seq.start - earlier.shape[0], seq.end, device=positions.device)
         q_pos = positions[:, None]
         allowed = (key_pos[None, :] <= q_pos) & (key_pos[None, :] > q_pos - self.window)  # [n, S_w]
         return keys, allowed
 
-    def _compressed(self, cache, seq, x, q_latent, ropes, positions, new):
-        """Compressed rows so far and, per query, which of them it attends to."""
+    def _compressed(self, cache, seq, x, q_latent, ropes, positions, new, masks: bool = True):
+        """Compressed rows so far; per query, which of them it attends to (`masks`); and the indexer's
+        picks [n, k] (-1: none) where it has one (else None: every complete row is visible)."""
         rows = self._compress(self.compressor, cache, "attn", seq, x)  # [N, Dh]
         N = rows.shape[0]
         if self.indexer is None:  # every complete window is visible
+            if not masks:
+                return rows, None, None
             ratio = self.compressor.ratio
-            return rows, torch.arange(N, device=x.device)[None, :] < ((positions + 1) // ratio)[:, None]
+            return rows, torch.arange(N, device=x.device)[None, :] < ((positions + 1) // ratio)[:, None], None
         index_keys = self._compress(self.indexer.compressor, cache, "index", seq, x)
         q_rope = (ropes["compress"][0][new], ropes["compress"][1][new])
         chosen = self.indexer.select(x, q_latent, q_rope, index_keys, positions)  # [n, k], -1 = none
+        if not masks:
+            return rows, None, chosen
         visible = torch.zeros(x.shape[0], N + 1, dtype=torch.bool, device=x.device)
         visible.scatter_(1, chosen.masked_fill(chosen < 0, N), True)
-        return rows, visible[:, :N]
+        return rows, visible[:, :N], chosen
 
     def _compress(self, compressor: Compressor, cache, name: str, seq, x: torch.Tensor) -> torch.Tensor:
         """Feeds one sequence's new tokens to a compressor from its pooled state; every row so far."""
@@ -201,18 +207,18 @@ class CompressedAttention(nn.Module):
         total = probs.sum(dim=-1, keepdim=True) + (sinks - top).exp()
         return torch.bmm(probs.to(keys.dtype), keys) / total.to(keys.dtype)  # bhs,bsd->bhd [B, H, Dh]
 
-    def _attend(self, q, keys: torch.Tensor, allowed: torch.Tensor, window_keys: int, start: int):
+    def _attend(self, q, keys: torch.Tensor, allowed, window_keys: int, start: int, chosen=None):
         """softmax over [scores, sink] per head, sink dropped, times the keys (which are the values). The
         first `window_keys` keys are the sliding window's (the last of them at the last query's
         position), the rest compressed rows; the first query is at position `start`. On the torch path
         queries run in blocks, each over the window keys and the compressed rows that it can see: a chunk
-        costs what its queries attend to, whatever its length."""
+        costs what its queries attend to, whatever its length. On the Triton path each query names its
+        keys (its window, then `chosen` rows or every complete one) for the sparse attention kernel."""
         n, H = q.shape[0], self.n_heads
         if triton_enabled(q.device):
-            from ds4.engine.layers.mla import allowed_rows
             from ds4.kernels.sparse_attention import sparse_attention
 
-            indices = allowed_rows(allowed, torch.arange(keys.shape[0], device=keys.device))
+            indices = self._key_lists(n, window_keys, keys.shape[0] - window_keys, start, chosen, q.device)
             out, _ = sparse_attention(
                 q.contiguous(), keys.contiguous(), indices, self.scale, keys.shape[1], self.attn_sink
             )
@@ -229,6 +235,21 @@ class CompressedAttention(nn.Module):
                 parts.append((keys[window_keys:done], allowed[a:b, window_keys:done]))
             outs.append(self._attend_rows(q[a:b], parts))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _key_lists(self, n: int, window_keys: int, rows: int, start: int, chosen, device) -> torch.Tensor:
+        """[n, window + picks] the keys each query attends to, -1 for none: the window's keys up to its
+        own, then its compressed rows (the indexer's picks, or every complete row), from the layout
+        alone: no [queries x keys] mask is built or read."""
+        i = torch.arange(n, device=device)[:, None]
+        window = i + (window_keys - n) - torch.arange(self.window - 1, -1, -1, device=device)[None, :]
+        lists = [window.masked_fill(window < 0, -1)]  # keys before the first held one: before position 0
+        if rows and chosen is not None:
+            lists.append(torch.where(chosen >= 0, chosen + window_keys, -1))
+        elif rows:
+            complete = (start + i + 1) // self.compressor.ratio  # rows whose window has closed
+            cols = torch.arange(rows, device=device)[None, :]
+            lists.append(torch.where(cols < complete, cols + window_keys, -1))
+        return torch.cat(lists, dim=1)
 
     def _attend_rows(self, q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One block of queries over parts of the keys (keys [S_i, Dh], allowed [n, S_i]) with an online
