@@ -71,33 +71,36 @@ def _mla_attention(config: ModelConfig, T: int, S: int, b: int) -> int:
     return scores + rows + masks + queries
 
 
-def _indexer(heads: int, topk: int, T: int, N: int) -> int:
+def _indexer(heads: int, topk: int, T: int, N: int, query_blocks: bool = False) -> int:
     """V3.2/V4's indexer over N keys: [T, heads, N] float32 scores (and their sum over heads), or past
     STREAMING elements one key block at a time with a running top-k of [T, topk + block] (values and
-    int64 indices)."""
+    int64 indices); V4 streams its queries in blocks too (their picks then joined)."""
     from ds4.engine.layers import indexer
 
     if T * N * heads <= indexer.STREAMING:
         return 2 * T * heads * N * F32 + T * N * (F32 + I64)  # scores, then the stable top-k's sort
-    block = min(N, max(256, indexer.STREAMING // (T * heads)))
-    return 2 * T * heads * block * F32 + 2 * T * (topk + block) * (F32 + I64)
+    queries = min(T, max(64, indexer.STREAMING // (N * heads))) if query_blocks else T
+    block = min(N, max(256, indexer.STREAMING // (queries * heads)))
+    joined = 2 * T * topk * I64 if query_blocks else 0
+    return 2 * queries * heads * block * F32 + 2 * queries * (topk + block) * (F32 + I64) + joined
 
 
 def _v4_attention(config: ModelConfig, T: int, S: int, b: int) -> int:
-    """V4: per query block, scores [queries, H, window + compressed rows] in float32 (one: the softmax
-    runs in place), the visibility masks of the chunk (booleans) and the compressed indexer's selection."""
+    """V4: the scores of one query block in float32 (one at a time: the softmax runs in place), either
+    W queries over the 2W window keys they see or a block of queries over the compressed rows, with the
+    block's mask (booleans); the running output; and the compressed indexer's selection."""
     from ds4.engine.layers import compressed_attention as compressed
 
     H, W = config.num_attention_heads, config.sliding_window
     ratios = [r for r in config.compress_ratios if r]
     rows = S // min(ratios) if ratios else 0
     keys = W + T + rows
-    step = min(T, max(1, compressed.WORKSPACE // (H * keys)))
-    scores = step * H * keys * F32
-    masks = 2 * T * keys
+    step = min(T, max(1, compressed.WORKSPACE // (H * max(rows, 1))))
+    scores = max(min(T, W) * H * 2 * W, step * H * rows) * F32
+    masks = max(min(T, W) * 2 * W, step * (rows + 1))  # a block's, made for it (booleans)
     out = 2 * T * H * config.head_dim * F32
     sparse = [r for r in ratios if config.index_n_heads]
-    index = _indexer(config.index_n_heads, config.index_topk, T, S // min(sparse)) if sparse else 0
+    index = _indexer(config.index_n_heads, config.index_topk, T, S // min(sparse), True) if sparse else 0
     return scores + masks + index + out + keys * config.head_dim * b
 
 

@@ -13,8 +13,6 @@ projection is grouped and low-rank: each of G head groups to `o_lora_rank`, then
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -79,28 +77,27 @@ class CompressedAttention(nn.Module):
         if ctx.decode is not None:  # decode: every sequence's one token at once, from the pooled state
             out = self._decode(x, q, q_latent, kv, ropes, ctx)
         else:  # prefill: sequence by sequence, reading and writing the pooled state
-            outs, masks = [], not triton_enabled(x.device)  # the Triton path names its keys instead
+            outs = []
             for seq in ctx.seqs:
                 new = slice(seq.offset, seq.offset + seq.num_tokens)
                 positions = ctx.positions[new]  # [n]
-                keys, allowed = self._window(ctx.cache, seq, kv[new], positions, masks)
+                keys = self._window(ctx.cache, seq, kv[new])
                 window_keys = keys.shape[0]  # the earlier rows, then the new: key k at position end - S_w + k
                 chosen = None
                 if self.compressor is not None:
-                    rows, visible, chosen = self._compressed(
-                        ctx.cache, seq, x[new], q_latent[new], ropes, positions, new, masks
+                    rows, chosen = self._compressed(
+                        ctx.cache, seq, x[new], q_latent[new], ropes, positions, new
                     )
                     keys = torch.cat([keys, rows.to(keys.dtype)])
-                    allowed = torch.cat([allowed, visible], dim=1) if masks else None
-                outs.append(self._attend(q[new], keys, allowed, window_keys, seq.start, chosen))
+                outs.append(self._attend(q[new], keys, window_keys, seq.start, chosen))
             out = torch.cat(outs) if len(outs) > 1 else outs[0]  # [T, H, Dh]
         out = apply_rope_tail(out, cos, -sin)  # rotate the values' rope slice back to the query's frame
         grouped = out.reshape(T, self.o_groups, -1)  # [T, G, H * Dh / G]
         w_a = dense_weight(self.wo_a).unflatten(0, (self.o_groups, -1))  # [G, o_lora_rank, H * Dh / G]
         return self.wo_b(torch.einsum("tgi,goi->tgo", grouped, w_a).flatten(1))
 
-    def _window(self, cache, seq, new_rows, positions, masks: bool = True):
-        """Keys of the sliding window: cached earlier rows + the new ones, and (`masks`) who may see whom."""
+    def _window(self, cache, seq, new_rows):
+        """Keys of the sliding window: the cached earlier rows, then the new ones."""
         earlier = cache.read_window(self.layer_id, seq.slot, seq.start)  # [P, Dh]
         cache.write_window(self.layer_id, seq.slot, seq.start, new_rows)
         keys = torch.cat([earlier, new_rows])  # positions start - P .. end - 1
@@ -108,31 +105,17 @@ class CompressedAttention(nn.Module):
         for end in cache.boundaries(seq):  # the window as it stands at each block end inside the chunk
             tail = keys[max(0, end - cache.size + 1) - first : end - first]
             cache.keep(seq.slot, end, f"window.{self.layer_id}", tail.to(dtype, copy=True))
-        if not masks:
-            return keys, None
-        key_pos = torch.arange(seq.start - earlier.shape[0], seq.end, device=positions.device)
-        q_pos = positions[:, None]
-        allowed = (key_pos[None, :] <= q_pos) & (key_pos[None, :] > q_pos - self.window)  # [n, S_w]
-        return keys, allowed
+        return keys
 
-    def _compressed(self, cache, seq, x, q_latent, ropes, positions, new, masks: bool = True):
-        """Compressed rows so far; per query, which of them it attends to (`masks`); and the indexer's
-        picks [n, k] (-1: none) where it has one (else None: every complete row is visible)."""
+    def _compressed(self, cache, seq, x, q_latent, ropes, positions, new):
+        """Compressed rows so far, and the indexer's picks [n, k] among them (-1: none) where the layer has
+        one (else None: every complete row is visible)."""
         rows = self._compress(self.compressor, cache, "attn", seq, x)  # [N, Dh]
-        N = rows.shape[0]
-        if self.indexer is None:  # every complete window is visible
-            if not masks:
-                return rows, None, None
-            ratio = self.compressor.ratio
-            return rows, torch.arange(N, device=x.device)[None, :] < ((positions + 1) // ratio)[:, None], None
+        if self.indexer is None:
+            return rows, None
         index_keys = self._compress(self.indexer.compressor, cache, "index", seq, x)
         q_rope = (ropes["compress"][0][new], ropes["compress"][1][new])
-        chosen = self.indexer.select(x, q_latent, q_rope, index_keys, positions)  # [n, k], -1 = none
-        if not masks:
-            return rows, None, chosen
-        visible = torch.zeros(x.shape[0], N + 1, dtype=torch.bool, device=x.device)
-        visible.scatter_(1, chosen.masked_fill(chosen < 0, N), True)
-        return rows, visible[:, :N], chosen
+        return rows, self.indexer.select(x, q_latent, q_rope, index_keys, positions, seq.start)
 
     def _compress(self, compressor: Compressor, cache, name: str, seq, x: torch.Tensor) -> torch.Tensor:
         """Feeds one sequence's new tokens to a compressor from its pooled state; every row so far."""
@@ -207,34 +190,52 @@ class CompressedAttention(nn.Module):
         total = probs.sum(dim=-1, keepdim=True) + (sinks - top).exp()
         return torch.bmm(probs.to(keys.dtype), keys) / total.to(keys.dtype)  # bhs,bsd->bhd [B, H, Dh]
 
-    def _attend(self, q, keys: torch.Tensor, allowed, window_keys: int, start: int, chosen=None):
+    def _attend(self, q, keys: torch.Tensor, window_keys: int, start: int, chosen=None) -> torch.Tensor:
         """softmax over [scores, sink] per head, sink dropped, times the keys (which are the values). The
         first `window_keys` keys are the sliding window's (the last of them at the last query's
-        position), the rest compressed rows; the first query is at position `start`. On the torch path
-        queries run in blocks, each over the window keys and the compressed rows that it can see: a chunk
+        position), the rest compressed rows: each query sees the `window` positions up to its own, then
+        the `chosen` rows (else every complete one); the first query is at position `start`. On the
+        torch path queries run in blocks, each over the keys it can see, masks made per block: a chunk
         costs what its queries attend to, whatever its length. On the Triton path each query names its
-        keys (its window, then `chosen` rows or every complete one) for the sparse attention kernel."""
+        keys for the sparse attention kernel. No [queries x keys] mask exists on either."""
         n, H = q.shape[0], self.n_heads
+        rows = keys.shape[0] - window_keys
         if triton_enabled(q.device):
             from ds4.kernels.sparse_attention import sparse_attention
 
-            indices = self._key_lists(n, window_keys, keys.shape[0] - window_keys, start, chosen, q.device)
+            indices = self._key_lists(n, window_keys, rows, start, chosen, q.device)
             out, _ = sparse_attention(
                 q.contiguous(), keys.contiguous(), indices, self.scale, keys.shape[1], self.attn_sink
             )
             return out.to(keys.dtype)
-        earlier, rows = window_keys - n, keys.shape[0] - window_keys  # window keys before the chunk
-        step = _block(WORKSPACE // H, rows + self.window)  # queries per block: scores within the workspace
-        outs = []
-        for a in range(0, n, step):
+        earlier, W, device = window_keys - n, self.window, q.device
+        top = self.attn_sink.float().view(1, H, 1).expand(n, H, 1).clone()  # the sink is a column
+        total = torch.zeros(n, H, 1, device=device)
+        acc = torch.zeros(n, H, keys.shape[1], device=device)
+        for a in range(0, n, W):  # the window: blocks of W queries over the (at most 2W - 1) keys they see
+            b = min(n, a + W)
+            lo, hi = max(0, a + earlier - W + 1), b + earlier
+            behind = (torch.arange(a, b, device=device) + earlier)[:, None] - torch.arange(
+                lo, hi, device=device
+            )
+            allowed = (behind >= 0) & (behind < W)  # [b - a, hi - lo]: key k is 0 .. W - 1 places back
+            self._accumulate(q[a:b], keys[lo:hi], allowed, top[a:b], total[a:b], acc[a:b])
+        step = max(1, WORKSPACE // (H * max(rows, 1)))  # compressed rows: blocks of queries sharing them
+        for a in range(0, n, step) if rows else ():
             b = min(n, a + step)
-            lo, hi = max(0, a + earlier - self.window + 1), b + earlier  # the window keys these queries see
-            parts = [(keys[lo:hi], allowed[a:b, lo:hi])]
-            done = window_keys + min(rows, (start + b) // self.compressor.ratio) if rows else 0
-            if done > window_keys:  # the compressed rows complete by the block's last query
-                parts.append((keys[window_keys:done], allowed[a:b, window_keys:done]))
-            outs.append(self._attend_rows(q[a:b], parts))
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+            done = min(rows, (start + b) // self.compressor.ratio)  # rows complete by query b - 1
+            if done == 0:
+                continue
+            if chosen is None:  # every complete row
+                complete = (start + torch.arange(a, b, device=device) + 1) // self.compressor.ratio
+                allowed = torch.arange(done, device=device)[None, :] < complete[:, None]
+            else:  # the indexer's picks
+                allowed = torch.zeros(b - a, done + 1, dtype=torch.bool, device=device)
+                allowed = allowed.scatter_(1, chosen[a:b].masked_fill(chosen[a:b] < 0, done), True)[:, :done]
+            compressed = keys[window_keys : window_keys + done]
+            self._accumulate(q[a:b], compressed, allowed, top[a:b], total[a:b], acc[a:b])
+        total += (self.attn_sink.float().view(1, H, 1) - top).exp()
+        return (acc / total).to(q.dtype)  # [n, H, Dh]
 
     def _key_lists(self, n: int, window_keys: int, rows: int, start: int, chosen, device) -> torch.Tensor:
         """[n, window + picks] the keys each query attends to, -1 for none: the window's keys up to its
@@ -251,28 +252,15 @@ class CompressedAttention(nn.Module):
             lists.append(torch.where(cols < complete, cols + window_keys, -1))
         return torch.cat(lists, dim=1)
 
-    def _attend_rows(self, q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """One block of queries over parts of the keys (keys [S_i, Dh], allowed [n, S_i]) with an online
-        softmax; a part's [n, H, S_i] scores are the one workspace-sized tensor (in place)."""
-        H = self.n_heads
-        top = self.attn_sink.float().view(1, H, 1).expand(q.shape[0], H, 1)  # the sink is a column
-        total, acc = None, None
-        for keys, allowed in parts:
-            scores = torch.einsum("thd,sd->ths", q, keys).float().mul_(self.scale)  # [n, H, S_i]
-            scores.masked_fill_(~allowed[:, None, :], float("-inf"))
-            new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
-            probs = scores.sub_(new_top).exp_()
-            rescale = (top - new_top).exp()
-            part = torch.einsum("ths,sd->thd", probs.to(keys.dtype), keys).float()
-            total = probs.sum(dim=-1, keepdim=True) + (0 if total is None else total * rescale)
-            acc = part if acc is None else acc * rescale + part
-            top = new_top
-            del scores, probs
-        total = total + (self.attn_sink.float().view(1, H, 1) - top).exp()
-        return (acc / total).to(q.dtype)  # [n, H, Dh]
-
-
-def _block(budget: int, fixed: int) -> int:
-    """The most queries s with s * (s + fixed) <= budget (keys of a block: its own window span and a
-    fixed count), at least 1."""
-    return max(1, (math.isqrt(fixed * fixed + 4 * budget) - fixed) // 2)
+    def _accumulate(self, q, keys: torch.Tensor, allowed: torch.Tensor, top, total, acc) -> None:
+        """Adds keys [S, Dh] (allowed [n, S]) to queries q [n, H, Dh]'s online softmax: the running maximum
+        `top`, sum `total` [n, H, 1] and output `acc` [n, H, Dh], views updated in place. The [n, H, S]
+        scores are the one workspace-sized tensor (in place)."""
+        scores = torch.einsum("thd,sd->ths", q, keys).float().mul_(self.scale)  # [n, H, S]
+        scores.masked_fill_(~allowed[:, None, :], float("-inf"))
+        new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
+        probs = scores.sub_(new_top).exp_()
+        rescale = (top - new_top).exp()
+        total.mul_(rescale).add_(probs.sum(dim=-1, keepdim=True))
+        acc.mul_(rescale).add_(torch.einsum("ths,sd->thd", probs.to(keys.dtype), keys).float())
+        top.copy_(new_top)

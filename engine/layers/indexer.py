@@ -167,24 +167,15 @@ class CompressedIndexer(nn.Module):
         )
 
     @torch.no_grad()
-    def select(self, x, q_latent, q_rope, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Indices [T, k] into `keys` [N, Di] (-1 = none) for queries at `positions` [T]."""
+    def select(
+        self, x, q_latent, q_rope, keys: torch.Tensor, positions: torch.Tensor, start=None
+    ) -> torch.Tensor:
+        """Indices [T, k] into `keys` [N, Di] (-1 = none) for queries at `positions` [T]; `start`: the
+        first query's position, on the host, where the queries are consecutive (a prefill chunk)."""
         T, N = x.shape[0], keys.shape[0]
         q = apply_rope_tail(self.wq_b(q_latent).view(T, self.n_heads, self.head_dim), *q_rope)  # [T, Hi, Di]
         if T * N * self.n_heads > STREAMING:  # long: scored in blocks of keys with a running top-k
-            from ds4.kernels.indexer import indexer_topk
-
-            weights = self.weights_proj(x.float()).float() * (self.n_heads**-0.5 * self.head_dim**-0.5)
-            last_visible = (positions + 1) // self.ratio - 1  # row i is complete once i < (p + 1) // ratio
-            return indexer_topk(
-                q.float().contiguous(),
-                weights,
-                keys.float().contiguous(),
-                last_visible,
-                min(self.topk, N),
-                keys_per_block=max(256, STREAMING // (T * self.n_heads)),
-                scores_fn=_block_scores,
-            )
+            return self._streamed(x, q.float().contiguous(), keys.float().contiguous(), positions, start)
         scores = torch.relu(torch.matmul(q.float(), keys.float().T)) * self.head_dim**-0.5  # [T, Hi, N]
         weights = self.weights_proj(x.float()).float() * self.n_heads**-0.5  # [T, Hi]
         index_scores = (scores * weights.unsqueeze(-1)).sum(dim=1)  # [T, N]
@@ -192,6 +183,38 @@ class CompressedIndexer(nn.Module):
         future = torch.arange(N, device=x.device)[None, :] >= visible[:, None]
         chosen = stable_topk_indices(index_scores.masked_fill(future, float("-inf")), min(self.topk, N))
         return chosen.masked_fill(chosen >= visible[:, None], -1)
+
+    def _streamed(self, x, q, keys: torch.Tensor, positions: torch.Tensor, start) -> torch.Tensor:
+        """The top-k streamed over blocks of keys (the Triton scorer on its path). With `start`, queries go
+        in blocks, each over the rows complete by its last query only: a chunk's work is a staircase,
+        not the rectangle of every query against every row."""
+        from ds4.kernels.indexer import indexer_scores, indexer_topk
+
+        T, N, k = x.shape[0], keys.shape[0], min(self.topk, keys.shape[0])
+        weights = self.weights_proj(x.float()).float() * (self.n_heads**-0.5 * self.head_dim**-0.5)
+        last_visible = (positions + 1) // self.ratio - 1  # row i is complete once i < (p + 1) // ratio
+        scorer = indexer_scores if triton_enabled(x.device) else _block_scores
+        step = T if start is None else max(64, STREAMING // (N * self.n_heads))  # queries per block
+        picks = []
+        for a in range(0, T, step):
+            b = min(T, a + step)
+            rows = N if start is None else min(N, (start + b) // self.ratio)  # complete by query b - 1
+            if rows == 0:
+                picks.append(torch.full((b - a, k), -1, dtype=torch.int64, device=x.device))
+                continue
+            block = max(256, STREAMING // ((b - a) * self.n_heads))  # keys per block: within the workspace
+            picks.append(
+                indexer_topk(
+                    q[a:b],
+                    weights[a:b],
+                    keys[:rows],
+                    last_visible[a:b],
+                    k,
+                    keys_per_block=block,
+                    scores_fn=scorer,
+                )
+            )
+        return torch.cat(picks) if len(picks) > 1 else picks[0]
 
     @torch.no_grad()
     def select_decode(self, x, q_latent, q_rope, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
