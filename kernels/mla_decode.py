@@ -35,6 +35,15 @@ def load_rows(pool_ptr, row, pmask, c, r, cmask, rmask, stride_pool, C: tl.const
 
 
 @triton.jit
+def softmax_result(acc, total, m):
+    """An online softmax's output (acc / total) and log-sum-exp per row; zeros and -inf for a row that
+    saw nothing, never NaN."""
+    has = total > 0
+    out = tl.where(has[:, None], acc / tl.where(has, total, 1.0)[:, None], 0.0)
+    return out, tl.where(has, m + tl.log(tl.where(has, total, 1.0)), float("-inf"))
+
+
+@triton.jit
 def _mla_decode_kernel(
     ql_ptr,
     qr_ptr,
@@ -98,9 +107,7 @@ def _mla_decode_kernel(
         total = total * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + dot(p, latent, DOT, PRECISION)
         m = m_new
-    has = total > 0
-    out = tl.where(has[:, None], acc / tl.where(has, total, 1.0)[:, None], 0.0)
-    lse = tl.where(has, m + tl.log(tl.where(has, total, 1.0)), float("-inf"))
+    out, lse = softmax_result(acc, total, m)
     tl.store(
         out_ptr + b * stride_ob + h[:, None] * stride_oh + c[None, :],
         out,

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ds4.kernels.dot import dot, dot_args
-from ds4.kernels.mla_decode import load_rows
+from ds4.kernels.mla_decode import load_rows, softmax_result
 
 
 @triton.jit
@@ -85,9 +85,7 @@ def _mla_prefill_kernel(
         total = total * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + dot(p, latent, DOT, PRECISION)
         m_run = m_new
-    has = total > 0
-    out = tl.where(has[:, None], acc / tl.where(has, total, 1.0)[:, None], 0.0)
-    lse = tl.where(has, m_run + tl.log(tl.where(has, total, 1.0)), float("-inf"))
+    out, lse = softmax_result(acc, total, m_run)
     tl.store(
         out_ptr + t[:, None] * stride_ot + h[:, None] * stride_oh + c[None, :],
         out,

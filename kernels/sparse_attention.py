@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ds4.kernels.dot import dot, dot_args
+from ds4.kernels.mla_decode import softmax_result
 
 
 @triton.jit
@@ -93,9 +94,7 @@ def _sparse_attention_kernel(
         total = total * alpha + tl.exp(sink - m_new)
         acc = acc * alpha[:, None]
         m = m_new
-    has = total > 0
-    out = tl.where(has[:, None], acc / tl.where(has, total, 1.0)[:, None], 0.0)
-    lse = tl.where(has, m + tl.log(tl.where(has, total, 1.0)), float("-inf"))
+    out, lse = softmax_result(acc, total, m)
     tl.store(
         out_ptr + t * stride_ot + h[:, None] * stride_oh + v[None, :],
         out,
