@@ -110,9 +110,9 @@ class TieredExperts(Experts):
             return lambda: self._pass(x, weights, expert_ids)
         host = [_to_host(t) for t in (x, weights, expert_ids)]
         copied = None
-        if x.device.type == "cuda":
+        if x.device.type == "cuda":  # on the stream the copies were queued on: x's device's current one
             copied = torch.cuda.Event()
-            copied.record()
+            copied.record(torch.cuda.current_stream(x.device))
         return lambda: self._pass(x, weights, expert_ids, host, copied)
 
     def _pass(self, x, weights, expert_ids, host=None, copied=None) -> torch.Tensor:

@@ -138,6 +138,8 @@ class WindowCache:
         return slot in self.rows
 
     def free_slot(self, slot: int) -> None:
+        for key in [k for k in self.kept if k[0] == slot]:
+            del self.kept[key]
         row = self.rows.pop(slot, None)
         if row is not None:
             self.free_rows.append(row)
