@@ -104,7 +104,7 @@ def mla_prefill(
     scale: float,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
-    block_m: int = 32,
+    block_m: int | None = None,
     block_n: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As ds4.kernels.reference.mla_prefill: queries q_latent [T, H, C] (folded with W_UK) and q_rope
@@ -123,6 +123,9 @@ def mla_prefill(
     lse = lse if lse is not None else torch.empty(tokens, heads, dtype=torch.float32, device=device)
     blocks = blocks.to(device=device, dtype=torch.int32).contiguous()
     rows = tokens * heads
+    dots = dot_args(q_latent.dtype)
+    if block_m is None:  # float32 tiles of 16 rows: the decode kernel's shared memory (96 KB at 512 + 64)
+        block_m = 16 if dots["DOT"] == tl.float32 else 32
     _mla_prefill_kernel[(triton.cdiv(rows, block_m),)](
         q_latent,
         q_rope,
@@ -150,6 +153,6 @@ def mla_prefill(
         BLOCK_C=max(16, triton.next_power_of_2(latent)),
         BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
         FP8=fp8,
-        **dot_args(q_latent.dtype),
+        **dots,
     )
     return out, lse
