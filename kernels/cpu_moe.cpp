@@ -619,37 +619,54 @@ int ds4_moe(const float* x, const int64_t* ids, const float* weights, int64_t T,
         m.scales = static_cast<const uint8_t*>(scales) + e * m.scale_count() * scale_size;
         return m;
     };
+    auto swiglu = [&](int64_t s) {  // pair s's gate and up -> its laid-out activation
+        float* gate = h + s * 2 * I;
+        float* up = gate + I;
+        for (int64_t i = 0; i < I; ++i) {
+            float g = gate[i], u = up[i];
+            if (!std::isnan(limit)) {
+                g = std::min(g, limit);
+                u = std::max(std::min(u, limit), -limit);
+            }
+            gate[i] = silu(g) * u;  // in place, then laid out into act
+        }
+        lay_out(gate, act + s * I, I, act_layout);
+    };
+    // Few experts, as many as a whole number per thread (decode): each thread runs its experts start to
+    // finish, one barrier in all. Otherwise every phase splits the experts' row blocks over the threads.
+    // Each output row is the same sum either way.
+    const bool by_expert = n_items >= threads && n_items % threads == 0 && P <= 2 * n_items;
 #pragma omp parallel num_threads(threads)
     {
+        if (by_expert) {
 #pragma omp for schedule(static)
-        for (int64_t s = 0; s < P; ++s) lay_out(x + pair_token[s] * D, xs + s * D, D, x_layout);
-#pragma omp for schedule(static)
-        for (int64_t w = 0; w < n_items * blocks13; ++w) {
-            int64_t e = items[w / blocks13], b = w % blocks13;
-            Matrix m = expert_matrix(m13, w13, s13, e);
-            int64_t n0 = b * ROWS, n1 = std::min(2 * I, n0 + ROWS);
-            matmul_rows(m, n0, n1, xs + counts[e] * D, D, counts[e + 1] - counts[e], h + counts[e] * 2 * I, 2 * I);
-        }
-#pragma omp for schedule(static)
-        for (int64_t s = 0; s < P; ++s) {
-            float* gate = h + s * 2 * I;
-            float* up = gate + I;
-            for (int64_t i = 0; i < I; ++i) {
-                float g = gate[i], u = up[i];
-                if (!std::isnan(limit)) {
-                    g = std::min(g, limit);
-                    u = std::max(std::min(u, limit), -limit);
-                }
-                gate[i] = silu(g) * u;  // in place, then laid out into act
+            for (int64_t w = 0; w < n_items; ++w) {
+                const int64_t e = items[w], s0 = counts[e], n = counts[e + 1] - counts[e];
+                for (int64_t s = s0; s < s0 + n; ++s) lay_out(x + pair_token[s] * D, xs + s * D, D, x_layout);
+                matmul_rows(expert_matrix(m13, w13, s13, e), 0, 2 * I, xs + s0 * D, D, n, h + s0 * 2 * I, 2 * I);
+                for (int64_t s = s0; s < s0 + n; ++s) swiglu(s);
+                matmul_rows(expert_matrix(m2, w2, s2, e), 0, D, act + s0 * I, I, n, ys + s0 * D, D);
             }
-            lay_out(gate, act + s * I, I, act_layout);
-        }
+        } else {
 #pragma omp for schedule(static)
-        for (int64_t w = 0; w < n_items * blocks2; ++w) {
-            int64_t e = items[w / blocks2], b = w % blocks2;
-            Matrix m = expert_matrix(m2, w2, s2, e);
-            int64_t n0 = b * ROWS, n1 = std::min(D, n0 + ROWS);
-            matmul_rows(m, n0, n1, act + counts[e] * I, I, counts[e + 1] - counts[e], ys + counts[e] * D, D);
+            for (int64_t s = 0; s < P; ++s) lay_out(x + pair_token[s] * D, xs + s * D, D, x_layout);
+#pragma omp for schedule(static)
+            for (int64_t w = 0; w < n_items * blocks13; ++w) {
+                int64_t e = items[w / blocks13], b = w % blocks13;
+                Matrix m = expert_matrix(m13, w13, s13, e);
+                int64_t n0 = b * ROWS, n1 = std::min(2 * I, n0 + ROWS);
+                matmul_rows(m, n0, n1, xs + counts[e] * D, D, counts[e + 1] - counts[e], h + counts[e] * 2 * I,
+                            2 * I);
+            }
+#pragma omp for schedule(static)
+            for (int64_t s = 0; s < P; ++s) swiglu(s);
+#pragma omp for schedule(static)
+            for (int64_t w = 0; w < n_items * blocks2; ++w) {
+                int64_t e = items[w / blocks2], b = w % blocks2;
+                Matrix m = expert_matrix(m2, w2, s2, e);
+                int64_t n0 = b * ROWS, n1 = std::min(D, n0 + ROWS);
+                matmul_rows(m, n0, n1, act + counts[e] * I, I, counts[e + 1] - counts[e], ys + counts[e] * D, D);
+            }
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; ++t) {
