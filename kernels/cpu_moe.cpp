@@ -633,8 +633,8 @@ int ds4_moe(const float* x, const int64_t* ids, const float* weights, int64_t T,
         lay_out(gate, act + s * I, I, act_layout);
     };
     // Few experts, as many as a whole number per thread (decode): each thread runs its experts start to
-    // finish, then the sum: two barriers in all. Otherwise every phase splits the experts' row blocks over the threads.
-    // Each output row is the same sum either way.
+    // finish, then the sum: two barriers in all. Otherwise every phase splits the experts' row blocks over
+    // the threads. Each output row is the same sum either way.
     const bool by_expert = n_items >= threads && n_items % threads == 0 && P <= 2 * n_items;
 #pragma omp parallel num_threads(threads)
     {
