@@ -17,7 +17,8 @@ from ds4.kernels.dot import dot, dot_args
 @triton.jit
 def load_rows(pool_ptr, row, pmask, c, r, cmask, rmask, stride_pool, C: tl.constexpr, FP8: tl.constexpr):
     """Pool rows `row` [N] as float32: their latent [N, BLOCK_C] and roped key [N, BLOCK_R] (masked by
-    pmask, cmask, rmask). FP8: 656-byte rows, e4m3 latent with a float32 scale per 128, bf16 rope."""
+    pmask, cmask, rmask). FP8: e4m3 latent, a float32 scale per 128 (C // 32 bytes), then bf16 rope
+    (656-byte rows at 512 + 64)."""
     lmask = pmask[:, None] & cmask[None, :]
     rmask2 = pmask[:, None] & rmask[None, :]
     base = pool_ptr + row[:, None] * stride_pool
@@ -27,7 +28,8 @@ def load_rows(pool_ptr, row, pmask, c, r, cmask, rmask, stride_pool, C: tl.const
             (base + C).to(tl.pointer_type(tl.float32)) + c[None, :] // 128, mask=lmask, other=0.0
         )
         latent = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scales
-        roped = tl.load((base + C + 16).to(tl.pointer_type(tl.bfloat16)) + r[None, :], mask=rmask2, other=0.0)
+        rope = (base + C + C // 32).to(tl.pointer_type(tl.bfloat16))
+        roped = tl.load(rope + r[None, :], mask=rmask2, other=0.0)
     else:
         latent = tl.load(base + c[None, :], mask=lmask, other=0.0).to(tl.float32)
         roped = tl.load(base + C + r[None, :], mask=rmask2, other=0.0)
@@ -116,6 +118,22 @@ def _mla_decode_kernel(
     tl.store(lse_ptr + b * stride_lb + h, lse, mask=hmask)
 
 
+def check_pool(pool: torch.Tensor, q_latent: torch.Tensor, q_rope: torch.Tensor) -> bool:
+    """Checks a pool's rows against the queries' widths (latent C, rope R) for `load_rows`; returns
+    whether they are FP8 rows (uint8: C + C // 32 + 2R bytes, 656 for 512 + 64), else [latent | rope]."""
+    latent, rope_dim = q_latent.shape[-1], q_rope.shape[-1]
+    fp8 = pool.dtype == torch.uint8
+    if fp8:
+        width = latent + latent // 32 + 2 * rope_dim
+        assert latent % 128 == 0 and pool.shape[-1] == width, f"FP8 rows of {width} bytes expected"
+        assert (latent + latent // 32) % 16 == 0, "the rope part must start 16-byte aligned (latent 512 does)"
+    else:
+        assert pool.shape[-1] == latent + rope_dim, "pool rows must be [latent | rope]"
+    assert pool.stride(-1) == 1
+    assert q_latent.stride(-1) == 1 and q_rope.stride(-1) == 1
+    return fp8
+
+
 def paged_mla_decode(
     q_latent: torch.Tensor,
     q_rope: torch.Tensor,
@@ -134,15 +152,7 @@ def paged_mla_decode(
     dequantized in the kernel."""
     batch, heads, latent = q_latent.shape
     rope_dim = q_rope.shape[-1]
-    fp8 = pool.dtype == torch.uint8
-    if fp8:
-        width = latent + latent // 32 + 2 * rope_dim  # 656 bytes for 512 + 64
-        assert latent % 128 == 0 and pool.shape[-1] == width, f"FP8 rows of {width} bytes expected"
-        assert (latent + latent // 32) % 16 == 0, "the rope part must start 16-byte aligned (latent 512 does)"
-    else:
-        assert pool.shape[-1] == latent + rope_dim, "pool rows must be [latent | rope]"
-    assert pool.stride(-1) == 1
-    assert q_latent.stride(-1) == 1 and q_rope.stride(-1) == 1
+    fp8 = check_pool(pool, q_latent, q_rope)
     out = (
         out if out is not None else torch.empty(batch, heads, latent, dtype=torch.float32, device=pool.device)
     )

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ds4.kernels.dot import dot, dot_args
-from ds4.kernels.mla_decode import load_rows, softmax_result
+from ds4.kernels.mla_decode import check_pool, load_rows, softmax_result
 
 
 @triton.jit
@@ -110,13 +110,11 @@ def mla_prefill(
     """As ds4.kernels.reference.mla_prefill: queries q_latent [T, H, C] (folded with W_UK) and q_rope
     [T, H, R] at positions start .. start + T - 1 over the sequence's pool rows (its `blocks`, in
     order, holding positions 0 .. start + T - 1). Returns `out` [T, H, C] and `lse` [T, H] in float32. A
-    uint8 pool holds FP8 rows (656 bytes), dequantized in the kernel, as the decode kernel reads them."""
+    uint8 pool holds FP8 rows (656 bytes at 512 + 64), dequantized in the kernel as the decode kernel
+    reads them."""
     tokens, heads, latent = q_latent.shape
     rope_dim = q_rope.shape[-1]
-    fp8 = pool.dtype == torch.uint8
-    width = latent + latent // 32 + 2 * rope_dim if fp8 else latent + rope_dim
-    assert pool.shape[-1] == width and pool.stride(-1) == 1, f"pool rows of {width} elements expected"
-    assert q_latent.stride(-1) == 1 and q_rope.stride(-1) == 1
+    fp8 = check_pool(pool, q_latent, q_rope)
     assert blocks.numel() * block_size >= start + tokens, "the blocks must hold every position of the chunk"
     device = pool.device
     out = out if out is not None else torch.empty(tokens, heads, latent, dtype=torch.float32, device=device)

@@ -64,16 +64,18 @@ def test_each_query_of_the_chunk_equals_a_decode_query_of_its_length(gen):
     torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=2e-5)
 
 
-def test_mla_prefill_reads_fp8_rows(gen):
-    """FP8 cache rows (656 bytes), dequantized in the kernel: the answer on the dequantized pool."""
-    start, tokens, heads, latent, rope_dim, page = 11, 6, 3, 512, 64, 16
+@pytest.mark.parametrize("latent", [512, 1024])  # the rope part after 4 scales, or after 8
+def test_mla_prefill_reads_fp8_rows(gen, latent):
+    """FP8 cache rows (656 bytes at 512 + 64), dequantized in the kernel: the answer on the dequantized
+    pool."""
+    start, tokens, heads, rope_dim, page = 11, 6, 3, 64, 16
     q_latent, q_rope, pool, blocks = chunk_case(
         gen, start, tokens, heads, latent, rope_dim, page, torch.float32
     )
-    packed = reference.quantize_latent_rows(pool)
+    packed = reference.quantize_latent_rows(pool, latent)
     scale = (latent + rope_dim) ** -0.5
     out, lse = mla_prefill(q_latent, q_rope, packed, blocks, start, page, scale)
-    rows = reference.dequantize_latent_rows(packed)
+    rows = reference.dequantize_latent_rows(packed, latent)
     want, want_lse = reference.mla_prefill(q_latent, q_rope, rows, blocks, start, page, scale)
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-4)
