@@ -86,9 +86,12 @@ class WindowCache:
 
     def prepare(self, seq):
         self.reserve(seq.slot, seq.end)
-        for key in [k for k in self.kept if k[0] == seq.slot]:  # a step's boundaries are its own
-            del self.kept[key]
+        self._forget_kept(seq.slot)  # a step's boundaries are its own
         return seq
+
+    def _forget_kept(self, slot: int) -> None:
+        for key in [k for k in self.kept if k[0] == slot]:
+            del self.kept[key]
 
     def boundaries(self, seq) -> range:
         """The block ends strictly inside prefill slice `seq` (its own end is the live state's)."""
@@ -138,8 +141,7 @@ class WindowCache:
         return slot in self.rows
 
     def free_slot(self, slot: int) -> None:
-        for key in [k for k in self.kept if k[0] == slot]:
-            del self.kept[key]
+        self._forget_kept(slot)
         row = self.rows.pop(slot, None)
         if row is not None:
             self.free_rows.append(row)

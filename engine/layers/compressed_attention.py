@@ -227,8 +227,9 @@ class CompressedAttention(nn.Module):
             if done == 0:
                 continue
             if chosen is None:  # every complete row
-                complete = (start + torch.arange(a, b, device=device) + 1) // self.compressor.ratio
-                allowed = torch.arange(done, device=device)[None, :] < complete[:, None]
+                allowed = (
+                    torch.arange(done, device=device)[None, :] < self._complete(start, a, b, device)[:, None]
+                )
             else:  # the indexer's picks
                 allowed = torch.zeros(b - a, done + 1, dtype=torch.bool, device=device)
                 allowed = allowed.scatter_(1, chosen[a:b].masked_fill(chosen[a:b] < 0, done), True)[:, :done]
@@ -247,10 +248,16 @@ class CompressedAttention(nn.Module):
         if rows and chosen is not None:
             lists.append(torch.where(chosen >= 0, chosen + window_keys, -1))
         elif rows:
-            complete = (start + i + 1) // self.compressor.ratio  # rows whose window has closed
             cols = torch.arange(rows, device=device)[None, :]
-            lists.append(torch.where(cols < complete, cols + window_keys, -1))
+            lists.append(
+                torch.where(cols < self._complete(start, 0, n, device)[:, None], cols + window_keys, -1)
+            )
         return torch.cat(lists, dim=1)
+
+    def _complete(self, start: int, a: int, b: int, device) -> torch.Tensor:
+        """[b - a] how many compressed rows queries a .. b - 1 of a chunk from `start` see: the rows whose
+        window has closed by their position."""
+        return (start + torch.arange(a, b, device=device) + 1) // self.compressor.ratio
 
     def _accumulate(self, q, keys: torch.Tensor, allowed: torch.Tensor, top, total, acc) -> None:
         """Adds keys [S, Dh] (allowed [n, S]) to queries q [n, H, Dh]'s online softmax: the running maximum
