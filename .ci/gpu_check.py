@@ -11,6 +11,7 @@ usage: gpu_check.py DEVICE WORKDIR [FAMILY ...] [--quick] [--long-1m]   (--quick
 import json
 import os
 import sys
+from functools import partial
 
 import torch
 
@@ -54,42 +55,36 @@ def fp32_agreement(path):
     return dict(max_rel_err=err, argmax_agree=float((got.argmax(-1) == want.argmax(-1)).float().mean()))
 
 
+def step(name, fam, run, show=None):
+    """One report line for `run()`'s figures (and `show`'s readable report), or for its failure: the rest
+    of the check still runs. The card's cache is emptied after."""
+    try:
+        report = run()
+        emit(step=name, family=fam, **report)
+        if show is not None:
+            print(show(report), flush=True)
+    except Exception as e:
+        emit(step=name, family=fam, error=f"{type(e).__name__}: {e}"[:400])
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
 def family(fam):
+    from ds4.engine.bench.long import bench_long, format_long_report
+
     path = os.path.join(WORK, fam)
     if not os.path.exists(os.path.join(path, "config.json")):
         init_checkpoint(fam, PRESET, path, seed=0)
-    try:
-        emit(step="fp32_triton_vs_transformers", family=fam, **fp32_agreement(path))
-    except Exception as e:  # a report line per failure: the rest of the check still runs
-        emit(step="fp32_triton_vs_transformers", family=fam, error=f"{type(e).__name__}: {e}"[:400])
-    try:
-        dtype = "bfloat16" if CUDA else "float32"
-        report = bench_engine(
-            path, PROMPT, NEW, RUNS, dtype, device=DEVICE, batch=BATCH, batch_prompt_tokens=PROMPT
-        )
-        emit(step="bench_engine", family=fam, **report)
-        print(format_report(report), flush=True)
-    except Exception as e:
-        emit(step="bench_engine", family=fam, error=f"{type(e).__name__}: {e}"[:400])
-    if CUDA:
-        torch.cuda.empty_cache()
-    long_prompts(path, fam, LONG + ([1 << 20] if "--long-1m" in sys.argv and fam == "deepseek_v4" else []))
-
-
-def long_prompts(path, fam, lengths):
-    from ds4.engine.bench.long import bench_long, format_long_report
-
-    try:
-        dtype = "bfloat16" if CUDA else "float32"
-        report = bench_long(
-            path, lengths, DEVICE, dtype, chunk=512 if QUICK else 8192, decode_tokens=4, peer=False
-        )
-        emit(step="bench_long", family=fam, **report)
-        print(format_long_report(report), flush=True)
-    except Exception as e:
-        emit(step="bench_long", family=fam, error=f"{type(e).__name__}: {e}"[:400])
-    if CUDA:
-        torch.cuda.empty_cache()
+    dtype = "bfloat16" if CUDA else "float32"
+    step("fp32_triton_vs_transformers", fam, partial(fp32_agreement, path))
+    engine = partial(
+        bench_engine, path, PROMPT, NEW, RUNS, dtype, device=DEVICE, batch=BATCH, batch_prompt_tokens=PROMPT
+    )
+    step("bench_engine", fam, engine, format_report)
+    lengths = LONG + ([1 << 20] if "--long-1m" in sys.argv and fam == "deepseek_v4" else [])
+    chunk = 512 if QUICK else 8192
+    long = partial(bench_long, path, lengths, DEVICE, dtype, chunk=chunk, decode_tokens=4, peer=False)
+    step("bench_long", fam, long, format_long_report)
 
 
 def main():
