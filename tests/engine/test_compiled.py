@@ -53,3 +53,28 @@ def test_tiered_experts_decode_compiled_with_the_eager_tokens(tiny_v3):
             step = llm.runner.decode_forward
             assert step.failure is None and step.compile_seconds is not None
     assert runs[0] == runs[1]
+
+
+def test_two_models_of_the_same_shapes_compile_their_own_steps(tiny_v3, tmp_path):
+    """The compiled step keeps no guards on the model's modules (they never change after load), so each
+    runner compiles its own copy of the step's code: a second model of the same shapes, other weights, in
+    the same process, decodes its own tokens, not the first model's graph's. Fails if the runners share
+    the code object (dynamo would find the first graph valid for the second model)."""
+    from ds4.engine.random_checkpoint import init_checkpoint
+
+    other = init_checkpoint("deepseek_v3", "tiny", tmp_path / "other", seed=1)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=1)
+    prompt = [list(range(3, 30))]
+    outs = {}
+    for path in (tiny_v3, other):
+        for compile_decode in (True, False):
+            llm = LLM(path, dtype="float32", max_num_seqs=2, compile_decode=compile_decode)
+            outs[path, compile_decode] = llm.generate(prompt, params)[0]
+            assert not compile_decode or llm.runner.decode_forward.failure is None
+    for path in (tiny_v3, other):
+        a, b = outs[path, True], outs[path, False]
+        assert a.token_ids == b.token_ids
+        pairs = zip(a.logprobs, b.logprobs, strict=True)
+        assert all(abs(x["logprob"] - y["logprob"]) < 1e-5 for x, y in pairs)
+    first, second = outs[tiny_v3, False], outs[other, False]
+    assert [x["logprob"] for x in first.logprobs] != [x["logprob"] for x in second.logprobs]
