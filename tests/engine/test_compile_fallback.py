@@ -31,3 +31,31 @@ def test_hitting_the_recompile_limit_falls_back_to_the_eager_step(tiny_v3, monke
     step = llm.runner.decode_forward
     assert isinstance(step, CompiledDecode) and step.failure.startswith("FailOnRecompileLimitHit")
     assert tokens == LLM(tiny_v3).generate([PROMPT], GREEDY)[0].token_ids
+
+
+def test_a_c_plus_plus_wrapper_that_cannot_be_built_leaves_the_python_wrapper(tiny_v3, monkeypatch):
+    """The step compiles with inductor's C++ wrapper; where that cannot be built (no Python headers, a
+    compiler error), it compiles again with the Python wrapper rather than decoding eagerly. torch.compile
+    is replaced by one that refuses the C++ wrapper and otherwise runs the step as given."""
+    seen = []
+
+    def fake_compile(step, **kwargs):
+        options = kwargs["options"]
+        seen.append(dict(options))
+        if options["cpp_wrapper"]:
+
+            def refuse(*args):
+                raise torch._inductor.exc.InductorError(RuntimeError("Python.h: No such file"), None)
+
+            return refuse
+        return step
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    llm = LLM(tiny_v3, compile_decode=True)
+    tokens = llm.generate([PROMPT], GREEDY)[0].token_ids
+    step = llm.runner.decode_forward
+    assert [o["cpp_wrapper"] for o in seen] == [True, False]
+    assert all(o["guard_filter_fn"] is torch.compiler.skip_guard_on_all_nn_modules_unsafe for o in seen)
+    assert step.failure is None and "Python.h" in step.wrapper_failure
+    assert step.compile_seconds is not None
+    assert tokens == LLM(tiny_v3, compile_decode=False).generate([PROMPT], GREEDY)[0].token_ids
