@@ -17,11 +17,12 @@ KERNEL_ROWS = 32  # rows of x up to which the kernel runs; past them, torch's GE
 
 
 def kernel_min_bytes() -> int:
-    """The smallest weight the kernel takes: a call into it costs 30-40 us more than torch's own (the op's
-    Python and ctypes), which a matrix of a few hundred KB does not win back (docs/perf.md). Every real
-    DeepSeek matrix is far larger; `DS4_CPU_DENSE_MIN_BYTES` overrides it (the tests set 0, so the tiny
-    models' layers run in the kernel too)."""
-    return int(os.environ.get("DS4_CPU_DENSE_MIN_BYTES", 2 << 20))
+    """The smallest weight the kernel takes: a call into it costs more than torch's own (the op's Python and
+    ctypes, 15-20 us from the compiled step's C++ wrapper), which a smaller matrix does not win back. From
+    256 KB up the kernel wins: on the `small` presets, 1.12-1.15x a batch-1 step and 1.12-1.17x at batch
+    32 against 2 MB (docs/perf.md). Every real DeepSeek matrix is far larger; `DS4_CPU_DENSE_MIN_BYTES`
+    overrides it (the tests set 0, so the tiny models' layers run in the kernel too)."""
+    return int(os.environ.get("DS4_CPU_DENSE_MIN_BYTES", 256 << 10))
 
 
 class Linear(nn.Linear):

@@ -326,12 +326,12 @@ def test_dense_layers_on_the_cpu_take_the_kernel_with_torchs_results(tmp_path, f
 
 
 def test_dense_layers_under_the_kernels_minimum_stay_with_torch(tmp_path, monkeypatch):
-    """By default only weights of 2 MB or more take the kernel (a call costs more than a small matrix
+    """By default only weights of 256 KB or more take the kernel (a call costs more than a small matrix
     saves): a tiny model's layers keep torch's input-major layout."""
     from ds4.engine.layers.linear import Linear, kernel_min_bytes
 
     monkeypatch.delenv("DS4_CPU_DENSE_MIN_BYTES")
-    assert kernel_min_bytes() == 2 << 20
+    assert kernel_min_bytes() == 256 << 10
     llm = LLM(_init(tmp_path))
     dense = [m for m in llm.runner.model.modules() if isinstance(m, Linear)]
     assert dense and not any(m.use_cpu_kernel for m in dense)
