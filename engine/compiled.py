@@ -93,7 +93,7 @@ class CompiledDecode:
 
     def __init__(self, eager):
         self.eager = eager
-        self.options = dict(OPTIONS)  # copied: torch.compile takes guard_filter_fn out of what it is given
+        self.options = dict(OPTIONS)  # this runner's: the C++ wrapper may be turned off for it alone
         self.compiled = None  # made at the first call: torch.compile starts inductor's worker processes
         self.compile_seconds: float | None = None  # the first call's time (tracing and code generation)
         self.failure: str | None = None
@@ -101,7 +101,8 @@ class CompiledDecode:
 
     def _compile(self) -> None:
         step = _own_code(self.eager)
-        self.compiled = torch.compile(step, dynamic=True, fullgraph=True, options=dict(self.options))
+        options = dict(self.options)  # a copy: torch.compile takes guard_filter_fn out of what it is given
+        self.compiled = torch.compile(step, dynamic=True, fullgraph=True, options=options)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.failure is not None or _get_current_dispatch_mode() is not None:
