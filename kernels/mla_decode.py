@@ -2,10 +2,18 @@
 through the block table, with an online softmax. Queries come folded with W_UK (q_latent) plus their
 roped part; the output is the probability-weighted latent, before W_UV, and the log-sum-exp.
 
-One program per (sequence, block of heads): the latent rows of a block of positions are loaded once
-and serve every head in the block, which is what makes MLA decode cheap in bandwidth."""
+One program per (block of heads, sequence, split of the sequence's positions): the latent rows of a
+block of positions are loaded once and serve every head in the block, which is what makes MLA decode
+cheap in bandwidth. A sequence's head blocks are neighbours in the grid, so they run together and
+share its rows through L2. Splitting the positions (flash-decoding) keeps every SM busy when there
+are few sequences: each split writes its normalised partial output and log-sum-exp, and
+`combine_splits` merges them. The number of splits depends only on shapes (the batch, the heads, the
+block table's width), never on the lengths on the device, so a captured graph replays it.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -46,6 +54,134 @@ def softmax_result(acc, total, m):
 
 
 @triton.jit
+def split_range(n, split, splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
+    """Positions [lo, hi) of `split` of `splits` over n: whole BLOCK_N blocks, at least MIN_SPLIT
+    positions each, so the last splits are empty where n is short. The bounds depend on n, `splits` and
+    the constants alone: the same sums whatever the batch or the table's width."""
+    per = tl.maximum(tl.cdiv(tl.cdiv(n, splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
+    lo = split * per
+    return lo, tl.minimum(n, lo + per)
+
+
+@triton.jit
+def _combine_kernel(
+    part_ptr,
+    part_lse_ptr,
+    sink_ptr,
+    out_ptr,
+    lse_ptr,
+    heads,
+    stride_pt,
+    stride_ph,
+    stride_ps,
+    stride_lt,
+    stride_lh,
+    stride_ot,
+    stride_oh,
+    stride_rt,
+    stride_rh,
+    SPLITS: tl.constexpr,
+    V: tl.constexpr,
+    HAS_SINK: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    t, h = tl.program_id(0), tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    v = tl.arange(0, BLOCK_V)
+    part_lse = tl.load(part_lse_ptr + t * stride_lt + h * stride_lh + s, mask=s < SPLITS, other=float("-inf"))
+    m = tl.max(part_lse, axis=0)
+    if HAS_SINK:  # the sink is one more split: logit `sink`, output zero
+        sink = tl.load(sink_ptr + h).to(tl.float32)
+        m = tl.maximum(m, sink)
+    base = tl.where(m > float("-inf"), m, 0.0)  # every split empty: subtract 0, never inf - inf
+    weight = tl.exp(part_lse - base)
+    total = tl.sum(weight, axis=0)
+    if HAS_SINK:
+        total += tl.exp(sink - base)
+    acc = tl.zeros([BLOCK_V], tl.float32)
+    for i in range(SPLITS):  # in split order: the same sum whatever the grid's timing
+        w = tl.exp(tl.load(part_lse_ptr + t * stride_lt + h * stride_lh + i) - base)
+        part = tl.load(part_ptr + t * stride_pt + h * stride_ph + i * stride_ps + v, mask=v < V, other=0.0)
+        acc += w * part
+    has = total > 0
+    out = tl.where(has, acc / tl.where(has, total, 1.0), 0.0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + v, out, mask=v < V)
+    result_lse = tl.where(has, base + tl.log(tl.where(has, total, 1.0)), float("-inf"))
+    tl.store(lse_ptr + t * stride_rt + h * stride_rh, result_lse)
+
+
+def kv_splits(batch: int, head_blocks: int, capacity: int, device) -> tuple[int, int]:
+    """(splits, the least positions a split takes) for a decode launch of `batch` sequences (or tokens)
+    of `head_blocks` programs each over at most `capacity` positions (a constant of the cache, not the
+    table's width). On a GPU: no split where the programs already fill it (one per SM), else enough for
+    two programs per SM, at least 256 positions each, at most 32 splits. The batch counts as the next
+    power of two: the same splits as the decode graph's padded batch (1, 2, 4, 8, multiples of 8), so
+    graphs on and off sum alike. Under the interpreter (the CPU) the rule is scaled down (4 'SMs',
+    32-position splits) so small tests reach it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        sms, min_split = _sm_count(index), 256
+    else:
+        sms, min_split = 4, 32
+    return split_count(batch, head_blocks, capacity, sms, min_split), min_split
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_count(batch: int, head_blocks: int, capacity: int, sms: int, min_split: int) -> int:
+    """kv_splits' rule on a GPU of `sms` SMs."""
+    work = triton.next_power_of_2(max(batch, 1)) * head_blocks
+    if work >= sms or capacity < 2 * min_split:
+        return 1
+    return max(1, min(32, -(-2 * sms // work), capacity // min_split))
+
+
+def split_buffers(tokens: int, heads: int, splits: int, width: int, out: torch.Tensor, lse: torch.Tensor):
+    """Where a launch writes: `out` and `lse` themselves for one split, else float32 partials
+    [tokens, heads, splits, width] and [tokens, heads, splits] for combine_splits."""
+    if splits == 1:
+        return out, lse, 0, 0
+    part = torch.empty(tokens, heads, splits, width, dtype=torch.float32, device=out.device)
+    part_lse = torch.empty(tokens, heads, splits, dtype=torch.float32, device=out.device)
+    return part, part_lse, part.stride(2), part_lse.stride(2)
+
+
+def combine_splits(part, part_lse, out, lse, sink: torch.Tensor | None = None) -> None:
+    """Merges the splits' partial outputs [T, H, S, V] by their log-sum-exps [T, H, S] into `out`
+    [T, H, V] and `lse` [T, H], with V4's attention sink (one logit per head) where given."""
+    tokens, heads, splits, width = part.shape
+    if tokens == 0:
+        return
+    _combine_kernel[(tokens, heads)](
+        part,
+        part_lse,
+        sink if sink is not None else part_lse,
+        out,
+        lse,
+        heads,
+        part.stride(0),
+        part.stride(1),
+        part.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        lse.stride(1),
+        SPLITS=splits,
+        V=width,
+        HAS_SINK=sink is not None,
+        BLOCK_S=max(16, triton.next_power_of_2(splits)),
+        BLOCK_V=max(16, triton.next_power_of_2(width)),
+    )
+
+
+@triton.jit
 def _mla_decode_kernel(
     ql_ptr,
     qr_ptr,
@@ -64,7 +200,10 @@ def _mla_decode_kernel(
     stride_tb,
     stride_ob,
     stride_oh,
+    stride_os,
     stride_lb,
+    stride_lh,
+    stride_ls,
     C: tl.constexpr,
     R: tl.constexpr,
     PAGE: tl.constexpr,
@@ -72,12 +211,14 @@ def _mla_decode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,
     FP8: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b = tl.program_id(1)
+    split = tl.program_id(2)
     c = tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_R)
     hmask, cmask, rmask = h < heads, c < C, r < R
@@ -91,13 +232,13 @@ def _mla_decode_kernel(
         mask=hmask[:, None] & rmask[None, :],
         other=0.0,
     ).to(tl.float32)
-    n = tl.load(lens_ptr + b)
+    lo, hi = split_range(tl.load(lens_ptr + b), split, tl.num_programs(2), BLOCK_N, MIN_SPLIT)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
-    for start in range(0, n, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
-        pmask = pos < n
+        pmask = pos < hi
         page = tl.load(table_ptr + b * stride_tb + pos // PAGE, mask=pmask, other=0)
         row = page.to(tl.int64) * PAGE + pos % PAGE
         latent, roped = load_rows(pool_ptr, row, pmask, c, r, cmask, rmask, stride_pool, C, FP8)
@@ -111,11 +252,11 @@ def _mla_decode_kernel(
         m = m_new
     out, lse = softmax_result(acc, total, m)
     tl.store(
-        out_ptr + b * stride_ob + h[:, None] * stride_oh + c[None, :],
+        out_ptr + b * stride_ob + h[:, None] * stride_oh + split * stride_os + c[None, :],
         out,
         mask=hmask[:, None] & cmask[None, :],
     )
-    tl.store(lse_ptr + b * stride_lb + h, lse, mask=hmask)
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh + split * stride_ls, lse, mask=hmask)
 
 
 def check_pool(pool: torch.Tensor, q_latent: torch.Tensor, q_rope: torch.Tensor) -> bool:
@@ -146,10 +287,12 @@ def paged_mla_decode(
     lse: torch.Tensor | None = None,
     block_h: int = 16,
     block_n: int = 32,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As ds4.kernels.reference.paged_mla_decode; `out` [B, H, C] and `lse` [B, H] float32 buffers. A
     uint8 pool holds FP8 rows (reference.quantize_latent_rows: 656 bytes for latent 512 + rope 64),
-    dequantized in the kernel."""
+    dequantized in the kernel. `splits` of each sequence's positions: by default `kv_splits` over the
+    pool's rows."""
     batch, heads, latent = q_latent.shape
     rope_dim = q_rope.shape[-1]
     fp8 = check_pool(pool, q_latent, q_rope)
@@ -159,15 +302,20 @@ def paged_mla_decode(
     lse = lse if lse is not None else torch.empty(batch, heads, dtype=torch.float32, device=pool.device)
     table = block_table.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
-    grid = (batch, triton.cdiv(heads, block_h))
-    _mla_decode_kernel[grid](
+    head_blocks = triton.cdiv(heads, block_h)
+    if splits is None:
+        splits, min_split = kv_splits(batch, head_blocks, pool.shape[0], pool.device)
+    else:
+        min_split = block_n  # as asked, in splits of whole blocks
+    part, part_lse, stride_split, stride_lse_split = split_buffers(batch, heads, splits, latent, out, lse)
+    _mla_decode_kernel[(head_blocks, batch, splits)](
         q_latent,
         q_rope,
         pool,
         table,
         lens,
-        out,
-        lse,
+        part,
+        part_lse,
         scale,
         heads,
         q_latent.stride(0),
@@ -176,9 +324,12 @@ def paged_mla_decode(
         q_rope.stride(1),
         pool.stride(0),
         table.stride(0),
-        out.stride(0),
-        out.stride(1),
-        lse.stride(0),
+        part.stride(0),
+        part.stride(1),
+        stride_split,
+        part_lse.stride(0),
+        part_lse.stride(1),
+        stride_lse_split,
         C=latent,
         R=rope_dim,
         PAGE=block_size,
@@ -186,7 +337,10 @@ def paged_mla_decode(
         BLOCK_N=block_n,
         BLOCK_C=max(16, triton.next_power_of_2(latent)),
         BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
+        MIN_SPLIT=min_split,
         FP8=fp8,
         **dot_args(q_latent.dtype),
     )
+    if splits > 1:
+        combine_splits(part, part_lse, out, lse)
     return out, lse

@@ -3,7 +3,9 @@
 head: MLA's latent (the value) and rope, or V4's single 512-d row that is key and value, with V4's
 attention sink. Returns the output and the log-sum-exp.
 
-One program per (token, block of heads): a block of named rows is gathered once for all its heads."""
+One program per (block of heads, token, split of its rows): a block of named rows is gathered once for
+all its heads; few tokens (decode) split their rows over more programs, merged as in
+mla_decode.combine_splits."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ds4.kernels.dot import dot, dot_args
-from ds4.kernels.mla_decode import softmax_result
+from ds4.kernels.mla_decode import combine_splits, kv_splits, softmax_result, split_buffers, split_range
 
 
 @triton.jit
@@ -32,7 +34,10 @@ def _sparse_attention_kernel(
     stride_it,
     stride_ot,
     stride_oh,
+    stride_os,
     stride_lt,
+    stride_lh,
+    stride_ls,
     V: tl.constexpr,
     REST: tl.constexpr,
     HAS_SINK: tl.constexpr,
@@ -40,11 +45,13 @@ def _sparse_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    t = tl.program_id(1)
+    split = tl.program_id(2)
     v = tl.arange(0, BLOCK_V)
     hmask, vmask = h < heads, v < V
     qv = tl.load(
@@ -63,9 +70,10 @@ def _sparse_attention_kernel(
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_V], tl.float32)
-    for start in range(0, num_idx, BLOCK_N):
+    lo, hi = split_range(num_idx, split, tl.num_programs(2), BLOCK_N, MIN_SPLIT)
+    for start in range(lo, hi, BLOCK_N):
         k = start + tl.arange(0, BLOCK_N)
-        row = tl.load(idx_ptr + t * stride_it + k, mask=k < num_idx, other=-1)
+        row = tl.load(idx_ptr + t * stride_it + k, mask=k < hi, other=-1)
         valid = row >= 0
         row = tl.where(valid, row, 0).to(tl.int64)
         value = tl.load(
@@ -87,7 +95,7 @@ def _sparse_attention_kernel(
         total = total * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + dot(p, value, DOT, PRECISION)
         m = m_new
-    if HAS_SINK:
+    if HAS_SINK:  # one split only: otherwise combine_splits adds it
         sink = tl.load(sink_ptr + h, mask=hmask, other=0.0).to(tl.float32)
         m_new = tl.maximum(m, sink)
         alpha = tl.exp(m - m_new)
@@ -96,11 +104,11 @@ def _sparse_attention_kernel(
         m = m_new
     out, lse = softmax_result(acc, total, m)
     tl.store(
-        out_ptr + t * stride_ot + h[:, None] * stride_oh + v[None, :],
+        out_ptr + t * stride_ot + h[:, None] * stride_oh + split * stride_os + v[None, :],
         out,
         mask=hmask[:, None] & vmask[None, :],
     )
-    tl.store(lse_ptr + t * stride_lt + h, lse, mask=hmask)
+    tl.store(lse_ptr + t * stride_lt + h * stride_lh + split * stride_ls, lse, mask=hmask)
 
 
 def sparse_attention(
@@ -114,8 +122,10 @@ def sparse_attention(
     lse: torch.Tensor | None = None,
     block_h: int = 16,
     block_n: int = 32,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As ds4.kernels.reference.sparse_attention; `out` [T, H, value_dim] and `lse` [T, H] float32."""
+    """As ds4.kernels.reference.sparse_attention; `out` [T, H, value_dim] and `lse` [T, H] float32.
+    `splits` of each token's rows: by default `kv_splits` over the k indices."""
     tokens, heads, dim = q.shape
     assert kv.shape[-1] == dim and kv.stride(-1) == 1 and q.stride(-1) == 1
     rest = dim - value_dim
@@ -128,14 +138,19 @@ def sparse_attention(
     idx = indices.to(torch.int32).contiguous()
     if tokens == 0:
         return out, lse
-    grid = (tokens, triton.cdiv(heads, block_h))
-    _sparse_attention_kernel[grid](
+    head_blocks = triton.cdiv(heads, block_h)
+    if splits is None:
+        splits, min_split = kv_splits(tokens, head_blocks, idx.shape[1], q.device)
+    else:
+        min_split = block_n  # as asked, in splits of whole blocks
+    part, part_lse, stride_split, stride_lse_split = split_buffers(tokens, heads, splits, value_dim, out, lse)
+    _sparse_attention_kernel[(head_blocks, tokens, splits)](
         q,
         kv,
         idx,
         sink if sink is not None else q,
-        out,
-        lse,
+        part,
+        part_lse,
         scale,
         heads,
         idx.shape[1],
@@ -143,16 +158,22 @@ def sparse_attention(
         q.stride(1),
         kv.stride(0),
         idx.stride(0),
-        out.stride(0),
-        out.stride(1),
-        lse.stride(0),
+        part.stride(0),
+        part.stride(1),
+        stride_split,
+        part_lse.stride(0),
+        part_lse.stride(1),
+        stride_lse_split,
         V=value_dim,
         REST=rest,
-        HAS_SINK=sink is not None,
+        HAS_SINK=sink is not None and splits == 1,
         BLOCK_H=block_h,
         BLOCK_N=block_n,
         BLOCK_V=max(16, triton.next_power_of_2(value_dim)),
         BLOCK_R=max(16, triton.next_power_of_2(max(rest, 1))),
+        MIN_SPLIT=min_split,
         **dot_args(q.dtype),
     )
+    if splits > 1:
+        combine_splits(part, part_lse, out, lse, sink)
     return out, lse

@@ -135,6 +135,27 @@ def cases(device: str, small: bool):
                 2 * B * H * S * (2 * C + R),
             )
         )
+    # one sequence over a long cache (an editor's request on a packed repository): its positions split
+    # over many programs (flash-decoding), and unsplit, one program per block of heads, as before
+    S1 = 256 if small else 65536
+    pool1 = rand(S1 + page, C + R)  # the pool's rows bound the split rule: a cache for this sequence
+    table1 = torch.randperm(S1 // page, generator=g).view(1, -1).to(torch.int32).to(device)
+    lens1 = torch.full((1,), S1, dtype=torch.int32, device=device)
+    ql1, qr1 = ql[:1].contiguous(), qr[:1].contiguous()
+    for label, forced_splits in (("split", None), ("unsplit", 1)):
+        out.append(
+            (
+                f"paged MLA decode, one sequence ({label})",
+                f"B=1 H={H} C={C}+{R} S={S1}",
+                lambda n=forced_splits: paged_mla_decode(
+                    ql1, qr1, pool1, table1, lens1, page, scale, splits=n
+                ),
+                lambda: reference.paged_mla_decode(ql1, qr1, pool1, table1, lens1, page, scale),
+                None,
+                S1 * (C + R) * bpe + 2 * H * (C + R) * bpe,
+                2 * H * S1 * (2 * C + R),
+            )
+        )
     # MLA prefill (V3, absorbed, causal): a chunk of T tokens over a cached prefix, flash-style
     T, S = (16, 80) if small else (512, 4096)
     end, pages = S + T, -(-(S + T) // page)
@@ -342,13 +363,13 @@ def format_report(device_name: str, rates: dict, results: list[KernelResult]) ->
     lines = [
         f"{device_name}: copy {rates['copy_gb_per_s']:.0f} GB/s, {rates['matmul_dtype']} matmul "
         f"{rates['matmul_tflop_per_s']:.1f} TFLOP/s (measured)",
-        f"{'kernel':<30} {'shape':<36} {'triton':>9} {'torch':>9} {'compiled':>9} {'GB/s':>7} {'% bw':>5} "
+        f"{'kernel':<40} {'shape':<36} {'triton':>9} {'torch':>9} {'compiled':>9} {'GB/s':>7} {'% bw':>5} "
         f"{'TFLOP/s':>8} {'max err':>8}",
     ]
     for r in results:
         compiled = f"{r.compiled_ms:.3f}" if r.compiled_ms is not None else "-"
         lines.append(
-            f"{r.name:<30} {r.shape:<36} {r.triton_ms:>9.3f} {r.torch_ms:>9.3f} {compiled:>9} "
+            f"{r.name:<40} {r.shape:<36} {r.triton_ms:>9.3f} {r.torch_ms:>9.3f} {compiled:>9} "
             f"{r.gb_per_s:>7.0f} {100 * r.bandwidth_share:>4.0f}% {r.tflop_per_s:>8.2f} {r.max_err:>8.1e}"
         )
     lines.append("times in ms, medians; GB/s and TFLOP/s are the Triton kernel's")

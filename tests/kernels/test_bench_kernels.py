@@ -20,12 +20,14 @@ def test_bench_kernels_runs_every_kernel_at_toy_sizes():
     report = json.loads(run.stdout)
     assert report["rates"]["copy_gb_per_s"] > 0 and report["rates"]["matmul_tflop_per_s"] > 0
     names = [r["name"] for r in report["results"]]
-    assert len(names) == 16 and {
+    assert len(names) == 18 and {
         "fused MoE fp4",
         "fused MoE int4",
         "quant linear fp8",
         "quant linear int4",
         "paged MLA decode (V3)",
+        "paged MLA decode, one sequence (split)",
+        "paged MLA decode, one sequence (unsplit)",
         "MLA prefill (V3, absorbed)",
         "mHC Sinkhorn + collapse (V4)",
     } <= set(names)

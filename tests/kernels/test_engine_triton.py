@@ -63,15 +63,24 @@ def test_score_matches_transformers_with_the_triton_path(case, monkeypatch):
     assert ("indexer_topk" in calls) == ("sparse_attention" in calls)  # V3.2 selects through the kernel too
 
 
-def test_step_by_step_decode_with_the_triton_path_equals_full_scoring(case):
+def test_step_by_step_decode_with_the_triton_path_equals_full_scoring(case, monkeypatch):
+    """The cache's table holds 4x the sequence, so V3's decode launches split its positions (at most 64
+    each, as kv_splits does on the CPU) and merge the splits: the merge is on the oracle's path too."""
+    import ds4.kernels.mla_decode as mla_decode
+
+    merges = []
+    combine = mla_decode.combine_splits
+    monkeypatch.setattr(mla_decode, "combine_splits", lambda *a, **kw: merges.append(1) or combine(*a, **kw))
     path, ids, ref = case
     llm = LLM(path, device=DEVICE, mla_mode="absorbed")
-    cache, prefix = llm.runner.new_cache(1, SEQ_LEN), 9
+    cache, prefix = llm.runner.new_cache(1, 4 * SEQ_LEN), 9
     with forced(True):
         rows = [llm.runner.step(ids[:prefix].tolist(), [SeqSlice(0, 0, prefix, 0)], cache, all_logits=True)]
         for pos in range(prefix, SEQ_LEN):
             rows.append(llm.runner.step([int(ids[pos])], [SeqSlice(0, pos, 1, 0)], cache))
     assert max_rel_err(torch.cat(rows).cpu(), ref) < 1e-4
+    if not llm.config.index_topk and DEVICE == "cpu":  # V3's paged decode (V3.2 attends to its top-k)
+        assert merges
 
 
 def test_the_switch_is_off_on_the_cpu_unless_forced():

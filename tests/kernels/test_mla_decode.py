@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ds4.kernels import reference
-from ds4.kernels.mla_decode import paged_mla_decode
+from ds4.kernels.mla_decode import paged_mla_decode, split_count
 from tests.kernels.conftest import DEVICE, poisoned, randn
 
 
@@ -26,16 +26,19 @@ def paged_case(gen, lens, heads, latent, rope_dim, page, dtype):
     return q_latent, q_rope, pool, table.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE)
 
 
+@pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.float16, 2e-3)])
 @pytest.mark.parametrize(
     "lens, heads, latent, rope_dim, page",
     [([37, 5, 64], 5, 48, 16, 16), ([70, 0, 1], 17, 64, 24, 32), ([33], 3, 96, 16, 8)],
 )
-def test_paged_mla_decode_matches_reference(gen, dtype, tol, lens, heads, latent, rope_dim, page):
+def test_paged_mla_decode_matches_reference(gen, splits, dtype, tol, lens, heads, latent, rope_dim, page):
+    """One split, or four (flash-decoding: each sequence's positions over four programs, merged after;
+    short sequences leave some splits empty)."""
     q_latent, q_rope, pool, table, seq_lens = paged_case(gen, lens, heads, latent, rope_dim, page, dtype)
     scale = (latent + rope_dim) ** -0.5
     out, lse = poisoned(len(lens), heads, latent), poisoned(len(lens), heads)
-    paged_mla_decode(q_latent, q_rope, pool, table, seq_lens, page, scale, out=out, lse=lse)
+    paged_mla_decode(q_latent, q_rope, pool, table, seq_lens, page, scale, out=out, lse=lse, splits=splits)
     want, want_lse = reference.paged_mla_decode(q_latent, q_rope, pool, table, seq_lens, page, scale)
     seed = gen.initial_seed()
     torch.testing.assert_close(out, want, atol=tol, rtol=tol, msg=lambda m: f"seed {seed}: {m}")
@@ -45,7 +48,35 @@ def test_paged_mla_decode_matches_reference(gen, dtype, tol, lens, heads, latent
         assert (out[i] == 0).all() and torch.isneginf(lse[i]).all()
 
 
-def test_paged_mla_decode_reads_fp8_rows(gen):
+def test_the_split_count_fills_the_gpu_from_shapes_alone():
+    """The rule's figures on an H200 (132 SMs, splits of at least 256 positions): one sequence of 128
+    heads (8 programs) over a 128K cache takes the 32 splits allowed; 32 sequences already fill the card
+    (256 programs) and take none; a short cache is not split; 3 sequences (4 x 8 programs) take 9."""
+    assert split_count(1, 8, 131072, 132, 256) == 32
+    assert split_count(32, 8, 131072, 132, 256) == 1
+    assert split_count(1, 8, 300, 132, 256) == 1
+    assert split_count(3, 8, 8192, 132, 256) == 9
+    assert split_count(3, 8, 1024, 132, 256) == 4  # no more splits than 256-position pieces of the cache
+
+
+def test_a_decode_graphs_padded_batch_splits_as_its_real_batch():
+    """Graphs pad a batch of n to 1, 2, 4, 8 or a multiple of 8 (and the largest, max_num_seqs); the
+    split count must be the same for both, or graphs on and off would sum differently."""
+    from ds4.engine.graphs import buckets
+
+    for max_batch in (6, 30, 64):
+        sizes = buckets(max_batch)
+        for n in range(1, max_batch + 1):
+            padded = next(b for b in sizes if b >= n)
+            for head_blocks in (1, 2, 8):  # on an H200 (132 SMs) and under the interpreter (4)
+                for sms, least in ((132, 256), (4, 32)):
+                    assert split_count(n, head_blocks, 1 << 16, sms, least) == split_count(
+                        padded, head_blocks, 1 << 16, sms, least
+                    )
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_paged_mla_decode_reads_fp8_rows(gen, splits):
     """FlashMLA's FP8 cache rows (656 bytes: e4m3 latent with a float32 scale per 128, bf16 rope),
     dequantized in the kernel: the same answer as the reference on the dequantized pool."""
     lens, heads, latent, rope_dim, page = [45, 9], 5, 512, 64, 16
@@ -58,7 +89,7 @@ def test_paged_mla_decode_reads_fp8_rows(gen):
     assert (rows - pool).abs().max() < 0.1 * pool.abs().max()  # e4m3: about 2 significant digits
     scale = (latent + rope_dim) ** -0.5
     out, lse = poisoned(len(lens), heads, latent), poisoned(len(lens), heads)
-    paged_mla_decode(q_latent, q_rope, packed, table, seq_lens, page, scale, out=out, lse=lse)
+    paged_mla_decode(q_latent, q_rope, packed, table, seq_lens, page, scale, out=out, lse=lse, splits=splits)
     want, want_lse = reference.paged_mla_decode(q_latent, q_rope, rows, table, seq_lens, page, scale)
     torch.testing.assert_close(
         out, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"seed {gen.initial_seed()}: {m}"

@@ -20,6 +20,7 @@ def case(gen, tokens, heads, dim, rows, k, dtype):
     return q, kv, indices.to(DEVICE)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.float16, 2e-3)])
 @pytest.mark.parametrize(
     "tokens, heads, value_dim, rest, rows, k, with_sink",
@@ -30,13 +31,15 @@ def case(gen, tokens, heads, dim, rows, k, dtype):
     ],
 )
 def test_sparse_attention_matches_reference(
-    gen, dtype, tol, tokens, heads, value_dim, rest, rows, k, with_sink
+    gen, splits, dtype, tol, tokens, heads, value_dim, rest, rows, k, with_sink
 ):
+    """One split, or three (decode: a token's rows over several programs, merged after; with 20
+    indices the third split is empty)."""
     q, kv, indices = case(gen, tokens, heads, value_dim + rest, rows, k, dtype)
     sink = randn(gen, heads) if with_sink else None
     scale = (value_dim + rest) ** -0.5
     out, lse = poisoned(tokens, heads, value_dim), poisoned(tokens, heads)
-    sparse_attention(q, kv, indices, scale, value_dim, sink, out=out, lse=lse)
+    sparse_attention(q, kv, indices, scale, value_dim, sink, out=out, lse=lse, splits=splits)
     want, want_lse = reference.sparse_attention(q, kv, indices, scale, value_dim, sink)
     seed = gen.initial_seed()
     torch.testing.assert_close(out, want, atol=tol, rtol=tol, msg=lambda m: f"seed {seed}: {m}")
