@@ -47,51 +47,84 @@ def align(expert_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids, block_expert.to(torch.int32)
 
 
+def tile_width(code: int, block_k: int) -> int:
+    """BLOCK_K for a format's `_weight_tile`: 4-bit tiles take whole groups of 32 inputs (at least one),
+    FP8 tiles lie within one 128-wide column of scale blocks."""
+    if code in PACKED:
+        block_k = max(block_k, 32)
+        assert block_k % 32 == 0, f"4-bit tiles take whole 32-input groups, not {block_k}"
+    if code == 1:
+        assert 128 % block_k == 0, f"an FP8 tile must lie in one 128-wide scale block, not {block_k}"
+    return block_k
+
+
+@triton.jit
+def _fp4_value(code):
+    """e2m1 codes (0..15, int32) as float32: sign, two exponent bits, one mantissa bit."""
+    exponent = (code >> 1) & 3
+    mantissa = (code & 1).to(tl.float32)
+    magnitude = tl.where(
+        exponent == 0, mantissa * 0.5, (1.0 + mantissa * 0.5) * tl.exp2((exponent - 1).to(tl.float32))
+    )
+    return tl.where((code >> 3) == 1, -magnitude, magnitude)
+
+
 @triton.jit
 def _weight_tile(
-    w_ptr, s_ptr, e, n, k, mask, stride_we, stride_wn, stride_wk, stride_se, stride_sn, QUANT: tl.constexpr
+    w_ptr,
+    s_ptr,
+    e,
+    n,
+    nmask,
+    k0,
+    k_in,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_se,
+    stride_sn,
+    QUANT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """float32 tile W[e, n, k] ([len(n), len(k)]) from float, FP8-block, FP4-group or int4-group
-    storage, any strides (the engine keeps its expert stacks transposed)."""
-    if QUANT == 0:
-        w = tl.load(
-            w_ptr + e * stride_we + n[:, None] * stride_wn + k[None, :] * stride_wk, mask=mask, other=0.0
-        )
-        w = w.to(tl.float32)
-    elif QUANT == 1:
-        w = tl.load(
-            w_ptr + e * stride_we + n[:, None] * stride_wn + k[None, :] * stride_wk, mask=mask, other=0.0
-        )
-        scale = tl.load(
-            s_ptr + e * stride_se + (n[:, None] // 128) * stride_sn + k[None, :] // 128, mask=mask, other=0.0
-        )
-        w = w.to(tl.float32) * scale.to(tl.float32)
-    elif QUANT == 3:
-        byte = tl.load(
-            w_ptr + e * stride_we + n[:, None] * stride_wn + (k[None, :] // 2) * stride_wk, mask=mask, other=0
-        )
-        byte = byte.to(tl.int32) & 0xFF
-        code = tl.where(k[None, :] % 2 == 0, byte & 0xF, byte >> 4)  # even inputs in the low nibble
-        scale = tl.load(
-            s_ptr + e * stride_se + n[:, None] * stride_sn + k[None, :] // 32, mask=mask, other=0.0
-        )
-        w = (code - 8).to(tl.float32) * scale.to(tl.float32)
+    """float32 tile W[e, n, k0 : k0 + BLOCK_K] ([BLOCK_N, BLOCK_K], zero past k_in and where nmask is
+    off) from float, FP8-block, FP4-group or int4-group storage, any strides (the engine keeps its
+    expert stacks transposed). Each stored byte is read once: a 4-bit tile loads its [len(n),
+    BLOCK_K / 2] bytes and interleaves their low (even inputs) and high nibbles; group scales are read
+    once per 32 inputs and broadcast, FP8's once per row for the tile (BLOCK_K divides 128, so the tile
+    lies in one column of 128 x 128 blocks)."""
+    base = w_ptr + e * stride_we + n[:, None] * stride_wn
+    if QUANT == 0 or QUANT == 1:
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = nmask[:, None] & (k < k_in)[None, :]
+        w = tl.load(base + k[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32)
+        if QUANT == 1:
+            scale = tl.load(s_ptr + e * stride_se + (n // 128) * stride_sn + k0 // 128, mask=nmask, other=0.0)
+            w = w * scale.to(tl.float32)[:, None]
     else:
+        GROUPS: tl.constexpr = BLOCK_K // 32
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds inputs 2j (low nibble) and 2j + 1
         byte = tl.load(
-            w_ptr + e * stride_we + n[:, None] * stride_wn + (k[None, :] // 2) * stride_wk, mask=mask, other=0
+            base + kb[None, :] * stride_wk, mask=nmask[:, None] & (2 * kb < k_in)[None, :], other=0
         )
         byte = byte.to(tl.int32) & 0xFF
-        code = tl.where(k[None, :] % 2 == 0, byte & 0xF, byte >> 4)  # even inputs in the low nibble
-        exponent = (code >> 1) & 3
-        mantissa = (code & 1).to(tl.float32)
-        magnitude = tl.where(
-            exponent == 0, mantissa * 0.5, (1.0 + mantissa * 0.5) * tl.exp2((exponent - 1).to(tl.float32))
-        )
-        value = tl.where((code >> 3) == 1, -magnitude, magnitude)
-        e8m0 = tl.load(
-            s_ptr + e * stride_se + n[:, None] * stride_sn + k[None, :] // 32, mask=mask, other=127
-        )
-        w = value * tl.exp2((e8m0.to(tl.int32) & 0xFF).to(tl.float32) - 127.0)
+        low, high = byte & 0xF, byte >> 4
+        g = k0 // 32 + tl.arange(0, GROUPS)
+        smask = nmask[:, None] & (32 * g < k_in)[None, :]
+        if QUANT == 3:
+            low, high = (low - 8).to(tl.float32), (high - 8).to(tl.float32)
+            scale = tl.load(
+                s_ptr + e * stride_se + n[:, None] * stride_sn + g[None, :], mask=smask, other=0.0
+            )
+            scale = scale.to(tl.float32)
+        else:
+            low, high = _fp4_value(low), _fp4_value(high)
+            e8m0 = tl.load(s_ptr + e * stride_se + n[:, None] * stride_sn + g[None, :], mask=smask, other=127)
+            scale = tl.exp2((e8m0.to(tl.int32) & 0xFF).to(tl.float32) - 127.0)
+        scale = scale[:, :, None]  # [BLOCK_N, GROUPS, 1]: one per 16 bytes
+        low = tl.reshape(tl.reshape(low, [BLOCK_N, GROUPS, 16]) * scale, [BLOCK_N, BLOCK_K // 2])
+        high = tl.reshape(tl.reshape(high, [BLOCK_N, GROUPS, 16]) * scale, [BLOCK_N, BLOCK_K // 2])
+        w = tl.interleave(low, high)
     return w
 
 
@@ -157,9 +190,22 @@ def _expert_gemm_kernel(
             a_ptr + rows[:, None] * stride_a + k[None, :], mask=valid[:, None] & kmask[None, :], other=0.0
         )
         a = a.to(tl.float32)
-        wmask = nmask[:, None] & kmask[None, :]
         w = _weight_tile(
-            w_ptr, s_ptr, e, n, k, wmask, stride_we, stride_wn, stride_wk, stride_se, stride_sn, QUANT
+            w_ptr,
+            s_ptr,
+            e,
+            n,
+            nmask,
+            k0,
+            k_in,
+            stride_we,
+            stride_wn,
+            stride_wk,
+            stride_se,
+            stride_sn,
+            QUANT,
+            BLOCK_N,
+            BLOCK_K,
         )
         acc += dot(a, tl.trans(w), DOT, PRECISION)
         if GATE_UP:  # the up rows follow the gate rows
@@ -168,14 +214,17 @@ def _expert_gemm_kernel(
                 s_ptr,
                 e,
                 n + n_out,
-                k,
-                wmask,
+                nmask,
+                k0,
+                k_in,
                 stride_we,
                 stride_wn,
                 stride_wk,
                 stride_se,
                 stride_sn,
                 QUANT,
+                BLOCK_N,
+                BLOCK_K,
             )
             up += dot(a, tl.trans(wu), DOT, PRECISION)
     mask = valid[:, None] & nmask[None, :]
@@ -213,8 +262,7 @@ def fused_moe(
     experts = w13.shape[0]
     code = QUANT[quant]
     inter = w2.shape[-1] * 2 if code in PACKED else w2.shape[-1]
-    if code in PACKED:
-        block_k = max(block_k, 32)
+    block_k = tile_width(code, block_k)
     x = x.contiguous()
     sorted_ids, block_expert = align(topk_ids, experts, block_m)
     padded = sorted_ids.numel()

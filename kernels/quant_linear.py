@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ds4.kernels.dot import dot, dot_args
-from ds4.kernels.moe import PACKED, QUANT, _weight_tile
+from ds4.kernels.moe import PACKED, QUANT, _weight_tile, tile_width
 
 
 @triton.jit
@@ -52,14 +52,17 @@ def _quant_linear_kernel(
             s_ptr,
             0,
             n,
-            k,
-            nmask[:, None] & kmask[None, :],
+            nmask,
+            k0,
+            dim_in,
             0,
             stride_wn,
             stride_wk,
             0,
             stride_sn,
             QUANT,
+            BLOCK_N,
+            BLOCK_K,
         )
         acc += dot(x, tl.trans(w), DOT, PRECISION)
     tl.store(
@@ -84,9 +87,9 @@ def quant_linear(
     x2 = x.reshape(-1, dim_in).contiguous()
     dim_out = weight.shape[0]
     assert weight.shape[1] * (2 if code in PACKED else 1) == dim_in, (tuple(weight.shape), dim_in)
+    block_k = tile_width(code, block_k)
     if code == 2:
         weight, scale = weight.view(torch.uint8), scale.view(torch.uint8)
-        block_k = max(block_k, 32)
     elif code == 3:
         weight = weight.view(torch.uint8)
     else:

@@ -65,6 +65,7 @@ def _per_expert(quantize, weight):
     return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
 
+@pytest.mark.parametrize("blocks", [(16, 32, 32), (16, 64, 128)])
 @pytest.mark.parametrize(
     "quant, shape, tol",
     [
@@ -73,9 +74,10 @@ def _per_expert(quantize, weight):
         ("int4", (5, 2, 3, 96, 64), 1e-3),
     ],
 )
-def test_fused_moe_quantized_experts(gen, quant, shape, tol):
+def test_fused_moe_quantized_experts(gen, quant, shape, tol, blocks):
     """FP8 block-scaled, FP4 e2m1 and int4 experts, dequantized in the kernel: the reference gets the same
-    dequantized weights, so what is compared is the kernel, not the format."""
+    dequantized weights, so what is compared is the kernel, not the format. Tiles of 32 inputs (one
+    4-bit group), and of 128 (four groups, past the end of the 96- and 64-input matrices)."""
     quantize, dequantize = CODECS[quant]
     tokens, topk, experts, dim, inter = shape
     x = randn(gen, tokens, dim)
@@ -91,6 +93,9 @@ def test_fused_moe_quantized_experts(gen, quant, shape, tol):
         quant=quant,
         w13_scale=s13.to(DEVICE),
         w2_scale=s2.to(DEVICE),
+        block_m=blocks[0],
+        block_n=blocks[1],
+        block_k=blocks[2],
     )
     deq13 = torch.stack([dequantize(w, s) for w, s in zip(w13, s13, strict=True)]).to(DEVICE)
     deq2 = torch.stack([dequantize(w, s) for w, s in zip(w2, s2, strict=True)]).to(DEVICE)
