@@ -23,19 +23,40 @@ from ds4.kernels.dot import dot, dot_args
 
 
 @triton.jit
-def load_rows(pool_ptr, row, pmask, c, r, cmask, rmask, stride_pool, C: tl.constexpr, FP8: tl.constexpr):
-    """Pool rows `row` [N] as float32: their latent [N, BLOCK_C] and roped key [N, BLOCK_R] (masked by
-    pmask, cmask, rmask). FP8: e4m3 latent, a float32 scale per 128 (C // 32 bytes), then bf16 rope
-    (656-byte rows at 512 + 64)."""
+def load_rows(
+    pool_ptr,
+    row,
+    pmask,
+    c,
+    r,
+    cmask,
+    rmask,
+    stride_pool,
+    C: tl.constexpr,
+    FP8: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Pool rows `row` [BLOCK_N] as float32: their latent [BLOCK_N, BLOCK_C] and roped key [BLOCK_N,
+    BLOCK_R] (masked by pmask, cmask, rmask). FP8: e4m3 latent, a float32 scale per 128 (C // 32 bytes),
+    then bf16 rope (656-byte rows at 512 + 64); a row's scales are read once and broadcast over their
+    128 inputs."""
     lmask = pmask[:, None] & cmask[None, :]
     rmask2 = pmask[:, None] & rmask[None, :]
     base = pool_ptr + row[:, None] * stride_pool
     if FP8:
+        SCALES: tl.constexpr = BLOCK_C // 128
         codes = tl.load(base + c[None, :], mask=lmask, other=0)
+        latent = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        g = tl.arange(0, SCALES)
         scales = tl.load(
-            (base + C).to(tl.pointer_type(tl.float32)) + c[None, :] // 128, mask=lmask, other=0.0
+            (base + C).to(tl.pointer_type(tl.float32)) + g[None, :],
+            mask=pmask[:, None] & (g < C // 128)[None, :],
+            other=0.0,
         )
-        latent = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scales
+        latent = tl.reshape(
+            tl.reshape(latent, [BLOCK_N, SCALES, 128]) * scales[:, :, None], [BLOCK_N, BLOCK_C]
+        )
         rope = (base + C + C // 32).to(tl.pointer_type(tl.bfloat16))
         roped = tl.load(rope + r[None, :], mask=rmask2, other=0.0)
     else:
@@ -241,7 +262,9 @@ def _mla_decode_kernel(
         pmask = pos < hi
         page = tl.load(table_ptr + b * stride_tb + pos // PAGE, mask=pmask, other=0)
         row = page.to(tl.int64) * PAGE + pos % PAGE
-        latent, roped = load_rows(pool_ptr, row, pmask, c, r, cmask, rmask, stride_pool, C, FP8)
+        latent, roped = load_rows(
+            pool_ptr, row, pmask, c, r, cmask, rmask, stride_pool, C, FP8, BLOCK_N, BLOCK_C
+        )
         s = (dot(ql, tl.trans(latent), DOT, PRECISION) + dot(qr, tl.trans(roped), DOT, PRECISION)) * scale
         s = tl.where(pmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))

@@ -75,7 +75,9 @@ def _mla_prefill_kernel(
         pmask = pos < end
         page = tl.load(blocks_ptr + pos // PAGE, mask=pmask, other=0)
         row = page.to(tl.int64) * PAGE + pos % PAGE
-        latent, roped = load_rows(pool_ptr, row, pmask, c, r, cmask, rmask, stride_pool, C, FP8)
+        latent, roped = load_rows(
+            pool_ptr, row, pmask, c, r, cmask, rmask, stride_pool, C, FP8, BLOCK_N, BLOCK_C
+        )
         s = (dot(ql, tl.trans(latent), DOT, PRECISION) + dot(qr, tl.trans(roped), DOT, PRECISION)) * scale
         s = tl.where(pmask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_run, tl.max(s, axis=1))

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ds4.kernels.dot import dot, dot_args
+from ds4.kernels.tuning import autotuning, expert_configs, row_class, tuned
 
 QUANT = {"none": 0, "fp8": 1, "fp4": 2, "int4": 3}
 PACKED = (2, 3)  # two 4-bit codes per byte: the stored inner dimension is half the logical one
@@ -149,6 +150,7 @@ def _expert_gemm_kernel(
     num_pairs,
     n_out,
     k_in,
+    rows_class,  # the autotuner's key (tuning.row_class of the pairs), unused here
     limit,
     stride_a,
     stride_we,
@@ -239,6 +241,11 @@ def _expert_gemm_kernel(
         tl.store(out_ptr + safe[:, None] * stride_out + n[None, :], acc * routing[:, None], mask=mask)
 
 
+_expert_gemm_tuned = tuned(
+    _expert_gemm_kernel, expert_configs(), ["n_out", "k_in", "rows_class", "QUANT", "GATE_UP", "BLOCK_M"]
+)
+
+
 def fused_moe(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -250,19 +257,23 @@ def fused_moe(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     block_m: int = 16,
-    block_n: int = 32,
-    block_k: int = 32,
+    block_n: int | None = None,
+    block_k: int | None = None,
 ) -> torch.Tensor:
     """y [T, D] = sum_k topk_weights[t, k] * W2[e](SwiGLU(W13[e] x[t])), e = topk_ids[t, k], in float32
     and returned in x's dtype. FP8: w [E, out, in] float8_e4m3fn, scale [E, out/128, in/128] float32.
     FP4: w [E, out, in/2] int8 (two codes per byte), scale [E, out, in/32] float8_e8m0fnu.
-    int4: w [E, out, in/2] uint8 (code + 8, two per byte), scale [E, out, in/32] bf16."""
+    int4: w [E, out, in/2] uint8 (code + 8, two per byte), scale [E, out, in/32] bf16. Tiles of block_m
+    pairs by block_n x block_k weights: as given, else timed on a GPU (ds4.kernels.tuning), else 32 x 32."""
     tokens, dim = x.shape
     topk = topk_ids.shape[1]
     experts = w13.shape[0]
     code = QUANT[quant]
     inter = w2.shape[-1] * 2 if code in PACKED else w2.shape[-1]
-    block_k = tile_width(code, block_k)
+    if block_n is None and block_k is None and autotuning(x.device):
+        blocks = (block_m, None, None)
+    else:
+        blocks = (block_m, block_n or 32, tile_width(code, block_k or 32))
     x = x.contiguous()
     sorted_ids, block_expert = align(topk_ids, experts, block_m)
     padded = sorted_ids.numel()
@@ -277,7 +288,7 @@ def fused_moe(
         num_pairs=tokens * topk,
         topk=topk,
         quant=code,
-        blocks=(block_m, block_n, block_k),
+        blocks=blocks,
         dots=dot_args(x.dtype),  # both GEMMs multiply at the model's precision (h is float32)
     )
     _expert_gemm(x, w13, w13_scale, h, n_out=inter, k_in=dim, limit=limit, **launch)  # gate, up, SwiGLU
@@ -312,32 +323,21 @@ def _expert_gemm(
         s = scale.view(torch.uint8) if quant == 2 else scale if quant == 3 else scale.float().contiguous()
         stride_se, stride_sn = s.stride(0), s.stride(1)
     gate_up = routing is None
-    grid = (sorted_ids.numel() // block_m, triton.cdiv(n_out, block_n))
-    _expert_gemm_kernel[grid](
-        a,
-        w.view(torch.uint8) if quant in PACKED else w,
-        s,
-        sorted_ids,
-        block_expert,
-        a if gate_up else routing,  # the gate/up GEMM reads no routing weight
+    args = (a, w.view(torch.uint8) if quant in PACKED else w, s, sorted_ids, block_expert)
+    args += (
+        a if gate_up else routing,
         out,
         num_pairs,
         n_out,
         k_in,
-        float(limit) if limit is not None else 0.0,
-        a.stride(0),
-        w.stride(0),
-        w.stride(1),
-        w.stride(2),
-        stride_se,
-        stride_sn,
-        out.stride(0),
-        TOPK=topk,
-        QUANT=quant,
-        GATE_UP=gate_up,
-        HAS_LIMIT=limit is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        **dots,
-    )
+        row_class(num_pairs),
+    )  # gate/up: no routing
+    args += (float(limit) if limit is not None else 0.0, a.stride(0), w.stride(0), w.stride(1), w.stride(2))
+    args += (stride_se, stride_sn, out.stride(0))
+    meta = dict(TOPK=topk, QUANT=quant, GATE_UP=gate_up, HAS_LIMIT=limit is not None, BLOCK_M=block_m, **dots)
+    if block_n is None:  # timed on the GPU
+        grid = lambda tiles: (sorted_ids.numel() // block_m, triton.cdiv(n_out, tiles["BLOCK_N"]))  # noqa: E731
+        _expert_gemm_tuned[grid](*args, **meta)
+    else:
+        grid = (sorted_ids.numel() // block_m, triton.cdiv(n_out, block_n))
+        _expert_gemm_kernel[grid](*args, **meta, BLOCK_N=block_n, BLOCK_K=block_k)

@@ -11,6 +11,7 @@ import triton.language as tl
 
 from ds4.kernels.dot import dot, dot_args
 from ds4.kernels.moe import PACKED, QUANT, _weight_tile, tile_width
+from ds4.kernels.tuning import autotuning, linear_configs, row_class, tuned
 
 
 @triton.jit
@@ -22,6 +23,7 @@ def _quant_linear_kernel(
     rows,
     dim_in,
     dim_out,
+    rows_class,  # the autotuner's key (tuning.row_class), unused here
     stride_x,
     stride_wn,
     stride_wk,
@@ -70,24 +72,29 @@ def _quant_linear_kernel(
     )
 
 
+_quant_linear_tuned = tuned(
+    _quant_linear_kernel, linear_configs(), ["dim_in", "dim_out", "rows_class", "QUANT"]
+)
+
+
 def quant_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     scale: torch.Tensor,
     quant: str,
-    block_m: int = 16,
-    block_n: int = 32,
-    block_k: int = 32,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
 ) -> torch.Tensor:
     """x [..., K] @ dequantize(weight, scale)^T in float32, returned in x's dtype. FP8: weight [N, K]
     float8_e4m3fn, scale [N/128, K/128] float32; FP4: weight [N, K/2] int8, scale [N, K/32]
-    float8_e8m0fnu; int4: weight [N, K/2] uint8, scale [N, K/32] bf16."""
+    float8_e8m0fnu; int4: weight [N, K/2] uint8, scale [N, K/32] bf16. Tiles: as given, else timed on a
+    GPU (ds4.kernels.tuning), else 16 x 32 x 32."""
     code = QUANT[quant]
     lead, dim_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, dim_in).contiguous()
     dim_out = weight.shape[0]
     assert weight.shape[1] * (2 if code in PACKED else 1) == dim_in, (tuple(weight.shape), dim_in)
-    block_k = tile_width(code, block_k)
     if code == 2:
         weight, scale = weight.view(torch.uint8), scale.view(torch.uint8)
     elif code == 3:
@@ -95,25 +102,19 @@ def quant_linear(
     else:
         scale = scale.float().contiguous()
     out = torch.empty(x2.shape[0], dim_out, dtype=torch.float32, device=x.device)
-    if x2.shape[0]:
-        grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(dim_out, block_n))
+    rows = x2.shape[0]
+    if rows == 0:
+        return out.to(x.dtype).reshape(*lead, dim_out)
+    args = (x2, weight, scale, out, rows, dim_in, dim_out, row_class(rows))
+    args += (x2.stride(0), weight.stride(0), weight.stride(1), scale.stride(0), out.stride(0))
+    if block_m is block_n is block_k is None and autotuning(x.device):
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(dim_out, meta["BLOCK_N"]))  # noqa: E731
+        _quant_linear_tuned[grid](*args, QUANT=code, **dot_args(x2.dtype))
+    else:
+        block_m, block_n = block_m or 16, block_n or 32
+        block_k = tile_width(code, block_k or 32)
+        grid = (triton.cdiv(rows, block_m), triton.cdiv(dim_out, block_n))
         _quant_linear_kernel[grid](
-            x2,
-            weight,
-            scale,
-            out,
-            x2.shape[0],
-            dim_in,
-            dim_out,
-            x2.stride(0),
-            weight.stride(0),
-            weight.stride(1),
-            scale.stride(0),
-            out.stride(0),
-            QUANT=code,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            **dot_args(x2.dtype),
+            *args, QUANT=code, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **dot_args(x2.dtype)
         )
     return out.to(x.dtype).reshape(*lead, dim_out)

@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS4_COMPILE", "0")  # compiling takes tens of seconds: test_compiled.py asks for it
+os.environ.setdefault("DS4_AUTOTUNE", "0")  # timing tiles on a GPU syncs: the kernel tests ask for it
 os.environ.setdefault("DS4_CPU_DENSE_MIN_BYTES", "0")  # the tiny models' dense layers in the CPU kernel too
 
 import pytest  # noqa: E402

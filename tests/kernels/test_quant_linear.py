@@ -24,9 +24,13 @@ QUANTIZE = {"fp8": quantize_fp8_blocks, "fp4": quantize_fp4, "int4": quantize_in
         ("int4", (1,), 33, 224, torch.float16, 2e-2),  # decode: one row
     ],
 )
-@pytest.mark.parametrize("blocks", [(32, 32), (64, 128)])
-def test_quant_linear_matches_the_dequantized_matmul(gen, quant, lead, dim_out, dim_in, dtype, tol, blocks):
-    """Tiles of 32 inputs (one 4-bit group) and of 128 (four groups; FP8: a whole scale block)."""
+@pytest.mark.parametrize("blocks", [(None, None), (32, 32), (64, 128)])
+def test_quant_linear_matches_the_dequantized_matmul(
+    gen, monkeypatch, quant, lead, dim_out, dim_in, dtype, tol, blocks
+):
+    """The default tiles (on a GPU: the autotuner's pick of ds4.kernels.tuning's), tiles of 32 inputs
+    (one 4-bit group) and of 128 (four groups; FP8: a whole scale block)."""
+    monkeypatch.setenv("DS4_AUTOTUNE", "1")
     weight, scale = QUANTIZE[quant](torch.randn(dim_out, dim_in, generator=gen) * 0.1)
     x = randn(gen, *lead, dim_in, dtype=dtype)
     got = quant_linear(x, weight.to(DEVICE), scale.to(DEVICE), quant, block_n=blocks[0], block_k=blocks[1])
