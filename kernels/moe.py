@@ -14,38 +14,11 @@ import triton
 import triton.language as tl
 
 from ds4.kernels.dot import dot, dot_args
+from ds4.kernels.moe_align import align_pairs
 from ds4.kernels.tuning import autotuning, expert_configs, row_class, tuned
 
 QUANT = {"none": 0, "fp8": 1, "fp4": 2, "int4": 3}
 PACKED = (2, 3)  # two 4-bit codes per byte: the stored inner dimension is half the logical one
-
-
-def align(expert_ids: torch.Tensor, num_experts: int, block_m: int):
-    """(sorted pair ids padded per expert with the sentinel T*K [P], the expert of each block of
-    `block_m` [P / block_m]): pair p = token * K + k. Experts with no pairs get no block.
-
-    Shapes depend only on T, K, E and block_m, never on the routing: P is the most any routing can
-    need (every pair, plus a partial block for each expert that could be used), and the blocks past
-    the used ones hold only sentinels, which the kernels skip. So no value goes back to the host and a
-    decode step can be captured as a graph."""
-    flat = expert_ids.flatten().long()
-    pairs = flat.numel()
-    capacity = -(-(pairs + min(num_experts, pairs) * (block_m - 1)) // block_m) * block_m
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
-    counts.index_add_(0, flat, torch.ones_like(flat))  # bincount, at a fixed size
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = torch.cumsum(padded, 0)
-    start_padded, start = ends - padded, torch.cumsum(counts, 0) - counts
-    experts_sorted = flat[order]
-    slot = start_padded[experts_sorted] + torch.arange(pairs, device=flat.device) - start[experts_sorted]
-    sorted_ids = torch.full((capacity,), pairs, dtype=torch.int32, device=flat.device)
-    sorted_ids[slot] = order.to(torch.int32)
-    # block b holds expert e's pairs when ends[e - 1] <= b * block_m < ends[e]; blocks past the last
-    # expert's end hold sentinels only (their expert index is clamped, never read)
-    block_starts = torch.arange(0, capacity, block_m, device=flat.device)
-    block_expert = torch.searchsorted(ends, block_starts, right=True).clamp_(max=num_experts - 1)
-    return sorted_ids, block_expert.to(torch.int32)
 
 
 def tile_width(code: int, block_k: int) -> int:
@@ -275,11 +248,12 @@ def fused_moe(
     else:
         blocks = (block_m, block_n or 32, tile_width(code, block_k or 32))
     x = x.contiguous()
-    sorted_ids, block_expert = align(topk_ids, experts, block_m)
+    sorted_ids, block_expert = align_pairs(topk_ids, experts, block_m)
     padded = sorted_ids.numel()
     h = torch.empty(padded, inter, dtype=torch.float32, device=x.device)
-    # every (token, expert) pair's row is written by the down kernel: NaN shows any that is not
-    out_pairs = torch.full((tokens * topk, dim), float("nan"), dtype=torch.float32, device=x.device)
+    out_pairs = torch.empty(
+        tokens * topk, dim, dtype=torch.float32, device=x.device
+    )  # the down kernel's rows
     if padded == 0:
         return torch.zeros_like(x)
 

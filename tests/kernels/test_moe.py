@@ -9,7 +9,8 @@ import torch
 
 from ds4.engine.quant import CODECS
 from ds4.kernels import reference
-from ds4.kernels.moe import align, fused_moe
+from ds4.kernels.moe import fused_moe
+from ds4.kernels.moe_align import align, align_pairs
 from tests.kernels.conftest import DEVICE, randn
 
 
@@ -41,6 +42,24 @@ def test_align_groups_pairs_by_expert_and_pads_each_run(gen):
         sentinel,
         sentinel,
     ]
+
+
+@pytest.mark.parametrize(
+    "tokens, topk, experts, block_m",
+    [(1, 8, 256, 16), (3, 2, 6, 4), (37, 6, 64, 16), (5, 4, 7, 32), (512, 8, 256, 16)],
+)
+def test_the_align_kernel_gives_aligns_result_bit_for_bit(gen, tokens, topk, experts, block_m):
+    """One program sorting, counting and scattering the pairs (a decode step's ~17 kernels in one) gives
+    the torch form's padded order and block experts exactly: a token at top-8 of 256 experts, experts
+    left unused, a count that is no power of two, and 4096 pairs (the most it takes)."""
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:topk] for _ in range(tokens)])
+    if tokens > 3:  # crowd a few experts, so some runs span several blocks
+        ids[: tokens // 2, 0] = torch.randint(0, 3, (tokens // 2,), generator=gen)
+    ids = ids.to(DEVICE)
+    want = align(ids, experts, block_m)
+    got = align_pairs(ids, experts, block_m)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w), f"seed {gen.initial_seed()}"
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 5e-3)])
