@@ -63,6 +63,12 @@ class Gate(nn.Module):
         self, x: torch.Tensor, input_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        if self.tid2eid is None and triton_enabled(x.device):
+            from ds4.kernels.router import route
+
+            bias = None if self.bias is None else self.bias.float()
+            args = (self.topk, self.n_groups, self.topk_groups, self.norm_topk_prob, self.route_scale)
+            return route(logits, bias, self.score_func, *args)
         if self.score_func == "softmax":
             scores = logits.softmax(dim=-1, dtype=torch.float32)
         elif self.score_func == "sqrtsoftplus":
