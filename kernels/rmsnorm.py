@@ -38,6 +38,13 @@ def _rmsnorm_kernel(
     tl.store(out_ptr + row * stride_out + cols, (x * inv * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def rows_of(t: torch.Tensor) -> torch.Tensor:
+    """t as [rows, width] with unit column stride: a view where one does (a split's part of a wider row
+    keeps its row stride, which the kernel takes), else a copy."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 def rmsnorm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -49,12 +56,12 @@ def rmsnorm(
     """As ds4.kernels.reference.rmsnorm: (normalized x + residual, x + residual or None). `out` and
     `residual_out`: contiguous buffers shaped like x to write into."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).contiguous()
+    x2 = rows_of(x)
     fresh = torch.empty(shape, dtype=x.dtype, device=x.device)  # dense, whatever x's strides
     out = (out if out is not None else fresh).view(-1, shape[-1])
     res2 = res_out = None
     if residual is not None:
-        res2 = residual.reshape(-1, shape[-1]).contiguous()
+        res2 = rows_of(residual)
         res_out = residual_out if residual_out is not None else torch.empty_like(fresh)
         res_out = res_out.view(-1, shape[-1])
     rows, cols = x2.shape

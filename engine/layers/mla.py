@@ -201,8 +201,8 @@ class MLA(nn.Module):
             from ds4.kernels.mla_decode import paged_mla_decode
 
             out_latent, _ = paged_mla_decode(
-                q_latent_heads.contiguous(),
-                q_pe.contiguous(),
+                q_latent_heads,  # [B, H, C] views: the kernel takes their batch and head strides
+                q_pe,
                 pool,
                 batch.block_table,
                 batch.seq_lens,

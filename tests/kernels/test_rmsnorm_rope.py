@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ds4.kernels import reference
-from ds4.kernels.rmsnorm import rmsnorm
+from ds4.kernels.rmsnorm import rmsnorm, rows_of
 from tests.kernels.conftest import poisoned, randn
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -30,3 +30,16 @@ def test_rmsnorm_matches_reference(gen, dtype, rows, cols, with_residual):
         assert not torch.isnan(res_out).any()
     else:
         assert got_res is None
+
+
+def test_rmsnorm_reads_a_split_part_of_wider_rows_in_place(gen):
+    """The MLA latent is the first 48 of each 64-wide row (split from its rope part): the kernel reads it
+    with its row stride, no copy first, and normalizes only those columns."""
+    wide = randn(gen, 5, 64)
+    latent, _ = wide.split([48, 16], dim=-1)
+    weight = randn(gen, 48).abs() + 0.5
+    assert rows_of(latent).data_ptr() == latent.data_ptr()  # the kernel's rows: the view itself
+    got, _ = rmsnorm(latent, weight, 1e-6)
+    torch.testing.assert_close(
+        got, reference.rmsnorm(latent.contiguous(), weight, 1e-6)[0], atol=1e-5, rtol=1e-5
+    )
