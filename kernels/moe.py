@@ -232,12 +232,14 @@ def fused_moe(
     block_m: int = 16,
     block_n: int | None = None,
     block_k: int | None = None,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y [T, D] = sum_k topk_weights[t, k] * W2[e](SwiGLU(W13[e] x[t])), e = topk_ids[t, k], in float32
     and returned in x's dtype. FP8: w [E, out, in] float8_e4m3fn, scale [E, out/128, in/128] float32.
     FP4: w [E, out, in/2] int8 (two codes per byte), scale [E, out, in/32] float8_e8m0fnu.
     int4: w [E, out, in/2] uint8 (code + 8, two per byte), scale [E, out, in/32] bf16. Tiles of block_m
-    pairs by block_n x block_k weights: as given, else timed on a GPU (ds4.kernels.tuning), else 32 x 32."""
+    pairs by block_n x block_k weights: as given, else timed on a GPU (ds4.kernels.tuning), else 32 x 32.
+    `add` [T, D] (the shared experts' output): added to y in x's dtype, in the same kernel as the sum."""
     tokens, dim = x.shape
     topk = topk_ids.shape[1]
     experts = w13.shape[0]
@@ -255,7 +257,7 @@ def fused_moe(
         tokens * topk, dim, dtype=torch.float32, device=x.device
     )  # the down kernel's rows
     if padded == 0:
-        return torch.zeros_like(x)
+        return torch.zeros_like(x) if add is None else add.clone()
 
     launch = dict(
         aligned=(sorted_ids, block_expert),
@@ -268,7 +270,9 @@ def fused_moe(
     _expert_gemm(x, w13, w13_scale, h, n_out=inter, k_in=dim, limit=limit, **launch)  # gate, up, SwiGLU
     weights = topk_weights.float().contiguous().flatten()
     _expert_gemm(h, w2, w2_scale, out_pairs, n_out=dim, k_in=inter, routing=weights, **launch)  # down
-    return out_pairs.view(tokens, topk, dim).sum(1).to(x.dtype)
+    out = torch.empty_like(x)
+    sum_pairs(out_pairs, topk, out, add)
+    return out
 
 
 def _expert_gemm(
@@ -315,3 +319,40 @@ def _expert_gemm(
     else:
         grid = (sorted_ids.numel() // block_m, triton.cdiv(n_out, block_n))
         _expert_gemm_kernel[grid](*args, **meta, BLOCK_N=block_n, BLOCK_K=block_k)
+
+
+@triton.jit
+def _sum_pairs_kernel(
+    pairs_ptr, add_ptr, out_ptr, dim, TOPK: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    t = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = d < dim
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for k in tl.static_range(TOPK):  # in k order, as torch's sum over the pairs of a token
+        acc += tl.load(pairs_ptr + (t * TOPK + k).to(tl.int64) * dim + d, mask=mask, other=0.0)
+    y = acc.to(out_ptr.dtype.element_ty)
+    if HAS_ADD:  # as `y + add` in the model's dtype: rounded once each
+        y = y.to(tl.float32) + tl.load(add_ptr + t.to(tl.int64) * dim + d, mask=mask, other=0.0).to(
+            tl.float32
+        )
+        y = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + t.to(tl.int64) * dim + d, y, mask=mask)
+
+
+def sum_pairs(pairs: torch.Tensor, topk: int, out: torch.Tensor, add: torch.Tensor | None = None) -> None:
+    """out [T, D] = sum over k of pairs [T*K, D] (float32), in out's dtype, plus `add` [T, D] where given:
+    the MoE's last three kernels (sum, cast, add of the shared experts) as one."""
+    tokens, dim = out.shape
+    assert out.is_contiguous() and pairs.is_contiguous() and (add is None or add.is_contiguous())
+    if tokens:
+        block = min(1024, triton.next_power_of_2(dim))
+        _sum_pairs_kernel[(tokens, triton.cdiv(dim, block))](
+            pairs,
+            add if add is not None else out,
+            out,
+            dim,
+            TOPK=topk,
+            HAS_ADD=add is not None,
+            BLOCK_D=block,
+        )

@@ -176,3 +176,121 @@ def mhc_mix(
             BLOCK_D=min(1024, triton.next_power_of_2(dim)),
         )
     return post, comb, collapsed
+
+
+@triton.jit
+def _swiglu_kernel(
+    gate_ptr, up_ptr, out_ptr, width, stride_g, stride_u, limit, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr
+):
+    t = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < width
+    gate = tl.load(gate_ptr + t * stride_g + i, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + t * stride_u + i, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LIMIT:  # V4: the gate clamped from above, the up both ways
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+    silu = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded as F.silu's result
+    tl.store(out_ptr + t * width + i, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """silu(gate) * up for [T, I] rows (V4: both clamped to `limit` first), one kernel instead of two to
+    four; each row may be a strided view (gate and up as halves of one product)."""
+    assert gate.shape == up.shape and gate.dim() == 2 and gate.stride(-1) == up.stride(-1) == 1
+    tokens, width = gate.shape
+    out = torch.empty(tokens, width, dtype=gate.dtype, device=gate.device)
+    if tokens:
+        block = min(1024, triton.next_power_of_2(width))
+        _swiglu_kernel[(tokens, triton.cdiv(width, block))](
+            gate,
+            up,
+            out,
+            width,
+            gate.stride(0),
+            up.stride(0),
+            float(limit) if limit is not None else 0.0,
+            HAS_LIMIT=limit is not None,
+            BLOCK=block,
+        )
+    return out
+
+
+@triton.jit
+def _latent_rows_kernel(
+    kv_ptr,
+    w_ptr,
+    cos_ptr,
+    sin_ptr,
+    pool_ptr,
+    slot_ptr,
+    stride_kv,
+    stride_c,
+    stride_pool,
+    eps,
+    C: tl.constexpr,
+    HALF: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    t = tl.program_id(0)
+    dtype = pool_ptr.dtype.element_ty
+    row = pool_ptr + tl.load(slot_ptr + t).to(tl.int64) * stride_pool
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < C
+    latent = tl.load(kv_ptr + t * stride_kv + c, mask=cmask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    inv = tl.rsqrt(tl.sum(latent * latent, axis=0) / C + eps)  # as _rmsnorm_kernel
+    tl.store(row + c, (latent * inv * w).to(dtype), mask=cmask)
+    i = tl.arange(0, BLOCK_P)
+    pmask = i < HALF
+    key = kv_ptr + t * stride_kv + C
+    if INTERLEAVED:  # as _rope_kernel: pairs in, half-split out
+        x1 = tl.load(key + 2 * i, mask=pmask, other=0.0).to(tl.float32)
+        x2 = tl.load(key + 2 * i + 1, mask=pmask, other=0.0).to(tl.float32)
+    else:
+        x1 = tl.load(key + i, mask=pmask, other=0.0).to(tl.float32)
+        x2 = tl.load(key + HALF + i, mask=pmask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + t * stride_c + i, mask=pmask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + t * stride_c + i, mask=pmask, other=0.0).to(tl.float32)
+    tl.store(row + C + i, (x1 * cos - x2 * sin).to(dtype), mask=pmask)
+    tl.store(row + C + HALF + i, (x2 * cos + x1 * sin).to(dtype), mask=pmask)
+
+
+def write_latent_rows(
+    kv: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool,
+    pool: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """pool[slots[t]] = [rmsnorm(latent), rope(k_pe)] for each token's product kv [T, C + R] = [latent |
+    k_pe]: the MLA cache rows of a decode step written in one kernel (instead of the norm, the rope, the
+    concatenation and the copy into the pool), with the same roundings."""
+    tokens, width = kv.shape
+    rope_dim = 2 * cos.shape[-1]
+    latent = width - rope_dim
+    assert pool.shape[-1] == width and pool.dtype == kv.dtype and kv.stride(-1) == pool.stride(-1) == 1
+    c, s = cos.contiguous(), sin.contiguous()
+    if tokens:
+        _latent_rows_kernel[(tokens,)](
+            kv,
+            norm_weight,
+            c,
+            s,
+            pool,
+            slots,
+            kv.stride(0),
+            c.stride(0),
+            pool.stride(0),
+            eps,
+            C=latent,
+            HALF=rope_dim // 2,
+            INTERLEAVED=interleaved,
+            BLOCK_C=triton.next_power_of_2(latent),
+            BLOCK_P=triton.next_power_of_2(rope_dim // 2),
+        )

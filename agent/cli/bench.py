@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from ds4.agent.cli import DONE, USAGE
+from ds4.agent.cli import DONE, NOT_RESOLVED, USAGE
 from ds4.agent.cli.inputs import read_issue, require_dir
 from ds4.agent.errors import InputError
 
@@ -239,6 +239,12 @@ def _kernels(args) -> int:
         else "CPU (Triton interpreter)"
     )
     print(to_json(name, rates, results) if args.json else format_report(name, rates, results))
+    failed = [r.name for r in results if r.error is not None]
+    if failed:
+        print(
+            f"ds4-agent: {len(failed)} kernel(s) failed on this device: {', '.join(failed)}", file=sys.stderr
+        )
+        return NOT_RESOLVED
     return DONE
 
 

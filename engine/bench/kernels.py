@@ -40,6 +40,7 @@ class KernelResult:
     gb_per_s: float = 0.0
     tflop_per_s: float = 0.0
     bandwidth_share: float = 0.0  # of the measured copy bandwidth
+    error: str | None = None  # the kernel failed (to compile, to run): the others are still measured
 
 
 def _sync(device: str) -> None:
@@ -342,21 +343,34 @@ def bench_kernels(device: str = "cuda", small: bool = False, runs: int = 20, com
     rates = machine_rates(device, small, runs)
     results = []
     for name, shape, fn, ref_fn, compilable, nbytes, flops in cases(device, small):
-        got, want = fn(), ref_fn()
-        got = got[0] if isinstance(got, tuple) else got
-        want = want[0] if isinstance(want, tuple) else want
-        triton_ms = timed(fn, device, runs)
-        torch_ms = timed(ref_fn, device, max(1, runs // 4), warmup=1)
-        compiled_ms = None
-        if compilable is not None and compile_refs:
-            compiled = torch.compile(compilable)
-            compiled_ms = timed(compiled, device, runs)
-        result = KernelResult(name, shape, triton_ms, torch_ms, compiled_ms, nbytes, flops, _err(got, want))
-        result.gb_per_s = nbytes / triton_ms / 1e6
-        result.tflop_per_s = flops / triton_ms / 1e9
-        result.bandwidth_share = result.gb_per_s / rates["copy_gb_per_s"]
-        results.append(result)
+        try:
+            results.append(
+                _measure(name, shape, fn, ref_fn, compilable, nbytes, flops, device, runs, compile_refs)
+            )
+        except Exception as e:  # one kernel that does not build on this card leaves the others' figures
+            nan = float("nan")
+            failed = KernelResult(
+                name, shape, nan, nan, None, nbytes, flops, nan, error=f"{type(e).__name__}: {e}"[:300]
+            )
+            results.append(failed)
+        results[-1].bandwidth_share = results[-1].gb_per_s / rates["copy_gb_per_s"]
     return rates, results
+
+
+def _measure(name, shape, fn, ref_fn, compilable, nbytes, flops, device, runs, compile_refs) -> KernelResult:
+    got, want = fn(), ref_fn()
+    got = got[0] if isinstance(got, tuple) else got
+    want = want[0] if isinstance(want, tuple) else want
+    triton_ms = timed(fn, device, runs)
+    torch_ms = timed(ref_fn, device, max(1, runs // 4), warmup=1)
+    compiled_ms = None
+    if compilable is not None and compile_refs:
+        compiled = torch.compile(compilable)
+        compiled_ms = timed(compiled, device, runs)
+    result = KernelResult(name, shape, triton_ms, torch_ms, compiled_ms, nbytes, flops, _err(got, want))
+    result.gb_per_s = nbytes / triton_ms / 1e6
+    result.tflop_per_s = flops / triton_ms / 1e9
+    return result
 
 
 def format_report(device_name: str, rates: dict, results: list[KernelResult]) -> str:
@@ -367,6 +381,9 @@ def format_report(device_name: str, rates: dict, results: list[KernelResult]) ->
         f"{'TFLOP/s':>8} {'max err':>8}",
     ]
     for r in results:
+        if r.error is not None:
+            lines.append(f"{r.name:<40} {r.shape:<36} FAILED: {r.error}")
+            continue
         compiled = f"{r.compiled_ms:.3f}" if r.compiled_ms is not None else "-"
         lines.append(
             f"{r.name:<40} {r.shape:<36} {r.triton_ms:>9.3f} {r.torch_ms:>9.3f} {compiled:>9} "

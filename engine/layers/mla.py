@@ -72,10 +72,20 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split([N, R], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)  # [T, H, R]
 
-        latent, k_pe = self.wkv_a(x).split([C, R], dim=-1)
-        latent = self.kv_norm(latent)  # [T, C]
-        k_pe = apply_rope(k_pe, cos, sin, self.rope_interleave)  # [T, R]
-        kv_rows = torch.cat([latent, k_pe], dim=-1)  # [T, C + R]: what the cache holds
+        kv = self.wkv_a(x)  # [T, C + R]: the latent, then the key's rope part
+        if ctx.decode is not None and self._rows_in_kernel(kv, ctx.cache.kv[self.layer_id]):
+            from ds4.kernels.small_ops import write_latent_rows
+
+            pool, norm = ctx.cache.kv[self.layer_id], self.kv_norm  # the rows go straight to the cache
+            write_latent_rows(
+                kv, norm.weight, norm.eps, cos, sin, self.rope_interleave, pool, ctx.decode.slot_rows
+            )
+            kv_rows = None
+        else:
+            latent, k_pe = kv.split([C, R], dim=-1)
+            latent = self.kv_norm(latent)  # [T, C]
+            k_pe = apply_rope(k_pe, cos, sin, self.rope_interleave)  # [T, R]
+            kv_rows = torch.cat([latent, k_pe], dim=-1)  # [T, C + R]: what the cache holds
         index_rows = self.indexer.keys(x, rope) if self.indexer is not None else None  # [T, Di]
         if ctx.decode is not None:  # decode: every sequence's one token at once
             return self.wo(self._decode(x, q_latent, rope, q_nope, q_pe, kv_rows, index_rows, ctx).flatten(1))
@@ -187,7 +197,8 @@ class MLA(nn.Module):
         whatever the lengths, so it can be captured."""
         batch, cache = ctx.decode, ctx.cache
         pool = cache.kv[self.layer_id]
-        pool.index_copy_(0, batch.slot_rows, kv_rows.to(pool.dtype))  # each new row into its block
+        if kv_rows is not None:  # (else written by write_latent_rows)
+            pool.index_copy_(0, batch.slot_rows, kv_rows.to(pool.dtype))  # each new row into its block
         w_uk, w_uv = self._absorbed_weights()
         # the decode step runs its products as batched matmuls over heads (einsum's planning and layout
         # copies cost more than the products at one token per sequence); each line's einsum is its comment
@@ -213,6 +224,13 @@ class MLA(nn.Module):
             out_latent = self._decode_torch(q_latent_heads, q_pe, pool, batch, cache.block_size)
         out = torch.bmm(out_latent.to(q_nope.dtype).transpose(0, 1), w_uv.transpose(1, 2))  # bhc,hvc->bhv
         return out.transpose(0, 1)  # [B, H, V]
+
+    def _rows_in_kernel(self, kv: torch.Tensor, pool: torch.Tensor) -> bool:
+        """Whether a decode step's cache rows (normed latent, roped key) go to the pool in one Triton
+        kernel: on the Triton path, into a pool of the model's dtype (FP8 rows are quantized apart)."""
+        norm = self.kv_norm
+        same = pool.dtype == kv.dtype == norm.weight.dtype and not norm.cast_after_weight
+        return same and triton_enabled(kv.device)
 
     def _sparse(self, q_latent, q_pe, pool, rows):
         """Attention of each query [B, H] over its chosen pool rows [B, k] (-1: none) in the latent space."""

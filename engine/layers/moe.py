@@ -22,7 +22,13 @@ from ds4.kernels import triton_enabled
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
-    """silu(gate) * up; V4 clamps both pre-activations to `limit` (the gate from above only)."""
+    """silu(gate) * up; V4 clamps both pre-activations to `limit` (the gate from above only). On the
+    Triton path, rows of them, one kernel."""
+    rows = gate.dim() == 2 and gate.dtype == up.dtype and gate.stride(-1) == up.stride(-1) == 1
+    if rows and triton_enabled(gate.device):
+        from ds4.kernels.small_ops import swiglu as swiglu_kernel
+
+        return swiglu_kernel(gate, up, limit)
     if limit is not None:
         gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
     return F.silu(gate) * up
@@ -181,7 +187,15 @@ class Experts(nn.Module):
             x, self.w13[e], self.w2[e], self.limit, self.quant, self.w13_scale[e], self.w2_scale[e]
         )
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        expert_ids: torch.Tensor,
+        add: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The routed experts' weighted sum [T, D]; `add` (on the fused Triton path only): added to it in
+        the kernel that sums the pairs."""
         T, K = expert_ids.shape
         on_cpu = x.device.type == "cpu" and not triton_enabled(x.device)
         if on_cpu and torch.compiler.is_compiling():  # a compiled step calls the eager path below as one op
@@ -201,7 +215,9 @@ class Experts(nn.Module):
                 quant=self.quant,
                 w13_scale=self.w13_scale,
                 w2_scale=self.w2_scale,
+                add=add,
             )
+        assert add is None, "only the fused Triton path adds in its kernel"
         if T == 1:  # decode of one sequence: K matrix-vector products, no sorting
             return self._single_token(x, weights[0], expert_ids[0].tolist())
         flat_ids = expert_ids.flatten()  # [T*K]
@@ -245,6 +261,8 @@ class MoE(nn.Module):
             routed = self.experts.begin(x, weights, expert_ids)  # hybrid: the host takes the routed experts
             shared = self.shared_experts(x)  # queued on the device, which runs it while the host computes
             return routed() + shared
+        if self.experts.fused and triton_enabled(x.device):  # the shared output added as the pairs are summed
+            return self.experts(x, weights, expert_ids, add=self.shared_experts(x))
         return self.experts(x, weights, expert_ids) + self.shared_experts(x)
 
 

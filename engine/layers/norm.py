@@ -27,3 +27,16 @@ class RMSNorm(torch.nn.Module):
         if self.cast_after_weight:
             return (self.weight * x).to(dtype)
         return self.weight * x.to(dtype)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x): on the Triton path one kernel reads both and writes both."""
+        if (
+            not self.cast_after_weight
+            and x.dtype == residual.dtype == self.weight.dtype
+            and triton_enabled(x.device)
+        ):
+            from ds4.kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps, residual)
+        total = residual + x
+        return self(total), total

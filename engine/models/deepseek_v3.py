@@ -36,8 +36,8 @@ class Block(nn.Module):
             self.ffn = MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
-        return x + self.ffn(self.ffn_norm(x))
+        h, x = self.ffn_norm.add(self.attn(self.attn_norm(x), rope), x)  # the residual add in the norm
+        return x + self.ffn(h)
 
 
 class DeepseekV3ForCausalLM(nn.Module):

@@ -9,8 +9,9 @@ import torch
 
 from ds4.engine.quant import CODECS
 from ds4.kernels import reference
-from ds4.kernels.moe import fused_moe
+from ds4.kernels.moe import fused_moe, sum_pairs
 from ds4.kernels.moe_align import align, align_pairs
+from ds4.kernels.tuning import EXPERT_TILES
 from tests.kernels.conftest import DEVICE, randn
 
 
@@ -84,7 +85,7 @@ def _per_expert(quantize, weight):
     return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
 
-@pytest.mark.parametrize("blocks", [(16, None, None), (16, 32, 32), (16, 64, 128)])
+@pytest.mark.parametrize("blocks", [(16, 32, 32), (16, 64, 128)] + [(16, *t[:2]) for t in EXPERT_TILES])
 @pytest.mark.parametrize(
     "quant, shape, tol",
     [
@@ -93,12 +94,11 @@ def _per_expert(quantize, weight):
         ("int4", (5, 2, 3, 96, 64), 1e-3),
     ],
 )
-def test_fused_moe_quantized_experts(gen, monkeypatch, quant, shape, tol, blocks):
+def test_fused_moe_quantized_experts(gen, quant, shape, tol, blocks):
     """FP8 block-scaled, FP4 e2m1 and int4 experts, dequantized in the kernel: the reference gets the same
     dequantized weights, so what is compared is the kernel, not the format. Tiles of 32 inputs (one
-    4-bit group), and of 128 (four groups, past the end of the 96- and 64-input matrices); by default,
-    on a GPU, the autotuner's pick of ds4.kernels.tuning's tiles."""
-    monkeypatch.setenv("DS4_AUTOTUNE", "1")
+    4-bit group), and of 128 (four groups, past the end of the 96- and 64-input matrices), and every
+    tile of ds4.kernels.tuning's the autotuner may pick."""
     quantize, dequantize = CODECS[quant]
     tokens, topk, experts, dim, inter = shape
     x = randn(gen, tokens, dim)
@@ -135,3 +135,45 @@ def test_fused_moe_reads_expert_stacks_with_any_strides(gen):
     weights, ids = routing(gen, tokens, topk, experts)
     got = fused_moe(x, w13, w2, weights, ids)
     torch.testing.assert_close(got, reference.fused_moe(x, w13, w2, weights, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_fused_moe_with_its_default_tiles(gen, monkeypatch):
+    """The default path: on a GPU the autotuner times the tiles (gate/up and down) and runs its pick."""
+    monkeypatch.setenv("DS4_AUTOTUNE", "1")
+    tokens, topk, experts, dim, inter = 6, 2, 5, 128, 64
+    quantize, dequantize = CODECS["int4"]
+    x = randn(gen, tokens, dim)
+    w13, s13 = _per_expert(quantize, torch.randn(experts, 2 * inter, dim, generator=gen) * 0.1)
+    w2, s2 = _per_expert(quantize, torch.randn(experts, dim, inter, generator=gen) * 0.1)
+    weights, ids = routing(gen, tokens, topk, experts)
+    got = fused_moe(
+        x,
+        w13.to(DEVICE),
+        w2.to(DEVICE),
+        weights,
+        ids,
+        quant="int4",
+        w13_scale=s13.to(DEVICE),
+        w2_scale=s2.to(DEVICE),
+    )
+    deq13 = torch.stack([dequantize(w, s) for w, s in zip(w13, s13, strict=True)]).to(DEVICE)
+    deq2 = torch.stack([dequantize(w, s) for w, s in zip(w2, s2, strict=True)]).to(DEVICE)
+    want = reference.fused_moe(x, deq13, deq2, weights, ids)
+    torch.testing.assert_close(
+        got, want, atol=1e-3, rtol=1e-4, msg=lambda m: f"seed {gen.initial_seed()}: {m}"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_pairs_sum_adds_the_shared_output_as_the_unfused_ops_do(gen, dtype):
+    """One kernel for the MoE's sum over each token's pairs, the cast to the model dtype and the add of
+    the shared experts: the same values as `pairs.sum(1).to(dtype) + shared`, each rounding in place."""
+    tokens, topk, dim = 5, 3, 200
+    pairs = randn(gen, tokens * topk, dim)
+    shared = randn(gen, tokens, dim, dtype=dtype)
+    out = torch.empty(tokens, dim, dtype=dtype, device=DEVICE)
+    sum_pairs(pairs, topk, out, shared)
+    want = pairs.view(tokens, topk, dim).sum(1).to(dtype) + shared
+    torch.testing.assert_close(out, want, atol=1e-6 if dtype == torch.float32 else 1e-3, rtol=1e-5)
+    sum_pairs(pairs, topk, out)
+    torch.testing.assert_close(out, pairs.view(tokens, topk, dim).sum(1).to(dtype), atol=1e-6, rtol=1e-5)

@@ -9,6 +9,7 @@ import torch
 
 from ds4.engine.quant import dequantize, quantize_fp4, quantize_fp8_blocks, quantize_int4
 from ds4.kernels.quant_linear import quant_linear
+from ds4.kernels.tuning import LINEAR_TILES
 from tests.kernels.conftest import DEVICE, randn
 
 QUANTIZE = {"fp8": quantize_fp8_blocks, "fp4": quantize_fp4, "int4": quantize_int4}
@@ -24,16 +25,32 @@ QUANTIZE = {"fp8": quantize_fp8_blocks, "fp4": quantize_fp4, "int4": quantize_in
         ("int4", (1,), 33, 224, torch.float16, 2e-2),  # decode: one row
     ],
 )
-@pytest.mark.parametrize("blocks", [(None, None), (32, 32), (64, 128)])
-def test_quant_linear_matches_the_dequantized_matmul(
-    gen, monkeypatch, quant, lead, dim_out, dim_in, dtype, tol, blocks
-):
-    """The default tiles (on a GPU: the autotuner's pick of ds4.kernels.tuning's), tiles of 32 inputs
-    (one 4-bit group) and of 128 (four groups; FP8: a whole scale block)."""
+@pytest.mark.parametrize("blocks", [(16, 32, 32), (16, 64, 128)])
+def test_quant_linear_matches_the_dequantized_matmul(gen, quant, lead, dim_out, dim_in, dtype, tol, blocks):
+    """Tiles of 32 inputs (one 4-bit group) and of 128 (four groups; FP8: a whole scale block)."""
+    check(gen, quant, lead, dim_out, dim_in, dtype, tol, blocks)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "int4"])
+@pytest.mark.parametrize("blocks", [tile[:3] for tile in LINEAR_TILES])
+def test_every_tile_the_tuner_may_pick_is_exact(gen, quant, blocks):
+    """Each of ds4.kernels.tuning's tiles, at a decode shape (5 rows) and a partial FP8 block."""
+    check(gen, quant, (5,), 200, 256, torch.float32, 1e-4, blocks)
+
+
+def test_the_default_tiles_are_exact(gen, monkeypatch):
+    """The default path: on a GPU the autotuner times the tiles and runs its pick; elsewhere fixed ones."""
     monkeypatch.setenv("DS4_AUTOTUNE", "1")
+    check(gen, "int4", (3,), 160, 256, torch.float32, 1e-4, (None, None, None))
+
+
+def check(gen, quant, lead, dim_out, dim_in, dtype, tol, blocks):
     weight, scale = QUANTIZE[quant](torch.randn(dim_out, dim_in, generator=gen) * 0.1)
     x = randn(gen, *lead, dim_in, dtype=dtype)
-    got = quant_linear(x, weight.to(DEVICE), scale.to(DEVICE), quant, block_n=blocks[0], block_k=blocks[1])
+    block_m, block_n, block_k = blocks
+    got = quant_linear(
+        x, weight.to(DEVICE), scale.to(DEVICE), quant, block_m=block_m, block_n=block_n, block_k=block_k
+    )
     dense = dequantize(quant, weight, scale).to(DEVICE)
     want = (x.float() @ dense.T).to(dtype)
     assert got.shape == (*lead, dim_out) and got.dtype == dtype

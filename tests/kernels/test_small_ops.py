@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds4.kernels import reference
-from ds4.kernels.small_ops import mhc_mix, rope
+from ds4.kernels import forced, reference
+from ds4.kernels.rmsnorm import rmsnorm
+from ds4.kernels.small_ops import mhc_mix, rope, write_latent_rows
 from tests.kernels.conftest import poisoned, randn
 
 
@@ -42,3 +43,38 @@ def test_mhc_mix_matches_reference(gen, hc, dim, iters):
         torch.testing.assert_close(
             comb.sum(-2), torch.ones(tokens, hc, device=comb.device), atol=1e-4, rtol=0
         )
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("limit", [None, 0.7])
+def test_swiglu_kernel_matches_the_torch_ops(gen, dtype, tol, limit):
+    """SwiGLU on the halves of one [T, 2I] product (strided rows), V4's clamps or none: the same values as
+    the engine's torch form (silu rounded to the dtype, then the product)."""
+    from ds4.engine.layers.moe import swiglu
+
+    product = randn(gen, 6, 2 * 300, dtype=dtype)
+    gate, up = product.chunk(2, dim=-1)
+    with forced(False):
+        want = swiglu(gate, up, limit)
+    with forced(True):
+        got = swiglu(gate, up, limit)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"seed {gen.initial_seed()}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_latent_rows_go_to_their_slots_as_the_unfused_ops_write_them(gen, dtype, interleaved):
+    """A decode step's MLA cache rows in one kernel: each token's latent normed and its key's rope part
+    rotated, written to its slot of the pool; the other rows untouched. Bit for bit what the norm, rope,
+    concatenation and copy kernels write."""
+    tokens, latent, rope_dim = 4, 48, 16
+    kv = randn(gen, tokens, latent + rope_dim, dtype=dtype)
+    weight = (randn(gen, latent).abs() + 0.5).to(dtype)
+    cos, sin = randn(gen, tokens, rope_dim // 2), randn(gen, tokens, rope_dim // 2)
+    slots = torch.tensor([7, 2, 11, 0], device=kv.device)
+    pool = randn(gen, 12, latent + rope_dim, dtype=dtype)
+    want = pool.clone()
+    normed = rmsnorm(kv[:, :latent], weight, 1e-6)[0]
+    want.index_copy_(0, slots, torch.cat([normed, rope(kv[:, latent:], cos, sin, interleaved)], dim=-1))
+    write_latent_rows(kv, weight, 1e-6, cos, sin, interleaved, pool, slots)
+    assert torch.equal(pool, want), f"seed {gen.initial_seed()}"
