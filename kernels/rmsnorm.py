@@ -22,6 +22,7 @@ def _rmsnorm_kernel(
     stride_out,
     stride_res_out,
     HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -33,9 +34,13 @@ def _rmsnorm_kernel(
         x = (x + r).to(res_out_ptr.dtype.element_ty)  # the residual stream keeps its dtype, as unfused
         tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=mask)
         x = x.to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     inv = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    tl.store(out_ptr + row * stride_out + cols, (x * inv * w).to(out_ptr.dtype.element_ty), mask=mask)
+    dtype = out_ptr.dtype.element_ty
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + cols, (x * inv * w).to(dtype), mask=mask)
+    else:  # V4's unweighted norm: x times its scale rounded to x's dtype, as `x * inv.to(x.dtype)`
+        tl.store(out_ptr + row * stride_out + cols, (x * inv.to(dtype).to(tl.float32)).to(dtype), mask=mask)
 
 
 def rows_of(t: torch.Tensor) -> torch.Tensor:
@@ -47,14 +52,15 @@ def rows_of(t: torch.Tensor) -> torch.Tensor:
 
 def rmsnorm(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     eps: float,
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """As ds4.kernels.reference.rmsnorm: (normalized x + residual, x + residual or None). `out` and
-    `residual_out`: contiguous buffers shaped like x to write into."""
+    `residual_out`: contiguous buffers shaped like x to write into. `weight` None: V4's unweighted norm
+    (ds4.engine.layers.hyper.unweighted_rms_norm)."""
     shape = x.shape
     x2 = rows_of(x)
     fresh = torch.empty(shape, dtype=x.dtype, device=x.device)  # dense, whatever x's strides
@@ -69,7 +75,7 @@ def rmsnorm(
         _rmsnorm_kernel[(rows,)](
             x2,
             res2 if res2 is not None else x2,
-            weight,
+            weight if weight is not None else x2,
             out,
             res_out if res_out is not None else out,
             cols,
@@ -79,6 +85,7 @@ def rmsnorm(
             out.stride(0),
             res_out.stride(0) if res_out is not None else 0,
             HAS_RESIDUAL=residual is not None,
+            HAS_WEIGHT=weight is not None,
             BLOCK=triton.next_power_of_2(cols),
         )
     return out.view(shape), (res_out.view(shape) if res_out is not None else None)

@@ -294,3 +294,67 @@ def write_latent_rows(
             BLOCK_C=triton.next_power_of_2(latent),
             BLOCK_P=triton.next_power_of_2(rope_dim // 2),
         )
+
+
+@triton.jit
+def _rope_tail_kernel(
+    x_ptr,
+    cos_ptr,
+    sin_ptr,
+    out_ptr,
+    heads,
+    stride_xt,
+    stride_xh,
+    stride_c,
+    NOPE: tl.constexpr,
+    HALF: tl.constexpr,
+    NEGATE: tl.constexpr,
+    BLOCK_NOPE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    t, h = tl.program_id(0), tl.program_id(1)
+    src = x_ptr + t * stride_xt + h * stride_xh
+    dst = out_ptr + (t * heads + h).to(tl.int64) * (NOPE + 2 * HALF)
+    if NOPE > 0:
+        d = tl.arange(0, BLOCK_NOPE)
+        tl.store(dst + d, tl.load(src + d, mask=d < NOPE), mask=d < NOPE)
+    i = tl.arange(0, BLOCK_P)
+    m = i < HALF
+    x1 = tl.load(src + NOPE + 2 * i, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + NOPE + 2 * i + 1, mask=m, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + t * stride_c + i, mask=m, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + t * stride_c + i, mask=m, other=0.0).to(tl.float32)
+    if NEGATE:  # the rotation back (V4's values): -sin, without a kernel to negate it
+        sin = -sin
+    dtype = out_ptr.dtype.element_ty
+    tl.store(dst + NOPE + 2 * i, (x1 * cos - x2 * sin).to(dtype), mask=m)
+    tl.store(dst + NOPE + 2 * i + 1, (x2 * cos + x1 * sin).to(dtype), mask=m)
+
+
+def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, negate: bool = False) -> torch.Tensor:
+    """As ds4.engine.layers.rope.apply_rope_tail (V4: the trailing R dims of x [T, D] or [T, H, D] rotated
+    as interleaved pairs in place, float32 inside), into a new tensor, in one kernel; `negate`: by -sin."""
+    squeeze = x.dim() == 2
+    x3 = x[:, None, :] if squeeze else x
+    assert x3.dim() == 3 and x3.stride(-1) == 1, "rows of [T, D] or [T, H, D] with unit stride"
+    tokens, heads, dim = x3.shape
+    half = cos.shape[-1]
+    c, s = cos.contiguous(), sin.contiguous()
+    out = torch.empty(tokens, heads, dim, dtype=x.dtype, device=x.device)
+    if tokens and heads:
+        _rope_tail_kernel[(tokens, heads)](
+            x3,
+            c,
+            s,
+            out,
+            heads,
+            x3.stride(0),
+            x3.stride(1),
+            c.stride(0),
+            NOPE=dim - 2 * half,
+            HALF=half,
+            NEGATE=negate,
+            BLOCK_NOPE=triton.next_power_of_2(max(dim - 2 * half, 1)),
+            BLOCK_P=triton.next_power_of_2(half),
+        )
+    return out[:, 0, :] if squeeze else out

@@ -91,7 +91,7 @@ class CompressedAttention(nn.Module):
                     keys = torch.cat([keys, rows.to(keys.dtype)])
                 outs.append(self._attend(q[new], keys, window_keys, seq.start, chosen))
             out = torch.cat(outs) if len(outs) > 1 else outs[0]  # [T, H, Dh]
-        out = apply_rope_tail(out, cos, -sin)  # rotate the values' rope slice back to the query's frame
+        out = apply_rope_tail(out, cos, sin, negate=True)  # the values' rope slice back to the query's frame
         grouped = out.reshape(T, self.o_groups, -1)  # [T, G, H * Dh / G]
         w_a = dense_weight(self.wo_a).unflatten(0, (self.o_groups, -1))  # [G, o_lora_rank, H * Dh / G]
         return self.wo_b(torch.einsum("tgi,goi->tgo", grouped, w_a).flatten(1))

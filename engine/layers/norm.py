@@ -17,7 +17,7 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.cast_after_weight and x.dtype == self.weight.dtype and triton_enabled(x.device):
+        if self._in_kernel(x) and triton_enabled(x.device):
             from ds4.kernels.rmsnorm import rmsnorm
 
             return rmsnorm(x, self.weight, self.eps)[0]
@@ -28,13 +28,17 @@ class RMSNorm(torch.nn.Module):
             return (self.weight * x).to(dtype)
         return self.weight * x.to(dtype)
 
+    def _in_kernel(self, x: torch.Tensor) -> bool:
+        """Whether the Triton kernel takes this norm: it normalizes in float32 and multiplies by the weight
+        before its one cast, which is V4's order (float32 weights); V3's order (cast, then the weight)
+        where the weight has x's dtype: the same in float32, one rounding fewer in bf16."""
+        if self.cast_after_weight:
+            return self.weight.dtype == torch.float32
+        return x.dtype == self.weight.dtype
+
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x): on the Triton path one kernel reads both and writes both."""
-        if (
-            not self.cast_after_weight
-            and x.dtype == residual.dtype == self.weight.dtype
-            and triton_enabled(x.device)
-        ):
+        if x.dtype == residual.dtype and self._in_kernel(x) and triton_enabled(x.device):
             from ds4.kernels.rmsnorm import rmsnorm
 
             return rmsnorm(x, self.weight, self.eps, residual)

@@ -95,12 +95,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def apply_rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope_tail(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, negate: bool = False
+) -> torch.Tensor:
     """DeepSeek-V4's rope: the trailing R dims of x [T, ..., D] rotated as interleaved pairs, kept in place.
 
     V4 uses the rotated vector as the value too and de-rotates the output (pass -sin), so the layout must
-    stay the checkpoint's own: pair (x_2i, x_2i+1) in positions 2i, 2i+1. Computed in float32.
+    stay the checkpoint's own: pair (x_2i, x_2i+1) in positions 2i, 2i+1. Computed in float32; `negate`
+    rotates by -sin. One kernel on the Triton path.
     """
+    if x.dim() in (2, 3) and x.stride(-1) == 1 and triton_enabled(x.device):
+        from ds4.kernels.small_ops import rope_tail
+
+        return rope_tail(x, cos, sin, negate)
+    if negate:
+        sin = -sin
     rope_dim = 2 * cos.shape[-1]
     shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
     cos, sin = cos.view(shape).float(), sin.view(shape).float()

@@ -78,3 +78,34 @@ def test_latent_rows_go_to_their_slots_as_the_unfused_ops_write_them(gen, dtype,
     want.index_copy_(0, slots, torch.cat([normed, rope(kv[:, latent:], cos, sin, interleaved)], dim=-1))
     write_latent_rows(kv, weight, 1e-6, cos, sin, interleaved, pool, slots)
     assert torch.equal(pool, want), f"seed {gen.initial_seed()}"
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("shape", [(5, 40), (3, 7, 48)])
+@pytest.mark.parametrize("negate", [False, True])
+def test_rope_tail_kernel_matches_the_torch_form(gen, dtype, tol, shape, negate):
+    """V4's rope on the trailing 16 dims, interleaved pairs kept in place (and the rotation back, by -sin),
+    for key rows [T, D] and query heads [T, H, D]: the engine's torch form and the kernel agree."""
+    from ds4.engine.layers.rope import apply_rope_tail
+
+    x = randn(gen, *shape, dtype=dtype)
+    cos, sin = randn(gen, shape[0], 8, dtype=dtype), randn(gen, shape[0], 8, dtype=dtype)
+    with forced(False):
+        want = apply_rope_tail(x, cos, sin, negate)
+    with forced(True):
+        got = apply_rope_tail(x, cos, sin, negate)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"seed {gen.initial_seed()}: {m}")
+    assert torch.equal(got[..., :-16], x[..., :-16])  # the part without rope, as it was
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
+def test_unweighted_norm_kernel_matches_the_torch_form(gen, dtype, tol):
+    """V4's weightless RMSNorm (query heads, mHC streams): x times its inverse RMS rounded to x's dtype."""
+    from ds4.engine.layers.hyper import unweighted_rms_norm
+
+    x = randn(gen, 4, 3, 96, dtype=dtype, scale=2.0)
+    with forced(False):
+        want = unweighted_rms_norm(x, 1e-6)
+    with forced(True):
+        got = unweighted_rms_norm(x, 1e-6)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"seed {gen.initial_seed()}: {m}")
