@@ -358,3 +358,28 @@ def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, negate: boo
             BLOCK_P=triton.next_power_of_2(half),
         )
     return out[:, 0, :] if squeeze else out
+
+
+@triton.jit
+def _rope_table_kernel(pos_ptr, inv_ptr, cos_ptr, sin_ptr, factor, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    m = i < HALF
+    freq = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_ptr + i, mask=m, other=0.0)
+    dtype = cos_ptr.dtype.element_ty
+    tl.store(cos_ptr + t * HALF + i, (tl.cos(freq) * factor).to(dtype), mask=m)
+    tl.store(sin_ptr + t * HALF + i, (tl.sin(freq) * factor).to(dtype), mask=m)
+
+
+def rope_table(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float, dtype: torch.dtype):
+    """(cos, sin) [T, R/2] in `dtype` of positions [T] times inv_freq [R/2] (float32), scaled by
+    `factor`: the rotary tables in one kernel instead of six."""
+    tokens, half = positions.shape[0], inv_freq.shape[0]
+    cos = torch.empty(tokens, half, dtype=dtype, device=positions.device)
+    sin = torch.empty_like(cos)
+    if tokens:
+        inv = inv_freq.float().contiguous()
+        _rope_table_kernel[(tokens,)](
+            positions, inv, cos, sin, float(factor), HALF=half, BLOCK=triton.next_power_of_2(half)
+        )
+    return cos, sin

@@ -59,7 +59,12 @@ class HyperConnection(nn.Module):
 
 
 def hyper_update(streams: torch.Tensor, block_out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
-    """New streams: the block output spread by `post` plus the old streams mixed by `comb`."""
+    """New streams: the block output spread by `post` plus the old streams mixed by `comb` (one kernel on
+    the Triton path)."""
+    if streams.dim() == 3 and triton_enabled(streams.device):
+        from ds4.kernels.streams import hyper_update as hyper_update_kernel
+
+        return hyper_update_kernel(streams, block_out, post, comb)
     dtype = streams.dtype
     return post.to(dtype).unsqueeze(-1) * block_out.unsqueeze(-2) + torch.matmul(
         comb.to(dtype).transpose(-1, -2), streams

@@ -69,6 +69,10 @@ class RotaryEmbedding(torch.nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
+        if positions.dim() == 1 and triton_enabled(positions.device):
+            from ds4.kernels.small_ops import rope_table
+
+            return rope_table(positions.contiguous(), self.inv_freq, self.attention_factor, dtype)
         freqs = positions[:, None].float() * self.inv_freq  # [T, R/2]
         cos = freqs.cos() * self.attention_factor
         sin = freqs.sin() * self.attention_factor

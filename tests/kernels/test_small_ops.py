@@ -109,3 +109,36 @@ def test_unweighted_norm_kernel_matches_the_torch_form(gen, dtype, tol):
     with forced(True):
         got = unweighted_rms_norm(x, 1e-6)
     torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"seed {gen.initial_seed()}: {m}")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.float16, 1e-3)])
+def test_rope_tables_in_one_kernel_match_the_torch_form(dtype, tol):
+    """The rotary tables (cos, sin times YaRN's factor) for positions up to 100K: one kernel, the values
+    of the torch form."""
+    from ds4.engine.config import RopeConfig
+    from ds4.engine.layers.rope import RotaryEmbedding
+
+    rope = RopeConfig(theta=10000.0, kind="yarn", factor=40.0, mscale=1.0, mscale_all_dim=1.0)
+    rotary = RotaryEmbedding(rope, 64)
+    positions = torch.tensor([0, 1, 7, 4095, 4096, 65537, 100000])
+    with forced(False):
+        want = rotary(positions, dtype)
+    with forced(True):
+        got = rotary(positions, dtype)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype and g.shape == (7, 32)
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_the_streams_update_kernel_matches_the_torch_form(gen, dtype, tol):
+    """V4's residual streams after a block (4 streams, hidden 200): spread plus mix in one kernel."""
+    from ds4.engine.layers.hyper import hyper_update
+
+    streams, block_out = randn(gen, 3, 4, 200, dtype=dtype), randn(gen, 3, 200, dtype=dtype)
+    post, comb = randn(gen, 3, 4).sigmoid() * 2, randn(gen, 3, 4, 4).softmax(-1)
+    with forced(False):
+        want = hyper_update(streams, block_out, post, comb)
+    with forced(True):
+        got = hyper_update(streams, block_out, post, comb)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"seed {gen.initial_seed()}: {m}")
