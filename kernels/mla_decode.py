@@ -162,14 +162,21 @@ def split_count(batch: int, head_blocks: int, capacity: int, sms: int, min_split
     return max(1, min(32, -(-2 * sms // work), capacity // min_split))
 
 
-def split_buffers(tokens: int, heads: int, splits: int, width: int, out: torch.Tensor, lse: torch.Tensor):
-    """Where a launch writes: `out` and `lse` themselves for one split, else float32 partials
-    [tokens, heads, splits, width] and [tokens, heads, splits] for combine_splits."""
+def split_launch(tokens, heads, width, block_h, block_n, capacity, splits, out, lse, device):
+    """(head blocks, splits, MIN_SPLIT, partial outputs, partial log-sum-exps, their split strides) for a
+    split launch: `splits` as asked (in whole blocks of block_n) or kv_splits' choice over `capacity`.
+    One split writes straight into `out` and `lse`; more write float32 partials [tokens, heads, splits,
+    width] and [tokens, heads, splits] for combine_splits."""
+    head_blocks = triton.cdiv(heads, block_h)
+    if splits is None:
+        splits, min_split = kv_splits(tokens, head_blocks, capacity, device)
+    else:
+        min_split = block_n
     if splits == 1:
-        return out, lse, 0, 0
+        return head_blocks, 1, min_split, out, lse, 0, 0
     part = torch.empty(tokens, heads, splits, width, dtype=torch.float32, device=out.device)
     part_lse = torch.empty(tokens, heads, splits, dtype=torch.float32, device=out.device)
-    return part, part_lse, part.stride(2), part_lse.stride(2)
+    return head_blocks, splits, min_split, part, part_lse, part.stride(2), part_lse.stride(2)
 
 
 def combine_splits(part, part_lse, out, lse, sink: torch.Tensor | None = None) -> None:
@@ -325,12 +332,9 @@ def paged_mla_decode(
     lse = lse if lse is not None else torch.empty(batch, heads, dtype=torch.float32, device=pool.device)
     table = block_table.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
-    head_blocks = triton.cdiv(heads, block_h)
-    if splits is None:
-        splits, min_split = kv_splits(batch, head_blocks, pool.shape[0], pool.device)
-    else:
-        min_split = block_n  # as asked, in splits of whole blocks
-    part, part_lse, stride_split, stride_lse_split = split_buffers(batch, heads, splits, latent, out, lse)
+    head_blocks, splits, min_split, part, part_lse, stride_split, stride_lse_split = split_launch(
+        batch, heads, latent, block_h, block_n, pool.shape[0], splits, out, lse, pool.device
+    )
     _mla_decode_kernel[(head_blocks, batch, splits)](
         q_latent,
         q_rope,

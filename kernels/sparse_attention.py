@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ds4.kernels.dot import dot, dot_args
-from ds4.kernels.mla_decode import combine_splits, kv_splits, softmax_result, split_buffers, split_range
+from ds4.kernels.mla_decode import combine_splits, softmax_result, split_launch, split_range
 
 
 @triton.jit
@@ -138,12 +138,9 @@ def sparse_attention(
     idx = indices.to(torch.int32).contiguous()
     if tokens == 0:
         return out, lse
-    head_blocks = triton.cdiv(heads, block_h)
-    if splits is None:
-        splits, min_split = kv_splits(tokens, head_blocks, idx.shape[1], q.device)
-    else:
-        min_split = block_n  # as asked, in splits of whole blocks
-    part, part_lse, stride_split, stride_lse_split = split_buffers(tokens, heads, splits, value_dim, out, lse)
+    head_blocks, splits, min_split, part, part_lse, stride_split, stride_lse_split = split_launch(
+        tokens, heads, value_dim, block_h, block_n, idx.shape[1], splits, out, lse, q.device
+    )
     _sparse_attention_kernel[(head_blocks, tokens, splits)](
         q,
         kv,

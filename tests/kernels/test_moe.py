@@ -99,25 +99,19 @@ def test_fused_moe_quantized_experts(gen, quant, shape, tol, blocks):
     dequantized weights, so what is compared is the kernel, not the format. Tiles of 32 inputs (one
     4-bit group), and of 128 (four groups, past the end of the 96- and 64-input matrices), and every
     tile of ds4.kernels.tuning's the autotuner may pick."""
+    check_quantized(gen, quant, shape, tol, dict(block_m=blocks[0], block_n=blocks[1], block_k=blocks[2]))
+
+
+def check_quantized(gen, quant, shape, tol, tiles):
+    """fused_moe over random experts stored as `quant`, against the reference on their dequantized weights."""
     quantize, dequantize = CODECS[quant]
     tokens, topk, experts, dim, inter = shape
     x = randn(gen, tokens, dim)
     w13, s13 = _per_expert(quantize, torch.randn(experts, 2 * inter, dim, generator=gen) * 0.1)
     w2, s2 = _per_expert(quantize, torch.randn(experts, dim, inter, generator=gen) * 0.1)
     weights, ids = routing(gen, tokens, topk, experts)
-    got = fused_moe(
-        x,
-        w13.to(DEVICE),
-        w2.to(DEVICE),
-        weights,
-        ids,
-        quant=quant,
-        w13_scale=s13.to(DEVICE),
-        w2_scale=s2.to(DEVICE),
-        block_m=blocks[0],
-        block_n=blocks[1],
-        block_k=blocks[2],
-    )
+    stored = dict(quant=quant, w13_scale=s13.to(DEVICE), w2_scale=s2.to(DEVICE))
+    got = fused_moe(x, w13.to(DEVICE), w2.to(DEVICE), weights, ids, **stored, **tiles)
     deq13 = torch.stack([dequantize(w, s) for w, s in zip(w13, s13, strict=True)]).to(DEVICE)
     deq2 = torch.stack([dequantize(w, s) for w, s in zip(w2, s2, strict=True)]).to(DEVICE)
     want = reference.fused_moe(x, deq13, deq2, weights, ids)
@@ -140,28 +134,7 @@ def test_fused_moe_reads_expert_stacks_with_any_strides(gen):
 def test_fused_moe_with_its_default_tiles(gen, monkeypatch):
     """The default path: on a GPU the autotuner times the tiles (gate/up and down) and runs its pick."""
     monkeypatch.setenv("DS4_AUTOTUNE", "1")
-    tokens, topk, experts, dim, inter = 6, 2, 5, 128, 64
-    quantize, dequantize = CODECS["int4"]
-    x = randn(gen, tokens, dim)
-    w13, s13 = _per_expert(quantize, torch.randn(experts, 2 * inter, dim, generator=gen) * 0.1)
-    w2, s2 = _per_expert(quantize, torch.randn(experts, dim, inter, generator=gen) * 0.1)
-    weights, ids = routing(gen, tokens, topk, experts)
-    got = fused_moe(
-        x,
-        w13.to(DEVICE),
-        w2.to(DEVICE),
-        weights,
-        ids,
-        quant="int4",
-        w13_scale=s13.to(DEVICE),
-        w2_scale=s2.to(DEVICE),
-    )
-    deq13 = torch.stack([dequantize(w, s) for w, s in zip(w13, s13, strict=True)]).to(DEVICE)
-    deq2 = torch.stack([dequantize(w, s) for w, s in zip(w2, s2, strict=True)]).to(DEVICE)
-    want = reference.fused_moe(x, deq13, deq2, weights, ids)
-    torch.testing.assert_close(
-        got, want, atol=1e-3, rtol=1e-4, msg=lambda m: f"seed {gen.initial_seed()}: {m}"
-    )
+    check_quantized(gen, "int4", (6, 2, 5, 128, 64), 1e-3, {})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
