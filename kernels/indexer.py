@@ -244,3 +244,49 @@ def topk_ties_low(scores: torch.Tensor, k: int) -> torch.Tensor:
     picked = keys.topk(min(k, n), dim=-1).indices
     finite = torch.isfinite(scores.gather(-1, picked))
     return torch.where(finite, picked, torch.full_like(picked, -1))
+
+
+@triton.jit
+def _sortable_keys_kernel(scores_ptr, keys_ptr, n, BLOCK: tl.constexpr):
+    """topk_ties_low's keys: each float32 score as an order-keeping integer above its reversed index."""
+    b = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    score = tl.load(scores_ptr + b.to(tl.int64) * n + i, mask=mask, other=0.0) + 0.0  # -0.0 as +0.0
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    tl.store(keys_ptr + b.to(tl.int64) * n + i, (ordered << 32) | (0xFFFFFFFF - i.to(tl.int64)), mask=mask)
+
+
+@triton.jit
+def _picked_rows_kernel(
+    picked_ptr, scores_ptr, table_ptr, rows_ptr, n, k, stride_t, PAGE: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Each picked position's pool row through the block table, -1 where its score is not finite."""
+    b = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < k
+    pos = tl.load(picked_ptr + b.to(tl.int64) * k + j, mask=mask, other=0)
+    finite = tl.abs(tl.load(scores_ptr + b.to(tl.int64) * n + pos, mask=mask, other=0.0)) < float("inf")
+    page = tl.load(table_ptr + b * stride_t + pos // PAGE, mask=mask, other=0).to(tl.int64)
+    tl.store(rows_ptr + b.to(tl.int64) * k + j, tl.where(finite, page * PAGE + pos % PAGE, -1), mask=mask)
+
+
+def paged_topk_rows(scores: torch.Tensor, k: int, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The pool rows [B, min(k, S)] of topk_ties_low(scores [B, S], k)'s positions through each sequence's
+    block table (-1 where fewer are finite): two kernels around torch.topk instead of about twenty."""
+    batch, n = scores.shape
+    scores = scores.float().contiguous()
+    keys = torch.empty(batch, n, dtype=torch.int64, device=scores.device)
+    rows = torch.empty(batch, min(k, n), dtype=torch.int64, device=scores.device)
+    if batch == 0 or n == 0:
+        return rows
+    block = min(1024, triton.next_power_of_2(n))
+    _sortable_keys_kernel[(batch, triton.cdiv(n, block))](scores, keys, n, BLOCK=block)
+    picked = keys.topk(min(k, n), dim=-1).indices.contiguous()
+    table = block_table.contiguous()
+    block = min(1024, triton.next_power_of_2(picked.shape[1]))
+    _picked_rows_kernel[(batch, triton.cdiv(picked.shape[1], block))](
+        picked, scores, table, rows, n, picked.shape[1], table.stride(0), PAGE=block_size, BLOCK=block
+    )
+    return rows

@@ -131,8 +131,10 @@ class Indexer(nn.Module):
             dots = torch.relu(torch.einsum("bhd,bsd->bhs", q, pool[batch.pool_rows(block_size)].float()))
             scores = torch.einsum("bh,bhs->bs", weights, dots)
             scores = scores.masked_fill(pos[None, :] >= batch.seq_lens[:, None], float("-inf"))  # [B, S]
-        from ds4.kernels.indexer import topk_ties_low
+        from ds4.kernels.indexer import paged_topk_rows, topk_ties_low
 
+        if triton_enabled(x.device):  # the same rows, in two kernels around the top-k
+            return paged_topk_rows(scores, self.topk, batch.block_table, block_size)
         chosen = topk_ties_low(scores, self.topk)  # [B, k] positions, -1 past the finite ones
         page = batch.block_table.long().gather(1, chosen.clamp(min=0) // block_size)
         return torch.where(chosen >= 0, page * block_size + chosen % block_size, -1)

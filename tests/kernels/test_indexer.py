@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from ds4.kernels import reference
-from ds4.kernels.indexer import indexer_scores, indexer_topk, paged_indexer_scores, topk_ties_low
+from ds4.kernels.indexer import (
+    indexer_scores,
+    indexer_topk,
+    paged_indexer_scores,
+    paged_topk_rows,
+    topk_ties_low,
+)
 from tests.kernels.conftest import DEVICE, poisoned, randn
 
 
@@ -89,3 +95,20 @@ def test_topk_ties_low_is_the_stable_sort_cut_to_k(gen):
             k,
             gen.initial_seed(),
         )
+
+
+def test_the_paged_top_k_rows_are_the_torch_forms(gen):
+    """Decode's selection on the Triton path (sortable keys and the rows through the block table, each one
+    kernel, around torch.topk): the rows topk_ties_low's positions map to, ties to the lower position,
+    -1 where fewer are finite, for k below and above the width."""
+    scores = quarters(randn(gen, 3, 300)) * (torch.rand(3, 300, generator=gen) < 0.5).to(DEVICE)  # ties
+    scores[0, 10] = -0.0
+    scores[1, 200:] = float("-inf")
+    scores[2, 3:] = float("-inf")
+    page = 16
+    table = torch.stack([torch.randperm(40, generator=gen)[:19] for _ in range(3)]).to(torch.int32).to(DEVICE)
+    for k in (1, 64, 300, 512):
+        chosen = topk_ties_low(scores, k)
+        pages = table.long().gather(1, chosen.clamp(min=0) // page)
+        want = torch.where(chosen >= 0, pages * page + chosen % page, -1)
+        assert torch.equal(paged_topk_rows(scores, k, table, page), want), (k, gen.initial_seed())
