@@ -255,7 +255,8 @@ def _sortable_keys_kernel(scores_ptr, keys_ptr, n, BLOCK: tl.constexpr):
     score = tl.load(scores_ptr + b.to(tl.int64) * n + i, mask=mask, other=0.0) + 0.0  # -0.0 as +0.0
     bits = score.to(tl.int32, bitcast=True)
     ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-    tl.store(keys_ptr + b.to(tl.int64) * n + i, (ordered << 32) | (0xFFFFFFFF - i.to(tl.int64)), mask=mask)
+    low = tl.full([BLOCK], 4294967295, tl.int64) - i.to(tl.int64)  # 2^32 - 1 - index, as an int64
+    tl.store(keys_ptr + b.to(tl.int64) * n + i, (ordered << 32) | low, mask=mask)
 
 
 @triton.jit
