@@ -10,6 +10,21 @@ import triton.language as tl
 
 
 @triton.jit
+def _rope_pairs(base, i, mask, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The rotated pairs' two halves at offsets i from base, as float32: (x_2i, x_2i+1) interleaved,
+    else (x_i, x_i+HALF)."""
+    if INTERLEAVED:
+        return (
+            tl.load(base + 2 * i, mask=mask, other=0.0).to(tl.float32),
+            tl.load(base + 2 * i + 1, mask=mask, other=0.0).to(tl.float32),
+        )
+    return (
+        tl.load(base + i, mask=mask, other=0.0).to(tl.float32),
+        tl.load(base + HALF + i, mask=mask, other=0.0).to(tl.float32),
+    )
+
+
+@triton.jit
 def _rope_kernel(
     x_ptr,
     cos_ptr,
@@ -31,12 +46,7 @@ def _rope_kernel(
     i = tl.arange(0, BLOCK_P)
     mask = (h < heads)[:, None] & (i < HALF)[None, :]
     base = x_ptr + t * stride_xt + h[:, None] * stride_xh
-    if INTERLEAVED:
-        x1 = tl.load(base + 2 * i[None, :], mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(base + 2 * i[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
-    else:
-        x1 = tl.load(base + i[None, :], mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(base + HALF + i[None, :], mask=mask, other=0.0).to(tl.float32)
+    x1, x2 = _rope_pairs(base, i[None, :], mask, HALF, INTERLEAVED)
     c = tl.load(cos_ptr + t * stride_ct + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
     s = tl.load(sin_ptr + t * stride_ct + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + t * stride_ot + h[:, None] * stride_oh
@@ -246,12 +256,7 @@ def _latent_rows_kernel(
     i = tl.arange(0, BLOCK_P)
     pmask = i < HALF
     key = kv_ptr + t * stride_kv + C
-    if INTERLEAVED:  # as _rope_kernel: pairs in, half-split out
-        x1 = tl.load(key + 2 * i, mask=pmask, other=0.0).to(tl.float32)
-        x2 = tl.load(key + 2 * i + 1, mask=pmask, other=0.0).to(tl.float32)
-    else:
-        x1 = tl.load(key + i, mask=pmask, other=0.0).to(tl.float32)
-        x2 = tl.load(key + HALF + i, mask=pmask, other=0.0).to(tl.float32)
+    x1, x2 = _rope_pairs(key, i, pmask, HALF, INTERLEAVED)  # as _rope_kernel: half-split out
     cos = tl.load(cos_ptr + t * stride_c + i, mask=pmask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + t * stride_c + i, mask=pmask, other=0.0).to(tl.float32)
     tl.store(row + C + i, (x1 * cos - x2 * sin).to(dtype), mask=pmask)
@@ -320,8 +325,7 @@ def _rope_tail_kernel(
         tl.store(dst + d, tl.load(src + d, mask=d < NOPE), mask=d < NOPE)
     i = tl.arange(0, BLOCK_P)
     m = i < HALF
-    x1 = tl.load(src + NOPE + 2 * i, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(src + NOPE + 2 * i + 1, mask=m, other=0.0).to(tl.float32)
+    x1, x2 = _rope_pairs(src + NOPE, i, m, HALF, True)
     cos = tl.load(cos_ptr + t * stride_c + i, mask=m, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + t * stride_c + i, mask=m, other=0.0).to(tl.float32)
     if NEGATE:  # the rotation back (V4's values): -sin, without a kernel to negate it

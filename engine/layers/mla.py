@@ -73,10 +73,11 @@ class MLA(nn.Module):
         q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)  # [T, H, R]
 
         kv = self.wkv_a(x)  # [T, C + R]: the latent, then the key's rope part
-        if ctx.decode is not None and self._rows_in_kernel(kv, ctx.cache.kv[self.layer_id]):
+        pool = ctx.cache.kv[self.layer_id] if ctx.decode is not None else None
+        if pool is not None and self._rows_in_kernel(kv, pool):
             from ds4.kernels.small_ops import write_latent_rows
 
-            pool, norm = ctx.cache.kv[self.layer_id], self.kv_norm  # the rows go straight to the cache
+            norm = self.kv_norm  # the rows go straight to the cache
             write_latent_rows(
                 kv, norm.weight, norm.eps, cos, sin, self.rope_interleave, pool, ctx.decode.slot_rows
             )

@@ -104,9 +104,9 @@ def apply_rope_tail(
 ) -> torch.Tensor:
     """DeepSeek-V4's rope: the trailing R dims of x [T, ..., D] rotated as interleaved pairs, kept in place.
 
-    V4 uses the rotated vector as the value too and de-rotates the output (pass -sin), so the layout must
-    stay the checkpoint's own: pair (x_2i, x_2i+1) in positions 2i, 2i+1. Computed in float32; `negate`
-    rotates by -sin. One kernel on the Triton path.
+    V4 uses the rotated vector as the value too and de-rotates the output (`negate`: by -sin), so the layout
+    must stay the checkpoint's own: pair (x_2i, x_2i+1) in positions 2i, 2i+1. Computed in float32. One
+    kernel on the Triton path.
     """
     if x.dim() in (2, 3) and x.stride(-1) == 1 and triton_enabled(x.device):
         from ds4.kernels.small_ops import rope_tail
