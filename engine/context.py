@@ -36,7 +36,8 @@ class DecodeBatch:
 
     slot_rows: torch.Tensor  # [B] int64: the cache row each new token's latent row goes to (V4: the row of
     # each sequence's pooled state)
-    block_table: torch.Tensor  # [B, max_blocks] int32: each sequence's cache blocks, in order (V4: none)
+    block_table: torch.Tensor  # [B, max_blocks] int32: each sequence's cache blocks, in order (V4: where its
+    # compressed rows are)
     seq_lens: torch.Tensor  # [B] int32: tokens each sequence attends to, the new one included
     span: torch.Tensor  # [max_len] int64 0, 1, ...: the positions up to the longest of seq_lens (its length
     # is the torch path's gather width, known on the host; a compiled step sees it as a dynamic size)

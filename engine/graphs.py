@@ -3,8 +3,9 @@ max_num_seqs), captured once over static input buffers and the engine's cache, t
 its bucket. Prefill and mixed steps run eagerly; so do batches past the largest bucket.
 
 A captured step must be a device program (ds4.engine.syncs): every value it reads lives in the static
-buffers below, which each replay refills with device-to-device copies. Padding rows attend to nothing
-(length 0) and write their latent row to the cache's scratch row. Anchors: nano-vllm's
+buffers below, which each replay refills with device-to-device copies, and in the cache, whose tensors
+never move. Padding rows attend to nothing (length 0) and write their latent row to the cache's scratch
+row (V4: their state to its scratch row, their compressed entries to its scratch block). Anchors: nano-vllm's
 ModelRunner.capture_cudagraph, vLLM's full decode graphs, SGLang's cuda_graph_runner.
 """
 
@@ -39,7 +40,8 @@ class DecodeGraphs:
         self.input_ids = torch.zeros(B, dtype=torch.int64, device=device)
         self.positions = torch.zeros(B, dtype=torch.int64, device=device)
         self.slot_rows = torch.full((B,), cache.scratch_row, dtype=torch.int64, device=device)
-        self.block_table = torch.zeros(B, max_blocks, dtype=torch.int32, device=device)
+        self.scratch_block = getattr(cache, "scratch_block", 0)  # V4: where padding rows emit their entries
+        self.block_table = torch.full((B, max_blocks), self.scratch_block, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(B, dtype=torch.int32, device=device)
         self.span = torch.arange(max_blocks * cache.block_size, device=device)  # the whole block table
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -99,5 +101,6 @@ class DecodeGraphs:
         self.seq_lens[:n].copy_(batch.seq_lens)
         self.seq_lens[n:b].zero_()
         self.block_table[:n, :width].copy_(batch.block_table)
+        self.block_table[n:b].fill_(self.scratch_block)
         self.graphs[b].replay()
         return self.logits[b][:n]

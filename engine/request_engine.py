@@ -27,6 +27,7 @@ from ds4.engine.sampler import SamplingParams, logprobs_batch, make_generator, s
 from ds4.engine.scheduler import Scheduler, Sequence
 from ds4.engine.step_inputs import on_device
 from ds4.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from ds4.engine.window_cache import block_bytes
 
 if TYPE_CHECKING:
     from ds4.engine.grammar import GrammarCompiler, Matcher
@@ -107,10 +108,14 @@ class LLMEngine:
         most layers bounds the count."""
         bs, cfg = self.config.block_size, self.runner.config
         wanted = self.config.max_num_seqs * -(-self.max_model_len // bs)
-        row = (cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if cfg.has_indexer else 0)) or 1
         devices = self.runner.layer_devices or [self.runner.device] * cfg.num_hidden_layers
-        layers = max(collections.Counter(devices).values())
-        per_block = bs * row * layers * self.runner.dtype.itemsize
+        if cfg.is_v4:  # compressed rows (float32) on each device; the rest of V4's state is per sequence
+            on = {d: {i for i, e in enumerate(devices) if e == d} for d in devices}
+            per_block = max(block_bytes(cfg, bs, layers) for layers in on.values()) or 1
+        else:
+            row = cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if cfg.has_indexer else 0)
+            layers = max(collections.Counter(devices).values())
+            per_block = bs * row * layers * self.runner.dtype.itemsize
         return max(1, min(wanted, int(self.config.cache_memory_gb * (1 << 30)) // per_block))
 
     # -- requests -------------------------------------------------------------------------------

@@ -123,10 +123,17 @@ class ModelRunner:
         self, num_blocks: int, block_size: int, max_len: int, max_num_seqs: int = 1
     ) -> PagedLatentCache | WindowCache:
         """The engine's cache: paged blocks (V3, V3.2), or V4's pooled state for `max_num_seqs` sequences
-        (its prefix blocks are snapshots of that state)."""
+        with its compressed rows in the blocks (its prefix blocks also snapshot the rest of that state)."""
         if self.config.is_v4:
             return WindowCache(
-                self.config, max_len, self.dtype, self.device, block_size, self.layer_devices, max_num_seqs
+                self.config,
+                max_len,
+                self.dtype,
+                self.device,
+                block_size,
+                self.layer_devices,
+                max_num_seqs,
+                num_blocks,
             )
         return PagedLatentCache(
             self.config, num_blocks, block_size, self.dtype, self.device, layer_devices=self.layer_devices
@@ -165,15 +172,9 @@ class ModelRunner:
         return isinstance(cache, PagedLatentCache) and self.mla_mode(seqs) == "absorbed"
 
     def _decode(self, token_ids: list[int], seqs: list[SeqSlice], cache) -> torch.Tensor:
-        if isinstance(cache, WindowCache):  # V4: each sequence's row in the pooled state
-            for s in seqs:
-                cache.reserve(s.slot, s.end)
-            input_ids, positions, batch = self.inputs.decode_rows(
-                token_ids, seqs, [cache.row(s.slot) for s in seqs]
-            )
-        else:
-            seqs = [cache.with_blocks(s) for s in seqs]
-            input_ids, positions, batch = self.inputs.decode(token_ids, seqs, cache.block_size)
+        seqs = [cache.with_blocks(s) for s in seqs]
+        state_rows = [cache.row(s.slot) for s in seqs] if isinstance(cache, WindowCache) else None
+        input_ids, positions, batch = self.inputs.decode(token_ids, seqs, cache.block_size, 0, state_rows)
         if self.graphs is not None and cache is self.graphs.cache:
             logits = self.graphs.run(input_ids, positions, batch)
             if logits is not None:
@@ -193,8 +194,6 @@ class ModelRunner:
             return "the torch kernel path reads device values on the host"
         if len(self.devices) > 1 or self.tiered:
             return "pipelines and tiered experts run their decode steps eagerly"
-        if isinstance(cache, WindowCache):
-            return "V4's compressed rows grow with its sequences (their buffers are reallocated)"
         if isinstance(cache, PagedLatentCache) and self.engine_config.mla_mode == "naive":
             return "mla_mode naive decodes per sequence"
         return None

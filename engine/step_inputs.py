@@ -29,14 +29,22 @@ class StepInputs:
         return self.positions[:length]
 
     def decode(
-        self, token_ids: list[int], seqs: list[SeqSlice], block_size: int, width: int = 0
+        self,
+        token_ids: list[int],
+        seqs: list[SeqSlice],
+        block_size: int,
+        width: int = 0,
+        state_rows: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, DecodeBatch]:
         """(input ids [B], positions [B], the batch) for sequences adding one token each; the block table
-        is `width` blocks wide, or as wide as the longest sequence needs."""
+        is `width` blocks wide, or as wide as the longest sequence needs. The batch's slot rows are each
+        new token's latent cache row, or, over V4's pooled state, the sequences' `state_rows`."""
         tables = [s.block_ids for s in seqs]
         assert all(t is not None for t in tables), "a decode batch needs every sequence's block ids"
         width = max(width, max(len(t) for t in tables))
-        rows = [s.block_ids[s.start // block_size] * block_size + s.start % block_size for s in seqs]
+        rows = state_rows or [
+            s.block_ids[s.start // block_size] * block_size + s.start % block_size for s in seqs
+        ]
         flat = [b for t in tables for b in (*t, *[0] * (width - len(t)))]
         ends = [s.end for s in seqs]
         host = self._stage([*token_ids, *(s.start for s in seqs), *rows, *ends, *flat])
@@ -46,19 +54,6 @@ class StepInputs:
         table = data[4 * B :].view(B, width).to(torch.int32)
         batch = DecodeBatch(slot_rows, table, lens.to(torch.int32), self.span(max(ends)))
         return ids, positions, batch
-
-    def decode_rows(
-        self, token_ids: list[int], seqs: list[SeqSlice], rows: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, DecodeBatch]:
-        """(input ids [B], positions [B], the batch) for sequences adding one token each over pooled
-        per-sequence state (V4): `rows` are their rows in the pools, the block table is empty."""
-        ends = [s.end for s in seqs]
-        host = self._stage([*token_ids, *(s.start for s in seqs), *rows, *ends])
-        data = host.to(self.device, non_blocking=True)
-        B = len(seqs)
-        ids, positions, slot_rows, lens = data[:B], data[B : 2 * B], data[2 * B : 3 * B], data[3 * B :]
-        table = torch.zeros(B, 0, dtype=torch.int32, device=self.device)
-        return ids, positions, DecodeBatch(slot_rows, table, lens.to(torch.int32), self.span(max(ends)))
 
     def _stage(self, values: list[int]) -> torch.Tensor:
         if self.staging.numel() < len(values):

@@ -5,14 +5,27 @@ blocks' snapshots of it. Sequences map to rows here; the model's layers read and
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ds4.engine.config import ModelConfig
+from ds4.engine.context import SeqSlice
 from ds4.engine.errors import ConfigError
 from ds4.engine.layers.compressor import CompressorPool
 from ds4.engine.layers.engram import EngramPool
 
 CSA = "compressed_sparse_attention"
+
+
+def block_bytes(config: ModelConfig, block_size: int, layers=None) -> int:
+    """Bytes of one cache block's compressed rows (float32) in the given layers (default: all)."""
+    total = 0
+    for layer, (kind, ratio) in enumerate(zip(config.layer_types, config.compress_ratios, strict=True)):
+        if ratio and (layers is None or layer in layers):
+            width = config.head_dim + (config.index_head_dim if kind == CSA else 0)
+            total += block_size // ratio * width * 4
+    return total
 
 
 class WindowCache:
@@ -21,10 +34,15 @@ class WindowCache:
     `sliding_window` K=V rows [rows, window, head_dim] (position p at p % window), each compressor's
     `CompressorPool`, and Engram's `EngramPool`. What part of a row is live follows from the sequence's
     position alone, so a decode step reads and writes every sequence's state at once with fixed shapes.
+    The compressors' emitted rows are paged in the engine's `num_blocks` cache blocks (plus a scratch
+    block), through each sequence's block ids, as the latent cache of V3 is: every tensor here is
+    allocated once, at start-up, and never moves, so a decode step can be captured as a CUDA graph.
+    Callers without a block manager give `blocks_per_slot` instead: slot s owns a fixed run of blocks.
 
     Prefix blocks: at a block boundary (a multiple of every compression ratio, so no window is half
-    done) the state a block contributes is snapshotted: its compressed rows, and the window tail,
-    overlaps and Engram context as they stand at its end. A prefill chunk may span many blocks: as the
+    done) the state a block contributes is snapshotted: the window tail, overlaps and Engram context as
+    they stand at its end. Its compressed rows need no copy: they are in the block's pages, which a
+    prefix hit shares. A prefill chunk may span many blocks: as the
     layers pass a block end inside the chunk (`boundaries`) they `keep` what the state is there, and
     `store_block` snapshots from that; at the chunk's own end the state is the live one. A sequence that
     hits cached blocks is restored from their snapshots and resumes exactly where a full computation
@@ -42,6 +60,7 @@ class WindowCache:
         block_size: int = 256,
         layer_devices: list | None = None,
         num_slots: int = 1,
+        num_blocks: int | None = None,
     ):
         ratios = [r for r in config.compress_ratios if r]
         if any(block_size % r for r in ratios) or block_size < config.sliding_window:
@@ -56,6 +75,9 @@ class WindowCache:
             block_size,
         )
         self.dtype, self.device, self.num_slots = dtype, device, num_slots
+        self.blocks_per_slot = None if num_blocks else -(-max_len // block_size)
+        self.num_blocks = num_blocks or num_slots * self.blocks_per_slot
+        self.scratch_block = self.num_blocks  # where a padded decode graph's dummy rows emit their entries
         self.layer_devices = list(layer_devices or [device] * config.num_hidden_layers)
         self.scratch_row = num_slots
         self.rows: dict[int, int] = {}  # sequence slot -> its row in the pools
@@ -71,11 +93,11 @@ class WindowCache:
             if ratio:
                 overlap = kind == CSA
                 self.compressors[layer, "attn"] = CompressorPool(
-                    rows, ratio, config.head_dim, overlap, max_len, d
+                    rows, ratio, config.head_dim, overlap, self.num_blocks, block_size, d
                 )
             if ratio and kind == CSA:
                 self.compressors[layer, "index"] = CompressorPool(
-                    rows, ratio, config.index_head_dim, True, max_len, d
+                    rows, ratio, config.index_head_dim, True, self.num_blocks, block_size, d
                 )
             if config.engram is not None and layer in config.engram.layer_ids:
                 self.engram[layer] = EngramPool(
@@ -84,8 +106,21 @@ class WindowCache:
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}  # block id -> its contribution
         self.kept: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (slot, block end) -> state there
 
-    def prepare(self, seq):
-        self.reserve(seq.slot, seq.end)
+    def with_blocks(self, seq: SeqSlice) -> SeqSlice:
+        """The slice with its block ids: a fixed-slot cache's own run of blocks when it has none (slot -1,
+        a one-off scoring pass, wraps to the last run)."""
+        if seq.block_ids is not None:
+            return seq
+        assert self.blocks_per_slot, "a sequence without blocks needs a cache with fixed slots"
+        first = seq.slot * self.blocks_per_slot
+        block_ids = tuple(b % self.num_blocks for b in range(first, first + self.blocks_per_slot))
+        return replace(seq, block_ids=block_ids)
+
+    def prepare(self, seq: SeqSlice) -> SeqSlice:
+        seq = self.with_blocks(seq)
+        assert len(seq.block_ids) * self.block_size >= seq.end, (
+            f"{len(seq.block_ids)} blocks for {seq.end} tokens"
+        )
         self._forget_kept(seq.slot)  # a step's boundaries are its own
         return seq
 
@@ -101,13 +136,6 @@ class WindowCache:
     def keep(self, slot: int, end: int, name: str, tensor: torch.Tensor) -> None:
         """Part `name` of sequence `slot`'s state as it stands at block end `end`, for `store_block`."""
         self.kept.setdefault((slot, end), {})[name] = tensor
-
-    def reserve(self, slot: int, end: int) -> None:
-        """Room in every compressor's emitted rows for sequence `slot` up to position `end` (before the
-        step that writes there)."""
-        row = self.row(slot)
-        for pool in self.compressors.values():
-            pool.reserve(row, end)
 
     def row(self, slot: int) -> int:
         """Sequence `slot`'s row in the pools, taken from the free rows on first use (Engram's history
@@ -154,11 +182,6 @@ class WindowCache:
         row, snap = self.rows[slot], {}
         kept = self.kept.pop((slot, end), None)  # a block that ended inside the last chunk: its kept state
         for layer in range(self.config.num_hidden_layers):
-            for name in ("attn", "index"):  # emitted rows stay in the pool: read there for any block
-                pool = self.compressors.get((layer, name))
-                if pool is not None:
-                    done, per_block = end // pool.ratio, self.block_size // pool.ratio
-                    snap[f"{name}_rows.{layer}"] = pool.entries[row, done - per_block : done].clone()
             if kept is not None:
                 snap |= {k: v for k, v in kept.items() if k.endswith(f".{layer}")}
                 continue
@@ -174,20 +197,18 @@ class WindowCache:
         self.snapshots[block_id] = snap
 
     def restore(self, slot: int, block_ids: list[int]) -> None:
-        """Rebuilds sequence `slot`'s state as it stands after the given cached blocks."""
+        """Rebuilds sequence `slot`'s state as it stands after the given cached blocks (whose compressed
+        rows are in their pages already: the sequence reads them through its block ids)."""
         self.free_slot(slot)
         row = self.row(slot)
-        snaps = [self.snapshots[b] for b in block_ids]
         end = len(block_ids) * self.block_size
-        last = snaps[-1]
+        last = self.snapshots[block_ids[-1]]
         for layer in range(self.config.num_hidden_layers):
             self.write_window(layer, slot, end - last[f"window.{layer}"].shape[0], last[f"window.{layer}"])
             for name in ("attn", "index"):
                 pool = self.compressors.get((layer, name))
                 if pool is None:
                     continue
-                pool.reserve(row, end)
-                pool.entries[row, : end // pool.ratio] = torch.cat([s[f"{name}_rows.{layer}"] for s in snaps])
                 if pool.overlap:
                     pool.overlap_kv[row] = last[f"{name}_overlap_kv.{layer}"]
                     pool.overlap_gate[row] = last[f"{name}_overlap_gate.{layer}"]
@@ -199,13 +220,23 @@ class WindowCache:
         self.snapshots.pop(block_id, None)
 
     def block_tensors(self, block_id: int) -> dict[str, torch.Tensor]:
-        return self.snapshots[block_id]
+        """What the block contributes: its snapshot and its compressed rows (views of its pages)."""
+        pools = self.compressors.items()
+        rows = {f"{name}_rows.{layer}": pool.block_rows(block_id) for (layer, name), pool in pools}
+        return self.snapshots[block_id] | rows
 
     def load_block(self, block_id: int, tensors: dict[str, torch.Tensor]) -> None:
-        """A snapshot from the disk tier; each tensor goes to its layer's device (names end in the layer)."""
-        self.snapshots[block_id] = {
-            k: v.to(self.layer_devices[int(k.rsplit(".", 1)[1])]) for k, v in tensors.items()
-        }
+        """A block from the disk tier: its compressed rows into its pages, the rest as its snapshot; each
+        tensor goes to its layer's device (names end in the layer)."""
+        snap = {}
+        for key, value in tensors.items():
+            name, layer = key.rsplit(".", 1)
+            pool = self.compressors.get((int(layer), name.removesuffix("_rows")))
+            if name.endswith("_rows") and pool is not None:
+                pool.block_rows(block_id).copy_(value)
+            else:
+                snap[key] = value.to(self.layer_devices[int(layer)])
+        self.snapshots[block_id] = snap
 
     def block_template(self) -> dict[str, torch.Tensor]:
         """Empty tensors with the names, shapes and dtypes of every snapshot, to check disk files against.

@@ -250,14 +250,14 @@ def tiny_v4_engram(tmp_path_factory):
 
 
 def block_snapshots(path, prompt: list[int], block_size: int, chunk: int) -> dict[tuple, dict]:
-    """V4's prefix-block snapshots after prefilling `prompt` in chunks of `chunk` tokens, keyed by each
-    block's tokens."""
+    """V4's prefix blocks after prefilling `prompt` in chunks of `chunk` tokens (each block's snapshot and
+    compressed rows), keyed by each block's tokens."""
     from ds4.engine import LLM, SamplingParams
 
     llm = LLM(path, block_size=block_size, max_num_batched_tokens=chunk)
     llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-    blocks, snapshots = llm.engine.blocks.blocks, llm.engine.cache.snapshots
-    return {blocks[b].token_ids: snap for b, snap in snapshots.items()}
+    cache, blocks = llm.engine.cache, llm.engine.blocks.blocks
+    return {blocks[b].token_ids: cache.block_tensors(b) for b in cache.snapshots}  # rows: views of pages
 
 
 def assert_same_snapshots(got: dict, want: dict) -> None:

@@ -31,6 +31,15 @@ CSA = "compressed_sparse_attention"
 WORKSPACE = 1 << 24  # score elements ([queries x heads x keys]) computed at once; more run in query blocks
 
 
+def _visible_rows(table: torch.Tensor, visible: torch.Tensor, per_block: int) -> torch.Tensor:
+    """Pool rows [B, blocks * per_block] of each sequence's first `visible` [B] entries, paged in its
+    blocks `table` [B, blocks]; -1 past them."""
+    within = torch.arange(per_block, device=table.device)
+    pool_rows = (table.long()[:, :, None] * per_block + within).flatten(1)
+    entry = torch.arange(pool_rows.shape[1], device=table.device)
+    return torch.where(entry[None, :] < visible[:, None], pool_rows, -1)
+
+
 class CompressedAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
@@ -120,67 +129,71 @@ class CompressedAttention(nn.Module):
     def _compress(self, compressor: Compressor, cache, name: str, seq, x: torch.Tensor) -> torch.Tensor:
         """Feeds one sequence's new tokens to a compressor from its pooled state; every row so far."""
         pool, row = cache.compressor(self.layer_id, name), cache.row(seq.slot)
-        state = pool.load(row, seq.start)
+        state = pool.load(row, seq.start, seq.block_ids)
         state.keep_at = tuple(cache.boundaries(seq)) if compressor.overlap else ()
         rows = compressor(x, state)
-        pool.store(row, seq.start, state)
+        pool.store(row, seq.start, state, seq.block_ids)
         for end, (kv, gate) in state.kept.items():  # the overlap state at each block end inside the chunk
             cache.keep(seq.slot, end, f"{name}_overlap_kv.{self.layer_id}", kv)
             cache.keep(seq.slot, end, f"{name}_overlap_gate.{self.layer_id}", gate)
         return rows
 
     def _decode(self, x, q, q_latent, kv, ropes, ctx) -> torch.Tensor:
-        """B sequences' new tokens (one each) over their window and compressed rows in the pooled state,
-        read through each sequence's row (ctx.decode.slot_rows) and masked by position: fixed shapes,
-        no host read, so the step can be captured. The compressed rows considered are all those reserved
-        (at most twice what the longest sequence can see), each sequence's unfinished ones masked."""
+        """B sequences' new tokens (one each) over their window in the pooled state (read through each
+        sequence's row, ctx.decode.slot_rows) and their compressed rows (paged in their blocks,
+        ctx.decode.block_table), masked by position: fixed shapes, no host read, so the step can be
+        captured. On the Triton path the indexer scores the compressed keys where they are paged, and
+        attention reads the window's and the picked rows in place: nothing grows with the context but
+        the index scores. On the torch path the rows are gathered first."""
         cache, batch, positions = ctx.cache, ctx.decode, ctx.positions
-        rows = batch.slot_rows
+        rows, table = batch.slot_rows, batch.block_table
         ring = cache.windows[self.layer_id]  # [slots, W, Dh]: position p at p % W
         ring[rows, positions % self.window] = kv.to(ring.dtype)
-        keys = ring[rows]  # [B, W, Dh]
         W = self.window
         ring_pos = positions[:, None] - (positions[:, None] - torch.arange(W, device=x.device)) % W  # [B, W]
         allowed = ring_pos >= 0
+        picked = pool = None
         if self.compressor is not None:
-            ratio = self.compressor.ratio
             pool = cache.compressor(self.layer_id, "attn")
-            self.compressor.decode(x, pool, rows, positions)
-            # every entry reserved (at most twice the longest sequence's): the rows past each sequence's
-            # `visible` are masked, and a compiled step sees one dynamic size
-            entries = pool.entries[rows]  # [B, E, Dh]
-            width = entries.shape[1]
-            visible = (positions + 1) // ratio  # [B]: entries whose window is complete
+            self.compressor.decode(x, pool, rows, positions, table)
+            visible = (positions + 1) // self.compressor.ratio  # [B]: entries whose window is complete
             if self.indexer is None:  # every complete window
-                seen = torch.arange(width, device=x.device)[None, :] < visible[:, None]
+                picked = _visible_rows(table, visible, pool.per_block)
             else:  # the indexer's top-k of them
                 index_pool = cache.compressor(self.layer_id, "index")
-                self.indexer.compressor.decode(x, index_pool, rows, positions)
-                chosen = self.indexer.select_decode(
-                    x, q_latent, ropes["compress"], index_pool.entries[rows, :width], visible
-                )  # [B, k], -1 = none
-                entries = entries.gather(1, chosen.clamp(min=0)[..., None].expand(-1, -1, entries.shape[-1]))
-                seen = chosen >= 0
-            keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
-            allowed = torch.cat([allowed, seen], dim=1)
+                self.indexer.compressor.decode(x, index_pool, rows, positions, table)
+                picked = self.indexer.picked_rows(x, q_latent, ropes["compress"], index_pool, table, visible)
+        if triton_enabled(x.device):
+            window_rows = torch.where(allowed, rows[:, None] * W + torch.arange(W, device=x.device), -1)
+            parts = [(ring.flatten(0, 1), window_rows)]
+            if pool is not None:
+                parts.append((pool.entries, picked))
+            return self._attend_rows(q.contiguous(), parts).to(ring.dtype)
+        keys = ring[rows]  # [B, W, Dh]
+        if pool is not None:
+            keys = torch.cat([keys, pool.entries[picked.clamp(min=0)].to(keys.dtype)], dim=1)
+            allowed = torch.cat([allowed, picked >= 0], dim=1)
         return self._attend_batch(q, keys, allowed)
+
+    def _attend_rows(self, q: torch.Tensor, parts) -> torch.Tensor:
+        """One query per sequence q [B, H, Dh] over the rows each names in each (kv, rows [B, n]) part
+        (-1 = none), with the sink: the sparse attention kernel per part, read in place, merged by their
+        log-sum-exps (float32 [B, H, Dh])."""
+        from ds4.kernels.mla_decode import combine_splits
+        from ds4.kernels.sparse_attention import sparse_attention
+
+        if len(parts) == 1:
+            kv, picked = parts[0]
+            return sparse_attention(q, kv, picked, self.scale, kv.shape[-1], self.attn_sink)[0]
+        results = [sparse_attention(q, kv, picked, self.scale, kv.shape[-1]) for kv, picked in parts]
+        out, lse = torch.empty_like(results[0][0]), torch.empty_like(results[0][1])
+        part = torch.stack([o for o, _ in results], dim=2)  # [B, H, parts, Dh]
+        part_lse = torch.stack([r[1] for r in results], dim=2)  # [B, H, parts]
+        combine_splits(part, part_lse, out, lse, self.attn_sink)
+        return out
 
     def _attend_batch(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """One query per sequence q [B, H, Dh] over its own keys [B, S, Dh] where `allowed` [B, S]."""
-        if triton_enabled(q.device):
-            from ds4.kernels.sparse_attention import sparse_attention
-
-            B, S = allowed.shape
-            flat = torch.arange(B * S, device=q.device).view(B, S)  # row s of sequence b in keys [B * S, Dh]
-            out, _ = sparse_attention(
-                q.contiguous(),
-                keys.reshape(B * S, -1),
-                torch.where(allowed, flat, -1),
-                self.scale,
-                keys.shape[-1],
-                self.attn_sink,
-            )
-            return out.to(keys.dtype)
         H = self.n_heads
         scores = torch.bmm(q, keys.transpose(1, 2)).mul_(self.scale)  # bhd,bsd->bhs [B, H, S]
         scores.masked_fill_(~allowed[:, None, :], float("-inf"))

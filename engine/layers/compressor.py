@@ -8,9 +8,10 @@ Cb the current one, so entry w pools 2r slots (window w-1's Ca, window w's Cb). 
 keeps the tokens of the unfinished window and the last finished window's Ca, so chunked prefill and
 decode emit exactly the rows a whole-sequence pass does.
 
-Between steps the state of every sequence lives in a `CompressorPool` (fixed-size tensors indexed by slot):
-prefill loads a sequence's state from it and stores it back; a decode step (`Compressor.decode`) feeds one
-token per sequence for the whole batch at once, with shapes that never depend on positions.
+Between steps the state of every sequence lives in a `CompressorPool` (fixed-size tensors indexed by slot,
+the emitted rows in the engine's cache blocks): prefill loads a sequence's state from it and stores it
+back; a decode step (`Compressor.decode`) feeds one token per sequence for the whole batch at once, with
+shapes that never depend on positions.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ds4.engine.layers.linear import Linear
 from ds4.engine.layers.norm import RMSNorm
 from ds4.engine.layers.quantized import compute_dtype
 from ds4.engine.layers.rope import RotaryEmbedding, apply_rope_tail
+from ds4.kernels import triton_enabled
 
 
 @dataclass
@@ -47,37 +49,44 @@ class CompressorState:
 class CompressorPool:
     """One compressor's state for every slot, in float32: the unfinished window's projected rows
     [slots, r, width] (how many are live follows from the position: position % r), the last finished
-    window's Ca half [slots, r, d] (overlap kind), and the emitted rows [rows, entries, d] (entry i is
-    final once the position passes (i + 1) * r - 1; a decode step writes the unfinished window's entry
-    too, which stays invisible until then). The emitted rows grow with use (`reserve`, before a step):
-    the rows in use times the longest sequence's entries, never every slot times the longest context."""
+    window's Ca half [slots, r, d] (overlap kind), and the emitted rows, paged with the engine's cache
+    blocks: block b holds the `per_block` = block_size / r entries of its positions at rows
+    [b * per_block, (b + 1) * per_block) of `entries` [(blocks + 1) * per_block, d] (the last block is a
+    padded decode graph's scratch). A sequence's entry i is in its block i // per_block, so a prefix hit
+    shares the rows of its cached blocks as the latent cache shares its rows, and the pool is allocated
+    once, for the cache's blocks, never for every slot at the longest context. Entry i is final once the
+    position passes (i + 1) * r - 1; a decode step writes the unfinished window's entry too, which stays
+    invisible until then."""
 
-    def __init__(self, num_slots: int, ratio: int, dim: int, overlap: bool, max_len: int, device):
+    def __init__(
+        self, num_slots: int, ratio: int, dim: int, overlap: bool, num_blocks: int, block_size: int, device
+    ):
         width = 2 * dim if overlap else dim
         f32 = dict(dtype=torch.float32, device=device)
         self.ratio, self.overlap, self.dim = ratio, overlap, dim
+        self.per_block = block_size // ratio
         self.buffer_kv = torch.zeros(num_slots, ratio, width, **f32)
         self.buffer_gate = torch.zeros(num_slots, ratio, width, **f32)
         self.overlap_kv = torch.zeros(num_slots, ratio, dim, **f32) if overlap else None
         self.overlap_gate = torch.zeros(num_slots, ratio, dim, **f32) if overlap else None
-        self.max_entries = -(-max_len // ratio)  # position // r < this
-        self.entries = torch.zeros(0, 0, dim, **f32)  # [rows in use, entries reserved, d]
+        self.entries = torch.zeros((num_blocks + 1) * self.per_block, dim, **f32)
 
-    def reserve(self, row: int, end: int) -> None:
-        """Room for row `row` and the entries of positions before `end` (doubling, up to max_len), the
-        earlier rows copied over. Called on the host before a step writes there."""
-        rows, have = self.entries.shape[:2]
-        need = min(self.max_entries, -(-end // self.ratio))
-        if row < rows and need <= have:
-            return
-        with torch.inference_mode(False):  # a normal tensor: restoring a prefix writes it outside steps
-            room = have if need <= have else max(2, min(self.max_entries, max(need, 2 * have)))
-            shape = (max(rows, row + 1, 2), room, self.dim)  # sizes of 0 or 1 would fix a compiled step's
-            grown = self.entries.new_zeros(shape)
-            grown[:rows, :have] = self.entries
-        self.entries = grown
+    def pages(self) -> torch.Tensor:
+        """The entries by block: [blocks + 1, per_block, d]."""
+        return self.entries.view(-1, self.per_block, self.dim)
 
-    def load(self, row: int, start: int) -> CompressorState:
+    def rows_of(self, block_ids, first: int, end: int) -> torch.Tensor:
+        """Pool rows of a sequence's entries [first, end), through its block ids."""
+        n = self.per_block
+        blocks = torch.tensor(list(block_ids[first // n : -(-end // n)]), device=self.entries.device)
+        rows = (blocks[:, None] * n + torch.arange(n, device=blocks.device)).flatten()
+        return rows[first % n : first % n + end - first]
+
+    def block_rows(self, block_id: int) -> torch.Tensor:
+        """Block `block_id`'s entries [per_block, d] (a view)."""
+        return self.pages()[block_id]
+
+    def load(self, row: int, start: int, block_ids) -> CompressorState:
         """Slot `row`'s state as it stands before position `start`, for a prefill to continue from."""
         done, live = divmod(start, self.ratio)
         return CompressorState(
@@ -85,14 +94,14 @@ class CompressorPool:
             buffer_gate=self.buffer_gate[row, :live],
             overlap_kv=self.overlap_kv[row].clone() if self.overlap and done else None,
             overlap_gate=self.overlap_gate[row].clone() if self.overlap and done else None,
-            entries=self.entries[row, :done] if done else None,
+            entries=self.entries[self.rows_of(block_ids, 0, done)] if done else None,
         )
 
-    def store(self, row: int, start: int, state: CompressorState) -> None:
+    def store(self, row: int, start: int, state: CompressorState, block_ids) -> None:
         """Writes back what a prefill from `start` added to `state`."""
         first, live = start // self.ratio, state.buffer_kv.shape[0]
         if state.num_entries > first:
-            self.entries[row, first : state.num_entries] = state.entries[first:]
+            self.entries[self.rows_of(block_ids, first, state.num_entries)] = state.entries[first:]
         self.buffer_kv[row, :live], self.buffer_gate[row, :live] = state.buffer_kv, state.buffer_gate
         if state.overlap_kv is not None:
             self.overlap_kv[row], self.overlap_gate[row] = state.overlap_kv, state.overlap_gate
@@ -154,14 +163,39 @@ class Compressor(nn.Module):
         return state.entries
 
     def decode(
-        self, x: torch.Tensor, pool: CompressorPool, rows: torch.Tensor, positions: torch.Tensor
+        self,
+        x: torch.Tensor,
+        pool: CompressorPool,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        block_table: torch.Tensor,
     ) -> None:
         """Feeds one new token per sequence, x [B, D] at `positions` [B], into the pooled state of slots
         `rows` [B]: the token joins its window's buffer, and the window's entry is pooled from the buffer
-        as it stands and written at index position // r (complete, hence visible, once position % r is
-        r - 1). Every shape is fixed by B: no host read of a position."""
+        as it stands and written as entry position // r, in that sequence's block of `block_table`
+        [B, blocks] (complete, hence visible, once position % r is r - 1). Every shape is fixed by B: no
+        host read of a position."""
         r, d = self.ratio, self.dim
         x = x.to(compute_dtype(self.wkv))
+        if x.dtype == torch.float32 and triton_enabled(x.device):  # the rest in one kernel
+            from ds4.kernels.compressor import compressor_decode
+
+            cos, sin = self.rotary(positions // r * r, torch.float32)  # at the window's first position
+            norm = self.norm
+            compressor_decode(
+                self.wkv(x),
+                self.wgate(x),
+                pool,
+                self.ape,
+                norm.weight,
+                norm.eps,
+                cos,
+                sin,
+                positions,
+                rows,
+                block_table,
+            )
+            return
         live = positions % r  # [B]: this token's place in its window
         pool.buffer_kv[rows, live], pool.buffer_gate[rows, live] = self.wkv(x), self.wgate(x)
         kv, gate = pool.buffer_kv[rows], pool.buffer_gate[rows] + self.ape  # [B, r, width]
@@ -178,7 +212,9 @@ class Compressor(nn.Module):
         weights = chunk_gate.softmax(dim=1, dtype=torch.float32).to(chunk_kv.dtype)
         pooled = self.norm((chunk_kv * weights).sum(dim=1))  # [B, d]
         cos, sin = self.rotary(positions // r * r, pooled.dtype)  # roped at the window's first position
-        pool.entries[rows, positions // r] = apply_rope_tail(pooled, cos, sin)
+        entry = positions // r
+        block = block_table.gather(1, (entry // pool.per_block)[:, None]).squeeze(1).to(torch.int64)
+        pool.entries[block * pool.per_block + entry % pool.per_block] = apply_rope_tail(pooled, cos, sin)
 
     def _overlap(self, chunk_kv, chunk_gate, state: CompressorState):
         """Entry w pools window w-1's Ca (slots :r) with window w's Cb (slots r:)."""

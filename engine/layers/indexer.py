@@ -219,6 +219,30 @@ class CompressedIndexer(nn.Module):
         return torch.cat(picks) if len(picks) > 1 else picks[0]
 
     @torch.no_grad()
+    def picked_rows(self, x, q_latent, q_rope, index_pool, table: torch.Tensor, visible: torch.Tensor):
+        """For B sequences adding one token each, over compressed rows paged in their blocks (`table`
+        [B, blocks]): the pool rows [B, k] of the picked entries (-1 = none; k = min(index_topk, blocks *
+        per_block)). The Triton path scores the index keys in place, through the table, and reads no block
+        past a sequence's visible rows; the torch path gathers them first."""
+        B, per_block = x.shape[0], index_pool.per_block
+        if triton_enabled(x.device):
+            from ds4.kernels.indexer import paged_indexer_scores, paged_topk_rows
+
+            q = apply_rope_tail(self.wq_b(q_latent).view(B, self.n_heads, self.head_dim), *q_rope)
+            weights = self.weights_proj(x.float()).float() * (self.n_heads**-0.5 * self.head_dim**-0.5)
+            width = table.shape[1] * per_block
+            scores = paged_indexer_scores(
+                q.float().contiguous(), weights, index_pool.entries, table, visible, per_block, width
+            )
+            picked = paged_topk_rows(scores, self.topk, table, per_block)  # pool rows, -1 = none
+        else:
+            keys = index_pool.pages()[table.long()].flatten(1, 2)  # [B, E, Di]
+            chosen = self.select_decode(x, q_latent, q_rope, keys, visible)  # [B, k] entry indices
+            block = table.long().gather(1, chosen.clamp(min=0) // per_block)
+            picked = torch.where(chosen >= 0, block * per_block + chosen % per_block, -1)
+        return picked
+
+    @torch.no_grad()
     def select_decode(self, x, q_latent, q_rope, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """For B sequences adding one token each: indices [B, k] into each one's `keys` [B, E, Di] (-1 =
         none), of its first `visible` [B] rows; k = min(index_topk, E) whatever the positions."""

@@ -136,20 +136,35 @@ def test_ds4_written_v4_checkpoint_loads_in_transformers(tmp_path):
     assert max_rel_err(LLM(path).score(ids.tolist()), ref) < 1e-4
 
 
-def test_compressed_rows_are_reserved_as_sequences_grow_not_for_every_slot_at_full_length(tiny_v4):
-    """16 slots at a 1M context hold nothing until used; one sequence at 4K holds rows (two at least: a
-    size of 1 would fix a compiled step's shapes) of 4K's entries (preallocated, V4-Flash's pools were
-    219 GiB at its default 16 sequences of 1M)."""
-    from ds4.engine.config import ModelConfig
-    from ds4.engine.window_cache import WindowCache
+def test_compressed_rows_live_in_the_cache_blocks_allocated_once(tiny_v4):
+    """V4's compressed rows are paged in the engine's cache blocks: the pools are sized by the block count
+    (allocated for every slot at the longest context, V4-Flash's were 219 GiB at 16 sequences of 1M),
+    every tensor of the cache is allocated once (a decode graph replays over fixed addresses), and a
+    prefix hit reads its cached blocks' rows where they are: each prompt gets the tokens it gets alone."""
+    llm = LLM(tiny_v4, block_size=32, num_cache_blocks=24, max_num_seqs=4)
+    cache = llm.engine.cache
+    for pool in cache.compressors.values():
+        assert pool.entries.shape[0] == (24 + 1) * (32 // pool.ratio)  # the blocks and a scratch block
+    tensors = [*cache.windows, *(t for pool in cache.compressors.values() for t in pool.tensors())]
+    tensors += [t for pool in cache.engram.values() for t in (pool.ids, pool.values)]
+    addresses = [t.data_ptr() for t in tensors]
 
-    config = ModelConfig.from_dir(tiny_v4)
-    cache = WindowCache(config, 1 << 20, torch.float32, "cpu", num_slots=16)
-    assert all(pool.entries.numel() == 0 for pool in cache.compressors.values())
-    cache.reserve(slot=5, end=4096)
-    for pool in cache.compressors.values():
-        assert pool.entries.shape[:2] == (2, 4096 // pool.ratio)
-    cache.reserve(slot=7, end=100)  # shorter sequences: a row each, room unchanged
-    cache.reserve(slot=9, end=10)
-    for pool in cache.compressors.values():
-        assert pool.entries.shape[:2] == (3, 4096 // pool.ratio)
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randint(2, 200, (70,), generator=gen).tolist()
+    prompts = [shared + [9, 10], torch.randint(2, 200, (45,), generator=gen).tolist()]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    cold = LLM(tiny_v4, enable_prefix_caching=False)
+    alone = [cold.generate(p, params)[0].token_ids for p in prompts]
+
+    llm.generate(shared + [7], params)
+    by_tokens = {b.token_ids: i for i, b in enumerate(llm.engine.blocks.blocks) if b.token_ids}
+    hit = [by_tokens[tuple(shared[:32])], by_tokens[tuple(shared[32:64])]]
+    rows = [{k: v.clone() for k, v in cache.block_tensors(b).items() if "_rows." in k} for b in hit]
+    outs = llm.generate(prompts, params)  # two blocks over: decode's entries cross into new blocks
+    assert outs[0].num_cached_tokens == 64
+    assert [o.token_ids for o in outs] == alone
+    for block, kept in zip(hit, rows, strict=True):  # the shared blocks' rows, untouched by the hit
+        for name, tensor in cache.block_tensors(block).items():
+            if name in kept:
+                assert torch.equal(tensor, kept[name]), name
+    assert [t.data_ptr() for t in tensors] == addresses

@@ -1,6 +1,7 @@
 """CUDA graphs replay decode steps exactly as the eager engine runs them: the same greedy tokens, logits
 within float32 rounding, over batches of different lengths, padded buckets and prefix-cache hits. Needs
-a CUDA device (the graphs exist only there); `make gpu-check` runs it on the card."""
+a CUDA device (the graphs exist only there); `make gpu-check` runs it on the card. V4 replays over its
+pooled state and its compressed rows paged in the cache blocks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ds4.engine import LLM, SamplingParams
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("checkpoint", ["tiny_v3", "tiny_v32"])
+@pytest.mark.parametrize("checkpoint", ["tiny_v3", "tiny_v32", "tiny_v4"])
 def test_graphs_give_the_eager_tokens(request, checkpoint):
     path = request.getfixturevalue(checkpoint)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)

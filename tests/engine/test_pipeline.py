@@ -172,8 +172,9 @@ def test_caches_keep_each_layers_rows_on_its_device():
     v4 = ModelConfig.from_hf(init_preset("deepseek_v4", "tiny"))
     window = WindowCache(v4, 64, torch.float32, "cpu", 16, layer_devices=[CPU, CPU, META, META])
     assert window.read_window(0, 0, 5).device == CPU and window.read_window(3, 0, 5).device == META
-    window.load_block(7, {"window.1": torch.zeros(15, 32), "attn_rows.2": torch.zeros(1, 32)})
-    assert {k: t.device for k, t in window.snapshots[7].items()} == {"window.1": CPU, "attn_rows.2": META}
+    window.load_block(3, {"window.1": torch.zeros(15, 32), "attn_rows.2": torch.zeros(1, 32)})
+    assert {k: t.device for k, t in window.snapshots[3].items()} == {"window.1": CPU}
+    assert window.block_tensors(3)["attn_rows.2"].device == META  # compressed rows: in the block's page
 
 
 def test_the_forward_context_has_one_view_per_device_made_once():

@@ -94,15 +94,22 @@ def test_the_switch_is_off_on_the_cpu_unless_forced():
 
 def test_v4_score_matches_transformers_with_the_triton_path(tmp_path, monkeypatch):
     """V4 (4 streams, clamped SwiGLU experts): attention over the window and the chosen compressed rows
-    with the sink, mHC mixing and the MoE run in ds4's kernels."""
+    with the sink, mHC mixing and the MoE run in ds4's kernels; decode's indexer scores the compressed
+    keys where they are paged, through the block table."""
+    import ds4.kernels.indexer as indexer
     import ds4.kernels.moe as moe
     import ds4.kernels.small_ops as small_ops
+    import ds4.kernels.sparse_attention as sparse_attention
     from tests.engine.test_deepseek_v4 import CASES as V4_CASES
 
     calls = []
-    import ds4.kernels.sparse_attention as sparse_attention
-
-    for module, name in ((moe, "fused_moe"), (small_ops, "mhc_mix"), (sparse_attention, "sparse_attention")):
+    spied = [
+        (moe, "fused_moe"),
+        (small_ops, "mhc_mix"),
+        (sparse_attention, "sparse_attention"),
+        (indexer, "paged_indexer_scores"),
+    ]
+    for module, name in spied:
         kernel = getattr(module, name)
         monkeypatch.setattr(
             module, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw)
@@ -120,3 +127,4 @@ def test_v4_score_matches_transformers_with_the_triton_path(tmp_path, monkeypatc
             rows.append(llm.runner.step([int(ids[pos])], [SeqSlice(0, pos, 1, 0)], cache))
     assert max_rel_err(got, ref) < 1e-4
     assert max_rel_err(torch.cat(rows).cpu(), ref) < 1e-4  # step by step through the window cache too
+    assert "paged_indexer_scores" in calls  # decode scores the compressed index keys in their blocks
