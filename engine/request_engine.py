@@ -109,9 +109,10 @@ class LLMEngine:
         bs, cfg = self.config.block_size, self.runner.config
         wanted = self.config.max_num_seqs * -(-self.max_model_len // bs)
         devices = self.runner.layer_devices or [self.runner.device] * cfg.num_hidden_layers
-        if cfg.is_v4:  # compressed rows (float32) on each device; the rest of V4's state is per sequence
+        if cfg.is_v4:  # compressed rows on each device; the rest of V4's state is per sequence
             on = {d: {i for i, e in enumerate(devices) if e == d} for d in devices}
-            per_block = max(block_bytes(cfg, bs, layers) for layers in on.values()) or 1
+            itemsize = self.runner.dtype.itemsize
+            per_block = max(block_bytes(cfg, bs, itemsize, layers) for layers in on.values()) or 1
         else:
             row = cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if cfg.has_indexer else 0)
             layers = max(collections.Counter(devices).values())

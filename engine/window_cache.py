@@ -18,13 +18,14 @@ from ds4.engine.layers.engram import EngramPool
 CSA = "compressed_sparse_attention"
 
 
-def block_bytes(config: ModelConfig, block_size: int, layers=None) -> int:
-    """Bytes of one cache block's compressed rows (float32) in the given layers (default: all)."""
+def block_bytes(config: ModelConfig, block_size: int, itemsize: int, layers=None) -> int:
+    """Bytes of one cache block's compressed rows in the given layers (default: all): the attention's in
+    the model's dtype (`itemsize` bytes), the indexer's in float32."""
     total = 0
     for layer, (kind, ratio) in enumerate(zip(config.layer_types, config.compress_ratios, strict=True)):
         if ratio and (layers is None or layer in layers):
-            width = config.head_dim + (config.index_head_dim if kind == CSA else 0)
-            total += block_size // ratio * width * 4
+            row = config.head_dim * itemsize + (config.index_head_dim * 4 if kind == CSA else 0)
+            total += block_size // ratio * row
     return total
 
 
@@ -93,7 +94,7 @@ class WindowCache:
             if ratio:
                 overlap = kind == CSA
                 self.compressors[layer, "attn"] = CompressorPool(
-                    rows, ratio, config.head_dim, overlap, self.num_blocks, block_size, d
+                    rows, ratio, config.head_dim, overlap, self.num_blocks, block_size, d, dtype
                 )
             if ratio and kind == CSA:
                 self.compressors[layer, "index"] = CompressorPool(
@@ -239,8 +240,9 @@ class WindowCache:
         self.snapshots[block_id] = snap
 
     def block_template(self) -> dict[str, torch.Tensor]:
-        """Empty tensors with the names, shapes and dtypes of every snapshot, to check disk files against.
-        Compressors run in float32; windows and Engram values in the model's dtype."""
+        """Empty tensors with the names, shapes and dtypes of every block's tensors, to check disk files
+        against. Compressors run in float32 and the indexer's rows stay so; windows, Engram values and
+        the attention's compressed rows are in the model's dtype."""
         cfg, bs, f32 = self.config, self.block_size, torch.float32
         out = {}
         for layer, (kind, ratio) in enumerate(zip(cfg.layer_types, cfg.compress_ratios, strict=True)):
@@ -249,7 +251,8 @@ class WindowCache:
             if kind != CSA:
                 compressors.pop("index", None)
             for name, dim in compressors.items():
-                out[f"{name}_rows.{layer}"] = torch.empty(bs // ratio, dim, dtype=f32)
+                rows_dtype = self.dtype if name == "attn" else f32
+                out[f"{name}_rows.{layer}"] = torch.empty(bs // ratio, dim, dtype=rows_dtype)
                 if kind == CSA:  # overlapping windows carry the last Ca half
                     out[f"{name}_overlap_kv.{layer}"] = torch.empty(ratio, dim, dtype=f32)
                     out[f"{name}_overlap_gate.{layer}"] = torch.empty(ratio, dim, dtype=f32)

@@ -148,8 +148,9 @@ def _compressor_decode_kernel(
     entry = pos // R
     block = tl.load(table_ptr + b * stride_table + entry // per_block).to(tl.int64)
     dst = entries_ptr + (block * per_block + entry % per_block) * D
-    tl.store(dst + 2 * j, out1, mask=jm)
-    tl.store(dst + 2 * j + 1, out2, mask=jm)
+    dtype = entries_ptr.dtype.element_ty  # the attention's rows: the model's dtype
+    tl.store(dst + 2 * j, out1.to(dtype), mask=jm)
+    tl.store(dst + 2 * j + 1, out2.to(dtype), mask=jm)
 
 
 def compressor_decode(

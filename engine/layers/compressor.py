@@ -56,10 +56,19 @@ class CompressorPool:
     shares the rows of its cached blocks as the latent cache shares its rows, and the pool is allocated
     once, for the cache's blocks, never for every slot at the longest context. Entry i is final once the
     position passes (i + 1) * r - 1; a decode step writes the unfinished window's entry too, which stays
-    invisible until then."""
+    invisible until then. The entries are kept in `dtype`: the attention's in the model's (they are read
+    as its keys, cast to it, so storing them cast changes no result), the indexer's in float32."""
 
     def __init__(
-        self, num_slots: int, ratio: int, dim: int, overlap: bool, num_blocks: int, block_size: int, device
+        self,
+        num_slots: int,
+        ratio: int,
+        dim: int,
+        overlap: bool,
+        num_blocks: int,
+        block_size: int,
+        device,
+        dtype: torch.dtype = torch.float32,
     ):
         width = 2 * dim if overlap else dim
         f32 = dict(dtype=torch.float32, device=device)
@@ -69,7 +78,7 @@ class CompressorPool:
         self.buffer_gate = torch.zeros(num_slots, ratio, width, **f32)
         self.overlap_kv = torch.zeros(num_slots, ratio, dim, **f32) if overlap else None
         self.overlap_gate = torch.zeros(num_slots, ratio, dim, **f32) if overlap else None
-        self.entries = torch.zeros((num_blocks + 1) * self.per_block, dim, **f32)
+        self.entries = torch.zeros((num_blocks + 1) * self.per_block, dim, dtype=dtype, device=device)
 
     def pages(self) -> torch.Tensor:
         """The entries by block: [blocks + 1, per_block, d]."""
@@ -101,7 +110,8 @@ class CompressorPool:
         """Writes back what a prefill from `start` added to `state`."""
         first, live = start // self.ratio, state.buffer_kv.shape[0]
         if state.num_entries > first:
-            self.entries[self.rows_of(block_ids, first, state.num_entries)] = state.entries[first:]
+            rows = self.rows_of(block_ids, first, state.num_entries)
+            self.entries[rows] = state.entries[first:].to(self.entries.dtype)
         self.buffer_kv[row, :live], self.buffer_gate[row, :live] = state.buffer_kv, state.buffer_gate
         if state.overlap_kv is not None:
             self.overlap_kv[row], self.overlap_gate[row] = state.overlap_kv, state.overlap_gate
@@ -214,7 +224,8 @@ class Compressor(nn.Module):
         cos, sin = self.rotary(positions // r * r, pooled.dtype)  # roped at the window's first position
         entry = positions // r
         block = block_table.gather(1, (entry // pool.per_block)[:, None]).squeeze(1).to(torch.int64)
-        pool.entries[block * pool.per_block + entry % pool.per_block] = apply_rope_tail(pooled, cos, sin)
+        row = block * pool.per_block + entry % pool.per_block
+        pool.entries[row] = apply_rope_tail(pooled, cos, sin).to(pool.entries.dtype)
 
     def _overlap(self, chunk_kv, chunk_gate, state: CompressorState):
         """Entry w pools window w-1's Ca (slots :r) with window w's Cb (slots r:)."""

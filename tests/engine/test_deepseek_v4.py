@@ -168,3 +168,26 @@ def test_compressed_rows_live_in_the_cache_blocks_allocated_once(tiny_v4):
             if name in kept:
                 assert torch.equal(tensor, kept[name]), name
     assert [t.data_ptr() for t in tensors] == addresses
+
+
+def test_the_attentions_compressed_rows_kept_in_the_models_dtype_change_no_result(tiny_v4):
+    """In bfloat16 the attention's compressed rows are stored cast, as the attention reads them (the
+    indexer's stay float32): the same logits as an engine whose pools hold them in float32."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=3)
+    prompts = [list(range(3, 70)), list(range(80, 91))]
+    runs = []
+    for wide in (False, True):
+        llm = LLM(tiny_v4, dtype="bfloat16", block_size=32)
+        pools = llm.engine.cache.compressors
+        assert {name: p.entries.dtype for (_, name), p in pools.items()} == {
+            "attn": torch.bfloat16,
+            "index": torch.float32,
+        }
+        if wide:
+            for (_, name), pool in pools.items():
+                if name == "attn":
+                    pool.entries = pool.entries.float()
+        runs.append(llm.generate(prompts, params))
+    for narrow, wide in zip(*runs, strict=True):
+        assert narrow.token_ids == wide.token_ids
+        assert [e["logprob"] for e in narrow.logprobs] == [e["logprob"] for e in wide.logprobs]
