@@ -12,6 +12,17 @@ from ds4.engine.config import ModelConfig
 from ds4.engine.context import SeqSlice
 
 
+def with_fixed_blocks(seq: SeqSlice, blocks_per_slot: int | None, num_blocks: int) -> SeqSlice:
+    """The slice with its block ids: for a cache with fixed slots (callers without a block manager), slot
+    s owns the run of `blocks_per_slot` blocks from s * blocks_per_slot (slot -1, a one-off scoring pass,
+    wraps to the last run)."""
+    if seq.block_ids is not None:
+        return seq
+    assert blocks_per_slot, "a sequence without blocks needs a cache with fixed slots"
+    first = seq.slot * blocks_per_slot
+    return replace(seq, block_ids=tuple(b % num_blocks for b in range(first, first + blocks_per_slot)))
+
+
 class PagedLatentCache:
     """Pools of blocks of `block_size` token rows per layer: [kv_lora_rank + qk_rope_head_dim] each (and
     [index_head_dim] for V3.2). A sequence's rows live in its blocks, in order. Each layer's pool lives
@@ -42,14 +53,7 @@ class PagedLatentCache:
         )
 
     def with_blocks(self, seq: SeqSlice) -> SeqSlice:
-        """The slice with its block ids: a fixed-slot cache's own run of blocks when it has none (slot -1,
-        a one-off scoring pass, wraps to the last run)."""
-        if seq.block_ids is not None:
-            return seq
-        assert self.blocks_per_slot, "a sequence without blocks needs a cache with fixed slots"
-        first = seq.slot * self.blocks_per_slot
-        block_ids = tuple(b % self.num_blocks for b in range(first, first + self.blocks_per_slot))
-        return replace(seq, block_ids=block_ids)
+        return with_fixed_blocks(seq, self.blocks_per_slot, self.num_blocks)
 
     def prepare(self, seq: SeqSlice) -> SeqSlice:
         """The slice with the cache rows of its positions [0, end) resolved from its block table."""

@@ -5,10 +5,9 @@ blocks' snapshots of it. Sequences map to rows here; the model's layers read and
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
+from ds4.engine.cache import with_fixed_blocks
 from ds4.engine.config import ModelConfig
 from ds4.engine.context import SeqSlice
 from ds4.engine.errors import ConfigError
@@ -108,14 +107,7 @@ class WindowCache:
         self.kept: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (slot, block end) -> state there
 
     def with_blocks(self, seq: SeqSlice) -> SeqSlice:
-        """The slice with its block ids: a fixed-slot cache's own run of blocks when it has none (slot -1,
-        a one-off scoring pass, wraps to the last run)."""
-        if seq.block_ids is not None:
-            return seq
-        assert self.blocks_per_slot, "a sequence without blocks needs a cache with fixed slots"
-        first = seq.slot * self.blocks_per_slot
-        block_ids = tuple(b % self.num_blocks for b in range(first, first + self.blocks_per_slot))
-        return replace(seq, block_ids=block_ids)
+        return with_fixed_blocks(seq, self.blocks_per_slot, self.num_blocks)
 
     def prepare(self, seq: SeqSlice) -> SeqSlice:
         seq = self.with_blocks(seq)
