@@ -66,21 +66,3 @@ def test_the_kernel_leaves_the_state_the_torch_decode_leaves(gen, ratio, overlap
         torch.testing.assert_close(
             got.entries, want.entries, atol=bound, rtol=bound, msg=f"entries at {step}"
         )
-
-
-def test_the_engine_decodes_v4_through_the_kernel(tiny_v4, monkeypatch):
-    """On the Triton path every compressor's decode step is the kernel, and the tokens are those of the
-    torch path."""
-    import ds4.kernels.compressor as kernel
-    from ds4.engine import LLM, SamplingParams
-
-    calls = []
-    real = kernel.compressor_decode
-    monkeypatch.setattr(kernel, "compressor_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    llm = LLM(tiny_v4, device=DEVICE)
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    prompts = [list(range(3, 40)), list(range(50, 55))]
-    want = [o.token_ids for o in llm.generate(prompts, params)]
-    with forced(True):
-        got = [o.token_ids for o in llm.generate(prompts, params)]
-    assert got == want and calls

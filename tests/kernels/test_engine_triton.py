@@ -95,7 +95,8 @@ def test_the_switch_is_off_on_the_cpu_unless_forced():
 def test_v4_score_matches_transformers_with_the_triton_path(tmp_path, monkeypatch):
     """V4 (4 streams, clamped SwiGLU experts): attention over the window and the chosen compressed rows
     with the sink, mHC mixing and the MoE run in ds4's kernels; decode's indexer scores the compressed
-    keys where they are paged, through the block table."""
+    keys where they are paged, through the block table, and its compressors run in one kernel each."""
+    import ds4.kernels.compressor as compressor
     import ds4.kernels.indexer as indexer
     import ds4.kernels.moe as moe
     import ds4.kernels.small_ops as small_ops
@@ -108,6 +109,7 @@ def test_v4_score_matches_transformers_with_the_triton_path(tmp_path, monkeypatc
         (small_ops, "mhc_mix"),
         (sparse_attention, "sparse_attention"),
         (indexer, "paged_indexer_scores"),
+        (compressor, "compressor_decode"),
     ]
     for module, name in spied:
         kernel = getattr(module, name)
@@ -128,3 +130,4 @@ def test_v4_score_matches_transformers_with_the_triton_path(tmp_path, monkeypatc
     assert max_rel_err(got, ref) < 1e-4
     assert max_rel_err(torch.cat(rows).cpu(), ref) < 1e-4  # step by step through the window cache too
     assert "paged_indexer_scores" in calls  # decode scores the compressed index keys in their blocks
+    assert "compressor_decode" in calls  # and feeds its compressors in one kernel each
