@@ -243,8 +243,8 @@ class WindowCache:
             if kind != CSA:
                 compressors.pop("index", None)
             for name, dim in compressors.items():
-                rows_dtype = self.dtype if name == "attn" else f32
-                out[f"{name}_rows.{layer}"] = torch.empty(bs // ratio, dim, dtype=rows_dtype)
+                rows = self.compressors[layer, name].entries  # in the pool's dtype
+                out[f"{name}_rows.{layer}"] = torch.empty(bs // ratio, dim, dtype=rows.dtype)
                 if kind == CSA:  # overlapping windows carry the last Ca half
                     out[f"{name}_overlap_kv.{layer}"] = torch.empty(ratio, dim, dtype=f32)
                     out[f"{name}_overlap_gate.{layer}"] = torch.empty(ratio, dim, dtype=f32)

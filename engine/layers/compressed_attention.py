@@ -31,15 +31,6 @@ CSA = "compressed_sparse_attention"
 WORKSPACE = 1 << 24  # score elements ([queries x heads x keys]) computed at once; more run in query blocks
 
 
-def _visible_rows(table: torch.Tensor, visible: torch.Tensor, per_block: int) -> torch.Tensor:
-    """Pool rows [B, blocks * per_block] of each sequence's first `visible` [B] entries, paged in its
-    blocks `table` [B, blocks]; -1 past them."""
-    within = torch.arange(per_block, device=table.device)
-    pool_rows = (table.long()[:, :, None] * per_block + within).flatten(1)
-    entry = torch.arange(pool_rows.shape[1], device=table.device)
-    return torch.where(entry[None, :] < visible[:, None], pool_rows, -1)
-
-
 class CompressedAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
@@ -157,8 +148,9 @@ class CompressedAttention(nn.Module):
             pool = cache.compressor(self.layer_id, "attn")
             self.compressor.decode(x, pool, rows, positions, table)
             visible = (positions + 1) // self.compressor.ratio  # [B]: entries whose window is complete
-            if self.indexer is None:  # every complete window
-                picked = _visible_rows(table, visible, pool.per_block)
+            if self.indexer is None:  # every complete window: the pool rows of the table's entries
+                entry = torch.arange(table.shape[1] * pool.per_block, device=x.device).expand(len(table), -1)
+                picked = torch.where(entry < visible[:, None], pool.pool_rows(table, entry), -1)
             else:  # the indexer's top-k of them
                 index_pool = cache.compressor(self.layer_id, "index")
                 self.indexer.compressor.decode(x, index_pool, rows, positions, table)

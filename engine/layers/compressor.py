@@ -91,6 +91,12 @@ class CompressorPool:
         rows = (blocks[:, None] * n + torch.arange(n, device=blocks.device)).flatten()
         return rows[first % n : first % n + end - first]
 
+    def pool_rows(self, block_table: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+        """Pool rows [B, n] of each sequence's `entries` [B, n] (int64) through its blocks `block_table`
+        [B, blocks], on the device."""
+        n = self.per_block
+        return block_table.long().gather(1, entries // n) * n + entries % n
+
     def block_rows(self, block_id: int) -> torch.Tensor:
         """Block `block_id`'s entries [per_block, d] (a view)."""
         return self.pages()[block_id]
@@ -222,9 +228,7 @@ class Compressor(nn.Module):
         weights = chunk_gate.softmax(dim=1, dtype=torch.float32).to(chunk_kv.dtype)
         pooled = self.norm((chunk_kv * weights).sum(dim=1))  # [B, d]
         cos, sin = self.rotary(positions // r * r, pooled.dtype)  # roped at the window's first position
-        entry = positions // r
-        block = block_table.gather(1, (entry // pool.per_block)[:, None]).squeeze(1).to(torch.int64)
-        row = block * pool.per_block + entry % pool.per_block
+        row = pool.pool_rows(block_table, (positions // r)[:, None])[:, 0]
         pool.entries[row] = apply_rope_tail(pooled, cos, sin).to(pool.entries.dtype)
 
     def _overlap(self, chunk_kv, chunk_gate, state: CompressorState):

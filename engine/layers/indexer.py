@@ -238,8 +238,7 @@ class CompressedIndexer(nn.Module):
         else:
             keys = index_pool.pages()[table.long()].flatten(1, 2)  # [B, E, Di]
             chosen = self.select_decode(x, q_latent, q_rope, keys, visible)  # [B, k] entry indices
-            block = table.long().gather(1, chosen.clamp(min=0) // per_block)
-            picked = torch.where(chosen >= 0, block * per_block + chosen % per_block, -1)
+            picked = torch.where(chosen >= 0, index_pool.pool_rows(table, chosen.clamp(min=0)), -1)
         return picked
 
     @torch.no_grad()
