@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ds4.engine.bench.engine import median_time, read_bandwidth
 
@@ -30,8 +31,10 @@ def measure_machine() -> dict:
 def model_gemv_bandwidth(model: torch.nn.Module, runs: int = 5) -> tuple[float, int]:
     """(bytes/s, bytes) of one row through each of the model's matrices (every 2-D weight but the
     embedding and the routed experts) in turn, as a decode step reads them, without the rest of the step
-    between them. A decode step's matrices are mostly small: each pays a call and a cold start, which one
-    256 MB product does not show."""
+    between them: through its layer where it has one, so a weight the loader laid out for ds4's CPU
+    kernel runs there, as in decode. A decode step's matrices are mostly small: each pays a call and a
+    cold start, which one 256 MB product does not show."""
+    layers = {id(m.weight): m for m in model.modules() if isinstance(m, nn.Linear)}
     mats = [
         p for n, p in model.named_parameters() if p.dim() == 2 and ".experts." not in n and "embed" not in n
     ]
@@ -40,9 +43,12 @@ def model_gemv_bandwidth(model: torch.nn.Module, runs: int = 5) -> tuple[float, 
 
     def step():
         for p in mats:
-            F.linear(rows[p.shape[1], p.dtype], p)
+            x = rows[p.shape[1], p.dtype]
+            layer = layers.get(id(p))
+            layer(x) if layer is not None else F.linear(x, p)
 
-    return nbytes / median_time(step, runs), nbytes
+    with torch.no_grad():
+        return nbytes / median_time(step, runs), nbytes
 
 
 def expert_kernel_bandwidth(config, fmt: str, runs: int = 5) -> float | None:
