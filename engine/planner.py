@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from ds4.engine.config import ModelConfig
 from ds4.engine.prediction import Hardware, predict
-from ds4.engine.sizing import layer_cache_bytes, parameter_shapes, tensor_bytes
+from ds4.engine.sizing import engine_layer_cache_bytes, parameter_shapes, tensor_bytes
 
 GB = 1e9
 EXPERT_FORMATS = ("fp32", "bf16", "fp8", "fp4", "int4")
@@ -140,7 +140,8 @@ def plan(
     if not gpus:
         raise ValueError("give at least one GPU (--gpu 24GB)")
     comps = component_bytes(config, attn_format, expert_format)
-    caches = [c * batch for c in layer_cache_bytes(config, context)]
+    itemsize = 4 if attn_format == "fp32" else 2  # the engine keeps its cache rows in the model's dtype
+    caches = [c * batch for c in engine_layer_cache_bytes(config, context, itemsize)]
     reserve = hw.gpu_reserve + _activations(config, context, attn_format, hw)
     moe_layers = [i for i, lay in enumerate(comps["layers"]) if lay["experts"]]
     routed = sum(lay["experts"] for lay in comps["layers"])

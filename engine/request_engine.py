@@ -8,7 +8,6 @@ engine thread that servers share, EngineLoop, is in engine_thread.py).
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import threading
@@ -25,9 +24,9 @@ from ds4.engine.errors import RequestError, StepFailed
 from ds4.engine.runner import ModelRunner
 from ds4.engine.sampler import SamplingParams, logprobs_batch, make_generator, sample_batch
 from ds4.engine.scheduler import Scheduler, Sequence
+from ds4.engine.sizing import paged_bytes
 from ds4.engine.step_inputs import on_device
 from ds4.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from ds4.engine.window_cache import block_bytes
 
 if TYPE_CHECKING:
     from ds4.engine.grammar import GrammarCompiler, Matcher
@@ -105,18 +104,13 @@ class LLMEngine:
     def _default_num_blocks(self) -> int:
         """Enough for max_num_seqs sequences of max_model_len tokens, within the configured memory of
         each device: a block's rows of a layer live on that layer's device, so the device holding the
-        most layers bounds the count."""
+        most bytes of a block bounds the count (the bytes as the planner counts them, `paged_bytes`)."""
         bs, cfg = self.config.block_size, self.runner.config
         wanted = self.config.max_num_seqs * -(-self.max_model_len // bs)
         devices = self.runner.layer_devices or [self.runner.device] * cfg.num_hidden_layers
-        if cfg.is_v4:  # compressed rows on each device; the rest of V4's state is per sequence
-            on = {d: {i for i, e in enumerate(devices) if e == d} for d in devices}
-            itemsize = self.runner.dtype.itemsize
-            per_block = max(block_bytes(cfg, bs, itemsize, layers) for layers in on.values()) or 1
-        else:
-            row = cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if cfg.has_indexer else 0)
-            layers = max(collections.Counter(devices).values())
-            per_block = bs * row * layers * self.runner.dtype.itemsize
+        on = {d: [i for i, e in enumerate(devices) if e == d] for d in devices}
+        itemsize = self.runner.dtype.itemsize
+        per_block = max(paged_bytes(cfg, bs, itemsize, layers) for layers in on.values()) or 1
         return max(1, min(wanted, int(self.config.cache_memory_gb * (1 << 30)) // per_block))
 
     # -- requests -------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import torch
 from ds4.engine.config import ModelConfig
 from ds4.engine.models import build_model
 
+CSA = "compressed_sparse_attention"
+
 CONTEXTS = {"4K": 4096, "128K": 131072, "1M": 1048576}
 FP8_BLOCK = 128
 FP4_GROUP = 32
@@ -121,6 +123,30 @@ def layer_cache_bytes(config: ModelConfig, context: int, fmt: str = "fp8") -> li
 def cache_bytes(config: ModelConfig, context: int, fmt: str = "fp8") -> int:
     """Decode-cache bytes for one sequence of `context` tokens."""
     return sum(layer_cache_bytes(config, context, fmt))
+
+
+def paged_bytes(config: ModelConfig, tokens: int, itemsize: int, layers=None) -> int:
+    """Bytes ds4's engine pages in its cache blocks for `tokens` tokens of one sequence, in the given layers
+    (default all). V3 and V3.2: a latent-and-rope row (and V3.2's indexer key) per token, in the model's
+    dtype (`itemsize` bytes a value). V4: a compressed row per `ratio` tokens in the model's dtype, and in
+    compressed sparse layers its indexer's key in float32. (layer_cache_bytes counts DeepSeek's reference
+    formats, fp8 rows with scales, which ds4 does not store.)"""
+    total = 0
+    for layer in range(config.num_hidden_layers) if layers is None else layers:
+        if not config.is_v4:
+            index = config.index_head_dim if config.has_indexer else 0
+            total += tokens * (config.kv_lora_rank + config.qk_rope_head_dim + index) * itemsize
+        elif ratio := config.compress_ratios[layer]:
+            index = config.index_head_dim * 4 if config.layer_types[layer] == CSA else 0
+            total += tokens // ratio * (config.head_dim * itemsize + index)
+    return total
+
+
+def engine_layer_cache_bytes(config: ModelConfig, context: int, itemsize: int) -> list[int]:
+    """What ds4's engine holds for one sequence at `context` tokens, per layer: its paged rows
+    (`paged_bytes`) and, for V4, the sliding window's ring of K=V rows in the model's dtype."""
+    window = min(context, config.sliding_window) * config.head_dim * itemsize if config.is_v4 else 0
+    return [window + paged_bytes(config, context, itemsize, [i]) for i in range(config.num_hidden_layers)]
 
 
 def model_info(config: ModelConfig) -> dict:

@@ -17,17 +17,6 @@ from ds4.engine.layers.engram import EngramPool
 CSA = "compressed_sparse_attention"
 
 
-def block_bytes(config: ModelConfig, block_size: int, itemsize: int, layers=None) -> int:
-    """Bytes of one cache block's compressed rows in the given layers (default: all): the attention's in
-    the model's dtype (`itemsize` bytes), the indexer's in float32."""
-    total = 0
-    for layer, (kind, ratio) in enumerate(zip(config.layer_types, config.compress_ratios, strict=True)):
-        if ratio and (layers is None or layer in layers):
-            row = config.head_dim * itemsize + (config.index_head_dim * 4 if kind == CSA else 0)
-            total += block_size // ratio * row
-    return total
-
-
 class WindowCache:
     """DeepSeek-V4's decode state of up to `num_slots` sequences, each at a row of fixed-size pools (plus a
     scratch row, where a padded decode graph's dummy sequences write): per layer a ring of the last

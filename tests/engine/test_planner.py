@@ -89,7 +89,8 @@ def test_an_impossible_plan_is_refused_with_the_shortfall_and_the_ways_out():
     assert "host RAM is 150.1 GB short" in out and "gpu0 is" in out and "GB short" in out
     assert "more host RAM: at least 663 GB" in out
     assert "4-bit experts (--experts fp4): host RAM fits" in out
-    assert "a shorter context: up to" in out and "more GPUs: 3 of 24 GB" in out
+    # the cache is the engine's bf16 latent rows: 73.7 GB at 1M tokens
+    assert "a shorter context: up to" in out and "more GPUs: 5 of 24 GB" in out
 
 
 def test_plan_json_has_the_predictions():
@@ -214,3 +215,30 @@ def test_plan_can_time_the_cpu_expert_kernel_here_and_predict_the_experts_in_ram
     hw = Hardware(ram_bandwidth=measured * 1e9, cpu_flops=float("inf"))  # the kernel's rate, compute included
     want = plan(preset("deepseek-v3"), "x", [24 * GB] * 2, 512 * GB, expert_format="int4", hardware=hw)
     assert json.loads(run.stdout)["decode_tokens_per_s"] == pytest.approx(want.decode_tokens_per_s, rel=0.05)
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3-tiny", "deepseek-v3.2-tiny", "deepseek-v4-tiny"])
+def test_the_planned_cache_is_what_the_engine_allocates(name):
+    """The planner counts the engine's own rows (model dtype; V4's indexer keys in float32), not DeepSeek's
+    fp8 reference rows: a plan that fits is a cache the engine can allocate."""
+    import torch
+
+    from ds4.engine.cache import PagedLatentCache
+    from ds4.engine.sizing import engine_layer_cache_bytes, paged_bytes
+    from ds4.engine.window_cache import WindowCache
+
+    config, blocks, block_size = preset(name), 6, 256
+    for dtype in (torch.bfloat16, torch.float32):
+        if config.is_v4:
+            cache = WindowCache(config, blocks * block_size, dtype, "cpu", block_size, num_blocks=blocks)
+            paged = sum(p.pages()[:blocks].nbytes for p in cache.compressors.values())
+            window = sum(w[0].nbytes for w in cache.windows)  # one sequence's ring
+        else:
+            cache = PagedLatentCache(config, blocks, block_size, dtype, "cpu")
+            paged = sum(t[: blocks * block_size].nbytes for t in cache.kv + (cache.index_k or []))
+            window = 0
+        assert paged == blocks * paged_bytes(config, block_size, dtype.itemsize) > 0
+        context = blocks * block_size
+        assert sum(engine_layer_cache_bytes(config, context, dtype.itemsize)) == paged + window
+    fp8_rows = sum(layer_cache_bytes(config, context, "fp8"))
+    assert sum(engine_layer_cache_bytes(config, context, 2)) > fp8_rows  # what the planner counted before
