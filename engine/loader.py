@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from ds4.engine.config import ModelConfig
 from ds4.engine.errors import CheckpointError
-from ds4.engine.layers.linear import Linear, kernel_min_bytes
+from ds4.engine.layers.linear import Linear, kernel_min_bytes, prepare_cpu_kernel
 from ds4.engine.layers.quantized import FP8_BLOCK, QuantizedLinear, quantize_module
 from ds4.engine.names import LAYER_PATTERN, Target, ds4_to_hf, hf_to_ds4
 from ds4.engine.pipeline import layer_of
@@ -158,6 +158,8 @@ def materialize(
             )
             if key == "weight" and isinstance(module, Linear):
                 module.use_cpu_kernel = rows
+                if rows:
+                    prepare_cpu_kernel()
             if device.type == "cpu" and is_matrix and want.is_floating_point and not stored and not rows:
                 swapped = shape[:-2] + (shape[-1], shape[-2])
                 data = torch.empty(swapped, dtype=want, device=device).transpose(-1, -2)

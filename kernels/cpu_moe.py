@@ -56,23 +56,8 @@ def _cpu_id() -> str:
 def build(variant: str = "native") -> ctypes.CDLL:
     """The compiled kernel (built once per source, flags, compiler and CPU). `variant`: one of VARIANTS (what
     -march=native gives, less AVX-512, less AVX-512 and AVX-VNNI, or no intrinsics at all)."""
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (g++) on PATH")
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-    flags += VARIANTS[variant]
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, _cpu_id()]).encode()).hexdigest()
-    target = _cache_dir() / f"cpu_moe-{key[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            out = Path(tmp) / target.name
-            command = [compiler, *flags, str(SOURCE), "-o", str(out)]
-            run = subprocess.run(command, capture_output=True, text=True)
-            if run.returncode != 0:
-                raise RuntimeError(f"g++ failed: {run.stderr.strip()[-1000:]}")
-            os.replace(out, target)  # atomic: concurrent builders agree
+    target = compile_library(SOURCE, [SOURCE], flags + VARIANTS[variant], "cpu_moe")
     lib = ctypes.CDLL(str(target))
     lib.ds4_moe.restype = ctypes.c_int
     lib.ds4_moe.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4
@@ -83,6 +68,33 @@ def build(variant: str = "native") -> ctypes.CDLL:
     lib.ds4_linear.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
     lib.ds4_linear.argtypes += [ctypes.c_void_p, ctypes.c_int]
     return lib
+
+
+def compile_library(
+    source: Path, inputs: list[Path], flags: list[str], stem: str, libs: tuple = (), key_extra: str = ""
+) -> Path:
+    """`source` compiled with g++ and `flags` (then linked with `libs`, which must follow it) into a shared
+    library in the cache folder, once per the `inputs`' text, the flags, the compiler, this CPU (and
+    `key_extra`); its path. RuntimeError when it cannot be built."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    texts = [p.read_text() for p in inputs]
+    key = hashlib.sha256(
+        "\0".join([*texts, *flags, *libs, version, _cpu_id(), key_extra]).encode()
+    ).hexdigest()
+    target = _cache_dir() / f"{stem}-{key[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            command = [compiler, *flags, str(source), "-o", str(out), *libs]
+            run = subprocess.run(command, capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"g++ failed: {run.stderr.strip()[-1000:]}")
+            os.replace(out, target)  # atomic: concurrent builders agree
+    return target
 
 
 def _library(variant: str = "native") -> ctypes.CDLL | str:

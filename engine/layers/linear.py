@@ -2,8 +2,9 @@
 weight out row by row for it (`use_cpu_kernel`: weights of `kernel_min_bytes()` or more), products of a
 few rows (decode) run in ds4's C++ kernel (ds4.kernels.cpu_moe.linear): torch's matrix-vector product
 reads a weight at 13-25 GB/s on the machines measured, the kernel at close to the machine's read
-bandwidth (docs/perf.md). Longer products (prefill) stay with torch's GEMM. A compiled decode step sees
-the choice as one opaque op (`ds4::cpu_linear`)."""
+bandwidth (docs/perf.md). Longer products (prefill) stay with torch's GEMM. The choice is one opaque op:
+the C++ operator `ds4_cpu::linear` (ds4.kernels.cpu_ops), which a compiled step's C++ wrapper calls with
+no Python in between, or where that cannot be built, the Python custom op `ds4::cpu_linear`."""
 
 from __future__ import annotations
 
@@ -25,13 +26,32 @@ def kernel_min_bytes() -> int:
     return int(os.environ.get("DS4_CPU_DENSE_MIN_BYTES", 256 << 10))
 
 
+_CPU_OP = None  # torch.ops.ds4_cpu.linear once built and loaded (`prepare_cpu_kernel`)
+
+
+def prepare_cpu_kernel() -> None:
+    """Builds (once per machine) and loads the C++ operator the kernel's layers call; the loader calls it
+    where it lays a weight out for the kernel. Where it cannot be built (or DS4_CPU_OPS=python), the layers
+    call the Python custom op: the same kernel and bits, about 20 us more a call."""
+    global _CPU_OP
+    from ds4.kernels import cpu_ops
+
+    if _CPU_OP is None and cpu_ops.load() is None:
+        _CPU_OP = torch.ops.ds4_cpu.linear
+
+
 class Linear(nn.Linear):
     use_cpu_kernel = False  # set by the loader where the weight is on the CPU, row by row, in a kernel format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_cpu_kernel or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
-        y = cpu_linear(x, self.weight) if torch.compiler.is_compiling() else _product(x, self.weight)
+        if _CPU_OP is not None:
+            y = _CPU_OP(x, self.weight)
+        elif torch.compiler.is_compiling():
+            y = cpu_linear(x, self.weight)
+        else:
+            y = _product(x, self.weight)
         return y if self.bias is None else y + self.bias
 
 
