@@ -10,9 +10,8 @@ import math
 import torch
 
 from ds4.engine.config import ModelConfig
+from ds4.engine.layers.compressed_attention import CSA
 from ds4.engine.models import build_model
-
-CSA = "compressed_sparse_attention"
 
 CONTEXTS = {"4K": 4096, "128K": 131072, "1M": 1048576}
 FP8_BLOCK = 128
@@ -114,7 +113,7 @@ def layer_cache_bytes(config: ModelConfig, context: int, fmt: str = "fp8") -> li
         total = min(context, config.sliding_window) * row
         if ratio:
             total += context // ratio * row
-            if kind == "compressed_sparse_attention":
+            if kind == CSA:
                 total += context // ratio * index_row
         out.append(total)
     return out
