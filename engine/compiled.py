@@ -100,6 +100,10 @@ class CompiledDecode:
         self.wrapper_failure: str | None = None  # why the C++ wrapper was not built, where it was not
 
     def _compile(self) -> None:
+        for module in getattr(self.eager.__self__, "model", torch.nn.Module()).modules():
+            prepare = getattr(module, "prepare_compiled", None)  # host-side choices, settled before tracing
+            if prepare is not None:
+                prepare()
         step = _own_code(self.eager)
         options = dict(self.options)  # a copy: torch.compile takes guard_filter_fn out of what it is given
         self.compiled = torch.compile(step, dynamic=True, fullgraph=True, options=options)

@@ -25,7 +25,7 @@ from ds4.engine.layers.quantized import FP8_BLOCK, QuantizedLinear, quantize_mod
 from ds4.engine.names import LAYER_PATTERN, Target, ds4_to_hf, hf_to_ds4
 from ds4.engine.pipeline import layer_of
 from ds4.engine.quant import FP4_GROUP, dequantize, scale_shape
-from ds4.kernels import cpu_moe
+from ds4.kernels import cpu_moe, cpu_ops
 from ds4.kernels.cpu_moe import FLOAT_FORMATS
 
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -125,6 +125,8 @@ def materialize(
     seen_layers = False
     on_cpu = home.type == "cpu" or any(d.type == "cpu" for d in stages or [])
     cpu_kernel = on_cpu and cpu_moe.usable()  # built once per machine, only where it may run
+    if cpu_kernel:
+        cpu_ops.load()  # the kernels as torch operators (decode attention calls them where this succeeds)
     min_bytes = kernel_min_bytes()
     for module_name, module in model.named_modules():
         device, layer = home, layer_of(module_name)

@@ -15,7 +15,9 @@ import torch
 from ds4.kernels import cpu_moe
 
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+ATTENTION_SOURCE = Path(__file__).with_name("cpu_attention.cpp")  # included by SOURCE
 _state: dict[str, str | None] = {}  # "error": None once loaded, else why not
+READY = False  # the operators are loaded (callers read this; `load()` sets it)
 
 
 def load() -> str | None:
@@ -23,6 +25,7 @@ def load() -> str | None:
     else why it is not (reported once as a RuntimeWarning; DS4_CPU_OPS=python turns it off quietly)."""
     if os.environ.get("DS4_CPU_OPS") == "python":
         return "turned off by DS4_CPU_OPS=python"
+    global READY
     if "error" not in _state:
         try:
             _state["error"] = _load()
@@ -35,6 +38,7 @@ def load() -> str | None:
                 RuntimeWarning,
                 stacklevel=2,
             )
+    READY = _state["error"] is None
     return _state["error"]
 
 
@@ -50,12 +54,29 @@ def _load() -> str | None:
     libs = [f for path in cpp_extension.library_paths() for f in (f"-L{path}", f"-Wl,-rpath,{path}")]
     libs += ["-ltorch", "-ltorch_cpu", "-lc10"]
     target = cpu_moe.compile_library(
-        SOURCE, [SOURCE, cpu_moe.SOURCE], flags, "cpu_ops", tuple(libs), key_extra=torch.__version__
+        SOURCE,
+        [SOURCE, ATTENTION_SOURCE, cpu_moe.SOURCE],
+        flags,
+        "cpu_ops",
+        tuple(libs),
+        key_extra=torch.__version__,
     )
     torch.ops.load_library(str(target))
 
     @torch.library.register_fake("ds4_cpu::linear")
     def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    @torch.library.register_fake("ds4_cpu::moe")
+    def _(x, weights, expert_ids, w13, s13, w2, s2, fmt: int, act8: bool, limit) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("ds4_cpu::paged_latent_attention")
+    def _(q, pool, block_table, seq_lens, block_size: int, scale: float, latent: int) -> torch.Tensor:
+        return q.new_empty(q.shape[0], q.shape[1], latent, dtype=torch.float32)
+
+    @torch.library.register_fake("ds4_cpu::sparse_latent_attention")
+    def _(q, pool, rows, scale: float, latent: int) -> torch.Tensor:
+        return q.new_empty(q.shape[0], q.shape[1], latent, dtype=torch.float32)
 
     return None

@@ -7,7 +7,8 @@ Two paths, same function:
   WORKSPACE score elements, in key blocks with an online softmax, so memory stays flat in the context;
 - absorbed: W_UK folded into the query and W_UV applied after attention, so attention runs in the
   latent space and reads only the cached [C + R] rows (decode; and on the Triton path, prefill chunks
-  past WORKSPACE, in the flash-style kernel ds4.kernels.mla_prefill: nothing expanded, no score matrix).
+  past WORKSPACE, in the flash-style kernel ds4.kernels.mla_prefill: nothing expanded, no score matrix;
+  on the CPU, decode in ds4's operators, which read each sequence's rows where they sit in the pool).
 Only the normalized latent and the roped key are cached.
 """
 
@@ -24,7 +25,7 @@ from ds4.engine.layers.linear import Linear
 from ds4.engine.layers.norm import RMSNorm
 from ds4.engine.layers.quantized import dense_weight
 from ds4.engine.layers.rope import apply_rope, softmax_scale
-from ds4.kernels import triton_enabled
+from ds4.kernels import cpu_ops, triton_enabled
 
 # Scores of a chunk against its context above this many elements ([queries x keys x heads]) are computed
 # in key blocks of about this size instead: prefill memory stays flat however long the cached prefix.
@@ -240,18 +241,24 @@ class MLA(nn.Module):
             from ds4.kernels.sparse_attention import sparse_attention
 
             return sparse_attention(q.contiguous(), pool, rows, self.scale, self.kv_lora_rank)[0]
+        if _cpu_operator(pool):  # the rows read where they sit, no [B, k, C + R] copy
+            return torch.ops.ds4_cpu.sparse_latent_attention(q, pool, rows, self.scale, self.kv_lora_rank)
         cached = pool[rows.clamp(min=0)]  # [B, k, C + R]
         scores = torch.bmm(q, cached.transpose(1, 2)) * self.scale  # bhd,bkd->bhk
         probs = scores.float().masked_fill((rows < 0)[:, None, :], float("-inf")).softmax(-1)
         return torch.bmm(probs.to(cached.dtype), cached[..., : self.kv_lora_rank])  # bhk,bkc->bhc
 
     def _decode_torch(self, q_latent, q_pe, pool, batch, block_size):
-        """The paged decode on torch: each sequence's rows gathered through its block table up to the
-        batch's longest, the rest masked."""
+        """The paged decode on the CPU: in ds4's operator, which reads each sequence's rows through its block
+        table where they sit; else on torch, the rows gathered up to the batch's longest, the rest masked."""
         C = self.kv_lora_rank
+        q = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, C + R]: one product over latent and rope
+        if _cpu_operator(pool):
+            return torch.ops.ds4_cpu.paged_latent_attention(
+                q, pool, batch.block_table, batch.seq_lens, block_size, self.scale, C
+            )
         pos = batch.span  # [S]
         cached = pool[batch.pool_rows(block_size)]  # [B, S, C + R]
-        q = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, C + R]: one product over latent and rope
         scores = torch.bmm(q, cached.transpose(1, 2)) * self.scale  # bhd,bsd->bhs [B, H, S]
         hidden = pos[None, None, :] >= batch.seq_lens[:, None, None]
         probs = scores.float().masked_fill(hidden, float("-inf")).softmax(-1).to(cached.dtype)
@@ -281,6 +288,12 @@ class MLA(nn.Module):
             q = torch.cat([q_latent, q_pe], dim=-1).contiguous()
             out_latent, _ = sparse_attention(q, pool, indices, self.scale, C)
         return torch.einsum("thc,hvc->thv", out_latent.to(q_nope.dtype), w_uv)  # [T, H, V]
+
+
+def _cpu_operator(pool: torch.Tensor) -> bool:
+    """Whether decode attention over `pool` runs in ds4's CPU operator (ds4.kernels.cpu_ops: built where
+    the CPU kernel is; fp32 or bf16 rows)."""
+    return pool.device.type == "cpu" and cpu_ops.READY and pool.dtype in (torch.float32, torch.bfloat16)
 
 
 def allowed_rows(allowed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,18 @@ class Experts(nn.Module):
 
     fused = True  # the Triton path computes every expert in one kernel; tiered experts compute per expert
     quant = "none"
+    kernel_op: tuple | None = None  # (format, int8, limit): a compiled step calls ds4_cpu::moe with them
+
+    def prepare_compiled(self) -> None:
+        """Settles, before a decode step is traced, whether it calls the CPU kernel's C++ operator for this
+        stack (a plain stack in the kernel, with the operators built) instead of the `routed_experts` op."""
+        from ds4.kernels import cpu_moe, cpu_ops
+
+        self.kernel_op = None
+        if self.fused and cpu_ops.READY and self.cpu_kernel():
+            fmt = self.kernel_format
+            int8 = cpu_moe.cpu_activations_int8() and cpu_moe.takes_int8(fmt)
+            self.kernel_op = (cpu_moe.FORMATS[fmt], int8, self.limit)
 
     def kernel_rows(self, expert_ids: torch.Tensor) -> bool:
         """Whether a pass is decode-shaped for the CPU kernel: about a block of 4 rows per expert at most.
@@ -198,8 +210,11 @@ class Experts(nn.Module):
         the kernel that sums the pairs."""
         T, K = expert_ids.shape
         on_cpu = x.device.type == "cpu" and not triton_enabled(x.device)
-        if on_cpu and torch.compiler.is_compiling():  # a compiled step calls the eager path below as one op
-            return routed_experts(x, weights, expert_ids, self.handle)
+        if on_cpu and torch.compiler.is_compiling():
+            if self.kernel_op is not None:  # the kernel as a C++ operator: no Python in the step
+                w = (self.w13, self.w13_scale, self.w2, self.w2_scale)
+                return torch.ops.ds4_cpu.moe(x, weights, expert_ids, *w, *self.kernel_op)
+            return routed_experts(x, weights, expert_ids, self.handle)  # the eager path below, as one op
         if self.fused and on_cpu and self.kernel_rows(expert_ids) and self.cpu_kernel():
             return self.cpu_forward(x, weights, expert_ids)
         if self.fused and triton_enabled(x.device):

@@ -76,3 +76,40 @@ def test_turned_off_or_unbuildable_it_says_why(monkeypatch):
         warnings.simplefilter("always")
         error = cpu_ops.load()
     assert error and "g++" in error and any("could not be built" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp4", "fp8", "fp32", "bf16"])
+def test_the_expert_operator_gives_the_kernels_bits(fmt):
+    from tests.kernels.test_cpu_moe import case
+
+    gen = torch.Generator().manual_seed(3)
+    for tokens, topk, experts, hidden, inter, limit in [(1, 4, 8, 256, 128, None), (7, 3, 5, 128, 96, 0.5)]:
+        x, weights, ids, (w13, s13, w2, s2) = case(gen, fmt, tokens, topk, experts, hidden, inter)
+        ids[0, 0] = -1  # a pair computed elsewhere (a hot expert)
+        for int8 in {False, cpu_moe.takes_int8(fmt)}:
+            want = cpu_moe.moe(x, weights, ids, w13, s13, w2, s2, fmt, limit, int8=int8)
+            code = cpu_moe.FORMATS[fmt]
+            got = torch.ops.ds4_cpu.moe(x, weights, ids, w13, s13, w2, s2, code, int8, limit)
+            assert torch.equal(got, want), (fmt, tokens, int8)
+    with pytest.raises(RuntimeError, match="expert id 9 outside the stack's 5"):
+        torch.ops.ds4_cpu.moe(x, weights, torch.full_like(ids, 9), w13, s13, w2, s2, code, False, None)
+
+
+@pytest.mark.slow  # compiles a step
+def test_a_compiled_step_calls_the_expert_operator(tiny_v3):
+    """A plain expert stack in the kernel: the compiled decode step calls ds4_cpu::moe, not the Python op
+    that calls back into the stack (whose tokens it gives: tests/engine/test_compiled.py)."""
+    from ds4.engine import LLM, SamplingParams
+    from ds4.engine.layers.moe import Experts
+
+    llm = LLM(tiny_v3, dtype="float32", max_num_seqs=2, compile_decode=True)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        llm.generate([list(range(3, 20))], params)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    stacks = [m for m in llm.runner.model.modules() if isinstance(m, Experts)]
+    assert stacks and all(m.kernel_op is not None for m in stacks)
+    assert counts.get("ds4_cpu::moe", 0) >= 3 * len(stacks)  # every decode step, every MoE layer
+    assert "ds4::routed_experts" not in counts
