@@ -146,6 +146,7 @@ at::Tensor sparse_latent_attention(const at::Tensor& q, const at::Tensor& pool, 
 }  // namespace
 
 TORCH_LIBRARY(ds4_cpu, m) {
+    m.def("isa() -> int", +[]() -> int64_t { return ds4_moe_isa(); });  // the vector paths this build has
     m.def("linear(Tensor x, Tensor weight) -> Tensor");
     m.def("moe(Tensor x, Tensor weights, Tensor expert_ids, Tensor w13, Tensor? s13, Tensor w2, Tensor? s2, int fmt, "
           "bool act8, float? limit) -> Tensor");

@@ -49,6 +49,7 @@ def _load() -> str | None:
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]  # torch's headers: C++20
+    flags += cpu_moe.VARIANTS[os.environ.get("DS4_CPU_OPS_VARIANT", "native")]  # tests: narrower builds
     flags += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", f"-I{SOURCE.parent}"]
     flags += [f"-I{p}" for p in cpp_extension.include_paths()]
     libs = [f for path in cpp_extension.library_paths() for f in (f"-L{path}", f"-Wl,-rpath,{path}")]

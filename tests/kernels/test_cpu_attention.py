@@ -1,10 +1,15 @@
 """MLA's decode attention as C++ operators (kernels/cpu_attention.cpp, `ds4_cpu::paged_latent_attention` and
 `ds4_cpu::sparse_latent_attention`): against the torch path's gather-then-softmax (fp32 and bf16 pools,
 vector widths and odd ones, skipped rows, empty sequences, long ones in many chunks), the same bits at any
-thread count, clear errors for rows outside the pool, and the engine's tokens the same with the operators
-as without them."""
+thread count, clear errors for rows outside the pool, the engine's tokens the same with the operators as
+without them, and the narrower builds (AVX2, no intrinsics) right too."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +135,41 @@ def test_the_engine_decodes_the_same_with_and_without_the_operators(request, mon
         assert a.token_ids == b.token_ids
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             assert abs(x["logprob"] - y["logprob"]) < 1e-5
+
+
+CHECK_BUILD = """
+import torch
+from ds4.kernels import cpu_moe, cpu_ops
+from tests.kernels.test_cpu_attention import reference, SHAPES
+from tests.kernels.test_cpu_moe import case
+assert cpu_ops.load() is None
+assert torch.ops.ds4_cpu.isa() == cpu_moe._library(VARIANT).ds4_moe_isa()  # this variant's vector paths
+for B, H, C, R, K, N in SHAPES[:3]:
+    gen = torch.Generator().manual_seed(K)
+    pool, q = torch.randn(N, C + R, generator=gen), torch.randn(B, H, C + R, generator=gen)
+    rows = torch.randint(-1, N, (B, K), generator=gen)
+    got = torch.ops.ds4_cpu.sparse_latent_attention(q, pool, rows, 0.1, C)
+    want = reference(q, pool, rows, 0.1, C)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (B, H, C)
+gen = torch.Generator().manual_seed(0)
+for fmt in ("int4", "fp32"):
+    x, weights, ids, (w13, s13, w2, s2) = case(gen, fmt, 5, 2, 6, 128, 64)
+    want = cpu_moe.moe(x, weights, ids, w13, s13, w2, s2, fmt, None, variant=VARIANT, int8=False)
+    got = torch.ops.ds4_cpu.moe(x, weights, ids, w13, s13, w2, s2, cpu_moe.FORMATS[fmt], False, None)
+    assert torch.equal(got, want), fmt
+w = torch.randn(40, 64, generator=gen)
+assert torch.equal(torch.ops.ds4_cpu.linear(x[:3, :64], w), cpu_moe.linear(x[:3, :64], w, variant=VARIANT))
+"""
+
+
+@pytest.mark.parametrize("variant", ["avx2", "generic"])
+def test_the_narrower_builds_give_the_same_results(variant):
+    """The operators built without AVX-512 (the AVX2 paths most desktop CPUs take) and without intrinsics,
+    each in a process of its own (a process holds one build): the attention against the torch path, the
+    expert and dense kernels the same bits as the ctypes kernel of the same build."""
+    env = {**os.environ, "DS4_CPU_OPS_VARIANT": variant}
+    script = f"VARIANT = {variant!r}\n" + CHECK_BUILD
+    root = Path(__file__).parents[2]  # where `tests` imports from
+    command = [sys.executable, "-c", script]
+    run = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
