@@ -37,6 +37,11 @@ namespace {
 constexpr int64_t KERNEL_ROWS = 32;        // ds4.engine.layers.linear.KERNEL_ROWS
 constexpr int64_t THREAD_BYTES = 128 << 10;  // ds4.kernels.cpu_moe.THREAD_BYTES
 
+// torch's threads, at most one per THREAD_BYTES of weights a call reads (as cpu_moe.py counts them)
+int kernel_threads(int64_t bytes) {
+    return int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), bytes / THREAD_BYTES)));
+}
+
 // x [..., in] @ weight.T in x's dtype, for a float32 or bfloat16 weight [out, in] stored row by row on the
 // CPU: up to KERNEL_ROWS rows in the kernel, longer products in torch's GEMM (as cpu_moe.linear and
 // ds4.engine.layers.linear._product do, with the same thread count, so the bits are the same)
@@ -49,10 +54,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
     if (rows.size(0) > KERNEL_ROWS) return at::linear(x, weight);
     rows = rows.to(at::kFloat).contiguous();
     at::Tensor y = at::empty({rows.size(0), out}, rows.options());
-    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), weight.nbytes() / THREAD_BYTES));
+    const int threads = kernel_threads(weight.nbytes());
     const int fmt = weight.scalar_type() == at::kFloat ? 3 : 4;
     const int rc = ds4_linear(rows.data_ptr<float>(), rows.size(0), in, out, static_cast<const uint8_t*>(weight.data_ptr()),
-                              fmt, y.data_ptr<float>(), int(threads));
+                              fmt, y.data_ptr<float>(), threads);
     TORCH_CHECK(rc == 0, "ds4_linear returned ", rc);
     std::vector<int64_t> shape = x.sizes().vec();
     shape.back() = out;
@@ -79,13 +84,12 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& weights, const at::Tensor&
     at::Tensor out = at::empty({T, D}, xf.options());
     at::Tensor work = at::empty({T * K * (2 * D + 3 * inter)}, xf.options());
     const int64_t expert_bytes = E ? w13[0].nbytes() + w2[0].nbytes() : 0;
-    const int64_t threads =
-        std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), std::min(T * K, E) * expert_bytes / THREAD_BYTES));
+    const int threads = kernel_threads(std::min(T * K, E) * expert_bytes);
     double seconds = 0.;
     const int rc = ds4_moe(xf.data_ptr<float>(), id, wf.data_ptr<float>(), T, K, E, D, inter,
                            static_cast<const uint8_t*>(w13.data_ptr()), s13 ? s13->data_ptr() : nullptr,
                            static_cast<const uint8_t*>(w2.data_ptr()), s2 ? s2->data_ptr() : nullptr, int(fmt), int(act8),
-                           limit ? float(*limit) : NAN, out.data_ptr<float>(), work.data_ptr<float>(), int(threads), &seconds);
+                           limit ? float(*limit) : NAN, out.data_ptr<float>(), work.data_ptr<float>(), threads, &seconds);
     TORCH_CHECK(rc == 0, "ds4_moe returned ", rc);
     return out.to(x.scalar_type());
 }

@@ -24,3 +24,14 @@ def gen():
 
 def randn(gen, *shape, dtype=torch.float32, scale=1.0) -> torch.Tensor:
     return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
+
+
+@pytest.fixture()
+def cpu_operators():
+    """ds4's CPU kernels as torch operators (ds4.kernels.cpu_ops): built wherever the CPU kernel is (CI
+    installs g++); without a compiler neither exists, and the tests that need them skip."""
+    from ds4.kernels import cpu_moe, cpu_ops
+
+    if not cpu_moe.available():
+        pytest.skip(f"the CPU kernel is not built here: {cpu_moe.build_error()}")
+    assert cpu_ops.load() is None  # a machine that builds the kernel builds the operators

@@ -15,14 +15,9 @@ import pytest
 import torch
 
 from ds4.engine import LLM, SamplingParams
-from ds4.kernels import cpu_moe, cpu_ops
+from ds4.kernels import cpu_ops
 
-
-@pytest.fixture(autouse=True)
-def built():
-    if not cpu_moe.available():
-        pytest.skip(f"the CPU kernel is not built here: {cpu_moe.build_error()}")
-    assert cpu_ops.load() is None
+pytestmark = pytest.mark.usefixtures("cpu_operators")
 
 
 def reference(q, pool, rows, scale, latent):
