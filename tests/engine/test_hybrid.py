@@ -94,6 +94,24 @@ def test_bench_hybrid_reports_each_placement_the_expert_reads_and_the_prediction
     assert predicted["int4"] > 0 and predicted["fp8"] > 0
 
 
+def test_the_twins_streamed_reads_run_inside_a_compiled_step():
+    """The tiny twin's layers read their share of a buffer before they run, as a real step's layers read
+    their weights; its decode step is compiled, and a read whose result nothing used was dropped from the
+    graph, which left the twin's dispatch near 0 once the reads' own time was taken out."""
+    from ds4.engine.bench.hybrid import _reader
+
+    share, layer = torch.ones(1000), torch.nn.Linear(4, 4)
+    read = _reader(share)
+    layer.register_forward_pre_hook(read)
+    step = torch.compile(layer)
+    with torch.no_grad():
+        step(torch.randn(1, 4))
+        assert float(read.sink) == 1000.0
+        share.fill_(2.0)  # read again on the next call, not a constant of the graph
+        step(torch.randn(1, 4))
+    assert float(read.sink) == 2000.0
+
+
 def _quantized(checkpoint, experts: str):
     from ds4.engine.quantize import quantize_checkpoint
 
