@@ -5,6 +5,8 @@ the model's decode step: that is what the prediction is checked against (`bench 
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,7 +53,7 @@ def model_gemv_bandwidth(model: torch.nn.Module, runs: int = 5) -> tuple[float, 
         return nbytes / median_time(step, runs), nbytes
 
 
-def expert_kernel_bandwidth(config, fmt: str, runs: int = 5) -> float | None:
+def expert_kernel_bandwidth(config, fmt: str, runs: int = 9) -> float | None:
     """Bytes/s of expert codes (or float weights) the CPU kernel reads (its own clock) for single-token calls
     at the model's expert shapes in `fmt`: one stack of random experts per MoE layer, called in turn with
     top-k experts each, as a decode step does, so the experts come from memory and not the caches."""
@@ -71,14 +73,14 @@ def expert_kernel_bandwidth(config, fmt: str, runs: int = 5) -> float | None:
     ]
     gen = torch.Generator().manual_seed(0)
     x, weights = torch.randn(1, D, generator=gen), torch.rand(1, k, generator=gen)
-    seconds = torch.zeros(1, dtype=torch.float64)
-    for r in range(runs + 1):
-        if r == 1:  # the first round warms up
-            seconds.zero_()
+    rounds = []  # the kernel's own clock, per round over every layer: the median is the figure, so that
+    for _ in range(runs + 1):  # a round another process slowed does not move it (the first warms up)
+        seconds = torch.zeros(1, dtype=torch.float64)
         for stack in stacks:
             ids = torch.randperm(experts, generator=gen)[:k][None]
             cpu_moe.moe(x, weights, ids, *stack, fmt, config.swiglu_limit, seconds=seconds)
-    return runs * layers * k * expert_bytes / float(seconds)
+        rounds.append(float(seconds))
+    return layers * k * expert_bytes / statistics.median(rounds[1:])
 
 
 def _random_expert(fmt: str, out_dim: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
