@@ -20,6 +20,8 @@ DEVICE, WORK = sys.argv[1], sys.argv[2]
 QUICK = "--quick" in sys.argv
 LONG = [2048, 4096] if QUICK else [32768, 131072]
 CUDA = DEVICE.startswith("cuda")
+if not CUDA:  # the dry run's forced-Triton step runs the kernels in Triton's interpreter, set before they load
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 PRESET = "tiny" if QUICK else "small"
 PROMPT, NEW, BATCH, RUNS = (16, 8, 4, 1) if QUICK else (512, 64, 32, 3)
 FAMILIES = [a for a in sys.argv[3:] if not a.startswith("--")] or [
