@@ -11,10 +11,10 @@ The first decode step compiles (tens of seconds on two cores; inductor caches it
 later process reuses them); a compile that fails is reported once and the runner decodes eagerly.
 
 Guards: dynamo checks, before every call, that what the graph assumed still holds. The model's modules
-never change after load (their weights are frozen into the graph; what changes from step to step, the
-caches and the batch, comes through the inputs and the forward context, which stay guarded), so the
-guards on the modules (about 1,000 of 1,700 checks; 0.13-0.21 ms a step on two cores, 2-4% of a `small`
-preset's batch-1 step, measured side by side in one process) are dropped. Each runner compiles its own
+never change after load (what changes from step to step, the caches and the batch, comes through the
+inputs and the forward context, which stay guarded), so the guards on the modules (about 1,000 of 1,700
+checks; 0.13-0.21 ms a step on two cores, 2-4% of a `small` preset's batch-1 step, measured side by side
+in one process) are dropped. Each runner compiles its own
 copy of the step's code, since dynamo keeps graphs per code object: without the module guards, two
 models of the same shapes would otherwise share a graph.
 
@@ -37,14 +37,15 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 log = logging.getLogger("ds4.engine")
 
-# The weights frozen into the graph (they never change after load: the routed experts, which may, stay in
-# their eager op), so inductor packs them once and its C++ GEMM template, chosen against torch's own by
-# timing each shape once (`max_autotune`), reads them at about twice the GB/s of torch's matrix-vector
-# product at batch 1 (docs/perf.md). The packed copies take memory beside the module's weights. On a
-# small machine the code is built in this process: a pool of compile workers would start (importing torch)
-# beside the engine and slow its first steps for seconds, for a graph compiled once.
+# The weights stay graph inputs, not constants frozen into it (inductor's `freezing`). Freezing once let
+# inductor pack the dense weights for its C++ GEMM template; since those layers run in ds4's CPU kernel
+# (`ds4_cpu::linear`), a frozen graph decodes no faster (V3 batch 1, V3.2 and V4 batch 32, side by side in
+# one process: within 1%), keeps packed copies beside the weights, and cannot use AOTAutograd's cache, so
+# each process traced it again: 1.3-1.6x the warm compile time (docs/perf.md). `max_autotune` still times
+# inductor's GEMM template against torch's for the products left in the graph. On a small machine the code
+# is built in this process: a pool of compile workers would start (importing torch) beside the engine and
+# slow its first steps for seconds, for a graph compiled once.
 OPTIONS = {
-    "freezing": True,
     "max_autotune": True,
     "max_autotune_gemm_backends": "CPP,ATEN",
     "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,  # see the module's docstring
