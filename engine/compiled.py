@@ -14,9 +14,9 @@ Guards: dynamo checks, before every call, that what the graph assumed still hold
 never change after load (what changes from step to step, the caches and the batch, comes through the
 inputs and the forward context, which stay guarded), so the guards on the modules (about 1,000 of 1,700
 checks; 0.13-0.21 ms a step on two cores, 2-4% of a `small` preset's batch-1 step, measured side by side
-in one process) are dropped. Each runner compiles its own
-copy of the step's code, since dynamo keeps graphs per code object: without the module guards, two
-models of the same shapes would otherwise share a graph.
+in one process) are dropped. Each runner compiles its own copy of the step's code, since dynamo keeps
+graphs per code object: without the module guards, two models of the same shapes would otherwise share a
+graph.
 
 The graph's wrapper, the code that calls its kernels, GEMMs and the opaque ops in turn, is C++
 (inductor's `cpp_wrapper`), not Python: 1.09-1.19x a `small` preset's batch-1 step and 1.05x at batch 32
