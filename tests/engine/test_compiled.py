@@ -1,8 +1,12 @@
 """The compiled CPU decode step (ds4.engine.compiled) gives the eager engine's tokens, with logprobs within
 float32 rounding (1e-5), for every family, over batches of one and of several sequences of different
-lengths (the batch size and the longest sequence are dynamic sizes of one graph) and a prefix hit."""
+lengths (the batch size and the longest sequence are dynamic sizes of one graph) and a prefix hit; and
+dynamo traces each graph once (no restart)."""
 
 from __future__ import annotations
+
+import contextlib
+import logging
 
 import pytest
 import torch
@@ -13,6 +17,28 @@ from ds4.engine.compiled import CompiledDecode
 pytestmark = pytest.mark.slow  # each engine compiles its step: tens of seconds on two cores
 
 
+@contextlib.contextmanager
+def _restarts():
+    """The times dynamo gave up a trace and traced the frame again ("Restarting analysis", logged at INFO
+    by its frame converter), as a list of their reasons."""
+    reasons = []
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Restarting analysis"):
+                reasons.append(record.getMessage())
+
+    logger, handler = logging.getLogger("torch._dynamo.convert_frame"), Handler()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield reasons
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _runs(path, compile_decode: bool):
     llm = LLM(path, dtype="float32", max_num_seqs=4, compile_decode=compile_decode)
     compiled = isinstance(llm.runner.decode_forward, CompiledDecode)
@@ -20,13 +46,17 @@ def _runs(path, compile_decode: bool):
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
     gen = torch.Generator().manual_seed(0)
     shared = torch.randint(2, 90, (270,), generator=gen).tolist()  # a full block: a prefix hit later
-    alone = llm.generate([shared + [5]], params)  # batch 1
-    batch = [shared + torch.randint(2, 90, (n,), generator=gen).tolist() for n in (3, 1)] + [[0, 7, 9]]
-    together = llm.generate(batch, params)  # three sequences of different lengths, two from the cache
+    with _restarts() as restarts:
+        alone = llm.generate([shared + [5]], params)  # batch 1
+        batch = [shared + torch.randint(2, 90, (n,), generator=gen).tolist() for n in (3, 1)] + [[0, 7, 9]]
+        together = llm.generate(batch, params)  # three sequences of different lengths, two from the cache
     assert llm.stats()["tokens_reused"] >= 256
     if compiled:
         assert llm.runner.decode_forward.failure is None
         assert llm.runner.decode_forward.compile_seconds is not None
+        # each graph (batch 1, larger batches) traced once: a restart traces the whole step again, which
+        # was 40-60% of a warm compile (module floats reaching operators' float arguments)
+        assert restarts == []
     return alone + together
 
 
