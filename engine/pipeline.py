@@ -104,6 +104,26 @@ class Pipeline:
         """A forward pass's way through the stages, starting on `device` with `inputs`."""
         return Handoff(self, device, inputs)
 
+    def run(self, layers: nn.ModuleList, x: torch.Tensor, inputs: dict, stage: int | None = None):
+        """`x` through `layers`, each also given `inputs` (handed to its stage's device): every stage in
+        turn, or the layers of `stage` alone, with `x` and `inputs` already on its device (a decode graph
+        captured per stage, ds4.engine.graphs)."""
+        handoff = Handoff(self, x.device, inputs, stage)
+        for i, layer in enumerate(layers):
+            if stage is None or self.layer_stages[i] == stage:
+                x, kwargs = handoff(i, x)  # to the layer's stage, when it starts a new one
+                x = layer(x, **kwargs)
+        return x
+
+    def stages(self) -> list[tuple[int, torch.device | None, range]]:
+        """(stage, its device, its layers) in order; the device is None for a model on one device."""
+        out = []
+        for stage in dict.fromkeys(self.layer_stages):
+            layers = [i for i, s in enumerate(self.layer_stages) if s == stage]
+            device = None if self.layer_devices is None else self.layer_devices[layers[0]]
+            out.append((stage, device, range(layers[0], layers[-1] + 1)))
+        return out
+
 
 class Handoff:
     """One forward pass's way through the stages. Called before each layer, it brings the activations
@@ -111,11 +131,12 @@ class Handoff:
     on that stage's device, and gives the step's inputs every layer reads (rope tables, token ids) on
     that device: copied once per device and pass, not once per layer."""
 
-    def __init__(self, pipeline: Pipeline, device: torch.device, inputs: dict):
-        self.pipeline, self.stage = pipeline, pipeline.layer_stages[0]
+    def __init__(self, pipeline: Pipeline, device: torch.device, inputs: dict, stage: int | None = None):
+        self.pipeline, self.stage = pipeline, pipeline.layer_stages[0] if stage is None else stage
         self.inputs = {device: inputs}  # device -> the inputs there
         self.current = inputs
-        pipeline.stats.last_num_handoffs = pipeline.stats.last_num_bytes = 0
+        if stage is None:  # a whole pass (one stage's part is counted by the graphs that run it)
+            pipeline.stats.last_num_handoffs = pipeline.stats.last_num_bytes = 0
 
     def __call__(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(x where layer `layer` runs, the inputs there)."""

@@ -53,12 +53,15 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [T, D] of a flat token batch (sequences described by the context)."""
+        x, inputs = self.begin(input_ids, positions)
+        return self.end(self.pipeline.run(self.layers, x, inputs))
+
+    def begin(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(the layers' input [T, D], what every layer also reads): the part before the layers."""
         x = self.embed(input_ids)  # [T, D]
-        rope = self.rotary(positions, x.dtype)  # cos, sin: [T, R/2]
-        handoff = self.pipeline.handoff(x.device, rope=rope)
-        for i, layer in enumerate(self.layers):
-            x, inputs = handoff(i, x)  # to the layer's stage, when it starts a new one
-            x = layer(x, **inputs)
+        return x, {"rope": self.rotary(positions, x.dtype)}  # cos, sin: [T, R/2]
+
+    def end(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,11 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [T, D] of a flat token batch (sequences described by the context)."""
+        streams, inputs = self.begin(input_ids, positions)
+        return self.end(self.pipeline.run(self.layers, streams, inputs))
+
+    def begin(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(the layers' residual streams [T, N, D], what every layer also reads): the part before them."""
         x = self.embed(input_ids)  # [T, D]
         ropes = {kind: rotary(positions, x.dtype) for kind, rotary in self.rotary.items()}
         streams = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()  # [T, N, D]
@@ -110,10 +115,9 @@ class DeepseekV4ForCausalLM(nn.Module):
         if self.engram_token_map is not None:
             self.engram_token_map = self.engram_token_map.to(input_ids.device)
             engram_ids = self.engram_token_map[input_ids]
-        handoff = self.pipeline.handoff(x.device, ropes=ropes, input_ids=input_ids, engram_ids=engram_ids)
-        for i, layer in enumerate(self.layers):
-            streams, inputs = handoff(i, streams)  # to the layer's stage, when it starts a new one
-            streams = layer(streams, **inputs)
+        return streams, {"ropes": ropes, "input_ids": input_ids, "engram_ids": engram_ids}
+
+    def end(self, streams: torch.Tensor) -> torch.Tensor:
         return self.norm(self.hc_head(streams))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

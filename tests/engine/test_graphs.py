@@ -1,7 +1,8 @@
 """CUDA graphs replay decode steps exactly as the eager engine runs them: the same greedy tokens, logits
 within float32 rounding, over batches of different lengths, padded buckets and prefix-cache hits. Needs
 a CUDA device (the graphs exist only there); `make gpu-check` runs it on the card. V4 replays over its
-pooled state and its compressed rows paged in the cache blocks."""
+pooled state and its compressed rows paged in the cache blocks. A layer pipeline replays a graph per stage
+(tests/engine/test_graph_stages.py checks the stages' hand-offs on the CPU)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,14 @@ from ds4.engine import LLM, SamplingParams
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("checkpoint", ["tiny_v3", "tiny_v32", "tiny_v4"])
-def test_graphs_give_the_eager_tokens(request, checkpoint):
-    path = request.getfixturevalue(checkpoint)
+def _compare(path, **engine):
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
     gen = torch.Generator().manual_seed(0)
     shared = torch.randint(2, 500, (300,), generator=gen).tolist()  # a prefix hit for the later prompts
     prompts = [shared + torch.randint(2, 500, (n,), generator=gen).tolist() for n in (3, 40, 1, 77, 9)]
     runs = {}
     for graphs in (True, False):
-        llm = LLM(path, device="cuda", dtype="float32", max_num_seqs=8, cuda_graphs=graphs)
+        llm = LLM(path, dtype="float32", max_num_seqs=8, cuda_graphs=graphs, **engine)
         assert (llm.runner.graphs is not None) == graphs
         llm.generate([shared], SamplingParams(temperature=0.0, max_tokens=1))  # cache the prefix
         runs[graphs] = llm.generate(prompts, params)  # 5 sequences: the bucket of 8, padded
@@ -31,3 +30,15 @@ def test_graphs_give_the_eager_tokens(request, checkpoint):
         assert with_graphs.token_ids == eager.token_ids
         for a, b in zip(with_graphs.logprobs, eager.logprobs, strict=True):
             assert abs(a["logprob"] - b["logprob"]) < 1e-5
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_v3", "tiny_v32", "tiny_v4"])
+def test_graphs_give_the_eager_tokens(request, checkpoint):
+    _compare(request.getfixturevalue(checkpoint), device="cuda")
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_v3", "tiny_v4_engram"])
+def test_a_pipelines_stage_graphs_give_the_eager_tokens(request, checkpoint):
+    """Two stages, on two cards where there are two, else both on one: a graph per stage and bucket."""
+    devices = ("cuda:0", "cuda:1") if torch.cuda.device_count() > 1 else ("cuda:0", "cuda:0")
+    _compare(request.getfixturevalue(checkpoint), devices=devices)
