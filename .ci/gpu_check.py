@@ -1,7 +1,8 @@
 """The engine on a GPU machine, one JSON object per line (and the readable reports): per family, fp32
 agreement with transformers on the forced-Triton path, then `bench engine` (prefill, decode at batch 1
 and batch 32 through the scheduler with CUDA graphs on and off, next to transformers, host syncs and
-kernels per token, the device-busy share, the bandwidth floor); then `bench long` (32K and 128K in 8K
+kernels per token, the device-busy share, the bandwidth floor), and batch-1 decode with the layers in two
+stages (a graph per stage against eager steps); then `bench long` (32K and 128K in 8K
 chunks: prefill tok/s and peak memory; `--long-1m` adds V4 at 1,048,576 tokens); then `bench kernels`.
 `make gpu-check` runs it after the kernel tests.
 
@@ -20,7 +21,9 @@ DEVICE, WORK = sys.argv[1], sys.argv[2]
 QUICK = "--quick" in sys.argv
 LONG = [2048, 4096] if QUICK else [32768, 131072]
 CUDA = DEVICE.startswith("cuda")
-if not CUDA:  # the dry run's forced-Triton step runs the kernels in Triton's interpreter, set before they load
+if (
+    not CUDA
+):  # the dry run's forced-Triton step runs the kernels in Triton's interpreter (set before they load)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 PRESET = "tiny" if QUICK else "small"
 PROMPT, NEW, BATCH, RUNS = (16, 8, 4, 1) if QUICK else (512, 64, 32, 3)
@@ -57,6 +60,31 @@ def fp32_agreement(path):
     return dict(max_rel_err=err, argmax_agree=float((got.argmax(-1) == want.argmax(-1)).float().mean()))
 
 
+def pipeline_decode(path, dtype):
+    """Decode at batch 1 with the layers split in two stages (on two cards where there are two, else both
+    on one): a graph per stage against eager steps. tok/s = (generate(n) - generate(1)) / (n - 1)."""
+    import time
+
+    from ds4.engine import SamplingParams
+
+    two = CUDA and torch.cuda.device_count() > 1
+    devices = (DEVICE, "cuda:1") if two else (DEVICE, DEVICE)
+    report = dict(devices=list(devices))
+    for graphs in (True, False):
+        llm = LLM(path, devices=devices, dtype=dtype, max_num_seqs=8, cuda_graphs=graphs)
+        vocab = llm.config.vocab_size
+        prompt = torch.randint(2, vocab, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+        runs = []
+        for n in (1, NEW, 1, NEW):
+            start = time.perf_counter()
+            llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+            runs.append(time.perf_counter() - start)
+        name = "graphs" if llm.runner.graphs is not None else "eager"
+        report[f"{name}_tok_s"] = (NEW - 1) / max(runs[3] - runs[2], 1e-9)
+        report[f"{name}_handoff_bytes_per_token"] = llm.runner.handoffs.last_num_bytes
+    return report
+
+
 def step(name, fam, run, show=None):
     """One report line for `run()`'s figures (and `show`'s readable report), or for its failure: the rest
     of the check still runs. The card's cache is emptied after."""
@@ -83,6 +111,8 @@ def family(fam):
         bench_engine, path, PROMPT, NEW, RUNS, dtype, device=DEVICE, batch=BATCH, batch_prompt_tokens=PROMPT
     )
     step("bench_engine", fam, engine, format_report)
+    if fam != "deepseek_v32":
+        step("pipeline_decode", fam, partial(pipeline_decode, path, dtype))
     lengths = LONG + ([1 << 20] if "--long-1m" in sys.argv and fam == "deepseek_v4" else [])
     chunk = 512 if QUICK else 8192
     long = partial(bench_long, path, lengths, DEVICE, dtype, chunk=chunk, decode_tokens=4, peer=False)
