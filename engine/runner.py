@@ -91,6 +91,7 @@ class ModelRunner:
         self.fingerprint = model_fingerprint(path, self.dtype)
         self.inputs = StepInputs(self.device)
         self.graphs = None  # DecodeGraphs over the engine's cache, once captured
+        self.graph_failure: str | None = None  # why capturing them failed, where it did
         self.decode_forward = self._eager_decode
 
     def _split(self) -> Pipeline:
@@ -212,4 +213,13 @@ class ModelRunner:
         """Captures the decode graphs over `cache` where this model and device allow (see graph_blocker)."""
         from ds4.engine.graphs import DecodeGraphs
 
-        self.graphs = DecodeGraphs(self, cache, max_batch, -(-max_len // cache.block_size))
+        try:
+            self.graphs = DecodeGraphs(self, cache, max_batch, -(-max_len // cache.block_size))
+        except RuntimeError as e:  # CUDA's capture refused an op, or the graphs' memory did not fit
+            self.graphs = (
+                None  # what a capture had made is garbage now; the cache's scratch rows alone were written
+            )
+            self.graph_failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning(
+                "decode steps run eagerly: capturing their CUDA graphs failed (%s)", self.graph_failure
+            )

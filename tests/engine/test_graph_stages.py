@@ -52,3 +52,26 @@ def test_stage_graphs_give_the_eager_pipelines_tokens(request, checkpoint, monke
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             assert abs(x["logprob"] - y["logprob"]) < 1e-5
     assert handoffs[True] == handoffs[False] > 0  # the last step's activations, counted as eager counts
+
+
+def test_a_capture_that_fails_leaves_decode_eager_with_the_reason(tiny_v3, monkeypatch):
+    """CUDA refusing a capture (an op not allowed while a stream captures, or out of memory) must not stop
+    the engine: decode runs eagerly, the reason is kept, and the tokens are the eager engine's."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+
+    def refuse(self, b, k, pool):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(EagerReplay, "_record", refuse)
+    monkeypatch.setattr("ds4.engine.graphs.DecodeGraphs", EagerReplay)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    want = LLM(tiny_v3, compile_decode=False).generate([[3, 4, 5, 6]], params)[0].token_ids
+    llm = LLM(tiny_v3, compile_decode=False, max_num_seqs=2)
+    llm.runner.capture_decode_graphs(llm.engine.cache, 2, llm.engine.max_model_len)
+    assert llm.runner.graphs is None
+    assert (
+        llm.runner.graph_failure
+        == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+    )
+    assert llm.generate([[3, 4, 5, 6]], params)[0].token_ids == want
