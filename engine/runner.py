@@ -216,9 +216,8 @@ class ModelRunner:
         try:
             self.graphs = DecodeGraphs(self, cache, max_batch, -(-max_len // cache.block_size))
         except RuntimeError as e:  # CUDA's capture refused an op, or the graphs' memory did not fit
-            self.graphs = (
-                None  # what a capture had made is garbage now; the cache's scratch rows alone were written
-            )
+            # what the capture made is dropped; of the cache, only its scratch rows were written
+            self.graphs = None
             self.graph_failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             log.warning(
                 "decode steps run eagerly: capturing their CUDA graphs failed (%s)", self.graph_failure
