@@ -41,7 +41,7 @@ class _Stage:
     later stage the activations and layer inputs the stage before hands it."""
 
     def __init__(self, stage: int, device: torch.device, B: int, max_blocks: int, cache):
-        self.stage, self.device = stage, device
+        self.index, self.device = stage, device  # its number in the pipeline
         self.input_ids = torch.zeros(B, dtype=torch.int64, device=device)
         self.positions = torch.zeros(B, dtype=torch.int64, device=device)
         self.slot_rows = torch.full((B,), cache.scratch_row, dtype=torch.int64, device=device)
@@ -96,7 +96,7 @@ class DecodeGraphs:
                 x, inputs = model.begin(stage.input_ids[:b], positions)
             else:
                 x, inputs = _rows(stage.handed, b)
-            x = model.pipeline.run(model.layers, x, inputs, stage.stage if self.piped else None)
+            x = model.pipeline.run(model.layers, x, inputs, stage.index if self.piped else None)
             if k < len(self.stages) - 1:
                 return x, inputs
             return model.logits(model.end(x))
