@@ -1,9 +1,9 @@
 """The engine on a GPU machine, one JSON object per line (and the readable reports): per family, fp32
 agreement with transformers on the forced-Triton path, then `bench engine` (prefill, decode at batch 1
 and batch 32 through the scheduler with CUDA graphs on and off, next to transformers, host syncs and
-kernels per token, the device-busy share, the bandwidth floor), and batch-1 decode with the layers in two
-stages (a graph per stage against eager steps); then `bench long` (32K and 128K in 8K
-chunks: prefill tok/s and peak memory; `--long-1m` adds V4 at 1,048,576 tokens); then `bench kernels`.
+kernels per token, the device-busy share, the bandwidth floor); then `bench long` (32K and 128K in 8K
+chunks: prefill tok/s and peak memory; `--long-1m` adds V4 at 1,048,576 tokens); then `bench kernels`;
+last, batch-1 decode with the layers in two stages (a graph per stage against eager steps).
 `make gpu-check` runs it after the kernel tests.
 
 usage: gpu_check.py DEVICE WORKDIR [FAMILY ...] [--quick] [--long-1m]   (--quick: tiny presets, a CPU dry run)
@@ -111,8 +111,6 @@ def family(fam):
         bench_engine, path, PROMPT, NEW, RUNS, dtype, device=DEVICE, batch=BATCH, batch_prompt_tokens=PROMPT
     )
     step("bench_engine", fam, engine, format_report)
-    if fam != "deepseek_v32":
-        step("pipeline_decode", fam, partial(pipeline_decode, path, dtype))
     lengths = LONG + ([1 << 20] if "--long-1m" in sys.argv and fam == "deepseek_v4" else [])
     chunk = 512 if QUICK else 8192
     long = partial(bench_long, path, lengths, DEVICE, dtype, chunk=chunk, decode_tokens=4, peer=False)
@@ -127,6 +125,10 @@ def main():
 
         rates, results = bench_kernels(DEVICE, small=False, runs=20, compile_refs=False)
         emit(step="bench_kernels", report=json.loads(to_json(torch.cuda.get_device_name(), rates, results)))
+    for fam in FAMILIES:  # last: the newest figures, the first a short device budget gives up
+        if fam != "deepseek_v32":
+            dtype = "bfloat16" if CUDA else "float32"
+            step("pipeline_decode", fam, partial(pipeline_decode, os.path.join(WORK, fam), dtype))
 
 
 if __name__ == "__main__":
