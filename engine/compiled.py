@@ -7,6 +7,11 @@ context length. The routed experts are one opaque op (`ds4::routed_experts`): th
 expert ids on the host, which a traced graph cannot. The dense layers whose weights the CPU kernel
 reads are another (`ds4::cpu_linear`, engine/layers/linear.py). Prefill and mixed steps run eagerly.
 
+The cache's tensors are allocated once, for the engine's life (V4's pools and paged rows too), so the
+graph takes their sizes as constants (`mark_static`), while the step's own tensors keep dynamic sizes.
+Fewer symbols to reason about: V4's warm compile 19 -> 14 s (`small`, docs/perf.md). A cache tensor
+that did change size would fail its guard and compile once more.
+
 The first decode step compiles (tens of seconds on two cores; inductor caches its kernels on disk, so a
 later process reuses them); a compile that fails is reported once and the runner decodes eagerly.
 
@@ -34,6 +39,8 @@ import types
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ds4.engine.context import get_forward_context
 
 log = logging.getLogger("ds4.engine")
 
@@ -88,6 +95,26 @@ def _tracing_rules():
             yield
 
 
+def _mark_static(value, depth: int = 0) -> int:
+    """Marks every tensor reachable from `value` (through lists, tuples, dicts and objects' attributes,
+    three levels down) static for dynamo: the graph takes its sizes as constants, not symbols. Returns
+    how many were marked."""
+    if isinstance(value, torch.Tensor):
+        torch._dynamo.mark_static(value)
+        return 1
+    if depth == 3 or isinstance(value, (str, bytes, type)):
+        return 0
+    if isinstance(value, dict):
+        items = value.values()
+    elif isinstance(value, (list, tuple)):
+        items = value
+    elif hasattr(value, "__dict__"):
+        items = vars(value).values()
+    else:
+        return 0
+    return sum(_mark_static(v, depth + 1) for v in items)
+
+
 def _own_code(method):
     """`method` (a bound method) over a copy of its function with a code object of its own: dynamo keeps the
     graphs it compiles, and their guards, per code object."""
@@ -106,6 +133,7 @@ class CompiledDecode:
         self.compile_seconds: float | None = None  # the first call's time (tracing and code generation)
         self.failure: str | None = None
         self.wrapper_failure: str | None = None  # why the C++ wrapper was not built, where it was not
+        self.static_tensors = 0  # the cache's tensors whose sizes the graph takes as constants
 
     def _compile(self) -> None:
         for module in getattr(self.eager.__self__, "model", torch.nn.Module()).modules():
@@ -123,6 +151,7 @@ class CompiledDecode:
         if self.compiled is None:
             log.info("compiling the decode step (once per process; inductor's cache keeps the kernels)")
             self._compile()
+            self.static_tensors = _mark_static(get_forward_context().cache)  # see the module's docstring
         start = time.perf_counter()
         try:
             with _tracing_rules():
