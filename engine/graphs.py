@@ -76,7 +76,7 @@ class DecodeGraphs:
         pipeline = runner.model.pipeline
         self.stages = [
             _Stage(stage, device or runner.device, self.buckets[-1], max_blocks, cache)
-            for stage, device, _ in pipeline.stages()
+            for stage, device in pipeline.stages()
         ]
         self.piped = len(self.stages) > 1
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket, stage) -> its graph
@@ -156,8 +156,8 @@ class DecodeGraphs:
         b = next((b for b in self.buckets if b >= n), None)
         if b is None or width > self.max_blocks:
             return None
+        self.stages[0].input_ids[:n].copy_(input_ids)  # later stages get the embeddings' output instead
         for stage in self.stages:  # every stage indexes its own device's cache rows
-            stage.input_ids[:n].copy_(input_ids)
             stage.positions[:n].copy_(positions)
             stage.slot_rows[:n].copy_(batch.slot_rows)
             stage.slot_rows[n:b].fill_(self.cache.scratch_row)

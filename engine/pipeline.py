@@ -100,10 +100,6 @@ class Pipeline:
         stages = [k for k, n in enumerate(sizes) for _ in range(n)]
         return cls(stages, [devices[k] for k in stages])
 
-    def handoff(self, device: torch.device, **inputs) -> Handoff:
-        """A forward pass's way through the stages, starting on `device` with `inputs`."""
-        return Handoff(self, device, inputs)
-
     def run(self, layers: nn.ModuleList, x: torch.Tensor, inputs: dict, stage: int | None = None):
         """`x` through `layers`, each also given `inputs` (handed to its stage's device): every stage in
         turn, or the layers of `stage` alone, with `x` and `inputs` already on its device (a decode graph
@@ -115,14 +111,12 @@ class Pipeline:
                 x = layer(x, **kwargs)
         return x
 
-    def stages(self) -> list[tuple[int, torch.device | None, range]]:
-        """(stage, its device, its layers) in order; the device is None for a model on one device."""
-        out = []
-        for stage in dict.fromkeys(self.layer_stages):
-            layers = [i for i, s in enumerate(self.layer_stages) if s == stage]
-            device = None if self.layer_devices is None else self.layer_devices[layers[0]]
-            out.append((stage, device, range(layers[0], layers[-1] + 1)))
-        return out
+    def stages(self) -> list[tuple[int, torch.device | None]]:
+        """(stage, its device) in order; the device is None for a model on one device."""
+        first = {}  # stage -> its first layer
+        for i, stage in enumerate(self.layer_stages):
+            first.setdefault(stage, i)
+        return [(k, None if self.layer_devices is None else self.layer_devices[i]) for k, i in first.items()]
 
 
 class Handoff:

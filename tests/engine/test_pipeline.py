@@ -25,7 +25,7 @@ from ds4.engine.errors import ConfigError
 from ds4.engine.hybrid import TieredExperts
 from ds4.engine.loader import materialize
 from ds4.engine.models import build_model
-from ds4.engine.pipeline import Pipeline, layer_of
+from ds4.engine.pipeline import Handoff, Pipeline, layer_of
 from ds4.engine.planner import split_layers
 from ds4.engine.presets import init_preset
 from ds4.engine.window_cache import WindowCache
@@ -197,7 +197,7 @@ def test_a_handoff_moves_the_activations_and_the_inputs_once_per_device():
     ctx = ForwardContext([SeqSlice(0, 0, 3, 0, rows=torch.arange(3))], torch.arange(3), None, "naive")
     x, seen, given = torch.ones(3, 8), [], []
     with forward_context(ctx):
-        handoff = pipeline.handoff(CPU, rope=rope, input_ids=torch.arange(3), engram_ids=None)
+        handoff = Handoff(pipeline, CPU, dict(rope=rope, input_ids=torch.arange(3), engram_ids=None))
         for layer in range(4):
             x, inputs = handoff(layer, x)
             seen.append((x.device, inputs["rope"][1].device, get_forward_context().seqs[0].rows.device))
