@@ -3,7 +3,8 @@ agreement with transformers on the forced-Triton path, then `bench engine` (pref
 and batch 32 through the scheduler with CUDA graphs on and off, next to transformers, host syncs and
 kernels per token, the device-busy share, the bandwidth floor); then `bench long` (32K and 128K in 8K
 chunks: prefill tok/s and peak memory; `--long-1m` adds V4 at 1,048,576 tokens); then `bench kernels`;
-last, batch-1 decode with the layers in two stages (a graph per stage against eager steps).
+last, batch-1 decode with the layers in two stages (a graph per stage against eager steps) and with the
+routed experts in host RAM (graphs in pieces around the host's passes against eager steps).
 `make gpu-check` runs it after the kernel tests.
 
 usage: gpu_check.py DEVICE WORKDIR [FAMILY ...] [--quick] [--long-1m]   (--quick: tiny presets, a CPU dry run)
@@ -60,18 +61,17 @@ def fp32_agreement(path):
     return dict(max_rel_err=err, argmax_agree=float((got.argmax(-1) == want.argmax(-1)).float().mean()))
 
 
-def pipeline_decode(path, dtype):
-    """Decode at batch 1 with the layers split in two stages (on two cards where there are two, else both
-    on one): a graph per stage against eager steps. tok/s = (generate(n) - generate(1)) / (n - 1)."""
+def _decode_rates(path, dtype, **engine):
+    """Batch-1 decode tok/s with CUDA graphs and with eager steps, (generate(n) - generate(1)) / (n - 1),
+    and each engine's report (`figures(llm)`, keyed by graphs or eager)."""
     import time
 
     from ds4.engine import SamplingParams
 
-    two = CUDA and torch.cuda.device_count() > 1
-    devices = (DEVICE, "cuda:1") if two else (DEVICE, DEVICE)
-    report = dict(devices=list(devices))
+    figures = engine.pop("figures")
+    report = {}
     for graphs in (True, False):
-        llm = LLM(path, devices=devices, dtype=dtype, max_num_seqs=8, cuda_graphs=graphs)
+        llm = LLM(path, dtype=dtype, max_num_seqs=8, cuda_graphs=graphs, **engine)
         vocab = llm.config.vocab_size
         prompt = torch.randint(2, vocab, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
         runs = []
@@ -81,8 +81,31 @@ def pipeline_decode(path, dtype):
             runs.append(time.perf_counter() - start)
         name = "graphs" if llm.runner.graphs is not None else "eager"
         report[f"{name}_tok_s"] = (NEW - 1) / max(runs[3] - runs[2], 1e-9)
-        report[f"{name}_handoff_bytes_per_token"] = llm.runner.handoffs.last_num_bytes
+        report |= {f"{name}_{key}": value for key, value in figures(llm).items()}
     return report
+
+
+def pipeline_decode(path, dtype):
+    """Decode at batch 1 with the layers split in two stages (on two cards where there are two, else both
+    on one): a graph per stage against eager steps."""
+    two = CUDA and torch.cuda.device_count() > 1
+    devices = (DEVICE, "cuda:1") if two else (DEVICE, DEVICE)
+    handoffs = lambda llm: dict(handoff_bytes_per_token=llm.runner.handoffs.last_num_bytes)  # noqa: E731
+    return dict(devices=list(devices)) | _decode_rates(path, dtype, devices=devices, figures=handoffs)
+
+
+def hybrid_decode(path, dtype):
+    """Decode at batch 1 with the routed experts in host RAM, two of each layer's cached on the card: the
+    decode graphs in pieces around each MoE layer's host pass against eager steps."""
+
+    def figures(llm):
+        graphs, tiered = llm.runner.graphs, llm.runner.tiered
+        pieces = graphs.graphs[1, 0].pieces if graphs is not None else 0
+        return dict(
+            pieces=pieces, cpu_kernel=all(t.use_cpu_kernel for t in tiered), overlaps=tiered[0].overlaps
+        )
+
+    return _decode_rates(path, dtype, device=DEVICE, hot_experts=2, figures=figures)
 
 
 def step(name, fam, run, show=None):
@@ -126,9 +149,11 @@ def main():
         rates, results = bench_kernels(DEVICE, small=False, runs=20, compile_refs=False)
         emit(step="bench_kernels", report=json.loads(to_json(torch.cuda.get_device_name(), rates, results)))
     for fam in FAMILIES:  # last: the newest figures, the first a short device budget gives up
+        dtype = "bfloat16" if CUDA else "float32"
         if fam != "deepseek_v32":
-            dtype = "bfloat16" if CUDA else "float32"
             step("pipeline_decode", fam, partial(pipeline_decode, os.path.join(WORK, fam), dtype))
+        if fam == "deepseek_v3":
+            step("hybrid_decode", fam, partial(hybrid_decode, os.path.join(WORK, fam), dtype))
 
 
 if __name__ == "__main__":

@@ -110,3 +110,23 @@ def forward_context(ctx: ForwardContext):
         yield ctx
     finally:
         _CONTEXT = None
+
+
+_SPLIT = None  # the SplitGraph (ds4.engine.split_graphs) capturing now, where one is
+
+
+def current_split():
+    """The split decode graph being captured, or None: an MoE layer with tiered experts ends a piece
+    there (its routed experts run on the host, between two replays)."""
+    return _SPLIT
+
+
+@contextmanager
+def split_capture(split):
+    """Makes `split` (or None) the split graph being captured while the block runs."""
+    global _SPLIT
+    _SPLIT = split
+    try:
+        yield split
+    finally:
+        _SPLIT = None

@@ -18,14 +18,17 @@ copy between devices on both devices' current streams, so a step still waits for
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
 import torch
 from torch.utils._pytree import tree_map
 
-from ds4.engine.context import DecodeBatch, ForwardContext, forward_context
+from ds4.engine.context import DecodeBatch, ForwardContext, forward_context, split_capture
+from ds4.engine.hybrid import uncounted
 from ds4.engine.pipeline import current_device
+from ds4.engine.split_graphs import SplitGraph
 
 log = logging.getLogger("ds4.engine")
 
@@ -56,6 +59,16 @@ class _Stage:
         return DecodeBatch(self.slot_rows[:b], self.block_table[:b], self.seq_lens[:b], self.span)
 
 
+def _on(stage: _Stage):
+    """The stage's device and capture stream made current (nothing to make current on the CPU)."""
+    if stage.device.type != "cuda":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.cuda.device(stage.device))
+    stack.enter_context(torch.cuda.stream(stage.stream))
+    return stack
+
+
 def _rows(value, b: int):
     """The first `b` rows of every tensor in `value` (tensors in dicts and tuples, or None)."""
     return tree_map(lambda t: t[:b] if isinstance(t, torch.Tensor) else t, value)
@@ -81,6 +94,7 @@ class DecodeGraphs:
         self.piped = len(self.stages) > 1
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket, stage) -> its graph
         self.outputs: dict[tuple[int, int], object] = {}  # its static outputs
+        self.rows = 0  # the real rows of the batch being replayed
         self.capture_seconds, self.memory_bytes = self._capture()
 
     def _forward(self, b: int, k: int):
@@ -112,6 +126,10 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self) -> tuple[float, int]:
+        with uncounted(self.runner.tiered):  # the warm-up passes' padding rows are no experts' traffic
+            return self._capture_all()
+
+    def _capture_all(self) -> tuple[float, int]:
         devices = list(dict.fromkeys(stage.device for stage in self.stages))
         start = time.perf_counter()
         before = {d: torch.cuda.memory_reserved(d) for d in devices}
@@ -141,12 +159,26 @@ class DecodeGraphs:
 
     def _record(self, b: int, k: int, pool):
         """(graph, its static outputs, its memory pool): stage k of bucket b captured on its device and
-        stream, allocating from `pool` (None: a new one)."""
-        stage, graph = self.stages[k], torch.cuda.CUDAGraph()
-        with torch.cuda.device(stage.device):
-            with torch.cuda.graph(graph, pool=pool, stream=stage.stream):
-                outputs = self._forward(b, k)
+        stream, allocating from `pool` (None: a new one). With tiered experts the stage is captured in
+        pieces (`SplitGraph`), one between two host passes."""
+        stage = self.stages[k]
+        split = SplitGraph(self, self._new_graph, pool) if self.runner.tiered else None
+        with _on(stage):
+            graph = split or self._new_graph()
+            if split is None:
+                graph.capture_begin(pool=pool)
+            else:
+                split.begin()
+            try:
+                with split_capture(split):
+                    outputs = self._forward(b, k)
+            finally:
+                graph.capture_end()
         return graph, outputs, graph.pool()
+
+    def _new_graph(self):
+        """A CUDA graph to capture into (the seam where a CPU test puts its stand-in)."""
+        return torch.cuda.CUDAGraph()
 
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: DecodeBatch
@@ -165,6 +197,7 @@ class DecodeGraphs:
             stage.seq_lens[n:b].zero_()
             stage.block_table[:n, :width].copy_(batch.block_table)
             stage.block_table[n:b].fill_(stage.scratch_block)
+        self.rows = n  # the real rows, which a split graph's host passes compute (not the padding)
         stats = self.runner.model.pipeline.stats
         stats.last_num_handoffs = stats.last_num_bytes = 0
         for k, stage in enumerate(self.stages):

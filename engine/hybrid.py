@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ from ds4.kernels import triton_enabled
 
 class TieredExperts(Experts):
     fused = False  # placement is per expert
+    host_pass = True  # the host reads every pass's routing: a decode graph is captured in pieces around it
 
     def __init__(
         self, base: Experts, hot: int, compute_device, expert_device, period: int, stream_tokens: int
@@ -194,6 +196,20 @@ class TieredExperts(Experts):
                 self.hot[e] = self._weights(e, self.compute_device)
                 self.stats["promoted"] += 1
         self.counts *= 0.5
+
+
+@contextmanager
+def uncounted(tiered: list[TieredExperts]):
+    """Passes run inside leave the stacks as they were: their statistics, popularity and hot sets. A decode
+    graph's capture runs warm-up passes over its padding rows, which are not traffic."""
+    saved = [(t.counts.clone(), list(t._routed), t.calls, dict(t.stats), dict(t.hot)) for t in tiered]
+    seconds = [t.kernel_seconds.clone() for t in tiered]
+    try:
+        yield
+    finally:
+        for t, (counts, routed, calls, stats, hot), spent in zip(tiered, saved, seconds, strict=True):
+            t.counts, t._routed, t.calls, t.stats, t.hot = counts, routed, calls, stats, hot
+            t.kernel_seconds.copy_(spent)
 
 
 def make_hybrid(

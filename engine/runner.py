@@ -193,8 +193,6 @@ class ModelRunner:
             return "not on a CUDA device"
         if not triton_enabled(self.device):
             return "the torch kernel path reads device values on the host"
-        if self.tiered:  # a step's cold experts run on the host, between the device's kernels
-            return "tiered experts run their decode steps eagerly"
         if isinstance(cache, PagedLatentCache) and self.engine_config.mla_mode == "naive":
             return "mla_mode naive decodes per sequence"
         return None

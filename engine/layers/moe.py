@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds4.engine.config import ModelConfig
+from ds4.engine.context import current_split
 from ds4.engine.layers.linear import Linear
 from ds4.engine.layers.quantized import quantized_linear, stored_shapes
 from ds4.kernels import triton_enabled
@@ -129,6 +130,7 @@ class Experts(nn.Module):
         self.handle = register_stack(self)  # how a compiled step's `routed_experts` op finds this stack
 
     fused = True  # the Triton path computes every expert in one kernel; tiered experts compute per expert
+    host_pass = False  # tiered experts: the host takes part in every pass (a decode graph splits there)
     quant = "none"
     kernel_op: tuple | None = None  # (format, int8, limit): a compiled step calls ds4_cpu::moe with them
 
@@ -270,6 +272,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         weights, expert_ids = self.gate(x, input_ids)
+        if self.experts.host_pass and (split := current_split()) is not None:  # a decode graph in pieces
+            shared = self.shared_experts
+            return split.routed(self.experts, x, weights, expert_ids, shared and (lambda: shared(x)))
         if self.shared_experts is None:
             return self.experts(x, weights, expert_ids)
         if getattr(self.experts, "overlaps", False) and not torch.compiler.is_compiling():

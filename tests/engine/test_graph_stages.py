@@ -32,7 +32,6 @@ def test_stage_graphs_give_the_eager_pipelines_tokens(request, checkpoint, monke
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     path = request.getfixturevalue(checkpoint)
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
     gen = torch.Generator().manual_seed(0)
     shared = torch.randint(2, 90, (270,), generator=gen).tolist()  # a full block: a prefix hit later
     prompts = [shared + torch.randint(2, 90, (n,), generator=gen).tolist() for n in (3, 11, 1)] + [[0, 7, 9]]
@@ -44,7 +43,15 @@ def test_stage_graphs_give_the_eager_pipelines_tokens(request, checkpoint, monke
             runner.graphs = EagerReplay(runner, cache, 6, -(-llm.engine.max_model_len // cache.block_size))
             assert len(runner.graphs.stages) == 2 and len(runner.graphs.graphs) == 2 * 4  # buckets 1, 2, 4, 6
         llm.generate([shared], SamplingParams(temperature=0.0, max_tokens=1))  # cache the prefix
-        runs[replayed] = llm.generate(prompts, params)  # 4 sequences, then fewer as they finish: padding
+        requests = [  # 4 sequences, then fewer as they finish: batches of 3 run padded to the bucket of 4
+            llm.engine.add_request(
+                p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=2)
+            )
+            for p, n in zip(prompts, (10, 4, 7, 9), strict=True)
+        ]
+        while llm.engine.has_unfinished:
+            llm.engine.step()
+        runs[replayed] = [llm.engine.release(r) for r in requests]
         assert llm.stats()["tokens_reused"] >= 256
         handoffs[replayed] = runner.handoffs.last_num_bytes
     for a, b in zip(runs[True], runs[False], strict=True):

@@ -1,0 +1,93 @@
+"""Decode graphs in pieces around host passes, for tiered experts (ds4.engine.hybrid).
+
+With routed experts in host RAM, each MoE layer's cold experts are computed by the host between the
+device's kernels, so a decode step cannot be one graph. It is captured as a chain instead. A piece holds
+the device's work up to an MoE layer's routing. The layer's shared expert is a graph of its own. The next
+piece starts by adding the routed experts' sum, read from a static buffer, to the shared expert's output.
+
+A replay runs the chain: each piece's graph, and between two pieces the layer's host pass, as an eager
+decode step runs it (`TieredExperts.begin`). The routing and activations are copied to pinned host
+memory; the shared expert's graph is queued behind that copy; the host waits for the copy alone; the
+cold experts run in ds4's CPU kernel while the device runs the shared expert and the hot experts. The
+sum goes into the static buffer the next piece reads.
+
+One host wait per MoE layer is inherent to experts in host RAM (KTransformers waits once per layer as
+well). What the pieces remove is the host's launch of every other kernel: a `small` V3 layer's ~24
+kernels become one or two replays. Anchor: vLLM's piecewise CUDA graphs, which split at attention where
+ds4 splits at the routed experts. A host pass computes the batch's real rows only (`DecodeGraphs.rows`),
+so padding rows neither cost host time nor count in the experts' popularity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class SplitGraph:
+    """One stage's decode step for one bucket as a chain of captured pieces and host passes. It is
+    captured and replayed like one CUDA graph (`capture_end`, `pool`, `replay`); the capture begins with
+    `begin` and MoE layers with tiered experts call `routed` while it runs (ds4.engine.context's
+    `current_split`)."""
+
+    def __init__(self, graphs, new_graph: Callable[[], object], pool):
+        self.graphs = graphs  # the DecodeGraphs it belongs to: `rows` is the replayed batch's real rows
+        self._new_graph, self._pool = new_graph, pool  # every piece allocates from one memory pool
+        self.steps: list[Callable[[], None]] = []  # piece replays and host passes, in order
+        self.pieces = 0  # graphs captured: the pieces and the shared experts'
+        self._capturing = None
+
+    def begin(self) -> None:
+        """Starts capturing the next piece."""
+        self._capturing = self._start()
+        self.steps.append(self._capturing.replay)
+
+    def _start(self):
+        graph = self._new_graph()
+        graph.capture_begin(pool=self._pool)
+        self.pieces += 1
+        return graph
+
+    def _end(self, graph) -> None:
+        graph.capture_end()
+        if self._pool is None:  # the first piece made the pool; the others share it
+            self._pool = graph.pool()
+
+    def capture_end(self) -> None:
+        """Ends the piece being captured (the last one, when the stage's forward returns)."""
+        graph, self._capturing = self._capturing, None
+        self._end(graph)
+
+    def pool(self):
+        return self._pool
+
+    def routed(
+        self, experts, x: torch.Tensor, weights, expert_ids, shared: Callable[[], torch.Tensor] | None
+    ):
+        """In place of an MoE layer's `routed + shared`: ends the piece after the routing, captures the
+        shared expert (`shared`, or None) alone, and starts the next piece, whose first op adds the static
+        buffer the host pass writes to the shared expert's output."""
+        self.capture_end()
+        shared_graph = shared_out = None
+        if shared is not None:
+            shared_graph = self._start()
+            shared_out = shared()
+            self._end(shared_graph)
+        routed = torch.zeros_like(x)  # outside every capture: the host pass writes it between two replays
+        graphs = self.graphs
+
+        def host_pass() -> None:
+            n = graphs.rows
+            finish = experts.begin(x[:n], weights[:n], expert_ids[:n])  # copies queued, nothing waits yet
+            if shared_graph is not None:
+                shared_graph.replay()  # the device computes it while the host computes the cold experts
+            routed[:n].copy_(finish())
+
+        self.steps.append(host_pass)
+        self.begin()
+        return routed if shared_out is None else routed + shared_out
+
+    def replay(self) -> None:
+        for step in self.steps:
+            step()
