@@ -11,12 +11,16 @@ What it keeps of a graph's semantics, and so lets a CPU test check:
   it made at capture; in-place ops re-run on their tensors; views are not re-run (they alias memory the
   replay rewrites; an op that may alias, such as `to`, counts as a view where its output shares its
   input's memory); allocations (`empty`) touch nothing.
-What it does not model: streams, memory pools, and code that computes outside the dispatcher (ds4's CPU
-expert kernel is called through ctypes: a test keeps it out of captured pieces, as tiered experts do)."""
+- Triton kernels run by Triton's interpreter (the Triton path forced on the CPU) are recorded as launches,
+  with their arguments, and launched again at replay.
+What it does not model: streams, memory pools, and code that computes outside the dispatcher and Triton
+(ds4's CPU expert kernel is called through ctypes: a test keeps it out of captured pieces, as tiered
+experts do)."""
 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_map
 
 from ds4.engine.syncs import SyncRecorder
@@ -69,11 +73,15 @@ class RecordedGraph:
 
     def capture_begin(self, pool=None, capture_error_mode: str = "global") -> None:
         assert self._recorder is None and not self.ops, "one capture per graph"
-        self._recorder = _Recorder(self.ops)
-        self._recorder.__enter__()
+        self._recorder = recorder = _Recorder(self.ops)
+        recorder.__enter__()
+        if _TRITON_RUN is not None:
+            InterpretedFunction.run = lambda kernel, *args, **kwargs: _launch(recorder, kernel, args, kwargs)
 
     def capture_end(self) -> None:
         recorder, self._recorder = self._recorder, None
+        if _TRITON_RUN is not None:
+            InterpretedFunction.run = _TRITON_RUN
         recorder.__exit__(None, None, None)
         if recorder.found:
             raise RuntimeError(f"operation not permitted when stream is capturing: {recorder.found[0]}")
@@ -83,4 +91,28 @@ class RecordedGraph:
 
     def replay(self) -> None:
         for op in self.ops:
-            _replay(*op)
+            if op[0] == "triton":
+                _TRITON_RUN(op[1], *op[2], **op[3])
+            else:
+                _replay(*op)
+
+
+# A Triton kernel run by Triton's interpreter (the Triton path forced on the CPU) is a launch as on a card:
+# recorded with its arguments (its Python numbers baked in, as a CUDA graph bakes them) and launched again
+# at replay. The interpreter's own copies of the arguments are not the kernel's and are not recorded.
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    _TRITON_RUN = InterpretedFunction.run
+except ImportError:  # no Triton: nothing launches kernels
+    _TRITON_RUN = None
+
+
+def _launch(recorder: _Recorder, kernel, args, kwargs):
+    recorder.ops.append(("triton", kernel, args, kwargs))
+    recorder._reading += 1  # the interpreter reads its arguments on the host: that is not the kernel's
+    try:
+        with _disable_current_modes():
+            return _TRITON_RUN(kernel, *args, **kwargs)
+    finally:
+        recorder._reading -= 1
