@@ -56,6 +56,19 @@ class TieredExperts(Experts):
         self.counts = torch.zeros(self.w13.shape[0], dtype=torch.float64)
         self._routed: list[int] = []  # expert ids routed since the last rebalance, counted then
         self.hot: dict[int, tuple] = {}  # expert -> (w13, w13 scale, w2, w2 scale) on the compute device
+        # With Triton on a separate compute device, the hot experts live in fixed slots of one stack there,
+        # and `hot_slot` maps each expert to its slot (-1: cold): the device computes every hot pair of a
+        # pass in one fused kernel, from device values alone, which a decode graph can replay.
+        self.hot_stack: tuple | None = None
+        self.hot_slot = torch.full((self.w13.shape[0],), -1, dtype=torch.int32, device=self.compute_device)
+        self._slots: dict[int, int] = {}  # expert -> its slot
+        if hot > 0 and (self.compute_device != self.expert_device or triton_enabled(self.compute_device)):
+            size = min(hot, self.w13.shape[0])
+            self.hot_stack = tuple(
+                None if t is None else torch.zeros(size, *t.shape, dtype=t.dtype, device=self.compute_device)
+                for t in self._weights(0)
+            )
+        self.paused = False  # no rebalancing (a graph capture's warm-up passes)
         self.calls = 0
         self.use_cpu_kernel = self.expert_device.type == "cpu" and self.cpu_kernel()
         self.stats = {"promoted": 0, "evicted": 0, "hot_rows": 0, "cold_rows": 0, "streamed": 0}
@@ -73,6 +86,23 @@ class TieredExperts(Experts):
         found = (self.w13[e], self.w13_scale[e] if quantized else None)
         found += (self.w2[e], self.w2_scale[e] if quantized else None)
         return found if device is None else tuple(t if t is None else t.to(device) for t in found)
+
+    @property
+    def device_hot(self) -> bool:
+        """Whether a pass computes its hot pairs on the compute device in one fused kernel (`device_part`)
+        and its cold ones in the CPU kernel."""
+        return self.hot_stack is not None and self.use_cpu_kernel and triton_enabled(self.compute_device)
+
+    def device_part(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor):
+        """The hot pairs' weighted sum [T, D] in x's dtype, on the compute device, the cold pairs left out;
+        None where the stack does not compute that way (see `device_hot`)."""
+        if not self.device_hot:
+            return None
+        from ds4.kernels.moe import fused_moe
+
+        w13, s13, w2, s2 = self.hot_stack
+        slots = self.hot_slot[expert_ids]  # [T, K]: each pair's slot, -1 for a cold expert
+        return fused_moe(x, w13, w2, weights, slots, self.limit, self.quant, s13, s2, skips=True)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         weights = self.hot.get(e) or self._streamed.get(e)
@@ -101,23 +131,27 @@ class TieredExperts(Experts):
         return self.begin(x, weights, expert_ids)()
 
     def begin(
-        self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
+        self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, cold_only: bool = False
     ) -> Callable[[], torch.Tensor]:
         """Starts a pass; the call it returns finishes it. Overlapped (a decode-shaped pass on a GPU with its
         experts in host RAM), the pass's inputs and routing are copied to pinned host memory behind the work
         that computes them, without waiting; what the caller queues on the device before calling the result
         runs while the host computes, since the call waits for that copy alone. Otherwise the whole pass
-        runs in the call."""
+        runs in the call. `cold_only`: the caller computed `device_part` (a decode graph did); the call
+        returns the rest."""
         if not (self.overlaps and self.kernel_rows(expert_ids) and x.shape[0] < self.stream_tokens):
-            return lambda: self._pass(x, weights, expert_ids)
+            return lambda: self._pass(x, weights, expert_ids, cold_only=cold_only)
         host = [_to_host(t) for t in (x, weights, expert_ids)]
         copied = None
         if x.device.type == "cuda":  # on the stream the copies were queued on: x's device's current one
             copied = torch.cuda.Event()
             copied.record(torch.cuda.current_stream(x.device))
-        return lambda: self._pass(x, weights, expert_ids, host, copied)
+        hot = None if cold_only else self.device_part(x, weights, expert_ids)  # queued behind the copies
+        if hot is None:
+            return lambda: self._pass(x, weights, expert_ids, host, copied, cold_only)
+        return lambda: self._pass(x, weights, expert_ids, host, copied, True) + hot
 
-    def _pass(self, x, weights, expert_ids, host=None, copied=None) -> torch.Tensor:
+    def _pass(self, x, weights, expert_ids, host=None, copied=None, cold_only=False) -> torch.Tensor:
         if copied is not None:
             copied.synchronize()  # the hand-off alone: the device may still be computing what came after
         start = time.perf_counter()
@@ -126,20 +160,21 @@ class TieredExperts(Experts):
         self._routed += id_list
         try:
             if host:
-                return self._kernel_forward(x, weights, ids, id_list, host[:2])
-            return self._forward(x, weights, ids, id_list)
+                return self._kernel_forward(x, weights, ids, id_list, expert_ids, host[:2], cold_only)
+            return self._forward(x, weights, ids, id_list, expert_ids, cold_only)
         finally:
             if x.shape[0] == 1:
                 cold = set(id_list) - self.hot.keys()
                 self.stats["decode_expert_bytes"] += len(cold) * self.expert_bytes
                 self.stats["decode_expert_s"] += time.perf_counter() - start
             self.calls += 1
-            if self.calls % self.period == 0:
+            if self.calls % self.period == 0 and not self.paused:
                 self.rebalance()
 
-    def _forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, id_list: list[int]):
+    def _forward(self, x, weights, ids: torch.Tensor, id_list: list[int], expert_ids, cold_only=False):
         if self.use_cpu_kernel and self.kernel_rows(ids) and x.shape[0] < self.stream_tokens:
-            return self._kernel_forward(x, weights, ids, id_list)
+            return self._kernel_forward(x, weights, ids, id_list, expert_ids, cold_only=cold_only)
+        assert not cold_only, "a pass outside the CPU kernel computes every pair (device_part gave None)"
         expert_ids = ids.to(x.device)
         if x.shape[0] >= self.stream_tokens:  # a long prefill: the cold experts it uses come over once
             used = [int(e) for e in expert_ids.flatten().unique().tolist() if int(e) not in self.hot]
@@ -151,11 +186,15 @@ class TieredExperts(Experts):
         finally:
             self._streamed = {}
 
-    def _kernel_forward(self, x, weights, ids: torch.Tensor, id_list: list[int], host=None) -> torch.Tensor:
+    def _kernel_forward(
+        self, x, weights, ids: torch.Tensor, id_list: list[int], expert_ids, host=None, cold_only=False
+    ) -> torch.Tensor:
         """Cold pairs in one CPU kernel call; hot ones where their weights are, on the compute device, queued
-        first so that they run while the host computes. On a CPU-only machine that is the same memory, so
-        every pair goes to the kernel, unless the Triton path is forced (tests run hot experts through it).
-        `host`: x and weights already copied to host memory."""
+        first so that they run while the host computes (`device_part`: all in one kernel; else expert by
+        expert). On a CPU-only machine that is the same memory, so every pair goes to the kernel, unless the
+        Triton path is forced (tests run hot experts through it). `host`: x and weights already copied to
+        host memory; `ids` on the host, `expert_ids` where x is. `cold_only`: the hot pairs are the
+        caller's."""
         hot_pairs = sum(1 for e in id_list if e in self.hot)
         self.stats["hot_rows"] += hot_pairs
         self.stats["cold_rows"] += len(id_list) - hot_pairs
@@ -165,9 +204,13 @@ class TieredExperts(Experts):
         if not (device_path and hot_pairs):  # decode on a CPU-only machine: one call, nothing else
             return self.cpu_forward(host_x, host_weights, ids, seconds).to(x.device)
         is_hot = torch.isin(ids, torch.tensor(sorted(self.hot), dtype=ids.dtype))
-        hot = self._hot_forward(x, weights, ids, is_hot)
+        hot = None
+        if not cold_only:
+            hot = self.device_part(x, weights, expert_ids)
+            if hot is None:
+                hot = self._hot_forward(x, weights, ids, is_hot)
         y = self.cpu_forward(host_x, host_weights, ids.masked_fill(is_hot, -1), seconds).to(x.device)
-        return y + hot
+        return y if hot is None else y + hot
 
     def _hot_forward(self, x, weights, ids, is_hot) -> torch.Tensor:
         """The hot pairs' weighted sum on the compute device, expert by expert in ascending id."""
@@ -188,27 +231,50 @@ class TieredExperts(Experts):
             return
         ranked = torch.sort(self.counts, descending=True, stable=True).indices[: self.capacity].tolist()
         wanted = set(ranked)
-        for e in [e for e in self.hot if e not in wanted]:
+        evicted = [e for e in self.hot if e not in wanted]
+        for e in evicted:
             del self.hot[e]
-            self.stats["evicted"] += 1
-        for e in ranked:
-            if e not in self.hot:
-                self.hot[e] = self._weights(e, self.compute_device)
-                self.stats["promoted"] += 1
+            self._slots.pop(e, None)
+        promoted = [e for e in ranked if e not in self.hot]
+        for e in promoted:
+            self.hot[e] = self._promote(e)
+        self.stats["evicted"] += len(evicted)
+        self.stats["promoted"] += len(promoted)
+        if self.hot_stack is not None and (evicted or promoted):
+            table = torch.full(self.hot_slot.shape, -1, dtype=torch.int32)
+            for e, slot in self._slots.items():
+                table[e] = slot
+            self.hot_slot.copy_(table)  # in place: a captured graph reads it where it is
         self.counts *= 0.5
+
+    def _promote(self, e: int) -> tuple:
+        """Expert e's weights on the compute device: copied into a free slot of the hot stack where there is
+        one (views of it), else copies of their own."""
+        if self.hot_stack is None:
+            return self._weights(e, self.compute_device)
+        slot = min(set(range(self.hot_stack[0].shape[0])) - set(self._slots.values()))
+        self._slots[e] = slot
+        placed = []
+        for stacked, weight in zip(self.hot_stack, self._weights(e), strict=True):
+            if stacked is not None:
+                stacked[slot].copy_(weight)
+            placed.append(None if stacked is None else stacked[slot])
+        return tuple(placed)
 
 
 @contextmanager
 def uncounted(tiered: list[TieredExperts]):
     """Passes run inside leave the stacks as they were: their statistics, popularity and hot sets. A decode
     graph's capture runs warm-up passes over its padding rows, which are not traffic."""
-    saved = [(t.counts.clone(), list(t._routed), t.calls, dict(t.stats), dict(t.hot)) for t in tiered]
+    saved = [(t.counts.clone(), list(t._routed), t.calls, dict(t.stats)) for t in tiered]
     seconds = [t.kernel_seconds.clone() for t in tiered]
+    for t in tiered:
+        t.paused = True  # the hot sets stay as they are
     try:
         yield
     finally:
-        for t, (counts, routed, calls, stats, hot), spent in zip(tiered, saved, seconds, strict=True):
-            t.counts, t._routed, t.calls, t.stats, t.hot = counts, routed, calls, stats, hot
+        for t, (counts, routed, calls, stats), spent in zip(tiered, saved, seconds, strict=True):
+            t.counts, t._routed, t.calls, t.stats, t.paused = counts, routed, calls, stats, False
             t.kernel_seconds.copy_(spent)
 
 

@@ -2,14 +2,16 @@
 
 With routed experts in host RAM, each MoE layer's cold experts are computed by the host between the
 device's kernels, so a decode step cannot be one graph. It is captured as a chain instead. A piece holds
-the device's work up to an MoE layer's routing. The layer's shared expert is a graph of its own. The next
-piece starts by adding the routed experts' sum, read from a static buffer, to the shared expert's output.
+the device's work up to an MoE layer's routing. The device's part of the layer (its hot experts and shared
+expert) is a graph of its own. The next piece starts by adding the cold experts' sum, read from a static
+buffer, to the device's part.
 
 A replay runs the chain: each piece's graph, and between two pieces the layer's host pass, as an eager
 decode step runs it (`TieredExperts.begin`). The routing and activations are copied to pinned host
-memory; the shared expert's graph is queued behind that copy; the host waits for the copy alone; the
-cold experts run in ds4's CPU kernel while the device runs the shared expert and the hot experts. The
-sum goes into the static buffer the next piece reads.
+memory; the graph of the device's part is queued behind that copy (the hot experts, all in one fused
+kernel over a stack of fixed slots, and the shared expert); the host waits for the copy alone; the cold
+experts run in ds4's CPU kernel while the device runs its part. Their sum goes into the static buffer
+the next piece reads.
 
 One host wait per MoE layer is inherent to experts in host RAM (KTransformers waits once per layer as
 well). What the pieces remove is the host's launch of every other kernel: a `small` V3 layer's ~24
@@ -35,7 +37,7 @@ class SplitGraph:
         self.graphs = graphs  # the DecodeGraphs it belongs to: `rows` is the replayed batch's real rows
         self._new_graph, self._pool = new_graph, pool  # every piece allocates from one memory pool
         self.steps: list[Callable[[], None]] = []  # piece replays and host passes, in order
-        self.pieces = 0  # graphs captured: the pieces and the shared experts'
+        self.pieces = 0  # graphs captured: the pieces and the MoE layers' device parts
         self._capturing = None
 
     def begin(self) -> None:
@@ -66,27 +68,27 @@ class SplitGraph:
         self, experts, x: torch.Tensor, weights, expert_ids, shared: Callable[[], torch.Tensor] | None
     ):
         """In place of an MoE layer's `routed + shared`: ends the piece after the routing, captures the
-        shared expert (`shared`, or None) alone, and starts the next piece, whose first op adds the static
-        buffer the host pass writes to the shared expert's output."""
+        device's part of the layer alone (the hot experts' fused sum, where the stack computes it that way,
+        and the shared expert), and starts the next piece, whose first ops add the static buffer the host
+        pass writes (the cold experts, or every routed expert) to the device's part."""
         self.capture_end()
-        shared_graph = shared_out = None
-        if shared is not None:
-            shared_graph = self._start()
-            shared_out = shared()
-            self._end(shared_graph)
+        device_graph = self._start()
+        hot = experts.device_part(x, weights, expert_ids)
+        shared_out = None if shared is None else shared()
+        self._end(device_graph)
         routed = torch.zeros_like(x)  # outside every capture: the host pass writes it between two replays
-        graphs = self.graphs
+        graphs, cold_only = self.graphs, hot is not None
 
         def host_pass() -> None:
             n = graphs.rows
-            finish = experts.begin(x[:n], weights[:n], expert_ids[:n])  # copies queued, nothing waits yet
-            if shared_graph is not None:
-                shared_graph.replay()  # the device computes it while the host computes the cold experts
+            finish = experts.begin(x[:n], weights[:n], expert_ids[:n], cold_only)  # copies queued, no wait
+            device_graph.replay()  # the device computes its part while the host computes the cold experts
             routed[:n].copy_(finish())
 
         self.steps.append(host_pass)
         self.begin()
-        return routed if shared_out is None else routed + shared_out
+        out = routed if hot is None else routed + hot  # the eager pass's order: (cold + hot) + shared
+        return out if shared_out is None else out + shared_out
 
     def replay(self) -> None:
         for step in self.steps:

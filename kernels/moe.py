@@ -233,9 +233,12 @@ def fused_moe(
     block_n: int | None = None,
     block_k: int | None = None,
     add: torch.Tensor | None = None,
+    skips: bool = False,
 ) -> torch.Tensor:
     """y [T, D] = sum_k topk_weights[t, k] * W2[e](SwiGLU(W13[e] x[t])), e = topk_ids[t, k], in float32
-    and returned in x's dtype. FP8: w [E, out, in] float8_e4m3fn, scale [E, out/128, in/128] float32.
+    and returned in x's dtype. `skips`: topk_ids may hold -1, pairs left out of the sum (computed
+    elsewhere: the cold pairs of tiered experts, whose hot ones this computes).
+    FP8: w [E, out, in] float8_e4m3fn, scale [E, out/128, in/128] float32.
     FP4: w [E, out, in/2] int8 (two codes per byte), scale [E, out, in/32] float8_e8m0fnu.
     int4: w [E, out, in/2] uint8 (code + 8, two per byte), scale [E, out, in/32] bf16. Tiles of block_m
     pairs by block_n x block_k weights: as given, else timed on a GPU (ds4.kernels.tuning), else 32 x 32.
@@ -253,9 +256,8 @@ def fused_moe(
     sorted_ids, block_expert = align_pairs(topk_ids, experts, block_m)
     padded = sorted_ids.numel()
     h = torch.empty(padded, inter, dtype=torch.float32, device=x.device)
-    out_pairs = torch.empty(
-        tokens * topk, dim, dtype=torch.float32, device=x.device
-    )  # the down kernel's rows
+    make = torch.zeros if skips else torch.empty  # a skipped pair's row is never written: zero, summed
+    out_pairs = make(tokens * topk, dim, dtype=torch.float32, device=x.device)  # the down kernel's rows
     if padded == 0:
         return torch.zeros_like(x) if add is None else add.clone()
 

@@ -12,6 +12,8 @@ pools exist only there."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -93,14 +95,20 @@ def test_a_pipelines_stage_graphs_give_the_eager_tokens_and_hand_offs(tiny_v4_en
 
 def test_tiered_experts_replay_in_pieces_around_the_host_passes(tiny_v3, no_cuda_calls):
     """Routed experts in host RAM, one of each layer's on the "device" and re-ranked every pass: a piece
-    per MoE layer up to its routing, the shared expert a graph of its own, the host pass between. The host
+    per MoE layer up to its routing, the layer's device part (its hot experts in one fused kernel over
+    the hot stack, and its shared expert) a graph of its own, the host pass between. The host
     passes compute the real rows alone, and the capture's warm-up passes count nowhere, so the experts'
     popularity, moves and hot sets are the eager engine's."""
     eager, llm = _compare(tiny_v3, hot_experts=1, hot_period=1)
     graphs, tiered = llm.runner.graphs, llm.runner.tiered
     split = graphs.graphs[graphs.buckets[-1], 0]
     assert isinstance(split, SplitGraph) and len(tiered) > 0
-    assert split.pieces == 2 * len(tiered) + 1  # per MoE layer, the piece it ends and its shared expert's
+    assert all(t.hot_stack is not None for t in tiered)
+    device_parts = [inspect.getclosurevars(step).nonlocals["device_graph"] for step in split.steps[1::2]]
+    for graph in device_parts:  # each layer's hot pairs in the fused kernel (gate/up, down), in the graph
+        launched = [op[1].fn.__name__ for op in graph.ops if op[0] == "triton"]
+        assert launched.count("_expert_gemm_kernel") == 2
+    assert split.pieces == 2 * len(tiered) + 1  # per MoE layer, the piece it ends and its device part
     assert len(split.steps) == 2 * len(tiered) + 1  # the pieces around the MoE layers, the host passes
     counted = lambda stats: {k: v for k, v in stats.items() if k != "decode_expert_s"}  # noqa: E731 (a time)
     for replayed, plain in zip(tiered, eager.runner.tiered, strict=True):

@@ -111,29 +111,30 @@ def test_hybrid_experts_move_between_tiers_quantized(family, devices):
 
 
 def test_hot_quantized_experts_run_in_the_kernel(tmp_path, monkeypatch):
-    """Tiered experts compute one expert at a time; on the compute device their 4-bit codes still go
-    through the quantized-linear kernel, not a dequantized copy."""
-    import ds4.kernels.quant_linear as linear_kernels
+    """Tiered experts compute their hot pairs on the compute device: on the Triton path all of a pass's
+    in the fused MoE kernel, over the hot stack. Their 4-bit codes go through the kernel, not a
+    dequantized copy."""
+    import ds4.kernels.moe as moe_kernels
 
     init_checkpoint("deepseek_v3", "tiny", tmp_path / "src", seed=2)
     path = _quantized(tmp_path, "int4")
     formats = []
-    real = linear_kernels.quant_linear
+    real = moe_kernels.fused_moe
 
-    def spy(x, weight, scale, quant, **kw):
-        formats.append(quant)
-        return real(x, weight, scale, quant, **kw)
+    def spy(*args, **kw):
+        formats.append(kw.get("quant", args[6] if len(args) > 6 else "none"))
+        return real(*args, **kw)
 
-    monkeypatch.setattr(linear_kernels, "quant_linear", spy)
+    monkeypatch.setattr(moe_kernels, "fused_moe", spy)
     ids = IDS[:12]
     want = LLM(path, weights="dequantize").score(ids)
     with kernels.forced(True):
         hybrid = LLM(path, hot_experts=8, hot_period=1)  # every expert hot after the first pass
         hybrid.score(ids)
-        assert all(len(t.hot) == 8 for t in hybrid.runner.tiered)
+        assert all(len(t.hot) == 8 and t.device_hot for t in hybrid.runner.tiered)
         formats.clear()
         got = hybrid.score(ids)
-    assert formats.count("int4") >= 2 * len(hybrid.runner.tiered)  # each hot expert's codes, in the kernel
+    assert formats == ["int4"] * len(hybrid.runner.tiered)  # each layer's hot pairs, in one kernel
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 

@@ -63,6 +63,35 @@ def test_the_align_kernel_gives_aligns_result_bit_for_bit(gen, tokens, topk, exp
         assert g.dtype == w.dtype and torch.equal(g, w), f"seed {gen.initial_seed()}"
 
 
+def test_pairs_of_id_minus_one_are_in_no_block(gen):
+    """Tiered experts compute their hot pairs on the device and mark the cold ones -1: the alignment
+    leaves those out (no slot, no block), at the same fixed sizes, and the kernel form agrees."""
+    ids = torch.tensor([[3, -1], [-1, 5], [0, 3]], device=DEVICE)
+    sorted_ids, block_expert = align(ids, num_experts=6, block_m=4)
+    sentinel = ids.numel()
+    assert sorted_ids.numel() == 24 and block_expert.tolist()[:3] == [0, 3, 5]
+    assert sorted_ids.tolist()[:12] == [4, *[sentinel] * 3, 0, 5, *[sentinel] * 2, 3, *[sentinel] * 3]
+    assert sorted_ids.tolist()[12:] == [sentinel] * 12
+    for experts in (6, 8, 256):  # 8: the kernel's bins are a power of two, one past the experts
+        crowded = torch.stack([torch.randperm(experts, generator=gen)[:4] for _ in range(9)])
+        crowded[torch.rand(9, 4, generator=gen) < 0.5] = -1
+        crowded = crowded.to(DEVICE)
+        for got, want in zip(align_pairs(crowded, experts, 4), align(crowded, experts, 4), strict=True):
+            assert torch.equal(got, want), f"{experts} experts, seed {gen.initial_seed()}"
+
+
+def test_fused_moe_leaves_out_the_pairs_of_id_minus_one(gen):
+    x = randn(gen, 5, 48)
+    w13, w2 = randn(gen, 6, 80, 48, scale=0.2), randn(gen, 6, 48, 40, scale=0.2)
+    weights, ids = routing(gen, 5, 3, 6)
+    skipped = torch.rand(5, 3, generator=gen).to(DEVICE) < 0.5
+    skipped[0] = True  # a token with no pair left: its sum is zero
+    got = fused_moe(x, w13, w2, weights, ids.masked_fill(skipped, -1), skips=True)
+    want = reference.fused_moe(x, w13, w2, weights.masked_fill(skipped, 0.0), ids)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 5e-3)])
 @pytest.mark.parametrize(
     "tokens, topk, experts, dim, inter, limit", [(5, 3, 6, 48, 40, None), (9, 2, 7, 33, 20, 0.5)]
