@@ -95,8 +95,10 @@ class TieredExperts(Experts):
 
     def device_part(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor):
         """The hot pairs' weighted sum [T, D] in x's dtype, on the compute device, the cold pairs left out;
-        None where the stack does not compute that way (see `device_hot`)."""
-        if not self.device_hot:
+        None where the pass does not compute that way: see `device_hot`, and passes too long for the CPU
+        kernel (their hot experts go expert by expert). Shapes alone decide, so a graph's host pass and its
+        capture agree."""
+        if not (self.device_hot and self.kernel_rows(expert_ids) and x.shape[0] < self.stream_tokens):
             return None
         from ds4.kernels.moe import fused_moe
 
@@ -201,15 +203,16 @@ class TieredExperts(Experts):
         device_path = self.compute_device != self.expert_device or triton_enabled(self.compute_device)
         seconds = self.kernel_seconds if x.shape[0] == 1 else None
         host_x, host_weights = host or (x, weights)
-        if not (device_path and hot_pairs):  # decode on a CPU-only machine: one call, nothing else
+        if not device_path:  # decode on a CPU-only machine: one call, nothing else
             return self.cpu_forward(host_x, host_weights, ids, seconds).to(x.device)
-        is_hot = torch.isin(ids, torch.tensor(sorted(self.hot), dtype=ids.dtype))
+        is_hot = torch.isin(ids, torch.tensor(sorted(self.hot), dtype=ids.dtype)) if hot_pairs else None
         hot = None
-        if not cold_only:
+        if not cold_only:  # with the hot stack, every pass, hot pairs or none: as a captured graph runs it
             hot = self.device_part(x, weights, expert_ids)
-            if hot is None:
+            if hot is None and hot_pairs:
                 hot = self._hot_forward(x, weights, ids, is_hot)
-        y = self.cpu_forward(host_x, host_weights, ids.masked_fill(is_hot, -1), seconds).to(x.device)
+        cold = ids if is_hot is None else ids.masked_fill(is_hot, -1)
+        y = self.cpu_forward(host_x, host_weights, cold, seconds).to(x.device)
         return y if hot is None else y + hot
 
     def _hot_forward(self, x, weights, ids, is_hot) -> torch.Tensor:

@@ -110,6 +110,12 @@ def test_tiered_experts_replay_in_pieces_around_the_host_passes(tiny_v3, no_cuda
         assert launched.count("_expert_gemm_kernel") == 2
     assert split.pieces == 2 * len(tiered) + 1  # per MoE layer, the piece it ends and its device part
     assert len(split.steps) == 2 * len(tiered) + 1  # the pieces around the MoE layers, the host passes
+    stack, topk = tiered[0], llm.config.num_experts_per_tok
+    many = 4 * stack.w13.shape[0] // topk + 1  # a pass too long for the CPU kernel: hot experts one by one
+    x, ids = torch.zeros(many, llm.config.hidden_size), torch.zeros(many, topk, dtype=torch.long)
+    with kernels.forced(True):
+        assert stack.device_part(x, torch.ones(ids.shape), ids) is None
+        assert stack.device_part(x[:1], torch.ones(1, topk), ids[:1]) is not None
     counted = lambda stats: {k: v for k, v in stats.items() if k != "decode_expert_s"}  # noqa: E731 (a time)
     for replayed, plain in zip(tiered, eager.runner.tiered, strict=True):
         assert counted(replayed.stats) == counted(plain.stats)
