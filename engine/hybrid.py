@@ -12,11 +12,11 @@ cold experts a pass uses are copied to the compute device once for that pass.
 Experts in host RAM run in ds4's CPU kernel (ds4.kernels.cpu_moe), quantized or float: every cold (token,
 expert) pair of a decode-shaped pass in one call, straight from the stored codes; hot pairs run on the
 compute device and are added (with Triton there, all of a pass's hot pairs in one fused kernel over a
-stack of fixed slots, which a decode graph can capture: ds4.engine.split_graphs). Prefills with many
-rows per expert, and experts in a format or shape the kernel does not take, run one call per expert. With the model on a GPU, a decode-shaped pass overlaps:
-its inputs and routing go to pinned host memory behind the work that computes them, the device computes
-the shared expert (and the hot experts) while the host computes the cold ones, and the host waits for
-that hand-off alone (`TieredExperts.begin`).
+stack of fixed slots, which a decode graph can capture: ds4.engine.split_graphs). Prefills with many rows
+per expert, and experts in a format or shape the kernel does not take, run one call per expert. With the
+model on a GPU, a decode-shaped pass overlaps: its inputs and routing go to pinned host memory behind the
+work that computes them, the device computes the shared expert (and the hot experts) while the host
+computes the cold ones, and the host waits for that hand-off alone (`TieredExperts.begin`).
 
 Float results do not depend on placement: every expert computes the same operations on the same values,
 summed in the same order (the kernel's sums differ from torch's by rounding only, and by about 1% where

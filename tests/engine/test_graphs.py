@@ -2,8 +2,8 @@
 within float32 rounding, over batches of different lengths, padded buckets and prefix-cache hits. Needs
 a CUDA device (the graphs exist only there); `make gpu-check` runs it on the card. V4 replays over its
 pooled state and its compressed rows paged in the cache blocks. A layer pipeline replays a graph per stage
-(tests/engine/test_graph_stages.py checks the stages' hand-offs on the CPU). With tiered experts, a graph is
-captured in pieces around the host's passes."""
+and, with tiered experts, a graph in pieces around the host's passes (tests/engine/test_graphs_recorded.py
+checks both on the CPU with a recording stand-in for the graphs)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,6 @@ def test_a_pipelines_stage_graphs_give_the_eager_tokens(tiny_v4_engram):
 @pytest.mark.parametrize("checkpoint", ["tiny_v3", "tiny_v4_engram"])
 def test_graphs_in_pieces_around_tiered_experts_give_the_eager_tokens(request, checkpoint):
     """Routed experts in host RAM, one of each layer's cached on the card and re-ranked every pass: each
-    decode graph is captured in pieces around the MoE layers' host passes (tests/engine/test_graph_split.py
-    checks the pieces' logic on the CPU)."""
+    decode graph is captured in pieces around the MoE layers' host passes (checked on the CPU by
+    tests/engine/test_graphs_recorded.py)."""
     _compare(request.getfixturevalue(checkpoint), device="cuda", hot_experts=1, hot_period=1)
