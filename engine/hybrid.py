@@ -57,9 +57,10 @@ class TieredExperts(Experts):
         self.counts = torch.zeros(self.w13.shape[0], dtype=torch.float64)
         self._routed: list[int] = []  # expert ids routed since the last rebalance, counted then
         self.hot: dict[int, tuple] = {}  # expert -> (w13, w13 scale, w2, w2 scale) on the compute device
-        # With Triton on a separate compute device, the hot experts live in fixed slots of one stack there,
-        # and `hot_slot` maps each expert to its slot (-1: cold): the device computes every hot pair of a
-        # pass in one fused kernel, from device values alone, which a decode graph can replay.
+        # On a compute device of its own (or where tests force the Triton path on the CPU), the hot experts
+        # live in fixed slots of one stack there, and `hot_slot` maps each expert to its slot (-1: cold):
+        # with Triton, the device computes every hot pair of a pass in one fused kernel, from device values
+        # alone, which a decode graph can replay.
         self.hot_stack: tuple | None = None
         self.hot_slot = torch.full((self.w13.shape[0],), -1, dtype=torch.int32, device=self.compute_device)
         self._slots: dict[int, int] = {}  # expert -> its slot
