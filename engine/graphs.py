@@ -147,11 +147,13 @@ class DecodeGraphs:
             torch.cuda.synchronize(d)
         seconds = time.perf_counter() - start
         used = sum(torch.cuda.memory_reserved(d) - before[d] for d in devices)  # the pools and buffers
+        pieces = sum(getattr(graph, "pieces", 1) for graph in self.graphs.values())
         log.info(
-            "captured %d decode graphs (batch %s%s) in %.1f s, %.0f MB",
+            "captured %d decode graphs (batch %s%s%s) in %.1f s, %.0f MB",
             len(self.graphs),
             self.buckets,
             f", {len(self.stages)} pipeline stages" if self.piped else "",
+            f", {pieces} pieces around the tiered experts' host passes" if pieces > len(self.graphs) else "",
             seconds,
             used / 2**20,
         )
