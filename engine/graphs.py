@@ -164,13 +164,10 @@ class DecodeGraphs:
         stream, allocating from `pool` (None: a new one). With tiered experts the stage is captured in
         pieces (`SplitGraph`), one between two host passes."""
         stage = self.stages[k]
-        split = SplitGraph(self, self._new_graph, pool) if self.runner.tiered else None
+        split = SplitGraph(self, self._new_graph) if self.runner.tiered else None
         with _on(stage):
             graph = split or self._new_graph()
-            if split is None:
-                graph.capture_begin(pool=pool)
-            else:
-                split.begin()
+            graph.capture_begin(pool=pool)
             try:
                 with split_capture(split):
                     outputs = self._forward(b, k)

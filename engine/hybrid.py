@@ -141,19 +141,22 @@ class TieredExperts(Experts):
         experts in host RAM), the pass's inputs and routing are copied to pinned host memory behind the work
         that computes them, without waiting; what the caller queues on the device before calling the result
         runs while the host computes, since the call waits for that copy alone. Otherwise the whole pass
-        runs in the call. `cold_only`: the caller computed `device_part` (a decode graph did); the call
-        returns the rest."""
-        if not (self.overlaps and self.kernel_rows(expert_ids) and x.shape[0] < self.stream_tokens):
-            return lambda: self._pass(x, weights, expert_ids, cold_only=cold_only)
-        host = [_to_host(t) for t in (x, weights, expert_ids)]
-        copied = None
-        if x.device.type == "cuda":  # on the stream the copies were queued on: x's device's current one
-            copied = torch.cuda.Event()
-            copied.record(torch.cuda.current_stream(x.device))
-        hot = None if cold_only else self.device_part(x, weights, expert_ids)  # queued behind the copies
-        if hot is None:
-            return lambda: self._pass(x, weights, expert_ids, host, copied, cold_only)
-        return lambda: self._pass(x, weights, expert_ids, host, copied, True) + hot
+        runs in the call. Where the stack computes its hot pairs on the device (`device_part`), they are
+        queued here, behind the copies, and the call adds them to the rest. `cold_only`: the caller
+        computed `device_part` (a decode graph did); the call returns the rest."""
+        host = copied = None
+        if self.overlaps and self.kernel_rows(expert_ids) and x.shape[0] < self.stream_tokens:
+            host = [_to_host(t) for t in (x, weights, expert_ids)]
+            if x.device.type == "cuda":  # on the stream the copies were queued on: x's device's current one
+                copied = torch.cuda.Event()
+                copied.record(torch.cuda.current_stream(x.device))
+        hot = None if cold_only else self.device_part(x, weights, expert_ids)
+
+        def finish() -> torch.Tensor:
+            rest = self._pass(x, weights, expert_ids, host, copied, cold_only or hot is not None)
+            return rest if hot is None else rest + hot
+
+        return finish
 
     def _pass(self, x, weights, expert_ids, host=None, copied=None, cold_only=False) -> torch.Tensor:
         if copied is not None:
@@ -194,11 +197,10 @@ class TieredExperts(Experts):
         self, x, weights, ids: torch.Tensor, id_list: list[int], expert_ids, host=None, cold_only=False
     ) -> torch.Tensor:
         """Cold pairs in one CPU kernel call; hot ones where their weights are, on the compute device, queued
-        first so that they run while the host computes (`device_part`: all in one kernel; else expert by
-        expert). On a CPU-only machine that is the same memory, so every pair goes to the kernel, unless the
-        Triton path is forced (tests run hot experts through it). `host`: x and weights already copied to
-        host memory; `ids` on the host, `expert_ids` where x is. `cold_only`: the hot pairs are the
-        caller's."""
+        first so that they run while the host computes, expert by expert (where the stack computes them in
+        one kernel, `begin` did, and `cold_only` is set). On a CPU-only machine that is the same memory, so
+        every pair goes to the kernel, unless the Triton path is forced (tests run hot experts through it).
+        `host`: x and weights already copied to host memory; `ids` on the host, `expert_ids` where x is."""
         hot_pairs = sum(1 for e in id_list if e in self.hot)
         self.stats["hot_rows"] += hot_pairs
         self.stats["cold_rows"] += len(id_list) - hot_pairs
@@ -208,11 +210,7 @@ class TieredExperts(Experts):
         if not device_path:  # decode on a CPU-only machine: one call, nothing else
             return self.cpu_forward(host_x, host_weights, ids, seconds).to(x.device)
         is_hot = torch.isin(ids, torch.tensor(sorted(self.hot), dtype=ids.dtype)) if hot_pairs else None
-        hot = None
-        if not cold_only:  # with the hot stack, every pass, hot pairs or none: as a captured graph runs it
-            hot = self.device_part(x, weights, expert_ids)
-            if hot is None and hot_pairs:
-                hot = self._hot_forward(x, weights, ids, is_hot)
+        hot = None if cold_only or not hot_pairs else self._hot_forward(x, weights, ids, is_hot)
         cold = ids if is_hot is None else ids.masked_fill(is_hot, -1)
         y = self.cpu_forward(host_x, host_weights, cold, seconds).to(x.device)
         return y if hot is None else y + hot
@@ -259,26 +257,26 @@ class TieredExperts(Experts):
             return self._weights(e, self.compute_device)
         slot = min(set(range(self.hot_stack[0].shape[0])) - set(self._slots.values()))
         self._slots[e] = slot
-        placed = []
-        for stacked, weight in zip(self.hot_stack, self._weights(e), strict=True):
-            if stacked is not None:
-                stacked[slot].copy_(weight)
-            placed.append(None if stacked is None else stacked[slot])
-        return tuple(placed)
+        placed = tuple(None if stacked is None else stacked[slot] for stacked in self.hot_stack)
+        for view, weight in zip(placed, self._weights(e), strict=True):
+            if view is not None:
+                view.copy_(weight)
+        return placed
 
 
 @contextmanager
 def uncounted(tiered: list[TieredExperts]):
     """Passes run inside leave the stacks as they were: their statistics, popularity and hot sets. A decode
     graph's capture runs warm-up passes over its padding rows, which are not traffic."""
-    saved = [(t.counts.clone(), list(t._routed), t.calls, dict(t.stats)) for t in tiered]
-    seconds = [t.kernel_seconds.clone() for t in tiered]
+    saved = [
+        (t.counts.clone(), list(t._routed), t.calls, dict(t.stats), t.kernel_seconds.clone()) for t in tiered
+    ]
     for t in tiered:
         t.paused = True  # the hot sets stay as they are
     try:
         yield
     finally:
-        for t, (counts, routed, calls, stats), spent in zip(tiered, saved, seconds, strict=True):
+        for t, (counts, routed, calls, stats, spent) in zip(tiered, saved, strict=True):
             t.counts, t._routed, t.calls, t.stats, t.paused = counts, routed, calls, stats, False
             t.kernel_seconds.copy_(spent)
 

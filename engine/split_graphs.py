@@ -29,16 +29,21 @@ import torch
 
 class SplitGraph:
     """One stage's decode step for one bucket as a chain of captured pieces and host passes. It is
-    captured and replayed like one CUDA graph (`capture_end`, `pool`, `replay`); the capture begins with
-    `begin` and MoE layers with tiered experts call `routed` while it runs (ds4.engine.context's
+    captured and replayed like one CUDA graph (`capture_begin`, `capture_end`, `pool`, `replay`); while
+    the capture runs, MoE layers with tiered experts call `routed` (ds4.engine.context's
     `current_split`)."""
 
-    def __init__(self, graphs, new_graph: Callable[[], object], pool):
+    def __init__(self, graphs, new_graph: Callable[[], object]):
         self.graphs = graphs  # the DecodeGraphs it belongs to: `rows` is the replayed batch's real rows
-        self._new_graph, self._pool = new_graph, pool  # every piece allocates from one memory pool
+        self._new_graph, self._pool = new_graph, None  # every piece allocates from one memory pool
         self.steps: list[Callable[[], None]] = []  # piece replays and host passes, in order
         self.pieces = 0  # graphs captured: the pieces and the MoE layers' device parts
         self._capturing = None
+
+    def capture_begin(self, pool=None) -> None:
+        """Starts the capture: its first piece, allocating from `pool` (None: a new one)."""
+        self._pool = pool
+        self.begin()
 
     def begin(self) -> None:
         """Starts capturing the next piece."""
