@@ -22,8 +22,14 @@ def dot_args(dtype) -> dict:
     engine ~0.2 relative error from its oracle; `DS4_TF32=1` opts in to TF32 for speed. bf16/fp16 models
     feed their own dtype to the tensor cores and accumulate in float32. Triton's interpreter computes
     bf16 products wrongly (raw bits), so under it every dot runs in float32."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return gpu_dot_args(torch.float32)
+    return gpu_dot_args(dtype)
+
+
+def gpu_dot_args(dtype) -> dict:
+    """dot_args as a GPU compiles them, also where the interpreter runs (kernels.targets)."""
     precision = "tf32" if os.environ.get("DS4_TF32") == "1" else "ieee"
-    if interpreted or dtype not in (torch.bfloat16, torch.float16):
+    if dtype not in (torch.bfloat16, torch.float16):
         return {"DOT": tl.float32, "PRECISION": precision}
     return {"DOT": tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, "PRECISION": precision}

@@ -140,13 +140,17 @@ def kv_splits(batch: int, head_blocks: int, capacity: int, device) -> tuple[int,
     power of two: the same splits as the decode graph's padded batch (1, 2, 4, 8, multiples of 8), so
     graphs on and off sum alike. Under the interpreter (the CPU) the rule is scaled down (4 'SMs',
     32-position splits) so small tests reach it."""
+    sms, min_split = split_rule(device)
+    return split_count(batch, head_blocks, capacity, sms, min_split), min_split
+
+
+def split_rule(device) -> tuple[int, int]:
+    """(SMs, the least positions a split takes) of kv_splits' rule on `device`."""
     device = torch.device(device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        sms, min_split = _sm_count(index), 256
-    else:
-        sms, min_split = 4, 32
-    return split_count(batch, head_blocks, capacity, sms, min_split), min_split
+        return _sm_count(index), 256
+    return 4, 32
 
 
 @functools.cache

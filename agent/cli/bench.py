@@ -1,5 +1,6 @@
 """`ds4-agent bench`: ds4 measured side by side with a peer (engine, long prompts, prefix cache, index,
-pack, kernels, hybrid placement, serving). Each subcommand's parser sits above its handler."""
+pack, kernels, kernels compiled for the target cards, hybrid placement, serving). Each subcommand's
+parser sits above its handler."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def add_parser(sub) -> None:
         _add_index,
         _add_pack,
         _add_kernels,
+        _add_compile,
         _add_hybrid,
         _add_serve,
     ):
@@ -37,6 +39,7 @@ def run(args) -> int:
         "index": _index,
         "pack": _pack,
         "kernels": _kernels,
+        "compile": _compile,
         "hybrid": _hybrid,
         "serve": _serve,
     }[args.bench_command](args)
@@ -244,6 +247,65 @@ def _kernels(args) -> int:
         print(
             f"ds4-agent: {len(failed)} kernel(s) failed on this device: {', '.join(failed)}", file=sys.stderr
         )
+        return NOT_RESOLVED
+    return DONE
+
+
+def _names(text: str) -> list[str]:
+    return [c for c in text.split(",") if c]
+
+
+def _add_compile(sub) -> None:
+    comp = sub.add_parser(
+        "compile",
+        help="every Triton kernel compiled for the target cards, no GPU needed: shared memory, registers",
+    )
+    comp.add_argument(
+        "--cards", type=_names, default=None, help="sm89 (RTX 4090), sm90 (H100/H200); default both"
+    )
+    comp.add_argument("--dtypes", type=_names, default=["bfloat16"], help="bfloat16 and/or float32")
+    comp.add_argument(
+        "--presets",
+        type=_names,
+        default=None,
+        help="real models' sizes; default deepseek-v3,deepseek-v3.2,deepseek-v4-flash",
+    )
+    comp.add_argument(
+        "--families",
+        type=_names,
+        default=None,
+        help="the engine's launches on these families' tiny checkpoints; default all three",
+    )
+    comp.add_argument("--no-engine", action="store_true", help="only the presets' sizes")
+    comp.add_argument("--jobs", type=int, default=None, help="compiler processes (default: one per core)")
+    comp.add_argument("--json", action="store_true")
+
+
+def _compile(args) -> int:
+    os.environ["TRITON_INTERPRET"] = "1"  # recorded under the interpreter; compiled in processes without it
+    import torch
+
+    from ds4.engine.bench.compile import FAMILIES, PRESETS, format_report, run
+    from ds4.kernels.targets import CARDS
+
+    cards, presets = args.cards or list(CARDS), args.presets or list(PRESETS)
+    families = [] if args.no_engine else args.families or list(FAMILIES)
+    for given, allowed in ((cards, CARDS), (args.dtypes, ("bfloat16", "float32")), (presets, PRESETS)):
+        unknown = [g for g in given if g not in allowed]
+        if unknown:
+            print(
+                f"ds4-agent: error: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}",
+                file=sys.stderr,
+            )
+            return USAGE
+    if [f for f in families if f not in FAMILIES]:
+        print(f"ds4-agent: error: families are {', '.join(FAMILIES)}", file=sys.stderr)
+        return USAGE
+    builds = run(cards, [getattr(torch, d) for d in args.dtypes], presets, families, args.jobs)
+    print(json.dumps([vars(b) for b in builds], indent=1) if args.json else format_report(builds))
+    bad = [b for b in builds if not b.fits()]
+    if bad:
+        print(f"ds4-agent: {len(bad)} build(s) failed or exceed their card's shared memory", file=sys.stderr)
         return NOT_RESOLVED
     return DONE
 

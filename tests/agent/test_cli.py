@@ -178,3 +178,11 @@ def test_apply_json_says_which_edits_went_to_which_files(tmp_path):
     answer = json.loads(refused.stdout)
     assert refused.returncode == 1 and (answer["status"], answer["edits"]) == ("refused", [])
     assert "block 1 (calc.py): the SEARCH lines are not in the file" in answer["error"]
+
+
+def test_bench_compile_names_what_it_does_not_know():
+    result = run_cli("bench", "compile", "--cards", "sm89,sm70")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "ds4-agent: error: unknown sm70; choose from sm89, sm90"
+    result = run_cli("bench", "compile", "--dtypes", "float16", "--no-engine")
+    assert result.returncode == 2 and "unknown float16; choose from bfloat16, float32" in result.stderr

@@ -1,0 +1,103 @@
+"""Every kernel compiled for an RTX 4090 (sm_89) and an H100 / H200 (sm_90) on this machine, which has
+neither (ds4.kernels.targets): launches recorded under Triton's interpreter, then built by Triton's CUDA
+backend and ptxas. The interpreter runs Python where a card runs compiled code, so a kernel can pass
+every test here and still fail to build, or ask for more shared memory than a card has."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+
+import pytest
+import torch
+
+import ds4.kernels
+from ds4.engine.bench.compile import engine_launches, format_report, preset_launches
+from ds4.kernels.targets import CARDS, compile_launches, recording, variants
+from tests.kernels.unbuildable import early_exit_kernel, wide_tiles_kernel
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="a card compiles its own kernels (tests/kernels on CUDA)",
+)
+
+
+def _all_kernels() -> set[str]:
+    """The kernels ds4.kernels launches: its modules' Triton functions named *_kernel."""
+    names = set()
+    for info in pkgutil.iter_modules(ds4.kernels.__path__):
+        module = importlib.import_module(f"ds4.kernels.{info.name}")
+        names |= {n for n, v in vars(module).items() if n.endswith("_kernel") and hasattr(v, "fn")}
+    return names
+
+
+def test_the_checker_fails_what_a_card_refuses():
+    with recording(execute=True) as rec:
+        with rec.workload("early exit", torch.float32):
+            x, out = torch.tensor([1.0, 2, 3, 4, -20, 5, 6, 7]), torch.empty(1)
+            early_exit_kernel[(1,)](x, out, 8, BLOCK=2)
+            assert out.item() == 10.0  # the interpreter ran it
+        with rec.workload("wide tiles", torch.bfloat16):
+            a, b = torch.zeros(128, 256, dtype=torch.bfloat16), torch.zeros(256, 128, dtype=torch.bfloat16)
+            wide_tiles_kernel[(1,)](a, b, torch.empty(128, 128), 256, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128)
+    builds = {(b.card, b.kernel): b for b in compile_launches(list(rec.launches.values()), list(CARDS))}
+    for card in CARDS:
+        failed = builds[card, "early_exit_kernel"]
+        assert not failed.fits() and "unsupported AST node type: Break" in failed.error
+    wide_4090, wide_h100 = builds["sm89", "wide_tiles_kernel"], builds["sm90", "wide_tiles_kernel"]
+    assert wide_4090.error is None and wide_4090.shared > CARDS["sm89"].shared and not wide_4090.fits()
+    assert CARDS["sm89"].shared < wide_h100.shared <= CARDS["sm90"].shared and wide_h100.fits()
+    report = format_report(list(builds.values()))
+    assert (
+        "FAILED early_exit_kernel [early exit]" in report
+        and "OVER   wide_tiles_kernel [wide tiles]" in report
+    )
+
+
+def test_a_launch_is_recorded_as_a_card_compiles_it():
+    """A bf16 model's dots take bf16 on a card (the interpreter multiplies in float32), the autotuned
+    kernels' configurations are each a build, and a stride of 1 is a constant, as Triton specialises."""
+    with recording(execute=False) as rec:
+        preset_launches(rec, "deepseek-v4-flash", torch.bfloat16)
+    launches = list(rec.launches.values())
+    dots = {str(launch.constexpr("DOT")) for launch in launches if "DOT" in launch.signature}
+    assert dots == {"{'dtype': 'bf16'}"}
+    gemm = next(launch for launch in launches if launch.kernel == "_expert_gemm_kernel")
+    assert gemm.signature["stride_wk"] == "constexpr" and gemm.constexpr("stride_wk") == 1
+    tiles = {
+        (v.constexpr("BLOCK_N"), v.constexpr("BLOCK_K"), dict(v.options).get("num_warps"))
+        for v in variants(gemm)
+    }
+    assert tiles == {(32, 32, None), (64, 128, 4), (32, 128, 4), (128, 64, 8)}
+
+
+@pytest.mark.slow
+def test_every_kernel_at_the_real_models_sizes_builds_for_both_cards():
+    """bf16 at V3.2's and V4-Flash's sizes (V3's launches are V3.2's less the indexer's), decode batches
+    of 1 and 32 and a 2,048-token prefill, every autotuned configuration: all build, all fit."""
+    with recording(execute=False) as rec:
+        for preset in ("deepseek-v3.2", "deepseek-v4-flash"):
+            preset_launches(rec, preset, torch.bfloat16)
+    builds = compile_launches(list(rec.launches.values()), list(CARDS))
+    assert all(b.fits() for b in builds), format_report(builds)
+    mla = [b for b in builds if b.kernel == "_mla_decode_kernel"]
+    assert {b.constexprs["BLOCK_C"] for b in mla} == {512}  # the real latent width was built
+    assert {b.card for b in builds} == set(CARDS) and len(builds) > 300
+
+
+@pytest.mark.slow
+def test_every_launch_of_the_engine_builds(tmp_path):
+    """The engine on the Triton path (every family; prefill, a prefix hit, batched decode) launches every
+    kernel ds4.kernels has, with the presets' workloads; each of its launches builds for the 4090."""
+    with recording(execute=True) as engine:
+        for family in ("deepseek_v3", "deepseek_v32", "deepseek_v4"):
+            engine_launches(engine, family, torch.bfloat16, str(tmp_path / family))
+    with recording(execute=False) as sized:
+        for preset in ("deepseek-v3.2", "deepseek-v4-flash"):
+            preset_launches(sized, preset, torch.bfloat16)
+    launched = {launch.kernel for rec in (engine, sized) for launch in rec.launches.values()}
+    assert launched == _all_kernels()
+    assert "_compressor_decode_kernel" in {launch.kernel for launch in engine.launches.values()}
+    builds = compile_launches(list(engine.launches.values()), ["sm89"])
+    assert all(b.fits() for b in builds), format_report(builds)
