@@ -104,8 +104,9 @@ def _weight_tile(
 
 @triton.jit
 def _block_pairs(sorted_ptr, block_expert_ptr, num_pairs, pid_m, BLOCK_M: tl.constexpr):
-    """Block `pid_m` of the aligned pairs: its expert, its slots, their pair ids, which of them are real."""
-    e = tl.load(block_expert_ptr + pid_m)
+    """Block `pid_m` of the aligned pairs: its expert, its slots, their pair ids, which of them are real.
+    The expert as int64: its offset in a real model's stack passes 2^31 (V3's FP8 gate/up: 7.5 GB)."""
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + slots)
     return e, slots, pair, pair < num_pairs

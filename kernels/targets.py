@@ -6,6 +6,7 @@ shared memory than the card has, fails there, before anyone starts the engine on
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -100,6 +101,7 @@ class Build:
     stack: int = 0  # bytes per thread of spilled registers and local arrays
     seconds: float = 0.0
     error: str | None = None
+    triton: str = ""  # the compiler's version
 
     def fits(self) -> bool:
         return self.error is None and self.shared <= CARDS[self.card].shared
@@ -117,18 +119,23 @@ def _decode(value):
     return triton.language.dtype(value["dtype"]) if isinstance(value, dict) else value
 
 
-def _launch_of(fn, args, kwargs, dtype, origin) -> Launch:
-    """The specialisation a CUDA device would compile for this call: Triton's own binder (types,
-    alignment and divisibility of the arguments), with the dot operands a GPU gets for `dtype`."""
+@functools.cache
+def _binder(fn):
+    """(a JITFunction of `fn`, a CUDA backend, Triton's binder of its arguments): made once per kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     jit = JITFunction(fn)
     backend = make_backend(GPUTarget("cuda", 90, 32))
-    bound, specialization, options = create_function_from_signature(jit.signature, jit.params, backend)(
-        *args, **kwargs
-    )
+    return jit, backend, create_function_from_signature(jit.signature, jit.params, backend)
+
+
+def _launch_of(fn, args, kwargs, dtype, origin) -> Launch:
+    """The specialisation a CUDA device would compile for this call: Triton's own binder (types,
+    alignment and divisibility of the arguments), with the dot operands a GPU gets for `dtype`."""
+    jit, backend, binder = _binder(fn)
+    bound, specialization, options = binder(*args, **kwargs)
     _, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
     names = list(signature)
     values = {path[0]: value for path, value in constexprs.items()}
@@ -204,12 +211,17 @@ def variants(launch: Launch) -> list[Launch]:
     return builds
 
 
-def compile_launches(launches: list[Launch], cards: list[str], jobs: int | None = None) -> list[Build]:
+def compile_launches(
+    launches: list[Launch], cards: list[str], jobs: int | None = None, triton_path: str | None = None
+) -> list[Build]:
     """Every launch (and its tuned variants) compiled for every card, in `jobs` processes with Triton's
-    interpreter off and a fresh cache (so each build's seconds are a first start's)."""
+    interpreter off and a fresh cache (so each build's seconds are a first start's). `triton_path`: a
+    folder holding another Triton to compile with (the version a GPU image ships, say)."""
     work = [(card, v) for launch in launches for v in variants(launch) for card in cards]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(work)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_path, env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory() as folder:
         env["TRITON_CACHE_DIR"] = os.path.join(folder, "cache")
         procs = []
@@ -262,6 +274,7 @@ def build(card: str, launch: Launch) -> Build:
         origin=launch.origin,
         constexprs={names[i]: v for i, v in launch.constexprs},
         options=dict(launch.options),
+        triton=triton.__version__,
     )
     fn = getattr(importlib.import_module(launch.module), launch.kernel)
     source = ASTSource(

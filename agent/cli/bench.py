@@ -278,6 +278,7 @@ def _add_compile(sub) -> None:
     )
     comp.add_argument("--no-engine", action="store_true", help="only the presets' sizes")
     comp.add_argument("--jobs", type=int, default=None, help="compiler processes (default: one per core)")
+    comp.add_argument("--triton", default=None, help="a folder holding another Triton to compile with")
     comp.add_argument("--json", action="store_true")
 
 
@@ -301,7 +302,11 @@ def _compile(args) -> int:
     if [f for f in families if f not in FAMILIES]:
         print(f"ds4-agent: error: families are {', '.join(FAMILIES)}", file=sys.stderr)
         return USAGE
-    builds = run(cards, [getattr(torch, d) for d in args.dtypes], presets, families, args.jobs)
+    if args.triton and not os.path.isdir(os.path.join(args.triton, "triton")):
+        print(f"ds4-agent: error: {args.triton} holds no triton package", file=sys.stderr)
+        return USAGE
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    builds = run(cards, dtypes, presets, families, args.jobs, args.triton)
     print(json.dumps([vars(b) for b in builds], indent=1) if args.json else format_report(builds))
     bad = [b for b in builds if not b.fits()]
     if bad:

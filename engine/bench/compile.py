@@ -235,8 +235,14 @@ def engine_launches(recorder, family: str, dtype: torch.dtype, folder: str) -> N
 
 
 def run(
-    cards: list[str], dtypes: list[torch.dtype], presets=PRESETS, families=FAMILIES, jobs=None
+    cards: list[str],
+    dtypes: list[torch.dtype],
+    presets=PRESETS,
+    families=FAMILIES,
+    jobs=None,
+    triton_path=None,
 ) -> list[Build]:
+    """The builds of every launch the presets' workloads and the engine on `families` make."""
     with recording(execute=False) as sized:
         for dtype in dtypes:
             for preset in presets:
@@ -247,7 +253,7 @@ def run(
             for dtype in dtypes:
                 engine_launches(engine, family, dtype, f"{folder}/{family}")
     launches += list(engine.launches.values())
-    return compile_launches(launches, cards, jobs)
+    return compile_launches(launches, cards, jobs, triton_path)
 
 
 def _describe(b: Build) -> str:
@@ -266,9 +272,9 @@ def format_report(builds: list[Build]) -> str:
         over = [b for b in mine if not b.error and not b.fits()]
         spilled = [b for b in mine if not b.error and b.stack]
         lines.append(
-            f"{CARDS[card].label}: {len(mine)} builds, {len(failed)} failed, {len(over)} over its "
-            f"{CARDS[card].shared // 1024} KiB of shared memory, {len(spilled)} spill registers, "
-            f"{sum(b.seconds for b in mine):.0f} s to compile"
+            f"{CARDS[card].label}, Triton {mine[0].triton}: {len(mine)} builds, {len(failed)} failed, "
+            f"{len(over)} over its {CARDS[card].shared // 1024} KiB of shared memory, "
+            f"{len(spilled)} spill registers, {sum(b.seconds for b in mine):.0f} s to compile"
         )
         for b in failed:
             lines.append(f"  FAILED {b.kernel} [{b.origin}] {_describe(b)}: {b.error.splitlines()[0][:300]}")

@@ -160,6 +160,29 @@ def test_fused_moe_reads_expert_stacks_with_any_strides(gen):
     torch.testing.assert_close(got, reference.fused_moe(x, w13, w2, weights, ids), atol=1e-4, rtol=1e-4)
 
 
+def test_fused_moe_addresses_experts_past_two_gib(gen):
+    """A real model's stack passes 2^31 bytes (V3's 256 FP8 experts: 7.5 GB of gate/up rows a layer)
+    while its stride fits 32 bits (29 MB an expert), so an expert's offset is computed in 64 bits: here
+    three int4 experts 1 GiB apart, in a buffer whose pages between them are never touched (so never
+    backed by memory)."""
+    quantize, dequantize = CODECS["int4"]
+    tokens, experts, dim, inter = 4, 3, 64, 32
+    x = randn(gen, tokens, dim)
+    w13, s13 = _per_expert(quantize, torch.randn(experts, 2 * inter, dim, generator=gen) * 0.1)
+    w2, s2 = _per_expert(quantize, torch.randn(experts, dim, inter, generator=gen) * 0.1)
+    gap = (1 << 30) + 64  # a 32-bit stride; the last expert starts past 2^31
+    far = torch.empty(2 * gap + w13[0].numel(), dtype=torch.uint8, device=DEVICE)
+    far = far.as_strided(w13.shape, (gap, *w13.stride()[1:]))
+    far.copy_(w13)  # the experts' bytes only
+    ids = torch.tensor([[2, 0], [1, 2], [2, 1], [0, 1]], device=DEVICE)
+    weights = torch.rand(tokens, 2, generator=gen).to(DEVICE)
+    stored = dict(quant="int4", w13_scale=s13.to(DEVICE), w2_scale=s2.to(DEVICE))
+    got = fused_moe(x, far, w2.to(DEVICE), weights, ids, **stored)
+    deq13 = torch.stack([dequantize(w, s) for w, s in zip(w13, s13, strict=True)]).to(DEVICE)
+    deq2 = torch.stack([dequantize(w, s) for w, s in zip(w2, s2, strict=True)]).to(DEVICE)
+    torch.testing.assert_close(got, reference.fused_moe(x, deq13, deq2, weights, ids), atol=1e-3, rtol=1e-4)
+
+
 def test_fused_moe_with_its_default_tiles(gen, monkeypatch):
     """The default path: on a GPU the autotuner times the tiles (gate/up and down) and runs its pick."""
     monkeypatch.setenv("DS4_AUTOTUNE", "1")
