@@ -132,6 +132,9 @@ def _combine_kernel(
     tl.store(lse_ptr + t * stride_rt + h * stride_rh, result_lse)
 
 
+GRID_YZ = 65_535  # programs a CUDA grid takes on its second and third axes
+
+
 def kv_splits(batch: int, head_blocks: int, capacity: int, device) -> tuple[int, int]:
     """(splits, the least positions a split takes) for a decode launch of `batch` sequences (or tokens)
     of `head_blocks` programs each over at most `capacity` positions (a constant of the cache, not the
@@ -334,6 +337,14 @@ def paged_mla_decode(
         out if out is not None else torch.empty(batch, heads, latent, dtype=torch.float32, device=pool.device)
     )
     lse = lse if lse is not None else torch.empty(batch, heads, dtype=torch.float32, device=pool.device)
+    if batch > GRID_YZ:  # sequences (or a chunk's tokens) sit on the grid's second axis: slices it takes
+        for b in range(0, batch, GRID_YZ):
+            part = slice(b, b + GRID_YZ)
+            paged_mla_decode(
+                q_latent[part], q_rope[part], pool, block_table[part], seq_lens[part], block_size, scale,
+                out[part], lse[part], block_h, block_n, splits,
+            )  # fmt: skip
+        return out, lse
     table = block_table.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
     head_blocks, splits, min_split, part, part_lse, stride_split, stride_lse_split = split_launch(

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ds4.kernels.dot import dot, dot_args
-from ds4.kernels.mla_decode import combine_splits, softmax_result, split_launch, split_range
+from ds4.kernels.mla_decode import GRID_YZ, combine_splits, softmax_result, split_launch, split_range
 
 
 @triton.jit
@@ -135,6 +135,14 @@ def sparse_attention(
         else torch.empty(tokens, heads, value_dim, dtype=torch.float32, device=q.device)
     )
     lse = lse if lse is not None else torch.empty(tokens, heads, dtype=torch.float32, device=q.device)
+    if tokens > GRID_YZ:  # a long prefill chunk: tokens sit on the grid's second axis, in slices it takes
+        for t in range(0, tokens, GRID_YZ):
+            part = slice(t, t + GRID_YZ)
+            sparse_attention(
+                q[part], kv, indices[part], scale, value_dim, sink, out[part], lse[part],
+                block_h, block_n, splits,
+            )  # fmt: skip
+        return out, lse
     idx = indices.to(torch.int32).contiguous()
     if tokens == 0:
         return out, lse

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ import triton
 
 from ds4.kernels import tuning
 from ds4.kernels.dot import gpu_dot_args
+from ds4.kernels.mla_decode import GRID_YZ
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ CARDS = {
     "sm89": Card("RTX 4090 (Ada, sm_89)", 89, 101_376),
     "sm90": Card("H100 / H200 (Hopper, sm_90)", 90, 232_448),
 }
+GRID_LIMITS = (2**31 - 1, GRID_YZ, GRID_YZ)  # programs a CUDA launch may have on each axis
 # the kernels a GPU times over configurations (tuning.py): each configuration is compiled there
 TUNED = {
     "_expert_gemm_kernel": tuning.expert_configs,
@@ -54,6 +57,7 @@ class Launch:
     attrs: tuple  # ((position, ((attribute, value), ...)), ...)
     options: tuple = ()  # ((name, value), ...): num_warps, num_stages
     origin: str = ""  # the workload that made it
+    grid: tuple = ()  # the largest programs on each axis its launches asked for (not part of the build)
 
     def key(self) -> str:
         return json.dumps(
@@ -73,6 +77,7 @@ class Launch:
             attrs=tuple((i, tuple(tuple(a) for a in attrs)) for i, attrs in d["attrs"]),
             options=tuple((k, v) for k, v in d["options"]),
             origin=d["origin"],
+            grid=tuple(d["grid"]),
         )
 
     def constexpr(self, name: str):
@@ -102,9 +107,14 @@ class Build:
     seconds: float = 0.0
     error: str | None = None
     triton: str = ""  # the compiler's version
+    grid: list = field(default_factory=list)
 
     def fits(self) -> bool:
-        return self.error is None and self.shared <= CARDS[self.card].shared
+        return self.error is None and self.shared <= CARDS[self.card].shared and self.grid_fits()
+
+    def grid_fits(self) -> bool:
+        """Within CUDA's grid: 2^31 - 1 programs on the first axis, 65,535 on the others."""
+        return all(n <= limit for n, limit in zip(self.grid, GRID_LIMITS, strict=False))
 
 
 def _encode(value):
@@ -171,7 +181,11 @@ class Recorder:
             self.origin, self.dtype = "", None
 
     def add(self, launch: Launch) -> None:
-        self.launches.setdefault(launch.key(), launch)
+        key = launch.key()
+        seen = self.launches.setdefault(key, launch)
+        if seen is not launch:
+            grid = tuple(max(a, b) for a, b in itertools.zip_longest(seen.grid, launch.grid, fillvalue=1))
+            self.launches[key] = replace(seen, grid=grid)
 
 
 @contextmanager
@@ -185,7 +199,10 @@ def recording(execute: bool = True):
     recorder, run = Recorder(execute), InterpretedFunction.run
 
     def recorded(self, *args, grid, warmup, **kwargs):
-        recorder.add(_launch_of(self.fn, args, kwargs, recorder.dtype, recorder.origin))
+        launch = _launch_of(self.fn, args, kwargs, recorder.dtype, recorder.origin)
+        if callable(grid):  # a grid of the launch's arguments (an autotuned kernel's tiles)
+            grid = grid(dict(zip(self.arg_names, args, strict=False)) | kwargs)
+        recorder.add(replace(launch, grid=tuple(int(n) for n in grid)))
         if recorder.execute:
             return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
@@ -275,6 +292,7 @@ def build(card: str, launch: Launch) -> Build:
         constexprs={names[i]: v for i, v in launch.constexprs},
         options=dict(launch.options),
         triton=triton.__version__,
+        grid=list(launch.grid),
     )
     fn = getattr(importlib.import_module(launch.module), launch.kernel)
     source = ASTSource(

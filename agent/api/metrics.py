@@ -78,6 +78,10 @@ class Metrics:
                 "# HELP ds4_preemptions_total Sequences preempted under cache pressure.",
                 "# TYPE ds4_preemptions_total counter",
                 f"ds4_preemptions_total {engine_stats['preemptions']}",
+                "# HELP ds4_engine_tokens_total Tokens the engine computed: prefilled, decoded (as they go).",
+                "# TYPE ds4_engine_tokens_total counter",
+                f'ds4_engine_tokens_total{{kind="prefilled"}} {engine_stats["tokens_prefilled"]}',
+                f'ds4_engine_tokens_total{{kind="decoded"}} {engine_stats["tokens_decoded"]}',
             ]
         if jobs is not None:
             lines += ["# HELP ds4_jobs Fix jobs by state.", "# TYPE ds4_jobs gauge"]

@@ -310,7 +310,7 @@ def _compile(args) -> int:
     print(json.dumps([vars(b) for b in builds], indent=1) if args.json else format_report(builds))
     bad = [b for b in builds if not b.fits()]
     if bad:
-        print(f"ds4-agent: {len(bad)} build(s) failed or exceed their card's shared memory", file=sys.stderr)
+        print(f"ds4-agent: {len(bad)} build(s) failed or exceed their card's limits", file=sys.stderr)
         return NOT_RESOLVED
     return DONE
 

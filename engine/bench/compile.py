@@ -269,17 +269,21 @@ def format_report(builds: list[Build]) -> str:
     for card in dict.fromkeys(b.card for b in builds):
         mine = [b for b in builds if b.card == card]
         failed = [b for b in mine if b.error]
-        over = [b for b in mine if not b.error and not b.fits()]
+        over = [b for b in mine if not b.error and b.shared > CARDS[card].shared]
+        wide = [b for b in mine if not b.grid_fits()]
         spilled = [b for b in mine if not b.error and b.stack]
         lines.append(
             f"{CARDS[card].label}, Triton {mine[0].triton}: {len(mine)} builds, {len(failed)} failed, "
             f"{len(over)} over its {CARDS[card].shared // 1024} KiB of shared memory, "
-            f"{len(spilled)} spill registers, {sum(b.seconds for b in mine):.0f} s to compile"
+            f"{len(wide)} past the grid's limits, {len(spilled)} spill registers, "
+            f"{sum(b.seconds for b in mine):.0f} s to compile"
         )
         for b in failed:
             lines.append(f"  FAILED {b.kernel} [{b.origin}] {_describe(b)}: {b.error.splitlines()[0][:300]}")
         for b in over:
             lines.append(f"  OVER   {b.kernel} [{b.origin}] {_describe(b)}: {b.shared / 1024:.1f} KiB")
+        for b in wide:
+            lines.append(f"  GRID   {b.kernel} [{b.origin}]: {b.grid} programs, past CUDA's limits")
         lines.append(
             f"  {'kernel':<28}{'builds':>7}{'max shared KiB':>16}{'max regs':>10}{'max spill B':>13}"
         )

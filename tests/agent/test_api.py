@@ -203,6 +203,8 @@ def test_metrics_count_requests_tokens_and_the_cache(client, server):
         values['ds4_tokens_total{kind="completion"}'] >= 3 and values['ds4_tokens_total{kind="prompt"}'] > 0
     )
     assert 0 <= values["ds4_prefix_cache_hit_rate"] <= 1 and values["ds4_requests_in_flight"] == 0
+    decoded = values['ds4_engine_tokens_total{kind="decoded"}']  # the first token is prefill's
+    assert decoded >= 2 and values['ds4_engine_tokens_total{kind="prefilled"}'] > 0
 
 
 def test_the_fix_loops_backend_talks_to_ds4s_own_server(server):
@@ -324,6 +326,7 @@ def test_serve_endpoint_relays_an_openai_compatible_server(client, proxy):
     with urllib.request.urlopen(proxy + "/metrics", timeout=30) as r:
         metrics = r.read().decode()
     assert 'ds4_tokens_total{kind="completion"}' in metrics and "ds4_cache_free_blocks" not in metrics
+    assert "ds4_engine_tokens_total" not in metrics  # the engine behind the proxy is not ours to count
 
 
 def test_serve_endpoint_keeps_the_errors_of_both_sides(proxy, tmp_path):

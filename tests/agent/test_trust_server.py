@@ -68,6 +68,12 @@ def completion_tokens(base) -> int:
     return int(re.search(r'ds4_tokens_total\{kind="completion"\} (\d+)', text).group(1))
 
 
+def decoded_tokens(base) -> int:
+    """Tokens the engine has decoded so far, requests in flight included."""
+    _, text, _ = call(base, "GET", "/metrics", key=None)
+    return int(re.search(r'ds4_engine_tokens_total\{kind="decoded"\} (\d+)', text).group(1))
+
+
 # -- item 4: the server survives any request ---------------------------------------------------------
 
 
@@ -111,11 +117,13 @@ def request_bytes(base, path, body: dict) -> bytes:
 
 
 def test_a_client_that_hangs_up_stops_its_generation(server):
-    before = completion_tokens(server)
+    before, decoding = completion_tokens(server), decoded_tokens(server)
     with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1]))) as s:
         s.sendall(request_bytes(server, "/v1/chat/completions", LONG))  # not streamed: nothing comes back
         wait_for(lambda: in_flight(server) == 1, what="the generation to start")
-        time.sleep(0.3)
+        wait_for(
+            lambda: decoded_tokens(server) > decoding, what="a token decoded"
+        )  # however slow the machine
     wait_for(lambda: in_flight(server) == 0, what="the generation to stop")
     decoded = completion_tokens(server) - before  # the cancelled request's usage is counted
     assert 0 < decoded < LONG["max_tokens"]

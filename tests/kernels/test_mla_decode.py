@@ -3,6 +3,8 @@ scattered blocks, a sequence shorter than a block, one that is empty, fp32 and f
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -95,3 +97,26 @@ def test_paged_mla_decode_reads_fp8_rows(gen, splits):
         out, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"seed {gen.initial_seed()}: {m}"
     )
     torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_a_batch_past_the_grids_second_axis_runs_in_slices(gen, monkeypatch):
+    """Sequences sit on the grid's second axis (at most 65,535 programs on a card): more run in slices,
+    here of 2 (the limit lowered), with the same result."""
+    from ds4.kernels import mla_decode
+    from ds4.kernels.targets import recording
+
+    monkeypatch.setattr(mla_decode, "GRID_YZ", 2)
+    q_latent, q_rope, pool, table, seq_lens = paged_case(
+        gen, [37, 5, 64, 1, 20], 5, 48, 16, 16, torch.float32
+    )
+    recorded = contextlib.nullcontext() if DEVICE == "cuda" else recording()
+    with recorded as rec:
+        out, lse = paged_mla_decode(q_latent, q_rope, pool, table, seq_lens, 16, 0.1, splits=2)
+    want, want_lse = reference.paged_mla_decode(q_latent, q_rope, pool, table, seq_lens, 16, 0.1)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=2e-5)
+    if rec is not None:
+        assert (
+            max(launch.grid[1] for launch in rec.launches.values() if launch.kernel == "_mla_decode_kernel")
+            == 2
+        )

@@ -3,6 +3,8 @@ V4's single K = V head with a sink; invalid (-1) indices, rows with no valid ind
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -49,3 +51,22 @@ def test_sparse_attention_matches_reference(
     else:  # the sink alone takes all the probability: zero output, lse = the sink
         assert (out[0] == 0).all()
         torch.testing.assert_close(lse[0], sink.float())
+
+
+def test_a_chunk_past_the_grids_second_axis_runs_in_slices(gen, monkeypatch):
+    """A CUDA grid takes 65,535 programs on its second axis, where the tokens sit: a longer prefill chunk
+    (V4 over a long prompt) runs in slices, here of 2 tokens (the limit lowered), with the same result."""
+    from ds4.kernels import sparse_attention as module
+    from ds4.kernels.targets import recording
+
+    monkeypatch.setattr(module, "GRID_YZ", 2)
+    q, kv, indices = case(gen, 5, 7, 64, 50, 20, torch.float32)
+    sink = randn(gen, 7)
+    recorded = contextlib.nullcontext() if DEVICE == "cuda" else recording()
+    with recorded as rec:
+        out, lse = sparse_attention(q, kv, indices, 0.125, 64, sink)
+    want, want_lse = reference.sparse_attention(q, kv, indices, 0.125, 64, sink)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=2e-5)
+    if rec is not None:
+        assert {launch.grid[1] for launch in rec.launches.values()} == {2}

@@ -55,6 +55,18 @@ def test_the_checker_fails_what_a_card_refuses():
     )
 
 
+def test_the_checker_fails_a_grid_past_cudas_limits():
+    """65,535 programs at most on a grid's second and third axes; the launch is only recorded."""
+    with recording(execute=False) as rec, rec.workload("tall grid", torch.bfloat16):
+        a, b = torch.zeros(32, 64, dtype=torch.bfloat16), torch.zeros(64, 32, dtype=torch.bfloat16)
+        for rows in (70_000, 3):  # one build: the largest grid is kept
+            wide_tiles_kernel[(1, rows)](a, b, torch.empty(32, 32), 64, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+    (build,) = compile_launches(list(rec.launches.values()), ["sm89"])
+    assert build.error is None and build.shared <= CARDS["sm89"].shared and build.grid == [1, 70_000]
+    assert not build.grid_fits() and not build.fits()
+    assert "GRID   wide_tiles_kernel [tall grid]: [1, 70000] programs" in format_report([build])
+
+
 def test_a_launch_is_recorded_as_a_card_compiles_it():
     """A bf16 model's dots take bf16 on a card (the interpreter multiplies in float32), the autotuned
     kernels' configurations are each a build, and a stride of 1 is a constant, as Triton specialises."""
