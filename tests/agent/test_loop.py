@@ -261,11 +261,12 @@ def test_the_tiny_model_gets_prompts_that_fit_its_context_every_round(repo, tiny
 
 
 class SeededChatServer(ScriptedChatServer):
-    """Test double: answers by the request's seed (sample 1 asks without one), slowly, and records the
-    most requests it held at once."""
+    """Test double: answers by the request's seed (sample 1 asks without one) once `expect` requests are
+    in flight (or after 10 s), and records the most requests it held at once."""
 
     by_seed = {None: WRONG, 2: RIGHT, 3: RIGHT}
     num_in_flight = max_in_flight = 0
+    expect = 1
     lock = threading.Lock()
 
     def answer_for(self, body: dict) -> str:
@@ -273,7 +274,9 @@ class SeededChatServer(ScriptedChatServer):
         with cls.lock:
             cls.num_in_flight += 1
             cls.max_in_flight = max(cls.max_in_flight, cls.num_in_flight)
-        time.sleep(0.5)  # long enough for the other samples' requests to arrive
+        deadline = time.monotonic() + 10  # the other samples' requests arrive, however slow the machine
+        while cls.max_in_flight < cls.expect and time.monotonic() < deadline:
+            time.sleep(0.01)
         with cls.lock:
             cls.num_in_flight -= 1
         return cls.by_seed[body.get("seed")]
@@ -285,7 +288,7 @@ def test_samples_against_an_endpoint_run_at_once_with_the_same_results(repo):
     results, max_in_flight = [], []
     try:
         for concurrent in (True, False):
-            SeededChatServer.max_in_flight = 0
+            SeededChatServer.max_in_flight, SeededChatServer.expect = 0, 3 if concurrent else 1
             backend = OpenAIBackend(f"http://127.0.0.1:{server.server_port}", "deepseek", retries=0)
             backend.can_run_concurrently = concurrent
             results.append(fix(fix_config(repo, rounds=1, samples=3), backend))
