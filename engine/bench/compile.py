@@ -217,7 +217,7 @@ def _preset_launches(recorder, cfg: dict, preset: str, dtype: torch.dtype) -> No
 
 def engine_launches(recorder, family: str, dtype: torch.dtype, folder: str) -> None:
     """Records every launch of the engine on `family`'s tiny checkpoint, on the Triton path: a prompt,
-    then four that share its first block and finish at different steps."""
+    then four that share its first block, decoded as a batch."""
     from ds4.engine import LLM, SamplingParams
     from ds4.engine.random_checkpoint import init_checkpoint
 
@@ -227,8 +227,8 @@ def engine_launches(recorder, family: str, dtype: torch.dtype, folder: str) -> N
         llm = LLM(path, dtype=name, max_num_seqs=4, compile_decode=False, cuda_graphs=False, block_size=16)
         shared = list(range(2, 22))
         llm.generate([shared], SamplingParams(temperature=0.0, max_tokens=1))
-        for i in range(4):
-            params = SamplingParams(temperature=0.0, max_tokens=2 + i, ignore_eos=True)
+        for i in range(4):  # prefilled together over the cached block, then two decode steps of four
+            params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
             llm.engine.add_request(shared + [30 + i] * (1 + 3 * i), params)
         while llm.engine.has_unfinished:
             llm.engine.step()

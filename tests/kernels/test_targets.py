@@ -85,25 +85,26 @@ def test_a_launch_is_recorded_as_a_card_compiles_it():
 
 
 @pytest.mark.slow
-def test_every_kernel_at_the_real_models_sizes_builds_for_both_cards():
+def test_every_kernel_at_the_real_models_sizes_builds_for_the_4090():
     """bf16 at V3.2's and V4-Flash's sizes (V3's launches are V3.2's less the indexer's), decode batches
-    of 1 and 32 and a 2,048-token prefill, every autotuned configuration: all build, all fit."""
+    of 1 and 32 and a 2,048-token prefill, every autotuned configuration, for the card with the least
+    shared memory: all build, all fit. (`ds4-agent bench compile` does the same for the H100 / H200.)"""
     with recording(execute=False) as rec:
         for preset in ("deepseek-v3.2", "deepseek-v4-flash"):
             preset_launches(rec, preset, torch.bfloat16)
-    builds = compile_launches(list(rec.launches.values()), list(CARDS))
+    builds = compile_launches(list(rec.launches.values()), ["sm89"])
     assert all(b.fits() for b in builds), format_report(builds)
     mla = [b for b in builds if b.kernel == "_mla_decode_kernel"]
     assert {b.constexprs["BLOCK_C"] for b in mla} == {512}  # the real latent width was built
-    assert {b.card for b in builds} == set(CARDS) and len(builds) > 300
+    assert len(builds) > 150
 
 
 @pytest.mark.slow
-def test_every_launch_of_the_engine_builds(tmp_path):
-    """The engine on the Triton path (every family; prefill, a prefix hit, batched decode) launches every
-    kernel ds4.kernels has, with the presets' workloads; each of its launches builds for the 4090."""
+def test_every_launch_of_the_engine_builds_for_the_h100(tmp_path):
+    """The engine on the Triton path (V3.2 and V4; prefill, a prefix hit, batched decode) and the presets'
+    workloads launch every kernel ds4.kernels has; each of the engine's launches builds for Hopper."""
     with recording(execute=True) as engine:
-        for family in ("deepseek_v3", "deepseek_v32", "deepseek_v4"):
+        for family in ("deepseek_v32", "deepseek_v4"):
             engine_launches(engine, family, torch.bfloat16, str(tmp_path / family))
     with recording(execute=False) as sized:
         for preset in ("deepseek-v3.2", "deepseek-v4-flash"):
@@ -111,5 +112,5 @@ def test_every_launch_of_the_engine_builds(tmp_path):
     launched = {launch.kernel for rec in (engine, sized) for launch in rec.launches.values()}
     assert launched == _all_kernels()
     assert "_compressor_decode_kernel" in {launch.kernel for launch in engine.launches.values()}
-    builds = compile_launches(list(engine.launches.values()), ["sm89"])
+    builds = compile_launches(list(engine.launches.values()), ["sm90"])
     assert all(b.fits() for b in builds), format_report(builds)
