@@ -133,6 +133,7 @@ def _combine_kernel(
 
 
 GRID_YZ = 65_535  # programs a CUDA grid takes on its second and third axes
+GPU_MIN_SPLIT = 256  # the least positions a split takes on a card
 
 
 def kv_splits(batch: int, head_blocks: int, capacity: int, device) -> tuple[int, int]:
@@ -152,7 +153,7 @@ def split_rule(device) -> tuple[int, int]:
     device = torch.device(device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return _sm_count(index), 256
+        return _sm_count(index), GPU_MIN_SPLIT
     return 4, 32
 
 

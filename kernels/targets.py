@@ -141,7 +141,7 @@ def _binder(fn):
     return jit, backend, create_function_from_signature(jit.signature, jit.params, backend)
 
 
-def _launch_of(fn, args, kwargs, dtype, origin) -> Launch:
+def _launch_of(fn, args, kwargs, dtype, origin, grid) -> Launch:
     """The specialisation a CUDA device would compile for this call: Triton's own binder (types,
     alignment and divisibility of the arguments), with the dot operands a GPU gets for `dtype`."""
     jit, backend, binder = _binder(fn)
@@ -160,6 +160,7 @@ def _launch_of(fn, args, kwargs, dtype, origin) -> Launch:
         attrs=tuple(sorted((path[0], tuple(map(tuple, a))) for path, a in attrs.items() if a)),
         options=tuple(sorted((k, v) for k, v in kwargs.items() if k not in names)),
         origin=origin,
+        grid=tuple(int(n) for n in grid),
     )
 
 
@@ -199,10 +200,9 @@ def recording(execute: bool = True):
     recorder, run = Recorder(execute), InterpretedFunction.run
 
     def recorded(self, *args, grid, warmup, **kwargs):
-        launch = _launch_of(self.fn, args, kwargs, recorder.dtype, recorder.origin)
         if callable(grid):  # a grid of the launch's arguments (an autotuned kernel's tiles)
             grid = grid(dict(zip(self.arg_names, args, strict=False)) | kwargs)
-        recorder.add(replace(launch, grid=tuple(int(n) for n in grid)))
+        recorder.add(_launch_of(self.fn, args, kwargs, recorder.dtype, recorder.origin, grid))
         if recorder.execute:
             return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
@@ -216,16 +216,9 @@ def recording(execute: bool = True):
 def variants(launch: Launch) -> list[Launch]:
     """The builds a GPU makes of a launch: every configuration its autotuner times, where it has one
     (the interpreter ran the fixed tiles)."""
-    if launch.kernel not in TUNED:
-        return [launch]
-    builds = [launch]
-    for config in TUNED[launch.kernel]():
-        builds.append(
-            launch.with_constexprs(
-                config.kwargs, {"num_warps": config.num_warps, "num_stages": config.num_stages}
-            )
-        )
-    return builds
+    configs = TUNED[launch.kernel]() if launch.kernel in TUNED else []
+    options = [{"num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
+    return [launch] + [launch.with_constexprs(c.kwargs, o) for c, o in zip(configs, options, strict=True)]
 
 
 def compile_launches(

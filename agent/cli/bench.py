@@ -291,7 +291,13 @@ def _compile(args) -> int:
 
     cards, presets = args.cards or list(CARDS), args.presets or list(PRESETS)
     families = [] if args.no_engine else args.families or list(FAMILIES)
-    for given, allowed in ((cards, CARDS), (args.dtypes, ("bfloat16", "float32")), (presets, PRESETS)):
+    choices = (
+        (cards, CARDS),
+        (args.dtypes, ("bfloat16", "float32")),
+        (presets, PRESETS),
+        (families, FAMILIES),
+    )
+    for given, allowed in choices:
         unknown = [g for g in given if g not in allowed]
         if unknown:
             print(
@@ -299,9 +305,6 @@ def _compile(args) -> int:
                 file=sys.stderr,
             )
             return USAGE
-    if [f for f in families if f not in FAMILIES]:
-        print(f"ds4-agent: error: families are {', '.join(FAMILIES)}", file=sys.stderr)
-        return USAGE
     if args.triton and not os.path.isdir(os.path.join(args.triton, "triton")):
         print(f"ds4-agent: error: {args.triton} holds no triton package", file=sys.stderr)
         return USAGE

@@ -37,8 +37,8 @@ BATCHES = (1, 32)  # decode
 CHUNK = 2048  # a prefill step (EngineConfig.max_num_batched_tokens)
 BLOCK = 256  # tokens per cache block (EngineConfig.block_size)
 CONTEXT = 4096  # cached positions each decode sequence has
-# stored formats of each family's expert (and, for quant_linear, dense) weights: (dtype, packed columns)
 STACKED = 8  # experts in a workload's stack
+# stored formats of each family's expert (and, for quant_linear, dense) weights: (dtype, packed columns)
 FORMATS = {"fp8": (torch.float8_e4m3fn, 1), "fp4": (torch.int8, 2), "int4": (torch.uint8, 2)}
 
 
@@ -103,7 +103,7 @@ def _dense(cfg: dict, dtype, tokens: int) -> None:
     )
 
 
-def _rope(cfg: dict, dtype, tokens: int, heads: int, width: int) -> tuple:
+def _rope(cfg: dict, dtype, tokens: int) -> tuple:
     half = cfg["qk_rope_head_dim"] // 2
     cos, sin = rope_table(
         torch.zeros(tokens, dtype=torch.int64), _empty(half, dtype=torch.float32), 1.0, dtype
@@ -114,7 +114,7 @@ def _rope(cfg: dict, dtype, tokens: int, heads: int, width: int) -> tuple:
 def _mla(cfg: dict, dtype, tokens: int, decode: bool, rows_fmt: str) -> None:
     """V3 / V3.2 attention: rope, the cache rows' write, decode or prefill over the latent rows."""
     heads, latent, rope_dim = cfg["num_attention_heads"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
-    cos, sin = _rope(cfg, dtype, tokens, heads, rope_dim)
+    cos, sin = _rope(cfg, dtype, tokens)
     rope(_empty(tokens, heads, rope_dim, dtype=dtype), cos, sin, True)
     pages = (max(BATCHES) * CONTEXT) // BLOCK + CHUNK // BLOCK
     width = latent + rope_dim if rows_fmt == "bf16" else latent + latent // 32 + 2 * rope_dim
@@ -160,8 +160,8 @@ def _indexer(cfg: dict, dtype, tokens: int, decode: bool, rows: int) -> None:
 
 def _v4(cfg: dict, dtype, tokens: int, decode: bool) -> None:
     """V4 attention (K = V rows with a sink over the window and the compressed rows) and mHC."""
-    heads, head_dim, rope_dim = cfg["num_attention_heads"], cfg["head_dim"], cfg["qk_rope_head_dim"]
-    cos, sin = _rope(cfg, dtype, tokens, heads, rope_dim)
+    heads, head_dim = cfg["num_attention_heads"], cfg["head_dim"]
+    cos, sin = _rope(cfg, dtype, tokens)
     q = rope_tail(_empty(tokens, heads, head_dim, dtype=dtype), cos, sin)
     rope_tail(_empty(tokens, head_dim, dtype=dtype), cos, sin, negate=True)
     keys = cfg["index_topk"] + cfg["sliding_window"]
@@ -186,7 +186,7 @@ def _v4(cfg: dict, dtype, tokens: int, decode: bool) -> None:
 def _gpu_splits(sms: int = 132):
     """kv_splits' rule as on a card of `sms` SMs (an H200's 132; a 4090 has 128), not the interpreter's."""
     rule = mla_decode.split_rule
-    mla_decode.split_rule = lambda device: (sms, 256)
+    mla_decode.split_rule = lambda device: (sms, mla_decode.GPU_MIN_SPLIT)
     try:
         yield
     finally:
