@@ -3,9 +3,10 @@ of the model's forward over a decode batch, so a step stops paying Python and at
 
 One graph holds the whole step, every layer included (fullgraph): the batch size and the longest
 sequence (the length of `DecodeBatch.span`) are dynamic sizes, so one compile serves every batch and
-context length. The routed experts are one opaque op (`ds4::routed_experts`): their dispatch reads
-expert ids on the host, which a traced graph cannot. The dense layers whose weights the CPU kernel
-reads are another (`ds4::cpu_linear`, engine/layers/linear.py). Prefill and mixed steps run eagerly.
+context length. The routed experts are one opaque op (the C++ operator `ds4_cpu::moe` for a plain
+stack, the Python op `ds4::routed_experts` for a tiered one, whose dispatch reads expert ids on the
+host, which a traced graph cannot). The dense layers whose weights the CPU kernel reads are another
+(`ds4_cpu::linear`, engine/layers/linear.py). Prefill and mixed steps run eagerly.
 
 The cache's tensors are allocated once, for the engine's life (V4's pools and paged rows too), so the
 graph takes their sizes as constants (`mark_static`), while the step's own tensors keep dynamic sizes.
@@ -48,13 +49,15 @@ log = logging.getLogger("ds4.engine")
 # inductor pack the dense weights for its C++ GEMM template; since those layers run in ds4's CPU kernel
 # (`ds4_cpu::linear`), a frozen graph decodes no faster (V3 batch 1, V3.2 and V4 batch 32, side by side in
 # one process: within 1%), keeps packed copies beside the weights, and cannot use AOTAutograd's cache, so
-# each process traced it again: 1.3-1.6x the warm compile time (docs/perf.md). `max_autotune` still times
-# inductor's GEMM template against torch's for the products left in the graph. On a small machine the code
-# is built in this process: a pool of compile workers would start (importing torch) beside the engine and
-# slow its first steps for seconds, for a graph compiled once.
+# each process traced it again: 1.3-1.6x the warm compile time (docs/perf.md). Nor does inductor time its
+# GEMM template against torch's (`max_autotune`) for the products left in the graph (small batched ones
+# in the runs measured): each timing builds a C++ kernel (3-4 s on two cores), which made cold compiles
+# 1.1-2.2x longer (V3.2 `small`, both graphs: 115 against 53 s) for the same decode steps within the
+# runs' noise (0.97-1.06x; `small` presets, batches of 1 and 32, side by side in one process;
+# docs/perf.md). On a small machine the code is built in this process: a pool of compile workers would
+# start (importing torch) beside the engine and slow its first steps for seconds, for a graph compiled
+# once.
 OPTIONS = {
-    "max_autotune": True,
-    "max_autotune_gemm_backends": "CPP,ATEN",
     "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,  # see the module's docstring
     "cpp_wrapper": True,  # see the module's docstring
 }
