@@ -33,3 +33,21 @@ def gpu_dot_args(dtype) -> dict:
     if dtype not in (torch.bfloat16, torch.float16):
         return {"DOT": tl.float32, "PRECISION": precision}
     return {"DOT": tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, "PRECISION": precision}
+
+
+KEY_TILE_BYTES = 32 * 1024  # an attention kernel's key tile; with the queries' and the stages', under 99 KiB
+
+
+def key_rows(width: int, dtype, most: int = 32) -> int:
+    """Rows of `width` elements an attention kernel's key tile holds for a model of `dtype`: `most`,
+    halved (to 16 at least) while the tile passes 32 KiB at the size a card multiplies the model's
+    operands in (bf16: 32 rows of a 512-wide latent; float32: 16). At 32 float32 rows of 512 the MLA
+    and sparse attention kernels took 110-129 KiB of shared memory, past an RTX 4090's 99 KiB
+    (`ds4-agent bench compile --dtypes float32`). Chosen as a card chooses, also under the interpreter
+    (whose products are float32 whatever the model): tests run, and kernels.targets records, the card's
+    launch."""
+    size = 4 if gpu_dot_args(dtype)["DOT"] == tl.float32 else 2
+    rows = most
+    while rows > 16 and rows * width * size > KEY_TILE_BYTES:
+        rows //= 2
+    return rows

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4.kernels.dot import dot, dot_args
+from ds4.kernels.dot import dot, dot_args, key_rows
 
 
 @triton.jit
@@ -324,15 +324,16 @@ def paged_mla_decode(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     block_h: int = 16,
-    block_n: int = 32,
+    block_n: int | None = None,
     splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As ds4.kernels.reference.paged_mla_decode; `out` [B, H, C] and `lse` [B, H] float32 buffers. A
     uint8 pool holds FP8 rows (reference.quantize_latent_rows: 656 bytes for latent 512 + rope 64),
     dequantized in the kernel. `splits` of each sequence's positions: by default `kv_splits` over the
-    pool's rows."""
+    pool's rows. `block_n` positions a step: by default dot.key_rows'."""
     batch, heads, latent = q_latent.shape
     rope_dim = q_rope.shape[-1]
+    block_n = block_n or key_rows(triton.next_power_of_2(latent), q_latent.dtype)
     fp8 = check_pool(pool, q_latent, q_rope)
     out = (
         out if out is not None else torch.empty(batch, heads, latent, dtype=torch.float32, device=pool.device)

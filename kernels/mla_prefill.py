@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4.kernels.dot import dot, dot_args
+from ds4.kernels.dot import dot, dot_args, key_rows
 from ds4.kernels.mla_decode import check_pool, load_rows, softmax_result
 
 
@@ -107,7 +107,7 @@ def mla_prefill(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     block_m: int | None = None,
-    block_n: int = 32,
+    block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As ds4.kernels.reference.mla_prefill: queries q_latent [T, H, C] (folded with W_UK) and q_rope
     [T, H, R] at positions start .. start + T - 1 over the sequence's pool rows (its `blocks`, in
@@ -124,8 +124,12 @@ def mla_prefill(
     blocks = blocks.to(device=device, dtype=torch.int32).contiguous()
     rows = tokens * heads
     dots = dot_args(q_latent.dtype)
-    if block_m is None:  # float32 tiles of 16 rows: the decode kernel's shared memory (96 KB at 512 + 64)
-        block_m = 16 if dots["DOT"] == tl.float32 else 32
+    width = triton.next_power_of_2(latent)
+    block_n = block_n or key_rows(width, q_latent.dtype)
+    # query rows: as many as key rows, 16 over FP8 rows. Each program keeps [BLOCK_M, C] float32 sums in
+    # registers, over 8 warps: at 4, or at 32 rows over FP8 rows (their dequantized tile live beside),
+    # real sizes spilled 150-950 bytes a thread to local memory on sm_89/sm_90 (ds4.kernels.targets)
+    block_m = block_m or key_rows(width, q_latent.dtype, most=16 if fp8 else 32)
     _mla_prefill_kernel[(triton.cdiv(rows, block_m),)](
         q_latent,
         q_rope,
@@ -154,5 +158,6 @@ def mla_prefill(
         BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
         FP8=fp8,
         **dots,
+        num_warps=8,
     )
     return out, lse

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4.kernels.dot import dot, dot_args
+from ds4.kernels.dot import dot, dot_args, key_rows
 from ds4.kernels.mla_decode import GRID_YZ, combine_splits, softmax_result, split_launch, split_range
 
 
@@ -121,12 +121,14 @@ def sparse_attention(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     block_h: int = 16,
-    block_n: int = 32,
+    block_n: int | None = None,
     splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As ds4.kernels.reference.sparse_attention; `out` [T, H, value_dim] and `lse` [T, H] float32.
-    `splits` of each token's rows: by default `kv_splits` over the k indices."""
+    `splits` of each token's rows: by default `kv_splits` over the k indices. `block_n` rows a step: by
+    default dot.key_rows'."""
     tokens, heads, dim = q.shape
+    block_n = block_n or key_rows(triton.next_power_of_2(value_dim), q.dtype)
     assert kv.shape[-1] == dim and kv.stride(-1) == 1 and q.stride(-1) == 1
     rest = dim - value_dim
     out = (

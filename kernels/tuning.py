@@ -15,6 +15,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): decode-shaped first, then one prefill-shaped. Few, since
 # each is compiled once per format and shape class on a fresh machine (seconds each).
@@ -44,12 +45,30 @@ def row_class(rows: int) -> int:
 
 
 def tuned(kernel, configs: list[triton.Config], key: list[str]):
-    """`kernel` timed over `configs` once per value of `key`, the results kept on disk where this Triton
-    can (its `cache_results`)."""
+    """`kernel` timed over `configs` (as `for_operands` fits them to its DOT) once per value of `key`,
+    the results kept on disk where this Triton can (its `cache_results`)."""
     extra = (
         {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     )
-    return triton.autotune(configs=configs, key=key, **extra)(kernel)
+    fit = {"early_config_prune": lambda configs, named_args, **kwargs: for_operands(configs, kwargs["DOT"])}
+    return triton.autotune(configs=configs, key=key, prune_configs_by=fit, **extra)(kernel)
+
+
+def for_operands(configs: list[triton.Config], dot) -> list[triton.Config]:
+    """`configs` fitted to the kernel's dot operands: the tiles above are sized for 2-byte ones; float32
+    ones read half as many inputs a step (BLOCK_K halved, 32 at least), so they take the shared memory
+    the bf16 tiles take (at most 72 KiB). At full width they took 113-144 KiB, past an RTX 4090's 99 KiB,
+    and every expert tile was past it (`ds4-agent bench compile --dtypes float32`)."""
+    if dot != tl.float32:
+        return configs
+    return [
+        triton.Config(
+            {**c.kwargs, "BLOCK_K": max(32, c.kwargs["BLOCK_K"] // 2)},
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
+        for c in configs
+    ]
 
 
 def linear_configs() -> list[triton.Config]:

@@ -11,9 +11,14 @@ import pkgutil
 
 import pytest
 import torch
+import triton.language as tl
 
 import ds4.kernels
 from ds4.engine.bench.compile import engine_launches, format_report, preset_launches
+from ds4.kernels import tuning
+from ds4.kernels.dot import key_rows
+from ds4.kernels.moe import _expert_gemm_tuned
+from ds4.kernels.quant_linear import _quant_linear_tuned
 from ds4.kernels.targets import CARDS, compile_launches, recording, variants
 from tests.kernels.unbuildable import early_exit_kernel, wide_tiles_kernel
 
@@ -84,6 +89,43 @@ def test_a_launch_is_recorded_as_a_card_compiles_it():
     assert tiles == {(32, 32, None), (64, 128, 4), (32, 128, 4), (128, 64, 8)}
 
 
+def test_tiles_follow_the_operands_a_card_multiplies():
+    """At a real latent width (512), float32 operands take 16 key rows a step in the attention kernels and
+    half the inputs a step in the tuned GEMMs' tiles; bf16 ones keep 32 rows (16 query rows in MLA prefill
+    over FP8 rows, whose dequantized tile sits beside the sums). Recorded as a card launches them: under
+    the interpreter a bf16 model's prefill still gets the card's 32 query rows."""
+    tiles = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        with recording(execute=False) as rec:
+            preset_launches(rec, "deepseek-v3.2", dtype)
+        for launch in rec.launches.values():
+            if launch.kernel in ("_mla_decode_kernel", "_mla_prefill_kernel", "_sparse_attention_kernel"):
+                rows = "BLOCK_M" if launch.kernel == "_mla_prefill_kernel" else "BLOCK_H"
+                fp8 = launch.constexpr("FP8") if "FP8" in launch.signature else False
+                key = (launch.kernel, str(dtype).split(".")[-1], fp8)
+                tiles[key] = (launch.constexpr(rows), launch.constexpr("BLOCK_N"), dict(launch.options))
+            if launch.kernel == "_expert_gemm_kernel" and dtype == torch.float32:
+                widths = {(v.constexpr("BLOCK_N"), v.constexpr("BLOCK_K")) for v in variants(launch)[1:]}
+                assert widths == {(64, 64), (32, 64), (128, 32)}
+    assert tiles == {
+        ("_mla_decode_kernel", "bfloat16", False): (16, 32, {}),
+        ("_mla_decode_kernel", "bfloat16", True): (16, 32, {}),
+        ("_mla_prefill_kernel", "bfloat16", False): (32, 32, {"num_warps": 8}),
+        ("_mla_prefill_kernel", "bfloat16", True): (16, 32, {"num_warps": 8}),
+        ("_sparse_attention_kernel", "bfloat16", False): (16, 32, {}),
+        ("_mla_decode_kernel", "float32", False): (16, 16, {}),
+        ("_mla_decode_kernel", "float32", True): (16, 16, {}),
+        ("_mla_prefill_kernel", "float32", False): (16, 16, {"num_warps": 8}),
+        ("_mla_prefill_kernel", "float32", True): (16, 16, {"num_warps": 8}),
+        ("_sparse_attention_kernel", "float32", False): (16, 16, {}),
+    }
+    assert key_rows(64, torch.float32) == 32  # a tiny model's rows fit whole tiles in any dtype
+    for tuned in (_expert_gemm_tuned, _quant_linear_tuned):  # what a card's autotuner times
+        for dot in (tl.float32, tl.bfloat16):
+            timed = tuned.early_config_prune(tuned.configs, {}, DOT=dot)
+            assert timed == tuning.for_operands(tuned.configs, dot) and len(timed) == len(tuned.configs)
+
+
 @pytest.mark.slow
 def test_every_kernel_at_the_real_models_sizes_builds_for_the_4090():
     """bf16 at V3.2's and V4-Flash's sizes (V3's launches are V3.2's less the indexer's), decode batches
@@ -92,7 +134,15 @@ def test_every_kernel_at_the_real_models_sizes_builds_for_the_4090():
     with recording(execute=False) as rec:
         for preset in ("deepseek-v3.2", "deepseek-v4-flash"):
             preset_launches(rec, preset, torch.bfloat16)
-    builds = compile_launches(list(rec.launches.values()), ["sm89"])
+    with recording(execute=False) as fp32:  # float32 where tiles depend on it: 110-144 KiB before
+        preset_launches(fp32, "deepseek-v3.2", torch.float32)
+    attention = ("_mla_decode_kernel", "_mla_prefill_kernel", "_sparse_attention_kernel")
+    wide = [
+        x
+        for x in fp32.launches.values()
+        if x.kernel in attention or (x.kernel == "_expert_gemm_kernel" and x.constexpr("QUANT") == 0)
+    ]
+    builds = compile_launches(list(rec.launches.values()) + wide, ["sm89"])
     assert all(b.fits() for b in builds), format_report(builds)
     mla = [b for b in builds if b.kernel == "_mla_decode_kernel"]
     assert {b.constexprs["BLOCK_C"] for b in mla} == {512}  # the real latent width was built
