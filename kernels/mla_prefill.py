@@ -127,7 +127,7 @@ def mla_prefill(
     width = triton.next_power_of_2(latent)
     block_n = block_n or key_rows(width, q_latent.dtype)
     # query rows: as many as key rows, 16 over FP8 rows. Each program keeps [BLOCK_M, C] float32 sums in
-    # registers, over 8 warps: at 4, or at 32 rows over FP8 rows (their dequantized tile live beside),
+    # registers, over 8 warps: at 4, or at 32 rows over FP8 rows (their dequantized tile lives beside them),
     # real sizes spilled 150-950 bytes a thread to local memory on sm_89/sm_90 (ds4.kernels.targets)
     block_m = block_m or key_rows(width, q_latent.dtype, most=16 if fp8 else 32)
     _mla_prefill_kernel[(triton.cdiv(rows, block_m),)](
