@@ -216,10 +216,13 @@ def recording(execute: bool = True):
 def variants(launch: Launch) -> list[Launch]:
     """The builds a GPU makes of a launch: every configuration its autotuner times, where it has one
     (the interpreter ran the fixed tiles)."""
-    configs = TUNED[launch.kernel]() if launch.kernel in TUNED else []
-    configs = tuning.for_operands(configs, _decode(launch.constexpr("DOT"))) if configs else []
-    options = [{"num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
-    return [launch] + [launch.with_constexprs(c.kwargs, o) for c, o in zip(configs, options, strict=True)]
+    if launch.kernel not in TUNED:
+        return [launch]
+    configs = tuning.for_operands(TUNED[launch.kernel](), _decode(launch.constexpr("DOT")))
+    return [launch] + [
+        launch.with_constexprs(c.kwargs, {"num_warps": c.num_warps, "num_stages": c.num_stages})
+        for c in configs
+    ]
 
 
 def compile_launches(
