@@ -39,6 +39,13 @@ def _block_scores(q, weights, keys, positions):
     return scores.masked_fill(future, float("-inf"))
 
 
+def positions_mask(chosen: torch.Tensor, keys: int) -> torch.Tensor:
+    """Boolean [T, keys] from the positions [T, k] each query picked (-1: none), with no sync: a -1 marks
+    a spare column past the keys, which is cut off."""
+    mask = torch.zeros(chosen.shape[0], keys + 1, dtype=torch.bool, device=chosen.device)
+    return mask.scatter_(1, torch.where(chosen >= 0, chosen, keys), True)[:, :keys]
+
+
 class Indexer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -60,14 +67,19 @@ class Indexer(nn.Module):
         return self._rope(self.k_norm(self.wk(x)), rope)
 
     @torch.no_grad()
-    def select(self, x, q_latent, rope, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """Boolean [T, S]: the keys each query attends to (a subset of `allowed`)."""
+    def select(self, x, q_latent, rope, keys: torch.Tensor, allowed: torch.Tensor, positions) -> torch.Tensor:
+        """Boolean [T, S]: the keys each query (at `positions`) picks, for the caller to keep those in
+        `allowed` (the top-k of the allowed keys, or all of them where they are no more than k). Past
+        STREAMING score elements, and on the Triton path, the scores stream in key blocks
+        (`select_streaming`): the workspace the engine plans (ds4.engine.workspace) holds whatever the
+        attention does."""
         T, S = allowed.shape
         if S <= self.topk:  # every causal key fits in the budget
             return allowed
+        if T * S * self.n_heads > STREAMING or triton_enabled(x.device):
+            chosen = self.select_streaming(x, q_latent, rope, keys, positions)
+            return positions_mask(chosen, S)
         q = self._rope(self.wq_b(q_latent).view(T, self.n_heads, self.head_dim), rope)  # [T, Hi, Di]
-        if triton_enabled(x.device):
-            return self._select_triton(x, q, keys, allowed)
         scores = torch.matmul(q.float(), keys.float().T) * self.head_dim**-0.5  # [T, Hi, S]
         scores = torch.relu(scores)
         weights = (
@@ -94,21 +106,6 @@ class Indexer(nn.Module):
         block = max(256, STREAMING // (T * self.n_heads))  # keys per block: scores within the workspace
         scorer = indexer_scores if triton_enabled(x.device) else _block_scores
         return indexer_topk(q, weights, keys, positions, self.topk, keys_per_block=block, scores_fn=scorer)
-
-    def _select_triton(self, x, q, keys, allowed):
-        """The same selection through ds4's kernels: block-streamed scores and top-k. The 1/sqrt(Di)
-        scale moves into the head weights (ReLU commutes with a positive scale)."""
-        from ds4.kernels.indexer import indexer_topk
-
-        weights = self.weights_proj(x.to(compute_dtype(self.weights_proj))).float()
-        weights = weights * (self.n_heads**-0.5 * self.head_dim**-0.5)
-        positions = allowed.sum(-1) - 1  # causal: the last key each query may see
-        q, keys = q.float().contiguous(), keys.float().contiguous()
-        chosen = indexer_topk(q, weights, keys, positions, self.topk)
-        picked = torch.zeros_like(allowed)
-        rows, cols = (chosen >= 0).nonzero(as_tuple=True)
-        picked[rows, chosen[rows, cols]] = True
-        return picked & allowed
 
     @torch.no_grad()
     def select_decode(self, x, q_latent, rope, pool: torch.Tensor, batch, block_size: int) -> torch.Tensor:

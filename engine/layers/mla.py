@@ -113,7 +113,7 @@ class MLA(nn.Module):
             if self.indexer is not None:
                 index_keys = ctx.cache.read_index(self.layer_id, seq)
                 allowed = allowed & self.indexer.select(
-                    x[new], q_latent[new], rope_slice(rope, new), index_keys, allowed
+                    x[new], q_latent[new], rope_slice(rope, new), index_keys, allowed, ctx.positions[new]
                 )
             if ctx.mla_mode == "absorbed" and triton_enabled(x.device):
                 selected = allowed if self.indexer is not None else None

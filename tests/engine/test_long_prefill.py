@@ -57,6 +57,26 @@ def test_blocked_prefill_matches_transformers_whole_and_chunked(case, small_work
     assert calls and set(calls) <= ({"mla_prefill", "sparse_attention"} if triton else {"_prefill_blocked"})
 
 
+def test_v32_selection_streams_while_attention_runs_whole(tmp_path, monkeypatch):
+    """The indexer streams its top-k past its own workspace (STREAMING), whether or not the attention runs
+    in key blocks; the attention then takes the picks as a mask, and the logits stay the oracle's."""
+    import ds4.engine.layers.indexer as indexer
+
+    family, overrides = CASES["v32-sparse"]
+    path, _, ids, ref = oracle_case(tmp_path, family, overrides, seed=5, seq_len=SEQ_LEN, ids_seed=3)
+    monkeypatch.setattr(indexer, "STREAMING", 64)
+    calls = []
+    monkeypatch.setattr(indexer.Indexer, "select_streaming", _spied(indexer.Indexer.select_streaming, calls))
+    monkeypatch.setattr(mla.MLA, "_prefill_blocked", _spied(mla.MLA._prefill_blocked, calls))
+    llm = LLM(path)
+    with forced(False):
+        whole = llm.score(ids.tolist())
+        chunked = chunked_logits(llm, ids, 17)
+    assert max_rel_err(whole, ref) < 1e-5
+    assert max_rel_err(chunked, ref) < 1e-5
+    assert set(calls) == {"select_streaming"}  # the attention whole: no key blocks
+
+
 def _spied(method, calls):
     return lambda *a, **kw: calls.append(method.__name__) or method(*a, **kw)
 

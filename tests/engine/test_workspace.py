@@ -28,7 +28,20 @@ def test_the_planned_workspace_bounds_the_counted_one_within_2x(request, family,
         monkeypatch.setattr(mla, "WORKSPACE", workspace)
         monkeypatch.setattr(compressed, "WORKSPACE", workspace)
         monkeypatch.setattr(indexer, "STREAMING", workspace // 2)
-    llm = LLM(request.getfixturevalue(family))
+    _check_the_plan(LLM(request.getfixturevalue(family)))
+
+
+@pytest.mark.parametrize("family", ["tiny_v32", "tiny_v4"])
+def test_the_indexer_streams_past_its_own_workspace_while_attention_runs_whole(request, family, monkeypatch):
+    """The indexer's [T, heads, S] scores pass its streaming threshold long before the attention's pass
+    theirs (at a real V3.2's sizes, at half the keys: 64 index heads against 128). The indexer once
+    streamed only when the attention ran in key blocks, so a V3.2 chunk of 512 tokens over 4K keys held
+    1.14x its planned workspace (2.1x at 1,024 tokens), and the plan was no bound."""
+    monkeypatch.setattr(indexer, "STREAMING", 1 << 12)  # the attention keeps its default: whole here
+    _check_the_plan(LLM(request.getfixturevalue(family)))
+
+
+def _check_the_plan(llm):
     for tokens, context in ((64, 64), (64, 1024), (256, 1024)):
         cache = llm.runner.new_cache(1, context)
         ids = torch.randint(2, llm.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
