@@ -96,15 +96,17 @@ class MLA(nn.Module):
         for seq in ctx.seqs:
             new = slice(seq.offset, seq.offset + seq.num_tokens)
             ctx.cache.write(self.layer_id, seq, kv_rows[new], None if index_rows is None else index_rows[new])
-            if seq.num_tokens * seq.end * self.n_heads > WORKSPACE:  # long: scores in key blocks
+            long = seq.num_tokens * seq.end * self.n_heads > WORKSPACE  # scores in key blocks
+            triton = triton_enabled(x.device) and (long or ctx.mla_mode == "absorbed")
+            if long or triton:  # V3.2: the picks as positions, streamed over key blocks
                 chosen = None
                 if self.indexer is not None and seq.end > self.indexer.topk:
                     index_keys = ctx.cache.read_index(self.layer_id, seq)
                     chosen = self.indexer.select_streaming(
                         x[new], q_latent[new], rope_slice(rope, new), index_keys, ctx.positions[new]
                     )
-                if triton_enabled(x.device):  # flash-style over the cached latent rows, nothing expanded
-                    outs.append(self._absorbed_triton(q_nope[new], q_pe[new], ctx.cache, seq, chosen=chosen))
+                if triton:  # flash-style over the cached latent rows (or the picked ones), nothing expanded
+                    outs.append(self._absorbed_triton(q_nope[new], q_pe[new], ctx.cache, seq, chosen))
                 else:
                     outs.append(self._prefill_blocked(q_nope[new], q_pe[new], ctx.cache, seq, chosen))
                 continue
@@ -115,10 +117,7 @@ class MLA(nn.Module):
                 allowed = allowed & self.indexer.select(
                     x[new], q_latent[new], rope_slice(rope, new), index_keys, allowed, ctx.positions[new]
                 )
-            if ctx.mla_mode == "absorbed" and triton_enabled(x.device):
-                selected = allowed if self.indexer is not None else None
-                outs.append(self._absorbed_triton(q_nope[new], q_pe[new], ctx.cache, seq, selected))
-            elif ctx.mla_mode == "absorbed":
+            if ctx.mla_mode == "absorbed":
                 outs.append(self._absorbed(q_nope[new], q_pe[new], cached, allowed))
             else:
                 outs.append(self._naive(q_nope[new], q_pe[new], cached, allowed))
@@ -264,10 +263,11 @@ class MLA(nn.Module):
         probs = scores.float().masked_fill(hidden, float("-inf")).softmax(-1).to(cached.dtype)
         return torch.bmm(probs, cached[..., :C])  # bhs,bsc->bhc [B, H, C]
 
-    def _absorbed_triton(self, q_nope, q_pe, cache, seq, allowed=None, chosen=None):
+    def _absorbed_triton(self, q_nope, q_pe, cache, seq, chosen=None):
         """The absorbed path on the paged pool with ds4's kernels: the chunk's causal queries in the
-        flash-style prefill kernel over the sequence's blocks; with V3.2's selection (a mask `allowed`
-        [T, S], or the positions `chosen` [T, k], -1 none), attention over the chosen rows only."""
+        flash-style prefill kernel over the sequence's blocks; with V3.2's selection (the positions
+        `chosen` [T, k], -1 none), attention over the chosen rows only. No sync: the index lists' width
+        is the top-k's."""
         from ds4.kernels.mla_prefill import mla_prefill
         from ds4.kernels.sparse_attention import sparse_attention
 
@@ -275,16 +275,13 @@ class MLA(nn.Module):
         w_uk, w_uv = self._absorbed_weights()
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk).contiguous()  # [T, H, C]
         pool = cache.kv[self.layer_id]
-        if allowed is None and chosen is None:
+        if chosen is None:
             blocks = torch.tensor(seq.block_ids, dtype=torch.int32, device=pool.device)
             out_latent, _ = mla_prefill(
                 q_latent, q_pe.contiguous(), pool, blocks, seq.start, cache.block_size, self.scale
             )
         else:
-            if chosen is None:
-                indices = allowed_rows(allowed, seq.rows)  # pool rows of positions [0, end)
-            else:
-                indices = torch.where(chosen >= 0, seq.rows[chosen.clamp(min=0)], -1)
+            indices = torch.where(chosen >= 0, seq.rows[chosen.clamp(min=0)], -1)  # pool rows
             q = torch.cat([q_latent, q_pe], dim=-1).contiguous()
             out_latent, _ = sparse_attention(q, pool, indices, self.scale, C)
         return torch.einsum("thc,hvc->thv", out_latent.to(q_nope.dtype), w_uv)  # [T, H, V]
@@ -294,15 +291,6 @@ def _cpu_operator(pool: torch.Tensor) -> bool:
     """Whether decode attention over `pool` runs in ds4's CPU operator (ds4.kernels.cpu_ops: built where
     the CPU kernel is; fp32 or bf16 rows)."""
     return pool.device.type == "cpu" and cpu_ops.READY and pool.dtype in (torch.float32, torch.bfloat16)
-
-
-def allowed_rows(allowed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """[n, k] the rows each query may attend to (`rows[s]` for each allowed key s, in key order), -1
-    padded: a boolean mask as the index lists the sparse attention kernel reads."""
-    order = torch.sort(allowed.to(torch.int8), dim=-1, descending=True, stable=True)
-    count = max(int(allowed.sum(-1).max()), 1)
-    picked = order.indices[:, :count]
-    return torch.where(order.values[:, :count] > 0, rows[picked], -1)
 
 
 def rope_slice(rope, rows: slice):

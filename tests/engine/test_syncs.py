@@ -2,7 +2,8 @@
 for the device (ds4.engine.syncs records every op that would, on the CPU as on a GPU), apart from the
 one copy of the sampled ids back. Checked on the path a GPU runs (the Triton kernels, through the
 interpreter here; on a CUDA machine, the card with its decode graphs), over sequences of different lengths,
-for every family (V4 with and without Engram) and after a prefix hit."""
+for every family (V4 with and without Engram) and after a prefix hit. A prefill chunk over a cached prefix
+does not wait either."""
 
 from __future__ import annotations
 
@@ -27,6 +28,34 @@ def test_a_decode_step_never_waits_for_the_device(request, checkpoint):
         logits = runner.step([7, 8, 9], seqs, cache)
     assert recorder.found == []
     assert logits.shape == (3, llm.config.vocab_size)
+
+
+@pytest.mark.parametrize(
+    "checkpoint, mla_mode, blocked",
+    [
+        ("tiny_v3", "absorbed", False),
+        ("tiny_v32", "naive", False),  # a GPU's default for prefill: the picks as a mask
+        ("tiny_v32", "absorbed", False),  # the picks as positions, attention over them in the sparse kernel
+        ("tiny_v32", "naive", True),  # past the workspace: the picks as positions, as absorbed
+        ("tiny_v4", "auto", False),
+    ],
+)
+def test_a_prefill_chunk_over_a_cached_prefix_never_waits(
+    request, checkpoint, mla_mode, blocked, monkeypatch
+):
+    """Prefill on the GPU's path too. V3.2's selection reaches the attention as positions or as a mask built
+    on the device; it once read the widest pick count on the host (and ran `nonzero`) at every layer."""
+    import ds4.engine.layers.mla as mla
+
+    if blocked:
+        monkeypatch.setattr(mla, "WORKSPACE", 64)
+    llm = LLM(request.getfixturevalue(checkpoint), device=DEVICE, mla_mode=mla_mode)
+    cache = llm.runner.new_cache(1, 300)
+    llm.runner.step(list(range(2, 42)), [SeqSlice(0, 0, 40, 0)], cache)  # the prefix, on the torch path
+    with forced(True), SyncRecorder() as recorder:
+        logits = llm.runner.step(list(range(50, 62)), [SeqSlice(0, 40, 12, 0)], cache)
+    assert recorder.found == []
+    assert logits.shape == (1, llm.config.vocab_size)
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_v4", "tiny_v4_engram"])
