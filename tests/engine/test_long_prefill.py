@@ -48,12 +48,7 @@ def test_blocked_prefill_matches_transformers_whole_and_chunked(case, small_work
         )
     monkeypatch.setattr(mla.MLA, "_prefill_blocked", _spied(mla.MLA._prefill_blocked, calls))
     path, ids, ref = case
-    llm = LLM(path)
-    with forced(triton):
-        whole = llm.score(ids.tolist())
-        chunked = chunked_logits(llm, ids, 17)
-    assert max_rel_err(whole, ref) < 1e-5
-    assert max_rel_err(chunked, ref) < 1e-5
+    _matches_whole_and_chunked(LLM(path), ids, ref, triton)
     assert calls and set(calls) <= ({"mla_prefill", "sparse_attention"} if triton else {"_prefill_blocked"})
 
 
@@ -68,13 +63,17 @@ def test_v32_selection_streams_while_attention_runs_whole(tmp_path, monkeypatch)
     calls = []
     monkeypatch.setattr(indexer.Indexer, "select_streaming", _spied(indexer.Indexer.select_streaming, calls))
     monkeypatch.setattr(mla.MLA, "_prefill_blocked", _spied(mla.MLA._prefill_blocked, calls))
-    llm = LLM(path)
-    with forced(False):
+    _matches_whole_and_chunked(LLM(path), ids, ref, triton=False)
+    assert set(calls) == {"select_streaming"}  # the attention whole: no key blocks
+
+
+def _matches_whole_and_chunked(llm, ids, ref, triton: bool):
+    """The prompt's logits, scored whole and in chunks of 17 over the growing prefix, are the oracle's."""
+    with forced(triton):
         whole = llm.score(ids.tolist())
         chunked = chunked_logits(llm, ids, 17)
     assert max_rel_err(whole, ref) < 1e-5
     assert max_rel_err(chunked, ref) < 1e-5
-    assert set(calls) == {"select_streaming"}  # the attention whole: no key blocks
 
 
 def _spied(method, calls):
