@@ -17,6 +17,10 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # Triton kernels run through its interpreter; set before any import
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests import interpreter_speed
+
+    interpreter_speed.install()
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
