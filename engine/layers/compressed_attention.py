@@ -20,7 +20,7 @@ from ds4.engine.config import ModelConfig
 from ds4.engine.context import get_forward_context
 from ds4.engine.layers.compressor import Compressor
 from ds4.engine.layers.hyper import unweighted_rms_norm
-from ds4.engine.layers.indexer import CompressedIndexer
+from ds4.engine.layers.indexer import CompressedIndexer, positions_mask
 from ds4.engine.layers.linear import Linear
 from ds4.engine.layers.norm import RMSNorm
 from ds4.engine.layers.quantized import dense_weight
@@ -236,8 +236,7 @@ class CompressedAttention(nn.Module):
                     torch.arange(done, device=device)[None, :] < self._complete(start, a, b, device)[:, None]
                 )
             else:  # the indexer's picks
-                allowed = torch.zeros(b - a, done + 1, dtype=torch.bool, device=device)
-                allowed = allowed.scatter_(1, chosen[a:b].masked_fill(chosen[a:b] < 0, done), True)[:, :done]
+                allowed = positions_mask(chosen[a:b], done)
             compressed = keys[window_keys : window_keys + done]
             self._accumulate(q[a:b], compressed, allowed, top[a:b], total[a:b], acc[a:b])
         total += (self.attn_sink.float().view(1, H, 1) - top).exp()

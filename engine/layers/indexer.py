@@ -39,11 +39,13 @@ def _block_scores(q, weights, keys, positions):
     return scores.masked_fill(future, float("-inf"))
 
 
-def positions_mask(chosen: torch.Tensor, keys: int) -> torch.Tensor:
-    """Boolean [T, keys] from the positions [T, k] each query picked (-1: none), with no sync: a -1 marks
-    a spare column past the keys, which is cut off."""
+def positions_mask(chosen: torch.Tensor, keys: int, first: int = 0) -> torch.Tensor:
+    """Boolean [T, keys]: which of the keys at positions first .. first + keys - 1 each query picked, from
+    the positions [T, k] it picked (-1: none), with no sync: a pick outside them marks a spare column
+    past the keys, which is cut off."""
     mask = torch.zeros(chosen.shape[0], keys + 1, dtype=torch.bool, device=chosen.device)
-    return mask.scatter_(1, torch.where(chosen >= 0, chosen, keys), True)[:, :keys]
+    inside = (chosen >= first) & (chosen < first + keys)
+    return mask.scatter_(1, torch.where(inside, chosen - first, keys), True)[:, :keys]
 
 
 class Indexer(nn.Module):

@@ -20,7 +20,7 @@ from torch import nn
 
 from ds4.engine.config import ModelConfig
 from ds4.engine.context import get_forward_context
-from ds4.engine.layers.indexer import Indexer
+from ds4.engine.layers.indexer import Indexer, positions_mask
 from ds4.engine.layers.linear import Linear
 from ds4.engine.layers.norm import RMSNorm
 from ds4.engine.layers.quantized import dense_weight
@@ -147,10 +147,7 @@ class MLA(nn.Module):
             key_pos = torch.arange(first, first + b, device=q.device)
             hidden = key_pos[None, :] > q_pos[:, None]  # [T, b]: causal
             if chosen is not None:  # V3.2: only the indexer's picks
-                picked = torch.zeros(T, b + 1, dtype=torch.bool, device=q.device)
-                inside = (chosen >= first) & (chosen < first + b)
-                picked.scatter_(1, torch.where(inside, chosen - first, b), True)
-                hidden |= ~picked[:, :b]
+                hidden |= ~positions_mask(chosen, b, first)
             scores.masked_fill_(hidden[None], float("-inf"))
             new_top = torch.maximum(top, scores.amax(-1))
             base = torch.where(torch.isinf(new_top), 0.0, new_top)  # a query with nothing yet: no inf - inf
