@@ -16,40 +16,39 @@ from __future__ import annotations
 
 
 def install() -> bool:
-    """Wraps the interpreter's `_patch_lang` once; False (and nothing changed) where this Triton's
-    interpreter is not shaped as expected."""
+    """Wraps the interpreter's launches and its `_patch_lang` once; False (and nothing changed) where this
+    Triton's interpreter is not shaped as expected."""
     try:
         from triton import language as tl
         from triton.runtime import interpreter
     except ImportError:
         return False
     original = getattr(interpreter, "_patch_lang", None)
+    executor = getattr(interpreter, "GridExecutor", None)
     scope_type = getattr(interpreter, "_LangPatchScope", None)
-    if original is None or scope_type is None or getattr(original, "_ds4_wrapped", False):
+    if None in (original, executor, scope_type) or getattr(original, "_ds4_wrapped", False):
         return False
-    patched: list[set[int]] = []  # per running launch: the ids of the language modules it patched
+    launch = executor.__call__
+    patched: list[set[int] | None] = []  # per running launch: the ids of the language modules patched
 
-    def languages(fn) -> set[int]:
-        return {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+    def run(self, *args, **kwargs):
+        patched.append(None)  # the launch's own patch comes first
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            patched.pop()
 
     def patch_lang(fn):
-        seen = languages(fn)
-        if patched and seen and seen <= patched[-1]:
-            return scope_type()  # inside a launch that patched these already
-        scope = original(fn)
-        if patched:  # a helper seeing a module the launch did not patch: patched as before, and left so
-            patched[-1] |= seen  # (the interpreter never restores a helper's patches)
-            return scope
-        patched.append(seen)
-        restore = scope.restore
-
-        def restore_and_end():
-            patched.pop()
-            restore()
-
-        scope.restore = restore_and_end
+        seen = {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+        if not patched:  # outside a launch: as Triton does it
+            return original(fn)
+        if patched[-1] is not None and seen and seen <= patched[-1]:
+            return scope_type()  # a helper inside a launch that patched these already
+        scope = original(fn)  # the launch's own, or a helper seeing another module (and left so)
+        patched[-1] = seen | (patched[-1] or set())
         return scope
 
     patch_lang._ds4_wrapped = True
     interpreter._patch_lang = patch_lang
+    executor.__call__ = run
     return True
